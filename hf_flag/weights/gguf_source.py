@@ -1,0 +1,207 @@
+"""GGUF checkpoints (llama.cpp) of Llama-family models, read lazily and dequantised one tensor at a time.
+
+Tensor names are mapped to Hugging Face Llama names and llama.cpp's row permutation of ``attn_q`` / ``attn_k``
+is undone exactly as transformers' GGUF loader does (``LlamaTensorProcessor._reverse_permute_weights``), so
+``get`` returns what ``AutoModelForCausalLM.from_pretrained(..., gguf_file=...)`` would hold (in float32).
+The config is synthesised from the GGUF metadata with transformers' key names (``integrations/ggml.py``).
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from hf_flag.errors import UnsupportedArchitectureError, WeightSourceError
+from hf_flag.weights.weight_source import WeightSource, float_dtype_eps
+
+#: GGUF architectures laid out like Llama (same tensor names, same Q/K permutation in llama.cpp's converter)
+LLAMA_LIKE = ("llama", "mistral")
+
+#: GGUF metadata key (after "<arch>.") -> transformers config key, as in transformers/integrations/ggml.py
+_CONFIG_KEYS = {
+    "context_length": "max_position_embeddings",
+    "block_count": "num_hidden_layers",
+    "feed_forward_length": "intermediate_size",
+    "embedding_length": "hidden_size",
+    "rope.dimension_count": "head_dim",
+    "rope.freq_base": "rope_theta",
+    "attention.head_count": "num_attention_heads",
+    "attention.head_count_kv": "num_key_value_heads",
+    "attention.layer_norm_rms_epsilon": "rms_norm_eps",
+    "vocab_size": "vocab_size",
+}
+
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_BLOCK_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_BLOCK = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
+_FLOAT_TYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+_QUANT_BITS = re.compile(r"^(?:I?Q|TQ)(\d)")
+
+
+class _TensorInfo(NamedTuple):
+    """What a closed source keeps of a ``gguf.ReaderTensor``: everything except the memory-mapped data."""
+
+    tensor_type: Any
+    shape: np.ndarray
+    n_bytes: int
+
+
+def hf_tensor_name(gguf_name: str) -> str:
+    """Hugging Face Llama name of a GGUF tensor (``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight``);
+    names with no Llama counterpart (e.g. ``rope_freqs.weight``) are kept unchanged."""
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    m = _BLOCK.match(gguf_name)
+    if m and m.group(2) in _BLOCK_NAMES:
+        return f"model.layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}.{m.group(3)}"
+    return gguf_name
+
+
+def reverse_permute(weight: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's ``permute(w, n_head)`` of Q/K rows: per head, rows ``(2, d/2)`` -> ``(d/2, 2)``.
+
+    Same operation as transformers' ``_reverse_permute_weights``: reshape ``(n_head, d/2, 2, ...)``, swap axes
+    1 and 2, reshape back.  Use ``n_head = num_attention_heads`` for Q and ``num_key_value_heads`` for K.
+    """
+    rows = weight.shape[0]
+    if rows % (2 * n_head):
+        raise WeightSourceError(f"tensor with {rows} rows cannot be split into {n_head} heads of even size; the "
+                                f"GGUF head counts do not match its Q/K tensors")
+    half = rows // n_head // 2
+    return weight.reshape(n_head, half, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+
+
+def quant_eps(type_name: str) -> float:
+    """Relative precision of a GGUF storage type.
+
+    Float types: ``torch.finfo(dtype).eps``.  A ``b``-bit quantisation (``Q4_0``, ``Q4_1``, ``Q4_K``, ``IQ4_NL``...)
+    puts ``2^b`` levels on a block's range ``[-amax, amax]`` (or ``[min, max]``), a step of ``2 amax / 2^b``; the
+    rounding error is at most half a step, ``amax * 2^-b``.  So eps = ``2^-b`` relative to the block's largest
+    entry: 2^-4 for 4-bit, 2^-8 for ``Q8_0``.  This is an upper-bound estimate; entries much smaller than their
+    block maximum have a larger relative error.
+    """
+    if type_name in _FLOAT_TYPES:
+        return float(torch.finfo(getattr(torch, _FLOAT_TYPES[type_name])).eps)
+    m = _QUANT_BITS.match(type_name)
+    if m:
+        return 2.0 ** -int(m.group(1))
+    if re.fullmatch(r"I\d+", type_name):
+        return 0.0
+    raise WeightSourceError(f"GGUF storage type {type_name!r} has no known precision; report it as a bug")
+
+
+def _field_value(field: Any) -> Any:
+    """A GGUF metadata value as a Python scalar, string or list."""
+    value = field.contents()
+    return value.item() if isinstance(value, np.generic) else value
+
+
+class GGUFSource(WeightSource):
+    """Lazy reader of a Llama-family GGUF file (memory-mapped by ``gguf.GGUFReader``)."""
+
+    def __init__(self, path: Path | str, *, name: str | None = None) -> None:
+        from gguf import GGUFReader
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise WeightSourceError(f"GGUF file {str(self.path)!r} does not exist; check the path")
+        try:
+            self._reader = GGUFReader(str(self.path))
+        except Exception as exc:  # gguf raises ValueError / struct errors / IndexError on malformed files
+            raise WeightSourceError(f"GGUF file {str(self.path)!r} is corrupted or truncated ({exc}); "
+                                    f"re-download it") from None
+        self.name = name or self.path.name
+        self.arch = self._meta("general.architecture")
+        if self.arch not in LLAMA_LIKE:
+            raise UnsupportedArchitectureError(
+                f"GGUF file {self.path.name!r} has architecture {self.arch!r}; hf-flag reads only Llama-layout "
+                f"GGUF ({', '.join(LLAMA_LIKE)}); convert the model to safetensors to analyse it")
+        self._tensors = {hf_tensor_name(t.name): t for t in self._reader.tensors}
+        self.config = self._config()
+
+    def _meta(self, key: str, default: Any = None) -> Any:
+        field = self._reader.fields.get(key)
+        return default if field is None else _field_value(field)
+
+    def _config(self) -> dict:
+        config: dict = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_act": "silu"}
+        for gguf_key, hf_key in _CONFIG_KEYS.items():
+            value = self._meta(f"{self.arch}.{gguf_key}")
+            if value is not None:
+                config[hf_key] = value
+        missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads") if k not in config]
+        if missing:
+            raise WeightSourceError(f"GGUF file {self.path.name!r} lacks metadata for {missing}; re-convert it "
+                                    f"with a current llama.cpp")
+        config.setdefault("num_key_value_heads", config["num_attention_heads"])
+        config.setdefault("head_dim", config["hidden_size"] // config["num_attention_heads"])
+        if "vocab_size" not in config:
+            config["vocab_size"] = self.shape("model.embed_tokens.weight")[0]
+        config["tie_word_embeddings"] = "lm_head.weight" not in self._tensors
+        config["gguf_file_type"] = self._meta("general.file_type")
+        return config
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tensors
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """HF (numpy/torch) order: GGUF lists dimensions innermost first, so they are reversed."""
+        self._check_key(name)
+        return tuple(int(d) for d in reversed(self._tensors[name].shape.tolist()))
+
+    def gguf_type(self, name: str) -> str:
+        """The GGUF storage type name of ``name`` (``"Q4_1"``, ``"F32"``...)."""
+        self._check_key(name)
+        return self._tensors[name].tensor_type.name
+
+    def storage_dtype(self, name: str) -> str:
+        """Torch dtype name for float storage (``"float32"``), the GGUF type name for quantised (``"Q4_1"``)."""
+        kind = self.gguf_type(name)
+        return _FLOAT_TYPES.get(kind, kind)
+
+    def storage_eps(self, name: str) -> float:
+        """See :func:`quant_eps` (2^-b for b-bit quantisation; finfo eps for float storage)."""
+        eps = float_dtype_eps(self.storage_dtype(name))
+        return eps if eps is not None else quant_eps(self.gguf_type(name))
+
+    def nbytes(self) -> int:
+        return int(sum(int(t.n_bytes) for t in self._tensors.values()))
+
+    def _read(self, name: str) -> torch.Tensor:
+        from gguf.quants import dequantize
+
+        t = self._tensors[name]
+        array = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(self.shape(name))
+        if not (array.flags.writeable and array.flags.c_contiguous):  # float tensors come back as file views
+            array = array.copy()
+        weight = torch.from_numpy(array)
+        if name.endswith("self_attn.q_proj.weight"):
+            weight = reverse_permute(weight, self.config["num_attention_heads"])
+        elif name.endswith("self_attn.k_proj.weight"):
+            weight = reverse_permute(weight, self.config["num_key_value_heads"])
+        return weight
+
+    def _release(self) -> None:
+        """Keep names, shapes and types; drop the memory-mapped data."""
+        self._tensors = {k: _TensorInfo(t.tensor_type, t.shape, t.n_bytes) for k, t in self._tensors.items()}
+        self._reader = None
