@@ -1,0 +1,93 @@
+"""Head subspace overlap matrices (MATH.md §6) against a loop of subspace_overlap and a direct PK formula."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_flag.geometry.angles import subspace_overlap
+from hf_flag.geometry.baselines import overlap_baseline
+from hf_flag.geometry.heads import head_overlap_baseline, head_overlap_matrix
+
+F64 = torch.float64
+
+
+def _rand(*shape: int, seed: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
+
+
+def _direct_overlap(A: torch.Tensor, B: torch.Tensor) -> float:
+    """PK = tr(P_A P_B) with P = A A^+ (pseudo-inverse projector), normalised by min(rank)."""
+    P_A, P_B = A @ torch.linalg.pinv(A), B @ torch.linalg.pinv(B)
+    ranks = min(torch.linalg.matrix_rank(A).item(), torch.linalg.matrix_rank(B).item())
+    return torch.trace(P_A @ P_B).item() / ranks if ranks else 0.0
+
+
+def test_matches_loop_and_direct_projection_kernel() -> None:
+    X, Y = _rand(5, 24, 4, seed=0), _rand(3, 24, 6, seed=1)
+    ov = head_overlap_matrix(X, Y)
+    assert ov.shape == (5, 3) and ov.dtype == F64
+    for h in range(5):
+        for g in range(3):
+            assert abs(ov[h, g].item() - subspace_overlap(X[h], Y[g]).item()) < 1e-12
+            assert abs(ov[h, g].item() - _direct_overlap(X[h], Y[g])) < 1e-10
+
+
+def test_rank_deficient_and_zero_heads() -> None:
+    X = _rand(4, 16, 4, seed=2)
+    X[1, :, 3] = X[1, :, 0] + X[1, :, 1]  # rank 3
+    X[2] = 0.0  # dead head
+    Y = torch.cat([X[:2, :, :3], _rand(2, 16, 3, seed=3)])  # Y[0] inside X[0]; Y[1] = X[1]'s span
+    ov = head_overlap_matrix(X, Y)
+    assert abs(ov[0, 0].item() - 1.0) < 1e-12  # 3-plane inside a 4-plane: normalised by min rank = 3
+    assert abs(ov[1, 1].item() - 1.0) < 1e-12  # same 3-plane: normalised by the true rank 3, not 4
+    assert torch.equal(ov[2], torch.zeros(4, dtype=F64))
+    for h in range(4):
+        for g in range(4):
+            assert abs(ov[h, g].item() - _direct_overlap(X[h], Y[g])) < 1e-10
+    assert bool(torch.isfinite(ov).all())
+
+
+def test_self_overlap_is_symmetric_with_unit_diagonal() -> None:
+    W_O = _rand(6, 8, 32, seed=4)  # (H, d_h, d): write subspaces are the row spaces
+    writes = W_O.transpose(-2, -1)
+    ov = head_overlap_matrix(writes, writes)
+    assert torch.allclose(ov, ov.T, atol=1e-13)
+    assert torch.allclose(torch.diagonal(ov), torch.ones(6, dtype=F64), atol=1e-12)
+
+
+def test_gauge_and_orthogonal_invariance() -> None:
+    X, Y = _rand(3, 20, 5, seed=5), _rand(4, 20, 5, seed=6)
+    ov = head_overlap_matrix(X, Y)
+    G = _rand(3, 5, 5, seed=7) + 4 * torch.eye(5, dtype=F64)  # per-head gauge W_Q -> W_Q G
+    assert torch.allclose(head_overlap_matrix(X @ G, Y), ov, atol=1e-12)
+    Q = torch.linalg.qr(_rand(20, 20, seed=8))[0]  # orthogonal change of the residual basis
+    assert torch.allclose(head_overlap_matrix(Q @ X, Q @ Y), ov, atol=1e-12)
+
+
+def test_random_heads_sit_at_the_baseline() -> None:
+    d, r = 64, 4
+    X, Y = _rand(40, d, r, seed=9), _rand(40, d, r, seed=10)
+    ov = head_overlap_matrix(X, Y)
+    assert head_overlap_baseline(r, r, d) == overlap_baseline(r, r, d) == pytest.approx(r / d)
+    # 1600 pairs (weakly dependent); sd of one overlap is sqrt(Var PK)/r ~ 0.029, so the mean is well within 0.01.
+    assert abs(ov.mean().item() - r / d) < 0.01
+
+
+def test_bad_inputs() -> None:
+    with pytest.raises(ValueError, match=r"\(2, 8, 3\).*\(2, 9, 3\)"):
+        head_overlap_matrix(_rand(2, 8, 3, seed=11), _rand(2, 9, 3, seed=12))
+    with pytest.raises(ValueError, match="heads"):
+        head_overlap_matrix(_rand(8, 3, seed=11), _rand(8, 3, seed=12))
+    bad = _rand(2, 8, 3, seed=13)
+    bad[0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match="Y of shape"):
+        head_overlap_matrix(_rand(2, 8, 3, seed=14), bad)
+    with pytest.raises(ValueError):
+        head_overlap_baseline(4, 4, 0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu() -> None:
+    X, Y = _rand(4, 32, 8, seed=15), _rand(4, 32, 8, seed=16)
+    gpu = head_overlap_matrix(X.cuda(), Y.cuda())
+    assert gpu.device.type == "cuda" and torch.allclose(gpu.cpu(), head_overlap_matrix(X, Y), atol=1e-10)
