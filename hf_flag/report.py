@@ -44,20 +44,20 @@ class Row:
     def flat(self) -> dict[str, Any]:
         out = {k: v for k, v in asdict(self).items() if k not in ("values", "details")}
         out.update(self.values)
-        out["details"] = json.dumps(_clean(self.details), sort_keys=True)
+        out["details"] = json.dumps(to_jsonable(self.details), sort_keys=True)
         return out
 
 
-def _clean(x: Any) -> Any:
+def to_jsonable(x: Any) -> Any:
     """JSON-safe: NaN/Inf become None, tensors and numpy scalars become Python numbers."""
     if hasattr(x, "item") and callable(x.item) and getattr(x, "ndim", 0) == 0:
         x = x.item()
     if isinstance(x, float) and not math.isfinite(x):
         return None
     if isinstance(x, dict):
-        return {str(k): _clean(v) for k, v in x.items()}
+        return {str(k): to_jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
+        return [to_jsonable(v) for v in x]
     return x
 
 
@@ -77,7 +77,7 @@ class Report:
         return sorted({r.kind for r in self.rows})
 
     def to_dict(self) -> dict[str, Any]:
-        return _clean(
+        return to_jsonable(
             {
                 "model": self.model,
                 "architecture": self.architecture,
@@ -109,7 +109,7 @@ class Report:
 
     def flat_rows(self) -> list[dict[str, Any]]:
         """Rows as flat dicts over the union of all metric columns (missing -> None)."""
-        flat = [_clean(r.flat()) for r in self.rows]
+        flat = [to_jsonable(r.flat()) for r in self.rows]
         columns: list[str] = []
         for f in flat:
             for k in f:

@@ -1,0 +1,165 @@
+"""``hf-flag reproduce --quick`` end to end (run once per module), plus the pieces theory pins down exactly."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from harness.experiments import common, digits, reproduce, writer
+
+CLAIM_KEYS = [k for k, _, _ in reproduce.CLAIMS]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory) -> tuple[int, Path]:
+    out = tmp_path_factory.mktemp("repro")
+    rc = reproduce.main(["--quick", "--out", str(out)])
+    return rc, out
+
+
+@pytest.fixture(scope="module")
+def quick_data(quick_run) -> dict:
+    rc, out = quick_run
+    assert rc == 0
+    return json.loads((out / writer.DATA_NAME).read_text())
+
+
+def test_linear_net_decay_rate_matches_two_lr_wd(quick_data):
+    """MATH.md §2: in linear nets under GD, ||D|| and ||diag D|| shrink by (1 - lr wd)^2 per step."""
+    runs = [r for r in quick_data["claims"]["weight_decay"]["data"]["runs"]
+            if r["activation"] == "linear" and r["optimizer"] == "sgd"]
+    assert len(runs) >= 3
+    for r in runs:
+        two_lr_wd = 2 * r["lr"] * r["weight_decay"]
+        assert r["rate_full"] == pytest.approx(two_lr_wd, rel=0.10)
+        assert r["rate_diag"] == pytest.approx(two_lr_wd, rel=0.10)
+    assert quick_data["claims"]["weight_decay"]["data"]["slopes"]["linear"]["full"] == pytest.approx(1.0, rel=0.10)
+
+
+def test_relu_diagonal_obeys_the_law_but_gelu_does_not(quick_data):
+    """diag E = 0 for ReLU (Du, Hu & Lee 2018), so ||diag D|| decays at 2 lr wd; GELU has diag E != 0."""
+    runs = quick_data["claims"]["weight_decay"]["data"]["runs"]
+    relu = [r for r in runs if r["activation"] == "relu" and r["optimizer"] == "sgd"]
+    for r in relu:
+        assert r["rate_diag"] == pytest.approx(2 * r["lr"] * r["weight_decay"], rel=0.10)
+    gelu = [r for r in runs if r["activation"] == "gelu" and r["optimizer"] == "sgd"]
+    assert any(abs(r["rate_diag"] / (2 * r["lr"] * r["weight_decay"]) - 1) > 0.10 for r in gelu)
+
+
+def test_linear_commutator_ends_below_nonlinear(quick_data):
+    data = quick_data["claims"]["commutator"]["data"]
+    runs = {r["activation"]: r for r in data["runs"]}
+    lin = runs["linear"]["kappa"]
+    # kappa <= sqrt(2) ||D|| / ||B||: with E = 0 it inherits the imbalance's (1 - lr wd)^2 law (MATH.md §3)
+    assert runs["linear"]["late_rate"] == pytest.approx(data["predicted_rate"], rel=0.25)
+    assert lin[-1] < 0.5 * lin[0]
+    for act in ("relu", "gelu"):
+        assert lin[-1] < runs[act]["kappa"][-1]
+    # all nets start from the same weights, and an untrained net is as aligned as a random rotation
+    assert runs["relu"]["kappa"][0] == runs["linear"]["kappa"][0]
+    assert runs["linear"]["baseline_start"] == pytest.approx(lin[0], rel=0.5)
+
+
+def test_resnet_block_diagonal_decay(quick_data):
+    """The per-channel ReLU symmetry of a residual block gives the same diagonal law as in an MLP."""
+    blocks = [b for b in quick_data["claims"]["resnet"]["data"]["blocks"] if b["weight_decay"] > 0]
+    assert blocks
+    for b in blocks:
+        assert b["rate_diag"] == pytest.approx(b["predicted"], rel=0.10)
+
+
+def test_report_has_a_verdict_per_claim_and_valid_figures(quick_run, quick_data):
+    rc, out = quick_run
+    text = (out / writer.REPORT_NAME).read_text()
+    assert text.splitlines()[0] == writer.MARKER
+    verdicts = [line for line in text.splitlines() if line.startswith("**Verdict: ")]
+    assert len(verdicts) == len(CLAIM_KEYS)
+    assert all(any(line.startswith(f"**Verdict: {v}.**") for v in common.VERDICTS) for line in verdicts)
+    assert set(quick_data["claims"]) == set(CLAIM_KEYS)
+    pngs = sorted((out / writer.FIGURES_DIR).glob("*.png"))
+    referenced = [f for c in quick_data["claims"].values() for f in c["figures"]]
+    assert len(referenced) >= 4 and sorted(out / f for f in referenced) == pngs
+    import matplotlib.image
+
+    for png in pngs:
+        assert png.read_bytes()[:8] == writer.PNG_SIGNATURE
+        img = matplotlib.image.imread(png)
+        assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+        assert f"]({writer.FIGURES_DIR}/{png.name})" in text
+    assert not list(out.rglob(".*.tmp"))
+
+
+def test_regenerates_its_own_file_but_refuses_a_hand_written_one(tmp_path, quick_run, capsys):
+    _, out = quick_run
+    writer.check_writable(out)  # the generated file may be replaced
+    hand = tmp_path / writer.REPORT_NAME
+    hand.write_text("# my notes\n")
+    assert reproduce.main(["--quick", "--out", str(tmp_path)]) == 2
+    assert hand.read_text() == "# my notes\n"
+    assert "not generated" in capsys.readouterr().err
+    with pytest.raises(writer.OverwriteRefusedError):
+        writer.write_report([], tmp_path, {})
+
+
+def test_bad_arguments_are_refused(tmp_path, capsys):
+    assert reproduce.main(["--claims", "nope", "--out", str(tmp_path)]) == 2
+    assert "nope" in capsys.readouterr().err
+    assert not (tmp_path / writer.REPORT_NAME).exists()
+
+
+def test_training_is_deterministic():
+    run = common.MLPRun(activation="relu", steps=20, record_every=5, batch_size=16)
+    probe = lambda m, s: {"w": float(common.linear_layers(m)[0].weight.sum())}  # noqa: E731
+    a, b = common.train_teacher_mlp(run, probe), common.train_teacher_mlp(run, probe)
+    assert a.values == b.values and a.steps == [0, 5, 10, 15, 20]
+    c = common.train_teacher_mlp(common.MLPRun(activation="relu", steps=20, record_every=5, batch_size=16, seed=1),
+                                 probe)
+    assert c.values["w"] != a.values["w"]
+
+
+def test_conv_pair_reshape_is_the_channel_space():
+    """W_next^T W_next is conv2's channel Gram, diag D the per-channel norm difference, and rescaling one hidden
+    channel (the ReLU symmetry) leaves the block's forward pass unchanged while moving only that diagonal entry."""
+    from hf_flag.geometry.pairs import imbalance
+
+    torch.manual_seed(0)
+    block = digits.ResidualBlock(3).double()
+    W_l, W_next, b = digits.conv_pair(block)
+    w1, w2 = block.conv1.weight.detach(), block.conv2.weight.detach()
+    assert W_l.shape == (3, 27) and W_next.shape == (27, 3)
+    torch.testing.assert_close(W_next.T @ W_next, torch.einsum("oikl,ojkl->ij", w2, w2))
+    D = imbalance(W_l, W_next, bias_l=b)
+    per_channel = w2.square().sum((0, 2, 3)) - w1.square().sum((1, 2, 3)) - b.square()
+    torch.testing.assert_close(torch.diagonal(D), per_channel)
+
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    before = block(x)
+    with torch.no_grad():
+        block.conv1.weight[1] *= 3.0
+        block.conv1.bias[1] *= 3.0
+        block.conv2.weight[:, 1] /= 3.0
+    torch.testing.assert_close(block(x), before)
+    W_l2, W_next2, b2 = digits.conv_pair(block)
+    D2 = imbalance(W_l2, W_next2, bias_l=b2)
+    changed = (torch.diagonal(D2) - torch.diagonal(D)).abs() > 1e-9
+    assert changed.tolist() == [False, True, False]
+
+
+def test_write_atomic_replaces_and_leaves_no_temp(tmp_path):
+    path = tmp_path / "x.bin"
+    writer.write_atomic(path, b"one")
+    writer.write_atomic(path, b"two")
+    assert path.read_bytes() == b"two" and [p.name for p in tmp_path.iterdir()] == ["x.bin"]
+
+
+def test_fit_helpers_and_table_formatting():
+    assert common.least_squares_slope([1.0, 2.0], [2.0, 4.0]) == 2.0
+    with pytest.raises(ValueError, match="nonzero"):
+        common.least_squares_slope([0.0], [1.0])
+    assert common.fmt(float("nan")) == "n/a" and common.fmt(1.5e-5) == "1.50e-05"
+    assert "|---|---|" in common.markdown_table(["a", "b"], [[1, math.pi]])
+    with pytest.raises(ValueError, match="verdict"):
+        common.ClaimResult("k", "t", "maybe", "", "")
