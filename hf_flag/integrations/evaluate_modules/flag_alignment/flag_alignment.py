@@ -1,0 +1,97 @@
+"""flag_alignment: weight-only alignment geometry of a model, as an ``evaluate`` measurement (MATH.md §1-§6).
+
+No mathematics here: every number is a value of :func:`hf_flag.analyze.analyze`'s :class:`~hf_flag.report.Report`
+(headline scalars from ``Report.summary`` for the keys in ``HEADLINE_METRICS``; per-layer detail from its rows).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import datasets
+import evaluate
+
+from hf_flag.integrations.evaluate_modules._common import CITATION, has_pending_inputs
+
+_DESCRIPTION = """\
+Reads the alignment geometry of a network from its weights alone (no forward pass): for every pair of adjacent
+weight matrices the commutator ratio kappa = ||[A, B]||_F / (||A||_F ||B||_F) of A = W_next^T W_next and
+B = W_l W_l^T (0 for balanced linear nets, the paper's "commutator obstruction" otherwise), the imbalance
+||W_next^T W_next - W_l W_l^T||_F, and, unless cheap=True, transport scores and flag relative positions; for
+attention, the subspace overlap of heads and composition scores. Every value comes with its random baseline.
+"""
+
+_KWARGS_DESCRIPTION = """
+Args:
+    model_id (`list` of `str`): local folders, `.safetensors` / `.gguf` files, or Hub ids already in the local
+        HF cache (never downloaded).
+    model (`torch.nn.Module`, optional, compute kwarg): an in-memory model, instead of (not with) `model_id`.
+    cheap (`bool`, default False): commutator ratio and imbalance only (no baselines, flags, transport).
+    layers (`list` of `int`, optional): block indices to analyse (default all).
+    diagnostics (`list` of `str`, optional): subset of "mlp", "vo", "residual", "heads", "composition".
+    composition (`str`, default "all"): "all", "adjacent" or "none".
+    device (`str`, optional): where to compute (default: the model's device, else CPU).
+Returns:
+    One model: `"<kind>/<metric>"` headline scalars (e.g. `"mlp/commutator_ratio"`, `"vo/commutator_ratio"`,
+    `"head_overlap_o/overlap"` and their `_baseline`s), `"model"`, `"summary"` (every summary scalar) and
+    `"per_layer"` (`{kind: [{"layer", "target_layer", "source", "target", <metric>: value, ...}]}`).
+    Several models: the same keys, each holding a list in `model_id` order.
+Examples:
+    >>> import evaluate
+    >>> flag = evaluate.load("flag_alignment")  # doctest: +SKIP
+    >>> flag.compute(model_id=["path/to/gpt2"])["mlp/commutator_ratio"]  # doctest: +SKIP
+"""
+
+
+def report_output(report: Any, headline: Sequence[str]) -> dict[str, Any]:
+    """One report as the module's output: headline scalars flat, the full summary and per-layer rows nested."""
+    per_layer: dict[str, list[dict[str, Any]]] = {}
+    for row in report.rows:
+        per_layer.setdefault(row.kind, []).append(
+            {"layer": row.layer, "target_layer": row.target_layer, "source": row.source, "target": row.target,
+             **row.values})
+    out: dict[str, Any] = {key: report.summary[key] for key in headline if key in report.summary}
+    out.update({"model": report.model, "summary": dict(report.summary), "per_layer": per_layer})
+    return out
+
+
+def merge_outputs(outputs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One output unchanged; several as lists over the union of their keys (None where a model lacks one)."""
+    if len(outputs) == 1:
+        return outputs[0]
+    keys = list(dict.fromkeys(k for o in outputs for k in o))
+    return {k: [o.get(k) for o in outputs] for k in keys}
+
+
+@evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
+class FlagAlignment(evaluate.Measurement):
+    """Weight-only alignment diagnostics (commutator obstruction, imbalance, flags, head overlap) of a model."""
+
+    def _info(self) -> evaluate.MeasurementInfo:
+        return evaluate.MeasurementInfo(
+            module_type="measurement",
+            description=_DESCRIPTION,
+            citation=CITATION,
+            inputs_description=_KWARGS_DESCRIPTION,
+            features=datasets.Features({"model_id": datasets.Value("string")}),
+            reference_urls=["https://arxiv.org/abs/2605.09861"],
+        )
+
+    def compute(self, *, model: Any = None, **kwargs: Any) -> Optional[dict]:
+        """``compute(model_id=[...])`` as every measurement, or ``compute(model=module)`` for an in-memory model."""
+        if model is None:
+            return super().compute(**kwargs)
+        if kwargs.get("model_id") is not None or has_pending_inputs(self):
+            raise ValueError("flag_alignment: pass either model_id=[...] or model=<nn.Module>, not both")
+        return self._compute(model_id=None, model=model, **kwargs)
+
+    def _compute(self, model_id: Optional[Sequence[str]] = None, model: Any = None, cheap: bool = False,
+                 layers: Optional[Sequence[int]] = None, diagnostics: Optional[Sequence[str]] = None,
+                 composition: str = "all", device: Optional[str] = None) -> dict[str, Any]:
+        from hf_flag.analyze import HEADLINE_METRICS, analyze
+
+        targets = list(model_id or []) + ([model] if model is not None else [])
+        if not targets:
+            raise ValueError("flag_alignment: no model given; pass model_id=['path or cached Hub id'] or model=...")
+        reports = [analyze(t, device=device, cheap=cheap, layers=layers, diagnostics=diagnostics,
+                           composition=composition) for t in targets]
+        return merge_outputs([report_output(r, HEADLINE_METRICS) for r in reports])

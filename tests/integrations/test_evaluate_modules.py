@@ -1,0 +1,300 @@
+"""evaluate modules: offline bare-name loading, outputs equal to hf_flag.analyze, Neural Collapse closed forms."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+evaluate = pytest.importorskip("evaluate")
+
+import hf_flag.integrations.evaluate_modules as em  # noqa: E402
+from hf_flag.integrations.evaluate_modules import (  # noqa: E402
+    FLAG_ALIGNMENT_PATH, MODULES, NEURAL_COLLAPSE_PATH, register_evaluate_modules, register_main)
+
+REPO = Path(__file__).resolve().parents[2]
+
+SITECUSTOMIZE = '''
+import socket
+
+def _no_network(*args, **kwargs):
+    raise OSError("network disabled by the test's sitecustomize")
+
+socket.socket.connect = _no_network
+socket.socket.connect_ex = _no_network
+socket.create_connection = _no_network
+'''
+
+CHILD = '''
+import json, socket, sys
+try:
+    socket.create_connection(("127.0.0.1", 9))
+    blocked = False
+except OSError as err:
+    blocked = "disabled" in str(err)
+from hf_flag.integrations.evaluate_modules import hf_modules_cache
+ours = str(hf_modules_cache())  # resolved from the environment, before evaluate is imported
+import hf_flag  # registers the shims
+import evaluate
+flag = evaluate.load("flag_alignment")
+nc = evaluate.load("neural_collapse")
+out = flag.compute(model_id=[sys.argv[1]], cheap=True)
+feats = [[1.0, 0.5], [1.2, 0.4], [-1.0, 0.3], [-0.9, -0.2], [0.1, 2.0], [0.0, 1.7]]
+ncout = nc.compute(predictions=feats, references=[0, 0, 1, 1, 2, 2])
+print("RESULT" + json.dumps({
+    "blocked": blocked, "ours": ours, "evaluate_cache": str(evaluate.config.HF_MODULES_CACHE),
+    "flag_class": type(flag).__module__ + "." + type(flag).__name__,
+    "nc_class": type(nc).__module__ + "." + type(nc).__name__,
+    "module_type": flag.module_type, "summary": out["summary"], "headline": {k: out[k] for k in out if "/" in k},
+    "nc": ncout}))
+'''
+
+
+def test_bare_name_load_offline_in_fresh_process(tmp_path, tiny_checkpoint):
+    from hf_flag.analyze import analyze
+    from hf_flag.geometry.collapse import neural_collapse
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    home = tmp_path / "hf"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "XDG_"))}
+    env.update(HF_HOME=str(home), HF_MODULES_CACHE=str(home / "mods"), HF_EVALUATE_CACHE=str(home / "eval"),
+               HF_EVALUATE_OFFLINE="1", HF_HUB_OFFLINE="1", HTTP_PROXY="http://127.0.0.1:9",
+               HTTPS_PROXY="http://127.0.0.1:9", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(site), str(REPO)]))
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(tiny_checkpoint)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.split("RESULT", 1)[1])
+    assert res["blocked"]
+    assert res["ours"] == res["evaluate_cache"] == str(home / "mods")
+    assert res["flag_class"] == "hf_flag.integrations.evaluate_modules.flag_alignment.flag_alignment.FlagAlignment"
+    assert res["nc_class"] == "hf_flag.integrations.evaluate_modules.neural_collapse.neural_collapse.NeuralCollapse"
+    assert res["module_type"] == "measurement"
+    assert list((home / "mods" / "evaluate_modules" / "metrics").glob("evaluate-measurement--flag_alignment/*/*.py"))
+    expected = analyze(str(tiny_checkpoint), cheap=True).summary
+    assert res["summary"] and res["headline"]
+    _same(res["summary"], expected)
+    _same(res["headline"], {k: expected[k] for k in res["headline"]})
+    feats = torch.tensor([[1.0, 0.5], [1.2, 0.4], [-1.0, 0.3], [-0.9, -0.2], [0.1, 2.0], [0.0, 1.7]],
+                         dtype=torch.float64)
+    ref = neural_collapse(feats, torch.tensor([0, 0, 1, 1, 2, 2]))
+    assert res["nc"] == pytest.approx(ref, rel=1e-12)
+
+
+# --- registration ---------------------------------------------------------------------------------------------------
+def test_register_writes_where_evaluate_reads(tmp_path):
+    from evaluate.loading import CachedEvaluationModuleFactory
+
+    written = register_evaluate_modules(modules_cache=tmp_path)
+    assert set(written) == set(MODULES) == {"flag_alignment", "neural_collapse"}
+    for name, (module_type, cls) in MODULES.items():
+        shim = Path(written[name])
+        assert f"from hf_flag.integrations.evaluate_modules.{name}.{name} import {cls}" in shim.read_text()
+        found = CachedEvaluationModuleFactory(f"evaluate-{module_type}--{name}",
+                                              dynamic_modules_path=str(tmp_path / "evaluate_modules")).get_module()
+        assert found.module_path == f"evaluate_modules.metrics.evaluate-{module_type}--{name}.{shim.parent.name}.{name}"
+        assert found.hash == shim.parent.name
+    assert not [p for p in (tmp_path / "evaluate_modules" / "metrics").rglob(".tmp-*")]
+
+
+def test_register_is_idempotent_and_force_rewrites(tmp_path):
+    first = register_evaluate_modules(modules_cache=tmp_path)
+    stat = {n: os.stat(p) for n, p in first.items()}
+    assert register_evaluate_modules(modules_cache=tmp_path) == first
+    assert all(os.stat(p).st_ino == stat[n].st_ino for n, p in first.items())
+    forced = register_evaluate_modules(force=True, modules_cache=tmp_path)
+    assert forced == first and all(os.stat(p).st_ino != stat[n].st_ino for n, p in forced.items())
+
+
+def test_register_rewrites_when_another_version_is_newer(tmp_path):
+    first = Path(register_evaluate_modules(modules_cache=tmp_path)["flag_alignment"])
+    stale = first.parent.parent / ("0" * 64)
+    stale.mkdir()
+    (stale / "flag_alignment.py").write_text("raise ImportError('stale')\n")
+    os.utime(stale / "flag_alignment.py", (first.stat().st_mtime + 100,) * 2)
+    again = Path(register_evaluate_modules(modules_cache=tmp_path)["flag_alignment"])
+    assert again == first and again.stat().st_mtime > (stale / "flag_alignment.py").stat().st_mtime - 100
+    from evaluate.loading import CachedEvaluationModuleFactory
+    os.utime(stale / "flag_alignment.py", (again.stat().st_mtime - 10,) * 2)
+    found = CachedEvaluationModuleFactory("evaluate-measurement--flag_alignment",
+                                          dynamic_modules_path=str(tmp_path / "evaluate_modules")).get_module()
+    assert found.hash == first.parent.name
+
+
+def test_unwritable_cache_warns_once_and_cli_fails(tmp_path, monkeypatch, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setattr(em, "hf_modules_cache", lambda: blocker / "cache")
+    monkeypatch.setattr(em, "_warned", False)
+    monkeypatch.delenv("HF_FLAG_NO_REGISTER", raising=False)
+    with pytest.warns(RuntimeWarning, match="could not register"):
+        em.register_at_import()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        em.register_at_import()  # warned once already: silent
+    assert register_main([]) == 1
+    assert "cannot write" in capsys.readouterr().err
+
+
+def test_register_main_prints_paths(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(em, "hf_modules_cache", lambda: tmp_path)
+    assert register_main(["--force"]) == 0
+    out = capsys.readouterr().out
+    for name in MODULES:
+        assert f"{name}: {tmp_path}" in out
+
+
+def test_modules_cache_resolution_without_evaluate(monkeypatch, tmp_path):
+    monkeypatch.delitem(sys.modules, "evaluate.config", raising=False)
+    monkeypatch.delenv("HF_MODULES_CACHE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
+    assert em.hf_modules_cache() == tmp_path / "home" / "modules"
+    monkeypatch.delenv("HF_HOME")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert em.hf_modules_cache() == tmp_path / "xdg" / "huggingface" / "modules"
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "m"))
+    assert em.hf_modules_cache() == tmp_path / "m"
+
+
+# --- flag_alignment ---------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def flag_module():
+    return evaluate.load(FLAG_ALIGNMENT_PATH, keep_in_memory=True)
+
+
+def _same(got: dict, expected: dict) -> None:
+    """Equal keys; equal values to 1e-12 relative (None stays None)."""
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        assert (got[key] is None) if value is None else got[key] == pytest.approx(value, rel=1e-12, abs=1e-15), key
+
+
+def _assert_matches_report(out, report):
+    from hf_flag.analyze import HEADLINE_METRICS
+
+    _same(out["summary"], report.summary)
+    headline = [k for k in HEADLINE_METRICS if k in report.summary]
+    assert headline
+    _same({k: out[k] for k in headline}, {k: report.summary[k] for k in headline})
+    assert sum(len(v) for v in out["per_layer"].values()) == len(report.rows)
+    for row in report.rows[:20]:
+        match = [r for r in out["per_layer"][row.kind] if (r["layer"], r["target_layer"], r["source"], r["target"])
+                 == (row.layer, row.target_layer, row.source, row.target)]
+        assert len(match) == 1
+        _same({k: match[0][k] for k in row.values}, row.values)
+
+
+def test_flag_alignment_model_id_equals_analyze(flag_module, tiny_checkpoint):
+    from hf_flag.analyze import analyze
+
+    out = flag_module.compute(model_id=[str(tiny_checkpoint)], layers=[0], composition="adjacent")
+    _assert_matches_report(out, analyze(str(tiny_checkpoint), layers=[0], composition="adjacent"))
+    assert "mlp/commutator_ratio" in out and "mlp/commutator_ratio_baseline" in out
+
+
+def test_flag_alignment_in_memory_model_and_several_ids(flag_module, tiny_llama, tiny_checkpoint):
+    from hf_flag.analyze import analyze
+
+    out = flag_module.compute(model=tiny_llama, cheap=True)
+    _assert_matches_report(out, analyze(tiny_llama, cheap=True))
+    both = flag_module.compute(model_id=[str(tiny_checkpoint), str(tiny_checkpoint)], cheap=True)
+    assert len(both["model"]) == 2 and both["model"][0] == both["model"][1]
+    assert both["mlp/commutator_ratio"] == pytest.approx([out["mlp/commutator_ratio"]] * 2, rel=1e-12)
+    assert len(both["per_layer"]) == 2 and both["per_layer"][0].keys() == out["per_layer"].keys()
+    with pytest.raises(ValueError, match="either model_id"):
+        flag_module.compute(model=tiny_llama, model_id=[str(tiny_checkpoint)])
+
+
+def test_flag_alignment_plain_mlp_linear_chain(flag_module):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    out = flag_module.compute(model=net, cheap=True)
+    W1 = torch.cat([net[0].weight, net[0].bias[:, None]], 1).double().detach()
+    W2 = net[2].weight.double().detach()
+    A, B = W2.T @ W2, W1 @ W1.T
+    kappa = torch.linalg.matrix_norm(A @ B - B @ A) / (torch.linalg.matrix_norm(A) * torch.linalg.matrix_norm(B))
+    assert out["linear_chain/commutator_ratio"] == pytest.approx(float(kappa), rel=1e-10)
+    assert out["per_layer"]["linear_chain"][0]["imbalance_norm"] == pytest.approx(
+        float(torch.linalg.matrix_norm(A - B)), rel=1e-10)
+
+
+# --- neural_collapse ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def nc_module():
+    return evaluate.load(NEURAL_COLLAPSE_PATH, keep_in_memory=True)
+
+
+def _etf(C: int, p: int, seed: int = 0) -> np.ndarray:
+    """C unit-norm simplex-ETF class means (rows) embedded in R^p by a random orthonormal map."""
+    E = np.eye(C) - 1.0 / C
+    E /= np.linalg.norm(E, axis=1, keepdims=True)
+    Q, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((p, C)))
+    return E @ Q.T
+
+
+def test_exact_simplex_etf_gives_zeros(nc_module):
+    C, p, n = 4, 6, 5
+    M = _etf(C, p)
+    labels = np.repeat(np.arange(C), n)
+    out = nc_module.compute(predictions=M[labels].tolist(), references=labels.tolist(), classifier=M)
+    for key in ("nc1_covariance_pinv", "nc1_covariance_ratio", "nc1_variability_cdnv", "nc2_mean_norms_cv",
+                "nc2_interference_std", "nc2_interference_error", "nc2_simplex_etf_error", "nc2_classifier_etf_error",
+                "nc3_self_duality", "nc3_self_duality_error", "level2_subspace_error", "level2_max_angle",
+                "level3_kappa"):
+        assert abs(out[key]) < 1e-10, key
+    assert out["nc4_clf_ncc_agreement"] == 1.0
+
+
+def test_etf_plus_noise_nc1_closed_form(nc_module):
+    C, p, n, s = 4, 6, 1000, 0.1
+    M = _etf(C, p)
+    rng = np.random.default_rng(1)
+    labels = np.repeat(np.arange(C), n)
+    H = M[labels] + s * rng.standard_normal((C * n, p))
+    out = nc_module.compute(predictions=H, references=labels)
+    assert out["nc1_covariance_pinv"] == pytest.approx(s**2 * (C - 1) ** 2 / C, rel=0.05)
+    assert "nc3_self_duality" not in out  # classifier-side keys only with a classifier
+
+
+def test_add_batch_then_compute_with_classifier(nc_module):
+    C, p = 3, 5
+    M = _etf(C, p, seed=2)
+    rng = np.random.default_rng(3)
+    labels = np.repeat(np.arange(C), 20)
+    H = M[labels] + 0.05 * rng.standard_normal((len(labels), p))
+    for i in range(0, len(labels), 16):
+        nc_module.add_batch(predictions=H[i:i + 16], references=labels[i:i + 16])
+    W = M + 0.01 * rng.standard_normal(M.shape)
+    out = nc_module.compute(classifier=W)
+    from hf_flag.geometry.collapse import neural_collapse
+    ref = neural_collapse(torch.tensor(H), torch.tensor(labels), torch.tensor(W))
+    assert {k: out[k] for k in ref} == pytest.approx(ref, rel=1e-12)
+    assert 0 <= out["level2_subspace_error"] <= 1 and 0 <= out["level2_max_angle"] <= math.pi / 2
+
+
+def test_weight_only_mode(nc_module):
+    M = _etf(5, 7, seed=4)
+    out = nc_module.compute(classifier=M)
+    assert set(out) == {"nc2_classifier_norms_cv", "nc2_classifier_interference_std",
+                        "nc2_classifier_interference_error", "nc2_classifier_etf_error"}
+    assert all(abs(v) < 1e-12 for v in out.values())
+    # a classifier rotated inside span(M): Level-2 holds (angle ~ 0) but Level-3 does not (NC3 > 0), MATH.md §5
+    G = np.linalg.qr(np.random.default_rng(5).standard_normal((5, 5)))[0]
+    W = G @ M
+    out = nc_module.compute(classifier=W, class_means=M)
+    assert out["level2_max_angle"] < 1e-7 and out["level2_subspace_error"] < 1e-12
+    assert out["nc3_self_duality"] > 0.1
+    w_norms = np.linalg.norm(np.array([[1.0, 0.0], [0.0, 3.0]]), axis=1)
+    out = nc_module.compute(classifier=[[1.0, 0.0], [0.0, 3.0]])
+    assert out["nc2_classifier_norms_cv"] == pytest.approx(w_norms.std() / w_norms.mean(), rel=1e-12)
+    with pytest.raises(ValueError, match="no input"):
+        nc_module.compute()
