@@ -1,0 +1,277 @@
+"""Pairs of adjacent layers: imbalance, commutator obstruction, transport scores (MATH.md §2, §3, §4).
+
+Notation (MATH.md): ``W_l`` is ``n x k`` and ``W_next`` (= W_{l+1}) is ``m x n`` (``nn.Linear`` out x in); they
+share the hidden space R^n.  ``A = W_next^T W_next`` and ``B = W_l W_l^T`` are ``n x n`` and are never formed
+(except by :func:`imbalance` and ``method="direct"``): everything goes through the Gram factors
+``G_P = W_next W_next^T`` (m x m), ``G_Q = W_l^T W_l`` (k x k) and ``C = W_next W_l`` (m x k).
+
+All functions accept leading batch dimensions (equal on both sides), compute in ``dtype`` (float64 by default) on
+the inputs' device and raise ``ValueError`` naming the shapes for mismatched or non-finite input.
+
+Zero matrices: a zero side commutes with and balances against anything trivially, so ``commutator_ratio`` and
+``relative_imbalance`` return 0 when ``||A||_F ||B||_F = 0`` (resp. ``||A||_F + ||B||_F = 0``) instead of 0/0.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from hf_flag.geometry.angles import check_matrix
+
+#: ``method="auto"`` recomputes kappa with the factored form when the trace form gives kappa below this value.
+#: The trace form subtracts two terms of size ``||A||^2 ||B||^2``; its relative error on kappa is about
+#: ``eps / kappa^2`` (<= ~2e-10 at kappa = 1e-3 in float64), the factored form's about ``eps / kappa``.
+AUTO_FACTORED_BELOW = 1e-3
+
+#: ``imbalance_norm`` recomputes ``||D||_F`` with the factored form when ``||D||^2 < this * (||A||^2 + ||B||^2)``
+#: (trace-form relative error ~ ``eps / this`` on ``||D||^2`` above it).
+IMBALANCE_FACTORED_BELOW = 1e-4
+
+_METHODS = ("auto", "trace", "factored", "direct")
+
+
+def _shape(W: object) -> object:
+    return tuple(W.shape) if isinstance(W, torch.Tensor) else type(W).__name__
+
+
+def _prepare(
+    W_l: torch.Tensor, W_next: torch.Tensor, bias_l: Optional[torch.Tensor], dtype: torch.dtype, where: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate a pair and return ``([W_l | b_l], W_next)`` in ``dtype`` on ``W_l``'s device (MATH.md §2)."""
+    check_matrix("W_l", W_l, where=where)
+    check_matrix("W_next", W_next, where=where)
+    if W_l.shape[-2] != W_next.shape[-1]:
+        raise ValueError(
+            f"{where}: hidden dims differ: W_l {tuple(W_l.shape)} is (..., n, k) and W_next {tuple(W_next.shape)} is "
+            f"(..., m, n); pass nn.Linear weights (out x in), transposing GPT-2 Conv1D weights"
+        )
+    if W_l.shape[:-2] != W_next.shape[:-2]:
+        raise ValueError(f"{where}: batch dims differ: W_l {tuple(W_l.shape)} vs W_next {tuple(W_next.shape)}")
+    W_l = W_l.to(dtype)
+    W_next = W_next.to(device=W_l.device, dtype=dtype)
+    if bias_l is not None:
+        if not isinstance(bias_l, torch.Tensor) or tuple(bias_l.shape) != tuple(W_l.shape[:-1]):
+            raise ValueError(f"{where}: bias_l must have shape {tuple(W_l.shape[:-1])} (W_l without its last dim); "
+                             f"got {_shape(bias_l)}")
+        if not torch.isfinite(bias_l).all():
+            raise ValueError(f"{where}: bias_l of shape {tuple(bias_l.shape)} contains NaN or Inf")
+        W_l = torch.cat([W_l, bias_l.to(device=W_l.device, dtype=dtype).unsqueeze(-1)], dim=-1)
+    return W_l, W_next
+
+
+def _fro2(X: torch.Tensor) -> torch.Tensor:
+    """Squared Frobenius norm over the last two dims."""
+    return X.square().sum(dim=(-2, -1))
+
+
+def _small_gram(W: torch.Tensor) -> torch.Tensor:
+    """The smaller of ``W W^T`` and ``W^T W`` (same nonzero spectrum, same Frobenius norm)."""
+    return W @ W.mT if W.shape[-2] <= W.shape[-1] else W.mT @ W
+
+
+def _safe_ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """``num / den`` with 0 where ``den == 0`` (the zero-matrix convention of the module docstring)."""
+    return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(num))
+
+
+def _sandwich_norm(F: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
+    """``||F K F^T||_F`` for ``F`` (..., n, r) without an n x n product when ``n > r`` (thin QR: ``||R K R^T||``)."""
+    if F.shape[-2] > F.shape[-1]:
+        F = torch.linalg.qr(F, mode="r").R
+    return torch.linalg.matrix_norm(F @ K @ F.mT)
+
+
+def _refine(mask: torch.Tensor, value: torch.Tensor, fn: Callable[..., torch.Tensor], *args: torch.Tensor):
+    """Replace ``value[mask]`` by ``fn`` evaluated on the masked batch members of ``args`` only."""
+    if not bool(mask.any()):
+        return value
+    if value.ndim == 0:
+        return fn(*args)
+    flat = value.reshape(-1).clone()
+    idx = mask.reshape(-1).nonzero().squeeze(-1)
+    flat[idx] = fn(*(a.reshape(-1, *a.shape[-2:])[idx] for a in args)).to(flat.dtype)
+    return flat.reshape(value.shape)
+
+
+def _stacked(W_l: torch.Tensor, W_next: torch.Tensor) -> torch.Tensor:
+    """``F = [W_next^T | W_l]`` (n x (m + k)): both ``A - B`` and ``[A, B]`` are ``F K F^T`` (MATH.md §2, §3)."""
+    return torch.cat([W_next.mT, W_l], dim=-1)
+
+
+def _imbalance_factored(W_l: torch.Tensor, W_next: torch.Tensor) -> torch.Tensor:
+    """``||D||_F = ||F diag(I_m, -I_k) F^T||_F`` in float64 (MATH.md §2)."""
+    W_l, W_next = W_l.double(), W_next.double()
+    m, k = W_next.shape[-2], W_l.shape[-1]
+    J = torch.cat([torch.ones(m, dtype=W_l.dtype, device=W_l.device),
+                   -torch.ones(k, dtype=W_l.dtype, device=W_l.device)])
+    return _sandwich_norm(_stacked(W_l, W_next), torch.diag(J))
+
+
+def imbalance(
+    W_l: torch.Tensor, W_next: torch.Tensor, *, bias_l: Optional[torch.Tensor] = None,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """Imbalance ``D = W_next^T W_next - W_l W_l^T`` (n x n; MATH.md §2); ``W_l -> [W_l | b_l]`` given a bias.
+
+    Forms the n x n matrix: for small hidden sizes (tests, toy nets). Use :func:`imbalance_norm` otherwise.
+    """
+    W_l, W_next = _prepare(W_l, W_next, bias_l, dtype, "imbalance")
+    return W_next.mT @ W_next - W_l @ W_l.mT
+
+
+def _imbalance_parts(W_l: torch.Tensor, W_next: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(||D||_F, ||A||_F, ||B||_F)`` via ``||D||^2 = ||A||^2 + ||B||^2 - 2 ||W_next W_l||^2`` (MATH.md §2)."""
+    a2, b2 = _fro2(_small_gram(W_next)), _fro2(_small_gram(W_l))
+    d2 = a2 + b2 - 2.0 * _fro2(W_next @ W_l)
+    d = d2.clamp_min(0).sqrt()
+    d = _refine(d2 < IMBALANCE_FACTORED_BELOW * (a2 + b2), d, _imbalance_factored, W_l, W_next)
+    return d, a2.sqrt(), b2.sqrt()
+
+
+def imbalance_norm(
+    W_l: torch.Tensor, W_next: torch.Tensor, *, bias_l: Optional[torch.Tensor] = None,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """``||D||_F`` through Gram factors, never n x n (MATH.md §2).
+
+    ``||D||^2 = ||A||^2 + ||B||^2 - 2 tr(AB)`` with ``tr(AB) = ||W_next W_l||_F^2``; when ``||D||^2`` is below
+    ``IMBALANCE_FACTORED_BELOW * (||A||^2 + ||B||^2)`` the subtraction cancels and the factored float64 form
+    ``||R diag(I, -I) R^T||_F`` (``R`` from the thin QR of ``[W_next^T | W_l]``) is used instead.
+    """
+    return _imbalance_parts(*_prepare(W_l, W_next, bias_l, dtype, "imbalance_norm"))[0]
+
+
+def relative_imbalance(
+    W_l: torch.Tensor, W_next: torch.Tensor, *, bias_l: Optional[torch.Tensor] = None,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """``||D||_F / (||A||_F + ||B||_F)`` in [0, 1] (MATH.md §2); 0 when both sides are zero."""
+    d, a, b = _imbalance_parts(*_prepare(W_l, W_next, bias_l, dtype, "relative_imbalance"))
+    return _safe_ratio(d, a + b)
+
+
+def imbalance_diagonal_norm(
+    W_l: torch.Tensor, W_next: torch.Tensor, *, bias_l: Optional[torch.Tensor] = None,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """``||diag D||_2`` from column norms of ``W_next`` and row norms of ``[W_l | b_l]`` (MATH.md §2).
+
+    The part of the imbalance that weight decay drives to zero even in ReLU nets (``diag E = 0``).
+    """
+    W_l, W_next = _prepare(W_l, W_next, bias_l, dtype, "imbalance_diagonal_norm")
+    return torch.linalg.vector_norm(W_next.square().sum(-2) - W_l.square().sum(-1), dim=-1)
+
+
+def _commutator_factored(W_l: torch.Tensor, W_next: torch.Tensor) -> torch.Tensor:
+    """``||[A, B]||_F = ||W_next^T C W_l^T - W_l C^T W_next||_F`` in float64 (MATH.md §3)."""
+    W_l, W_next = W_l.double(), W_next.double()
+    C = W_next @ W_l
+    m, k = C.shape[-2:]
+    K = torch.zeros(*C.shape[:-2], m + k, m + k, dtype=C.dtype, device=C.device)
+    K[..., :m, m:] = C
+    K[..., m:, :m] = -C.mT
+    return _sandwich_norm(_stacked(W_l, W_next), K)
+
+
+def _kappa_factored(W_l: torch.Tensor, W_next: torch.Tensor) -> torch.Tensor:
+    """kappa from :func:`_commutator_factored`, all in float64."""
+    W_l, W_next = W_l.double(), W_next.double()
+    den = torch.linalg.matrix_norm(_small_gram(W_next)) * torch.linalg.matrix_norm(_small_gram(W_l))
+    return _safe_ratio(_commutator_factored(W_l, W_next), den)
+
+
+def _kappa_trace(W_l: torch.Tensor, W_next: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(kappa, ||A||_F ||B||_F)`` by ``||[A,B]||_F^2 = 2 tr(G_P C G_Q C^T) - 2 ||C^T C||_F^2`` (MATH.md §3).
+
+    ``||A||_F = ||G_P||_F`` and ``||B||_F = ||G_Q||_F`` reuse the same Grams: three products with n in all.
+    """
+    C = W_next @ W_l
+    G_P, G_Q = W_next @ W_next.mT, W_l.mT @ W_l
+    small = C.mT @ C if C.shape[-1] <= C.shape[-2] else C @ C.mT
+    num2 = 2.0 * ((G_P @ C) * (C @ G_Q)).sum(dim=(-2, -1)) - 2.0 * _fro2(small)
+    den = torch.linalg.matrix_norm(G_P) * torch.linalg.matrix_norm(G_Q)
+    return _safe_ratio(num2.clamp_min(0).sqrt(), den), den
+
+
+def commutator_ratio(
+    W_l: torch.Tensor, W_next: torch.Tensor, *, bias_l: Optional[torch.Tensor] = None, method: str = "auto",
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """Commutator obstruction ``kappa = ||[A, B]||_F / (||A||_F ||B||_F)`` (MATH.md §3).
+
+    ``kappa`` lies in ``[0, 1/sqrt(2)]`` (Bottcher-Wenzel); ``sqrt(2) * kappa`` is the normalised value in [0, 1].
+    Methods: ``"trace"`` the Gram-factor trace form (all factors m x m, k x k, m x k); ``"factored"`` the float64
+    form ``||W_next^T C W_l^T - W_l C^T W_next||_F`` reduced by a thin QR of ``[W_next^T | W_l]`` (accurate for
+    tiny kappa, ~3-5x the trace cost); ``"direct"`` forms the n x n matrices (reference, small n only);
+    ``"auto"`` (default) runs the trace form and recomputes, per batch member, with ``"factored"`` where the
+    trace value is below ``AUTO_FACTORED_BELOW`` (1e-3).  Zero ``W_l`` or ``W_next`` gives 0.
+    """
+    if method not in _METHODS:
+        raise ValueError(f"commutator_ratio: method must be one of {_METHODS}; got {method!r}")
+    W_l, W_next = _prepare(W_l, W_next, bias_l, dtype, "commutator_ratio")
+    if method == "direct":
+        A, B = W_next.mT @ W_next, W_l @ W_l.mT
+        den = torch.linalg.matrix_norm(A) * torch.linalg.matrix_norm(B)
+        return _safe_ratio(torch.linalg.matrix_norm(A @ B - B @ A), den)
+    if method == "factored":
+        return _kappa_factored(W_l, W_next)
+    kappa, den = _kappa_trace(W_l, W_next)
+    if method == "trace":
+        return kappa
+    return _refine((kappa < AUTO_FACTORED_BELOW) & (den > 0), kappa, _kappa_factored, W_l, W_next)
+
+
+def _haar_stiefel(n: int, q: int, batch: tuple, generator: Optional[torch.Generator], like: torch.Tensor):
+    """Haar-random n x q matrix with orthonormal columns (QR of a Gaussian with the sign fix)."""
+    G = torch.randn(*batch, n, q, generator=generator, dtype=like.dtype, device=like.device)
+    Q, R = torch.linalg.qr(G)
+    return Q * torch.sign(torch.diagonal(R, dim1=-2, dim2=-1)).unsqueeze(-2)
+
+
+def commutator_baseline(
+    W_l: torch.Tensor, W_next: torch.Tensor, *, n_samples: int = 8, generator: Optional[torch.Generator] = None,
+    bias_l: Optional[torch.Tensor] = None, dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """Monte Carlo null value of kappa: mean kappa after a Haar-random rotation of ``W_l``'s hidden basis (MATH.md §3).
+
+    ``Q W_l`` for Haar ``Q`` in O(n) equals ``Z R`` in distribution, with ``W_l = Q_1 R`` the thin QR and ``Z`` a
+    Haar-random n x min(n, k) frame: no n x n rotation is drawn.  Both spectra are kept; kappa of each sample goes
+    through :func:`commutator_ratio` (``method="auto"``).  ``generator`` must live on the weights' device.
+    """
+    if not isinstance(n_samples, int) or n_samples < 1:
+        raise ValueError(f"commutator_baseline: n_samples must be a positive int; got {n_samples!r}")
+    W_l, W_next = _prepare(W_l, W_next, bias_l, dtype, "commutator_baseline")
+    R = torch.linalg.qr(W_l).R
+    batch, n = tuple(W_l.shape[:-2]), W_l.shape[-2]
+    samples = [commutator_ratio(_haar_stiefel(n, R.shape[-2], batch, generator, W_l) @ R, W_next, dtype=dtype)
+               for _ in range(n_samples)]
+    return torch.stack(samples).mean(dim=0)
+
+
+def transport_matrix(W_l: torch.Tensor, W_next: torch.Tensor, *, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Transport matrix ``T = V^(l+1)T U^(l)`` (MATH.md §4), shape (..., min(m, n), min(n, k)).
+
+    ``U^(l)``: left singular vectors of ``W_l``; ``V^(l+1)``: right singular vectors of ``W_next``, both in
+    descending singular-value order (thin SVD).  Signs are arbitrary (scores use squares); where singular values
+    are degenerate the individual vectors, hence the basis score, are not defined.
+    """
+    W_l, W_next = _prepare(W_l, W_next, None, dtype, "transport_matrix")
+    U = torch.linalg.svd(W_l, full_matrices=False).U
+    V = torch.linalg.svd(W_next, full_matrices=False).Vh.mT
+    return V.mT @ U
+
+
+def transport_scores(
+    W_l: torch.Tensor, W_next: torch.Tensor, k: int, *, dtype: torch.dtype = torch.float64
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(subspace, basis) = ((1/k) ||T_k||_F^2, (1/k) sum_i T_ii^2)``, T_k the top k x k window (MATH.md §4).
+
+    Both are 1 for aligned top-k singular subspaces / bases; Haar baselines ``k/n`` and ``1/n``.
+    """
+    T = transport_matrix(W_l, W_next, dtype=dtype)
+    if not isinstance(k, int) or not 1 <= k <= min(T.shape[-2:]):
+        raise ValueError(f"transport_scores: k must be an int in [1, {min(T.shape[-2:])}] for "
+                         f"W_l {tuple(W_l.shape)} and W_next {tuple(W_next.shape)}; got {k!r}")
+    T_k = T[..., :k, :k]
+    return _fro2(T_k) / k, torch.diagonal(T_k, dim1=-2, dim2=-1).square().sum(-1) / k
