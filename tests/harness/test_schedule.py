@@ -1,0 +1,110 @@
+"""harness.schedule: largest-first round robin, layer shards, fingerprints, atomic markers, polling."""
+from __future__ import annotations
+
+import os
+import stat
+import threading
+import time
+from unittest import mock
+
+import pytest
+
+from harness import schedule
+from harness.schedule import RunState
+
+
+def test_largest_first_round_robin_not_contiguous():
+    sizes = {"a": 10, "b": 40, "c": 30, "d": 20, "e": 5}
+    # by size: b c d a e -> rank 0 gets b, d, e; rank 1 gets c, a (contiguous blocks would give rank 0 b, c, d)
+    assert schedule.assign_models(sizes, 2) == [["b", "d", "e"], ["c", "a"]]
+    assert schedule.assign_models(sizes, 1) == [["b", "c", "d", "a", "e"]]
+    assert schedule.assign_models(sizes, 3) == [["b", "a"], ["c", "e"], ["d"]]
+
+
+def test_ties_break_by_name_and_every_model_once():
+    sizes = {f"m{i}": i % 3 for i in range(11)}
+    for world in (1, 2, 3, 4, 16):
+        parts = schedule.assign_models(sizes, world)
+        flat = [m for p in parts for m in p]
+        assert sorted(flat) == sorted(sizes) and len(flat) == len(set(flat))
+        assert len(parts) == world
+    assert schedule.largest_first({"x": 1, "b": 1, "a": 2}) == ["a", "b", "x"]
+
+
+def test_shard_layers():
+    assert schedule.shard_layers(5, 2) == [[0, 2, 4], [1, 3]]
+    assert schedule.shard_layers(2, 3) == [[0], [1]]  # empty shards dropped
+    assert schedule.shard_layers(0, 2) == []
+    with pytest.raises(ValueError, match="world_size"):
+        schedule.shard_layers(4, 0)
+    with pytest.raises(ValueError, match="n_layers"):
+        schedule.shard_layers(-1, 2)
+
+
+def test_fingerprint_tracks_params_and_files(tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"1234")
+    fp = schedule.fingerprint({"composition": "all"}, [folder])
+    assert fp == schedule.fingerprint({"composition": "all"}, [folder])
+    assert fp != schedule.fingerprint({"composition": "adjacent"}, [folder])
+    (folder / "README.md").write_text("card")  # cards are edited in place: not an input of the analysis
+    assert fp == schedule.fingerprint({"composition": "all"}, [folder])
+    (folder / "model.safetensors").write_bytes(b"12345")  # the user repaired / replaced the weights
+    assert fp != schedule.fingerprint({"composition": "all"}, [folder])
+    # a path that does not exist (a Hub id) hashes its parameters only
+    assert schedule.fingerprint({"m": "org/x"}, ["org/x"]) == schedule.fingerprint({"m": "org/x"}, [])
+
+
+def test_atomic_write_replaces_and_cleans_up(tmp_path):
+    target = tmp_path / "f.json"
+    schedule.atomic_write_text(target, "old")
+    os.chmod(target, 0o640)
+    schedule.atomic_write_text(target, "new\r\n", mode=0o640)
+    assert target.read_bytes() == b"new\r\n"  # line endings written as given
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640
+    with mock.patch("harness.schedule.os.replace", side_effect=OSError("disk full")):
+        with pytest.raises(OSError, match="disk full"):
+            schedule.atomic_write_text(target, "half")
+    assert target.read_bytes() == b"new\r\n"  # the old file survives a failed write
+    assert [p.name for p in tmp_path.iterdir()] == ["f.json"]  # no temporary file left behind
+
+
+def test_run_state_lifecycle(tmp_path):
+    run = tmp_path / "runs" / "m"
+    assert schedule.run_state(run, "fp1") is RunState.NEW
+    schedule.mark_started(run, "fp1", rank=1)
+    assert schedule.run_state(run, "fp1") is RunState.STARTED  # a process that dies here leaves this state
+    assert schedule.run_state(run, "fp2") is RunState.NEW  # other inputs/parameters: not this run
+    schedule.mark_done(run, "fp1", '{"x": 1}')
+    assert schedule.run_state(run, "fp1") is RunState.DONE
+    (run / schedule.REPORT).unlink()
+    assert schedule.run_state(run, "fp1") is RunState.STARTED  # done marker without its report is not done
+    schedule.mark_started(run, "fp1", rank=0)
+    assert not (run / schedule.DONE).exists()
+    schedule.mark_failed(run, "fp1", "ValueError: bad\nsecond line")
+    assert schedule.run_state(run, "fp1") is RunState.FAILED
+    assert schedule.read_error(run) == "ValueError: bad"  # one line
+    assert schedule.read_error(tmp_path / "nowhere") == ""
+
+
+def test_wait_for_polls_until_done_and_times_out(tmp_path):
+    a, b, c = (tmp_path / n for n in "abc")
+    a.mkdir()
+    b.mkdir()
+    schedule.mark_done(a, "f", "{}")
+    seen = []
+
+    def finish_later():
+        time.sleep(0.3)
+        schedule.mark_failed(b, "f", "boom")
+
+    thread = threading.Thread(target=finish_later)
+    thread.start()
+    states = schedule.wait_for({"a": (a, "f"), "b": (b, "f")}, timeout=30, poll=0.05,
+                               on_finished=lambda n, s: seen.append((n, s)))
+    thread.join()
+    assert states == {"a": RunState.DONE, "b": RunState.FAILED}
+    assert sorted(seen) == [("a", RunState.DONE), ("b", RunState.FAILED)]
+    states = schedule.wait_for({"c": (c, "f"), "a": (a, "f")}, timeout=0.2, poll=0.05)
+    assert states == {"c": RunState.NEW, "a": RunState.DONE}  # c is missing: the caller names it
