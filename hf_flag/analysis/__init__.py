@@ -1,0 +1,1 @@
+"""Helpers of :mod:`hf_flag.analyze`, split by row family: pair rows, head rows, checks and summary."""

@@ -1,0 +1,86 @@
+"""Input checks, NaN/Inf guards, device choice, summary and canonical row order for :mod:`hf_flag.analyze`."""
+from __future__ import annotations
+
+import math
+from dataclasses import fields
+from typing import Iterable, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from hf_flag.errors import HfFlagError
+from hf_flag.report import Row
+
+
+class NonFiniteWeightsError(HfFlagError, ValueError):
+    """A weight tensor holds NaN or Inf (the one-line message names the tensor and the layer)."""
+
+
+def block_tensors(block) -> list[torch.Tensor]:
+    """Every attention and MLP tensor of a block."""
+    parts = [p for p in (block.attention, block.mlp) if p is not None]
+    return [t for p in parts for f in fields(p) if isinstance(t := getattr(p, f.name), torch.Tensor)]
+
+
+def check_finite(block, source, names: Sequence[str], where: str) -> None:
+    """Raise :class:`NonFiniteWeightsError` naming the checkpoint tensor (of ``names``) that holds NaN/Inf."""
+    if all(bool(torch.isfinite(t).all()) for t in block_tensors(block)):
+        return
+    bad = next((n for n in names if not bool(torch.isfinite(source.get(n)).all())), ", ".join(names))
+    raise NonFiniteWeightsError(f"{where}: tensor {bad!r} holds NaN/Inf values; repair or re-export the checkpoint")
+
+
+def resolve_device(device: Union[str, torch.device, None], model) -> torch.device:
+    """``device``, else the in-memory model's own device, else ``cuda`` when available, else ``cpu``."""
+    if device is not None:
+        return torch.device(device)
+    if isinstance(model, nn.Module):
+        param = next((p for p in model.parameters() if not p.is_meta), None)
+        if param is not None:
+            return param.device
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def check_choice(name: str, given: Optional[Iterable[str]], allowed: Sequence[str]) -> frozenset:
+    """``given`` (default: all of ``allowed``) as a frozenset, or ValueError naming what is allowed."""
+    chosen = frozenset(allowed if given is None else ([given] if isinstance(given, str) else given))
+    if not chosen or not chosen <= set(allowed):
+        raise ValueError(f"{name}={sorted(chosen)} is not a non-empty subset of {list(allowed)} for this model")
+    return chosen
+
+
+def check_layers(layers: Optional[Iterable[int]], n: int) -> list[int]:
+    """Sorted unique layer indices within ``0..n-1`` (default: all), or ValueError."""
+    if layers is None:
+        return list(range(n))
+    chosen = sorted({int(i) for i in layers})
+    bad = [i for i in chosen if not 0 <= i < n]
+    if bad or not chosen:
+        raise ValueError(f"layers={bad or chosen} is out of range: this model has {n} layers/pairs, use 0..{n - 1}")
+    return chosen
+
+
+def summarize(rows: Sequence[Row]) -> dict[str, float]:
+    """``summary["kind/metric"]`` = mean of the finite values of ``metric`` over the rows of ``kind``."""
+    sums: dict[str, list] = {}
+    for r in rows:
+        for m, v in r.values.items():
+            if v is not None and math.isfinite(v):
+                acc = sums.setdefault(f"{r.kind}/{m}", [0.0, 0])
+                acc[0] += v
+                acc[1] += 1
+    return {k: total / count for k, (total, count) in sums.items()}
+
+
+def sort_rows(rows: list[Row], kind_order: Sequence[str]) -> list[Row]:
+    """Canonical row order (``kind_order``, then layers, then head numbers): independent of sharding."""
+    rank = {k: i for i, k in enumerate(kind_order)}
+
+    def key(r: Row) -> tuple:
+        return (rank[r.kind], r.layer, r.target_layer, natural(r.source), natural(r.target))
+    return sorted(rows, key=key)
+
+
+def natural(label: str) -> tuple:
+    """``"head 10"`` sorts after ``"head 9"``."""
+    return tuple(int(t) if t.isdigit() else t for t in label.replace(".", " ").split())

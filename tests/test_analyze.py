@@ -1,0 +1,372 @@
+"""End-to-end ``hf_flag.analyze.analyze`` on tiny random models of every family and on plain MLP chains.
+
+Independent references: values recomputed from the modules' raw parameters with our own slicing (direct n x n
+commutator, numpy QR overlaps, the naive d x d composition formula, MATH.md §3/§1/§6), the lazy checkpoint path vs
+the in-memory path, sharded vs full runs, and the cheap path vs the full path.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from torch import nn
+
+from hf_flag.analyze import (COMPOSITION_KINDS, CROSS_LAYER_KINDS, HEAD_OVERLAP_KINDS, HEADLINE_METRICS,
+                             KIND_LINEAR_CHAIN, KIND_MLP, KIND_MLP_GATE, KIND_RESIDUAL, KIND_VO, PAIR_KINDS,
+                             ROW_KINDS, NonFiniteWeightsError, analyze)
+from hf_flag.errors import HfFlagError
+
+L, D, H = 2, 32, 4  # layers, d_model, heads of every tiny model
+SMALL = dict(vocab_size=64, max_position_embeddings=32)
+LLAMA_LIKE = dict(SMALL, hidden_size=D, intermediate_size=48, num_hidden_layers=L, num_attention_heads=H,
+                  num_key_value_heads=2)
+
+FAMILIES = {
+    # name: (builder, n_kv_heads, gated)
+    "gpt2": (lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_embd=D, n_layer=L, n_head=H, vocab_size=64, n_positions=32)), H, False),
+    "gpt_neox": (lambda: transformers.GPTNeoXModel(transformers.GPTNeoXConfig(
+        hidden_size=D, num_hidden_layers=L, num_attention_heads=H, intermediate_size=64, **SMALL)), H, False),
+    "opt": (lambda: transformers.OPTModel(transformers.OPTConfig(
+        hidden_size=D, num_hidden_layers=L, num_attention_heads=H, ffn_dim=64, word_embed_proj_dim=D, **SMALL)),
+        H, False),
+    "llama": (lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA_LIKE)), 2, True),
+    "qwen2": (lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**LLAMA_LIKE)), 2, True),
+    "phi3": (lambda: transformers.Phi3ForCausalLM(transformers.Phi3Config(**LLAMA_LIKE, pad_token_id=0)), 2, True),
+    "bert": (lambda: transformers.BertModel(transformers.BertConfig(
+        hidden_size=D, num_hidden_layers=L, num_attention_heads=H, intermediate_size=64, **SMALL)), H, False),
+}
+
+
+def build(family: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return FAMILIES[family][0]().eval()
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return build("llama")
+
+
+@pytest.fixture(scope="module")
+def llama_report(llama):
+    return analyze(llama, device="cpu")
+
+
+def expected_counts(n_kv: int, gated: bool, n_layers: int = L) -> dict[str, int]:
+    pairs = n_layers * (n_layers - 1) // 2
+    counts = {KIND_MLP: n_layers, KIND_VO: n_layers * H, KIND_RESIDUAL: n_layers - 1,
+              HEAD_OVERLAP_KINDS["q"]: n_layers * H * (H - 1) // 2, HEAD_OVERLAP_KINDS["o"]: n_layers * H * (H - 1) // 2,
+              HEAD_OVERLAP_KINDS["k"]: n_layers * n_kv * (n_kv - 1) // 2,
+              HEAD_OVERLAP_KINDS["v"]: n_layers * n_kv * (n_kv - 1) // 2,
+              CROSS_LAYER_KINDS["q"]: (n_layers - 1) * H * H, CROSS_LAYER_KINDS["k"]: (n_layers - 1) * H * n_kv,
+              CROSS_LAYER_KINDS["v"]: (n_layers - 1) * H * n_kv,
+              **{k: pairs * H * H for k in COMPOSITION_KINDS.values()}}
+    if gated:
+        counts[KIND_MLP_GATE] = n_layers
+    return {k: v for k, v in counts.items() if v}
+
+
+RANGES = {  # metric -> closed interval every value must lie in
+    "commutator_ratio": (0, 1 / math.sqrt(2) + 1e-12), "commutator_ratio_baseline": (0, 1 / math.sqrt(2) + 1e-12),
+    "commutator_ratio_normalized": (0, 1 + 1e-12), "relative_imbalance": (0, 1 + 1e-12),
+    "imbalance_norm": (0, math.inf), "imbalance_diagonal_norm": (0, math.inf),
+    "subspace_score": (0, 1 + 1e-12), "basis_score": (0, 1 + 1e-12), "overlap": (0, 1 + 1e-12),
+    "score": (0, 1 + 1e-12), "flag_tau": (1e-6, math.pi / 2), "gl_kernel_dim": (0, math.inf),
+    "intersection_dim": (0, math.inf),
+}
+
+
+OPTIONAL = ("intersection_dim", "intersection_dim_baseline", "intersection_soft")
+
+
+def check_report(report, counts: dict[str, int]) -> None:
+    got = {k: len(report.select(kind=k)) for k in report.kinds()}
+    assert got == counts
+    assert set(report.kinds()) <= set(ROW_KINDS)
+    for row in report.rows:
+        for metric, value in row.values.items():
+            if value is None:  # no flag cut common to both sides below n (e.g. full-rank vo pairs), MATH.md §4
+                assert metric in OPTIONAL and row.details["intersection_cut"] is None, (row.kind, metric)
+                continue
+            assert math.isfinite(value), (row.kind, metric)
+            lo, hi = RANGES.get(metric, (-math.inf, math.inf))
+            assert lo <= value <= hi, (row.kind, metric, value)
+    for kind in counts:
+        for metric in report.rows[[r.kind for r in report.rows].index(kind)].values:
+            values = [r.values[metric] for r in report.select(kind=kind) if r.values[metric] is not None]
+            if values:
+                assert report.summary[f"{kind}/{metric}"] == pytest.approx(np.mean(values), rel=1e-12)
+            else:
+                assert f"{kind}/{metric}" not in report.summary
+    assert all(math.isfinite(v) for v in report.summary.values())
+    assert report.to_json()  # strict JSON (no NaN)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_family_end_to_end(family):
+    _, n_kv, gated = FAMILIES[family]
+    report = analyze(build(family), device="cpu")
+    check_report(report, expected_counts(n_kv, gated))
+    assert report.params["dtype"] == "float64" and report.params["composition"] == "all"
+    assert report.layout["n_heads"] == H and report.layout["n_kv_heads"] == n_kv
+    for row in report.select(kind=HEAD_OVERLAP_KINDS["o"]):
+        assert row.values["overlap_baseline"] == pytest.approx((D // H) / D)
+    for row in report.select(kind=COMPOSITION_KINDS["q"]):
+        assert row.values["score_baseline"] == pytest.approx(1 / math.sqrt(D))
+        assert row.layer < row.target_layer
+
+
+def test_mlp_chain_end_to_end():
+    torch.manual_seed(1)
+    chain = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 4))
+    report = analyze(chain, device="cpu")
+    check_report(report, {KIND_LINEAR_CHAIN: 2})
+    first, second = report.select(kind=KIND_LINEAR_CHAIN)
+    assert (first.details["activation"], second.details["activation"]) == ("relu", "tanh")
+    # bias-augmented direct commutator, MATH.md §2-§3
+    W_l = torch.cat([chain[0].weight, chain[0].bias[:, None]], 1).detach().double()
+    W_next = chain[2].weight.detach().double()
+    assert first.values["commutator_ratio"] == pytest.approx(direct_kappa(W_l, W_next), rel=1e-9)
+    with pytest.raises(ValueError, match="diagnostics"):
+        analyze(chain, diagnostics={"mlp"})
+
+
+def direct_kappa(W_l: torch.Tensor, W_next: torch.Tensor) -> float:
+    """kappa with the n x n matrices formed (MATH.md §3)."""
+    A, B = W_next.T @ W_next, W_l @ W_l.T
+    return float(torch.linalg.norm(A @ B - B @ A) / (torch.linalg.norm(A) * torch.linalg.norm(B)))
+
+
+def np_overlap(X: np.ndarray, Y: np.ndarray) -> float:
+    """||Q_X^T Q_Y||_F^2 / min(p, q) by numpy QR (MATH.md §1)."""
+    qx, qy = np.linalg.qr(X)[0], np.linalg.qr(Y)[0]
+    return float(np.sum((qx.T @ qy) ** 2) / min(X.shape[1], Y.shape[1]))
+
+
+def row_of(report, kind, layer, source, target):
+    return next(r for r in report.rows if (r.kind, r.layer, r.source, r.target) == (kind, layer, source, target))
+
+
+def test_llama_values_from_raw_parameters(llama, llama_report):
+    dh, kv_of = D // H, lambda h: h // 2
+    attn = [layer.self_attn for layer in llama.model.layers]
+    p = {n: t.detach().double() for n, t in llama.named_parameters()}
+    q, k, v, o = ([p[f"model.layers.{i}.self_attn.{r}_proj.weight"] for i in range(L)] for r in "qkvo")
+    assert attn[0].config.num_key_value_heads == 2
+    for h in (0, 3):  # vo pair: W_V of KV head kv(h) (dh x d) -> W_O[h] as (d x dh)
+        W_v = v[1][kv_of(h) * dh:(kv_of(h) + 1) * dh]
+        W_o = o[1][:, h * dh:(h + 1) * dh]
+        row = row_of(llama_report, KIND_VO, 1, f"head {h}", f"head {h}")
+        assert row.values["commutator_ratio"] == pytest.approx(direct_kappa(W_v, W_o), rel=1e-9)
+    # mlp and gate pairs of layer 0
+    up, gate, down = (p[f"model.layers.0.mlp.{r}_proj.weight"] for r in ("up", "gate", "down"))
+    assert row_of(llama_report, KIND_MLP, 0, "mlp.in", "mlp.out").values["commutator_ratio"] == pytest.approx(
+        direct_kappa(up, down), rel=1e-9)
+    assert row_of(llama_report, KIND_MLP_GATE, 0, "mlp.gate", "mlp.out").values["commutator_ratio"] == \
+        pytest.approx(direct_kappa(gate, down), rel=1e-9)
+    up1 = p["model.layers.1.mlp.up_proj.weight"]
+    assert row_of(llama_report, KIND_RESIDUAL, 0, "mlp.out", "mlp.in").values["commutator_ratio"] == \
+        pytest.approx(direct_kappa(down, up1), rel=1e-9)
+    # head_overlap_o: write subspaces = column blocks of o_proj
+    O = o[0].numpy()
+    row = row_of(llama_report, HEAD_OVERLAP_KINDS["o"], 0, "head 1", "head 2")
+    assert row.values["overlap"] == pytest.approx(np_overlap(O[:, dh:2 * dh], O[:, 2 * dh:3 * dh]), rel=1e-9)
+    # head_overlap_k compares KV heads (2 of them): read subspace col(W_K) = rows of k_proj, transposed
+    K = k[0].numpy()
+    row = row_of(llama_report, HEAD_OVERLAP_KINDS["k"], 0, "kv_head 0", "kv_head 1")
+    assert row.values["overlap"] == pytest.approx(np_overlap(K[:dh].T, K[dh:].T), rel=1e-9)
+    # cross-layer: write of layer-0 head 3 vs read of layer-1 query head 1
+    row = row_of(llama_report, CROSS_LAYER_KINDS["q"], 0, "head 3", "head 1")
+    assert row.values["overlap"] == pytest.approx(np_overlap(O[:, 3 * dh:], q[1][dh:2 * dh].T.numpy()), rel=1e-9)
+    # composition: naive ||W_V W_O W_Q W_K^T|| / (||W_V W_O|| ||W_Q W_K^T||), d x d matrices
+    for h, g in ((0, 0), (2, 3)):
+        L_ = v[0][kv_of(h) * dh:(kv_of(h) + 1) * dh].T @ o[0][:, h * dh:(h + 1) * dh].T  # W_V W_O (d x d)
+        R_q = q[1][g * dh:(g + 1) * dh].T @ k[1][kv_of(g) * dh:(kv_of(g) + 1) * dh]  # W_Q W_K^T
+        R_v = v[1][kv_of(g) * dh:(kv_of(g) + 1) * dh].T @ o[1][:, g * dh:(g + 1) * dh].T
+        for kind, R in (("q", R_q), ("k", R_q.T), ("v", R_v)):
+            want = float(torch.linalg.norm(L_ @ R) / (torch.linalg.norm(L_) * torch.linalg.norm(R)))
+            row = next(r for r in llama_report.select(kind=COMPOSITION_KINDS[kind], layer=0)
+                       if (r.target_layer, r.source, r.target) == (1, f"head {h}", f"head {g}"))
+            assert row.values["score"] == pytest.approx(want, rel=1e-9)
+
+
+def test_gpt2_conv1d_values_from_raw_parameters():
+    model = build("gpt2")
+    report = analyze(model, device="cpu", diagnostics={"vo", "heads", "mlp"})
+    dh = D // H
+    c_attn = model.transformer.h[0].attn.c_attn  # Conv1D, in x out: [Q | K | V] columns
+    c_proj = model.transformer.h[0].attn.c_proj.weight.detach().double()  # (d, d) in x out: W_O^h = rows
+    W, b = c_attn.weight.detach().double(), c_attn.bias.detach().double()
+    h = 2
+    cols = slice(2 * D + h * dh, 2 * D + (h + 1) * dh)
+    W_v = torch.cat([W[:, cols].T, b[cols, None]], 1)  # bias-augmented, (dh x d+1)
+    row = row_of(report, KIND_VO, 0, f"head {h}", f"head {h}")
+    assert row.values["commutator_ratio"] == pytest.approx(direct_kappa(W_v, c_proj[h * dh:(h + 1) * dh].T), rel=1e-9)
+    rows_o = c_proj.numpy()
+    row = row_of(report, HEAD_OVERLAP_KINDS["o"], 0, "head 0", "head 3")
+    assert row.values["overlap"] == pytest.approx(np_overlap(rows_o[:dh].T, rows_o[3 * dh:].T), rel=1e-9)
+    mlp = model.transformer.h[0].mlp
+    W_in = torch.cat([mlp.c_fc.weight.T, mlp.c_fc.bias[:, None]], 1).detach().double()
+    assert row_of(report, KIND_MLP, 0, "mlp.in", "mlp.out").values["commutator_ratio"] == pytest.approx(
+        direct_kappa(W_in, mlp.c_proj.weight.T.detach().double()), rel=1e-9)
+    assert report.kinds() == sorted([KIND_MLP, KIND_VO, *HEAD_OVERLAP_KINDS.values(), *CROSS_LAYER_KINDS.values()])
+
+
+def same_rows(a, b, rel=1e-10):
+    assert [(r.kind, r.layer, r.target_layer, r.source, r.target) for r in a.rows] == \
+        [(r.kind, r.layer, r.target_layer, r.source, r.target) for r in b.rows]
+    for x, y in zip(a.rows, b.rows):
+        assert x.values.keys() == y.values.keys(), x.kind
+        for m in x.values:
+            if x.values[m] is None or y.values[m] is None:
+                assert x.values[m] is y.values[m], (x.kind, x.source, m)
+            else:
+                assert x.values[m] == pytest.approx(y.values[m], rel=rel, abs=1e-12), (x.kind, x.source, m)
+
+
+def test_lazy_checkpoint_equals_in_memory(llama, llama_report, tmp_path):
+    llama.save_pretrained(tmp_path, safe_serialization=True)
+    lazy = analyze(tmp_path, device="cpu")
+    same_rows(lazy, llama_report)
+    assert lazy.model == tmp_path.name and lazy.params["storage_dtypes"] == ["float32"]
+
+
+def test_sharded_layers_merge_to_full(llama, llama_report):
+    shards = [analyze(llama, device="cpu", layers=[i]) for i in range(L)]
+    assert all({r.layer for r in s.rows} == {i} for i, s in enumerate(shards))
+    merged = copy.copy(llama_report)
+    order = {(r.kind, r.layer, r.target_layer, r.source, r.target): i for i, r in enumerate(llama_report.rows)}
+    merged.rows = sorted((r for s in shards for r in s.rows),
+                         key=lambda r: order[(r.kind, r.layer, r.target_layer, r.source, r.target)])
+    same_rows(merged, llama_report, rel=1e-12)
+
+
+def test_cheap_values_equal_full_values_and_leave_model_alone(llama_report):
+    model = build("llama").to(torch.bfloat16)
+    before = {n: (t.dtype, t.device, t.clone()) for n, t in model.state_dict().items()}
+    cheap = analyze(model, cheap=True)
+    assert {r.kind for r in cheap.rows} <= set(PAIR_KINDS)
+    assert all(set(r.values) == {"commutator_ratio", "commutator_ratio_normalized", "imbalance_norm",
+                                 "relative_imbalance", "imbalance_diagonal_norm"} for r in cheap.rows)
+    for n, t in model.state_dict().items():
+        assert (t.dtype, t.device) == before[n][:2] and torch.equal(t, before[n][2])
+    full32 = analyze(build("llama"), device="cpu", cheap=True)
+    full = {(r.kind, r.layer, r.source): r for r in llama_report.rows}
+    for row in full32.rows:
+        ref = full[(row.kind, row.layer, row.source)]
+        for m, v in row.values.items():
+            assert v == pytest.approx(ref.values[m], rel=1e-10), (row.kind, m)
+
+
+def test_composition_modes_and_headlines(llama, llama_report):
+    adjacent = analyze(build("llama", seed=3), device="cpu", composition="adjacent", diagnostics={"composition"})
+    assert {(r.layer, r.target_layer) for r in adjacent.rows} == {(0, 1)}
+    none = analyze(llama, device="cpu", composition="none", diagnostics={"composition", "mlp"})
+    assert none.kinds() == [KIND_MLP, KIND_MLP_GATE]
+    present = [m for m in HEADLINE_METRICS if m in llama_report.summary]
+    assert "mlp/commutator_ratio" in present and "composition_q/score" in present
+    with pytest.raises(ValueError, match="composition"):
+        analyze(llama, composition="every")
+    with pytest.raises(ValueError, match="layers"):
+        analyze(llama, layers=[5])
+
+
+def test_composition_streaming_under_a_tiny_cache_budget(monkeypatch):
+    import importlib
+
+    from hf_flag.weights.adapters.base import Adapter
+
+    module = importlib.import_module("hf_flag.analyze")
+    loads = []
+    real_block = Adapter.block
+    monkeypatch.setattr(Adapter, "block", lambda self, *a, **k: loads.append(a[2]) or real_block(self, *a, **k))
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**LLAMA_LIKE, "num_hidden_layers": 4}))
+    full = analyze(model, device="cpu", diagnostics={"composition"})
+    assert len(full.rows) == 3 * 6 * H * H and len(loads) == 4 + 4  # per-layer pass + one chunk of 3 + source 0
+    loads.clear()
+    monkeypatch.setattr(module, "COMPOSITION_CACHE_BYTES", 1)  # one destination layer per chunk and per group
+    streamed = analyze(model, device="cpu", diagnostics={"composition"})
+    assert len(loads) == 4 + (2 + 3 + 4)  # chunk t: destination t and sources 0..t-1
+    same_rows(streamed, full, rel=1e-12)
+
+
+def test_nan_weights_name_tensor_and_layer(llama):
+    broken = copy.deepcopy(llama)
+    with torch.no_grad():
+        broken.model.layers[1].self_attn.o_proj.weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteWeightsError, match=r"layer 1.*model\.layers\.1\.self_attn\.o_proj\.weight"):
+        analyze(broken, device="cpu")
+    assert issubclass(NonFiniteWeightsError, HfFlagError) and issubclass(NonFiniteWeightsError, ValueError)
+
+
+def test_bf16_storage_is_analysed_in_float64(tmp_path):
+    model = build("llama", seed=5).to(torch.bfloat16)
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    report = analyze(tmp_path, device="cpu", composition="adjacent")
+    assert report.params["storage_dtypes"] == ["bfloat16"]
+    assert report.params["storage_eps"] == 2.0 ** -7 and report.params["dtype"] == "float64"
+    check_report(report, {**expected_counts(2, True), **{k: H * H for k in COMPOSITION_KINDS.values()}})
+    # the same bf16 numbers upcast exactly (in memory, float64 storage) give the same values, tighter tolerance
+    upcast = analyze(build("llama", seed=5).to(torch.bfloat16).double(), device="cpu", composition="adjacent")
+    for a, b in zip(report.rows, upcast.rows):
+        if a.kind in PAIR_KINDS:
+            assert a.values["commutator_ratio"] == pytest.approx(b.values["commutator_ratio"], rel=1e-10)
+            assert a.values["flag_tau"] >= b.values["flag_tau"]  # bf16 eps sets a looser Wedin tolerance
+
+
+def test_tied_embeddings_are_fine(tmp_path):
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA_LIKE, tie_word_embeddings=True))
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    report = analyze(tmp_path, device="cpu")
+    check_report(report, expected_counts(2, True))
+    assert report.layout["tied_embeddings"] is True
+
+
+@pytest.mark.pretrained
+def test_minilm_pretrained(minilm_path):
+    report = analyze(minilm_path, device="cpu", layers=[0, 5])  # first and last block (no layer 6 to pair with)
+    assert report.architecture == "bert" and report.layout["n_layers"] == 6 and report.layout["n_heads"] == 12
+    counts = {KIND_MLP: 2, KIND_VO: 24, KIND_RESIDUAL: 1, **{HEAD_OVERLAP_KINDS[s]: 2 * 66 for s in "qkvo"},
+              **{k: 144 for k in CROSS_LAYER_KINDS.values()}, **{k: 5 * 144 for k in COMPOSITION_KINDS.values()}}
+    check_report(report, counts)
+    assert report.summary["head_overlap_o/overlap_baseline"] == pytest.approx(32 / 384)  # d_h / d, MATH.md §6
+    # independent read of the file (safetensors directly): bias-augmented mlp pair and vo pair of head 5, layer 5
+    from safetensors.torch import load_file
+
+    raw = {k: t.double() for k, t in load_file(str(minilm_path / "model.safetensors")).items()}
+    p = "encoder.layer.5."
+    W_in = torch.cat([raw[p + "intermediate.dense.weight"], raw[p + "intermediate.dense.bias"][:, None]], 1)
+    assert row_of(report, KIND_MLP, 5, "mlp.in", "mlp.out").values["commutator_ratio"] == pytest.approx(
+        direct_kappa(W_in, raw[p + "output.dense.weight"]), rel=1e-9)
+    rows = slice(5 * 32, 6 * 32)
+    W_v = torch.cat([raw[p + "attention.self.value.weight"][rows], raw[p + "attention.self.value.bias"][rows, None]], 1)
+    assert row_of(report, KIND_VO, 5, "head 5", "head 5").values["commutator_ratio"] == pytest.approx(
+        direct_kappa(W_v, raw[p + "attention.output.dense.weight"][:, rows]), rel=1e-9)
+
+
+@pytest.mark.pretrained
+def test_smollm2_gguf_pretrained(smollm2_gguf):
+    report = analyze(smollm2_gguf, device="cpu", layers=[0], composition="adjacent")
+    lay = report.layout
+    assert (lay["n_layers"], lay["n_heads"], lay["n_kv_heads"], lay["head_dim"]) == (30, 9, 3, 64)
+    H9, G = 9, 3
+    counts = {KIND_MLP: 1, KIND_MLP_GATE: 1, KIND_VO: 9, KIND_RESIDUAL: 1,
+              HEAD_OVERLAP_KINDS["q"]: 36, HEAD_OVERLAP_KINDS["o"]: 36, HEAD_OVERLAP_KINDS["k"]: 3,
+              HEAD_OVERLAP_KINDS["v"]: 3, CROSS_LAYER_KINDS["q"]: H9 * H9, CROSS_LAYER_KINDS["k"]: H9 * G,
+              CROSS_LAYER_KINDS["v"]: H9 * G, **{k: H9 * H9 for k in COMPOSITION_KINDS.values()}}
+    check_report(report, counts)
+    assert report.params["storage_eps"] > 1e-3  # Q4_1 quantisation, not float32
+    # vo pair of query head 4 (KV head 1 of 3) straight from the dequantised tensors, our own slicing
+    from hf_flag.weights.sources import open_weights
+
+    with open_weights(smollm2_gguf) as source:
+        v = source.get("model.layers.0.self_attn.v_proj.weight", dtype=torch.float64)
+        o = source.get("model.layers.0.self_attn.o_proj.weight", dtype=torch.float64)
+    assert row_of(report, KIND_VO, 0, "head 4", "head 4").values["commutator_ratio"] == pytest.approx(
+        direct_kappa(v[64:128], o[:, 256:320]), rel=1e-9)

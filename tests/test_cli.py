@@ -1,0 +1,153 @@
+"""``hf-flag`` command line: summary table, JSON / parquet outputs, one-line user errors with exit code 2."""
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from hf_flag import cli
+from hf_flag.report import Report
+
+
+def run(argv, capsys):
+    code = cli.main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_user_error(code, err, *needles):
+    assert code == 2
+    lines = [l for l in err.splitlines() if l.startswith("hf-flag: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_table_json_and_outputs(tiny_checkpoint, tmp_path, capsys):
+    code, out, err = run(["analyze", str(tiny_checkpoint), "--composition", "adjacent", "--out", str(tmp_path)], capsys)
+    assert code == 0, err
+    assert "commutator_ratio" in out and "baseline" in out and "composition_q" in out and "head_overlap_o" in out
+    folder = tmp_path / cli.model_slug(str(tiny_checkpoint))
+    report = Report.from_json((folder / "report.json").read_text())
+    assert report.architecture == "llama" and report.params["composition"] == "adjacent"
+    # the table shows each kind's mean beside its baseline, as in the report's summary
+    mlp_line = next(line for line in out.splitlines() if line.split()[:1] == ["mlp"])
+    assert cli.format_value(report.summary["mlp/commutator_ratio"]) in mlp_line
+    assert cli.format_value(report.summary["mlp/commutator_ratio_baseline"]) in mlp_line
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(folder / "rows.parquet")
+    assert table.num_rows == len(report.rows) and "commutator_ratio" in table.column_names
+    # a second run overwrites its own outputs
+    assert run(["analyze", str(tiny_checkpoint), "--cheap", "--out", str(tmp_path)], capsys)[0] == 0
+    assert Report.from_json((folder / "report.json").read_text()).params["cheap"] is True
+
+
+def test_json_output_and_options(tiny_checkpoint, capsys):
+    code, out, err = run(["analyze", str(tiny_checkpoint), "--json", "--layers", "1", "--diagnostics", "mlp,vo",
+                          "--dtype", "float32"], capsys)
+    assert code == 0, err
+    report = Report.from_json(out)
+    assert {r.layer for r in report.rows} == {1} and set(report.kinds()) == {"mlp", "mlp_gate", "vo"}
+    assert report.params["dtype"] == "float32" and report.params["device"] in ("cpu", "cuda")
+
+
+def test_refuses_to_overwrite_foreign_files(tiny_checkpoint, tmp_path, capsys):
+    folder = tmp_path / cli.model_slug(str(tiny_checkpoint))
+    folder.mkdir()
+    (folder / "report.json").write_text("my notes")
+    code, _, err = run(["analyze", str(tiny_checkpoint), "--cheap", "--out", str(tmp_path)], capsys)
+    assert_user_error(code, err, "not written by hf-flag")
+    assert (folder / "report.json").read_text() == "my notes" and not (folder / "rows.parquet").exists()
+
+
+def test_parse_layers():
+    assert cli.parse_layers("0,1,5-7") == [0, 1, 5, 6, 7]
+    assert cli.parse_layers("3, 2") == [2, 3]
+    for bad in ("a", "3-1", "1,,2"):
+        with pytest.raises(ValueError):
+            cli.parse_layers(bad)
+
+
+def test_model_slug():
+    assert cli.model_slug("/x/SmolLM2-135M-Instruct.Q4_1.gguf") == "smollm2-135m-instruct.q4_1"
+    assert cli.model_slug("org/My Model/") == "my-model"
+
+
+def test_missing_path(tmp_path, capsys):
+    code, _, err = run(["analyze", str(tmp_path / "nope")], capsys)
+    assert_user_error(code, err, "nope")
+
+
+def test_folder_without_weights(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    code, _, err = run(["analyze", str(tmp_path)], capsys)
+    assert_user_error(code, err)
+
+
+def test_unsupported_architecture(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mamba", "hidden_size": 8}))
+    save_file({"backbone.layers.0.mixer.in_proj.weight": torch.zeros(4, 8)}, str(tmp_path / "model.safetensors"))
+    code, _, err = run(["analyze", str(tmp_path)], capsys)
+    assert_user_error(code, err, "mamba")
+
+
+def test_corrupted_safetensors(tiny_checkpoint, tmp_path, capsys):
+    (tmp_path / "config.json").write_text((tiny_checkpoint / "config.json").read_text())
+    (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    code, _, err = run(["analyze", str(tmp_path)], capsys)
+    assert_user_error(code, err)
+
+
+def test_truncated_safetensors(tiny_checkpoint, tmp_path, capsys):
+    (tmp_path / "config.json").write_text((tiny_checkpoint / "config.json").read_text())
+    data = (tiny_checkpoint / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
+    code, _, err = run(["analyze", str(tmp_path)], capsys)
+    assert_user_error(code, err)
+
+
+def test_no_model_given(capsys):
+    code, _, err = run(["analyze"], capsys)
+    assert_user_error(code, err, "MODEL")
+
+
+def test_dispatch_passes_argv_and_reports_missing_module(monkeypatch, capsys):
+    seen = {}
+
+    def fake_main(argv):
+        seen["argv"] = argv
+        return 0
+
+    fake = types.ModuleType("fake_sweep")
+    fake.main = fake_main
+    monkeypatch.setitem(sys.modules, "fake_sweep", fake)
+    monkeypatch.setitem(cli.DISPATCH, "sweep", ("fake_sweep", "main"))
+    assert run(["sweep", "--models", "a", "b"], capsys)[0] == 0
+    assert seen["argv"] == ["--models", "a", "b"]
+    monkeypatch.setitem(cli.DISPATCH, "reproduce", ("hf_flag_no_such_module.reproduce", "main"))
+    code, _, err = run(["reproduce", "all"], capsys)
+    assert_user_error(code, err, "reproduce")
+
+
+@pytest.mark.pretrained
+def test_default_models_exist(minilm_path, smollm2_gguf):
+    models = cli.default_models()
+    assert [Path(m) for m in models] == [minilm_path, smollm2_gguf]
+
+
+def test_nan_weights_exit_2_naming_tensor_and_layer(tmp_path, capsys):
+    from conftest import make_tiny_llama
+
+    model = make_tiny_llama(seed=1)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[3, 1] = float("inf")
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    code, _, err = run(["analyze", str(tmp_path), "--cheap"], capsys)
+    assert_user_error(code, err, "layer 0", "model.layers.0.mlp.down_proj.weight")
