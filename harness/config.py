@@ -12,6 +12,7 @@ YAML keys (all optional; command-line arguments override them, command-line mode
     device: cpu             # cpu | cuda | auto (cuda when available)
     split_layers: false     # split each model's layers across the processes
     write_model_cards: false
+    cards_dir: null         # where DIR/model_cards/<org>--<name>/README.md goes (default: OUT/model_cards)
     push_to_hub: null       # dataset repo id to push the results dataset to
     merge_timeout: 86400    # seconds rank 0 waits for the other ranks' results
 
@@ -63,6 +64,7 @@ class SweepConfig:
     device: str = "cpu"
     split_layers: bool = False
     write_model_cards: bool = False
+    cards_dir: Optional[Path] = None  # folder of the per-model cards; None: out / "model_cards"
     push_to_hub: Optional[str] = None
     merge_timeout: float = DEFAULT_MERGE_TIMEOUT
     analyze_kwargs: dict = field(default_factory=dict)  # extra keyword arguments for analyze (tests, benchmarks)
@@ -105,8 +107,9 @@ def _validate(key: str, value: Any) -> tuple[str, Any]:
     if key == "models":
         _check(key, value, isinstance(value, list) and bool(value), "a non-empty list")
         return "models", tuple(parse_model(v, f"models[{i}]") for i, v in enumerate(value))
-    if key in ("out", "output"):
-        return "out", Path(_check(key, value, isinstance(value, str) and bool(value.strip()), "a folder path"))
+    if key in ("out", "output", "cards_dir"):
+        field_name = "cards_dir" if key == "cards_dir" else "out"
+        return field_name, Path(_check(key, value, isinstance(value, str) and bool(value.strip()), "a folder path"))
     if key == "diagnostics":
         if value is None:
             return "diagnostics", None
@@ -128,7 +131,7 @@ def _validate(key: str, value: Any) -> tuple[str, Any]:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
         return key, float(_check(key, value, ok, "a positive number of seconds"))
     raise ConfigError(f"config key {key!r} is unknown; known keys: models, out, diagnostics, composition, cheap, "
-                      f"device, split_layers, write_model_cards, push_to_hub, merge_timeout")
+                      f"device, split_layers, write_model_cards, cards_dir, push_to_hub, merge_timeout")
 
 
 def parse_config(data: Any, *, source: str = "config") -> dict[str, Any]:
@@ -193,6 +196,7 @@ def build_config(file_values: Mapping[str, Any], cli_values: Mapping[str, Any],
     if "out" not in values:
         raise ConfigError("no output folder: give --out DIR or the config key 'out'")
     values["models"] = tuple(models)
+    values.setdefault("cards_dir", Path(values["out"]) / "model_cards")
     return replace(SweepConfig(models=(), out=Path(".")), **values)
 
 

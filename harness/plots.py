@@ -12,7 +12,6 @@ extraction (:func:`layer_series`, :func:`head_overlap_matrices`) is separate and
 from __future__ import annotations
 
 import math
-import os
 import re
 from pathlib import Path
 from typing import Optional, Sequence
@@ -21,6 +20,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from hf_flag.atomic import atomic_write
 from hf_flag.report import Report, baseline_key
 
 BY_LAYER_KINDS = ("mlp", "mlp_gate", "vo")
@@ -137,9 +137,7 @@ def save_plots(report: Report, out_dir: str | Path) -> dict[str, Path]:
             continue
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / f"{stem}.png"
-        tmp = out_dir / f".{stem}.{os.getpid()}.tmp.png"
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp, fig=fig: fig.savefig(tmp, dpi=100, format="png"))
         written[caption] = path
     return written
 

@@ -22,10 +22,11 @@ import enum
 import hashlib
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
+
+from hf_flag.atomic import atomic_write_text
 
 STARTED, REPORT, DONE, ERROR = "started.json", "report.json", "done.json", "error.json"
 
@@ -81,31 +82,6 @@ def fingerprint(params: Mapping[str, Any], paths: Sequence[str | os.PathLike] = 
             stats.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
     blob = json.dumps({"params": params, "files": stats}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def atomic_write_text(path: str | os.PathLike, text: str, *, mode: Optional[int] = None) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``.
-
-    Readers see the old file or the new one, never a partial one. Line endings are written as given. The file gets
-    permission bits ``mode`` (default: what ``open`` would give under the current umask).
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        if mode is None:
-            umask = os.umask(0)
-            os.umask(umask)
-            mode = 0o666 & ~umask
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def atomic_write_json(path: str | os.PathLike, data: Any) -> None:

@@ -47,6 +47,7 @@ from harness import schedule
 from harness.config import (COMPOSITION_MODES, DEVICES, ConfigError, ModelSpec, SweepConfig, build_config,
                             default_model_specs, load_config, parse_config, parse_model, slugs)
 from harness.schedule import RunState
+from hf_flag.atomic import atomic_write_bytes, atomic_write_text
 from hf_flag.report import Report, baseline_key, rows_to_dataset
 
 EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE = 0, 1, 2
@@ -79,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="split each model's layers across the processes")
     p.add_argument("--write-model-cards", action="store_true", default=None, dest="write_model_cards",
                    help="also update README.md of local model folders in place (only hf-flag's parts)")
+    p.add_argument("--cards-dir", metavar="DIR", dest="cards_dir",
+                   help="folder for the per-model cards <org>--<name>/README.md (default: OUT/model_cards)")
     p.add_argument("--push-to-hub", metavar="REPO_ID", dest="push_to_hub",
                    help="push the results dataset to REPO_ID and open card PRs on the models' Hub repos")
     p.add_argument("--default", action="store_true", help="add the embedded default models (MiniLM, SmolLM2)")
@@ -93,7 +96,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> tuple[SweepConfig, argparse.Nam
     args = build_parser().parse_args(argv)
     file_values = load_config(args.config) if args.config else {}
     cli = {k: getattr(args, k) for k in ("diagnostics", "composition", "cheap", "device", "split_layers",
-                                         "write_model_cards", "push_to_hub", "merge_timeout")}
+                                         "write_model_cards", "cards_dir", "push_to_hub", "merge_timeout")}
     cli_checked = parse_config({k: v for k, v in cli.items() if v is not None}, source="arguments")
     if args.out:
         cli_checked["out"] = Path(args.out)
@@ -345,17 +348,32 @@ def card_base(spec: ModelSpec) -> Optional[str]:
 
 
 def write_cards(res: dict[str, Any], plots: dict[str, Path], cfg: SweepConfig) -> None:
-    """``DIR/model_cards/<slug>/README.md`` and, with ``--write-model-cards``, the local folder's README.md."""
+    """``CARDS_DIR/<slug>/README.md`` (default ``DIR/model_cards``) and, with ``--write-model-cards``, the local
+    folder's README.md.  A card outside ``DIR`` gets its own copy of the plots (``hf-flag-plots/`` beside it), so
+    its image links do not point into a results folder that may be deleted."""
     from hf_flag.integrations.cards import minimal_card, write_card
 
     spec, report = res["spec"], res["report"]
-    targets = [cfg.out / "model_cards" / res["slug"] / "README.md"]
+    targets = [cfg.cards_dir / res["slug"] / "README.md"]
     if cfg.write_model_cards and Path(spec.path).is_dir():
         targets.append(Path(spec.path) / "README.md")
     base = card_base(spec) or minimal_card(spec.label)
+    out = cfg.out.resolve()
     for target in targets:
-        links = {c: Path(os.path.relpath(p.resolve(), target.parent.resolve())).as_posix() for c, p in plots.items()}
+        target_plots = plots
+        if out not in target.resolve().parents:
+            target_plots = {c: copy_plot(p, target.parent / "hf-flag-plots") for c, p in plots.items()}
+        links = {c: Path(os.path.relpath(p.resolve(), target.parent.resolve())).as_posix()
+                 for c, p in target_plots.items()}
         write_card(target, report, base=base, model_name=spec.label, plots=links)
+
+
+def copy_plot(png: Path, folder: Path) -> Path:
+    """Atomic copy of one plot into ``folder``; returns the copy's path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    dest = folder / png.name
+    atomic_write_bytes(dest, png.read_bytes())
+    return dest
 
 
 def write_outputs(cfg: SweepConfig, units: list[Unit], states: dict[str, RunState]) -> list[dict[str, Any]]:
@@ -374,8 +392,8 @@ def write_outputs(cfg: SweepConfig, units: list[Unit], states: dict[str, RunStat
     reports = [r["report"] for r in results if r["report"] is not None]
     save_dataset(reports, cfg.out / "dataset")
     csv_text, md_text = summary_table(results)
-    schedule.atomic_write_text(cfg.out / "summary.csv", csv_text)
-    schedule.atomic_write_text(cfg.out / "summary.md", md_text)
+    atomic_write_text(cfg.out / "summary.csv", csv_text)
+    atomic_write_text(cfg.out / "summary.md", md_text)
     for res in results:
         if res["report"] is None:
             continue

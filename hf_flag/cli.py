@@ -13,12 +13,12 @@ import importlib
 import importlib.util
 import json
 import math
-import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 from typing import Callable, Optional, Sequence
+
+from hf_flag.atomic import atomic_write
 
 EXIT_USAGE = 2
 REPORT_FILE = "report.json"
@@ -124,18 +124,11 @@ def is_hf_flag_output(path: Path) -> bool:
     return is_hf_flag_output(path.parent / REPORT_FILE)
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through ``write(tmp_path)`` into a temporary file in ``path``'s folder, then rename over ``path``."""
+def write_output(path: Path, write: Callable[[Path], None]) -> None:
+    """Atomic ``write(tmp_path)`` over ``path``, refusing to replace a file hf-flag did not write."""
     if path.exists() and not is_hf_flag_output(path):
         raise CliError(f"{path} exists and was not written by hf-flag; choose another --out folder")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, write)
 
 
 def write_outputs(report, out_dir: Path, name: str) -> Path:
@@ -146,8 +139,8 @@ def write_outputs(report, out_dir: Path, name: str) -> Path:
     for file in (REPORT_FILE, ROWS_FILE):  # refuse before writing anything
         if (folder / file).exists() and not is_hf_flag_output(folder / file):
             raise CliError(f"{folder / file} exists and was not written by hf-flag; choose another --out folder")
-    atomic_write(folder / REPORT_FILE, lambda p: p.write_text(report.to_json()))
-    atomic_write(folder / ROWS_FILE, lambda p: report.to_dataset().to_parquet(str(p)))
+    write_output(folder / REPORT_FILE, lambda p: p.write_text(report.to_json()))
+    write_output(folder / ROWS_FILE, lambda p: report.to_dataset().to_parquet(str(p)))
     return folder
 
 

@@ -343,7 +343,7 @@ def write_card(path: str | os.PathLike, report: Report, *, base: Optional[str] =
                metrics: Optional[Sequence[str]] = None) -> str:
     """Write ``path`` atomically: ``base`` (a card's text; default: the file at ``path`` if it exists, else a minimal
     card) updated with ``report``. Keeps the file's permission bits. Returns the text written."""
-    from harness.schedule import atomic_write_text
+    from hf_flag.atomic import atomic_write_text
 
     path = Path(path)
     name = model_name or report.model

@@ -148,13 +148,6 @@ def test_conv_pair_reshape_is_the_channel_space():
     assert changed.tolist() == [False, True, False]
 
 
-def test_write_atomic_replaces_and_leaves_no_temp(tmp_path):
-    path = tmp_path / "x.bin"
-    writer.write_atomic(path, b"one")
-    writer.write_atomic(path, b"two")
-    assert path.read_bytes() == b"two" and [p.name for p in tmp_path.iterdir()] == ["x.bin"]
-
-
 def test_fit_helpers_and_table_formatting():
     assert common.least_squares_slope([1.0, 2.0], [2.0, 4.0]) == 2.0
     with pytest.raises(ValueError, match="nonzero"):

@@ -56,20 +56,6 @@ def test_fingerprint_tracks_params_and_files(tmp_path):
     assert schedule.fingerprint({"m": "org/x"}, ["org/x"]) == schedule.fingerprint({"m": "org/x"}, [])
 
 
-def test_atomic_write_replaces_and_cleans_up(tmp_path):
-    target = tmp_path / "f.json"
-    schedule.atomic_write_text(target, "old")
-    os.chmod(target, 0o640)
-    schedule.atomic_write_text(target, "new\r\n", mode=0o640)
-    assert target.read_bytes() == b"new\r\n"  # line endings written as given
-    assert stat.S_IMODE(target.stat().st_mode) == 0o640
-    with mock.patch("harness.schedule.os.replace", side_effect=OSError("disk full")):
-        with pytest.raises(OSError, match="disk full"):
-            schedule.atomic_write_text(target, "half")
-    assert target.read_bytes() == b"new\r\n"  # the old file survives a failed write
-    assert [p.name for p in tmp_path.iterdir()] == ["f.json"]  # no temporary file left behind
-
-
 def test_run_state_lifecycle(tmp_path):
     run = tmp_path / "runs" / "m"
     assert schedule.run_state(run, "fp1") is RunState.NEW
