@@ -1,8 +1,15 @@
-"""hf-flag: flag-variety alignment diagnostics read straight from neural network weights."""
+"""hf-flag: flag-variety alignment diagnostics read straight from neural network weights.
+
+``hf_flag.analyze(model_or_path, ...)`` returns a :class:`Report`; the geometry core is :mod:`hf_flag.geometry`.
+Note: ``hf_flag.analyze`` is the function; its module is reached with ``from hf_flag.analyze import ...``.
+"""
 from hf_flag.report import Report, Row
 
 __version__ = "0.1.0"
-__all__ = ["Report", "Row", "__version__"]
+
+from hf_flag.analyze import analyze  # noqa: E402  (needs __version__ bound first)
+
+__all__ = ["analyze", "Report", "Row", "__version__"]
 
 # evaluate.load("flag_alignment") / ("neural_collapse") offline: a few stat() calls when current, never raises
 from hf_flag.integrations.evaluate_modules import register_at_import as _register_at_import  # noqa: E402

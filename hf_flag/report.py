@@ -25,9 +25,9 @@ def baseline_key(metric: str) -> str:
 class Row:
     """One pair (or head pair) of one model.
 
-    kind: what the pair is, e.g. ``"mlp"``, ``"mlp_gate"``, ``"vo"``, ``"residual"``, ``"head_write_overlap"``,
-    ``"head_read_overlap"``, ``"cross_layer_overlap"``, ``"composition_q"``, ``"composition_k"``,
-    ``"composition_v"``, ``"linear_chain"``.
+    kind: what the pair is; the kinds and their values are documented in :mod:`hf_flag.analyze` (``ROW_KINDS``):
+    pair kinds ``"mlp"``, ``"mlp_gate"``, ``"vo"``, ``"residual"``, ``"linear_chain"``; head-overlap kinds
+    ``"head_overlap_{q,k,v,o}"`` and ``"cross_layer_overlap_{q,k,v}"``; ``"composition_{q,k,v}"``.
     layer / target_layer: block indices of the two sides (equal for within-layer pairs).
     source / target: what each side is, e.g. ``"mlp.in"``/``"mlp.out"`` or ``"head 3"``/``"head 7"``.
     """
