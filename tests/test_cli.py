@@ -143,7 +143,7 @@ def test_default_models_exist(minilm_path, smollm2_gguf):
 
 
 def test_nan_weights_exit_2_naming_tensor_and_layer(tmp_path, capsys):
-    from conftest import make_tiny_llama
+    from tests.conftest import make_tiny_llama
 
     model = make_tiny_llama(seed=1)
     with torch.no_grad():
