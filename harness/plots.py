@@ -73,6 +73,12 @@ def head_overlap_matrices(report: Report, kind: str = HEAD_OVERLAP_KIND) -> dict
     return out
 
 
+def short_name(model: str) -> str:
+    """A figure title's model name: Hub ids as they are, local paths by their last two components."""
+    parts = Path(model).parts
+    return model if len(parts) <= 2 else "/".join(parts[-2:])
+
+
 def figure_head_overlap(report: Report, kind: str = HEAD_OVERLAP_KIND) -> Optional[Figure]:
     """Grid of per-layer heatmaps (common colour scale), or ``None`` without ``kind`` rows."""
     mats = head_overlap_matrices(report, kind)
@@ -94,8 +100,8 @@ def figure_head_overlap(report: Report, kind: str = HEAD_OVERLAP_KIND) -> Option
         ax.set_axis_off()
     fig.colorbar(image, cax=fig.add_axes((0.86, 0.1, 0.02, 0.7)), label="overlap")
     base = _mean([r.values.get(baseline_key("overlap")) for r in report.select(kind=kind)])
-    fig.suptitle(f"{report.model}: {kind} (random baseline {base:.3g})" if base is not None
-                 else f"{report.model}: {kind}", fontsize=9)
+    fig.suptitle(f"{short_name(report.model)}: {kind} (random baseline {base:.3g})" if base is not None
+                 else f"{short_name(report.model)}: {kind}", fontsize=9)
     return fig
 
 
@@ -119,7 +125,7 @@ def figure_by_layer(report: Report, metric: str, kinds: Sequence[str] = BY_LAYER
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("layer")
     ax.set_ylabel(metric)
-    ax.set_title(title or f"{report.model}: {metric}", fontsize=9)
+    ax.set_title(title or f"{short_name(report.model)}: {metric}", fontsize=9)
     ax.legend(fontsize=7)
     return fig
 
@@ -130,7 +136,7 @@ def save_plots(report: Report, out_dir: str | Path) -> dict[str, Path]:
     out_dir = Path(out_dir)
     figures = {HEAD_OVERLAP_CAPTION: (HEAD_OVERLAP_KIND, figure_head_overlap(report))}
     for stem, (caption, metric) in BY_LAYER_PLOTS.items():
-        figures[caption] = (stem, figure_by_layer(report, metric, title=f"{report.model}: {caption.lower()}"))
+        figures[caption] = (stem, figure_by_layer(report, metric, title=f"{short_name(report.model)}: {caption.lower()}"))
     written = {}
     for caption, (stem, fig) in figures.items():
         if fig is None:
