@@ -17,10 +17,12 @@ A ``TrainerCallback`` receives no trainer; bind it once (``FlagAlignmentCallback
 model, so the instance the Trainer re-creates when restoring a checkpoint's callback state stays bound.
 
 Distributed: under DDP (accelerate) the model is unwrapped and the diagnostics run on the world-process-zero rank
-only (no collectives, so other ranks are not blocked).  DeepSpeed ZeRO-3 and FSDP shard the parameters: the callback
-refuses at ``on_train_begin`` with a ``ValueError``.  The history is saved with checkpoints through
-``TrainerState.stateful_callbacks`` (``ExportableState``) and restored on ``resume_from_checkpoint`` (by the Trainer
-when ``restore_callback_states_from_checkpoint=True``, else by the callback itself at ``on_train_begin``).
+only, with no collectives and without touching the Trainer's control flags (logging through ``Trainer.log`` keeps
+``control.should_log``), so every rank runs the same collectives (tests/integrations/test_trainer_ddp.py).
+DeepSpeed ZeRO-3 and FSDP shard the parameters: the callback refuses at ``on_train_begin`` with a ``ValueError``.
+The history is saved with checkpoints through ``TrainerState.stateful_callbacks`` (``ExportableState``) and restored
+on ``resume_from_checkpoint`` (by the Trainer when ``restore_callback_states_from_checkpoint=True``, else by the
+callback itself at ``on_train_begin``).
 """
 from __future__ import annotations
 
@@ -220,7 +222,13 @@ class FlagAlignmentCallback(TrainerCallback, ExportableState):
     def _emit(self, logs: dict[str, Any], state: TrainerState, model: Any) -> None:
         trainer = self._trainer(model)
         if trainer is not None:
+            # ``Trainer.log`` -> ``CallbackHandler.on_log`` clears ``control.should_log``: restore it, or the Trainer's
+            # own loss log due at this step is dropped on rank 0 only, and under DDP rank 1 then waits in the loss
+            # all-gather that rank 0 skipped (a collective mismatch: crash or hang)
+            control = trainer.control
+            should_log = control.should_log
             trainer.log(dict(logs))
+            control.should_log = trainer.control.should_log = should_log
             return
         state.log_history.append({**logs, "step": state.global_step})
         if not self._warned_unbound:
