@@ -1,23 +1,35 @@
 """Core geometry vs the straightforward dense implementation, side by side in one run (BENCHMARKS.md).
 
-MLP pairs (W_l = up/in projection d_ff x d, W_next = down/out projection d x d_ff, random float64 weights):
-  core  = hf_flag.geometry.pairs: commutator_ratio (Gram-factor trace form), relative_imbalance (Gram factors),
-          transport_scores (thin SVDs);
-  dense = numpy/scipy: A = W_next^T W_next and B = W_l W_l^T (d_ff x d_ff), ||AB - BA||, ||A - B||, full SVDs
-          (scipy.linalg.svd, full_matrices=True) and T = V^T U.
-Head overlaps (32 heads, d = 4096, d_head = 128): core = hf_flag.geometry.heads.head_overlap_matrix (batched
-  orthonormalisation + one matmul) vs a loop of scipy.linalg.subspace_angles over all head pairs
-  (overlap = sum cos^2 / d_head).
+MLP pairs, float64, ``W_l`` = up projection (d_ff x d), ``W_next`` = down projection (d x d_ff), hidden dim
+n = d_ff: Gaussian weights plus 8 separated spikes, 4 of them shared by range(W_l) and row(W_next), so both
+singular flags have cuts 1..8 and the rank matrix has non-trivial entries to compute.
 
-Prints, per case, the seconds of each side, their ratio and the max relative difference of the values.
+(a) the full pair bundle hf-flag computes per MLP pair, i.e. ``pair_values(..., cheap=False)`` minus the Monte-Carlo
+    commutator baseline (timed on its own, in neither side):
+      core  = hf_flag.analysis.pairs.pair_geometry_values (one QR to hidden coordinates, shared Gram factors,
+              one thin SVD per side reused by transport, flags and the GL kernel dimension);
+      dense = numpy/scipy: A = W_next^T W_next, B = W_l W_l^T (n x n), [A, B] = AB - BA and D = A - B formed;
+              full SVDs (scipy.linalg.svd, full_matrices=True); T = V^T U (n x n); every flag window's principal
+              angles from singular values of T blocks (cosines of T[:j, :i], sines of T[j:, :i]; sine/cosine
+              pairing of MATH.md §1); rank W_l - rank(W_next W_l) from scipy singular values.  The cut positions
+              and tau come from the same rule (hf_flag.geometry.flags.flag_cuts on each side's spectrum).
+(b) per quantity: the public hf_flag.geometry functions on the original pair, each on its own, against the dense
+    pieces the quantity needs (piece times measured inside (a)'s dense run; shared pieces counted in each).
+(c) head overlaps, 32 heads, d = 4096, d_head = 128: head_overlap_matrix vs a loop of
+    scipy.linalg.subspace_angles over all 1024 head pairs (overlap = sum cos^2 / d_head).
+(d) hf_flag.geometry.angles.thin_svd (QR first) vs torch.linalg.svd(full_matrices=False) on tall weights.
 
-    .venv/bin/python benchmarks/bench_core.py            # GPT-2 (768 x 3072), Llama-7B (4096 x 11008), heads
-    .venv/bin/python benchmarks/bench_core.py --quick    # GPT-2 only, head loop on a 128-pair sample, scaled
+Prints seconds per side, the ratio dense / core, and the max relative difference over every value both compute.
+
+    .venv/bin/python benchmarks/bench_core.py                 # GPT-2 (768 x 3072), Llama-7B (4096 x 11008), heads
+    .venv/bin/python benchmarks/bench_core.py --quick         # GPT-2 only, head loop on 128 pairs, scaled
 """
 from __future__ import annotations
 
 import argparse
 import gc
+import math
+import os
 import time
 from typing import Callable
 
@@ -25,8 +37,13 @@ import numpy as np
 import scipy.linalg
 import torch
 
+from hf_flag.analysis.pairs import pair_geometry_values, transport_k
+from hf_flag.geometry.angles import thin_svd
+from hf_flag.geometry.flags import FLOAT32_EPS, flag_cuts, flag_relative_position, gl_invariant_kernel_dim
 from hf_flag.geometry.heads import head_overlap_matrix
-from hf_flag.geometry.pairs import commutator_ratio, relative_imbalance, transport_scores
+from hf_flag.geometry.pairs import commutator_baseline, commutator_ratio, relative_imbalance, transport_scores
+
+RANK_RTOL = 1e-8  # gl_invariant_kernel_dim default
 
 
 def _timed(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
@@ -40,55 +57,136 @@ def _timed(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
     return best, out
 
 
-def _rel(a: np.ndarray, b: np.ndarray) -> float:
+def _rel(a, b) -> float:
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    return float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-300)))
+    return float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-300))) if a.size else 0.0
 
 
-def _dense_commutator(W_l: np.ndarray, W_next: np.ndarray) -> float:
+def spiked_mlp(d: int, d_ff: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``W_l`` (d_ff x d), ``W_next`` (d x d_ff): Gaussian bulk + 8 spikes (ratio 1.5), 4 shared in the hidden space."""
+    g = torch.Generator().manual_seed(seed)
+    W_l = torch.randn(d_ff, d, generator=g, dtype=torch.float64) / d ** 0.5
+    W_next = torch.randn(d, d_ff, generator=g, dtype=torch.float64) / d_ff ** 0.5
+    hidden = torch.linalg.qr(torch.randn(d_ff, 12, generator=g, dtype=torch.float64)).Q
+    outer = torch.linalg.qr(torch.randn(d, 16, generator=g, dtype=torch.float64)).Q
+    strength = 3.0 * 1.5 ** torch.arange(8, 0, -1, dtype=torch.float64)
+    W_l += (hidden[:, :8] * strength) @ outer[:, :8].T
+    W_next += (outer[:, 8:] * strength) @ hidden[:, [0, 1, 2, 3, 8, 9, 10, 11]].T
+    return W_l, W_next
+
+
+# ----------------------------------------------------------------------------------------------- dense reference
+def _dense_angles_count(T: np.ndarray, i: int, j: int, tau: float) -> int:
+    """#{principal angles between span(u_1..u_i) and span(v_1..v_j) below tau} from blocks of T = V^T U (MATH §1)."""
+    if i > j:  # the smaller subspace's residual: swap roles (T^T = U^T V)
+        T, i, j = T.T, j, i
+    cos = scipy.linalg.svdvals(T[:j, :i])[:i]
+    sin = scipy.linalg.svdvals(T[j:, :i]) if T.shape[0] > j else np.zeros(0)
+    sin = np.sort(np.concatenate([sin, np.zeros(i - sin.size)]))  # rank-deficient residual: zero sines first
+    theta = np.where(cos ** 2 >= 0.5, np.arcsin(np.clip(sin, 0, 1)), np.arccos(np.clip(cos, 0, 1)))
+    return int((theta < tau).sum())
+
+
+def _piece(pieces: dict, name: str, t0: float) -> float:
+    """Record (and print, so a long run shows progress) the seconds since ``t0`` as piece ``name``."""
+    now = time.perf_counter()
+    pieces[name] = now - t0
+    print(f"    dense piece {name}: {now - t0:.2f} s", flush=True)
+    return now
+
+
+def dense_bundle(W_l: np.ndarray, W_next: np.ndarray, k: int, pieces: dict) -> dict:
+    """Every value of the core bundle the straightforward way; piece times go into ``pieces``."""
+    n = W_l.shape[0]
+    t = time.perf_counter()
     A, B = W_next.T @ W_next, W_l @ W_l.T
-    kappa = np.linalg.norm(A @ B - B @ A) / (np.linalg.norm(A) * np.linalg.norm(B))
-    return float(kappa)
+    t = _piece(pieces, "grams A, B", t)
+    nA, nB = np.linalg.norm(A), np.linalg.norm(B)
+    kappa = np.linalg.norm(A @ B - B @ A) / (nA * nB)
+    t = _piece(pieces, "commutator AB - BA", t)
+    D = A - B
+    values = {"commutator_ratio": kappa, "imbalance_norm": np.linalg.norm(D),
+              "relative_imbalance": np.linalg.norm(D) / (nA + nB),
+              "imbalance_diagonal_norm": np.linalg.norm(np.diag(D))}
+    del A, B, D
+    t = _piece(pieces, "imbalance D", t)
+    U, s_l, _ = scipy.linalg.svd(W_l, full_matrices=True)
+    _, s_n, Vh = scipy.linalg.svd(W_next, full_matrices=True)
+    t = _piece(pieces, "full SVDs", t)
+    T = Vh @ U  # T[b, a] = v_b . u_a, n x n
+    values["subspace_score"] = np.sum(T[:k, :k] ** 2) / k
+    values["basis_score"] = np.sum(np.diag(T[:k, :k]) ** 2) / k
+    t = _piece(pieces, "transport T = V^T U", t)
+    rank = [int((s > s[0] * max(W.shape) * np.finfo(np.float64).eps).sum()) for s, W in ((s_l, W_l), (s_n, W_next))]
+    (cl, wl), (cr, wr) = (flag_cuts(torch.from_numpy(s), r, storage_eps=FLOAT32_EPS) for s, r in zip((s_l, s_n), rank))
+    cl, cr = [c for c in cl if c < n], [c for c in cr if c < n]
+    tau = max([1e-6] + wl[:len(cl)] + wr[:len(cr)])
+    cl, cr = cl + [n], cr + [n]
+    values["rank_matrix"] = np.array([[min(i, j) if n in (i, j) else _dense_angles_count(T, i, j, tau)
+                                       for j in cr] for i in cl])
+    values["soft_matrix"] = np.array([[np.sum(T[:j, :i] ** 2) for j in cr] for i in cl])
+    values["flag_tau"] = tau
+    t = _piece(pieces, "flag windows", t)
+    s_c = scipy.linalg.svdvals(W_next @ W_l)
+    values["gl_kernel_dim"] = int((s_l > RANK_RTOL * s_l[0]).sum()) - int((s_c > RANK_RTOL * s_l[0] * s_n[0]).sum())
+    _piece(pieces, "GL rank", t)
+    return values
 
 
-def _dense_imbalance(W_l: np.ndarray, W_next: np.ndarray) -> float:
-    A, B = W_next.T @ W_next, W_l @ W_l.T
-    return float(np.linalg.norm(A - B) / (np.linalg.norm(A) + np.linalg.norm(B)))
-
-
-def _dense_transport(W_l: np.ndarray, W_next: np.ndarray, k: int) -> np.ndarray:
-    U = scipy.linalg.svd(W_l, full_matrices=True)[0]
-    V = scipy.linalg.svd(W_next, full_matrices=True)[2].T
-    T = (V.T @ U)[:k, :k]
-    return np.array([np.sum(T**2) / k, np.sum(np.diag(T) ** 2) / k])
+def core_bundle(W_l: torch.Tensor, W_next: torch.Tensor) -> dict:
+    (values, details), = pair_geometry_values(W_l[None], W_next[None], storage_eps=FLOAT32_EPS)
+    return {**values, "rank_matrix": np.array(details["rank_matrix"]), "cuts": (details["cuts_left"],
+            details["cuts_right"])}
 
 
 def _row(name: str, t_core: float, t_dense: float, rel: float, note: str = "") -> None:
-    print(f"{name:<44} core {t_core:9.3f} s   dense {t_dense:9.3f} s   ratio {t_dense / t_core:7.1f}x   "
+    print(f"{name:<48} core {t_core:9.3f} s   dense {t_dense:9.3f} s   ratio {t_dense / t_core:7.1f}x   "
           f"max rel diff {rel:.1e}{note}", flush=True)
 
 
-def bench_mlp(label: str, d: int, d_ff: int, k: int, repeats: int, only: set[str]) -> tuple[float, float]:
-    g = torch.Generator().manual_seed(0)
-    W_l = torch.randn(d_ff, d, generator=g, dtype=torch.float64) / d**0.5
-    W_next = torch.randn(d, d_ff, generator=g, dtype=torch.float64) / d_ff**0.5
+def bench_mlp(label: str, d: int, d_ff: int, repeats: int) -> None:
+    W_l, W_next = spiked_mlp(d, d_ff)
     nl, nn = W_l.numpy(), W_next.numpy()
+    k = transport_k(d_ff, d, d)
+    t_core, core = _timed(lambda: core_bundle(W_l, W_next), repeats)
+    print(f"{label} core bundle {t_core:.2f} s (best of {repeats})", flush=True)
+    pieces: dict = {}
+    t_dense, dense = _timed(lambda: dense_bundle(nl, nn, k, pieces), repeats)
+    scalars = ["commutator_ratio", "imbalance_norm", "relative_imbalance", "imbalance_diagonal_norm",
+               "subspace_score", "basis_score", "flag_tau", "gl_kernel_dim"]
+    rels = {m: _rel(core[m], dense[m]) for m in scalars}
+    exact = np.array_equal(core["rank_matrix"], dense["rank_matrix"])
+    cl, cr = core["cuts"]
+    print(f"{label}: n={d_ff}, cuts left {cl[:10]}{'...' if len(cl) > 10 else ''}, right "
+          f"{cr[:10]}{'...' if len(cr) > 10 else ''}; rank matrix equal: {exact}; intersection_dim "
+          f"{core['intersection_dim']}; per-value max rel diff: "
+          + ", ".join(f"{m} {r:.1e}" for m, r in rels.items()), flush=True)
+    _row(f"{label} (a) full pair bundle", t_core, t_dense, max(rels.values()),
+         "" if exact else "  RANK MATRIX DIFFERS")
+    t_base, _ = _timed(lambda: commutator_baseline(W_l, W_next, n_samples=2, generator=torch.Generator()
+                                                   .manual_seed(0)), 1)
+    print(f"    Monte-Carlo commutator baseline (2 samples, in neither side): {t_base:.2f} s", flush=True)
+    g_d = pieces["grams A, B"]
+    svd_t = pieces["full SVDs"] + pieces["transport T = V^T U"]
     cases = [
-        ("commutator kappa", lambda: commutator_ratio(W_l, W_next).item(), lambda: _dense_commutator(nl, nn)),
-        ("relative imbalance", lambda: relative_imbalance(W_l, W_next).item(), lambda: _dense_imbalance(nl, nn)),
-        (f"transport scores (k={k})", lambda: torch.stack(transport_scores(W_l, W_next, k)).numpy(),
-         lambda: _dense_transport(nl, nn, k)),
+        ("(b) commutator kappa", lambda: commutator_ratio(W_l, W_next).item(), g_d + pieces["commutator AB - BA"],
+         rels["commutator_ratio"]),
+        ("(b) relative imbalance", lambda: relative_imbalance(W_l, W_next).item(), g_d + pieces["imbalance D"],
+         rels["relative_imbalance"]),
+        (f"(b) transport scores (k={k})", lambda: transport_scores(W_l, W_next, k), svd_t,
+         max(rels["subspace_score"], rels["basis_score"])),
+        ("(b) flag relative position", lambda: flag_relative_position(W_l, W_next), svd_t + pieces["flag windows"],
+         rels["flag_tau"]),
+        ("(b) GL kernel dim", lambda: gl_invariant_kernel_dim(W_l, W_next), pieces["full SVDs"] + pieces["GL rank"],
+         rels["gl_kernel_dim"]),
     ]
-    total_core = total_dense = 0.0
-    for name, core, dense in cases:
-        if name.split()[0] not in only:
-            continue
-        t_c, v_c = _timed(core, repeats)
-        t_d, v_d = _timed(dense, 1 if d_ff > 4096 else repeats)
-        total_core, total_dense = total_core + t_c, total_dense + t_d
-        _row(f"{label} {name}", t_c, t_d, _rel(v_c, v_d))
-    _row(f"{label} sum of the cases above", total_core, total_dense, 0.0)
-    return total_core, total_dense
+    for name, fn, t_d, rel in cases:
+        t_c, _ = _timed(fn, repeats)
+        _row(f"{label} {name}", t_c, t_d, rel)
+    t_f, flag = _timed(lambda: flag_relative_position(W_l, W_next), 1)
+    soft = _rel(flag.soft_matrix.numpy(), dense["soft_matrix"])
+    print(f"    flag soft matrix (sum cos^2 per window) max rel diff {soft:.1e}; rank matrix equal "
+          f"{np.array_equal(flag.rank_matrix.numpy(), dense['rank_matrix'])}", flush=True)
 
 
 def bench_heads(n_heads: int, d: int, d_head: int, sample_pairs: int | None) -> None:
@@ -108,26 +206,40 @@ def bench_heads(n_heads: int, d: int, d_head: int, sample_pairs: int | None) -> 
     t_d, ref = _timed(loop, 1)
     scale = n_heads * n_heads / len(pairs)
     note = "" if scale == 1 else f"  (dense timed on {len(pairs)} pairs, x{scale:.0f})"
-    _row(f"heads {n_heads}x{n_heads} overlaps d={d} dh={d_head}", t_c, t_d * scale,
+    _row(f"(c) heads {n_heads}x{n_heads} overlaps d={d} dh={d_head}", t_c, t_d * scale,
          _rel(np.array([ov[h, j] for h, j in pairs]), ref), note)
+
+
+def bench_thin_svd(shape: tuple[int, ...], repeats: int) -> None:
+    A = torch.randn(*shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    t_c, (_, s_c, _) = _timed(lambda: thin_svd(A), repeats)
+    t_d, (_, s_d, _) = _timed(lambda: torch.linalg.svd(A, full_matrices=False), repeats)
+    _row(f"(d) thin_svd vs torch.linalg.svd {'x'.join(map(str, shape))}", t_c, t_d, _rel(s_c.numpy(), s_d.numpy()))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="GPT-2 shapes only, sampled head loop")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--only", default="commutator,relative,transport,heads",
-                        help="comma-separated subset of: commutator, relative (imbalance), transport, heads")
+    parser.add_argument("--repeats", type=int, default=3, help="best of N at GPT-2 shapes (Llama: always 1)")
+    parser.add_argument("--only", default="gpt2,llama,heads,svd",
+                        help="comma-separated subset of gpt2, llama, heads, svd")
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, numpy {np.__version__}, scipy {scipy.__version__}, "
-          f"threads {torch.get_num_threads()}, {time.strftime('%Y-%m-%d %H:%M %Z')}", flush=True)
     only = set(args.only.split(","))
-    bench_mlp("warm-up 64x256", 64, 256, 8, 1, only)  # thread pools and BLAS/LAPACK initialisation, both sides
-    bench_mlp("GPT-2 MLP 768x3072", 768, 3072, 64, args.repeats, only)
-    if not args.quick:
-        bench_mlp("Llama-7B MLP 4096x11008", 4096, 11008, 128, 1, only)
+    print(f"torch {torch.__version__}, numpy {np.__version__}, scipy {scipy.__version__}, threads "
+          f"{torch.get_num_threads()}, {time.strftime('%Y-%m-%d %H:%M %Z')}, load average "
+          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}", flush=True)
+    bench_mlp("warm-up 64x256", 64, 256, 1)  # thread pools, BLAS/LAPACK initialisation on both sides
+    if "gpt2" in only:
+        bench_mlp("GPT-2 MLP 768x3072", 768, 3072, args.repeats)
+    if "llama" in only and not args.quick:
+        bench_mlp("Llama-7B MLP 4096x11008", 4096, 11008, 1)
     if "heads" in only:
         bench_heads(32, 4096, 128, 128 if args.quick else None)
+    if "svd" in only:
+        for shape in [(3072, 768), (32, 4096, 128)]:
+            bench_thin_svd(shape, args.repeats)
+    print(f"done {time.strftime('%H:%M %Z')}, load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}",
+          flush=True)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ from typing import Optional
 
 import torch
 
+from hf_flag.geometry.pairs import hidden_coordinates
+
 #: Monte-Carlo samples of the commutator baseline: 8, or 2 when the hidden dim exceeds 512 (kappa of a Haar-rotated
 #: pair concentrates as n grows, and each sample costs a full Gram-factor kappa, ~O(n k m))
 COMMUTATOR_BASELINE_SAMPLES = 8
@@ -53,38 +55,69 @@ def flag_values(flag) -> dict[str, Optional[float]]:
             "intersection_soft": soft, "flag_tau": float(flag.tau)}
 
 
+def pair_geometry_values(W_l: torch.Tensor, W_next: torch.Tensor, *, storage_eps: float,
+                         commutator_baseline: Optional[torch.Tensor] = None) -> list[tuple[dict, dict]]:
+    """(values, details) of a batch of full pair rows (``W_l`` (B, n, k) bias-augmented, ``W_next`` (B, m, n)):
+    every value of :func:`pair_values` with ``cheap=False``; ``commutator_ratio_baseline`` only when
+    ``commutator_baseline`` (B,) is given (the Monte-Carlo part, MATH.md §3).
+
+    Factorisations are shared: one QR to :func:`~hf_flag.geometry.pairs.hidden_coordinates`, one set of Gram
+    factors for kappa and the imbalance norms (MATH.md §2, §3), one thin SVD per side for transport scores, flags
+    and the GL kernel dimension (MATH.md §4)."""
+    from hf_flag.geometry.angles import default_rtol, thin_svd
+    from hf_flag.geometry.baselines import transport_baselines
+    from hf_flag.geometry.flags import flag_position_from_svd, gl_kernel_dim_from_spectra
+    from hf_flag.geometry.pairs import transport_scores_from_svd
+
+    X, Y = hidden_coordinates(W_l, W_next)
+    rows = _gram_rows(X, Y, diagonal_of=(W_l, W_next))
+    n, k = W_l.shape[-2], transport_k(W_l.shape[-2], W_l.shape[-1], W_next.shape[-2])
+    sub_base, basis_base = transport_baselines(k, n)
+    U, s_l, _ = thin_svd(X)
+    _, s_next, Vh = thin_svd(Y)
+    s_product = torch.linalg.svdvals(Y @ X)
+    subspace, basis = transport_scores_from_svd(U, Vh, k)
+    rank_rtol = (default_rtol(W_l), default_rtol(W_next))
+    out = []
+    for i in range(W_l.shape[0]):
+        flag = flag_position_from_svd(U[i], s_l[i], Vh[i], s_next[i], n=n, rank_rtol=rank_rtol,
+                                      storage_eps=storage_eps)
+        if commutator_baseline is not None:
+            rows[i]["commutator_ratio_baseline"] = float(commutator_baseline[i])
+        rows[i].update({"subspace_score": float(subspace[i]), "subspace_score_baseline": sub_base,
+                        "basis_score": float(basis[i]), "basis_score_baseline": basis_base,
+                        **flag_values(flag), "gl_kernel_dim": float(gl_kernel_dim_from_spectra(
+                            s_l[i], s_next[i], s_product[i]))})
+        out.append((rows[i], {"transport_k": k, **flag_details(flag)}))
+    return out
+
+
+def _gram_rows(W_l: torch.Tensor, W_next: torch.Tensor, *, diagonal_of: tuple[torch.Tensor, torch.Tensor]
+               ) -> list[dict]:
+    """Per batch member: kappa, sqrt(2) kappa, ||D||, relative imbalance from one set of Gram factors of
+    ``(W_l, W_next)``, and ``||diag D||`` of the pair ``diagonal_of`` (basis-dependent, MATH.md §2)."""
+    from hf_flag.geometry.pairs import gram_diagnostics, imbalance_diagonal_norm
+
+    g = gram_diagnostics(W_l, W_next)
+    columns = {
+        "commutator_ratio": g.commutator_ratio, "commutator_ratio_normalized": SQRT2 * g.commutator_ratio,
+        "imbalance_norm": g.imbalance_norm, "relative_imbalance": g.relative_imbalance,
+        "imbalance_diagonal_norm": imbalance_diagonal_norm(*diagonal_of),
+    }
+    return [{m: float(col[i]) for m, col in columns.items()} for i in range(W_l.shape[0])]
+
+
 def pair_values(W_l: torch.Tensor, W_next: torch.Tensor, *, cheap: bool, storage_eps: float,
                 seed: int) -> list[tuple[dict, dict]]:
     """(values, details) of a batch of pair rows, ``W_l`` (B, n, k) already bias-augmented, ``W_next`` (B, m, n).
 
     MATH.md §2 (imbalance), §3 (commutator ratio and its Haar-rotation baseline), §4 (transport, flags)."""
-    from hf_flag.geometry.pairs import (commutator_baseline, commutator_ratio, imbalance_diagonal_norm,
-                                        imbalance_norm, relative_imbalance, transport_scores)
-
-    kappa = commutator_ratio(W_l, W_next)
-    columns = {
-        "commutator_ratio": kappa, "commutator_ratio_normalized": SQRT2 * kappa,
-        "imbalance_norm": imbalance_norm(W_l, W_next), "relative_imbalance": relative_imbalance(W_l, W_next),
-        "imbalance_diagonal_norm": imbalance_diagonal_norm(W_l, W_next),
-    }
-    rows = [{m: float(col[i]) for m, col in columns.items()} for i in range(W_l.shape[0])]
     if cheap:
-        return [(r, {}) for r in rows]
-    from hf_flag.geometry.baselines import transport_baselines
-    from hf_flag.geometry.flags import flag_relative_position, gl_invariant_kernel_dim
+        return [(r, {}) for r in _gram_rows(W_l, W_next, diagonal_of=(W_l, W_next))]
+    from hf_flag.geometry.pairs import commutator_baseline
 
     generator = torch.Generator(device=W_l.device).manual_seed(seed)
-    n, k = W_l.shape[-2], transport_k(W_l.shape[-2], W_l.shape[-1], W_next.shape[-2])
-    sub_base, basis_base = transport_baselines(k, n)
-    samples = COMMUTATOR_BASELINE_SAMPLES if n <= COMMUTATOR_BASELINE_LARGE_N else COMMUTATOR_BASELINE_SAMPLES_LARGE
+    samples = COMMUTATOR_BASELINE_SAMPLES if W_l.shape[-2] <= COMMUTATOR_BASELINE_LARGE_N else \
+        COMMUTATOR_BASELINE_SAMPLES_LARGE
     baseline = commutator_baseline(W_l, W_next, n_samples=samples, generator=generator)
-    subspace, basis = transport_scores(W_l, W_next, k)
-    out = []
-    for i, (a, b) in enumerate(zip(W_l, W_next)):
-        flag = flag_relative_position(a, b, storage_eps=storage_eps)
-        rows[i].update({"commutator_ratio_baseline": float(baseline[i]),
-                        "subspace_score": float(subspace[i]), "subspace_score_baseline": sub_base,
-                        "basis_score": float(basis[i]), "basis_score_baseline": basis_base,
-                        **flag_values(flag), "gl_kernel_dim": float(gl_invariant_kernel_dim(a, b))})
-        out.append((rows[i], {"transport_k": k, **flag_details(flag)}))
-    return out
+    return pair_geometry_values(W_l, W_next, storage_eps=storage_eps, commutator_baseline=baseline)

@@ -25,6 +25,7 @@ __all__ = [
     "normalised_overlap",
     "orthonormal_basis",
     "padded_orthonormal_basis",
+    "thin_svd",
     "principal_angles",
     "projection_kernel",
     "subspace_overlap",
@@ -66,6 +67,38 @@ def default_rtol(A: torch.Tensor) -> float:
     return max(A.shape[-2], A.shape[-1]) * eps
 
 
+#: :func:`thin_svd` takes a QR first when one side of the matrix is at least this many times the other.
+QR_FIRST_RATIO = 1.5
+
+
+def _thin_svd(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`thin_svd` without input validation or the float64 cast (computes in ``A``'s floating dtype)."""
+    rows, cols = A.shape[-2], A.shape[-1]
+    if cols >= QR_FIRST_RATIO * max(rows, 1):
+        V, s, Uh = _thin_svd(A.mT)
+        return Uh.mT, s, V.mT
+    if rows >= QR_FIRST_RATIO * max(cols, 1):
+        Q, R = torch.linalg.qr(A)
+        U, s, Vh = torch.linalg.svd(R)
+        return Q @ U, s, Vh
+    return torch.linalg.svd(A, full_matrices=False)
+
+
+def thin_svd(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD ``A = U diag(s) Vh`` in float64: ``U (..., n, r)``, descending ``s (..., r)``, ``Vh (..., r, p)``,
+    ``r = min(n, p)`` (the singular vectors of MATH.md §1 and §4).
+
+    When one side is at least ``QR_FIRST_RATIO`` (1.5) times the other, a thin QR comes first and the SVD is taken
+    of the square ``R`` factor (``A = Q R``, ``R = U_R S Vh`` so ``U = Q U_R``), so the bidiagonalisation runs on
+    ``r x r``.  Backward stable like ``torch.linalg.svd``; signs of singular vectors are arbitrary as there.
+    Measured on CPU (BENCHMARKS.md): the same time as ``torch.linalg.svd`` for single matrices (LAPACK's gesdd
+    already takes the QR first above an 11/6 aspect ratio) and slower for large batches of small matrices (the
+    explicit Q), so :func:`padded_orthonormal_basis` keeps ``torch.linalg.svd``.  Batched over leading dims.
+    """
+    check_matrix("A", A, where="thin_svd")
+    return _thin_svd(A.to(torch.float64))
+
+
 def padded_orthonormal_basis(A: torch.Tensor, *, rtol: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Batched orthonormal basis of col(A) padded with zero columns, and the ranks (MATH.md §1, step 1).
 
@@ -78,7 +111,7 @@ def padded_orthonormal_basis(A: torch.Tensor, *, rtol: Optional[float] = None) -
     cut = default_rtol(A) if rtol is None else float(rtol)
     if not cut >= 0.0:
         raise ValueError(f"padded_orthonormal_basis: rtol={rtol} must be a non-negative number")
-    U, s, _ = torch.linalg.svd(A.to(torch.float64), full_matrices=False)
+    U, s, _ = torch.linalg.svd(A.to(torch.float64), full_matrices=False)  # batched: faster than thin_svd's QR
     if s.shape[-1] == 0:
         return U, torch.zeros(A.shape[:-2], dtype=torch.int64, device=A.device)
     keep = s > s[..., :1] * cut

@@ -29,17 +29,20 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from hf_flag.geometry.angles import check_matrix, default_rtol
+from hf_flag.geometry.angles import _thin_svd, check_matrix, default_rtol
 from hf_flag.geometry.baselines import intersection_baseline as _generic_intersection
+from hf_flag.geometry.pairs import hidden_coordinates
 
 __all__ = [
     "FlagRelativePosition",
     "flag_cuts",
     "flag_relative_position",
+    "flag_position_from_svd",
     "block_differences",
     "rank_matrix_from_permutation",
     "permutation_from_rank_matrix",
     "gl_invariant_kernel_dim",
+    "gl_kernel_dim_from_spectra",
 ]
 
 FLOAT32_EPS = torch.finfo(torch.float32).eps
@@ -151,6 +154,17 @@ def block_differences(r: torch.Tensor) -> torch.Tensor:
     return padded[1:, 1:] - padded[:-1, 1:] - padded[1:, :-1] + padded[:-1, :-1]
 
 
+def _check_flag_options(where: str, storage_eps: float, gap_ratio: float, max_tau: float,
+                        max_cuts: int) -> dict:
+    """Validated cut options of :func:`flag_cuts` (module docstring rule)."""
+    options = dict(storage_eps=_check_float(where, "storage_eps", storage_eps, 0.0, 1.0),
+                   gap_ratio=_check_float(where, "gap_ratio", gap_ratio, 1.0, math.inf, closed_lo=True),
+                   max_tau=_check_float(where, "max_tau", max_tau, 0.0, math.pi / 2))
+    if isinstance(max_cuts, bool) or not isinstance(max_cuts, int) or max_cuts < 1:
+        raise ValueError(f"{where}: max_cuts={max_cuts!r} must be a positive int")
+    return {**options, "max_cuts": max_cuts}
+
+
 def flag_relative_position(W_l: torch.Tensor, W_next: torch.Tensor, *, tau: Optional[float] = None,
                            storage_eps: float = FLOAT32_EPS, gap_ratio: float = GAP_RATIO,
                            max_tau: float = MAX_TAU, max_cuts: int = 64) -> FlagRelativePosition:
@@ -161,23 +175,61 @@ def flag_relative_position(W_l: torch.Tensor, W_next: torch.Tensor, *, tau: Opti
     epsilon of the dtype the weights were stored in (bf16: 7.8e-3); cuts, ``tau`` default and parameters as in
     the module docstring.
 
-    Cost: two thin SVDs, one ``p x q`` cross matrix ``N = U_p^T V_q`` and at most two thin QRs (``n x p``, ``n x q``);
-    each cut pair then needs one SVD of a ``(min(i,j) + ...) x min(i,j)`` window built from ``N`` and the R
-    factors (skipped when ``sum cos^2 < cos^2 tau`` proves the count is 0).  No ``n x n`` matrix is formed.
+    Cost: when ``n >= 1.5 (k + m)`` one QR to :func:`~hf_flag.geometry.pairs.hidden_coordinates` (hidden dim
+    ``k + m``), then two thin SVDs (:func:`~hf_flag.geometry.angles.thin_svd`) and
+    :func:`flag_position_from_svd`.  No ``n x n`` matrix is formed.
     """
     where = "flag_relative_position"
     _check_layer_pair(W_l, W_next, where=where)
-    storage_eps = _check_float(where, "storage_eps", storage_eps, 0.0, 1.0)
-    gap_ratio = _check_float(where, "gap_ratio", gap_ratio, 1.0, math.inf, closed_lo=True)
-    max_tau = _check_float(where, "max_tau", max_tau, 0.0, math.pi / 2)
-    if isinstance(max_cuts, bool) or not isinstance(max_cuts, int) or max_cuts < 1:
-        raise ValueError(f"{where}: max_cuts={max_cuts!r} must be a positive int")
-    n = W_l.shape[0]
-    U, s_left, _ = torch.linalg.svd(W_l.to(torch.float64), full_matrices=False)
-    _, s_right, Vh = torch.linalg.svd(W_next.to(torch.float64), full_matrices=False)
+    options = _check_flag_options(where, storage_eps, gap_ratio, max_tau, max_cuts)
+    X, Y = hidden_coordinates(W_l, W_next)
+    U, s_left, _ = _thin_svd(X)
+    _, s_right, Vh = _thin_svd(Y)
+    return _position_from_svd(U, s_left, Vh, s_right, n=W_l.shape[0], rank_rtol=(default_rtol(W_l),
+                              default_rtol(W_next)), tau=tau, **options)
+
+
+def flag_position_from_svd(U: torch.Tensor, s_left: torch.Tensor, Vh: torch.Tensor, s_right: torch.Tensor, *,
+                           n: int, rank_rtol: tuple[float, float], tau: Optional[float] = None,
+                           storage_eps: float = FLOAT32_EPS, gap_ratio: float = GAP_RATIO,
+                           max_tau: float = MAX_TAU, max_cuts: int = 64) -> FlagRelativePosition:
+    """:func:`flag_relative_position` from precomputed thin SVDs ``W_l = U diag(s_left) .``,
+    ``W_next = . diag(s_right) Vh`` (MATH.md §4), for callers that reuse the factorisations.
+
+    ``U (n', r_l)`` and ``Vh (r_r, n')`` may be expressed in any orthonormal coordinates of a subspace of the
+    hidden space R^n that contains both ``range W_l`` and ``row W_next`` (``n' <= n``): the rank and soft
+    matrices are invariant under such a change of basis (MATH.md §4).  ``n`` is the true hidden dimension (last
+    flag element, generic intersection); ``rank_rtol = (rtol_left, rtol_right)`` the MATH.md §1 rank cuts
+    (:func:`~hf_flag.geometry.angles.default_rtol` of the original weights).
+    """
+    where = "flag_position_from_svd"
+    for name, X in (("U", U), ("s_left", s_left), ("Vh", Vh), ("s_right", s_right)):
+        if not isinstance(X, torch.Tensor) or X.ndim != (1 if name.startswith("s") else 2):
+            raise ValueError(f"{where}: {name} must be a {'1-D' if name.startswith('s') else '2-D'} tensor "
+                             f"(thin SVD factors of one pair); got {getattr(X, 'shape', type(X).__name__)}")
+    if U.shape[0] != Vh.shape[1] or U.shape[1] != s_left.numel() or Vh.shape[0] != s_right.numel() or \
+            not U.shape[0] <= n:
+        raise ValueError(f"{where}: U {tuple(U.shape)}, s_left {tuple(s_left.shape)}, Vh {tuple(Vh.shape)}, "
+                         f"s_right {tuple(s_right.shape)} and n={n} do not fit thin SVDs of W_l (n x k) and "
+                         f"W_next (m x n); pass torch.linalg.svd(..., full_matrices=False) factors")
+    options = _check_flag_options(where, storage_eps, gap_ratio, max_tau, max_cuts)
+    return _position_from_svd(U.to(torch.float64), s_left, Vh.to(torch.float64), s_right, n=n,
+                              rank_rtol=rank_rtol, tau=tau, **options)
+
+
+def _position_from_svd(U: torch.Tensor, s_left: torch.Tensor, Vh: torch.Tensor, s_right: torch.Tensor, *, n: int,
+                       rank_rtol: tuple[float, float], tau: Optional[float], storage_eps: float, gap_ratio: float,
+                       max_tau: float, max_cuts: int) -> FlagRelativePosition:
+    """Body of :func:`flag_position_from_svd` (validated input).
+
+    Cost: one ``p x q`` cross matrix ``N = U_p^T V_q`` and at most two thin QRs (``n' x p``, ``n' x q``); each cut
+    pair then needs one SVD of a ``(min(i,j) + ...) x min(i,j)`` window built from ``N`` and the R factors
+    (skipped when ``sum cos^2 < cos^2 tau`` proves the count is 0).
+    """
+    where = "flag_relative_position"
     options = dict(storage_eps=storage_eps, gap_ratio=gap_ratio, max_tau=max_tau, max_cuts=max_cuts)
-    cuts_l, wedin_l = flag_cuts(s_left, _numerical_rank(s_left, default_rtol(W_l)), **options)
-    cuts_r, wedin_r = flag_cuts(s_right, _numerical_rank(s_right, default_rtol(W_next)), **options)
+    cuts_l, wedin_l = flag_cuts(s_left, _numerical_rank(s_left, rank_rtol[0]), **options)
+    cuts_r, wedin_r = flag_cuts(s_right, _numerical_rank(s_right, rank_rtol[1]), **options)
     cuts_l, cuts_r = [c for c in cuts_l if c < n], [c for c in cuts_r if c < n]
     if tau is None:
         tau = max([1e-6] + wedin_l[:len(cuts_l)] + wedin_r[:len(cuts_r)])
@@ -271,8 +323,24 @@ def gl_invariant_kernel_dim(W_l: torch.Tensor, W_next: torch.Tensor, *, rtol: fl
     _check_layer_pair(W_l, W_next, where=where)
     rtol = _check_float(where, "rtol", rtol, 0.0, 1.0)
     A, B = W_l.to(torch.float64), W_next.to(torch.float64)
-    s_l, s_next = torch.linalg.svdvals(A), torch.linalg.svdvals(B)
+    return _gl_kernel_dim(torch.linalg.svdvals(A), torch.linalg.svdvals(B), torch.linalg.svdvals(B @ A), rtol)
+
+
+def gl_kernel_dim_from_spectra(s_l: torch.Tensor, s_next: torch.Tensor, s_product: torch.Tensor, *,
+                               rtol: float = 1e-8) -> int:
+    """:func:`gl_invariant_kernel_dim` from the descending singular values of ``W_l``, ``W_next`` and
+    ``W_next W_l`` (MATH.md §4), for callers that have them already (e.g. from shared thin SVDs)."""
+    where = "gl_kernel_dim_from_spectra"
+    for name, x in (("s_l", s_l), ("s_next", s_next), ("s_product", s_product)):
+        if not isinstance(x, torch.Tensor) or x.ndim != 1:
+            raise ValueError(f"{where}: {name} must be a 1-D tensor of singular values; got "
+                             f"{getattr(x, 'shape', type(x).__name__)}")
+    return _gl_kernel_dim(s_l, s_next, s_product, _check_float(where, "rtol", rtol, 0.0, 1.0))
+
+
+def _gl_kernel_dim(s_l: torch.Tensor, s_next: torch.Tensor, s_product: torch.Tensor, rtol: float) -> int:
+    """``rank W_l - rank(W_next W_l)`` from the three spectra, scales as in :func:`gl_invariant_kernel_dim`."""
     rank_l = _numerical_rank(s_l, rtol)
     if rank_l == 0 or s_next.numel() == 0:
         return rank_l
-    return rank_l - _numerical_rank(torch.linalg.svdvals(B @ A), rtol, float(s_l[0]) * float(s_next[0]))
+    return rank_l - _numerical_rank(s_product, rtol, float(s_l[0]) * float(s_next[0]))

@@ -13,11 +13,11 @@ Zero matrices: a zero side commutes with and balances against anything trivially
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
-from hf_flag.geometry.angles import check_matrix
+from hf_flag.geometry.angles import QR_FIRST_RATIO, _thin_svd, check_matrix
 
 #: ``method="auto"`` recomputes kappa with the factored form when the trace form gives kappa below this value.
 #: The trace form subtracts two terms of size ``||A||^2 ||B||^2``; its relative error on kappa is about
@@ -121,9 +121,16 @@ def imbalance(
 
 
 def _imbalance_parts(W_l: torch.Tensor, W_next: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(||D||_F, ||A||_F, ||B||_F)`` via ``||D||^2 = ||A||^2 + ||B||^2 - 2 ||W_next W_l||^2`` (MATH.md §2)."""
-    a2, b2 = _fro2(_small_gram(W_next)), _fro2(_small_gram(W_l))
-    d2 = a2 + b2 - 2.0 * _fro2(W_next @ W_l)
+    """``(||D||_F, ||A||_F, ||B||_F)`` through the smaller Gram of each side (MATH.md §2)."""
+    return _imbalance_from_norms(W_l, W_next, _fro2(_small_gram(W_next)), _fro2(_small_gram(W_l)),
+                                 _fro2(W_next @ W_l))
+
+
+def _imbalance_from_norms(W_l: torch.Tensor, W_next: torch.Tensor, a2: torch.Tensor, b2: torch.Tensor,
+                          c2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(||D||_F, ||A||_F, ||B||_F)`` from ``||A||^2``, ``||B||^2`` and ``c2 = ||W_next W_l||^2`` by
+    ``||D||^2 = ||A||^2 + ||B||^2 - 2 c2`` (MATH.md §2), factored form where that cancels."""
+    d2 = a2 + b2 - 2.0 * c2
     d = d2.clamp_min(0).sqrt()
     d = _refine(d2 < IMBALANCE_FACTORED_BELOW * (a2 + b2), d, _imbalance_factored, W_l, W_next)
     return d, a2.sqrt(), b2.sqrt()
@@ -181,13 +188,16 @@ def _kappa_factored(W_l: torch.Tensor, W_next: torch.Tensor) -> torch.Tensor:
     return _safe_ratio(_commutator_factored(W_l, W_next), den)
 
 
-def _kappa_trace(W_l: torch.Tensor, W_next: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _gram_factors(W_l: torch.Tensor, W_next: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(C, G_P, G_Q) = (W_next W_l, W_next W_next^T, W_l^T W_l)``: the three products with n (MATH.md §3)."""
+    return W_next @ W_l, W_next @ W_next.mT, W_l.mT @ W_l
+
+
+def _kappa_trace(C: torch.Tensor, G_P: torch.Tensor, G_Q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(kappa, ||A||_F ||B||_F)`` by ``||[A,B]||_F^2 = 2 tr(G_P C G_Q C^T) - 2 ||C^T C||_F^2`` (MATH.md §3).
 
-    ``||A||_F = ||G_P||_F`` and ``||B||_F = ||G_Q||_F`` reuse the same Grams: three products with n in all.
+    ``||A||_F = ||G_P||_F`` and ``||B||_F = ||G_Q||_F`` reuse the same Grams (:func:`_gram_factors`).
     """
-    C = W_next @ W_l
-    G_P, G_Q = W_next @ W_next.mT, W_l.mT @ W_l
     small = C.mT @ C if C.shape[-1] <= C.shape[-2] else C @ C.mT
     num2 = 2.0 * ((G_P @ C) * (C @ G_Q)).sum(dim=(-2, -1)) - 2.0 * _fro2(small)
     den = torch.linalg.matrix_norm(G_P) * torch.linalg.matrix_norm(G_Q)
@@ -216,10 +226,41 @@ def commutator_ratio(
         return _safe_ratio(torch.linalg.matrix_norm(A @ B - B @ A), den)
     if method == "factored":
         return _kappa_factored(W_l, W_next)
-    kappa, den = _kappa_trace(W_l, W_next)
     if method == "trace":
-        return kappa
+        return _kappa_trace(*_gram_factors(W_l, W_next))[0]
+    return _kappa_auto(W_l, W_next, _gram_factors(W_l, W_next))
+
+
+def _kappa_auto(W_l: torch.Tensor, W_next: torch.Tensor,
+                grams: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """``method="auto"`` kappa from precomputed :func:`_gram_factors` of the pair (MATH.md §3)."""
+    kappa, den = _kappa_trace(*grams)
     return _refine((kappa < AUTO_FACTORED_BELOW) & (den > 0), kappa, _kappa_factored, W_l, W_next)
+
+
+class GramDiagnostics(NamedTuple):
+    """Commutator ratio and imbalance of a pair from one set of Gram factors (MATH.md §2, §3)."""
+
+    commutator_ratio: torch.Tensor
+    imbalance_norm: torch.Tensor
+    relative_imbalance: torch.Tensor
+
+
+def gram_diagnostics(
+    W_l: torch.Tensor, W_next: torch.Tensor, *, bias_l: Optional[torch.Tensor] = None,
+    dtype: torch.dtype = torch.float64,
+) -> GramDiagnostics:
+    """``commutator_ratio`` (``method="auto"``), ``imbalance_norm`` and ``relative_imbalance`` of a pair from one
+    computation of ``C = W_next W_l``, ``G_P = W_next W_next^T``, ``G_Q = W_l^T W_l`` (MATH.md §2, §3).
+
+    Same values as the three separate functions (up to rounding), a third of their products with ``n``:
+    ``||A||^2 = ||G_P||^2``, ``||B||^2 = ||G_Q||^2``, ``tr(AB) = ||C||^2``.
+    """
+    W_l, W_next = _prepare(W_l, W_next, bias_l, dtype, "gram_diagnostics")
+    grams = _gram_factors(W_l, W_next)
+    C, G_P, G_Q = grams
+    d, a, b = _imbalance_from_norms(W_l, W_next, _fro2(G_P), _fro2(G_Q), _fro2(C))
+    return GramDiagnostics(_kappa_auto(W_l, W_next, grams), d, _safe_ratio(d, a + b))
 
 
 def _haar_stiefel(n: int, q: int, batch: tuple, generator: Optional[torch.Generator], like: torch.Tensor):
@@ -237,16 +278,40 @@ def commutator_baseline(
 
     ``Q W_l`` for Haar ``Q`` in O(n) equals ``Z R`` in distribution, with ``W_l = Q_1 R`` the thin QR and ``Z`` a
     Haar-random n x min(n, k) frame: no n x n rotation is drawn.  Both spectra are kept; kappa of each sample goes
-    through :func:`commutator_ratio` (``method="auto"``).  ``generator`` must live on the weights' device.
+    through :func:`commutator_ratio` (``method="auto"``), reusing ``G_P`` and ``G_Q = R^T R`` across samples (only
+    ``C`` changes).  ``generator`` must live on the weights' device.
     """
     if not isinstance(n_samples, int) or n_samples < 1:
         raise ValueError(f"commutator_baseline: n_samples must be a positive int; got {n_samples!r}")
     W_l, W_next = _prepare(W_l, W_next, bias_l, dtype, "commutator_baseline")
     R = torch.linalg.qr(W_l).R
     batch, n = tuple(W_l.shape[:-2]), W_l.shape[-2]
-    samples = [commutator_ratio(_haar_stiefel(n, R.shape[-2], batch, generator, W_l) @ R, W_next, dtype=dtype)
-               for _ in range(n_samples)]
+    G_P, G_Q = W_next @ W_next.mT, R.mT @ R  # the same for every sample: (Z R)^T (Z R) = R^T R
+    samples = []
+    for _ in range(n_samples):
+        W_rot = _haar_stiefel(n, R.shape[-2], batch, generator, W_l) @ R
+        samples.append(_kappa_auto(W_rot, W_next, (W_next @ W_rot, G_P, G_Q)))
     return torch.stack(samples).mean(dim=0)
+
+
+def hidden_coordinates(W_l: torch.Tensor, W_next: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pair in orthonormal coordinates of ``S = range [W_l | W_next^T]`` (MATH.md §4 invariance), float64.
+
+    ``[W_l | W_next^T] = Q R`` (thin QR, ``R`` only): returns ``(X, Y) = (Q^T W_l, W_next Q) = (R[:, :k],
+    R[:, k:]^T)``, hidden dim ``k + m`` instead of ``n``.  Commutator ratio, imbalance norms, transport scores,
+    flag rank/soft matrices and the GL kernel dimension are invariant under an orthogonal change of the hidden
+    basis and every subspace involved lies in ``S``, so they are the same on ``(X, Y)`` (up to rounding), at
+    ``O((k+m)^3)`` after one ``O(n (k+m)^2)`` QR (Householder: backward stable column by column, so small
+    principal angles between ``range W_l`` and ``row W_next`` stay resolved).  Reduces only when
+    ``n >= QR_FIRST_RATIO (k + m)``; otherwise returns float64 copies of the pair.  Not for basis-dependent
+    values (``diag D``, the Haar-rotation baseline).  Leading batch dims as in :func:`commutator_ratio`.
+    """
+    W_l, W_next = _prepare(W_l, W_next, None, torch.float64, "hidden_coordinates")
+    k = W_l.shape[-1]
+    if W_l.shape[-2] < QR_FIRST_RATIO * (k + W_next.shape[-2]):
+        return W_l, W_next
+    R = torch.linalg.qr(torch.cat([W_l, W_next.mT], dim=-1), mode="r").R
+    return R[..., :k], R[..., k:].mT
 
 
 def transport_matrix(W_l: torch.Tensor, W_next: torch.Tensor, *, dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -257,9 +322,7 @@ def transport_matrix(W_l: torch.Tensor, W_next: torch.Tensor, *, dtype: torch.dt
     are degenerate the individual vectors, hence the basis score, are not defined.
     """
     W_l, W_next = _prepare(W_l, W_next, None, dtype, "transport_matrix")
-    U = torch.linalg.svd(W_l, full_matrices=False).U
-    V = torch.linalg.svd(W_next, full_matrices=False).Vh.mT
-    return V.mT @ U
+    return _thin_svd(W_next)[2] @ _thin_svd(W_l)[0]
 
 
 def transport_scores(
@@ -269,9 +332,26 @@ def transport_scores(
 
     Both are 1 for aligned top-k singular subspaces / bases; Haar baselines ``k/n`` and ``1/n``.
     """
-    T = transport_matrix(W_l, W_next, dtype=dtype)
-    if not isinstance(k, int) or not 1 <= k <= min(T.shape[-2:]):
-        raise ValueError(f"transport_scores: k must be an int in [1, {min(T.shape[-2:])}] for "
-                         f"W_l {tuple(W_l.shape)} and W_next {tuple(W_next.shape)}; got {k!r}")
-    T_k = T[..., :k, :k]
+    W_l, W_next = _prepare(W_l, W_next, None, dtype, "transport_scores")
+    _check_window(k, min(W_l.shape[-2:]), min(W_next.shape[-2:]), where="transport_scores")
+    return transport_scores_from_svd(_thin_svd(W_l)[0], _thin_svd(W_next)[2], k)
+
+
+def _check_window(k: int, r_l: int, r_next: int, *, where: str) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= min(r_l, r_next):
+        raise ValueError(f"{where}: k must be an int in [1, {min(r_l, r_next)}] (the thin-SVD ranks of W_l and "
+                         f"W_next are {r_l}, {r_next}); got {k!r}")
+
+
+def transport_scores_from_svd(U: torch.Tensor, Vh: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`transport_scores` from precomputed thin-SVD factors (MATH.md §4): ``U (..., n', r_l)`` left singular
+    vectors of ``W_l`` and ``Vh (..., r_next, n')`` right singular vectors of ``W_next``, descending, in any common
+    orthonormal coordinates of the hidden space (``T = Vh U`` does not depend on them).  Forms only ``T_k``.
+    """
+    if not (isinstance(U, torch.Tensor) and isinstance(Vh, torch.Tensor) and U.ndim >= 2
+            and U.shape[-2] == Vh.shape[-1]):
+        raise ValueError(f"transport_scores_from_svd: U {_shape(U)} (..., n, r_l) and Vh {_shape(Vh)} "
+                         f"(..., r_next, n) must share the hidden dim n; pass thin-SVD factors of one pair")
+    _check_window(k, U.shape[-1], Vh.shape[-2], where="transport_scores_from_svd")
+    T_k = Vh[..., :k, :] @ U[..., :k]
     return _fro2(T_k) / k, torch.diagonal(T_k, dim1=-2, dim2=-1).square().sum(-1) / k
