@@ -3,15 +3,17 @@
 The checkpoint (config.json + model.safetensors, float32 random weights, written tensor by tensor so the writer
 never holds it all) lives in a temporary folder that is deleted afterwards.  Each analysis runs in a fresh
 subprocess; the parent samples ``/proc/<pid>/status`` every 20 ms and the child reports its own ``VmHWM`` (peak
-resident set) at exit.  ``RssAnon`` (heap: tensors, rows) and ``RssFile`` (file-backed pages, including the
-memory-mapped safetensors file, which the kernel can drop at any time) are reported separately, as their peaks over
-the samples.  Goal: peak RSS < 25% of the checkpoint size.
+resident set, file-backed pages included) at exit.  ``RssAnon`` (heap: tensors, rows) and ``RssFile`` (file-backed
+pages: shared libraries, and any mapped checkpoint pages) are reported separately, as their peaks over the samples.
+The safetensors source reads each tensor with ``os.preadv`` (no mapping), so ``RssFile`` stays at the libraries.
+Goal: peak RSS < 25% of the checkpoint size.
 
 Runs: (1) ``layers=[0], composition="all"``: the full report of block 0 (SVDs, flags, baselines, head overlaps)
 plus composition from layer 0 to every later layer, which streams the attention of all layers through the
-composition cache; (2) ``cheap=True`` over all layers (reads every block once).
+composition cache (``hf_flag.analyze.COMPOSITION_CACHE_BYTES``); (2) ``cheap=True`` over all layers (reads every
+block once).  Default options otherwise.
 
-    .venv/bin/python benchmarks/bench_lazy_rss.py [--layers 88]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_lazy_rss.py [--layers 88]
 """
 from __future__ import annotations
 

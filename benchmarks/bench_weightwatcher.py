@@ -7,6 +7,11 @@ separately and not counted).  Prints one line per measurement and the ratio.
 
     .venv/bin/pip install weightwatcher==0.7.7      # the "bench" extra
     .venv/bin/python benchmarks/bench_weightwatcher.py --threads 2
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_weightwatcher.py --threads 1 --breakdown
+
+On a shared, loaded 2-core machine use ``--threads 1`` with ``OMP_NUM_THREADS=1``: with 2 threads MKL's LAPACK
+calls slow down by up to 100x when the other core is busy.  ``--breakdown`` also times each diagnostic group
+alone (pairs; head overlaps; composition) to show where the full report's time goes.
 """
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ def main() -> None:
     parser.add_argument("--composition", default="all", choices=("all", "adjacent", "none"))
     parser.add_argument("--skip-ww", action="store_true", help="time hf-flag only")
     parser.add_argument("--skip-full", action="store_true", help="time the cheap path only (and WeightWatcher)")
+    parser.add_argument("--breakdown", action="store_true", help="also time each diagnostic group alone")
     args = parser.parse_args()
 
     import torch
@@ -48,6 +54,13 @@ def main() -> None:
         if not args.skip_full:
             full, t_full = timed(lambda: analyze(path, device="cpu", composition=args.composition))
             print(f"hf-flag full report (composition={args.composition}): {t_full:8.1f} s  {len(full.rows)} rows")
+        if args.breakdown:
+            groups = {"pairs (mlp, vo, residual)": {"mlp", "vo", "residual"}, "head overlaps": {"heads"},
+                      f"composition ({args.composition})": {"composition"}}
+            for label, diag in groups.items():
+                part, t_part = timed(lambda: analyze(path, device="cpu", diagnostics=diag,
+                                                     composition=args.composition))
+                print(f"  hf-flag {label + ':':40s} {t_part:8.1f} s  {len(part.rows)} rows")
         cheap, t_cheap = timed(lambda: analyze(path, device="cpu", cheap=True))
         print(f"hf-flag cheap (kappa + imbalance):              {t_cheap:8.1f} s  {len(cheap.rows)} rows")
         if args.skip_ww:

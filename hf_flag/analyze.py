@@ -31,9 +31,11 @@ shard of its ``layer``: ``layers=[0]`` and ``layers=[1]`` merged give the rows o
 
 Memory: blocks are read one tensor at a time through the adapter (``adapter.block_tensor_names``: a layer shard
 reads only its own blocks, block l+1 and, for composition, later layers' attention); the per-layer pass holds
-block l and block l+1 only.  Composition caches at most :data:`COMPOSITION_CACHE_BYTES` of destination-layer
-attention (chunks of destination layers; source layers are re-read once per chunk), so a deep model never holds
-every layer's attention.  NaN/Inf weights raise :class:`NonFiniteWeightsError` naming the tensor and the layer.
+block l and block l+1 only, and each layer's head bases are computed once (shared by its within-layer rows and
+layer l-1's cross-layer rows).  Composition keeps at most :data:`COMPOSITION_CACHE_BYTES`: packed ``d x d`` Grams
+of a chunk of source layers (each destination layer re-read once per chunk), or, when six head sets of packed
+Grams exceed it (very wide models), the tiled trace form over cached destination attention.  Each layer is
+checked for NaN/Inf once (at its first read): :class:`NonFiniteWeightsError` names the tensor and the layer.
 """
 from __future__ import annotations
 
@@ -45,7 +47,7 @@ from torch import nn
 
 from hf_flag.analysis.checks import (NonFiniteWeightsError, check_choice, check_finite, check_layers,
                                      resolve_device, sort_rows, summarize)
-from hf_flag.analysis.heads import composition_rows, overlap_rows
+from hf_flag.analysis.heads import composition_rows, head_spaces, overlap_rows
 from hf_flag.analysis.pairs import (COMMUTATOR_BASELINE_LARGE_N, COMMUTATOR_BASELINE_SAMPLES,
                                     COMMUTATOR_BASELINE_SAMPLES_LARGE, augment, batch_seed, pair_values)
 from hf_flag.report import Report, Row
@@ -80,8 +82,11 @@ HEADLINE_METRICS = (
 )
 PAIR_TABLE_METRICS = ("commutator_ratio", "relative_imbalance", "subspace_score", "basis_score", "intersection_dim")
 
-#: bytes of destination-layer attention tensors the composition pass keeps at once
-COMPOSITION_CACHE_BYTES = 128 * 2**20
+#: memory budget (bytes) of the composition pass: packed Grams of a chunk of source layers plus one destination
+#: layer's (``analysis.heads.gram_composition_rows``), or cached attention for the tiled fallback.  256 MiB holds
+#: 16 source layers of SmolLM2-135M (d = 576, 9 heads: 12 MiB each) or 4 of a d = 768, 12-head model.  Larger
+#: budgets re-read fewer layers; peak memory is about this plus two float64 blocks.
+COMPOSITION_CACHE_BYTES = 256 * 2**20
 
 
 def table_metrics(kind: str) -> tuple[str, ...]:
@@ -112,10 +117,24 @@ def single(bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if bias is None else bias[None]
 
 
+def layer_bases(bases: dict, layer: int, attn) -> dict:
+    """Head bases (``geometry.heads.head_bases``) of ``layer``'s q/k/v/o spaces, from ``bases`` (layer -> bases)
+    or computed once and stored there: layer l+1's bases serve its cross-layer rows and then its own."""
+    from hf_flag.geometry.heads import head_bases
+
+    if layer not in bases:
+        bases[layer] = {s: head_bases(X) for s, X in head_spaces(attn).items()}
+    return bases[layer]
+
+
 def layer_rows(model: str, layout, block, nxt, *, diagnostics: frozenset, cheap: bool,
-               storage_eps: float) -> list[Row]:
+               storage_eps: float, bases: Optional[dict] = None) -> list[Row]:
     """Every row whose ``layer`` is ``block.index``, composition excepted (``nxt``: block l+1, or ``None``;
-    ``storage_eps``: precision of the block's stored weights, MATH.md §4)."""
+    ``storage_eps``: precision of the block's stored weights, MATH.md §4; ``bases``: the head-bases cache of
+    :func:`layer_bases`, shared across calls; entries of layers before ``block.index`` are dropped)."""
+    bases = {} if bases is None else bases
+    for old in [k for k in bases if k < block.index]:
+        del bases[old]
     l, mlp, attn = block.index, block.mlp, block.attention
     pair = dict(cheap=cheap, storage_eps=storage_eps)
     rows: list[Row] = []
@@ -135,15 +154,15 @@ def layer_rows(model: str, layout, block, nxt, *, diagnostics: frozenset, cheap:
         rows += pair_rows(model, KIND_RESIDUAL, [(l, l + 1, "mlp.out", "mlp.in")], mlp.mlp_out[None],
                           single(mlp.b_out), nxt.mlp.mlp_in[None], activation="identity", **pair)
     if "heads" in diagnostics and attn is not None and not cheap:
-        write = attn.W_O.transpose(-1, -2)  # row(W_O^h) as column spaces, (H, d, head_dim)
-        spaces = {"q": attn.W_Q, "k": attn.W_K, "v": attn.W_V, "o": write}
-        for s, X in spaces.items():
-            rows += overlap_rows(model, HEAD_OVERLAP_KINDS[s], l, l, X, X, (HEAD_LABELS[s],) * 2, upper=True)
+        here = layer_bases(bases, l, attn)
+        for s in "qkvo":
+            rows += overlap_rows(model, HEAD_OVERLAP_KINDS[s], l, l, here[s], here[s], (HEAD_LABELS[s],) * 2,
+                                 upper=True)
         if nxt is not None and nxt.attention is not None:
-            nxt_spaces = {"q": nxt.attention.W_Q, "k": nxt.attention.W_K, "v": nxt.attention.W_V}
-            for s, Y in nxt_spaces.items():
-                rows += overlap_rows(model, CROSS_LAYER_KINDS[s], l, l + 1, write, Y, ("head", HEAD_LABELS[s]),
-                                     upper=False)
+            there = layer_bases(bases, l + 1, nxt.attention)
+            for s in "qkv":
+                rows += overlap_rows(model, CROSS_LAYER_KINDS[s], l, l + 1, here["o"], there[s],
+                                     ("head", HEAD_LABELS[s]), upper=False)
     return rows
 
 
@@ -169,24 +188,27 @@ def analyze_transformer(source, name: str, *, device: torch.device, dtype: torch
     block_eps: dict[int, float] = {}
 
     def load(i: int):
-        names = adapter.block_tensor_names(layout, i)
         block = adapter.block(source, layout, i, dtype=dtype, device=device)
-        check_finite(block, source, names, f"layer {i}")
-        eps = {source.storage_dtype(n): source.storage_eps(n) for n in names}
-        storage.update(eps)
-        block_eps[i] = max(eps.values())
+        if i not in block_eps:  # first read of layer i: check it once (composition re-reads layers)
+            names = adapter.block_tensor_names(layout, i)
+            check_finite(block, source, names, f"layer {i}")
+            eps = {source.storage_dtype(n): source.storage_eps(n) for n in names}
+            storage.update(eps)
+            block_eps[i] = max(eps.values())
         return block
 
     rows: list[Row] = []
     need_next = "residual" in diag or ("heads" in diag and not cheap)
+    bases: dict = {}
     with progress_bar(len(sel), progress, name) as bar:
         nxt = None
         for i in sel:
             block = nxt if nxt is not None and nxt.index == i else load(i)
             nxt = load(i + 1) if need_next and i + 1 < layout.n_layers else None
-            rows += layer_rows(name, layout, block, nxt, diagnostics=diag, cheap=cheap, storage_eps=block_eps[i])
+            rows += layer_rows(name, layout, block, nxt, diagnostics=diag, cheap=cheap, storage_eps=block_eps[i],
+                               bases=bases)
             bar.update()
-        del block, nxt
+        del block, nxt, bases
     if "composition" in diag and composition != "none" and not cheap:
         rows += composition_rows(name, COMPOSITION_KINDS, layout, sel, composition, lambda i: load(i).attention,
                                  budget_bytes=COMPOSITION_CACHE_BYTES, itemsize=dtype.itemsize)

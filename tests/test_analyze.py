@@ -287,12 +287,21 @@ def test_composition_streaming_under_a_tiny_cache_budget(monkeypatch):
     monkeypatch.setattr(Adapter, "block", lambda self, *a, **k: loads.append(a[2]) or real_block(self, *a, **k))
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**LLAMA_LIKE, "num_hidden_layers": 4}))
     full = analyze(model, device="cpu", diagnostics={"composition"})
-    assert len(full.rows) == 3 * 6 * H * H and len(loads) == 4 + 4  # per-layer pass + one chunk of 3 + source 0
-    loads.clear()
-    monkeypatch.setattr(module, "COMPOSITION_CACHE_BYTES", 1)  # one destination layer per chunk and per group
-    streamed = analyze(model, device="cpu", diagnostics={"composition"})
-    assert len(loads) == 4 + (2 + 3 + 4)  # chunk t: destination t and sources 0..t-1
-    same_rows(streamed, full, rel=1e-12)
+    # packed-Gram path: per-layer pass + one chunk of sources 0..2 + destinations 1..3
+    assert len(full.rows) == 3 * 6 * H * H and len(loads) == 4 + 3 + 3
+    from hf_flag.geometry.composition import packed_gram_bytes
+
+    gram = packed_gram_bytes(H, D)
+    for budget, chunk_loads in ((6 * gram, (1 + 3) + (1 + 2) + (1 + 1)),  # Gram path, one source per chunk
+                                (7 * gram - 1, (1 + 3) + (1 + 2) + (1 + 1)),
+                                (7 * gram, (2 + 3) + (1 + 1)),  # sources {0, 1}, then {2}
+                                (8 * gram, 3 + 3),  # all three sources in one chunk
+                                (1, (1 + 1) + (1 + 2) + (1 + 3))):  # below 6 Grams: tiled trace form
+        loads.clear()
+        monkeypatch.setattr(module, "COMPOSITION_CACHE_BYTES", budget)
+        streamed = analyze(model, device="cpu", diagnostics={"composition"})
+        assert len(loads) == 4 + chunk_loads, budget  # per chunk: its sources, then their destinations
+        same_rows(streamed, full, rel=1e-12)
 
 
 def test_nan_weights_name_tensor_and_layer(llama):

@@ -11,15 +11,16 @@ import torch
 from hf_flag.report import Row
 
 
-def overlap_rows(model: str, kind: str, layer: int, target_layer: int, X: torch.Tensor, Y: torch.Tensor,
-                 labels: tuple[str, str], *, upper: bool) -> list[Row]:
-    """Rows of the head-subspace overlaps of column spaces ``X: (H, d, r)`` vs ``Y: (H', d, r')`` (only h < h'
-    when ``upper``), each beside its Haar baseline max(r, r')/d and z-score (MATH.md §1, §6)."""
+def overlap_rows(model: str, kind: str, layer: int, target_layer: int, X, Y, labels: tuple[str, str], *,
+                 upper: bool) -> list[Row]:
+    """Rows of the head-subspace overlaps of two ``geometry.heads.HeadBases`` (column spaces ``(H, d, r)`` vs
+    ``(H', d, r')``; only h < h' when ``upper``), each beside its Haar baseline max(r, r')/d and z-score
+    (MATH.md §1, §6)."""
     from hf_flag.geometry.baselines import overlap_baseline, overlap_zscore
-    from hf_flag.geometry.heads import head_overlap_matrix
+    from hf_flag.geometry.heads import overlap_from_bases
 
-    d, p, q = X.shape[1], X.shape[2], Y.shape[2]
-    overlaps = head_overlap_matrix(X, Y)
+    d, p, q = X.Q.shape[1], X.Q.shape[2], Y.Q.shape[2]
+    overlaps = overlap_from_bases(X, Y)
     zscores = overlap_zscore(overlaps, p, q, d).tolist()
     base = float(overlap_baseline(p, q, d))
     return [
@@ -27,6 +28,12 @@ def overlap_rows(model: str, kind: str, layer: int, target_layer: int, X: torch.
             {"overlap": ov, "overlap_baseline": base, "overlap_zscore": zscores[h][g]})
         for h, row in enumerate(overlaps.tolist()) for g, ov in enumerate(row) if not upper or h < g
     ]
+
+
+def head_spaces(attn) -> dict[str, torch.Tensor]:
+    """Per-head column spaces of a layer: reads ``q``/``k``/``v`` (``(H, d, dh)``) and writes ``o``
+    (row(W_O^h) as ``W_O^T``) (MATH.md §6)."""
+    return {"q": attn.W_Q, "k": attn.W_K, "v": attn.W_V, "o": attn.W_O.transpose(-1, -2)}
 
 
 def expand_kv(attn, layout) -> dict[str, torch.Tensor]:
@@ -41,19 +48,103 @@ def composition_targets(n_layers: int, sources: Sequence[int], mode: str) -> dic
     return {l: list(range(l + 1, stop[l])) for l in sources}
 
 
+def contiguous_runs(indices: Sequence[int]) -> list[tuple[int, int]]:
+    """``[0, 1, 2, 5, 6]`` -> ``[(0, 3), (5, 7)]``: half-open runs of consecutive sorted indices."""
+    runs: list[tuple[int, int]] = []
+    for i in indices:
+        if runs and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
+
+
+def destination_reads(dst: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``(W_Q, W_K)`` arguments of :func:`~hf_flag.geometry.composition.composition_scores` per kind."""
+    return {"q": (dst["Q"], dst["K"]), "k": (dst["Q"], dst["K"]), "v": (dst["V"], dst["O"].mT)}
+
+
 def composition_rows(model: str, kinds: dict[str, str], layout, sources: Sequence[int], mode: str,
-                     load_attention: Callable, *,
-                     budget_bytes: int, itemsize: int) -> Iterator[Row]:
+                     load_attention: Callable, *, budget_bytes: int, itemsize: int) -> Iterator[Row]:
     """Composition rows (MATH.md §6) from every source layer in ``sources`` to its destination layers; ``kinds``
-    maps ``"q"``/``"k"``/``"v"`` to the row kind.
+    maps ``"q"``/``"k"``/``"v"`` to the row kind; ``load_attention(i)`` reads layer i's ``AttentionWeights``.
+
+    When ``budget_bytes`` holds the packed ``d x d`` Grams of six head sets (:func:`gram_composition_rows`), each
+    source layer's Grams are built once (a destination's once per chunk of sources) and every layer pair costs one
+    matmul; otherwise (very wide models) the tiled trace form runs per layer pair (:func:`tiled_composition_rows`).
+    Both are exact."""
+    from hf_flag.geometry.composition import packed_gram_bytes
+
+    targets = composition_targets(layout.n_layers, sources, mode)
+    gram = packed_gram_bytes(layout.n_heads, layout.d_model)  # the Grams are float64 whatever the analysis dtype
+    if budget_bytes >= 6 * gram:
+        yield from gram_composition_rows(model, kinds, layout, sources, targets, load_attention,
+                                         budget_bytes=budget_bytes)
+    else:
+        yield from tiled_composition_rows(model, kinds, layout, sources, targets, load_attention,
+                                          budget_bytes=budget_bytes, itemsize=itemsize)
+
+
+def gram_composition_rows(model: str, kinds: dict[str, str], layout, sources: Sequence[int],
+                          targets: dict[int, list[int]], load_attention: Callable, *,
+                          budget_bytes: int) -> Iterator[Row]:
+    """Composition rows through packed Grams (``geometry.composition.scores_from_grams``).
+
+    Source layers are taken in chunks whose packed Grams (``H`` packed ``d x d`` Grams per layer) fill at most
+    ``budget_bytes`` minus the five head sets reserved for one destination layer (its q/k/v Grams, one kind's
+    freshly built Grams and the ``d x d`` build temporaries of a quarter of the heads); each destination layer is
+    then read once per chunk holding one of its sources, and scores against all of them in one
+    ``(c H, T) x (T, 3 H)`` matmul.  Memory: the chunk + that reserve (the Grams are float64)."""
+    from hf_flag.geometry.baselines import composition_baseline
+    from hf_flag.geometry.composition import (CompositionGrams, destination_grams, packed_gram_bytes,
+                                              scores_from_grams, source_grams)
+
+    H = layout.n_heads
+    gram = packed_gram_bytes(H, layout.d_model)
+    chunk = max(1, (budget_bytes - 5 * gram) // gram)
+    tile = max(1, H // 4)  # d x d build temporaries: a quarter of a head set's (unpacked) Grams
+    base = composition_baseline(layout.d_model)
+    order = "qkv"
+    srcs = [l for l in sources if targets[l]]
+    for start in range(0, len(srcs), chunk):
+        group = srcs[start:start + chunk]
+        packed, norm2 = None, None
+        for j, l in enumerate(group):
+            src = expand_kv(load_attention(l), layout)
+            g = source_grams(src["V"], src["O"], tile_size=tile)
+            if packed is None:
+                packed = g.packed.new_empty(len(group) * H, g.packed.shape[1])
+                norm2 = g.norm2.new_empty(len(group) * H)
+            packed[j * H:(j + 1) * H], norm2[j * H:(j + 1) * H] = g.packed, g.norm2
+            del src, g
+        dst = CompositionGrams(packed.new_empty(3 * H, packed.shape[1]), norm2.new_empty(3 * H))
+        for t in sorted({t for l in group for t in targets[l]}):
+            reads = destination_reads(expand_kv(load_attention(t), layout))
+            for k, (s, (X, Y)) in enumerate(reads.items()):  # one kind's Grams at a time, copied into place
+                g = destination_grams(X, Y, kind=s, tile_size=tile)
+                dst.packed[k * H:(k + 1) * H], dst.norm2[k * H:(k + 1) * H] = g.packed, g.norm2
+                del g
+            del reads
+            for a, b in contiguous_runs([j for j, l in enumerate(group) if t in targets[l]]):
+                scores = scores_from_grams(CompositionGrams(packed[a * H:b * H], norm2[a * H:b * H]), dst).tolist()
+                yield from (Row(model, kinds[order[c // H]], group[a + r // H], t, f"head {r % H}",
+                                f"head {c % H}", {"score": sc, "score_baseline": base})
+                            for r, row in enumerate(scores) for c, sc in enumerate(row))
+        del dst, packed, norm2
+
+
+def tiled_composition_rows(model: str, kinds: dict[str, str], layout, sources: Sequence[int],
+                           targets: dict[int, list[int]], load_attention: Callable, *, budget_bytes: int,
+                           itemsize: int) -> Iterator[Row]:
+    """Composition rows by the tiled trace form (``geometry.composition.composition_scores``), for models whose
+    packed Grams do not fit the budget.
 
     Destination layers' attention (KV heads unexpanded) is cached in chunks of at most ``budget_bytes`` (at least
     one layer); each source layer is read once per chunk holding one of its destinations, so memory is one chunk
-    plus one source layer and the expanded heads of a group of destinations (a quarter of the budget).  ``load_attention(i)`` reads layer i's ``AttentionWeights``."""
+    plus one source layer and the expanded heads of a group of destinations (a quarter of the budget)."""
     from hf_flag.geometry.baselines import composition_baseline
     from hf_flag.geometry.composition import composition_scores
 
-    targets = composition_targets(layout.n_layers, sources, mode)
     dests = sorted({t for ts in targets.values() for t in ts})
     per_layer = 2 * (layout.n_heads + layout.n_kv_heads) * layout.d_model * layout.head_dim * itemsize
     chunk = max(1, budget_bytes // per_layer)
@@ -70,8 +161,7 @@ def composition_rows(model: str, kinds: dict[str, str], layout, sources: Sequenc
             for g in range(0, len(ts), group):
                 dst = [expand_kv(cache[t], layout) for t in ts[g:g + group]]
                 dst = {r: torch.cat([d[r] for d in dst]) for r in "QKVO"}  # heads of `group` destination layers
-                reads = {"q": (dst["Q"], dst["K"]), "k": (dst["Q"], dst["K"]), "v": (dst["V"], dst["O"].mT)}
-                for s, (X, Y) in reads.items():
+                for s, (X, Y) in destination_reads(dst).items():
                     scores = composition_scores(src["V"], src["O"], X, Y, kind=s).tolist()
                     yield from (Row(model, kinds[s], l, ts[g + j // H], f"head {h}", f"head {j % H}",
                                     {"score": sc, "score_baseline": base})

@@ -4,15 +4,24 @@ Elhage et al. (2021): ``score = ||L R||_F / (||L||_F ||R||_F)`` with ``L = W_V W
 taken from the destination head.  Heads use the ``x @ W`` convention of ``hf_flag.weights.blocks``.  The weights
 are scored as given: unlike TransformerLens, no LayerNorm folding and no centring is done here (an adapter or
 the caller may fold first).  Haar baseline: ``E[score^2] = 1/d`` (``baselines.composition_baseline``).
+
+Two exact routes to the same score: :func:`composition_scores` (one layer pair, cost ``H H' d dh^2``, memory
+``O(d dh)`` per tile) and :func:`source_grams` / :func:`destination_grams` / :func:`scores_from_grams` (packed
+``d x d`` Grams built once per layer, ``H d^2 dh``, then ``H H' d^2 / 2`` per layer pair: cheaper when every layer
+meets many others, as in all-pairs composition, at ``d^2 / 2`` floats per head).
 """
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import NamedTuple, Optional
 
 import torch
 
 from hf_flag.geometry.angles import check_matrix
 from hf_flag.geometry.pairs import _safe_ratio
+
+__all__ = ["composition_scores", "CompositionGrams", "source_grams", "destination_grams", "scores_from_grams",
+           "packed_gram_bytes"]
 
 _KINDS = ("q", "k", "v")
 
@@ -22,6 +31,28 @@ def _heads(name: str, W: torch.Tensor, rows: Optional[int], cols: Optional[int])
     if W.ndim != 3 or (rows is not None and W.shape[1] != rows) or (cols is not None and W.shape[2] != cols):
         want = f"(heads, {rows if rows is not None else 'rows'}, {cols if cols is not None else 'cols'})"
         raise ValueError(f"composition_scores: {name} must have shape {want}; got {tuple(W.shape)}")
+
+
+def _check_source(W_V: torch.Tensor, W_O: torch.Tensor) -> None:
+    """Source heads: ``W_V`` (H, d, dh) and ``W_O`` (H, dh, d), finite."""
+    _heads("W_V", W_V, None, None)
+    H, d, dh = W_V.shape
+    _heads("W_O", W_O, dh, d)
+    if W_O.shape[0] != H:
+        raise ValueError(f"composition_scores: W_O {tuple(W_O.shape)} and W_V {tuple(W_V.shape)} must have the "
+                         f"same number of heads")
+
+
+def _check_destination(W_Q: torch.Tensor, W_K: torch.Tensor, kind: str, d: Optional[int]) -> None:
+    """Destination heads: ``W_Q``, ``W_K`` (H', d, dh'), finite; ``kind`` in q/k/v."""
+    if kind not in _KINDS:
+        raise ValueError(f"composition_scores: kind must be one of {_KINDS}; got {kind!r}")
+    _heads("W_Q", W_Q, d, None)
+    _heads("W_K", W_K, W_Q.shape[1], W_Q.shape[2])
+    if W_K.shape[0] != W_Q.shape[0]:
+        raise ValueError(f"composition_scores: W_Q {tuple(W_Q.shape)} and W_K {tuple(W_K.shape)} must have the "
+                         f"same number of heads (expand KV heads to query heads; for kind='v' pass "
+                         f"W_O_dst.transpose(-1, -2) as W_K)")
 
 
 def composition_scores(
@@ -44,20 +75,9 @@ def composition_scores(
     ``||R||_F^2 = tr(X^T X G_Y)``.  Head pairs are processed ``tile_size`` at a time (default ``d // dh'``),
     so the working memory is O(d x dh) per tile.  A zero head scores 0.
     """
-    if kind not in _KINDS:
-        raise ValueError(f"composition_scores: kind must be one of {_KINDS}; got {kind!r}")
-    _heads("W_V", W_V, None, None)
+    _check_source(W_V, W_O)
     H, d, dh = W_V.shape
-    _heads("W_O", W_O, dh, d)
-    if W_O.shape[0] != H:
-        raise ValueError(f"composition_scores: W_O {tuple(W_O.shape)} and W_V {tuple(W_V.shape)} must have the "
-                         f"same number of heads")
-    _heads("W_Q", W_Q, d, None)
-    _heads("W_K", W_K, d, W_Q.shape[2])
-    if W_K.shape[0] != W_Q.shape[0]:
-        raise ValueError(f"composition_scores: W_Q {tuple(W_Q.shape)} and W_K {tuple(W_K.shape)} must have the "
-                         f"same number of heads (expand KV heads to query heads; for kind='v' pass "
-                         f"W_O_dst.transpose(-1, -2) as W_K)")
+    _check_destination(W_Q, W_K, kind, d)
     dev = W_V.device
     W_V, W_O = W_V.to(dtype), W_O.to(device=dev, dtype=dtype)
     X, Y = (W_Q, W_K) if kind != "k" else (W_K, W_Q)
@@ -82,3 +102,72 @@ def composition_scores(
             M = W_O[i:i + ts, None] @ X[None, j:j + td]  # (ts, td, dh, dh')
             num2[i:i + ts, j:j + td] = ((G_V[i:i + ts, None] @ M) * (M @ G_Y[None, j:j + td])).sum(dim=(-2, -1))
     return _safe_ratio(num2.clamp_min(0).sqrt(), (L2[:, None] * R2[None, :]).sqrt())
+
+
+class CompositionGrams(NamedTuple):
+    """Packed ``d x d`` Grams of one side of the composition score (MATH.md §6), reusable across layer pairs.
+
+    ``packed``: ``(H, d (d + 1) / 2)``, the upper triangle of each head's Gram with off-diagonal entries scaled by
+    sqrt 2, so ``<G_h, G'_g>_F = packed[h] . packed'[g]``; ``norm2``: ``(H,)`` traces, i.e. squared Frobenius
+    norms of ``L_h`` (source) or ``R_g`` (destination).
+    """
+
+    packed: torch.Tensor
+    norm2: torch.Tensor
+
+
+def packed_gram_bytes(heads: int, d: int, dtype: torch.dtype = torch.float64) -> int:
+    """Bytes of the :class:`CompositionGrams` of ``heads`` heads in R^d (what a cache of them costs)."""
+    return heads * (d * (d + 1) // 2) * dtype.itemsize
+
+
+def _pack(F: torch.Tensor, G: torch.Tensor, tile_size: Optional[int]) -> CompositionGrams:
+    """Packed Grams ``F[h] G[h] F[h]^T`` (``F``: (H, d, r), ``G``: (H, r, r) symmetric), ``tile_size`` heads at a
+    time (the full ``d x d`` temporaries of a tile are the only unpacked memory)."""
+    H, d = F.shape[0], F.shape[1]
+    rows, cols = torch.triu_indices(d, d, device=F.device)
+    flat = rows * d + cols
+    weight = torch.full(flat.shape, math.sqrt(2.0), dtype=F.dtype, device=F.device).masked_fill_(rows == cols, 1.0)
+    step = H if tile_size is None else tile_size
+    packed = torch.empty(H, flat.numel(), dtype=F.dtype, device=F.device)
+    for i in range(0, H, step):
+        full = F[i:i + step] @ (G[i:i + step] @ F[i:i + step].mT)  # (tile, d, d)
+        packed[i:i + step] = full.reshape(full.shape[0], d * d).index_select(1, flat) * weight
+    norm2 = (G * (F.mT @ F)).sum(dim=(-2, -1))  # tr(F G F^T) = <G, F^T F>
+    return CompositionGrams(packed, norm2)
+
+
+def _tile(tile_size: Optional[int]) -> Optional[int]:
+    if tile_size is not None and (not isinstance(tile_size, int) or tile_size < 1):
+        raise ValueError(f"composition grams: tile_size must be a positive int (heads per tile); got {tile_size!r}")
+    return tile_size
+
+
+def source_grams(W_V: torch.Tensor, W_O: torch.Tensor, *, tile_size: Optional[int] = None,
+                 dtype: torch.dtype = torch.float64) -> CompositionGrams:
+    """Packed ``L_h^T L_h = W_O^T (W_V^T W_V) W_O`` of source heads ``W_V`` (H, d, dh), ``W_O`` (H, dh, d)
+    (MATH.md §6).  Cost ``H d^2 dh``; pair with :func:`destination_grams` through :func:`scores_from_grams`."""
+    _check_source(W_V, W_O)
+    W_V, W_O = W_V.to(dtype), W_O.to(device=W_V.device, dtype=dtype)
+    return _pack(W_O.mT, W_V.mT @ W_V, _tile(tile_size))
+
+
+def destination_grams(W_Q: torch.Tensor, W_K: torch.Tensor, *, kind: str, tile_size: Optional[int] = None,
+                      dtype: torch.dtype = torch.float64) -> CompositionGrams:
+    """Packed ``R_g R_g^T = X (Y^T Y) X^T`` of destination heads, with ``X, Y`` as in :func:`composition_scores`
+    (``kind="k"`` swaps them; for ``kind="v"`` pass the destination's ``W_V`` and ``W_O^T``) (MATH.md §6)."""
+    _check_destination(W_Q, W_K, kind, None)
+    X, Y = (W_Q, W_K) if kind != "k" else (W_K, W_Q)
+    X, Y = X.to(dtype), Y.to(device=X.device, dtype=dtype)
+    return _pack(X, Y.mT @ Y, _tile(tile_size))
+
+
+def scores_from_grams(source: CompositionGrams, destination: CompositionGrams) -> torch.Tensor:
+    """``(H, H')`` composition scores ``sqrt(<L_h^T L_h, R_g R_g^T>) / (||L_h|| ||R_g||)`` from packed Grams: one
+    ``(H, T) x (T, H')`` matmul, ``T = d (d + 1) / 2`` (MATH.md §6; ``||L R||_F^2 = tr(L^T L R R^T)``).  Equals
+    :func:`composition_scores`; cheaper when each side's Grams are reused across many layer pairs."""
+    if source.packed.shape[-1] != destination.packed.shape[-1]:
+        raise ValueError(f"scores_from_grams: packed Grams of width {source.packed.shape[-1]} and "
+                         f"{destination.packed.shape[-1]} come from different model dimensions d")
+    num2 = source.packed @ destination.packed.mT
+    return _safe_ratio(num2.clamp_min(0).sqrt(), (source.norm2[:, None] * destination.norm2[None, :]).sqrt())

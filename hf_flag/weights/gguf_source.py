@@ -1,5 +1,9 @@
 """GGUF checkpoints (llama.cpp) of Llama-family models, read lazily and dequantised one tensor at a time.
 
+The header is parsed once at open (:func:`parse_gguf`: scalar/string metadata and the tensor table; metadata arrays
+such as the tokenizer are skipped, not decoded); each tensor is then read with ``os.pread`` and dequantised by
+``gguf.quants.dequantize``, so nothing stays mapped and no dequantised tensor is cached.
+
 Tensor names are mapped to Hugging Face Llama names and llama.cpp's row permutation of ``attn_q`` / ``attn_k``
 is undone exactly as transformers' GGUF loader does (``LlamaTensorProcessor._reverse_permute_weights``), so
 ``get`` returns what ``AutoModelForCausalLM.from_pretrained(..., gguf_file=...)`` would hold (in float32).
@@ -7,7 +11,11 @@ The config is synthesised from the GGUF metadata with transformers' key names (`
 """
 from __future__ import annotations
 
+import math
+import mmap
+import os
 import re
+import struct
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -52,15 +60,85 @@ _BLOCK_NAMES = {
 }
 _BLOCK = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 _FLOAT_TYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+_NUMPY_FLOATS = {"F32": np.float32, "F16": np.float16, "F64": np.float64}
 _QUANT_BITS = re.compile(r"^(?:I?Q|TQ)(\d)")
 
 
 class _TensorInfo(NamedTuple):
-    """What a closed source keeps of a ``gguf.ReaderTensor``: everything except the memory-mapped data."""
+    """One tensor of the GGUF tensor table: storage type, dims (GGUF order, innermost first), bytes and the
+    absolute file offset of its data."""
 
     tensor_type: Any
-    shape: np.ndarray
+    shape: tuple[int, ...]
     n_bytes: int
+    offset: int
+
+
+#: GGUF metadata value types: fixed-size scalars (struct format), 8 = string, 9 = array
+_SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q",
+                   12: "<d"}
+_STRING, _ARRAY = 8, 9
+_GGUF_MAGIC = b"GGUF"
+
+
+def _skip_or_read(buf: Any, offs: int, vtype: int) -> tuple[Any, int]:
+    """Value of type ``vtype`` at ``offs`` and the offset after it; arrays are skipped (``None``): hf-flag needs
+    only scalar and string metadata, and the tokenizer arrays are most of the parse time of ``GGUFReader``."""
+    if vtype in _SCALAR_FORMATS:
+        fmt = _SCALAR_FORMATS[vtype]
+        return struct.unpack_from(fmt, buf, offs)[0], offs + struct.calcsize(fmt)
+    if vtype == _STRING:
+        (n,) = struct.unpack_from("<Q", buf, offs)
+        return bytes(buf[offs + 8:offs + 8 + n]).decode("utf-8", errors="replace"), offs + 8 + n
+    if vtype == _ARRAY:
+        item, count = struct.unpack_from("<IQ", buf, offs)
+        offs += 12
+        if item in _SCALAR_FORMATS:
+            return None, offs + count * struct.calcsize(_SCALAR_FORMATS[item])
+        for _ in range(count):
+            _, offs = _skip_or_read(buf, offs, item)
+        return None, offs
+    raise ValueError(f"unknown metadata value type {vtype}")
+
+
+def parse_gguf(path: Path) -> tuple[dict[str, Any], dict[str, _TensorInfo]]:
+    """Metadata (scalars and strings; arrays skipped) and tensor table of a little-endian GGUF v2/v3 file, parsed
+    once from a short-lived memory map; tensor data is not touched (read later with ``os.pread``)."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        if buf[:4] != _GGUF_MAGIC:
+            raise ValueError("no GGUF magic number")
+        version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
+        if version not in (2, 3):
+            raise ValueError(f"GGUF version {version} (big-endian or unsupported)")
+        offs, meta = 24, {}
+        for _ in range(n_kv):
+            (n,) = struct.unpack_from("<Q", buf, offs)
+            key = bytes(buf[offs + 8:offs + 8 + n]).decode("utf-8")
+            (vtype,) = struct.unpack_from("<I", buf, offs + 8 + n)
+            meta[key], offs = _skip_or_read(buf, offs + 12 + n, vtype)
+        table = []
+        for _ in range(n_tensors):
+            (n,) = struct.unpack_from("<Q", buf, offs)
+            name = bytes(buf[offs + 8:offs + 8 + n]).decode("utf-8")
+            offs += 8 + n
+            (n_dims,) = struct.unpack_from("<I", buf, offs)
+            dims = struct.unpack_from(f"<{n_dims}Q", buf, offs + 4)
+            raw_type, rel = struct.unpack_from("<IQ", buf, offs + 4 + 8 * n_dims)
+            offs += 4 + 8 * n_dims + 12
+            table.append((name, dims, GGMLQuantizationType(raw_type), rel))
+        size = len(buf)
+    alignment = int(meta.get("general.alignment") or 32)
+    start = offs + (-offs % alignment)
+    tensors: dict[str, _TensorInfo] = {}
+    for name, dims, qtype, rel in table:
+        block, type_size = GGML_QUANT_SIZES[qtype]
+        info = _TensorInfo(qtype, tuple(int(d) for d in dims), math.prod(dims) * type_size // block, start + rel)
+        if name in tensors or info.offset + info.n_bytes > size:
+            raise ValueError(f"tensor {name!r} is duplicated or extends past the end of the file")
+        tensors[name] = info
+    return meta, tensors
 
 
 def hf_tensor_name(gguf_name: str) -> str:
@@ -107,24 +185,16 @@ def quant_eps(type_name: str) -> float:
     raise WeightSourceError(f"GGUF storage type {type_name!r} has no known precision; report it as a bug")
 
 
-def _field_value(field: Any) -> Any:
-    """A GGUF metadata value as a Python scalar, string or list."""
-    value = field.contents()
-    return value.item() if isinstance(value, np.generic) else value
-
-
 class GGUFSource(WeightSource):
-    """Lazy reader of a Llama-family GGUF file (memory-mapped by ``gguf.GGUFReader``)."""
+    """Lazy reader of a Llama-family GGUF file (header parsed once by :func:`parse_gguf`; tensors read by ``pread``)."""
 
     def __init__(self, path: Path | str, *, name: str | None = None) -> None:
-        from gguf import GGUFReader
-
         self.path = Path(path)
         if not self.path.is_file():
             raise WeightSourceError(f"GGUF file {str(self.path)!r} does not exist; check the path")
         try:
-            self._reader = GGUFReader(str(self.path))
-        except Exception as exc:  # gguf raises ValueError / struct errors / IndexError on malformed files
+            self._metadata, tensors = parse_gguf(self.path)
+        except (ValueError, struct.error, UnicodeDecodeError, KeyError) as exc:  # malformed or truncated
             raise WeightSourceError(f"GGUF file {str(self.path)!r} is corrupted or truncated ({exc}); "
                                     f"re-download it") from None
         self.name = name or self.path.name
@@ -133,12 +203,13 @@ class GGUFSource(WeightSource):
             raise UnsupportedArchitectureError(
                 f"GGUF file {self.path.name!r} has architecture {self.arch!r}; hf-flag reads only Llama-layout "
                 f"GGUF ({', '.join(LLAMA_LIKE)}); convert the model to safetensors to analyse it")
-        self._tensors = {hf_tensor_name(t.name): t for t in self._reader.tensors}
+        self._tensors = {hf_tensor_name(k): t for k, t in tensors.items()}
+        self._fd: int | None = None
         self.config = self._config()
 
     def _meta(self, key: str, default: Any = None) -> Any:
-        field = self._reader.fields.get(key)
-        return default if field is None else _field_value(field)
+        value = self._metadata.get(key)
+        return default if value is None else value
 
     def _config(self) -> dict:
         config: dict = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_act": "silu"}
@@ -167,7 +238,7 @@ class GGUFSource(WeightSource):
     def shape(self, name: str) -> tuple[int, ...]:
         """HF (numpy/torch) order: GGUF lists dimensions innermost first, so they are reversed."""
         self._check_key(name)
-        return tuple(int(d) for d in reversed(self._tensors[name].shape.tolist()))
+        return tuple(reversed(self._tensors[name].shape))
 
     def gguf_type(self, name: str) -> str:
         """The GGUF storage type name of ``name`` (``"Q4_1"``, ``"F32"``...)."""
@@ -188,11 +259,23 @@ class GGUFSource(WeightSource):
         return int(sum(int(t.n_bytes) for t in self._tensors.values()))
 
     def _read(self, name: str) -> torch.Tensor:
-        from gguf.quants import dequantize
+        from gguf.quants import dequantize, quant_shape_to_byte_shape
 
         t = self._tensors[name]
-        array = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(self.shape(name))
-        if not (array.flags.writeable and array.flags.c_contiguous):  # float tensors come back as file views
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        raw = os.pread(self._fd, t.n_bytes, t.offset)  # an explicit read: no file pages stay mapped
+        if len(raw) != t.n_bytes:
+            raise WeightSourceError(f"GGUF file {str(self.path)!r} is truncated at tensor {name!r}; re-download it")
+        kind = t.tensor_type.name
+        if kind in _NUMPY_FLOATS:  # F16 is widened to float32 as transformers' loader does; F64 stays float64
+            array = np.frombuffer(raw, dtype=_NUMPY_FLOATS[kind]).astype(np.float64 if kind == "F64" else np.float32)
+        else:
+            data = np.frombuffer(raw, dtype=np.uint8).reshape(quant_shape_to_byte_shape(self.shape(name),
+                                                                                       t.tensor_type))
+            array = np.asarray(dequantize(data, t.tensor_type), dtype=np.float32)
+        array = array.reshape(self.shape(name))
+        if not (array.flags.writeable and array.flags.c_contiguous):
             array = array.copy()
         weight = torch.from_numpy(array)
         if name.endswith("self_attn.q_proj.weight"):
@@ -202,6 +285,7 @@ class GGUFSource(WeightSource):
         return weight
 
     def _release(self) -> None:
-        """Keep names, shapes and types; drop the memory-mapped data."""
-        self._tensors = {k: _TensorInfo(t.tensor_type, t.shape, t.n_bytes) for k, t in self._tensors.items()}
-        self._reader = None
+        """Keep names, shapes and types; close the file."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

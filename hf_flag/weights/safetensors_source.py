@@ -1,20 +1,22 @@
 """safetensors checkpoints (single file, several files, or a sharded ``*.safetensors.index.json``), read lazily.
 
 At open time only the JSON headers are read and checked against the file sizes, so a truncated download or a
-corrupted header fails immediately with one line; tensors are read later, one at a time, through
-``safetensors.safe_open`` (memory-mapped: the other tensors' bytes are never touched).
+corrupted header fails immediately with one line; tensors are read later, one at a time, with an explicit
+``os.preadv`` of exactly their bytes (offsets from the validated header) into a fresh ``torch.empty`` buffer.
+Nothing is memory-mapped, so the file's pages never count in the process's resident set (a mapped file would
+leave every page read resident until it is closed) and the other tensors' bytes are never touched.
 """
 from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Sequence, Union
 
 import torch
-from safetensors import safe_open
 
 from hf_flag.errors import WeightSourceError
 from hf_flag.weights.weight_source import SAFETENSORS_DTYPES, WeightSource
@@ -30,8 +32,9 @@ class _Entry:
     file: Path
     dtype: str  # safetensors code, e.g. "BF16"
     shape: tuple[int, ...]
-    begin: int
+    begin: int  # data offsets relative to the data section, which starts at byte ``base`` of the file
     end: int
+    base: int
 
 
 def _corrupt(path: Path, what: str) -> WeightSourceError:
@@ -77,7 +80,7 @@ def read_safetensors_header(path: Path) -> dict[str, _Entry]:
             raise _corrupt(path, f"tensor {name!r} declares shape {list(shape)} {dtype} but {end - begin} bytes")
         if end > data_size:
             raise _corrupt(path, f"tensor {name!r} ends at byte {end} but the data section has {data_size} bytes")
-        entries[name] = _Entry(path, dtype, shape, begin, end)
+        entries[name] = _Entry(path, dtype, shape, begin, end, 8 + n)
     return entries
 
 
@@ -115,7 +118,7 @@ class SafetensorsSource(WeightSource):
         self.name = name or paths[0].name
         self.config = dict(config or {})
         self._entries = self._index_entries(paths[0]) if paths[0].name.endswith(".json") else self._merge(paths)
-        self._handles: dict[Path, Any] = {}
+        self._handles: dict[Path, int] = {}  # open file descriptors
 
     @staticmethod
     def _merge(paths: list[Path]) -> dict[str, _Entry]:
@@ -162,17 +165,37 @@ class SafetensorsSource(WeightSource):
         """The safetensors files this source reads, in order."""
         return sorted({e.file for e in self._entries.values()})
 
-    def _handle(self, file: Path) -> Any:
+    def _fd(self, file: Path) -> int:
         if file not in self._handles:
-            self._handles[file] = safe_open(str(file), framework="pt", device="cpu")
+            self._handles[file] = os.open(file, os.O_RDONLY)
         return self._handles[file]
 
     def _read(self, name: str) -> torch.Tensor:
         entry = self._entries[name]
+        dtype = getattr(torch, SAFETENSORS_DTYPES.get(entry.dtype, ""), None)
+        if not isinstance(dtype, torch.dtype):
+            raise WeightSourceError(f"tensor {name!r} of {self.name!r} has safetensors dtype {entry.dtype!r}, which "
+                                    f"hf-flag cannot read; convert it to a float dtype")
+        buffer = torch.empty(entry.end - entry.begin, dtype=torch.uint8)
         try:
-            return self._handle(entry.file).get_tensor(name)
-        except Exception as exc:  # safetensors raises SafetensorError / OSError on unreadable data
+            pread_into(self._fd(entry.file), buffer, entry.base + entry.begin)
+        except OSError as exc:
             raise _corrupt(entry.file, f"reading {name!r} failed: {exc}") from None
+        return buffer.view(dtype).reshape(entry.shape)
 
     def _release(self) -> None:
+        for fd in self._handles.values():
+            os.close(fd)
         self._handles.clear()
+
+
+def pread_into(fd: int, buffer: torch.Tensor, offset: int) -> None:
+    """Fill the contiguous CPU uint8 tensor ``buffer`` with the file bytes at ``offset`` (``os.preadv``, repeated
+    for partial reads); ``OSError`` when the file ends first."""
+    view = memoryview(buffer.numpy()).cast("B")
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got == 0:
+            raise OSError(f"file ends {len(view) - done} bytes before the tensor does")
+        done += got

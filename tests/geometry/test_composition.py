@@ -113,3 +113,43 @@ def test_bad_inputs_raise_value_error_naming_shapes():
         composition_scores(W_V, W_O, bad, W_K, kind="q")
     with pytest.raises(ValueError, match="tile_size"):
         composition_scores(W_V, W_O, W_Q, W_K, kind="q", tile_size=0)
+
+
+def test_packed_grams_equal_trace_form_and_naive(layer_pair):
+    """scores_from_grams(source_grams, destination_grams) against the tiled trace form and the naive d x d formula,
+    for every kind, with head tiles of the Gram build of several sizes."""
+    from hf_flag.geometry.composition import destination_grams, packed_gram_bytes, scores_from_grams, source_grams
+
+    src, dst = layer_pair
+    L = src["V"] @ src["O"]
+    naive = {"q": _naive(L, dst["Q"] @ dst["K"].mT), "k": _naive(L, dst["K"] @ dst["Q"].mT),
+             "v": _naive(L, dst["V"] @ dst["O"])}
+    reads = {"q": (dst["Q"], dst["K"]), "k": (dst["Q"], dst["K"]), "v": (dst["V"], dst["O"].mT)}
+    for tile in (None, 1, 2):
+        P = source_grams(src["V"], src["O"], tile_size=tile)
+        d = src["V"].shape[1]
+        assert P.packed.shape == (3, d * (d + 1) // 2) and packed_gram_bytes(3, d) == P.packed.numel() * 8
+        assert torch.allclose(P.norm2, torch.linalg.matrix_norm(L).square(), rtol=1e-12, atol=0)
+        for kind, (X, Y) in reads.items():
+            got = scores_from_grams(P, destination_grams(X, Y, kind=kind, tile_size=tile))
+            assert torch.allclose(got, composition_scores(src["V"], src["O"], X, Y, kind=kind), rtol=1e-12, atol=0)
+            assert torch.allclose(got, naive[kind], rtol=1e-10, atol=0), kind
+
+
+def test_packed_grams_zero_head_and_bad_inputs():
+    from hf_flag.geometry.composition import destination_grams, scores_from_grams, source_grams
+
+    g = torch.Generator().manual_seed(4)
+    W_V, W_O, W_Q, W_K = _heads(2, 12, 3, g), _heads(2, 12, 3, g).mT, _heads(3, 12, 3, g), _heads(3, 12, 3, g)
+    W_V[1] = 0.0
+    s = scores_from_grams(source_grams(W_V, W_O), destination_grams(W_Q, W_K, kind="q"))
+    assert torch.all(s[1] == 0) and torch.all(s[0] > 0)  # a zero head scores 0, not NaN
+    with pytest.raises(ValueError, match="kind"):
+        destination_grams(W_Q, W_K, kind="o")
+    with pytest.raises(ValueError, match=r"W_O.*\(2, 12, 3\)"):
+        source_grams(W_V, W_O.mT)
+    with pytest.raises(ValueError, match="tile_size"):
+        source_grams(W_V, W_O, tile_size=0)
+    with pytest.raises(ValueError, match="different model dimensions"):
+        scores_from_grams(source_grams(W_V, W_O), destination_grams(_heads(3, 10, 3, g), _heads(3, 10, 3, g),
+                                                                    kind="q"))

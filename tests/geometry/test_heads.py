@@ -91,3 +91,20 @@ def test_cuda_matches_cpu() -> None:
     X, Y = _rand(4, 32, 8, seed=15), _rand(4, 32, 8, seed=16)
     gpu = head_overlap_matrix(X.cuda(), Y.cuda())
     assert gpu.device.type == "cuda" and torch.allclose(gpu.cpu(), head_overlap_matrix(X, Y), atol=1e-10)
+
+
+def test_bases_reused_across_comparisons_equal_head_overlap_matrix() -> None:
+    """head_bases once + overlap_from_bases for several pairings == head_overlap_matrix recomputing bases."""
+    from hf_flag.geometry.heads import head_bases, overlap_from_bases
+
+    X, Y = _rand(4, 20, 3, seed=7), _rand(2, 20, 5, seed=8)
+    X[1, :, 2] = X[1, :, 0]  # rank-deficient head: normalised by its true rank 2
+    bx, by = head_bases(X), head_bases(Y)
+    assert bx.rank.tolist() == [3, 2, 3, 3]
+    for a, b, A, B in ((bx, bx, X, X), (bx, by, X, Y), (by, bx, Y, X)):
+        assert torch.equal(overlap_from_bases(a, b), head_overlap_matrix(A, B))
+    assert overlap_from_bases(bx, by)[1, 0].item() == pytest.approx(_direct_overlap(X[1], Y[0]), rel=1e-10)
+    with pytest.raises(ValueError, match="different model dimensions"):
+        overlap_from_bases(bx, head_bases(_rand(2, 21, 5, seed=9)))
+    with pytest.raises(ValueError, match=r"\(20, 3\)"):
+        head_bases(X[0])

@@ -145,23 +145,49 @@ def test_sharded_index_equals_single_file(tmp_path, tiny_llama, tiny_checkpoint)
 
 
 def test_get_reads_only_the_requested_tensor(monkeypatch, tiny_checkpoint):
-    calls: list[str] = []
-    real = safetensors_source.safe_open
+    calls: list[tuple[int, int]] = []
+    real = safetensors_source.pread_into
 
-    class Counting:
-        def __init__(self, *args, **kwargs):
-            self._inner = real(*args, **kwargs)
+    def counting(fd, buffer, offset):
+        calls.append((offset, buffer.numel()))
+        return real(fd, buffer, offset)
 
-        def get_tensor(self, name):
-            calls.append(name)
-            return self._inner.get_tensor(name)
-
-    monkeypatch.setattr(safetensors_source, "safe_open", Counting)
+    monkeypatch.setattr(safetensors_source, "pread_into", counting)
+    name = "model.layers.0.mlp.up_proj.weight"
     with open_weights(tiny_checkpoint) as src:
-        src.keys(), src.shape("model.layers.0.mlp.up_proj.weight"), src.nbytes()
+        src.keys(), src.shape(name), src.nbytes()
         assert calls == []  # metadata comes from the header alone
-        src.get("model.layers.0.mlp.up_proj.weight", dtype=torch.float64)
-        assert calls == ["model.layers.0.mlp.up_proj.weight"]
+        got = src.get(name, dtype=torch.float64)
+    assert len(calls) == 1 and calls[0][1] == got.numel() * 4  # one read of exactly this float32 tensor's bytes
+    from safetensors import safe_open
+
+    with safe_open(str(next(tiny_checkpoint.glob("*.safetensors"))), framework="pt") as ref:
+        assert torch.equal(got, ref.get_tensor(name).double())
+
+
+def _rss_file() -> int:
+    """Resident file-backed pages of this process (bytes), from /proc/self/status."""
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("RssFile:"))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads RssFile from /proc/self/status")
+def test_reading_every_tensor_leaves_no_file_pages_resident(tmp_path):
+    """A memory-mapped reader keeps each page it read resident (RssFile grows to the file size); pread does not."""
+    n = 8 * 2 ** 20  # 8 Mi float32 = 32 MiB per tensor, 96 MiB in all
+    tensors = {f"t{i}": torch.full((n,), float(i), dtype=torch.float32) for i in range(3)}
+    entries = {k: {"dtype": "F32", "shape": [n], "data_offsets": [i * 4 * n, (i + 1) * 4 * n]}
+               for i, k in enumerate(tensors)}
+    path = tmp_path / "three.safetensors"
+    _write_safetensors_by_hand(path, entries, {k: t.numpy().tobytes() for k, t in tensors.items()}, 12 * n)
+    before = _rss_file()
+    with open_weights(path) as src:
+        for k, t in tensors.items():
+            got = src.get(k)
+            assert torch.equal(got, t)
+            del got
+        grown = _rss_file() - before
+    assert grown < 8 * 2 ** 20, f"file-backed RSS grew by {grown / 2 ** 20:.0f} MiB reading a 96 MiB file"
 
 
 def _write_safetensors_by_hand(path, entries: dict, data: dict[str, bytes], data_size: int) -> None:
@@ -396,6 +422,29 @@ def test_gguf_matches_transformers_loader(smollm2_gguf):
     assert src.shape(q) == (576, 576) and src.storage_dtype(q) == "Q4_1"  # metadata survives close()
     with pytest.raises(WeightSourceError, match="were closed"):
         src.get(q)
+
+
+def test_parse_gguf_agrees_with_gguf_reader(smollm2_gguf):
+    """Our one-pass header parser against gguf-py's GGUFReader: every scalar/string metadata value, and each
+    tensor's type, dims and absolute data offset (arrays, e.g. the tokenizer, are skipped by design)."""
+    import numpy as np
+    from gguf import GGUFReader, GGUFValueType
+
+    from hf_flag.weights.gguf_source import parse_gguf
+
+    meta, tensors = parse_gguf(smollm2_gguf)
+    reader = GGUFReader(str(smollm2_gguf))
+    checked = 0
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or field.types[0] == GGUFValueType.ARRAY:
+            assert meta.get(key) is None
+            continue
+        value = field.contents()
+        assert meta[key] == (value.item() if isinstance(value, np.generic) else value), key
+        checked += 1
+    assert checked >= 10 and meta["general.architecture"] == "llama"
+    assert [(t.name, t.tensor_type, tuple(int(d) for d in t.shape), int(t.data_offset), int(t.n_bytes))
+            for t in reader.tensors] == [(k, v.tensor_type, v.shape, v.offset, v.n_bytes) for k, v in tensors.items()]
 
 
 def test_gguf_errors(tmp_path):
