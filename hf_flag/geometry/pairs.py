@@ -188,6 +188,24 @@ def _kappa_factored(W_l: torch.Tensor, W_next: torch.Tensor) -> torch.Tensor:
     return _safe_ratio(_commutator_factored(W_l, W_next), den)
 
 
+def _hidden_is_small(W_l: torch.Tensor, W_next: torch.Tensor) -> bool:
+    """True when the hidden dim n is at most both outer dims (per-head V -> O pairs, the residual stream of a
+    wide MLP): then ``A`` and ``B`` (n x n) are the smallest factors and are formed directly (MATH.md §3)."""
+    return W_l.shape[-2] <= min(W_l.shape[-1], W_next.shape[-2])
+
+
+def _hidden_grams(W_l: torch.Tensor, W_next: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A, B) = (W_next^T W_next, W_l W_l^T)``, n x n (MATH.md §2, §3)."""
+    return W_next.mT @ W_next, W_l @ W_l.mT
+
+
+def _kappa_direct(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """kappa from the n x n ``A``, ``B``: ``||AB - BA||_F / (||A||_F ||B||_F)``; absolute error ~ eps, so no
+    cancellation issue for tiny kappa (MATH.md §3)."""
+    den = torch.linalg.matrix_norm(A) * torch.linalg.matrix_norm(B)
+    return _safe_ratio(torch.linalg.matrix_norm(A @ B - B @ A), den)
+
+
 def _gram_factors(W_l: torch.Tensor, W_next: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(C, G_P, G_Q) = (W_next W_l, W_next W_next^T, W_l^T W_l)``: the three products with n (MATH.md §3)."""
     return W_next @ W_l, W_next @ W_next.mT, W_l.mT @ W_l
@@ -215,15 +233,14 @@ def commutator_ratio(
     form ``||W_next^T C W_l^T - W_l C^T W_next||_F`` reduced by a thin QR of ``[W_next^T | W_l]`` (accurate for
     tiny kappa, ~3-5x the trace cost); ``"direct"`` forms the n x n matrices (reference, small n only);
     ``"auto"`` (default) runs the trace form and recomputes, per batch member, with ``"factored"`` where the
-    trace value is below ``AUTO_FACTORED_BELOW`` (1e-3).  Zero ``W_l`` or ``W_next`` gives 0.
+    trace value is below ``AUTO_FACTORED_BELOW`` (1e-3), or uses ``"direct"`` when the hidden dim n is at most
+    both outer dims (then n x n is the smallest form).  Zero ``W_l`` or ``W_next`` gives 0.
     """
     if method not in _METHODS:
         raise ValueError(f"commutator_ratio: method must be one of {_METHODS}; got {method!r}")
     W_l, W_next = _prepare(W_l, W_next, bias_l, dtype, "commutator_ratio")
-    if method == "direct":
-        A, B = W_next.mT @ W_next, W_l @ W_l.mT
-        den = torch.linalg.matrix_norm(A) * torch.linalg.matrix_norm(B)
-        return _safe_ratio(torch.linalg.matrix_norm(A @ B - B @ A), den)
+    if method == "direct" or (method == "auto" and _hidden_is_small(W_l, W_next)):
+        return _kappa_direct(*_hidden_grams(W_l, W_next))
     if method == "factored":
         return _kappa_factored(W_l, W_next)
     if method == "trace":
@@ -257,6 +274,11 @@ def gram_diagnostics(
     ``||A||^2 = ||G_P||^2``, ``||B||^2 = ||G_Q||^2``, ``tr(AB) = ||C||^2``.
     """
     W_l, W_next = _prepare(W_l, W_next, bias_l, dtype, "gram_diagnostics")
+    if _hidden_is_small(W_l, W_next):
+        A, B = _hidden_grams(W_l, W_next)
+        a, b = torch.linalg.matrix_norm(A), torch.linalg.matrix_norm(B)
+        d = torch.linalg.matrix_norm(A - B)
+        return GramDiagnostics(_kappa_direct(A, B), d, _safe_ratio(d, a + b))
     grams = _gram_factors(W_l, W_next)
     C, G_P, G_Q = grams
     d, a, b = _imbalance_from_norms(W_l, W_next, _fro2(G_P), _fro2(G_Q), _fro2(C))
@@ -279,11 +301,20 @@ def commutator_baseline(
     ``Q W_l`` for Haar ``Q`` in O(n) equals ``Z R`` in distribution, with ``W_l = Q_1 R`` the thin QR and ``Z`` a
     Haar-random n x min(n, k) frame: no n x n rotation is drawn.  Both spectra are kept; kappa of each sample goes
     through :func:`commutator_ratio` (``method="auto"``), reusing ``G_P`` and ``G_Q = R^T R`` across samples (only
-    ``C`` changes).  ``generator`` must live on the weights' device.
+    ``C`` changes); when the hidden dim n is at most both outer dims, ``Q B Q^T`` with Haar ``Q`` in O(n) and the
+    direct n x n form instead.  ``generator`` must live on the weights' device.
     """
     if not isinstance(n_samples, int) or n_samples < 1:
         raise ValueError(f"commutator_baseline: n_samples must be a positive int; got {n_samples!r}")
     W_l, W_next = _prepare(W_l, W_next, bias_l, dtype, "commutator_baseline")
+    if _hidden_is_small(W_l, W_next):  # n x n is the smallest form: rotate B itself, Q B Q^T
+        A, B = _hidden_grams(W_l, W_next)
+        n = W_l.shape[-2]
+        samples = []
+        for _ in range(n_samples):
+            Q = _haar_stiefel(n, n, tuple(W_l.shape[:-2]), generator, W_l)
+            samples.append(_kappa_direct(A, Q @ B @ Q.mT))
+        return torch.stack(samples).mean(dim=0)
     R = torch.linalg.qr(W_l).R
     batch, n = tuple(W_l.shape[:-2]), W_l.shape[-2]
     G_P, G_Q = W_next @ W_next.mT, R.mT @ R  # the same for every sample: (Z R)^T (Z R) = R^T R

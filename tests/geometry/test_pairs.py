@@ -260,3 +260,24 @@ def test_bad_inputs_raise_value_error_naming_shapes():
         commutator_baseline(W_l, W_next, n_samples=0)
     with pytest.raises(ValueError, match="at least 2 dims|matrix"):
         commutator_ratio(W_l[0], W_next)
+
+
+def test_small_hidden_dim_uses_n_by_n_form_with_same_values():
+    """Per-head V -> O pairs have n (head_dim) below both outer dims: auto kappa, the imbalance norms and the
+    Monte-Carlo baseline go through the n x n form; values equal the Gram-factor forms and a dense Monte Carlo."""
+    from hf_flag.geometry.pairs import gram_diagnostics
+
+    n = 6
+    W_l, W_next = _pair(n, 20, 18, seed=61)
+    W_l = W_l * torch.linspace(0.2, 3.0, 20, dtype=torch.float64)
+    assert commutator_ratio(W_l, W_next).item() == pytest.approx(
+        commutator_ratio(W_l, W_next, method="trace").item(), rel=1e-10)
+    g = gram_diagnostics(W_l, W_next)
+    D = (W_next.T @ W_next - W_l @ W_l.T).numpy()
+    assert g.imbalance_norm.item() == pytest.approx(np.linalg.norm(D), rel=1e-12)
+    assert g.commutator_ratio.item() == pytest.approx(_dense_kappa(W_l.numpy(), W_next.numpy()), rel=1e-12)
+    samples = 300
+    ours = commutator_baseline(W_l, W_next, n_samples=samples, generator=torch.Generator().manual_seed(7)).item()
+    ref = np.array([_dense_kappa(ortho_group.rvs(n, random_state=s) @ W_l.numpy(), W_next.numpy())
+                    for s in range(samples)])
+    assert abs(ours - ref.mean()) < 5 * math.sqrt(2) * ref.std() / math.sqrt(samples)
