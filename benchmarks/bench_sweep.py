@@ -26,21 +26,22 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def make_models(root: Path, n: int) -> list[str]:
-    """``n`` random GPT-2 / Llama checkpoints of a few sizes (so largest-first round robin has work to balance)."""
+def make_models(root: Path, n: int, scale: int = 1, layers: int = 4) -> list[str]:
+    """``n`` random GPT-2 / Llama checkpoints of a few sizes (so largest-first round robin has work to balance);
+    widths ``scale * (128, 192, 256)``, ``layers`` blocks each."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     paths = []
     for i in range(n):
-        width = (128, 192, 256)[i % 3]
+        width = scale * (128, 192, 256)[i % 3]
         if i % 2:
-            model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=4, hidden_size=width, num_attention_heads=4,
+            model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=layers, hidden_size=width, num_attention_heads=4,
                                                  num_key_value_heads=2, intermediate_size=3 * width, vocab_size=64,
                                                  bos_token_id=0, eos_token_id=0))
         else:
-            model = GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=width, n_head=4, vocab_size=64, n_positions=32,
+            model = GPT2LMHeadModel(GPT2Config(n_layer=layers, n_embd=width, n_head=4, vocab_size=64, n_positions=32,
                                                bos_token_id=0, eos_token_id=0))
         path = root / f"model{i}"
         model.save_pretrained(path, safe_serialization=True)
@@ -70,6 +71,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--diagnostics", nargs="+", default=None, help="default: all")
     parser.add_argument("--composition", default="adjacent")
+    parser.add_argument("--scale", type=int, default=1, help="width multiplier of the synthetic models")
+    parser.add_argument("--layers", type=int, default=4, help="blocks per synthetic model")
     args = parser.parse_args()
 
     import torch
@@ -80,7 +83,7 @@ def main() -> None:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        models = make_models(tmp / "models", args.models)
+        models = make_models(tmp / "models", args.models, args.scale, args.layers)
         common = [*models, "--composition", args.composition]
         if args.diagnostics:
             common += ["--diagnostics", *args.diagnostics]
@@ -114,7 +117,7 @@ def main() -> None:
             inside.append(sum(json.loads(p.read_text())["params"]["elapsed_s"]
                               for p in (tmp / f"inproc{r}" / "runs").glob("*/report.json")))
 
-    print(f"models: {args.models} synthetic GPT-2/Llama (d 128-256, 4 layers), diagnostics "
+    print(f"models: {args.models} synthetic GPT-2/Llama (d {128 * args.scale}-{256 * args.scale}, {args.layers} layers), diagnostics "
           f"{args.diagnostics or 'all'}, composition {args.composition}, OMP_NUM_THREADS=1 per process")
     print(f"1 process: {one:.1f} s   2 processes: {two:.1f} s   ratio 2/1: {two / one:.2f} (ideal 0.50)")
     print(f"2-process work split: rank 0 {per_rank[0]:.1f} s, rank 1 {per_rank[1]:.1f} s of analyze -> "
