@@ -45,11 +45,12 @@ from typing import Iterable, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from hf_flag.analysis.checks import (NonFiniteWeightsError, check_choice, check_finite, check_layers,
+from hf_flag.analysis.checks import (check_choice, check_finite, check_layers,
                                      resolve_device, sort_rows, summarize)
 from hf_flag.analysis.heads import composition_rows, head_spaces, overlap_rows
 from hf_flag.analysis.pairs import (COMMUTATOR_BASELINE_LARGE_N, COMMUTATOR_BASELINE_SAMPLES,
                                     COMMUTATOR_BASELINE_SAMPLES_LARGE, augment, batch_seed, pair_values)
+from hf_flag.errors import NonFiniteWeightsError
 from hf_flag.report import Report, Row
 
 __all__ = ["analyze", "NonFiniteWeightsError", "HEADLINE_METRICS", "ROW_KINDS", "PAIR_KINDS", "HEAD_OVERLAP_KINDS",

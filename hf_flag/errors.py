@@ -6,7 +6,7 @@ standard library still catch them.  Messages are one line: the input that was wr
 """
 from __future__ import annotations
 
-__all__ = ["HfFlagError", "WeightSourceError", "UnsupportedArchitectureError"]
+__all__ = ["HfFlagError", "WeightSourceError", "UnsupportedArchitectureError", "NonFiniteWeightsError"]
 
 
 class HfFlagError(Exception):
@@ -19,3 +19,7 @@ class WeightSourceError(HfFlagError, ValueError):
 
 class UnsupportedArchitectureError(HfFlagError, ValueError):
     """No adapter knows how to read this model's architecture (names the architecture and how to add one)."""
+
+
+class NonFiniteWeightsError(HfFlagError, ValueError):
+    """A weight tensor holds NaN or Inf (the one-line message names the tensor and the layer)."""

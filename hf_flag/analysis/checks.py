@@ -8,12 +8,8 @@ from typing import Iterable, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from hf_flag.errors import HfFlagError
+from hf_flag.errors import NonFiniteWeightsError
 from hf_flag.report import Row
-
-
-class NonFiniteWeightsError(HfFlagError, ValueError):
-    """A weight tensor holds NaN or Inf (the one-line message names the tensor and the layer)."""
 
 
 def block_tensors(block) -> list[torch.Tensor]:
