@@ -13,13 +13,12 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 from torch import nn
 
-from hf_flag.geometry.flags import flag_relative_position
+from hf_flag.geometry.flags import flag_relative_position, identity_agreement
 
 __all__ = [
     "ACTIVATIONS",
     "FLAG_GAP_RATIO",
     "FLAG_TAU",
-    "augmented",
     "flag_identity_fraction",
     "ClaimResult",
     "Trace",
@@ -254,11 +253,6 @@ def least_squares_slope(x: Sequence[float], y: Sequence[float]) -> float:
     return math.fsum(a * b for a, b in zip(x, y)) / sxx
 
 
-def augmented(W: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
-    """``[W_l | b_l]``: the matrix whose left singular flag meets ``W_next``'s (MATH.md §2)."""
-    return W if b is None else torch.cat([W, b.unsqueeze(-1)], dim=-1)
-
-
 def flag_identity_fraction(W_l: torch.Tensor, W_next: torch.Tensor) -> tuple[float, float, bool]:
     """Fraction of the non-trivial rank-matrix entries equal to ``min(i, j)`` (the identity permutation), its soft
     analogue (mean ``soft_ij / min(i, j)``) and whether the block matrix is a (partial) permutation (MATH.md §4).
@@ -267,11 +261,4 @@ def flag_identity_fraction(W_l: torch.Tensor, W_next: torch.Tensor) -> tuple[flo
     no non-trivial entry to compare; uses tau = ``FLAG_TAU`` and gap ratio ``FLAG_GAP_RATIO``."""
     pos = flag_relative_position(W_l, W_next, tau=FLAG_TAU, storage_eps=torch.finfo(W_l.dtype).eps,
                                  gap_ratio=FLAG_GAP_RATIO)
-    cells = [(a, b) for a, i in enumerate(pos.cuts_left) for b, j in enumerate(pos.cuts_right)
-             if i < pos.n and j < pos.n]
-    if not cells:
-        return float("nan"), float("nan"), pos.is_permutation
-    ideal = lambda a, b: min(pos.cuts_left[a], pos.cuts_right[b])  # noqa: E731
-    hard = sum(int(pos.rank_matrix[a, b]) == ideal(a, b) for a, b in cells) / len(cells)
-    soft = sum(float(pos.soft_matrix[a, b]) / ideal(a, b) for a, b in cells) / len(cells)
-    return hard, soft, pos.is_permutation
+    return (*identity_agreement(pos), pos.is_permutation)

@@ -20,13 +20,13 @@ from harness.experiments.common import (
     FLAG_TAU,
     ClaimResult,
     MLPRun,
-    augmented,
     flag_identity_fraction,
     fmt,
     markdown_table,
     mlp_pairs,
     train_teacher_mlp,
 )
+from hf_flag.analysis.pairs import augment
 from hf_flag.geometry.dynamics import fit_decay_rate, predicted_decay_rate
 from hf_flag.geometry.pairs import commutator_baseline, commutator_ratio
 
@@ -49,7 +49,7 @@ def commutator_probe(model: nn.Module, step: int) -> dict[str, float]:
     out: dict[str, float] = {}
     for i, (W, W_next, b) in enumerate(mlp_pairs(model)):
         out[f"kappa{i}"] = float(commutator_ratio(W, W_next, bias_l=b))
-        out[f"flag_id{i}"], out[f"flag_soft{i}"], perm = flag_identity_fraction(augmented(W, b), W_next)
+        out[f"flag_id{i}"], out[f"flag_soft{i}"], perm = flag_identity_fraction(augment(W, b), W_next)
         out[f"flag_perm{i}"] = float(perm)
     return out
 

@@ -21,7 +21,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from harness.experiments.common import Trace, augmented, deterministic, flag_identity_fraction, train
+from harness.experiments.common import Trace, deterministic, flag_identity_fraction, train
+from hf_flag.analysis.pairs import augment
 from hf_flag.geometry.collapse import level2_alignment, level3_alignment, neural_collapse
 from hf_flag.geometry.pairs import (
     commutator_baseline,
@@ -152,7 +153,7 @@ def block_probe(model: DigitsNet) -> dict[str, float]:
     out: dict[str, float] = {}
     for i, block in enumerate(getattr(model.trunk, "blocks", [])):
         W, W_next, bias = conv_pair(block)
-        W_aug = augmented(W, bias)
+        W_aug = augment(W, bias)
         out[f"b{i}_full"] = float(imbalance_norm(W, W_next, bias_l=bias))
         out[f"b{i}_diag"] = float(imbalance_diagonal_norm(W, W_next, bias_l=bias))
         out[f"b{i}_kappa"] = float(commutator_ratio(W, W_next, bias_l=bias))

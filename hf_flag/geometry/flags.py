@@ -43,6 +43,7 @@ __all__ = [
     "permutation_from_rank_matrix",
     "gl_invariant_kernel_dim",
     "gl_kernel_dim_from_spectra",
+    "identity_agreement",
 ]
 
 FLOAT32_EPS = torch.finfo(torch.float32).eps
@@ -344,3 +345,19 @@ def _gl_kernel_dim(s_l: torch.Tensor, s_next: torch.Tensor, s_product: torch.Ten
     if rank_l == 0 or s_next.numel() == 0:
         return rank_l
     return rank_l - _numerical_rank(s_product, rtol, float(s_l[0]) * float(s_next[0]))
+
+
+def identity_agreement(position: FlagRelativePosition) -> tuple[float, float]:
+    """How close a relative position is to the identity permutation (aligned flags, MATH.md §4).
+
+    Over the non-trivial cells (both cuts below n): the fraction with ``rank_matrix[a, b] == min(i, j)`` (the
+    identity's rank matrix) and the mean of ``soft_matrix[a, b] / min(i, j)``.  Both are 1 for aligned flags.
+    NaN when neither flag has a cut below n (nothing to compare).
+    """
+    cells = [(a, b, min(i, j)) for a, i in enumerate(position.cuts_left) for b, j in enumerate(position.cuts_right)
+             if i < position.n and j < position.n]
+    if not cells:
+        return float("nan"), float("nan")
+    hard = sum(int(position.rank_matrix[a, b]) == ideal for a, b, ideal in cells) / len(cells)
+    soft = sum(float(position.soft_matrix[a, b]) / ideal for a, b, ideal in cells) / len(cells)
+    return hard, soft

@@ -12,6 +12,7 @@ from hf_flag.geometry.flags import (
     flag_cuts,
     flag_relative_position,
     gl_invariant_kernel_dim,
+    identity_agreement,
     permutation_from_rank_matrix,
     rank_matrix_from_permutation,
 )
@@ -252,3 +253,17 @@ def test_cuda_matches_cpu() -> None:
     assert torch.allclose(gpu.soft_matrix, cpu.soft_matrix, atol=1e-10)
     low = _rand(5, 2, seed=31) @ _rand(2, 8, seed=32)
     assert gl_invariant_kernel_dim(_rand(8, 4, seed=33).cuda(), low.cuda()) == 2
+
+
+def test_identity_agreement_is_one_for_aligned_flags_and_counts_matching_cells() -> None:
+    n = 6
+    aligned = flag_relative_position(*_layers_in_position(list(range(1, n + 1))))
+    assert identity_agreement(aligned) == pytest.approx((1.0, 1.0), abs=1e-12)
+    # the longest permutation: r_ij = max(0, i + j - n) equals min(i, j) exactly when max(i, j) = n, which never
+    # happens below n, so no non-trivial cell agrees; the soft matrix is the identity's too (cos^2 are 0 or 1)
+    w0 = list(range(n, 0, -1))
+    reversed_ = flag_relative_position(*_layers_in_position(w0))
+    cells = [(i, j) for i in range(1, n) for j in range(1, n)]
+    expected_soft = sum(max(0, i + j - n) / min(i, j) for i, j in cells) / len(cells)
+    hard, soft = identity_agreement(reversed_)
+    assert hard == 0.0 and soft == pytest.approx(expected_soft, abs=1e-10)
