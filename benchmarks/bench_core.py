@@ -4,11 +4,11 @@ MLP pairs, float64, ``W_l`` = up projection (d_ff x d), ``W_next`` = down projec
 n = d_ff: Gaussian weights plus 8 separated spikes, 4 of them shared by range(W_l) and row(W_next), so both
 singular flags have cuts 1..8 and the rank matrix has non-trivial entries to compute.
 
-(a) the full pair bundle hf-flag computes per MLP pair, i.e. ``pair_values(..., cheap=False)`` minus the Monte-Carlo
-    commutator baseline (timed on its own, in neither side):
-      core  = hf_flag.analysis.pairs.pair_geometry_values (one QR to hidden coordinates, shared Gram factors,
-              one thin SVD per side reused by transport, flags and the GL kernel dimension);
-      dense = numpy/scipy: A = W_next^T W_next, B = W_l W_l^T (n x n), [A, B] = AB - BA and D = A - B formed;
+(a) the full pair bundle hf-flag computes per MLP pair, i.e. ``pair_values(..., cheap=False)``:
+      core  = hf_flag.analysis.pairs.pair_geometry_values (one thin SVD per weight; kappa, its closed-form Haar
+              RMS, the imbalance norms, transport, flags and the GL kernel dimension all read those);
+      dense = numpy/scipy: A = W_next^T W_next, B = W_l W_l^T (n x n), [A, B] = AB - BA and D = A - B formed,
+              the Haar RMS of kappa from the traces of A, A^2, B, B^2 (MATH.md §3 closed form);
               full SVDs (scipy.linalg.svd, full_matrices=True); T = V^T U (n x n); every flag window's principal
               angles from singular values of T blocks (cosines of T[:j, :i], sines of T[j:, :i]; sine/cosine
               pairing of MATH.md §1); rank W_l - rank(W_next W_l) from scipy singular values.  The cut positions
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import math
 import os
 import time
 from typing import Callable
@@ -41,7 +40,8 @@ from hf_flag.analysis.pairs import pair_geometry_values, transport_k
 from hf_flag.geometry.angles import thin_svd
 from hf_flag.geometry.flags import FLOAT32_EPS, flag_cuts, flag_relative_position, gl_invariant_kernel_dim
 from hf_flag.geometry.heads import head_overlap_matrix
-from hf_flag.geometry.pairs import commutator_baseline, commutator_ratio, relative_imbalance, transport_scores
+from hf_flag.geometry.baselines import commutator_haar_rms
+from hf_flag.geometry.pairs import commutator_ratio, relative_imbalance, transport_scores
 
 RANK_RTOL = 1e-8  # gl_invariant_kernel_dim default
 
@@ -106,6 +106,7 @@ def dense_bundle(W_l: np.ndarray, W_next: np.ndarray, k: int, pieces: dict) -> d
     t = _piece(pieces, "commutator AB - BA", t)
     D = A - B
     values = {"commutator_ratio": kappa, "imbalance_norm": np.linalg.norm(D),
+              "commutator_ratio_baseline": commutator_haar_rms(np.trace(A), nA ** 2, np.trace(B), nB ** 2, n).item(),
               "relative_imbalance": np.linalg.norm(D) / (nA + nB),
               "imbalance_diagonal_norm": np.linalg.norm(np.diag(D))}
     del A, B, D
@@ -152,7 +153,7 @@ def bench_mlp(label: str, d: int, d_ff: int, repeats: int) -> None:
     print(f"{label} core bundle {t_core:.2f} s (best of {repeats})", flush=True)
     pieces: dict = {}
     t_dense, dense = _timed(lambda: dense_bundle(nl, nn, k, pieces), repeats)
-    scalars = ["commutator_ratio", "imbalance_norm", "relative_imbalance", "imbalance_diagonal_norm",
+    scalars = ["commutator_ratio", "commutator_ratio_baseline", "imbalance_norm", "relative_imbalance", "imbalance_diagonal_norm",
                "subspace_score", "basis_score", "flag_tau", "gl_kernel_dim"]
     rels = {m: _rel(core[m], dense[m]) for m in scalars}
     exact = np.array_equal(core["rank_matrix"], dense["rank_matrix"])
@@ -163,9 +164,6 @@ def bench_mlp(label: str, d: int, d_ff: int, repeats: int) -> None:
           + ", ".join(f"{m} {r:.1e}" for m, r in rels.items()), flush=True)
     _row(f"{label} (a) full pair bundle", t_core, t_dense, max(rels.values()),
          "" if exact else "  RANK MATRIX DIFFERS")
-    t_base, _ = _timed(lambda: commutator_baseline(W_l, W_next, n_samples=2, generator=torch.Generator()
-                                                   .manual_seed(0)), 1)
-    print(f"    Monte-Carlo commutator baseline (2 samples, in neither side): {t_base:.2f} s", flush=True)
     g_d = pieces["grams A, B"]
     svd_t = pieces["full SVDs"] + pieces["transport T = V^T U"]
     cases = [

@@ -11,12 +11,13 @@ Row kinds (module constants below; other parts of hf-flag use these names):
   The first matrix of a pair is bias-augmented, ``[W_l | b_l]`` (MATH.md §2), for every value of the row.
   Values: ``commutator_ratio`` (kappa, §3) and ``commutator_ratio_normalized`` (sqrt 2 kappa in [0, 1]),
   ``imbalance_norm`` ||D||_F, ``relative_imbalance``, ``imbalance_diagonal_norm`` ||diag D||_2 (§2); unless
-  ``cheap``: ``commutator_ratio_baseline`` (Haar rotation of the hidden basis, Monte Carlo, seeded per row),
+  ``cheap``: ``commutator_ratio_baseline`` (root mean square of kappa over Haar rotations of the hidden basis,
+  closed form: ``geometry.baselines.commutator_haar_rms``),
   ``subspace_score`` / ``basis_score`` (+ ``_baseline``; top-k transport window, k = min(k_in, m_out, ceil(n/2)), §4,
   ``intersection_dim`` (+ ``_baseline``), ``intersection_soft``, ``flag_tau``, ``gl_kernel_dim`` (§4).
   ``intersection_*`` are ``None`` when the two partial flags share no cut below n (e.g. full-rank vo pairs).
   Details: flag cuts, rank matrix, permutation (nonzero entries), is_permutation, transport k, activation.
-  ``cheap=True`` gives the pair rows only, with the five cheap values (no SVD, no Monte Carlo).
+  ``cheap=True`` gives the pair rows only, with the five cheap values (Gram factors, no SVD).
 * head rows (§1, §6): ``"head_overlap_q/k/v"`` (read subspaces col(W_*^h) of one layer, h < h'),
   ``"head_overlap_o"`` (write subspaces row(W_O^h)), ``"cross_layer_overlap_q/k/v"`` (write row(W_O^h) of layer l
   vs read col(W_*^h') of layer l+1, every (h, h')).  Grouped-query attention: K and V are compared as the n_kv KV
@@ -48,8 +49,7 @@ from torch import nn
 from hf_flag.analysis.checks import (check_choice, check_finite, check_layers,
                                      resolve_device, sort_rows, summarize)
 from hf_flag.analysis.heads import composition_rows, head_spaces, overlap_rows
-from hf_flag.analysis.pairs import (COMMUTATOR_BASELINE_LARGE_N, COMMUTATOR_BASELINE_SAMPLES,
-                                    COMMUTATOR_BASELINE_SAMPLES_LARGE, augment, batch_seed, pair_values)
+from hf_flag.analysis.pairs import ThinSVD, augment, pair_values
 from hf_flag.errors import NonFiniteWeightsError
 from hf_flag.report import Report, Row
 
@@ -101,11 +101,13 @@ def table_metrics(kind: str) -> tuple[str, ...]:
 
 def pair_rows(model: str, kind: str, ids: Sequence[tuple[int, int, str, str]], W_l: torch.Tensor,
               b_l: Optional[torch.Tensor], W_next: torch.Tensor, *, activation: str, cheap: bool,
-              storage_eps: float) -> list[Row]:
+              storage_eps: float, svd_l: Optional[ThinSVD] = None, svd_next: Optional[ThinSVD] = None
+              ) -> list[Row]:
     """Rows ``[W_l | b_l]`` -> ``W_next`` for a batch (leading dim) of pairs; ``ids``: (layer, target_layer,
-    source, target) per batch member.  See the module docstring for the values."""
-    out = pair_values(augment(W_l, b_l), W_next, cheap=cheap, storage_eps=storage_eps,
-                      seed=batch_seed(kind, ids[0][0]))
+    source, target) per batch member; ``svd_l``, ``svd_next``: thin SVDs of ``[W_l | b_l]`` and ``W_next`` when
+    cached (:func:`weight_svd`).  See the module docstring for the values."""
+    out = pair_values(augment(W_l, b_l), W_next, cheap=cheap, storage_eps=storage_eps, svd_l=svd_l,
+                      svd_next=svd_next)
     return [Row(model, kind, *i, values, {**details, "activation": activation}) for i, (values, details)
             in zip(ids, out)]
 
@@ -118,33 +120,53 @@ def single(bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if bias is None else bias[None]
 
 
-def layer_bases(bases: dict, layer: int, attn) -> dict:
-    """Head bases (``geometry.heads.head_bases``) of ``layer``'s q/k/v/o spaces, from ``bases`` (layer -> bases)
-    or computed once and stored there: layer l+1's bases serve its cross-layer rows and then its own."""
+def layer_bases(cache: dict, layer: int, attn) -> dict:
+    """Head bases (``geometry.heads.head_bases``) of ``layer``'s q/k/v/o spaces, from ``cache`` (key
+    ``(layer, "heads")``) or computed once and stored there: layer l+1's bases serve its cross-layer rows and then
+    its own."""
     from hf_flag.geometry.heads import head_bases
 
-    if layer not in bases:
-        bases[layer] = {s: head_bases(X) for s, X in head_spaces(attn).items()}
-    return bases[layer]
+    key = (layer, "heads")
+    if key not in cache:
+        cache[key] = {s: head_bases(X) for s, X in head_spaces(attn).items()}
+    return cache[key]
+
+
+def weight_svd(cache: dict, layer: int, name: str, W: torch.Tensor, bias: Optional[torch.Tensor] = None
+               ) -> ThinSVD:
+    """Thin SVD of the MLP weight ``[W | bias]`` of ``layer`` (batch dim 1), from ``cache`` (key
+    ``(layer, name, bias is not None)``) or computed once and stored there: ``mlp_out`` serves the mlp, mlp_gate
+    and residual pairs, ``mlp_in`` of layer l+1 its own mlp pair and layer l's residual pair (MATH.md §4)."""
+    from hf_flag.geometry.angles import _thin_svd
+
+    key = (layer, name, bias is not None)
+    if key not in cache:
+        cache[key] = _thin_svd(augment(W[None], single(bias)).to(torch.float64))  # block checked at load
+    return cache[key]
 
 
 def layer_rows(model: str, layout, block, nxt, *, diagnostics: frozenset, cheap: bool,
-               storage_eps: float, bases: Optional[dict] = None) -> list[Row]:
+               storage_eps: float, cache: Optional[dict] = None) -> list[Row]:
     """Every row whose ``layer`` is ``block.index``, composition excepted (``nxt``: block l+1, or ``None``;
-    ``storage_eps``: precision of the block's stored weights, MATH.md §4; ``bases``: the head-bases cache of
-    :func:`layer_bases`, shared across calls; entries of layers before ``block.index`` are dropped)."""
-    bases = {} if bases is None else bases
-    for old in [k for k in bases if k < block.index]:
-        del bases[old]
+    ``storage_eps``: precision of the block's stored weights, MATH.md §4; ``cache``: head bases
+    (:func:`layer_bases`) and weight SVDs (:func:`weight_svd`) shared across calls, keyed ``(layer, ...)``;
+    entries of layers before ``block.index`` are dropped)."""
+    cache = {} if cache is None else cache
+    for old in [k for k in cache if k[0] < block.index]:
+        del cache[old]
     l, mlp, attn = block.index, block.mlp, block.attention
+    svd = (lambda *args: weight_svd(cache, *args)) if not cheap else (lambda *args: None)
     pair = dict(cheap=cheap, storage_eps=storage_eps)
     rows: list[Row] = []
     if "mlp" in diagnostics and mlp is not None:
+        out = svd(l, "mlp.out", mlp.mlp_out)
         rows += pair_rows(model, KIND_MLP, [(l, l, "mlp.in", "mlp.out")], mlp.mlp_in[None], single(mlp.b_in),
-                          mlp.mlp_out[None], activation=mlp.activation, **pair)
+                          mlp.mlp_out[None], activation=mlp.activation, svd_l=svd(l, "mlp.in", mlp.mlp_in, mlp.b_in),
+                          svd_next=out, **pair)
         if mlp.mlp_gate is not None:
             rows += pair_rows(model, KIND_MLP_GATE, [(l, l, "mlp.gate", "mlp.out")], mlp.mlp_gate[None],
-                              single(mlp.b_gate), mlp.mlp_out[None], activation=mlp.activation, **pair)
+                              single(mlp.b_gate), mlp.mlp_out[None], activation=mlp.activation,
+                              svd_l=svd(l, "mlp.gate", mlp.mlp_gate, mlp.b_gate), svd_next=out, **pair)
     if "vo" in diagnostics and attn is not None:
         kv = torch.tensor([layout.kv_head_of(h) for h in range(layout.n_heads)], device=attn.W_V.device)
         W_v = attn.W_V.index_select(0, kv).transpose(-1, -2)  # (H, head_dim, d): nn.Linear layout
@@ -153,14 +175,16 @@ def layer_rows(model: str, layout, block, nxt, *, diagnostics: frozenset, cheap:
         rows += pair_rows(model, KIND_VO, ids, W_v, b_v, attn.W_O.transpose(-1, -2), activation="identity", **pair)
     if "residual" in diagnostics and mlp is not None and nxt is not None and nxt.mlp is not None:
         rows += pair_rows(model, KIND_RESIDUAL, [(l, l + 1, "mlp.out", "mlp.in")], mlp.mlp_out[None],
-                          single(mlp.b_out), nxt.mlp.mlp_in[None], activation="identity", **pair)
+                          single(mlp.b_out), nxt.mlp.mlp_in[None], activation="identity",
+                          svd_l=svd(l, "mlp.out", mlp.mlp_out, mlp.b_out),
+                          svd_next=svd(l + 1, "mlp.in", nxt.mlp.mlp_in), **pair)
     if "heads" in diagnostics and attn is not None and not cheap:
-        here = layer_bases(bases, l, attn)
+        here = layer_bases(cache, l, attn)
         for s in "qkvo":
             rows += overlap_rows(model, HEAD_OVERLAP_KINDS[s], l, l, here[s], here[s], (HEAD_LABELS[s],) * 2,
                                  upper=True)
         if nxt is not None and nxt.attention is not None:
-            there = layer_bases(bases, l + 1, nxt.attention)
+            there = layer_bases(cache, l + 1, nxt.attention)
             for s in "qkv":
                 rows += overlap_rows(model, CROSS_LAYER_KINDS[s], l, l + 1, here["o"], there[s],
                                      ("head", HEAD_LABELS[s]), upper=False)
@@ -186,32 +210,32 @@ def analyze_transformer(source, name: str, *, device: torch.device, dtype: torch
     diag = check_choice("diagnostics", diagnostics, TRANSFORMER_DIAGNOSTICS)
     sel = check_layers(layers, layout.n_layers)
     storage: dict[str, float] = {}
-    block_eps: dict[int, float] = {}
+    block_eps: dict[tuple[int, bool], float] = {}  # (layer, mlp read too) -> storage eps of the tensors read
 
-    def load(i: int):
-        block = adapter.block(source, layout, i, dtype=dtype, device=device)
-        if i not in block_eps:  # first read of layer i: check it once (composition re-reads layers)
-            names = adapter.block_tensor_names(layout, i)
+    def load(i: int, mlp: bool = True):
+        block = adapter.block(source, layout, i, dtype=dtype, device=device, mlp=mlp)
+        if (i, True) not in block_eps and (i, mlp) not in block_eps:  # first read: check it once
+            names = adapter.block_tensor_names(layout, i, mlp=mlp)
             check_finite(block, source, names, f"layer {i}")
             eps = {source.storage_dtype(n): source.storage_eps(n) for n in names}
             storage.update(eps)
-            block_eps[i] = max(eps.values())
+            block_eps[i, mlp] = max(eps.values())
         return block
 
     rows: list[Row] = []
     need_next = "residual" in diag or ("heads" in diag and not cheap)
-    bases: dict = {}
+    cache: dict = {}
     with progress_bar(len(sel), progress, name) as bar:
         nxt = None
         for i in sel:
             block = nxt if nxt is not None and nxt.index == i else load(i)
             nxt = load(i + 1) if need_next and i + 1 < layout.n_layers else None
-            rows += layer_rows(name, layout, block, nxt, diagnostics=diag, cheap=cheap, storage_eps=block_eps[i],
-                               bases=bases)
+            rows += layer_rows(name, layout, block, nxt, diagnostics=diag, cheap=cheap,
+                               storage_eps=block_eps[i, True], cache=cache)
             bar.update()
-        del block, nxt, bases
+        del block, nxt, cache
     if "composition" in diag and composition != "none" and not cheap:
-        rows += composition_rows(name, COMPOSITION_KINDS, layout, sel, composition, lambda i: load(i).attention,
+        rows += composition_rows(name, COMPOSITION_KINDS, layout, sel, composition, lambda i: load(i, mlp=False).attention,
                                  budget_bytes=COMPOSITION_CACHE_BYTES, itemsize=dtype.itemsize)
     report = Report(model=name, architecture=layout.architecture, layout=layout.to_dict(), rows=rows)
     return report, {"diagnostics": sorted(diag), "layers": sel, "storage": storage}
@@ -259,7 +283,7 @@ def analyze(model_or_path, *, device: Union[str, torch.device, None] = None, dty
     diagnostics: subset of ``{"mlp", "vo", "residual", "heads", "composition"}`` (transformers, default all) or
     ``{"linear_chain"}`` (MLP chains).  layers: block (chain: pair) indices whose rows to compute.
     cheap: only the pair rows' commutator ratio and imbalance norms (no SVD, flags, transport, head overlaps,
-    composition or Monte-Carlo baselines): for training callbacks.  composition: ``"all"``, ``"adjacent"`` or
+    composition or baselines): for training callbacks.  composition: ``"all"``, ``"adjacent"`` or
     ``"none"``.  allow_pickle: permit ``.bin`` / ``.pt`` checkpoints (``weights_only=True``).
     Raises HfFlagError / ValueError (one line) for unreadable input, unknown architectures, bad options, and
     :class:`NonFiniteWeightsError` naming the tensor and layer when weights hold NaN/Inf.
@@ -296,8 +320,7 @@ def analyze(model_or_path, *, device: Union[str, torch.device, None] = None, dty
         "storage_dtypes": sorted(storage), "storage_eps": max(storage.values(), default=0.0),
         "tolerances": {"flag_tau": "per row (flag_tau): max(1e-6, 10 eps_storage sigma_1 / gap_k), MATH.md §4",
                        "gl_kernel_rtol": 1e-8, "rank_cut": "s > s_max * max(shape) * eps, MATH.md §1"},
-        "commutator_baseline_samples": {f"n<={COMMUTATOR_BASELINE_LARGE_N}": COMMUTATOR_BASELINE_SAMPLES,
-                                        f"n>{COMMUTATOR_BASELINE_LARGE_N}": COMMUTATOR_BASELINE_SAMPLES_LARGE},
+        "commutator_baseline": "Haar RMS sqrt(E kappa^2) over rotations of the hidden basis, closed form, MATH.md §3",
         "transport_k": "min(k_in, m_out, ceil(n / 2))", "bias_augmented": True, "layer_norm_folded": False,
         "embeddings_analysed": False, "composition_cache_bytes": COMPOSITION_CACHE_BYTES,
         "elapsed_s": time.perf_counter() - start,

@@ -32,7 +32,6 @@ from hf_flag.geometry.pairs import (
     transport_scores,
 )
 
-BASELINE_SAMPLES = 8
 TRANSPORT_K = 4  # top-k window of the transport scores of a residual block (MATH.md §4)
 
 
@@ -168,13 +167,12 @@ def is_block_key(key: str) -> bool:
     return key[:1] == "b" and key[1:2].isdigit()
 
 
-def null_kappas(model: DigitsNet, seed: int) -> dict[str, float]:
-    """Random-rotation baselines of kappa (MATH.md §3) for the last pair and every residual block."""
-    gen = torch.Generator(device=model.fc.weight.device).manual_seed(seed)
+def null_kappas(model: DigitsNet) -> dict[str, float]:
+    """Random-rotation baselines of kappa (Haar RMS, closed form, MATH.md §3) for the last pair and every residual
+    block."""
     pairs = {"kappa_last": (model.fc1.weight.detach(), model.fc.weight.detach(), model.fc1.bias.detach())}
     pairs.update({f"b{i}_kappa": conv_pair(b) for i, b in enumerate(getattr(model.trunk, "blocks", []))})
-    return {k + "_baseline": float(commutator_baseline(W, Wn, bias_l=bias, n_samples=BASELINE_SAMPLES,
-                                                       generator=gen)) for k, (W, Wn, bias) in pairs.items()}
+    return {k + "_baseline": float(commutator_baseline(W, Wn, bias_l=bias)) for k, (W, Wn, bias) in pairs.items()}
 
 
 @dataclass
@@ -209,7 +207,7 @@ def train_digits(run: DigitsRun, threads: int = 1, device: Optional[torch.device
 
         def probe(model_: nn.Module, step: int) -> dict[str, float]:
             if step in (0, run.epochs * spe):
-                baselines["start" if step == 0 else "end"] = null_kappas(model_, run.seed)
+                baselines["start" if step == 0 else "end"] = null_kappas(model_)
             return {**collapse_probe(model_, x, y), **block_probe(model_)}
 
         trace = train(model, opt, batch, nn.functional.cross_entropy, steps=run.epochs * spe,

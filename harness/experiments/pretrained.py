@@ -20,7 +20,7 @@ import torch
 from matplotlib.figure import Figure
 
 from harness.experiments.common import ClaimResult, fmt, markdown_table
-from hf_flag.analyze import COMMUTATOR_BASELINE_SAMPLES, analyze
+from hf_flag.analyze import analyze
 from hf_flag.report import Report
 
 ZSCORE_STRUCTURE = 3.0  # head overlaps "differ from random": mean z-score of the write overlaps above 3
@@ -177,8 +177,8 @@ cross-layer: write subspace of layer l vs query read subspaces of layer l+1):
 
 {head_table}
 
-Layers analysed: {s['layers']}. Pairs (bias-augmented W_l; kappa baseline = random rotation of the hidden basis,
-{COMMUTATOR_BASELINE_SAMPLES} Monte Carlo samples, MATH.md §3; subspace score = top-k transport window, MATH.md §4):
+Layers analysed: {s['layers']}. Pairs (bias-augmented W_l; kappa baseline = root mean square of kappa over Haar
+rotations of the hidden basis, closed form, MATH.md §3; subspace score = top-k transport window, MATH.md §4):
 
 {pair_table}
 """)

@@ -5,24 +5,14 @@ Helpers of :mod:`hf_flag.analyze` (which documents the row kinds and values).
 from __future__ import annotations
 
 import math
-import zlib
 from typing import Optional
 
 import torch
 
-from hf_flag.geometry.pairs import hidden_coordinates
-
-#: Monte-Carlo samples of the commutator baseline: 8, or 2 when the hidden dim exceeds 512 (kappa of a Haar-rotated
-#: pair concentrates as n grows, and each sample costs a full Gram-factor kappa, ~O(n k m))
-COMMUTATOR_BASELINE_SAMPLES = 8
-COMMUTATOR_BASELINE_SAMPLES_LARGE = 2
-COMMUTATOR_BASELINE_LARGE_N = 512
 SQRT2 = math.sqrt(2.0)
 
-
-def batch_seed(kind: str, layer: int) -> int:
-    """Seed of a batch of rows' Monte-Carlo baselines: a function of (kind, layer) only, so shards agree."""
-    return zlib.crc32(f"{kind}|{layer}".encode())
+#: a thin SVD ``(U, s, Vh)`` as returned by :func:`hf_flag.geometry.angles.thin_svd`
+ThinSVD = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def transport_k(n: int, k_in: int, m_out: int) -> int:
@@ -56,39 +46,44 @@ def flag_values(flag) -> dict[str, Optional[float]]:
 
 
 def pair_geometry_values(W_l: torch.Tensor, W_next: torch.Tensor, *, storage_eps: float,
-                         commutator_baseline: Optional[torch.Tensor] = None) -> list[tuple[dict, dict]]:
+                         svd_l: Optional[ThinSVD] = None, svd_next: Optional[ThinSVD] = None
+                         ) -> list[tuple[dict, dict]]:
     """(values, details) of a batch of full pair rows (``W_l`` (B, n, k) bias-augmented, ``W_next`` (B, m, n)):
-    every value of :func:`pair_values` with ``cheap=False``; ``commutator_ratio_baseline`` only when
-    ``commutator_baseline`` (B,) is given (the Monte-Carlo part, MATH.md §3).
+    every value of :func:`pair_values` with ``cheap=False``.
 
-    Factorisations are shared: one QR to :func:`~hf_flag.geometry.pairs.hidden_coordinates`, one set of Gram
-    factors for kappa and the imbalance norms (MATH.md §2, §3), one thin SVD per side for transport scores, flags
-    and the GL kernel dimension (MATH.md §4)."""
+    One thin SVD per weight (``svd_l``, ``svd_next``: pass them when the weight belongs to several pairs, e.g.
+    ``mlp_out`` in the mlp, mlp_gate and residual pairs) serves everything:
+    :func:`~hf_flag.geometry.pairs.pair_values_from_svd` gives kappa, its closed-form Haar RMS, the imbalance
+    norms, the transport matrix and the product's spectrum (MATH.md §2-§4); transport scores, flags and the GL
+    kernel dimension read those (§4).  ``||diag D||`` comes from the weights' row and column norms (§2)."""
     from hf_flag.geometry.angles import default_rtol, thin_svd
     from hf_flag.geometry.baselines import transport_baselines
     from hf_flag.geometry.flags import flag_position_from_svd, gl_kernel_dim_from_spectra
-    from hf_flag.geometry.pairs import transport_scores_from_svd
+    from hf_flag.geometry.pairs import imbalance_diagonal_norm, pair_values_from_svd, transport_scores_from_matrix
 
-    X, Y = hidden_coordinates(W_l, W_next)
-    rows = _gram_rows(X, Y, diagonal_of=(W_l, W_next))
+    svd_l = thin_svd(W_l) if svd_l is None else svd_l
+    svd_next = thin_svd(W_next) if svd_next is None else svd_next
+    v = pair_values_from_svd(W_l, W_next, svd_l, svd_next)
+    (U, s_l, _), (_, s_next, Vh) = svd_l, svd_next
     n, k = W_l.shape[-2], transport_k(W_l.shape[-2], W_l.shape[-1], W_next.shape[-2])
     sub_base, basis_base = transport_baselines(k, n)
-    U, s_l, _ = thin_svd(X)
-    _, s_next, Vh = thin_svd(Y)
-    s_product = torch.linalg.svdvals(Y @ X)
-    subspace, basis = transport_scores_from_svd(U, Vh, k)
+    subspace, basis = transport_scores_from_matrix(v.transport, k)
+    diagonal = imbalance_diagonal_norm(W_l, W_next)
     rank_rtol = (default_rtol(W_l), default_rtol(W_next))
     out = []
     for i in range(W_l.shape[0]):
         flag = flag_position_from_svd(U[i], s_l[i], Vh[i], s_next[i], n=n, rank_rtol=rank_rtol,
-                                      storage_eps=storage_eps)
-        if commutator_baseline is not None:
-            rows[i]["commutator_ratio_baseline"] = float(commutator_baseline[i])
-        rows[i].update({"subspace_score": float(subspace[i]), "subspace_score_baseline": sub_base,
-                        "basis_score": float(basis[i]), "basis_score_baseline": basis_base,
-                        **flag_values(flag), "gl_kernel_dim": float(gl_kernel_dim_from_spectra(
-                            s_l[i], s_next[i], s_product[i]))})
-        out.append((rows[i], {"transport_k": k, **flag_details(flag)}))
+                                      storage_eps=storage_eps, transport=v.transport[i])
+        kappa = float(v.commutator_ratio[i])
+        values = {"commutator_ratio": kappa, "commutator_ratio_normalized": SQRT2 * kappa,
+                  "imbalance_norm": float(v.imbalance_norm[i]), "relative_imbalance": float(v.relative_imbalance[i]),
+                  "imbalance_diagonal_norm": float(diagonal[i]),
+                  "commutator_ratio_baseline": float(v.commutator_haar_rms[i]),
+                  "subspace_score": float(subspace[i]), "subspace_score_baseline": sub_base,
+                  "basis_score": float(basis[i]), "basis_score_baseline": basis_base, **flag_values(flag),
+                  "gl_kernel_dim": float(gl_kernel_dim_from_spectra(s_l[i], s_next[i],
+                                                                    v.product_singular_values[i]))}
+        out.append((values, {"transport_k": k, **flag_details(flag)}))
     return out
 
 
@@ -108,16 +103,12 @@ def _gram_rows(W_l: torch.Tensor, W_next: torch.Tensor, *, diagonal_of: tuple[to
 
 
 def pair_values(W_l: torch.Tensor, W_next: torch.Tensor, *, cheap: bool, storage_eps: float,
-                seed: int) -> list[tuple[dict, dict]]:
+                svd_l: Optional[ThinSVD] = None, svd_next: Optional[ThinSVD] = None) -> list[tuple[dict, dict]]:
     """(values, details) of a batch of pair rows, ``W_l`` (B, n, k) already bias-augmented, ``W_next`` (B, m, n).
 
-    MATH.md §2 (imbalance), §3 (commutator ratio and its Haar-rotation baseline), §4 (transport, flags)."""
+    MATH.md §2 (imbalance), §3 (commutator ratio and its Haar RMS), §4 (transport, flags).  ``cheap``: Gram
+    factors only (kappa and the imbalance norms, no SVD); otherwise :func:`pair_geometry_values` (reusing the
+    thin SVDs ``svd_l``, ``svd_next`` when given)."""
     if cheap:
         return [(r, {}) for r in _gram_rows(W_l, W_next, diagonal_of=(W_l, W_next))]
-    from hf_flag.geometry.pairs import commutator_baseline
-
-    generator = torch.Generator(device=W_l.device).manual_seed(seed)
-    samples = COMMUTATOR_BASELINE_SAMPLES if W_l.shape[-2] <= COMMUTATOR_BASELINE_LARGE_N else \
-        COMMUTATOR_BASELINE_SAMPLES_LARGE
-    baseline = commutator_baseline(W_l, W_next, n_samples=samples, generator=generator)
-    return pair_geometry_values(W_l, W_next, storage_eps=storage_eps, commutator_baseline=baseline)
+    return pair_geometry_values(W_l, W_next, storage_eps=storage_eps, svd_l=svd_l, svd_next=svd_next)

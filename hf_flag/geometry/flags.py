@@ -50,6 +50,10 @@ FLOAT32_EPS = torch.finfo(torch.float32).eps
 GAP_RATIO = 1.25  # default relative gap sigma_i / sigma_{i+1} for a cut
 MAX_TAU = 0.1  # default largest Wedin angle bound (radians) a cut may have
 SOFT_SKIP_MARGIN = 1e-8  # far above the rounding error of a window's sum cos^2, so the skip is never wrong
+#: a window's count comes from its cosines unless one lies within ``COS_BAND_ULPS * n' * eps`` of ``cos(tau)``
+#: (``n'`` the hidden coordinates' dimension: an O(n' eps) bound of the cosines' rounding error, from the
+#: orthonormality of the singular vectors); only then are the sines computed (MATH.md §1: arccos has a floor)
+COS_BAND_ULPS = 4
 
 
 @dataclass
@@ -171,8 +175,10 @@ def flag_relative_position(W_l: torch.Tensor, W_next: torch.Tensor, *, tau: Opti
                            max_tau: float = MAX_TAU, max_cuts: int = 64) -> FlagRelativePosition:
     """Rank matrix, soft matrix and Bruhat block permutation of the singular flags of ``W_l`` and ``W_next``.
 
-    MATH.md §4: ``r_ij = #{principal angles between F_i and G_j below tau}``, counted from the sines (the
-    residual of the smaller subspace, never ``arccos``), so tiny angles are resolved.  ``storage_eps`` is the
+    MATH.md §4: ``r_ij = #{principal angles between F_i and G_j below tau}``.  A window's count is read from its
+    cosines when none lies within the rounding band ``COS_BAND_ULPS * n * eps`` of ``cos(tau)`` (then every angle
+    is decidably above or below tau); otherwise from the sines (the residual of the smaller subspace, never
+    ``arccos``), so tiny angles near tau are resolved.  ``storage_eps`` is the
     epsilon of the dtype the weights were stored in (bf16: 7.8e-3); cuts, ``tau`` default and parameters as in
     the module docstring.
 
@@ -193,9 +199,11 @@ def flag_relative_position(W_l: torch.Tensor, W_next: torch.Tensor, *, tau: Opti
 def flag_position_from_svd(U: torch.Tensor, s_left: torch.Tensor, Vh: torch.Tensor, s_right: torch.Tensor, *,
                            n: int, rank_rtol: tuple[float, float], tau: Optional[float] = None,
                            storage_eps: float = FLOAT32_EPS, gap_ratio: float = GAP_RATIO,
-                           max_tau: float = MAX_TAU, max_cuts: int = 64) -> FlagRelativePosition:
+                           max_tau: float = MAX_TAU, max_cuts: int = 64,
+                           transport: Optional[torch.Tensor] = None) -> FlagRelativePosition:
     """:func:`flag_relative_position` from precomputed thin SVDs ``W_l = U diag(s_left) .``,
-    ``W_next = . diag(s_right) Vh`` (MATH.md §4), for callers that reuse the factorisations.
+    ``W_next = . diag(s_right) Vh`` (MATH.md §4), for callers that reuse the factorisations; ``transport``:
+    ``T = Vh U`` when the caller has formed it already (then the cosine matrix is not recomputed).
 
     ``U (n', r_l)`` and ``Vh (r_r, n')`` may be expressed in any orthonormal coordinates of a subspace of the
     hidden space R^n that contains both ``range W_l`` and ``row W_next`` (``n' <= n``): the rank and soft
@@ -213,19 +221,25 @@ def flag_position_from_svd(U: torch.Tensor, s_left: torch.Tensor, Vh: torch.Tens
         raise ValueError(f"{where}: U {tuple(U.shape)}, s_left {tuple(s_left.shape)}, Vh {tuple(Vh.shape)}, "
                          f"s_right {tuple(s_right.shape)} and n={n} do not fit thin SVDs of W_l (n x k) and "
                          f"W_next (m x n); pass torch.linalg.svd(..., full_matrices=False) factors")
+    if transport is not None and (not isinstance(transport, torch.Tensor) or
+                                  tuple(transport.shape) != (Vh.shape[0], U.shape[1])):
+        raise ValueError(f"{where}: transport has shape {getattr(transport, 'shape', type(transport).__name__)}; "
+                         f"pass T = Vh @ U of shape {(Vh.shape[0], U.shape[1])} or None")
     options = _check_flag_options(where, storage_eps, gap_ratio, max_tau, max_cuts)
     return _position_from_svd(U.to(torch.float64), s_left, Vh.to(torch.float64), s_right, n=n,
-                              rank_rtol=rank_rtol, tau=tau, **options)
+                              rank_rtol=rank_rtol, tau=tau, transport=transport, **options)
 
 
 def _position_from_svd(U: torch.Tensor, s_left: torch.Tensor, Vh: torch.Tensor, s_right: torch.Tensor, *, n: int,
                        rank_rtol: tuple[float, float], tau: Optional[float], storage_eps: float, gap_ratio: float,
-                       max_tau: float, max_cuts: int) -> FlagRelativePosition:
+                       max_tau: float, max_cuts: int, transport: Optional[torch.Tensor] = None
+                       ) -> FlagRelativePosition:
     """Body of :func:`flag_position_from_svd` (validated input).
 
-    Cost: one ``p x q`` cross matrix ``N = U_p^T V_q`` and at most two thin QRs (``n' x p``, ``n' x q``); each cut
-    pair then needs one SVD of a ``(min(i,j) + ...) x min(i,j)`` window built from ``N`` and the R factors
-    (skipped when ``sum cos^2 < cos^2 tau`` proves the count is 0).
+    Cost: one ``p x q`` cross matrix ``N = U_p^T V_q`` (or the caller's ``transport``); each cut pair then needs
+    the singular values of its ``i x j`` window of ``N`` (skipped when ``sum cos^2 < cos^2 tau`` proves the count
+    is 0) and, only when a cosine is within rounding of ``cos(tau)``, one SVD of a ``(min(i,j) + ...) x
+    min(i,j)`` window built from ``N`` and the R factors of at most two thin QRs (``n' x p``, ``n' x q``).
     """
     where = "flag_relative_position"
     options = dict(storage_eps=storage_eps, gap_ratio=gap_ratio, max_tau=max_tau, max_cuts=max_cuts)
@@ -238,7 +252,8 @@ def _position_from_svd(U: torch.Tensor, s_left: torch.Tensor, Vh: torch.Tensor, 
 
     p, q = (cuts_l[-1] if cuts_l else 0), (cuts_r[-1] if cuts_r else 0)
     U, V = U[:, :p], Vh[:q].transpose(0, 1)
-    N = U.transpose(0, 1) @ V  # (p, q): N[a, b] = cos-matrix entry u_a . v_b
+    # (p, q): N[a, b] = cos-matrix entry u_a . v_b
+    N = U.transpose(0, 1) @ V if transport is None else transport[:q, :p].transpose(0, 1).to(torch.float64)
     soft = N.pow(2).cumsum(0).cumsum(1).cpu()
     sin_tau, cos2_tau = math.sin(tau), math.cos(tau) ** 2
     factors: dict[str, torch.Tensor] = {}
@@ -248,12 +263,18 @@ def _position_from_svd(U: torch.Tensor, s_left: torch.Tensor, Vh: torch.Tensor, 
             factors[side] = _residual_factor(U, V, N.transpose(0, 1)) if side == "U" else _residual_factor(V, U, N)
         return factors[side]
 
+    cos_tau = math.cos(tau)
+    cos_band = COS_BAND_ULPS * U.shape[0] * torch.finfo(torch.float64).eps
+
     def entry(i: int, j: int) -> tuple[int, float]:
         if i == n or j == n:
             return min(i, j), float(min(i, j))
         soft_ij = float(soft[i - 1, j - 1])
         if soft_ij < cos2_tau - SOFT_SKIP_MARGIN:  # r * cos^2(tau) <= soft: no angle below tau
             return 0, soft_ij
+        cosines = torch.linalg.svdvals(N[:i, :j])
+        if not bool(((cosines - cos_tau).abs() <= cos_band).any()):  # every angle clearly above or below tau
+            return int((cosines > cos_tau).sum()), soft_ij
         if i <= j:
             return _count_small_sines(residual("U")[:i, :i], N[:i, j:].transpose(0, 1), sin_tau), soft_ij
         return _count_small_sines(residual("V")[:j, :j], N[i:, :j], sin_tau), soft_ij

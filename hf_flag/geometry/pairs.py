@@ -285,44 +285,75 @@ def gram_diagnostics(
     return GramDiagnostics(_kappa_auto(W_l, W_next, grams), d, _safe_ratio(d, a + b))
 
 
-def _haar_stiefel(n: int, q: int, batch: tuple, generator: Optional[torch.Generator], like: torch.Tensor):
-    """Haar-random n x q matrix with orthonormal columns (QR of a Gaussian with the sign fix)."""
-    G = torch.randn(*batch, n, q, generator=generator, dtype=like.dtype, device=like.device)
-    Q, R = torch.linalg.qr(G)
-    return Q * torch.sign(torch.diagonal(R, dim1=-2, dim2=-1)).unsqueeze(-2)
-
-
 def commutator_baseline(
-    W_l: torch.Tensor, W_next: torch.Tensor, *, n_samples: int = 8, generator: Optional[torch.Generator] = None,
-    bias_l: Optional[torch.Tensor] = None, dtype: torch.dtype = torch.float64,
+    W_l: torch.Tensor, W_next: torch.Tensor, *, bias_l: Optional[torch.Tensor] = None,
+    dtype: torch.dtype = torch.float64,
 ) -> torch.Tensor:
-    """Monte Carlo null value of kappa: mean kappa after a Haar-random rotation of ``W_l``'s hidden basis (MATH.md §3).
+    """Null value of kappa: its root mean square over Haar-random rotations ``Q`` of the hidden basis, ``kappa`` of
+    ``(Q W_l, W_next)`` (both spectra kept), in closed form (MATH.md §3).
 
-    ``Q W_l`` for Haar ``Q`` in O(n) equals ``Z R`` in distribution, with ``W_l = Q_1 R`` the thin QR and ``Z`` a
-    Haar-random n x min(n, k) frame: no n x n rotation is drawn.  Both spectra are kept; kappa of each sample goes
-    through :func:`commutator_ratio` (``method="auto"``), reusing ``G_P`` and ``G_Q = R^T R`` across samples (only
-    ``C`` changes); when the hidden dim n is at most both outer dims, ``Q B Q^T`` with Haar ``Q`` in O(n) and the
-    direct n x n form instead.  ``generator`` must live on the weights' device.
+    :func:`~hf_flag.geometry.baselines.commutator_haar_rms` of ``tr A = ||W_next||_F^2``, ``tr A^2 = ||G_P||_F^2``,
+    ``tr B = ||W_l||_F^2``, ``tr B^2 = ||G_Q||_F^2`` (the smaller Gram of each side); exact, no sampling.
     """
-    if not isinstance(n_samples, int) or n_samples < 1:
-        raise ValueError(f"commutator_baseline: n_samples must be a positive int; got {n_samples!r}")
+    from hf_flag.geometry.baselines import commutator_haar_rms
+
     W_l, W_next = _prepare(W_l, W_next, bias_l, dtype, "commutator_baseline")
-    if _hidden_is_small(W_l, W_next):  # n x n is the smallest form: rotate B itself, Q B Q^T
-        A, B = _hidden_grams(W_l, W_next)
-        n = W_l.shape[-2]
-        samples = []
-        for _ in range(n_samples):
-            Q = _haar_stiefel(n, n, tuple(W_l.shape[:-2]), generator, W_l)
-            samples.append(_kappa_direct(A, Q @ B @ Q.mT))
-        return torch.stack(samples).mean(dim=0)
-    R = torch.linalg.qr(W_l).R
-    batch, n = tuple(W_l.shape[:-2]), W_l.shape[-2]
-    G_P, G_Q = W_next @ W_next.mT, R.mT @ R  # the same for every sample: (Z R)^T (Z R) = R^T R
-    samples = []
-    for _ in range(n_samples):
-        W_rot = _haar_stiefel(n, R.shape[-2], batch, generator, W_l) @ R
-        samples.append(_kappa_auto(W_rot, W_next, (W_next @ W_rot, G_P, G_Q)))
-    return torch.stack(samples).mean(dim=0)
+    return commutator_haar_rms(_fro2(W_next), _fro2(_small_gram(W_next)), _fro2(W_l), _fro2(_small_gram(W_l)),
+                               W_l.shape[-2])
+
+
+class SpectralPairValues(NamedTuple):
+    """Pair diagnostics from the thin SVDs of both weights (:func:`pair_values_from_svd`, MATH.md §2-§4)."""
+
+    commutator_ratio: torch.Tensor
+    commutator_haar_rms: torch.Tensor
+    imbalance_norm: torch.Tensor
+    relative_imbalance: torch.Tensor
+    transport: torch.Tensor
+    product_singular_values: torch.Tensor
+
+
+def pair_values_from_svd(
+    W_l: torch.Tensor, W_next: torch.Tensor, svd_l: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    svd_next: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+) -> SpectralPairValues:
+    """Commutator ratio (``method="auto"``) and its Haar RMS, ``||D||_F``, relative imbalance, the transport matrix
+    and the singular values of ``W_next W_l`` from the thin SVDs of both weights, with no product over the hidden
+    dim n beyond ``T`` itself (MATH.md §2-§4).
+
+    ``svd_l = (U_l, s_l, Vh_l)`` of ``W_l`` (..., n, k) and ``svd_next = (U_n, s_n, Vh_n)`` of ``W_next``
+    (..., m, n), float64 (:func:`~hf_flag.geometry.angles.thin_svd`; callers reuse one SVD per weight across the
+    pairs it belongs to).  With ``T = Vh_n U_l`` (r_n x r_l, MATH.md §4) and ``M = S_n T S_l`` (so
+    ``W_next W_l = U_n M Vh_l``): ``||A||^2 = sum s_n^4``, ``||B||^2 = sum s_l^4``, ``tr(AB) = ||M||^2``,
+    ``tr(A^2 B^2) = ||S_n^2 T S_l^2||^2`` and ``tr(ABAB) = ||M M^T||^2 = sum sigma(M)^4``, hence
+    ``||[A,B]||^2 = 2 ||S_n^2 T S_l^2||^2 - 2 sum sigma(M)^4`` (MATH.md §3) and
+    ``||D||^2 = ||A||^2 + ||B||^2 - 2 ||M||^2`` (§2).  Where those subtractions cancel (kappa below
+    ``AUTO_FACTORED_BELOW``, ``||D||^2`` below ``IMBALANCE_FACTORED_BELOW`` of its scale) the value is recomputed
+    from ``W_l``, ``W_next`` by the factored float64 forms, as in :func:`commutator_ratio`.  ``sigma(M)`` are the
+    singular values of ``W_next W_l`` (backward error ``eps ||W_next|| ||W_l||``, as for the product formed
+    explicitly).  The Haar RMS is :func:`~hf_flag.geometry.baselines.commutator_haar_rms` of the four traces.
+    """
+    from hf_flag.geometry.baselines import commutator_haar_rms
+
+    W_l, W_next = _prepare(W_l, W_next, None, torch.float64, "pair_values_from_svd")
+    (U_l, s_l, _), (_, s_n, Vh_n) = svd_l, svd_next
+    if U_l.shape[-2] != W_l.shape[-2] or Vh_n.shape[-1] != W_next.shape[-1] or \
+            s_l.shape[-1] != U_l.shape[-1] or s_n.shape[-1] != Vh_n.shape[-2]:
+        raise ValueError(f"pair_values_from_svd: svd_l (U {_shape(U_l)}, s {_shape(s_l)}) and svd_next (s "
+                         f"{_shape(s_n)}, Vh {_shape(Vh_n)}) are not thin SVDs of W_l {tuple(W_l.shape)} and "
+                         f"W_next {tuple(W_next.shape)}; pass thin_svd(W_l) and thin_svd(W_next)")
+    T = Vh_n @ U_l
+    a_sq, b_sq = s_n.square(), s_l.square()
+    M = s_n.unsqueeze(-1) * T * s_l.unsqueeze(-2)
+    s_product = torch.linalg.svdvals(M)
+    a2, b2 = a_sq.square().sum(-1), b_sq.square().sum(-1)
+    comm2 = 2.0 * _fro2(a_sq.unsqueeze(-1) * T * b_sq.unsqueeze(-2)) - 2.0 * s_product.pow(4).sum(-1)
+    den = (a2 * b2).sqrt()
+    kappa = _safe_ratio(comm2.clamp_min(0).sqrt(), den)
+    kappa = _refine((kappa < AUTO_FACTORED_BELOW) & (den > 0), kappa, _kappa_factored, W_l, W_next)
+    d, a, b = _imbalance_from_norms(W_l, W_next, a2, b2, _fro2(M))
+    baseline = commutator_haar_rms(a_sq.sum(-1), a2, b_sq.sum(-1), b2, W_l.shape[-2])
+    return SpectralPairValues(kappa, baseline, d, _safe_ratio(d, a + b), T, s_product)
 
 
 def hidden_coordinates(W_l: torch.Tensor, W_next: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -384,5 +415,14 @@ def transport_scores_from_svd(U: torch.Tensor, Vh: torch.Tensor, k: int) -> tupl
         raise ValueError(f"transport_scores_from_svd: U {_shape(U)} (..., n, r_l) and Vh {_shape(Vh)} "
                          f"(..., r_next, n) must share the hidden dim n; pass thin-SVD factors of one pair")
     _check_window(k, U.shape[-1], Vh.shape[-2], where="transport_scores_from_svd")
-    T_k = Vh[..., :k, :] @ U[..., :k]
+    return transport_scores_from_matrix(Vh[..., :k, :] @ U[..., :k], k)
+
+
+def transport_scores_from_matrix(T: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`transport_scores` of a transport matrix ``T = V^(l+1)T U^(l)`` (..., r_next, r_l) already formed
+    (e.g. by :func:`pair_values_from_svd`), from its top ``k x k`` window (MATH.md §4)."""
+    if not isinstance(T, torch.Tensor) or T.ndim < 2:
+        raise ValueError(f"transport_scores_from_matrix: T must be a (..., r_next, r_l) tensor; got {_shape(T)}")
+    _check_window(k, T.shape[-1], T.shape[-2], where="transport_scores_from_matrix")
+    T_k = T[..., :k, :k]
     return _fro2(T_k) / k, torch.diagonal(T_k, dim1=-2, dim2=-1).square().sum(-1) / k

@@ -11,6 +11,7 @@ import torch
 
 from hf_flag.geometry.angles import projection_kernel, subspace_overlap
 from hf_flag.geometry.baselines import (
+    commutator_haar_rms,
     composition_baseline,
     intersection_baseline,
     overlap_baseline,
@@ -95,6 +96,55 @@ def test_composition_baseline_by_monte_carlo() -> None:
     score2 = (L @ R).pow(2).sum((-2, -1)) / (L.pow(2).sum((-2, -1)) * R.pow(2).sum((-2, -1)))
     assert composition_baseline(d) == pytest.approx(0.25)
     _within(score2, composition_baseline(d) ** 2, what="E[score^2]")
+
+
+def _traces(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return A.trace(), (A @ A).trace(), B.trace(), (B @ B).trace()
+
+
+@pytest.mark.parametrize("n,rank_a,rank_b", [(7, 3, 5), (12, 12, 2), (4, 1, 4)])
+def test_commutator_haar_rms_by_monte_carlo(n: int, rank_a: int, rank_b: int) -> None:
+    """Closed form sqrt(E kappa^2) against E[kappa^2] over Haar rotations O B O^T (MATH.md §3)."""
+    g = torch.Generator().manual_seed(n + rank_a)
+    P = torch.randn(n, rank_a, generator=g, dtype=torch.float64)
+    Q = torch.randn(n, rank_b, generator=g, dtype=torch.float64) * torch.linspace(3.0, 0.1, rank_b,
+                                                                                    dtype=torch.float64)
+    A, B = P @ P.T, Q @ Q.T
+    O = _haar_frames(N_SAMPLES, n, n, seed=n)
+    Bs = O @ B @ O.mT
+    kappa2 = torch.linalg.matrix_norm(A @ Bs - Bs @ A).square() / (A.norm() * B.norm()).square()
+    expected = commutator_haar_rms(*_traces(A, B), n).item() ** 2
+    _within(kappa2, expected, what="E kappa^2")
+    assert expected > 0
+
+
+def test_commutator_haar_rms_special_cases() -> None:
+    one = torch.tensor(1.0, dtype=torch.float64)
+    # two rank-1 projectors in R^2 at a uniform angle t: ||[P, Q]||^2 = 2 sin^2 t cos^2 t, mean 1/4
+    assert commutator_haar_rms(one, one, one, one, 2).item() == pytest.approx(0.5, rel=1e-14)
+    # A = I commutes with everything; n = 1 too; a zero side gives 0, not NaN
+    B = torch.diag(torch.tensor([3.0, 1.0, 0.5], dtype=torch.float64))
+    assert commutator_haar_rms(*_traces(torch.eye(3, dtype=torch.float64), B), 3).item() == pytest.approx(
+        0.0, abs=1e-15)
+    assert commutator_haar_rms(one, one, one, one, 1).item() == 0.0
+    assert commutator_haar_rms(0 * one, 0 * one, one, one, 5).item() == 0.0
+    with pytest.raises(ValueError, match="n=0"):
+        commutator_haar_rms(one, one, one, one, 0)
+
+
+def test_commutator_haar_rms_bounds_the_mean_and_meets_it_for_large_n() -> None:
+    """Jensen: RMS >= E kappa; kappa concentrates, so at n = 120 the two agree within 1%."""
+    n = 120
+    g = torch.Generator().manual_seed(5)
+    P = torch.randn(n, 30, generator=g, dtype=torch.float64)
+    Q = torch.randn(n, 40, generator=g, dtype=torch.float64)
+    A, B = P @ P.T, Q @ Q.T
+    O = _haar_frames(400, n, n, seed=6)
+    Bs = O @ B @ O.mT
+    kappa = torch.linalg.matrix_norm(A @ Bs - Bs @ A) / (A.norm() * B.norm())
+    rms = commutator_haar_rms(*_traces(A, B), n).item()
+    se = kappa.std().item() / math.sqrt(kappa.numel())
+    assert kappa.mean().item() - 5 * se <= rms <= 1.01 * kappa.mean().item()
 
 
 def test_intersection_baseline_matches_generic_subspaces() -> None:

@@ -205,6 +205,21 @@ def test_tiny_shared_angle_is_resolved_by_sines() -> None:
         assert pos.rank_matrix[0, 0].item() == 1 and pos.permutation_word == [1, 2, 3, 4, 5]
 
 
+@pytest.mark.parametrize("angle", [3e-6, 1.2e-6, 0.9e-6, 1e-6 * (1 + 1e-10), 1e-6 * (1 - 1e-10), 1e-9, 0.3])
+def test_cosine_counts_equal_sine_counts_around_tau(angle: float, monkeypatch) -> None:
+    """Windows decided by their cosines (no cosine within rounding of cos tau) count as the sines do; angles
+    within rounding of tau take the sine path.  Reference: the same call with every window forced to sines."""
+    import hf_flag.geometry.flags as flags
+
+    W_l, W_next = _tiny_angle_pair(angle, seed=3)
+    fast = flag_relative_position(W_l, W_next, tau=1e-6)
+    monkeypatch.setattr(flags, "COS_BAND_ULPS", 1e300)  # every window ambiguous: sines only
+    sines = flag_relative_position(W_l, W_next, tau=1e-6)
+    assert torch.equal(fast.rank_matrix, sines.rank_matrix)
+    if abs(angle - 1e-6) > 1e-9:  # decidable in float64 (the sine path resolves ~1e-16 rad)
+        assert fast.rank_matrix[0, 0].item() == (1 if angle < 1e-6 else 0)
+
+
 def test_degenerate_inputs() -> None:
     n = 5
     zero = flag_relative_position(torch.zeros(n, 3), _rand(4, n, seed=13))

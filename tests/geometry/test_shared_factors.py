@@ -2,12 +2,12 @@
 GL kernel dimension, and the reduced hidden coordinates of hf_flag.analysis.pairs (MATH.md §2-§4)."""
 import math
 
-import numpy as np
 import pytest
 import torch
 
 from hf_flag.analysis.pairs import pair_geometry_values, pair_values, transport_k
 from hf_flag.geometry.angles import default_rtol, thin_svd
+from hf_flag.geometry.baselines import commutator_haar_rms
 from hf_flag.geometry.flags import (
     flag_position_from_svd,
     flag_relative_position,
@@ -22,6 +22,7 @@ from hf_flag.geometry.pairs import (
     hidden_coordinates,
     imbalance,
     imbalance_diagonal_norm,
+    pair_values_from_svd,
     transport_scores,
     transport_scores_from_svd,
 )
@@ -69,18 +70,17 @@ def test_gram_diagnostics_tiny_kappa_and_balance_use_the_factored_forms():
     assert g.imbalance_norm.item() == pytest.approx(first_order, rel=1e-6)
 
 
-def test_commutator_baseline_equals_explicit_rotated_samples():
-    """Reusing G_P and G_Q = R^T R across samples keeps the Monte-Carlo value of the per-sample definition."""
-    W_l, W_next = _rand(50, 7, seed=3), _rand(9, 50, seed=4)
-    got = commutator_baseline(W_l, W_next, n_samples=3, generator=torch.Generator().manual_seed(11)).item()
-    g = torch.Generator().manual_seed(11)
-    R = torch.linalg.qr(W_l).R
-    ref = []
-    for _ in range(3):  # same draws as the implementation: Haar n x 7 frame with the sign fix, then Z R
-        Q, Rz = torch.linalg.qr(torch.randn(50, 7, generator=g, dtype=F64))
-        Z = Q * torch.sign(torch.diagonal(Rz))
-        ref.append(commutator_ratio(Z @ R, W_next, method="direct").item())
-    assert got == pytest.approx(float(np.mean(ref)), rel=1e-12)
+@pytest.mark.parametrize("n,k,m", [(50, 7, 9), (6, 20, 18)])
+def test_commutator_baseline_from_grams_equals_dense_traces_and_spectra(n, k, m):
+    """The Haar RMS of kappa from the smaller Gram of each side = from the dense n x n traces = from the spectra
+    (``pair_values_from_svd``), bias-augmented (MATH.md §3)."""
+    W_l, W_next, bias = _rand(n, k, seed=3), _rand(m, n, seed=4), _rand(n, seed=5)
+    aug = torch.cat([W_l, bias[:, None]], dim=1)
+    A, B = W_next.T @ W_next, aug @ aug.T
+    dense = commutator_haar_rms(A.trace(), (A @ A).trace(), B.trace(), (B @ B).trace(), n).item()
+    assert commutator_baseline(W_l, W_next, bias_l=bias).item() == pytest.approx(dense, rel=1e-12)
+    spectral = pair_values_from_svd(aug, W_next, thin_svd(aug), thin_svd(W_next)).commutator_haar_rms.item()
+    assert spectral == pytest.approx(dense, rel=1e-12)
 
 
 def test_transport_scores_from_svd_in_any_orthonormal_coordinates():
@@ -157,10 +157,36 @@ def test_pair_geometry_values_equal_the_separate_public_calls(n, k, m):
         "intersection_dim": float(flag.intersection_dim), "gl_kernel_dim": float(gl_invariant_kernel_dim(W_l, W_next)),
         "intersection_soft": float(flag.soft_matrix[flag.cuts_left.index(c), flag.cuts_right.index(c)]),
     }
-    assert "commutator_ratio_baseline" not in values
+    A, B = W_next.T @ W_next, W_l @ W_l.T  # dense n x n traces for the closed-form Haar RMS (MATH.md §3)
+    expected["commutator_ratio_baseline"] = commutator_haar_rms(A.trace(), (A @ A).trace(), B.trace(),
+                                                                (B @ B).trace(), n).item()
     for key, ref in expected.items():
         assert values[key] == pytest.approx(ref, rel=1e-10, abs=1e-13), key
     assert details["rank_matrix"] == flag.rank_matrix.tolist() and details["cuts_left"] == flag.cuts_left
-    with_baseline = pair_values(W_l[None], W_next[None], cheap=False, storage_eps=1e-7, seed=0)[0][0]
-    assert list(with_baseline)[5] == "commutator_ratio_baseline"
-    assert 0 < with_baseline["commutator_ratio_baseline"] < 1 / math.sqrt(2)
+    assert pair_values(W_l[None], W_next[None], cheap=False, storage_eps=1e-7)[0][0] == values
+    assert 0 < values["commutator_ratio_baseline"] < 1 / math.sqrt(2)
+
+
+def test_pair_values_from_svd_equal_dense_n_by_n_forms():
+    """kappa, ||D||, T and the product spectrum from the two thin SVDs against the n x n definitions, batched."""
+    W_l = torch.stack([_spiked_pair(30, 7, 9, seed=s)[0] for s in (1, 2)])
+    W_next = torch.stack([_spiked_pair(30, 7, 9, seed=s)[1] for s in (1, 2)])
+    v = pair_values_from_svd(W_l, W_next, thin_svd(W_l), thin_svd(W_next))
+    A, B = W_next.mT @ W_next, W_l @ W_l.mT
+    norm = torch.linalg.matrix_norm
+    assert torch.allclose(v.commutator_ratio, norm(A @ B - B @ A) / (norm(A) * norm(B)), rtol=1e-12, atol=0)
+    assert torch.allclose(v.imbalance_norm, norm(A - B), rtol=1e-12, atol=0)
+    assert torch.allclose(v.relative_imbalance, norm(A - B) / (norm(A) + norm(B)), rtol=1e-12, atol=0)
+    assert torch.allclose(v.product_singular_values, torch.linalg.svdvals(W_next @ W_l), rtol=1e-12, atol=1e-12)
+    T = torch.linalg.svd(W_next, full_matrices=False).Vh @ torch.linalg.svd(W_l, full_matrices=False).U
+    assert torch.allclose(v.transport.abs(), T.abs(), atol=1e-10)  # singular vectors up to sign
+    with pytest.raises(ValueError, match="not thin SVDs"):
+        pair_values_from_svd(W_l, W_next, thin_svd(W_next), thin_svd(W_l))
+
+
+def test_pair_values_from_svd_tiny_kappa_uses_the_factored_form():
+    W_l = _rand(40, 12, seed=1)
+    W_next = W_l.T + 1e-9 * _rand(12, 40, seed=2)
+    v = pair_values_from_svd(W_l[None], W_next[None], thin_svd(W_l[None]), thin_svd(W_next[None]))
+    assert v.commutator_ratio.item() == pytest.approx(commutator_ratio(W_l, W_next, method="factored").item(),
+                                                      rel=1e-6)

@@ -48,6 +48,8 @@ MLP_LAYOUTS: dict[str, tuple[str, ...]] = {
 #: roles recorded in ``BlockWeights.names`` / the layout but never read: Qwen3's per-head RMSNorm on q and k acts
 #: after the projection, so it does not change the read subspace col(W_Q[h]) (MATH.md §6).
 RECORDED_ONLY_ROLES = frozenset({"q_norm", "k_norm"})
+#: roles the attention part of a block is built from (``block(..., mlp=False)`` reads only these)
+ATTENTION_ROLES = frozenset({"q", "k", "v", "o", "qkv", "q_bias", "k_bias", "v_bias", "o_bias", "qkv_bias"})
 REGISTER_HINT = "hf_flag.weights.adapters.register_adapter(model_type, adapter)"
 
 # config field -> candidate config.json keys, first present (not None) wins
@@ -209,6 +211,12 @@ def _per_head(parts: dict[str, Optional[torch.Tensor]], names: dict[str, str], L
     )
 
 
+def _reads(role: str, mlp: bool) -> bool:
+    """Whether :meth:`Adapter.block` reads tensor ``role`` (every role but the recorded-only ones; attention
+    roles only when ``mlp`` is False)."""
+    return role not in RECORDED_ONLY_ROLES and (mlp or role in ATTENTION_ROLES)
+
+
 def _mlp(kind: str, t: dict[str, torch.Tensor], names: dict[str, str], L: ModelLayout) -> MLPWeights:
     """Checkpoint MLP tensors -> out x in ``MLPWeights``."""
     parts = {r: t.get(r) for r in ("mlp_gate", "mlp_in", "mlp_out", "b_gate", "b_in", "b_out")}
@@ -317,21 +325,23 @@ class Adapter:
                              f"0..{layout.n_layers - 1}")
         return layout
 
-    def block_tensor_names(self, layout: ModelLayout, i: int) -> list[str]:
-        """Exactly the checkpoint tensors :meth:`block` reads for layer ``i`` (to shard layers across processes)."""
+    def block_tensor_names(self, layout: ModelLayout, i: int, *, mlp: bool = True) -> list[str]:
+        """Exactly the checkpoint tensors :meth:`block` reads for layer ``i`` (to shard layers across processes);
+        ``mlp=False``: the attention tensors only."""
         layout = self._check(layout, i)
-        return [t.format(i=i) for r, t in layout.tensors if r not in RECORDED_ONLY_ROLES]
+        return [t.format(i=i) for r, t in layout.tensors if _reads(r, mlp)]
 
     def block(self, source: "WeightSource", layout: ModelLayout, i: int, *, dtype: torch.dtype = torch.float64,
-              device: Optional[torch.device | str] = None) -> BlockWeights:
+              device: Optional[torch.device | str] = None, mlp: bool = True) -> BlockWeights:
         """Layer ``i`` as per-head attention slices and out x in MLP matrices (MATH.md §6), in ``dtype`` on
-        ``device``; reads exactly :meth:`block_tensor_names` from ``source``."""
+        ``device``; reads exactly :meth:`block_tensor_names` from ``source``.  ``mlp=False`` reads the attention
+        tensors only and leaves ``BlockWeights.mlp`` ``None`` (composition re-reads later layers' attention)."""
         layout = self._check(layout, i)
         names = {r: t.format(i=i) for r, t in layout.tensors}
-        read = {r: n for r, n in names.items() if r not in RECORDED_ONLY_ROLES}
+        read = {r: n for r, n in names.items() if _reads(r, mlp)}
         tensors = {r: source.get(n, dtype=dtype, device=device) for r, n in read.items()}
         attention = _per_head(_unfuse_attention(layout.attention_layout, tensors, names, layout), names, layout)
-        mlp = _mlp(layout.mlp_layout, tensors, names, layout)
+        mlp = _mlp(layout.mlp_layout, tensors, names, layout) if mlp else None
         weights = [n for r, n in read.items() if tensors[r].ndim == 2]
         storage = max((storage_torch_dtype(source.storage_dtype(n), source.storage_eps(n)) for n in weights),
                       key=lambda d: torch.finfo(d).eps)
