@@ -262,10 +262,10 @@ def analyze_chain(module: nn.Module, name: str, *, device: torch.device, dtype: 
                                             f"the model")
         rows += pair_rows(name, KIND_LINEAR_CHAIN, [(i, i + 1, a.name, b.name)], W_l[None], single(bias),
                           W_next[None], activation=a.activation_after, cheap=cheap,
-                          storage_eps=torch.finfo(a.storage_dtype).eps)
+                          storage_eps=a.storage_eps)
     layout = {"n_layers": len(chain), "widths": [chain[0].weight.shape[1]] + [c.weight.shape[0] for c in chain],
               "activations": [c.activation_after for c in chain]}
-    storage = {str(c.storage_dtype).removeprefix("torch."): torch.finfo(c.storage_dtype).eps for c in chain}
+    storage = {c.storage_dtype: c.storage_eps for c in chain}
     return Report(model=name, architecture="linear_chain", layout=layout, rows=rows), {
         "diagnostics": sorted(diag), "layers": sel, "storage": storage}
 

@@ -14,8 +14,9 @@ Conventions (MATH.md, section 6):
 * MLP matrices use the ``nn.Linear`` convention, out x in: ``mlp_in`` is ``(d_ff, d_model)``, ``mlp_out`` is
   ``(d_model, d_ff)``.  For a gated MLP (SwiGLU, GeGLU), ``mlp_in`` is the *up* projection and ``mlp_gate`` the
   gate projection; both share the hidden space R^d_ff with ``mlp_out`` (the *down* projection).
-* Tensors are returned in the dtype the caller asked for (float64 for geometry); ``storage_dtype`` records the
-  dtype the weights were stored in (its epsilon sets the flag tolerance, MATH.md section 4).
+* Tensors are returned in the dtype the caller asked for (float64 for geometry); ``storage_eps`` records the
+  relative precision the weights were stored in (``WeightSource.storage_eps``: a float dtype's epsilon, 2^-b for
+  b-bit quantisation), which sets the flag tolerance (MATH.md section 4).
 """
 from __future__ import annotations
 
@@ -87,7 +88,7 @@ class BlockWeights:
     index: int
     attention: Optional[AttentionWeights]
     mlp: Optional[MLPWeights]
-    storage_dtype: torch.dtype = torch.float32
+    storage_eps: float  # coarsest WeightSource.storage_eps among the block's 2-D weights read
     names: dict = field(default_factory=dict)  # role -> checkpoint tensor name(s), for provenance
 
 
@@ -99,4 +100,5 @@ class LinearLayer:
     weight: torch.Tensor  # (out, in)
     bias: Optional[torch.Tensor]
     activation_after: str  # activation between this layer and the next ("identity" for none)
-    storage_dtype: torch.dtype = torch.float32
+    storage_dtype: str  # as WeightSource.storage_dtype reports it: "float32", "bfloat16", "Q4_1", ...
+    storage_eps: float  # relative precision of the stored weight, as WeightSource.storage_eps reports it

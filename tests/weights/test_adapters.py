@@ -184,7 +184,7 @@ def module_and_heads(name: str, model: nn.Module, layout: ModelLayout, att: Atte
 def test_slices_reproduce_attention_and_mlp(family_model, i):
     name, model, source, adapter, layout = family_model
     blk = adapter.block(source, layout, i)
-    assert blk.attention.W_Q.dtype == torch.float64 and blk.storage_dtype == torch.float64
+    assert blk.attention.W_Q.dtype == torch.float64 and blk.storage_eps == torch.finfo(torch.float64).eps
     x = torch.randn(1, T, layout.d_model, dtype=torch.float64, generator=torch.Generator().manual_seed(i))
     own, mine = module_and_heads(name, model, layout, blk.attention, i, x)
     torch.testing.assert_close(mine, own, rtol=RTOL, atol=ATOL)
@@ -342,7 +342,8 @@ def test_linear_chain_sequential():
         assert [c.name for c in chain] == ["0", "2", "4"]
         assert [c.activation_after for c in chain] == ["relu", "gelu", "identity"]
         for c, j in zip(chain, (0, 2, 4)):
-            assert c.weight.dtype == torch.float64 and c.storage_dtype == torch.float32
+            assert c.weight.dtype == torch.float64
+            assert (c.storage_dtype, c.storage_eps) == ("float32", torch.finfo(torch.float32).eps)
             torch.testing.assert_close(c.weight, net[j].weight.double(), rtol=0, atol=0)
             torch.testing.assert_close(c.bias, net[j].bias.double(), rtol=0, atol=0)
     # the chain recomputes the network's output
@@ -383,4 +384,5 @@ def test_linear_chain_from_checkpoint_file(tmp_path):
     chain = linear_chain(open_weights(tmp_path / "model.safetensors"))
     assert [c.name for c in chain] == [str(j) for j in range(0, 13, 2)]  # natural order: "10" after "8"
     assert [c.activation_after for c in chain] == ["unknown"] * 6 + ["identity"]
+    assert {(c.storage_dtype, c.storage_eps) for c in chain} == {("float32", torch.finfo(torch.float32).eps)}
     torch.testing.assert_close(chain[-1].weight, net[12].weight.double(), rtol=0, atol=0)

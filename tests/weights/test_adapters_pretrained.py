@@ -34,7 +34,7 @@ def test_minilm_bert_adapter_reproduces_real_layer(minilm, i):
         ("bert", 6, 384, 12, 32, 1536)
     assert adapter.block_tensor_names(layout, i)[0] == f"encoder.layer.{i}.attention.self.query.weight"
     blk = adapter.block(source, layout, i)
-    assert blk.storage_dtype == torch.float32 and blk.attention.W_Q.dtype == torch.float64
+    assert blk.storage_eps == torch.finfo(torch.float32).eps and blk.attention.W_Q.dtype == torch.float64
     layer = model.encoder.layer[i]
     x = torch.randn(1, 6, 384, dtype=torch.float64, generator=torch.Generator().manual_seed(i))
     with torch.no_grad():
@@ -59,7 +59,7 @@ def test_smollm2_gguf_llama_adapter_grouped_query():
         (30, 576, 9, 3, 64, 1536)
     assert [layout.kv_head_of(h) for h in range(9)] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     blk = adapter.block(source, layout, 0)
-    assert torch.finfo(blk.storage_dtype).eps >= source.storage_eps("model.layers.0.self_attn.q_proj.weight")
+    assert blk.storage_eps == source.storage_eps("model.layers.0.self_attn.q_proj.weight") == 2.0 ** -4  # Q4_1
 
     from transformers.models.llama import modeling_llama as ml
 

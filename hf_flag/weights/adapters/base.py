@@ -141,17 +141,6 @@ def _layer_prefixes(spec: AdapterSpec, keys: Iterable[str]) -> list[str]:
     return sorted((p for p in found if p == "" or p.endswith(".")), key=lambda p: (len(p), p))
 
 
-def storage_torch_dtype(storage: str, eps: float) -> torch.dtype:
-    """The torch dtype a tensor was stored in; for quantised storage (GGUF ``Q4_1`` ...) the finest torch float
-    dtype whose epsilon is at least the storage epsilon, so the flag tolerance (MATH.md §4) is not understated."""
-    dtype = getattr(torch, storage, None)
-    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
-        return dtype
-    floats = sorted((torch.float64, torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn,
-                     torch.float8_e5m2), key=lambda d: torch.finfo(d).eps)
-    return next((d for d in floats if torch.finfo(d).eps >= eps), floats[-1])
-
-
 def _expect_shape(name: str, tensor: torch.Tensor, shape: tuple[int, ...], layout: ModelLayout) -> None:
     if tuple(tensor.shape) != shape:
         raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {shape} for {layout.model_type} "
@@ -342,7 +331,5 @@ class Adapter:
         tensors = {r: source.get(n, dtype=dtype, device=device) for r, n in read.items()}
         attention = _per_head(_unfuse_attention(layout.attention_layout, tensors, names, layout), names, layout)
         mlp = _mlp(layout.mlp_layout, tensors, names, layout) if mlp else None
-        weights = [n for r, n in read.items() if tensors[r].ndim == 2]
-        storage = max((storage_torch_dtype(source.storage_dtype(n), source.storage_eps(n)) for n in weights),
-                      key=lambda d: torch.finfo(d).eps)
-        return BlockWeights(index=i, attention=attention, mlp=mlp, storage_dtype=storage, names=names)
+        storage_eps = max(source.storage_eps(n) for r, n in read.items() if tensors[r].ndim == 2)
+        return BlockWeights(index=i, attention=attention, mlp=mlp, storage_eps=storage_eps, names=names)

@@ -16,8 +16,8 @@ from typing import Any, Iterator, Optional, Union
 import torch
 from torch import nn
 
-from hf_flag.weights.adapters.base import storage_torch_dtype
 from hf_flag.weights.blocks import LinearLayer
+from hf_flag.weights.weight_source import dtype_name
 
 _ACTIVATIONS: dict[type, str] = {
     nn.ReLU: "relu", nn.Tanh: "tanh", nn.LeakyReLU: "leaky_relu", nn.Sigmoid: "sigmoid", nn.SiLU: "silu",
@@ -70,7 +70,8 @@ def _module_chain(module: nn.Module, dtype: Optional[torch.dtype], device: Any) 
             weight=linear.weight.detach().to(dtype=dtype, device=device),
             bias=None if linear.bias is None else linear.bias.detach().to(dtype=dtype, device=device),
             activation_after="+".join(between) or ("identity" if certain else "unknown"),
-            storage_dtype=linear.weight.dtype,
+            storage_dtype=dtype_name(linear.weight.dtype),
+            storage_eps=float(torch.finfo(linear.weight.dtype).eps),
         ))
     return _check_chain(layers)
 
@@ -90,7 +91,8 @@ def _source_chain(source: Any, dtype: Optional[torch.dtype], device: Any) -> lis
             weight=source.get(w, dtype=dtype, device=device),
             bias=source.get(b, dtype=dtype, device=device) if b in keys else None,
             activation_after="unknown",
-            storage_dtype=storage_torch_dtype(source.storage_dtype(w), source.storage_eps(w)),
+            storage_dtype=source.storage_dtype(w),
+            storage_eps=source.storage_eps(w),
         ))
     if layers:
         layers[-1].activation_after = "identity"
