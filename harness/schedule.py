@@ -51,8 +51,11 @@ def round_robin(items: Sequence[Any], world_size: int) -> list[list[Any]]:
 
 
 def assign_models(sizes: Mapping[str, int], world_size: int) -> list[list[str]]:
-    """Largest-first round robin: ``assign_models(sizes, w)[r]`` are the models process ``r`` runs, in order."""
-    return round_robin(largest_first(sizes), world_size)
+    """Largest-first round robin: ``assign_models(sizes, w)[r]`` are the models process ``r`` runs, in order.
+
+    The deal starts at the last process, so rank 0, which merges and writes the outputs after its own models,
+    gets the lightest share and its tail overlaps the others' work."""
+    return round_robin(largest_first(sizes), world_size)[::-1]
 
 
 def shard_layers(n_layers: int, world_size: int) -> list[list[int]]:

@@ -1,11 +1,8 @@
 """harness.schedule: largest-first round robin, layer shards, fingerprints, atomic markers, polling."""
 from __future__ import annotations
 
-import os
-import stat
 import threading
 import time
-from unittest import mock
 
 import pytest
 
@@ -15,10 +12,11 @@ from harness.schedule import RunState
 
 def test_largest_first_round_robin_not_contiguous():
     sizes = {"a": 10, "b": 40, "c": 30, "d": 20, "e": 5}
-    # by size: b c d a e -> rank 0 gets b, d, e; rank 1 gets c, a (contiguous blocks would give rank 0 b, c, d)
-    assert schedule.assign_models(sizes, 2) == [["b", "d", "e"], ["c", "a"]]
+    # by size: b c d a e, dealt from the last rank: rank 1 gets b, d, e; rank 0 (which merges afterwards) gets
+    # the lighter c, a (contiguous blocks would give one rank b, c, d)
+    assert schedule.assign_models(sizes, 2) == [["c", "a"], ["b", "d", "e"]]
     assert schedule.assign_models(sizes, 1) == [["b", "c", "d", "a", "e"]]
-    assert schedule.assign_models(sizes, 3) == [["b", "a"], ["c", "e"], ["d"]]
+    assert schedule.assign_models(sizes, 3) == [["d"], ["c", "e"], ["b", "a"]]
 
 
 def test_ties_break_by_name_and_every_model_once():

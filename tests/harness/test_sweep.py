@@ -5,6 +5,7 @@ The subprocess runs share one module-scoped 1-process sweep as the reference.  T
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
@@ -253,6 +254,23 @@ def test_config_file_and_arguments_merge(tmp_path):
     assert (cfg.composition, cfg.out, cfg.diagnostics, cfg.split_layers) == ("adjacent", tmp_path / "cli",
                                                                              ("mlp",), True)
     assert cfg.device == "cpu" and cfg.push_to_hub is None and not cfg.write_model_cards  # defaults
+
+
+def test_long_lived_frozen_hands_the_heap_back():
+    assert gc.get_freeze_count() == 0
+    with pytest.raises(RuntimeError):
+        with sweep.long_lived_frozen():
+            assert gc.get_freeze_count() > 0
+            raise RuntimeError("a failing sweep still unfreezes")
+    assert gc.get_freeze_count() == 0
+    gc.freeze()  # a caller that manages the collector itself is left alone
+    try:
+        frozen = gc.get_freeze_count()
+        with sweep.long_lived_frozen():
+            pass
+        assert gc.get_freeze_count() == frozen
+    finally:
+        gc.unfreeze()
 
 
 def test_merge_names_missing_models_after_timeout(tiny_models, tmp_path, monkeypatch):
