@@ -34,7 +34,7 @@ Memory: blocks are read one tensor at a time through the adapter (``adapter.bloc
 reads only its own blocks, block l+1 and, for composition, later layers' attention); the per-layer pass holds
 block l and block l+1 only, and each layer's head bases are computed once (shared by its within-layer rows and
 layer l-1's cross-layer rows).  Composition keeps at most :data:`COMPOSITION_CACHE_BYTES`: packed ``d x d`` Grams
-of a chunk of source layers (each destination layer re-read once per chunk), or, when six head sets of packed
+of a chunk of source layers (each destination layer re-read once per chunk), or, when five head sets of packed
 Grams exceed it (very wide models), the tiled trace form over cached destination attention.  Each layer is
 checked for NaN/Inf once (at its first read): :class:`NonFiniteWeightsError` names the tensor and the layer.
 """
@@ -85,7 +85,7 @@ PAIR_TABLE_METRICS = ("commutator_ratio", "relative_imbalance", "subspace_score"
 
 #: memory budget (bytes) of the composition pass: packed Grams of a chunk of source layers plus one destination
 #: layer's (``analysis.heads.gram_composition_rows``), or cached attention for the tiled fallback.  256 MiB holds
-#: 16 source layers of SmolLM2-135M (d = 576, 9 heads: 12 MiB each) or 4 of a d = 768, 12-head model.  Larger
+#: 17 source layers of SmolLM2-135M (d = 576, 9 heads: 12 MiB each) or 5 of a d = 768, 12-head model.  Larger
 #: budgets re-read fewer layers; peak memory is about this plus two float64 blocks.
 COMPOSITION_CACHE_BYTES = 256 * 2**20
 

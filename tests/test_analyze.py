@@ -292,11 +292,11 @@ def test_composition_streaming_under_a_tiny_cache_budget(monkeypatch):
     from hf_flag.geometry.composition import packed_gram_bytes
 
     gram = packed_gram_bytes(H, D)
-    for budget, chunk_loads in ((6 * gram, (1 + 3) + (1 + 2) + (1 + 1)),  # Gram path, one source per chunk
-                                (7 * gram - 1, (1 + 3) + (1 + 2) + (1 + 1)),
-                                (7 * gram, (2 + 3) + (1 + 1)),  # sources {0, 1}, then {2}
-                                (8 * gram, 3 + 3),  # all three sources in one chunk
-                                (1, (1 + 1) + (1 + 2) + (1 + 3))):  # below 6 Grams: tiled trace form
+    for budget, chunk_loads in ((5 * gram, (1 + 3) + (1 + 2) + (1 + 1)),  # Gram path, one source per chunk
+                                (6 * gram - 1, (1 + 3) + (1 + 2) + (1 + 1)),
+                                (6 * gram, (2 + 3) + (1 + 1)),  # sources {0, 1}, then {2}
+                                (7 * gram, 3 + 3),  # all three sources in one chunk
+                                (1, (1 + 1) + (1 + 2) + (1 + 3))):  # below 5 Grams: tiled trace form
         loads.clear()
         monkeypatch.setattr(module, "COMPOSITION_CACHE_BYTES", budget)
         streamed = analyze(model, device="cpu", diagnostics={"composition"})

@@ -69,7 +69,7 @@ def composition_rows(model: str, kinds: dict[str, str], layout, sources: Sequenc
     """Composition rows (MATH.md §6) from every source layer in ``sources`` to its destination layers; ``kinds``
     maps ``"q"``/``"k"``/``"v"`` to the row kind; ``load_attention(i)`` reads layer i's ``AttentionWeights``.
 
-    When ``budget_bytes`` holds the packed ``d x d`` Grams of six head sets (:func:`gram_composition_rows`), each
+    When ``budget_bytes`` holds the packed ``d x d`` Grams of five head sets (:func:`gram_composition_rows`), each
     source layer's Grams are built once (a destination's once per chunk of sources) and every layer pair costs one
     matmul; otherwise (very wide models) the tiled trace form runs per layer pair (:func:`tiled_composition_rows`).
     Both are exact."""
@@ -77,7 +77,7 @@ def composition_rows(model: str, kinds: dict[str, str], layout, sources: Sequenc
 
     targets = composition_targets(layout.n_layers, sources, mode)
     gram = packed_gram_bytes(layout.n_heads, layout.d_model)  # the Grams are float64 whatever the analysis dtype
-    if budget_bytes >= 6 * gram:
+    if budget_bytes >= 5 * gram:  # one source layer + the destination reserve of gram_composition_rows
         yield from gram_composition_rows(model, kinds, layout, sources, targets, load_attention,
                                          budget_bytes=budget_bytes)
     else:
@@ -91,17 +91,17 @@ def gram_composition_rows(model: str, kinds: dict[str, str], layout, sources: Se
     """Composition rows through packed Grams (``geometry.composition.scores_from_grams``).
 
     Source layers are taken in chunks whose packed Grams (``H`` packed ``d x d`` Grams per layer) fill at most
-    ``budget_bytes`` minus the five head sets reserved for one destination layer (its q/k/v Grams, one kind's
-    freshly built Grams and the ``d x d`` build temporaries of a quarter of the heads); each destination layer is
-    then read once per chunk holding one of its sources, and scores against all of them in one
-    ``(c H, T) x (T, 3 H)`` matmul.  Memory: the chunk + that reserve (the Grams are float64)."""
+    ``budget_bytes`` minus the four head sets reserved for one destination layer (its q/k/v Grams, built in place,
+    and the ``d x d`` build temporaries of a quarter of the heads); each destination layer is then read once per
+    chunk holding one of its sources, and scores against all of them in one ``(c H, T) x (T, 3 H)`` matmul.
+    Memory: the chunk + that reserve (the Grams are float64)."""
     from hf_flag.geometry.baselines import composition_baseline
     from hf_flag.geometry.composition import (CompositionGrams, destination_grams, packed_gram_bytes,
                                               scores_from_grams, source_grams)
 
     H = layout.n_heads
     gram = packed_gram_bytes(H, layout.d_model)
-    chunk = max(1, (budget_bytes - 5 * gram) // gram)
+    chunk = max(1, (budget_bytes - 4 * gram) // gram)
     tile = max(1, H // 4)  # d x d build temporaries: a quarter of a head set's (unpacked) Grams
     base = composition_baseline(layout.d_model)
     order = "qkv"
@@ -111,19 +111,19 @@ def gram_composition_rows(model: str, kinds: dict[str, str], layout, sources: Se
         packed, norm2 = None, None
         for j, l in enumerate(group):
             src = expand_kv(load_attention(l), layout)
-            g = source_grams(src["V"], src["O"], tile_size=tile)
             if packed is None:
-                packed = g.packed.new_empty(len(group) * H, g.packed.shape[1])
-                norm2 = g.norm2.new_empty(len(group) * H)
-            packed[j * H:(j + 1) * H], norm2[j * H:(j + 1) * H] = g.packed, g.norm2
-            del src, g
+                T = layout.d_model * (layout.d_model + 1) // 2  # packed length of a d x d Gram
+                packed = src["V"].new_empty(len(group) * H, T, dtype=torch.float64)
+                norm2 = packed.new_empty(len(group) * H)
+            source_grams(src["V"], src["O"], tile_size=tile,
+                         out=CompositionGrams(packed[j * H:(j + 1) * H], norm2[j * H:(j + 1) * H]))
+            del src
         dst = CompositionGrams(packed.new_empty(3 * H, packed.shape[1]), norm2.new_empty(3 * H))
         for t in sorted({t for l in group for t in targets[l]}):
             reads = destination_reads(expand_kv(load_attention(t), layout))
-            for k, (s, (X, Y)) in enumerate(reads.items()):  # one kind's Grams at a time, copied into place
-                g = destination_grams(X, Y, kind=s, tile_size=tile)
-                dst.packed[k * H:(k + 1) * H], dst.norm2[k * H:(k + 1) * H] = g.packed, g.norm2
-                del g
+            for k, (s, (X, Y)) in enumerate(reads.items()):  # one kind's Grams at a time, built in place
+                destination_grams(X, Y, kind=s, tile_size=tile,
+                                  out=CompositionGrams(dst.packed[k * H:(k + 1) * H], dst.norm2[k * H:(k + 1) * H]))
             del reads
             for a, b in contiguous_runs([j for j, l in enumerate(group) if t in targets[l]]):
                 scores = scores_from_grams(CompositionGrams(packed[a * H:b * H], norm2[a * H:b * H]), dst).tolist()

@@ -121,20 +121,26 @@ def packed_gram_bytes(heads: int, d: int, dtype: torch.dtype = torch.float64) ->
     return heads * (d * (d + 1) // 2) * dtype.itemsize
 
 
-def _pack(F: torch.Tensor, G: torch.Tensor, tile_size: Optional[int]) -> CompositionGrams:
+def _pack(F: torch.Tensor, G: torch.Tensor, tile_size: Optional[int],
+          out: Optional[CompositionGrams] = None) -> CompositionGrams:
     """Packed Grams ``F[h] G[h] F[h]^T`` (``F``: (H, d, r), ``G``: (H, r, r) symmetric), ``tile_size`` heads at a
-    time (the full ``d x d`` temporaries of a tile are the only unpacked memory)."""
+    time (the full ``d x d`` temporaries of a tile are the only unpacked memory), written into ``out`` if given."""
     H, d = F.shape[0], F.shape[1]
     rows, cols = torch.triu_indices(d, d, device=F.device)
     flat = rows * d + cols
     weight = torch.full(flat.shape, math.sqrt(2.0), dtype=F.dtype, device=F.device).masked_fill_(rows == cols, 1.0)
     step = H if tile_size is None else tile_size
-    packed = torch.empty(H, flat.numel(), dtype=F.dtype, device=F.device)
+    if out is None:
+        out = CompositionGrams(torch.empty(H, flat.numel(), dtype=F.dtype, device=F.device),
+                               torch.empty(H, dtype=F.dtype, device=F.device))
+    elif tuple(out.packed.shape) != (H, flat.numel()) or tuple(out.norm2.shape) != (H,):
+        raise ValueError(f"composition grams: out holds packed {tuple(out.packed.shape)} and norm2 "
+                         f"{tuple(out.norm2.shape)}; {H} heads in R^{d} need {(H, flat.numel())} and {(H,)}")
     for i in range(0, H, step):
         full = F[i:i + step] @ (G[i:i + step] @ F[i:i + step].mT)  # (tile, d, d)
-        packed[i:i + step] = full.reshape(full.shape[0], d * d)[:, flat] * weight  # (gather beats index_select)
-    norm2 = (G * (F.mT @ F)).sum(dim=(-2, -1))  # tr(F G F^T) = <G, F^T F>
-    return CompositionGrams(packed, norm2)
+        out.packed[i:i + step] = full.reshape(full.shape[0], d * d)[:, flat] * weight  # (gather beats index_select)
+    out.norm2.copy_((G * (F.mT @ F)).sum(dim=(-2, -1)))  # tr(F G F^T) = <G, F^T F>
+    return out
 
 
 def _tile(tile_size: Optional[int]) -> Optional[int]:
@@ -144,22 +150,25 @@ def _tile(tile_size: Optional[int]) -> Optional[int]:
 
 
 def source_grams(W_V: torch.Tensor, W_O: torch.Tensor, *, tile_size: Optional[int] = None,
-                 dtype: torch.dtype = torch.float64) -> CompositionGrams:
+                 dtype: torch.dtype = torch.float64, out: Optional[CompositionGrams] = None) -> CompositionGrams:
     """Packed ``L_h^T L_h = W_O^T (W_V^T W_V) W_O`` of source heads ``W_V`` (H, d, dh), ``W_O`` (H, dh, d)
-    (MATH.md §6).  Cost ``H d^2 dh``; pair with :func:`destination_grams` through :func:`scores_from_grams`."""
+    (MATH.md §6).  Cost ``H d^2 dh``; pair with :func:`destination_grams` through :func:`scores_from_grams`.
+    ``out``: tensors (``(H, d (d + 1) / 2)``, ``(H,)``, ``dtype``) to write into, e.g. slices of a cache."""
     _check_source(W_V, W_O)
     W_V, W_O = W_V.to(dtype), W_O.to(device=W_V.device, dtype=dtype)
-    return _pack(W_O.mT, W_V.mT @ W_V, _tile(tile_size))
+    return _pack(W_O.mT, W_V.mT @ W_V, _tile(tile_size), out)
 
 
 def destination_grams(W_Q: torch.Tensor, W_K: torch.Tensor, *, kind: str, tile_size: Optional[int] = None,
-                      dtype: torch.dtype = torch.float64) -> CompositionGrams:
+                      dtype: torch.dtype = torch.float64, out: Optional[CompositionGrams] = None
+                      ) -> CompositionGrams:
     """Packed ``R_g R_g^T = X (Y^T Y) X^T`` of destination heads, with ``X, Y`` as in :func:`composition_scores`
-    (``kind="k"`` swaps them; for ``kind="v"`` pass the destination's ``W_V`` and ``W_O^T``) (MATH.md §6)."""
+    (``kind="k"`` swaps them; for ``kind="v"`` pass the destination's ``W_V`` and ``W_O^T``) (MATH.md §6);
+    ``out`` as in :func:`source_grams`."""
     _check_destination(W_Q, W_K, kind, None)
     X, Y = (W_Q, W_K) if kind != "k" else (W_K, W_Q)
     X, Y = X.to(dtype), Y.to(device=X.device, dtype=dtype)
-    return _pack(X, Y.mT @ Y, _tile(tile_size))
+    return _pack(X, Y.mT @ Y, _tile(tile_size), out)
 
 
 def scores_from_grams(source: CompositionGrams, destination: CompositionGrams) -> torch.Tensor:

@@ -118,7 +118,8 @@ def test_bad_inputs_raise_value_error_naming_shapes():
 def test_packed_grams_equal_trace_form_and_naive(layer_pair):
     """scores_from_grams(source_grams, destination_grams) against the tiled trace form and the naive d x d formula,
     for every kind, with head tiles of the Gram build of several sizes."""
-    from hf_flag.geometry.composition import destination_grams, packed_gram_bytes, scores_from_grams, source_grams
+    from hf_flag.geometry.composition import (CompositionGrams, destination_grams, packed_gram_bytes,
+                                              scores_from_grams, source_grams)
 
     src, dst = layer_pair
     L = src["V"] @ src["O"]
@@ -134,6 +135,14 @@ def test_packed_grams_equal_trace_form_and_naive(layer_pair):
             got = scores_from_grams(P, destination_grams(X, Y, kind=kind, tile_size=tile))
             assert torch.allclose(got, composition_scores(src["V"], src["O"], X, Y, kind=kind), rtol=1e-12, atol=0)
             assert torch.allclose(got, naive[kind], rtol=1e-10, atol=0), kind
+    # built in place into slices of a larger cache (as the analysis does): the same Grams
+    cache = CompositionGrams(torch.zeros(7, P.packed.shape[1], dtype=torch.float64),
+                             torch.zeros(7, dtype=torch.float64))
+    source_grams(src["V"], src["O"], out=CompositionGrams(cache.packed[2:5], cache.norm2[2:5]))
+    assert torch.equal(cache.packed[2:5], P.packed) and torch.equal(cache.norm2[2:5], P.norm2)
+    assert not cache.packed[:2].any() and not cache.packed[5:].any()
+    with pytest.raises(ValueError, match="out holds packed"):
+        source_grams(src["V"], src["O"], out=CompositionGrams(cache.packed[:2], cache.norm2[:2]))
 
 
 def test_packed_grams_zero_head_and_bad_inputs():
