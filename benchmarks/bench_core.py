@@ -18,6 +18,8 @@ singular flags have cuts 1..8 and the rank matrix has non-trivial entries to com
 (c) head overlaps, 32 heads, d = 4096, d_head = 128: head_overlap_matrix vs a loop of
     scipy.linalg.subspace_angles over all 1024 head pairs (overlap = sum cos^2 / d_head).
 (d) hf_flag.geometry.angles.thin_svd (QR first) vs torch.linalg.svd(full_matrices=False) on tall weights.
+(e) ``--only floor``: the cost of one weight's singular vectors at GPT-2 and Llama-7B MLP shapes (thin SVD, and
+    Gram + eigh), the floor of any implementation of (a).
 
 Prints seconds per side, the ratio dense / core, and the max relative difference over every value both compute.
 
@@ -153,8 +155,8 @@ def bench_mlp(label: str, d: int, d_ff: int, repeats: int) -> None:
     print(f"{label} core bundle {t_core:.2f} s (best of {repeats})", flush=True)
     pieces: dict = {}
     t_dense, dense = _timed(lambda: dense_bundle(nl, nn, k, pieces), repeats)
-    scalars = ["commutator_ratio", "commutator_ratio_baseline", "imbalance_norm", "relative_imbalance", "imbalance_diagonal_norm",
-               "subspace_score", "basis_score", "flag_tau", "gl_kernel_dim"]
+    scalars = ["commutator_ratio", "commutator_ratio_baseline", "imbalance_norm", "relative_imbalance",
+               "imbalance_diagonal_norm", "subspace_score", "basis_score", "flag_tau", "gl_kernel_dim"]
     rels = {m: _rel(core[m], dense[m]) for m in scalars}
     exact = np.array_equal(core["rank_matrix"], dense["rank_matrix"])
     cl, cr = core["cuts"]
@@ -215,12 +217,26 @@ def bench_thin_svd(shape: tuple[int, ...], repeats: int) -> None:
     _row(f"(d) thin_svd vs torch.linalg.svd {'x'.join(map(str, shape))}", t_c, t_d, _rel(s_c.numpy(), s_d.numpy()))
 
 
+def bench_floor(d: int, d_ff: int) -> None:
+    """(e) the floor of the MLP bundle at ``d_ff x d``: what one weight's singular vectors cost by the
+    backward-stable thin SVD and by the faster, less accurate eigendecomposition of its Gram (every bundle needs
+    both weights' vectors: the basis score reads all of T = V^T U); compare twice these with the dense side / 10."""
+    W = torch.randn(d_ff, d, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    t_svd, _ = _timed(lambda: thin_svd(W), 1)
+    t_vals, _ = _timed(lambda: torch.linalg.svdvals(W), 1)
+    t_gram, G = _timed(lambda: W.mT @ W, 1)
+    t_eigh, _ = _timed(lambda: torch.linalg.eigh(G), 1)
+    print(f"(e) floor {d_ff}x{d}: thin SVD with vectors {t_svd:.1f} s (svdvals {t_vals:.1f} s); Gram {t_gram:.1f} s "
+          f"+ eigh {t_eigh:.1f} s; two weights: {2 * t_svd:.1f} s (SVD) / {2 * (t_gram + t_eigh):.1f} s (Gram)",
+          flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="GPT-2 shapes only, sampled head loop")
     parser.add_argument("--repeats", type=int, default=3, help="best of N at GPT-2 shapes (Llama: always 1)")
     parser.add_argument("--only", default="gpt2,llama,heads,svd",
-                        help="comma-separated subset of gpt2, llama, heads, svd")
+                        help="comma-separated subset of gpt2, llama, heads, svd, floor (not in the default)")
     args = parser.parse_args()
     only = set(args.only.split(","))
     print(f"torch {torch.__version__}, numpy {np.__version__}, scipy {scipy.__version__}, threads "
@@ -236,6 +252,9 @@ def main() -> None:
     if "svd" in only:
         for shape in [(3072, 768), (32, 4096, 128)]:
             bench_thin_svd(shape, args.repeats)
+    if "floor" in only:
+        bench_floor(768, 3072)
+        bench_floor(4096, 11008)
     print(f"done {time.strftime('%H:%M %Z')}, load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}",
           flush=True)
 

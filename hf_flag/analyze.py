@@ -235,7 +235,8 @@ def analyze_transformer(source, name: str, *, device: torch.device, dtype: torch
             bar.update()
         del block, nxt, cache
     if "composition" in diag and composition != "none" and not cheap:
-        rows += composition_rows(name, COMPOSITION_KINDS, layout, sel, composition, lambda i: load(i, mlp=False).attention,
+        rows += composition_rows(name, COMPOSITION_KINDS, layout, sel, composition,
+                                 lambda i: load(i, mlp=False).attention,
                                  budget_bytes=COMPOSITION_CACHE_BYTES, itemsize=dtype.itemsize)
     report = Report(model=name, architecture=layout.architecture, layout=layout.to_dict(), rows=rows)
     return report, {"diagnostics": sorted(diag), "layers": sel, "storage": storage}

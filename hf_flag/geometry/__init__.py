@@ -5,7 +5,8 @@ Import from the submodules for the full API; the names below are the ones most u
 from hf_flag.geometry.angles import (chordal_distance, geodesic_distance, orthonormal_basis, principal_angles,
                                      projection_distance, projection_kernel, subspace_overlap)
 from hf_flag.geometry.baselines import (commutator_haar_rms, composition_baseline, intersection_baseline,
-                                        overlap_baseline, overlap_zscore, projection_kernel_moments, transport_baselines)
+                                        overlap_baseline, overlap_zscore, projection_kernel_moments,
+                                        transport_baselines)
 from hf_flag.geometry.collapse import level2_alignment, level3_alignment, neural_collapse
 from hf_flag.geometry.composition import composition_scores
 from hf_flag.geometry.dynamics import fit_decay_rate, predicted_decay_rate
@@ -16,8 +17,9 @@ from hf_flag.geometry.pairs import (commutator_baseline, commutator_ratio, imbal
 
 __all__ = [
     "chordal_distance", "geodesic_distance", "orthonormal_basis", "principal_angles", "projection_distance",
-    "projection_kernel", "subspace_overlap", "commutator_haar_rms", "composition_baseline", "intersection_baseline", "overlap_baseline",
-    "overlap_zscore", "projection_kernel_moments", "transport_baselines", "level2_alignment", "level3_alignment",
+    "projection_kernel", "subspace_overlap", "commutator_haar_rms", "composition_baseline", "intersection_baseline",
+    "overlap_baseline", "overlap_zscore", "projection_kernel_moments", "transport_baselines", "level2_alignment",
+    "level3_alignment",
     "neural_collapse", "composition_scores", "fit_decay_rate", "predicted_decay_rate", "FlagRelativePosition",
     "flag_relative_position", "gl_invariant_kernel_dim", "head_overlap_baseline", "head_overlap_matrix",
     "commutator_baseline", "commutator_ratio", "imbalance", "imbalance_diagonal_norm", "imbalance_norm",
