@@ -46,7 +46,7 @@ from typing import Iterable, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from hf_flag.analysis.checks import (check_choice, check_finite, check_layers,
+from hf_flag.analysis.checks import (check_choice, check_finite, check_layers, release_freed_memory,
                                      resolve_device, sort_rows, summarize)
 from hf_flag.analysis.heads import composition_rows, head_spaces, overlap_rows
 from hf_flag.analysis.pairs import ThinSVD, augment, pair_values
@@ -234,6 +234,7 @@ def analyze_transformer(source, name: str, *, device: torch.device, dtype: torch
                                storage_eps=block_eps[i, True], cache=cache)
             bar.update()
         del block, nxt, cache
+    release_freed_memory()
     if "composition" in diag and composition != "none" and not cheap:
         rows += composition_rows(name, COMPOSITION_KINDS, layout, sel, composition,
                                  lambda i: load(i, mlp=False).attention,

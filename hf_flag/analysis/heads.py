@@ -8,6 +8,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from hf_flag.analysis.checks import release_freed_memory
 from hf_flag.report import Row
 
 
@@ -125,6 +126,7 @@ def gram_composition_rows(model: str, kinds: dict[str, str], layout, sources: Se
                 destination_grams(X, Y, kind=s, tile_size=tile,
                                   out=CompositionGrams(dst.packed[k * H:(k + 1) * H], dst.norm2[k * H:(k + 1) * H]))
             del reads
+            release_freed_memory()
             for a, b in contiguous_runs([j for j, l in enumerate(group) if t in targets[l]]):
                 scores = scores_from_grams(CompositionGrams(packed[a * H:b * H], norm2[a * H:b * H]), dst).tolist()
                 yield from (Row(model, kinds[order[c // H]], group[a + r // H], t, f"head {r % H}",

@@ -138,7 +138,9 @@ def _pack(F: torch.Tensor, G: torch.Tensor, tile_size: Optional[int],
                          f"{tuple(out.norm2.shape)}; {H} heads in R^{d} need {(H, flat.numel())} and {(H,)}")
     for i in range(0, H, step):
         full = F[i:i + step] @ (G[i:i + step] @ F[i:i + step].mT)  # (tile, d, d)
-        out.packed[i:i + step] = full.reshape(full.shape[0], d * d)[:, flat] * weight  # (gather beats index_select)
+        packed = out.packed[i:i + step]
+        torch.index_select(full.reshape(full.shape[0], d * d), 1, flat, out=packed)  # no (tile, T) temporaries
+        packed.mul_(weight)
     out.norm2.copy_((G * (F.mT @ F)).sum(dim=(-2, -1)))  # tr(F G F^T) = <G, F^T F>
     return out
 
