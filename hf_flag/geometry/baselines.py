@@ -117,7 +117,7 @@ def commutator_haar_rms(trace_A: torch.Tensor, trace_A2: torch.Tensor, trace_B: 
         raise ValueError(f"commutator_haar_rms: hidden dimension n={n!r} must be a positive int")
     a1, a2, b1, b2 = (torch.as_tensor(t, dtype=torch.float64) for t in (trace_A, trace_A2, trace_B, trace_B2))
     if n == 1:
-        return torch.zeros(torch.broadcast_shapes(a1.shape, a2.shape, b1.shape, b2.shape), dtype=torch.float64)
+        return torch.zeros_like(a1 * a2 * b1 * b2)
     beta = (n * b2 - b1 * b1) / (n * (n - 1) * (n + 2))
     alpha = (b1 * b1 - 2 * n * beta) / (n * n)
     mean_square = 2 * a2 * b2 / n - 2 * (alpha * a2 + beta * (a2 + a1 * a1))
