@@ -33,15 +33,17 @@ shard of its ``layer``: ``layers=[0]`` and ``layers=[1]`` merged give the rows o
 Memory: blocks are read one tensor at a time through the adapter (``adapter.block_tensor_names``: a layer shard
 reads only its own blocks, block l+1 and, for composition, later layers' attention); the per-layer pass holds
 block l and block l+1 only, and each layer's head bases are computed once (shared by its within-layer rows and
-layer l-1's cross-layer rows).  Composition keeps at most :data:`COMPOSITION_CACHE_BYTES`: packed ``d x d`` Grams
-of a chunk of source layers (each destination layer re-read once per chunk), or, when five head sets of packed
+layer l-1's cross-layer rows), as is each MLP weight's thin SVD (shared by the pairs it belongs to).
+Composition keeps at most :data:`COMPOSITION_CACHE_BYTES`: packed ``d x d`` Grams
+of a chunk of source layers (each destination layer re-read once per chunk, attention tensors only; with
+``diagnostics={"composition"}`` there is no per-layer pass), or, when five head sets of packed
 Grams exceed it (very wide models), the tiled trace form over cached destination attention.  Each layer is
 checked for NaN/Inf once (at its first read): :class:`NonFiniteWeightsError` names the tensor and the layer.
 """
 from __future__ import annotations
 
 import time
-from typing import Iterable, Optional, Sequence, Union
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -191,6 +193,25 @@ def layer_rows(model: str, layout, block, nxt, *, diagnostics: frozenset, cheap:
     return rows
 
 
+def per_layer_rows(model: str, layout, layers: Sequence[int], load: Callable, *, diagnostics: frozenset,
+                   cheap: bool, block_eps: dict, progress: bool) -> list[Row]:
+    """:func:`layer_rows` of every layer in ``layers``, streaming blocks: ``load(i)`` reads block i (and records
+    its storage precision in ``block_eps[i, True]``); each block is read once, block l+1 serving layer l's
+    cross-layer and residual rows and then its own."""
+    rows: list[Row] = []
+    need_next = "residual" in diagnostics or ("heads" in diagnostics and not cheap)
+    cache: dict = {}
+    with progress_bar(len(layers), progress, model) as bar:
+        nxt = None
+        for i in layers:
+            block = nxt if nxt is not None and nxt.index == i else load(i)
+            nxt = load(i + 1) if need_next and i + 1 < layout.n_layers else None
+            rows += layer_rows(model, layout, block, nxt, diagnostics=diagnostics, cheap=cheap,
+                               storage_eps=block_eps[i, True], cache=cache)
+            bar.update()
+    return rows
+
+
 def progress_bar(total: int, enabled: bool, desc: str):
     """A tqdm bar on stderr (disabled unless ``enabled``)."""
     from tqdm.auto import tqdm
@@ -223,18 +244,10 @@ def analyze_transformer(source, name: str, *, device: torch.device, dtype: torch
         return block
 
     rows: list[Row] = []
-    need_next = "residual" in diag or ("heads" in diag and not cheap)
-    cache: dict = {}
-    with progress_bar(len(sel), progress, name) as bar:
-        nxt = None
-        for i in sel:
-            block = nxt if nxt is not None and nxt.index == i else load(i)
-            nxt = load(i + 1) if need_next and i + 1 < layout.n_layers else None
-            rows += layer_rows(name, layout, block, nxt, diagnostics=diag, cheap=cheap,
-                               storage_eps=block_eps[i, True], cache=cache)
-            bar.update()
-        del block, nxt, cache
-    release_freed_memory()
+    if diag - {"composition"}:  # the per-layer pass (composition alone reads only attention, below)
+        rows += per_layer_rows(name, layout, sel, load, diagnostics=diag, cheap=cheap, block_eps=block_eps,
+                               progress=progress)
+        release_freed_memory()
     if "composition" in diag and composition != "none" and not cheap:
         rows += composition_rows(name, COMPOSITION_KINDS, layout, sel, composition,
                                  lambda i: load(i, mlp=False).attention,

@@ -287,8 +287,8 @@ def test_composition_streaming_under_a_tiny_cache_budget(monkeypatch):
     monkeypatch.setattr(Adapter, "block", lambda self, *a, **k: loads.append(a[2]) or real_block(self, *a, **k))
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**LLAMA_LIKE, "num_hidden_layers": 4}))
     full = analyze(model, device="cpu", diagnostics={"composition"})
-    # packed-Gram path: per-layer pass + one chunk of sources 0..2 + destinations 1..3
-    assert len(full.rows) == 3 * 6 * H * H and len(loads) == 4 + 3 + 3
+    # packed-Gram path, composition alone (no per-layer pass): one chunk of sources 0..2 + destinations 1..3
+    assert len(full.rows) == 3 * 6 * H * H and len(loads) == 3 + 3
     from hf_flag.geometry.composition import packed_gram_bytes
 
     gram = packed_gram_bytes(H, D)
@@ -300,7 +300,7 @@ def test_composition_streaming_under_a_tiny_cache_budget(monkeypatch):
         loads.clear()
         monkeypatch.setattr(module, "COMPOSITION_CACHE_BYTES", budget)
         streamed = analyze(model, device="cpu", diagnostics={"composition"})
-        assert len(loads) == 4 + chunk_loads, budget  # per chunk: its sources, then their destinations
+        assert len(loads) == chunk_loads, budget  # per chunk: its sources, then their destinations
         same_rows(streamed, full, rel=1e-12)
 
 
