@@ -246,6 +246,28 @@ def test_sharded_layers_merge_to_full(llama, llama_report):
     same_rows(merged, llama_report, rel=1e-12)
 
 
+def test_one_thin_svd_per_mlp_weight(llama, monkeypatch):
+    """Each MLP weight is factorised once and shared by its pairs: per block up, gate and down (mlp_out serves the
+    mlp, mlp_gate and residual pairs; block l+1's up serves block l's residual pair and its own mlp pair)."""
+    import hf_flag.geometry.angles as angles
+
+    shapes, depth, real = [], [0], angles._thin_svd
+
+    def counting(A: torch.Tensor):  # top-level calls only (_thin_svd recurses on the transpose of wide input)
+        depth[0] += 1
+        try:
+            if depth[0] == 1:
+                shapes.append(tuple(A.shape))
+            return real(A)
+        finally:
+            depth[0] -= 1
+
+    monkeypatch.setattr(angles, "_thin_svd", counting)
+    analyze(llama, device="cpu", diagnostics={"mlp", "residual"})
+    mlp_weights = {(1, 48, D), (1, D, 48)}  # up/gate (d_ff x d) and down (d x d_ff), batch dim 1
+    assert sum(shape in mlp_weights for shape in shapes) == 3 * L
+
+
 def test_cheap_values_equal_full_values_and_leave_model_alone(llama_report):
     model = build("llama").to(torch.bfloat16)
     before = {n: (t.dtype, t.device, t.clone()) for n, t in model.state_dict().items()}
