@@ -96,6 +96,13 @@ def parse_model(entry: Any, key: str) -> ModelSpec:
     raise _type_error(key, "a model id/path string or {path: ..., name: ...}", entry)
 
 
+def diagnostic_names() -> tuple[str, ...]:
+    """Every name ``hf_flag.analyze``'s ``diagnostics`` accepts (transformer and linear-chain models)."""
+    from hf_flag.analyze import CHAIN_DIAGNOSTICS, TRANSFORMER_DIAGNOSTICS
+
+    return (*TRANSFORMER_DIAGNOSTICS, *CHAIN_DIAGNOSTICS)
+
+
 def _check(key: str, value: Any, ok: bool, expected: str) -> Any:
     if not ok:
         raise _type_error(key, expected, value)
@@ -115,8 +122,9 @@ def _validate(key: str, value: Any) -> tuple[str, Any]:
             return "diagnostics", None
         if isinstance(value, str):
             value = [value]
-        _check(key, value, isinstance(value, list) and all(isinstance(v, str) for v in value),
-               "a list of diagnostic names")
+        known = diagnostic_names()
+        _check(key, value, isinstance(value, list) and bool(value) and all(v in known for v in value),
+               f"a list of diagnostic names from {', '.join(known)}")
         return "diagnostics", tuple(value)
     if key == "composition":
         return key, _check(key, value, value in COMPOSITION_MODES, f"one of {', '.join(COMPOSITION_MODES)}")
@@ -154,6 +162,8 @@ def load_config(path: str | Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"--config {path}: cannot read it ({exc.strerror or exc}); give an existing YAML file")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"--config {path}: not UTF-8 text (byte {exc.start}); save the YAML file as UTF-8")
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -20,6 +20,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from hf_flag.analyze import summarize
 from hf_flag.atomic import atomic_write
 from hf_flag.report import Report, baseline_key
 
@@ -31,23 +32,17 @@ HEAD_OVERLAP_KIND = "head_overlap_o"
 HEAD_OVERLAP_CAPTION = "Head write-subspace overlap per layer"
 
 
-def _mean(values: Sequence[Optional[float]]) -> Optional[float]:
-    vals = [v for v in values if v is not None and math.isfinite(v)]
-    return sum(vals) / len(vals) if vals else None
-
-
 def layer_series(report: Report, kind: str, metric: str) -> tuple[list[int], list[float], list[Optional[float]]]:
     """``(layers, means, baseline means)`` of ``metric`` over the ``kind`` rows of each layer (layers where the
-    metric is missing are skipped)."""
+    metric is missing are skipped); the means are ``hf_flag.analyze.summarize``'s, as in ``Report.summary``."""
     layers, values, baselines = [], [], []
     for layer in sorted({r.layer for r in report.select(kind=kind)}):
-        rows = report.select(kind=kind, layer=layer)
-        value = _mean([r.values.get(metric) for r in rows])
-        if value is None:
+        means = summarize(report.select(kind=kind, layer=layer))
+        if f"{kind}/{metric}" not in means:
             continue
         layers.append(layer)
-        values.append(value)
-        baselines.append(_mean([r.values.get(baseline_key(metric)) for r in rows]))
+        values.append(means[f"{kind}/{metric}"])
+        baselines.append(means.get(f"{kind}/{baseline_key(metric)}"))
     return layers, values, baselines
 
 
@@ -99,7 +94,7 @@ def figure_head_overlap(report: Report, kind: str = HEAD_OVERLAP_KIND) -> Option
     for ax in list(axes.flat)[len(mats):]:
         ax.set_axis_off()
     fig.colorbar(image, cax=fig.add_axes((0.86, 0.1, 0.02, 0.7)), label="overlap")
-    base = _mean([r.values.get(baseline_key("overlap")) for r in report.select(kind=kind)])
+    base = summarize(report.select(kind=kind)).get(f"{kind}/{baseline_key('overlap')}")
     fig.suptitle(f"{short_name(report.model)}: {kind} (random baseline {base:.3g})" if base is not None
                  else f"{short_name(report.model)}: {kind}", fontsize=9)
     return fig

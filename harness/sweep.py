@@ -109,15 +109,16 @@ def parse_args(argv: Optional[Sequence[str]]) -> tuple[SweepConfig, argparse.Nam
     return build_config(file_values, cli_checked, extra), args
 
 
-def check_out_dir(out: Path) -> None:
-    """Create ``out`` and prove it writable, or ``ConfigError`` (exit 2)."""
+def check_out_dir(out: Path, option: str = "--out") -> None:
+    """Create ``out`` and prove it writable, or ``ConfigError`` naming ``option`` (exit 2)."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-probe-{os.getpid()}"
         probe.write_text("")
         probe.unlink()
     except OSError as exc:
-        raise ConfigError(f"--out {out}: not a writable folder ({exc.strerror or exc}); choose another --out") from None
+        raise ConfigError(f"{option} {out}: not a writable folder ({exc.strerror or exc}); "
+                          f"choose another {option}") from None
 
 
 def resolve_device(policy: str, local_rank: int) -> str:
@@ -457,6 +458,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         state = PartialState(cpu=cfg.device == "cpu")
         rank, world = state.process_index, state.num_processes
         check_out_dir(cfg.out)  # on every rank, so all of them stop together
+        check_out_dir(cfg.cards_dir, "--cards-dir")  # before any work, not after the analysis
         device = resolve_device(cfg.device, state.local_process_index)
         if world == 1 and os.environ.get("ACCELERATE_USE_CPU") == "True":
             print("hf-flag sweep: note: accelerate launch --cpu starts one process; for N CPU processes use "
@@ -482,7 +484,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return EXIT_OK
         results = write_outputs(cfg, units, states)
     if cfg.push_to_hub:
-        push_results(cfg, results)
+        try:
+            push_results(cfg, results)
+        except Exception as exc:  # noqa: BLE001 - network / token / permission: one line, results stay on disk
+            print(f"hf-flag sweep: error: --push-to-hub {cfg.push_to_hub}: {one_line(exc)}; the results are in "
+                  f"{cfg.out} (push them again with the same command once the Hub is reachable)", file=sys.stderr)
+            return EXIT_INCOMPLETE
     bad = [r for r in results if r["status"] != "done"]
     for r in bad:
         print(f"hf-flag sweep: {r['name']}: {r['status']}: {r['error']}", file=sys.stderr)

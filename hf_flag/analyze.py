@@ -50,7 +50,7 @@ from torch import nn
 
 from hf_flag.analysis.checks import (check_choice, check_finite, check_layers, release_freed_memory,
                                      resolve_device, sort_rows, summarize)
-from hf_flag.analysis.heads import composition_rows, head_spaces, overlap_rows
+from hf_flag.analysis.heads import composition_rows, head_spaces, kv_index, overlap_rows
 from hf_flag.analysis.pairs import ThinSVD, augment, pair_values
 from hf_flag.errors import NonFiniteWeightsError
 from hf_flag.report import Report, Row
@@ -148,17 +148,18 @@ def weight_svd(cache: dict, layer: int, name: str, W: torch.Tensor, bias: Option
 
 
 def layer_rows(model: str, layout, block, nxt, *, diagnostics: frozenset, cheap: bool,
-               storage_eps: float, cache: Optional[dict] = None) -> list[Row]:
-    """Every row whose ``layer`` is ``block.index``, composition excepted (``nxt``: block l+1, or ``None``;
-    ``storage_eps``: precision of the block's stored weights, MATH.md §4; ``cache``: head bases
-    (:func:`layer_bases`) and weight SVDs (:func:`weight_svd`) shared across calls, keyed ``(layer, ...)``;
-    entries of layers before ``block.index`` are dropped)."""
+               cache: Optional[dict] = None) -> list[Row]:
+    """Every row whose ``layer`` is ``block.index``, composition excepted (``nxt``: block l+1, or ``None``).
+
+    A pair's flag tolerance uses the coarser ``storage_eps`` of the blocks its weights come from (MATH.md §4).
+    ``cache``: head bases (:func:`layer_bases`) and weight SVDs (:func:`weight_svd`) shared across calls, keyed
+    ``(layer, ...)``; entries of layers before ``block.index`` are dropped."""
     cache = {} if cache is None else cache
     for old in [k for k in cache if k[0] < block.index]:
         del cache[old]
     l, mlp, attn = block.index, block.mlp, block.attention
     svd = (lambda *args: weight_svd(cache, *args)) if not cheap else (lambda *args: None)
-    pair = dict(cheap=cheap, storage_eps=storage_eps)
+    pair = dict(cheap=cheap, storage_eps=block.storage_eps)
     rows: list[Row] = []
     if "mlp" in diagnostics and mlp is not None:
         out = svd(l, "mlp.out", mlp.mlp_out)
@@ -170,7 +171,7 @@ def layer_rows(model: str, layout, block, nxt, *, diagnostics: frozenset, cheap:
                               single(mlp.b_gate), mlp.mlp_out[None], activation=mlp.activation,
                               svd_l=svd(l, "mlp.gate", mlp.mlp_gate, mlp.b_gate), svd_next=out, **pair)
     if "vo" in diagnostics and attn is not None:
-        kv = torch.tensor([layout.kv_head_of(h) for h in range(layout.n_heads)], device=attn.W_V.device)
+        kv = kv_index(layout, attn.W_V.device)
         W_v = attn.W_V.index_select(0, kv).transpose(-1, -2)  # (H, head_dim, d): nn.Linear layout
         b_v = None if attn.b_V is None else attn.b_V.index_select(0, kv)
         ids = [(l, l, f"head {h}", f"head {h}") for h in range(layout.n_heads)]
@@ -179,7 +180,8 @@ def layer_rows(model: str, layout, block, nxt, *, diagnostics: frozenset, cheap:
         rows += pair_rows(model, KIND_RESIDUAL, [(l, l + 1, "mlp.out", "mlp.in")], mlp.mlp_out[None],
                           single(mlp.b_out), nxt.mlp.mlp_in[None], activation="identity",
                           svd_l=svd(l, "mlp.out", mlp.mlp_out, mlp.b_out),
-                          svd_next=svd(l + 1, "mlp.in", nxt.mlp.mlp_in), **pair)
+                          svd_next=svd(l + 1, "mlp.in", nxt.mlp.mlp_in), cheap=cheap,
+                          storage_eps=max(block.storage_eps, nxt.storage_eps))
     if "heads" in diagnostics and attn is not None and not cheap:
         here = layer_bases(cache, l, attn)
         for s in "qkvo":
@@ -194,10 +196,9 @@ def layer_rows(model: str, layout, block, nxt, *, diagnostics: frozenset, cheap:
 
 
 def per_layer_rows(model: str, layout, layers: Sequence[int], load: Callable, *, diagnostics: frozenset,
-                   cheap: bool, block_eps: dict, progress: bool) -> list[Row]:
-    """:func:`layer_rows` of every layer in ``layers``, streaming blocks: ``load(i)`` reads block i (and records
-    its storage precision in ``block_eps[i, True]``); each block is read once, block l+1 serving layer l's
-    cross-layer and residual rows and then its own."""
+                   cheap: bool, progress: bool) -> list[Row]:
+    """:func:`layer_rows` of every layer in ``layers``, streaming blocks: ``load(i)`` reads block i; each block is
+    read once, block l+1 serving layer l's cross-layer and residual rows and then its own."""
     rows: list[Row] = []
     need_next = "residual" in diagnostics or ("heads" in diagnostics and not cheap)
     cache: dict = {}
@@ -206,8 +207,7 @@ def per_layer_rows(model: str, layout, layers: Sequence[int], load: Callable, *,
         for i in layers:
             block = nxt if nxt is not None and nxt.index == i else load(i)
             nxt = load(i + 1) if need_next and i + 1 < layout.n_layers else None
-            rows += layer_rows(model, layout, block, nxt, diagnostics=diagnostics, cheap=cheap,
-                               storage_eps=block_eps[i, True], cache=cache)
+            rows += layer_rows(model, layout, block, nxt, diagnostics=diagnostics, cheap=cheap, cache=cache)
             bar.update()
     return rows
 
@@ -231,22 +231,20 @@ def analyze_transformer(source, name: str, *, device: torch.device, dtype: torch
     diag = check_choice("diagnostics", diagnostics, TRANSFORMER_DIAGNOSTICS)
     sel = check_layers(layers, layout.n_layers)
     storage: dict[str, float] = {}
-    block_eps: dict[tuple[int, bool], float] = {}  # (layer, mlp read too) -> storage eps of the tensors read
+    checked: set[tuple[int, bool]] = set()  # (layer, mlp read too) already checked for NaN/Inf
 
     def load(i: int, mlp: bool = True):
         block = adapter.block(source, layout, i, dtype=dtype, device=device, mlp=mlp)
-        if (i, True) not in block_eps and (i, mlp) not in block_eps:  # first read: check it once
+        if (i, True) not in checked and (i, mlp) not in checked:  # first read: check it once
             names = adapter.block_tensor_names(layout, i, mlp=mlp)
             check_finite(block, source, names, f"layer {i}")
-            eps = {source.storage_dtype(n): source.storage_eps(n) for n in names}
-            storage.update(eps)
-            block_eps[i, mlp] = max(eps.values())
+            storage.update({source.storage_dtype(n): source.storage_eps(n) for n in names})
+            checked.add((i, mlp))
         return block
 
     rows: list[Row] = []
     if diag - {"composition"}:  # the per-layer pass (composition alone reads only attention, below)
-        rows += per_layer_rows(name, layout, sel, load, diagnostics=diag, cheap=cheap, block_eps=block_eps,
-                               progress=progress)
+        rows += per_layer_rows(name, layout, sel, load, diagnostics=diag, cheap=cheap, progress=progress)
         release_freed_memory()
     if "composition" in diag and composition != "none" and not cheap:
         rows += composition_rows(name, COMPOSITION_KINDS, layout, sel, composition,
@@ -277,7 +275,7 @@ def analyze_chain(module: nn.Module, name: str, *, device: torch.device, dtype: 
                                             f"the model")
         rows += pair_rows(name, KIND_LINEAR_CHAIN, [(i, i + 1, a.name, b.name)], W_l[None], single(bias),
                           W_next[None], activation=a.activation_after, cheap=cheap,
-                          storage_eps=a.storage_eps)
+                          storage_eps=max(a.storage_eps, b.storage_eps))
     layout = {"n_layers": len(chain), "widths": [chain[0].weight.shape[1]] + [c.weight.shape[0] for c in chain],
               "activations": [c.activation_after for c in chain]}
     storage = {c.storage_dtype: c.storage_eps for c in chain}
@@ -311,6 +309,7 @@ def analyze(model_or_path, *, device: Union[str, torch.device, None] = None, dty
         raise ValueError(f"dtype={dtype} is not supported; use torch.float64 (default) or torch.float32")
     if composition not in COMPOSITION_MODES:
         raise ValueError(f"composition={composition!r}; use one of {list(COMPOSITION_MODES)}")
+    layers = None if layers is None else list(layers)  # read twice (check_layers, params): not an iterator
     dev = resolve_device(device, model_or_path)
     source = open_weights(model_or_path, allow_pickle=allow_pickle)
     label = name or source.name

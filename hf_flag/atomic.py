@@ -17,8 +17,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], *, mode
     """Call ``write(tmp_path)`` on a temporary sibling of ``path``, then rename it over ``path``.
 
     The file gets permission bits ``mode`` (default: what ``open`` would give under the current umask).
+    Raises ``FileNotFoundError`` naming ``path`` when its folder does not exist (nothing is created).
     """
     path = Path(path)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"cannot write {str(path)!r}: folder {str(path.parent)!r} does not exist; create it "
+                                f"first or choose another output path")
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     tmp = Path(tmp_name)

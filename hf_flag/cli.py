@@ -1,10 +1,11 @@
 """The ``hf-flag`` command line: ``analyze`` here, ``sweep`` / ``reproduce`` / ``register`` dispatched lazily.
 
 ``hf-flag analyze MODEL [MODEL ...]`` prints, per model, a table of every row kind's headline mean beside its
-random baseline (``hf_flag.analyze.KIND_TABLE_METRICS``); ``--json`` prints the report JSON instead; ``--out DIR``
+random baseline (``hf_flag.analyze.table_metrics``); ``--json`` prints the report JSON instead; ``--out DIR``
 writes ``DIR/<model-slug>/report.json`` and ``DIR/<model-slug>/rows.parquet`` atomically (temporary file + rename)
-and refuses to overwrite a file that is not an hf-flag output.  User errors (a bad path, an unreadable checkpoint,
-an unknown architecture, bad arguments) print one line ``hf-flag: error: ...`` on stderr and exit with code 2.
+and refuses, before any analysis, to overwrite a file that is not an hf-flag output or to give two models one
+folder.  User errors (a bad path, an unreadable checkpoint, an unknown architecture, bad arguments, a bad device)
+print one line ``hf-flag: error: ...`` on stderr and exit with code 2.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import math
 import re
 import sys
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 from hf_flag.atomic import atomic_write
 
@@ -36,6 +37,13 @@ class CliError(ValueError):
     """A user error found by the command line itself (bad argument, missing default model, unsafe overwrite)."""
 
 
+class Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are :class:`CliError` (one line, exit 2) instead of usage + exit."""
+
+    def error(self, message: str):
+        raise CliError(f"{message} (see {self.prog} --help)")
+
+
 def parse_layers(text: str) -> list[int]:
     """``"0,1,5-7"`` -> ``[0, 1, 5, 6, 7]`` (sorted, unique)."""
     layers: set[int] = set()
@@ -43,13 +51,21 @@ def parse_layers(text: str) -> list[int]:
         part = part.strip()
         match = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
         if match is None:
-            raise CliError(f"--layers: cannot read {part!r}; use indices and ranges like 0,1,5-7")
+            raise CliError(f"cannot read {part!r}; use indices and ranges like 0,1,5-7")
         lo = int(match.group(1))
         hi = int(match.group(2)) if match.group(2) is not None else lo
         if hi < lo:
-            raise CliError(f"--layers: range {part!r} is descending; write it as {hi}-{lo}")
+            raise CliError(f"range {part!r} is descending; write it as {hi}-{lo}")
         layers.update(range(lo, hi + 1))
     return sorted(layers)
+
+
+def layers_argument(text: str) -> list[int]:
+    """:func:`parse_layers` for argparse, which keeps the message of an ``ArgumentTypeError`` only."""
+    try:
+        return parse_layers(text)
+    except CliError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def default_models() -> list[str]:
@@ -124,28 +140,42 @@ def is_hf_flag_output(path: Path) -> bool:
     return is_hf_flag_output(path.parent / REPORT_FILE)
 
 
-def write_output(path: Path, write: Callable[[Path], None]) -> None:
-    """Atomic ``write(tmp_path)`` over ``path``, refusing to replace a file hf-flag did not write."""
+def check_out(out_dir: Path, models: Sequence[str]) -> None:
+    """Before any analysis: ``--out`` is (or can become) a folder, each model gets its own ``<slug>`` folder, and
+    no file there would replace one hf-flag did not write."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CliError(f"--out {out_dir} is a file, not a folder; choose a folder")
+    seen: dict[str, str] = {}
+    for model in models:
+        slug = model_slug(model)
+        if slug in seen:
+            raise CliError(f"models {seen[slug]!r} and {model!r} would both write {out_dir / slug}; "
+                           f"analyse them with separate --out folders")
+        seen[slug] = model
+        for file in (REPORT_FILE, ROWS_FILE):
+            check_overwrite(out_dir / slug / file)
+
+
+def check_overwrite(path: Path) -> None:
+    """CliError unless ``path`` is absent or was written by hf-flag."""
     if path.exists() and not is_hf_flag_output(path):
         raise CliError(f"{path} exists and was not written by hf-flag; choose another --out folder")
-    atomic_write(path, write)
 
 
 def write_outputs(report, out_dir: Path, name: str) -> Path:
-    """``out_dir/<slug>/report.json``, then ``rows.parquet`` (the report marks the folder as hf-flag's, so an
-    interrupted run can be repeated)."""
+    """``out_dir/<slug>/report.json``, then ``rows.parquet``, each atomically (the report marks the folder as
+    hf-flag's, so an interrupted run can be repeated); refuses to replace a file hf-flag did not write."""
     folder = out_dir / model_slug(name)
+    for file in (REPORT_FILE, ROWS_FILE):  # refuse before writing anything (checked again: the analysis took time)
+        check_overwrite(folder / file)
     folder.mkdir(parents=True, exist_ok=True)
-    for file in (REPORT_FILE, ROWS_FILE):  # refuse before writing anything
-        if (folder / file).exists() and not is_hf_flag_output(folder / file):
-            raise CliError(f"{folder / file} exists and was not written by hf-flag; choose another --out folder")
-    write_output(folder / REPORT_FILE, lambda p: p.write_text(report.to_json()))
-    write_output(folder / ROWS_FILE, lambda p: report.to_dataset().to_parquet(str(p)))
+    atomic_write(folder / REPORT_FILE, lambda p: p.write_text(report.to_json()))
+    atomic_write(folder / ROWS_FILE, lambda p: report.to_dataset().to_parquet(str(p)))
     return folder
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hf-flag", description="Flag-variety alignment diagnostics from weights.")
+    parser = Parser(prog="hf-flag", description="Flag-variety alignment diagnostics from weights.")
     sub = parser.add_subparsers(dest="command", required=True)
     an = sub.add_parser("analyze", help="analyse checkpoints (folders, .safetensors, .gguf, local Hub ids)")
     an.add_argument("models", nargs="*", metavar="MODEL")
@@ -154,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     an.add_argument("--dtype", choices=("float64", "float32"), default="float64")
     an.add_argument("--diagnostics", help="comma-separated subset of mlp,vo,residual,heads,composition,linear_chain")
-    an.add_argument("--layers", type=parse_layers, help="block indices, e.g. 0,1,5-7")
+    an.add_argument("--layers", type=layers_argument, help="block indices, e.g. 0,1,5-7")
     an.add_argument("--composition", choices=("all", "adjacent", "none"), default="all")
     an.add_argument("--cheap", action="store_true", help="commutator ratio and imbalance only (no SVDs)")
     an.add_argument("--allow-pickle", action="store_true", help="allow .bin/.pt checkpoints (weights_only)")
@@ -172,6 +202,8 @@ def run_analyze(args: argparse.Namespace) -> int:
     models = list(args.models) + (default_models() if args.default else [])
     if not models:
         raise CliError("analyze: give at least one MODEL, or --default")
+    if args.out is not None:
+        check_out(args.out, models)
     diagnostics = None
     if args.diagnostics:
         diagnostics = {d.strip() for d in args.diagnostics.split(",") if d.strip()}
@@ -204,7 +236,7 @@ def run_dispatch(command: str, argv: Sequence[str]) -> int:
 def user_errors() -> tuple[type[BaseException], ...]:
     from hf_flag.errors import HfFlagError
 
-    return (HfFlagError, FileNotFoundError, ValueError)
+    return (HfFlagError, OSError, ValueError)  # OSError: a path that cannot be read or written
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

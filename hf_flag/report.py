@@ -110,11 +110,7 @@ class Report:
     def flat_rows(self) -> list[dict[str, Any]]:
         """Rows as flat dicts over the union of all metric columns (missing -> None)."""
         flat = [to_jsonable(r.flat()) for r in self.rows]
-        columns: list[str] = []
-        for f in flat:
-            for k in f:
-                if k not in columns:
-                    columns.append(k)
+        columns = union_columns(flat)
         return [{c: f.get(c) for c in columns} for f in flat]
 
     def to_dataset(self):
@@ -122,16 +118,17 @@ class Report:
         return rows_to_dataset(self.flat_rows())
 
 
+def union_columns(flat_rows: Iterable[dict[str, Any]]) -> list[str]:
+    """Every key of ``flat_rows``, in order of first appearance."""
+    return list(dict.fromkeys(k for f in flat_rows for k in f))
+
+
 def rows_to_dataset(flat_rows: Iterable[dict[str, Any]]):
     """Build a ``datasets.Dataset`` from flat rows, with float64 metric columns (None allowed)."""
     import datasets
 
     flat_rows = list(flat_rows)
-    columns: list[str] = []
-    for f in flat_rows:
-        for k in f:
-            if k not in columns:
-                columns.append(k)
+    columns = union_columns(flat_rows)
     ident = {"model": datasets.Value("string"), "kind": datasets.Value("string"),
              "layer": datasets.Value("int64"), "target_layer": datasets.Value("int64"),
              "source": datasets.Value("string"), "target": datasets.Value("string"),

@@ -1,8 +1,9 @@
 """End-to-end ``hf_flag.analyze.analyze`` on tiny random models of every family and on plain MLP chains.
 
 Independent references: values recomputed from the modules' raw parameters with our own slicing (direct n x n
-commutator, numpy QR overlaps, the naive d x d composition formula, MATH.md §3/§1/§6), the lazy checkpoint path vs
-the in-memory path, sharded vs full runs, and the cheap path vs the full path.
+commutator and imbalance, numpy SVD transport scores and ranks, numpy QR overlaps, the naive d x d composition
+formula, MATH.md §1-§4/§6), a Monte-Carlo Haar RMS for the commutator baseline, the lazy checkpoint path vs the
+in-memory path, sharded vs full runs, and the cheap path vs the full path.
 """
 from __future__ import annotations
 
@@ -134,6 +135,46 @@ def test_mlp_chain_end_to_end():
     assert first.values["commutator_ratio"] == pytest.approx(direct_kappa(W_l, W_next), rel=1e-9)
     with pytest.raises(ValueError, match="diagnostics"):
         analyze(chain, diagnostics={"mlp"})
+
+
+def test_chain_pair_values_from_direct_formulas():
+    """Every value of both chain pairs from the n x n matrices and numpy's SVD (MATH.md §2-§4); the commutator
+    baseline against a Monte-Carlo root mean square over Haar rotations of the hidden basis (a second algorithm)."""
+    torch.manual_seed(1)
+    chain = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 4))
+    report = analyze(chain, device="cpu")
+    gen = torch.Generator().manual_seed(0)
+    for i, (a, b) in enumerate(((0, 2), (2, 4))):
+        row = report.select(kind=KIND_LINEAR_CHAIN)[i]
+        W_l = torch.cat([chain[a].weight, chain[a].bias[:, None]], 1).detach().double()  # [W_l | b_l], n x (k+1)
+        W_next = chain[b].weight.detach().double()
+        n = W_l.shape[0]
+        A, B = W_next.T @ W_next, W_l @ W_l.T
+        D = A - B
+        v = row.values
+        assert v["imbalance_norm"] == pytest.approx(float(torch.linalg.norm(D)), rel=1e-10)
+        assert v["relative_imbalance"] == pytest.approx(
+            float(torch.linalg.norm(D) / (torch.linalg.norm(A) + torch.linalg.norm(B))), rel=1e-10)
+        assert v["imbalance_diagonal_norm"] == pytest.approx(float(torch.linalg.norm(torch.diagonal(D))), rel=1e-10)
+        assert v["commutator_ratio_normalized"] == pytest.approx(math.sqrt(2) * direct_kappa(W_l, W_next), rel=1e-9)
+        # transport window k = min(k_in, m_out, ceil(n/2)): (1/k)||T_k||_F^2 and (1/k) sum T_ii^2, T = V^T U
+        k = min(W_l.shape[1], W_next.shape[0], (n + 1) // 2)
+        U = np.linalg.svd(W_l.numpy())[0][:, :k]
+        Vt = np.linalg.svd(W_next.numpy())[2][:k]
+        T = Vt @ U
+        assert row.details["transport_k"] == k
+        assert v["subspace_score"] == pytest.approx(float(np.sum(T ** 2)) / k, rel=1e-9)
+        assert v["basis_score"] == pytest.approx(float(np.sum(np.diag(T) ** 2)) / k, rel=1e-9)
+        assert (v["subspace_score_baseline"], v["basis_score_baseline"]) == pytest.approx((k / n, 1 / n))
+        # GL-invariant kernel dimension rank W_l - rank(W_next W_l): (0, 8) for these widths
+        rank = np.linalg.matrix_rank
+        assert v["gl_kernel_dim"] == rank(W_l.numpy()) - rank((W_next @ W_l).numpy()) == (0, 8)[i]
+        # Haar RMS of kappa(A, O B O^T): 4000 rotations, sampling error ~0.2% (seeded; agrees to 0.2%)
+        Q, R = torch.linalg.qr(torch.randn(4000, n, n, generator=gen, dtype=torch.float64))
+        O = Q * torch.sign(torch.diagonal(R, dim1=-2, dim2=-1))[:, None, :]  # Haar (Mezzadri 2007)
+        B_rot = O @ B @ O.mT
+        kappa = torch.linalg.matrix_norm(A @ B_rot - B_rot @ A) / (torch.linalg.norm(A) * torch.linalg.norm(B))
+        assert v["commutator_ratio_baseline"] == pytest.approx(float(kappa.square().mean().sqrt()), rel=0.01)
 
 
 def direct_kappa(W_l: torch.Tensor, W_next: torch.Tensor) -> float:
@@ -277,9 +318,13 @@ def test_cheap_values_equal_full_values_and_leave_model_alone(llama_report):
                                  "relative_imbalance", "imbalance_diagonal_norm"} for r in cheap.rows)
     for n, t in model.state_dict().items():
         assert (t.dtype, t.device) == before[n][:2] and torch.equal(t, before[n][2])
-    full32 = analyze(build("llama"), device="cpu", cheap=True)
+    # bf16 weights are analysed in float64: the same numbers as their exact float64 upcast
+    upcast = analyze(copy.deepcopy(model).double(), device="cpu", cheap=True)
+    same_rows(cheap, upcast, rel=1e-10)
+    # cheap (Gram factors) vs full (thin SVDs): two algorithms for the same five values
+    cheap64 = analyze(build("llama"), device="cpu", cheap=True)
     full = {(r.kind, r.layer, r.source): r for r in llama_report.rows}
-    for row in full32.rows:
+    for row in cheap64.rows:
         ref = full[(row.kind, row.layer, row.source)]
         for m, v in row.values.items():
             assert v == pytest.approx(ref.values[m], rel=1e-10), (row.kind, m)
@@ -296,6 +341,19 @@ def test_composition_modes_and_headlines(llama, llama_report):
         analyze(llama, composition="every")
     with pytest.raises(ValueError, match="layers"):
         analyze(llama, layers=[5])
+    with pytest.raises(ValueError, match="layers=.*integer"):
+        analyze(llama, layers=["first"])
+    # an iterator of layers is read once: the rows and params["layers_requested"] both see it
+    once = analyze(llama, device="cpu", layers=iter([1]), diagnostics={"mlp"}, cheap=True)
+    assert {r.layer for r in once.rows} == {1} and once.params["layers_requested"] == [1] == once.params["layers"]
+
+
+def test_bad_device_is_a_one_line_value_error(llama):
+    with pytest.raises(ValueError, match="device='gpu' is not a torch device"):
+        analyze(llama, device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device='cuda'.*not available"):
+            analyze(llama, device="cuda")
 
 
 def test_composition_streaming_under_a_tiny_cache_budget(monkeypatch):
@@ -348,6 +406,35 @@ def test_bf16_storage_is_analysed_in_float64(tmp_path):
         if a.kind in PAIR_KINDS:
             assert a.values["commutator_ratio"] == pytest.approx(b.values["commutator_ratio"], rel=1e-10)
             assert a.values["flag_tau"] >= b.values["flag_tau"]  # bf16 eps sets a looser Wedin tolerance
+
+
+def test_residual_pair_takes_the_coarser_storage_of_its_two_blocks(tmp_path):
+    """Block 0 stored in float32, block 1 in bfloat16: the residual pair 0 -> 1 (down_0 -> up_1) sets its flag
+    tolerance from bf16's eps (MATH.md §4), block 0's own pairs from float32's."""
+    from safetensors.torch import save_file
+
+    from hf_flag.geometry.flags import flag_relative_position
+
+    model = build("llama", seed=6)
+    with torch.no_grad():  # one dominant singular value each, so both flags have a cut at 1 whose Wedin bound
+        for mlp in (model.model.layers[0].mlp.down_proj, model.model.layers[1].mlp.up_proj):  # depends on eps
+            u, v = torch.randn(mlp.weight.shape[0], 1), torch.randn(1, mlp.weight.shape[1])
+            mlp.weight.copy_(10 * (u / u.norm()) @ (v / v.norm()) + 0.02 * torch.randn_like(mlp.weight))
+    state = {k: (v.to(torch.bfloat16) if ".layers.1." in k else v).contiguous() for k, v in model.state_dict().items()
+             if "lm_head" not in k}
+    save_file(state, str(tmp_path / "model.safetensors"))
+    model.config.save_pretrained(tmp_path)
+    report = analyze(tmp_path, device="cpu", diagnostics={"mlp", "residual"})
+    rows = {(r.kind, r.layer): r.values for r in report.rows}
+    down0 = state["model.layers.0.mlp.down_proj.weight"].double()
+    up1 = state["model.layers.1.mlp.up_proj.weight"].double()
+    up0 = state["model.layers.0.mlp.up_proj.weight"].double()
+    assert rows[KIND_RESIDUAL, 0]["flag_tau"] == pytest.approx(
+        flag_relative_position(down0, up1, storage_eps=2.0 ** -7).tau, rel=1e-12)
+    assert rows[KIND_MLP, 0]["flag_tau"] == pytest.approx(
+        flag_relative_position(up0, down0, storage_eps=torch.finfo(torch.float32).eps).tau, rel=1e-12)
+    assert rows[KIND_RESIDUAL, 0]["flag_tau"] > 10 * flag_relative_position(
+        down0, up1, storage_eps=torch.finfo(torch.float32).eps).tau  # block 0's eps alone would give this
 
 
 def test_tied_embeddings_are_fine(tmp_path):

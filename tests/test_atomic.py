@@ -36,3 +36,10 @@ def test_failed_write_keeps_the_old_file(tmp_path):
         atomic_write(target, broken)
     assert target.read_text() == "kept"  # the old file survives both failures
     assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]  # no temporary file left behind
+
+
+def test_missing_folder_is_named_and_nothing_is_created(tmp_path):
+    target = tmp_path / "absent" / "report.json"
+    with pytest.raises(FileNotFoundError, match=r"report\.json'.*folder .*absent' does not exist"):
+        atomic_write_text(target, "x")
+    assert list(tmp_path.iterdir()) == []

@@ -56,13 +56,55 @@ def test_json_output_and_options(tiny_checkpoint, capsys):
     assert report.params["dtype"] == "float32" and report.params["device"] in ("cpu", "cuda")
 
 
-def test_refuses_to_overwrite_foreign_files(tiny_checkpoint, tmp_path, capsys):
+def no_analysis(monkeypatch):
+    """Make any call of ``analyze`` fail the test: the CLI must refuse before analysing."""
+    def boom(*args, **kwargs):
+        raise AssertionError("analyze ran although the command line had to refuse first")
+
+    monkeypatch.setattr(sys.modules["hf_flag.analyze"], "analyze", boom)  # hf_flag.analyze is the function
+
+
+def test_refuses_to_overwrite_foreign_files(tiny_checkpoint, tmp_path, capsys, monkeypatch):
     folder = tmp_path / cli.model_slug(str(tiny_checkpoint))
     folder.mkdir()
     (folder / "report.json").write_text("my notes")
     code, _, err = run(["analyze", str(tiny_checkpoint), "--cheap", "--out", str(tmp_path)], capsys)
     assert_user_error(code, err, "not written by hf-flag")
     assert (folder / "report.json").read_text() == "my notes" and not (folder / "rows.parquet").exists()
+    no_analysis(monkeypatch)  # ... and it refuses before analysing
+    code, _, err = run(["analyze", str(tiny_checkpoint), "--cheap", "--out", str(tmp_path)], capsys)
+    assert_user_error(code, err, "not written by hf-flag", str(folder / "report.json"))
+
+
+def test_out_is_a_file_or_shared_by_two_models(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    no_analysis(monkeypatch)
+    (tmp_path / "notes").write_text("mine")
+    code, _, err = run(["analyze", str(tiny_checkpoint), "--out", str(tmp_path / "notes")], capsys)
+    assert_user_error(code, err, "--out", "notes", "is a file")
+    assert (tmp_path / "notes").read_text() == "mine"
+    # two models with one slug would overwrite each other's outputs: refused, nothing written
+    other = tmp_path / "elsewhere" / tiny_checkpoint.name
+    code, _, err = run(["analyze", str(tiny_checkpoint), str(other), "--out", str(tmp_path / "out")], capsys)
+    assert_user_error(code, err, "both write", str(other))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["--layers", "3-1"], ("--layers", "descending", "1-3")),
+    (["--layers", "0,x"], ("--layers", "'x'")),
+    (["--dtype", "float16"], ("--dtype", "float16")),
+    (["--bogus"], ("--bogus",)),
+    (["--device", "gpu"], ("device='gpu'",)),
+])
+def test_bad_arguments_one_line_exit_2(tiny_checkpoint, capsys, argv, needles):
+    code, out, err = run(["analyze", str(tiny_checkpoint), "--cheap", *argv], capsys)
+    assert_user_error(code, err, *needles)
+    assert "usage:" not in err and out == ""
+
+
+def test_no_subcommand(capsys):
+    code, _, err = run([], capsys)
+    assert_user_error(code, err, "command")
 
 
 def test_parse_layers():

@@ -23,7 +23,7 @@ from torch import nn
 
 from harness.experiments.common import Trace, deterministic, flag_identity_fraction, train
 from hf_flag.analysis.pairs import augment
-from hf_flag.geometry.collapse import level2_alignment, level3_alignment, neural_collapse
+from hf_flag.geometry.collapse import class_means, level2_alignment, level3_alignment, neural_collapse
 from hf_flag.geometry.pairs import (
     commutator_baseline,
     commutator_ratio,
@@ -129,9 +129,7 @@ def collapse_probe(model: DigitsNet, x: torch.Tensor, y: torch.Tensor) -> dict[s
     feats = model.features(x).double()
     W, b = model.fc.weight.detach(), model.fc.bias.detach()
     nc = neural_collapse(feats, y, W, classifier_bias=b)
-    counts = torch.bincount(y, minlength=W.shape[0]).to(feats.dtype)
-    means = torch.zeros(W.shape[0], feats.shape[1], dtype=feats.dtype, device=feats.device).index_add_(
-        0, y, feats) / counts[:, None]
+    means = class_means(feats, y, n_classes=W.shape[0])
     l2 = level2_alignment(W, means, global_mean=feats.mean(0))
     l3 = level3_alignment(W, means, global_mean=feats.mean(0))
     logits = feats @ W.double().T + b.double()

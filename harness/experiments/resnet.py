@@ -10,6 +10,7 @@ fraction and the transport scores.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
@@ -70,8 +71,8 @@ def _figure(res: list[digits.DigitsResult]) -> Figure:
             ax3.plot(steps, r.trace.values[f"b{i}_subspace"], color=c, label=f"{lab}: subspace")
             ax3.plot(steps, r.trace.values[f"b{i}_basis"], color=c, ls="--", label=f"{lab}: basis")
         if r.run.weight_decay > 0:
-            d0 = r.trace.values["b0_diag"][0]
-            ax.semilogy(steps, [d0 * (1 - r.run.lr * r.run.weight_decay) ** (2 * s) for s in steps], "k:",
+            d0, rate = r.trace.values["b0_diag"][0], predicted_decay_rate("sgd", r.run.lr, r.run.weight_decay)[0]
+            ax.semilogy(steps, [d0 * math.exp(-rate * s) for s in steps], "k:",
                         label="(1 - lr wd)^(2t) law, block 0")
     ax.set_title("Block imbalance (conv1, conv2)", fontsize=9)
     ax2.set_title("kappa per block; dotted: random-rotation baseline", fontsize=9)

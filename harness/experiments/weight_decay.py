@@ -8,6 +8,7 @@ decay: no exact law).  For every run the per-step decay rate of ``‖D‖_F`` an
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -105,7 +106,7 @@ def _figure(rows: list[dict], cfg: WeightDecayConfig) -> Figure:
         ax2.semilogy(r["steps"], r["curve_diag"], color=colors[act], ls=":", label=f"{act}: ‖diag D‖")
     lin = next(r for r in rows if r["activation"] == "linear" and r["optimizer"] == "sgd"
                and r["weight_decay"] == wd_mid)
-    pred = [lin["curve_full"][0] * (1 - cfg.base.lr * wd_mid) ** (2 * s) for s in lin["steps"]]
+    pred = [lin["curve_full"][0] * math.exp(-lin["predicted"] * s) for s in lin["steps"]]
     ax2.semilogy(lin["steps"], pred, "k--", lw=1, label="(1 - lr wd)^(2t) law")
     ax2.set_xlabel("SGD step")
     ax2.set_ylabel("imbalance of the first pair")

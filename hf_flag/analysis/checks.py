@@ -49,9 +49,19 @@ def _malloc_trim():
 
 
 def resolve_device(device: Union[str, torch.device, None], model) -> torch.device:
-    """``device``, else the in-memory model's own device, else ``cuda`` when available, else ``cpu``."""
+    """``device``, else the in-memory model's own device, else ``cuda`` when available, else ``cpu``; ValueError
+    naming ``device`` when it is no torch device or CUDA (or that CUDA index) is not available here."""
     if device is not None:
-        return torch.device(device)
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(f"device={device!r} is not a torch device; use 'cpu', 'cuda' or 'cuda:N'") from exc
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={device!r}: CUDA is not available here; use device='cpu'")
+        if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                             f"use 'cuda:0'..'cuda:{torch.cuda.device_count() - 1}'")
+        return dev
     if isinstance(model, nn.Module):
         param = next((p for p in model.parameters() if not p.is_meta), None)
         if param is not None:
@@ -71,7 +81,10 @@ def check_layers(layers: Optional[Iterable[int]], n: int) -> list[int]:
     """Sorted unique layer indices within ``0..n-1`` (default: all), or ValueError."""
     if layers is None:
         return list(range(n))
-    chosen = sorted({int(i) for i in layers})
+    try:
+        chosen = sorted({int(i) for i in layers})
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"layers={layers!r}: give integer layer indices, e.g. [0, 1]") from exc
     bad = [i for i in chosen if not 0 <= i < n]
     if bad or not chosen:
         raise ValueError(f"layers={bad or chosen} is out of range: this model has {n} layers/pairs, use 0..{n - 1}")

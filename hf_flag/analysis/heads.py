@@ -37,9 +37,14 @@ def head_spaces(attn) -> dict[str, torch.Tensor]:
     return {"q": attn.W_Q, "k": attn.W_K, "v": attn.W_V, "o": attn.W_O.transpose(-1, -2)}
 
 
+def kv_index(layout, device: torch.device) -> torch.Tensor:
+    """KV head of each query head, ``[kv_head_of(h) for h in range(n_heads)]`` (grouped-query attention, §6)."""
+    return torch.tensor([layout.kv_head_of(h) for h in range(layout.n_heads)], device=device)
+
+
 def expand_kv(attn, layout) -> dict[str, torch.Tensor]:
     """Per-query-head W_Q, W_K, W_V, W_O (KV heads repeated as transformers' ``repeat_kv`` does)."""
-    kv = torch.tensor([layout.kv_head_of(h) for h in range(layout.n_heads)], device=attn.W_K.device)
+    kv = kv_index(layout, attn.W_K.device)
     return {"Q": attn.W_Q, "K": attn.W_K.index_select(0, kv), "V": attn.W_V.index_select(0, kv), "O": attn.W_O}
 
 

@@ -87,17 +87,16 @@ def pair_geometry_values(W_l: torch.Tensor, W_next: torch.Tensor, *, storage_eps
     return out
 
 
-def _gram_rows(W_l: torch.Tensor, W_next: torch.Tensor, *, diagonal_of: tuple[torch.Tensor, torch.Tensor]
-               ) -> list[dict]:
-    """Per batch member: kappa, sqrt(2) kappa, ||D||, relative imbalance from one set of Gram factors of
-    ``(W_l, W_next)``, and ``||diag D||`` of the pair ``diagonal_of`` (basis-dependent, MATH.md §2)."""
+def gram_values(W_l: torch.Tensor, W_next: torch.Tensor) -> list[dict]:
+    """Per batch member: kappa, sqrt(2) kappa, ||D||, relative imbalance and ||diag D|| from one set of Gram
+    factors of ``(W_l, W_next)`` (no SVD; MATH.md §2, §3)."""
     from hf_flag.geometry.pairs import gram_diagnostics, imbalance_diagonal_norm
 
     g = gram_diagnostics(W_l, W_next)
     columns = {
         "commutator_ratio": g.commutator_ratio, "commutator_ratio_normalized": SQRT2 * g.commutator_ratio,
         "imbalance_norm": g.imbalance_norm, "relative_imbalance": g.relative_imbalance,
-        "imbalance_diagonal_norm": imbalance_diagonal_norm(*diagonal_of),
+        "imbalance_diagonal_norm": imbalance_diagonal_norm(W_l, W_next),
     }
     return [{m: float(col[i]) for m, col in columns.items()} for i in range(W_l.shape[0])]
 
@@ -110,5 +109,5 @@ def pair_values(W_l: torch.Tensor, W_next: torch.Tensor, *, cheap: bool, storage
     factors only (kappa and the imbalance norms, no SVD); otherwise :func:`pair_geometry_values` (reusing the
     thin SVDs ``svd_l``, ``svd_next`` when given)."""
     if cheap:
-        return [(r, {}) for r in _gram_rows(W_l, W_next, diagonal_of=(W_l, W_next))]
+        return [(r, {}) for r in gram_values(W_l, W_next)]
     return pair_geometry_values(W_l, W_next, storage_eps=storage_eps, svd_l=svd_l, svd_next=svd_next)

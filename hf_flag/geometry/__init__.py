@@ -19,9 +19,9 @@ __all__ = [
     "chordal_distance", "geodesic_distance", "orthonormal_basis", "principal_angles", "projection_distance",
     "projection_kernel", "subspace_overlap", "commutator_haar_rms", "composition_baseline", "intersection_baseline",
     "overlap_baseline", "overlap_zscore", "projection_kernel_moments", "transport_baselines", "level2_alignment",
-    "level3_alignment",
-    "neural_collapse", "composition_scores", "fit_decay_rate", "predicted_decay_rate", "FlagRelativePosition",
-    "flag_relative_position", "gl_invariant_kernel_dim", "head_overlap_baseline", "head_overlap_matrix",
+    "level3_alignment", "neural_collapse", "composition_scores", "fit_decay_rate", "predicted_decay_rate",
+    "FlagRelativePosition", "flag_relative_position", "gl_invariant_kernel_dim", "head_overlap_baseline",
+    "head_overlap_matrix",
     "commutator_baseline", "commutator_ratio", "imbalance", "imbalance_diagonal_norm", "imbalance_norm",
     "relative_imbalance", "transport_matrix", "transport_scores",
 ]

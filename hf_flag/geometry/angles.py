@@ -20,6 +20,7 @@ import torch
 
 __all__ = [
     "check_matrix",
+    "check_dtype",
     "default_rtol",
     "angles_between_bases",
     "normalised_overlap",
@@ -45,6 +46,12 @@ def check_matrix(name: str, A: torch.Tensor, *, where: str) -> None:
         raise ValueError(f"{where}: {name} is complex ({A.dtype}); pass a real tensor")
     if A.is_floating_point() and not bool(torch.isfinite(A).all()):
         raise ValueError(f"{where}: {name} of shape {tuple(A.shape)} contains NaN or Inf; clean the weights first")
+
+
+def check_dtype(dtype: object, *, where: str) -> None:
+    """Raise ``ValueError`` unless ``dtype`` is a real floating torch dtype (the precision to compute in)."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"{where}: dtype={dtype!r} must be a real floating torch dtype, e.g. torch.float64")
 
 
 def _check_pair(A: torch.Tensor, B: torch.Tensor, *, where: str) -> None:

@@ -1,8 +1,8 @@
 """Random (Haar) baselines for the subspace diagnostics, with variances and z-scores (MATH.md §1, §4, §6).
 
 An overlap without its null value is not interpretable (MATH.md §1): every metric is reported beside the value it
-takes for Haar-random subspaces of the same dimensions.  The commutator ratio's Haar value is closed form here
-(:func:`commutator_haar_rms`); a Monte-Carlo estimate of its mean lives in ``pairs.py``.
+takes for Haar-random subspaces of the same dimensions.  The commutator ratio's Haar value is the closed-form root
+mean square :func:`commutator_haar_rms` (no sampling); ``pairs.commutator_baseline`` feeds it a pair's Gram traces.
 """
 from __future__ import annotations
 

@@ -35,12 +35,13 @@ from typing import Optional
 
 import torch
 
-from hf_flag.geometry.angles import check_matrix, orthonormal_basis, principal_angles, subspace_overlap
+from hf_flag.geometry.angles import check_dtype, check_matrix, orthonormal_basis, principal_angles, subspace_overlap
 from hf_flag.geometry.pairs import commutator_ratio, transport_scores
 
 
 def _rows(name: str, X: torch.Tensor, where: str, dtype: torch.dtype, cols: Optional[int] = None) -> torch.Tensor:
     check_matrix(name, X, where=where)
+    check_dtype(dtype, where=where)
     if X.ndim != 2 or (cols is not None and X.shape[1] != cols):
         raise ValueError(f"{where}: {name} must have shape (rows, {cols if cols is not None else 'p'}); "
                          f"got {tuple(X.shape)}")
@@ -86,6 +87,38 @@ def classifier_collapse(classifier: torch.Tensor, *, dtype: torch.dtype = torch.
     return {f"nc2_classifier_{k}": v for k, v in _frame_geometry(W, "classifier", "classifier_collapse").items()}
 
 
+def _class_means(H: torch.Tensor, labels: torch.Tensor, n_classes: Optional[int], where: str
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(means (C, p), counts (C,), labels on H's device)`` of validated features ``H`` (N, p) (MATH.md §5)."""
+    N = H.shape[0]
+    if not isinstance(labels, torch.Tensor) or labels.shape != (N,) or labels.is_floating_point():
+        raise ValueError(f"{where}: labels must be an integer tensor of shape ({N},) matching features "
+                         f"{tuple(H.shape)}; got {_describe(labels)}")
+    if N == 0:
+        raise ValueError(f"{where}: features {tuple(H.shape)} has no samples; pass at least one sample per class")
+    if n_classes is not None and (isinstance(n_classes, bool) or not isinstance(n_classes, int)):
+        raise ValueError(f"{where}: n_classes={n_classes!r} must be an int (the number of classes C) or None")
+    labels = labels.to(H.device)
+    C = int(labels.max()) + 1 if n_classes is None else n_classes
+    if int(labels.min()) < 0 or int(labels.max()) >= C or C < 2:
+        raise ValueError(f"{where}: labels must lie in [0, C) with C >= 2 classes; got range "
+                         f"[{int(labels.min())}, {int(labels.max())}] and C = {C}")
+    counts = torch.bincount(labels, minlength=C).to(H.dtype)
+    if bool((counts == 0).any()):
+        raise ValueError(f"{where}: class {int((counts == 0).nonzero()[0])} has no sample; pass n_classes or "
+                         f"relabel so that every class in [0, C) occurs")
+    means = torch.zeros(C, H.shape[1], dtype=H.dtype, device=H.device).index_add_(0, labels, H) / counts[:, None]
+    return means, counts, labels
+
+
+def class_means(features: torch.Tensor, labels: torch.Tensor, *, n_classes: Optional[int] = None,
+                dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Class means ``mu_c`` (C, p) of ``features`` (N, p) with integer ``labels`` in ``[0, C)`` (MATH.md §5), the
+    ones :func:`neural_collapse` uses; pass them with ``features.mean(0)`` as ``global_mean`` to
+    :func:`level2_alignment` / :func:`level3_alignment`.  Same label rules and errors as :func:`neural_collapse`."""
+    return _class_means(_rows("features", features, "class_means", dtype), labels, n_classes, "class_means")[0]
+
+
 def neural_collapse(
     features: torch.Tensor, labels: torch.Tensor, classifier: Optional[torch.Tensor] = None, *,
     classifier_bias: Optional[torch.Tensor] = None, n_classes: Optional[int] = None,
@@ -102,19 +135,8 @@ def neural_collapse(
     where = "neural_collapse"
     H = _rows("features", features, where, dtype)
     N, p = H.shape
-    if not isinstance(labels, torch.Tensor) or labels.shape != (N,) or labels.is_floating_point():
-        raise ValueError(f"{where}: labels must be an integer tensor of shape ({N},) matching features "
-                         f"{tuple(H.shape)}; got {_describe(labels)}")
-    labels = labels.to(H.device)
-    C = int(labels.max()) + 1 if n_classes is None else n_classes
-    if int(labels.min()) < 0 or int(labels.max()) >= C or C < 2:
-        raise ValueError(f"{where}: labels must lie in [0, C) with C >= 2 classes; got range "
-                         f"[{int(labels.min())}, {int(labels.max())}] and C = {C}")
-    counts = torch.bincount(labels, minlength=C).to(dtype)
-    if bool((counts == 0).any()):
-        raise ValueError(f"{where}: class {int((counts == 0).nonzero()[0])} has no sample; pass n_classes or "
-                         f"relabel so that every class in [0, C) occurs")
-    means = torch.zeros(C, p, dtype=dtype, device=H.device).index_add_(0, labels, H) / counts[:, None]
+    means, counts, labels = _class_means(H, labels, n_classes, where)
+    C = means.shape[0]
     Mr = means - H.mean(dim=0)  # centred means, rows (C, p) = M^T
     Z = H - means[labels]  # within-class residuals
 
@@ -179,9 +201,14 @@ def _centred_pair(
     if means.shape[0] != W.shape[0] or W.shape[0] < 2:
         raise ValueError(f"{where}: classifier {tuple(W.shape)} and class_means {tuple(means.shape)} need the same "
                          f"number C >= 2 of rows")
-    mu = means.mean(dim=0) if global_mean is None else global_mean.to(device=W.device, dtype=torch.float64)
-    if mu.shape != (W.shape[1],) or not bool(torch.isfinite(mu).all()):
-        raise ValueError(f"{where}: global_mean must be finite with shape ({W.shape[1]},); got {_describe(mu)}")
+    if global_mean is None:
+        mu = means.mean(dim=0)
+    elif not isinstance(global_mean, torch.Tensor) or global_mean.is_complex() or \
+            global_mean.shape != (W.shape[1],) or not bool(torch.isfinite(global_mean).all()):
+        raise ValueError(f"{where}: global_mean must be a real finite tensor of shape ({W.shape[1]},); got "
+                         f"{_describe(global_mean)}")
+    else:
+        mu = global_mean.to(device=W.device, dtype=torch.float64)
     return W, means - mu
 
 

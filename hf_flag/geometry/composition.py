@@ -17,7 +17,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from hf_flag.geometry.angles import check_matrix
+from hf_flag.geometry.angles import check_dtype, check_matrix
 from hf_flag.geometry.pairs import _safe_ratio
 
 __all__ = ["composition_scores", "CompositionGrams", "source_grams", "destination_grams", "scores_from_grams",
@@ -78,6 +78,7 @@ def composition_scores(
     _check_source(W_V, W_O)
     H, d, dh = W_V.shape
     _check_destination(W_Q, W_K, kind, d)
+    check_dtype(dtype, where="composition_scores")
     dev = W_V.device
     W_V, W_O = W_V.to(dtype), W_O.to(device=dev, dtype=dtype)
     X, Y = (W_Q, W_K) if kind != "k" else (W_K, W_Q)
@@ -157,6 +158,7 @@ def source_grams(W_V: torch.Tensor, W_O: torch.Tensor, *, tile_size: Optional[in
     (MATH.md §6).  Cost ``H d^2 dh``; pair with :func:`destination_grams` through :func:`scores_from_grams`.
     ``out``: tensors (``(H, d (d + 1) / 2)``, ``(H,)``, ``dtype``) to write into, e.g. slices of a cache."""
     _check_source(W_V, W_O)
+    check_dtype(dtype, where="source_grams")
     W_V, W_O = W_V.to(dtype), W_O.to(device=W_V.device, dtype=dtype)
     return _pack(W_O.mT, W_V.mT @ W_V, _tile(tile_size), out)
 
@@ -168,6 +170,7 @@ def destination_grams(W_Q: torch.Tensor, W_K: torch.Tensor, *, kind: str, tile_s
     (``kind="k"`` swaps them; for ``kind="v"`` pass the destination's ``W_V`` and ``W_O^T``) (MATH.md §6);
     ``out`` as in :func:`source_grams`."""
     _check_destination(W_Q, W_K, kind, None)
+    check_dtype(dtype, where="destination_grams")
     X, Y = (W_Q, W_K) if kind != "k" else (W_K, W_Q)
     X, Y = X.to(dtype), Y.to(device=X.device, dtype=dtype)
     return _pack(X, Y.mT @ Y, _tile(tile_size), out)

@@ -56,6 +56,8 @@ def optimizer_family(optimizer: str) -> Optional[str]:
     Accepts torch class names (``"SGD"``, ``"AdamW"``) and ``TrainingArguments.optim`` values
     (``"adamw_torch"``, ``"adamw_torch_fused"``, ``"sgd"``, ...).
     """
+    if not isinstance(optimizer, str):
+        raise ValueError(f"optimizer_family: optimizer={optimizer!r} must be a name such as 'SGD' or 'adamw_torch'")
     name = optimizer.strip().lower()
     if name in _SGD_NAMES:
         return "sgd"
@@ -78,8 +80,8 @@ def predicted_decay_rate(
     - Adam with an L2 penalty in the gradient, or an optimizer this function does not know: ``(None, reason)``.
     - ``weight_decay == 0`` with SGD: ``0.0`` (the imbalance is conserved up to O(lr^2)).
 
-    Raises ``ValueError`` for a negative or non-finite ``lr``/``weight_decay``, ``momentum`` outside ``[0, 1)``, or
-    ``lr * weight_decay >= 1`` (the decay factor would not be positive).
+    Raises ``ValueError`` for a non-string ``optimizer``, a negative or non-finite ``lr``/``weight_decay``,
+    ``momentum`` outside ``[0, 1)``, or ``lr * weight_decay >= 1`` (the decay factor would not be positive).
     """
     for name, x in (("lr", lr), ("weight_decay", weight_decay), ("momentum", momentum)):
         if not isinstance(x, (int, float)) or not math.isfinite(x) or x < 0:

@@ -193,7 +193,7 @@ def flag_relative_position(W_l: torch.Tensor, W_next: torch.Tensor, *, tau: Opti
     U, s_left, _ = _thin_svd(X)
     _, s_right, Vh = _thin_svd(Y)
     return _position_from_svd(U, s_left, Vh, s_right, n=W_l.shape[0], rank_rtol=(default_rtol(W_l),
-                              default_rtol(W_next)), tau=tau, **options)
+                              default_rtol(W_next)), tau=tau, where=where, **options)
 
 
 def flag_position_from_svd(U: torch.Tensor, s_left: torch.Tensor, Vh: torch.Tensor, s_right: torch.Tensor, *,
@@ -227,21 +227,20 @@ def flag_position_from_svd(U: torch.Tensor, s_left: torch.Tensor, Vh: torch.Tens
                          f"pass T = Vh @ U of shape {(Vh.shape[0], U.shape[1])} or None")
     options = _check_flag_options(where, storage_eps, gap_ratio, max_tau, max_cuts)
     return _position_from_svd(U.to(torch.float64), s_left, Vh.to(torch.float64), s_right, n=n,
-                              rank_rtol=rank_rtol, tau=tau, transport=transport, **options)
+                              rank_rtol=rank_rtol, tau=tau, transport=transport, where=where, **options)
 
 
 def _position_from_svd(U: torch.Tensor, s_left: torch.Tensor, Vh: torch.Tensor, s_right: torch.Tensor, *, n: int,
                        rank_rtol: tuple[float, float], tau: Optional[float], storage_eps: float, gap_ratio: float,
-                       max_tau: float, max_cuts: int, transport: Optional[torch.Tensor] = None
-                       ) -> FlagRelativePosition:
-    """Body of :func:`flag_position_from_svd` (validated input).
+                       max_tau: float, max_cuts: int, transport: Optional[torch.Tensor] = None,
+                       where: str) -> FlagRelativePosition:
+    """Body of :func:`flag_position_from_svd` (validated input; ``where`` names the caller in errors).
 
     Cost: one ``p x q`` cross matrix ``N = U_p^T V_q`` (or the caller's ``transport``); each cut pair then needs
     the singular values of its ``i x j`` window of ``N`` (skipped when ``sum cos^2 < cos^2 tau`` proves the count
     is 0) and, only when a cosine is within rounding of ``cos(tau)``, one SVD of a ``(min(i,j) + ...) x
     min(i,j)`` window built from ``N`` and the R factors of at most two thin QRs (``n' x p``, ``n' x q``).
     """
-    where = "flag_relative_position"
     options = dict(storage_eps=storage_eps, gap_ratio=gap_ratio, max_tau=max_tau, max_cuts=max_cuts)
     cuts_l, wedin_l = flag_cuts(s_left, _numerical_rank(s_left, rank_rtol[0]), **options)
     cuts_r, wedin_r = flag_cuts(s_right, _numerical_rank(s_right, rank_rtol[1]), **options)

@@ -1,9 +1,10 @@
 """Pairs of adjacent layers: imbalance, commutator obstruction, transport scores (MATH.md §2, §3, §4).
 
 Notation (MATH.md): ``W_l`` is ``n x k`` and ``W_next`` (= W_{l+1}) is ``m x n`` (``nn.Linear`` out x in); they
-share the hidden space R^n.  ``A = W_next^T W_next`` and ``B = W_l W_l^T`` are ``n x n`` and are never formed
-(except by :func:`imbalance` and ``method="direct"``): everything goes through the Gram factors
-``G_P = W_next W_next^T`` (m x m), ``G_Q = W_l^T W_l`` (k x k) and ``C = W_next W_l`` (m x k).
+share the hidden space R^n.  ``A = W_next^T W_next`` and ``B = W_l W_l^T`` are ``n x n`` and are formed only by
+:func:`imbalance`, ``method="direct"``, and when n is at most both outer dims (then they are the smallest factors);
+otherwise everything goes through the Gram factors ``G_P = W_next W_next^T`` (m x m), ``G_Q = W_l^T W_l`` (k x k)
+and ``C = W_next W_l`` (m x k).
 
 All functions accept leading batch dimensions (equal on both sides), compute in ``dtype`` (float64 by default) on
 the inputs' device and raise ``ValueError`` naming the shapes for mismatched or non-finite input.
@@ -17,7 +18,8 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
-from hf_flag.geometry.angles import QR_FIRST_RATIO, _thin_svd, check_matrix
+from hf_flag.geometry.angles import QR_FIRST_RATIO, _thin_svd, check_dtype, check_matrix
+from hf_flag.geometry.baselines import commutator_haar_rms
 
 #: ``method="auto"`` recomputes kappa with the factored form when the trace form gives kappa below this value.
 #: The trace form subtracts two terms of size ``||A||^2 ||B||^2``; its relative error on kappa is about
@@ -41,6 +43,7 @@ def _prepare(
     """Validate a pair and return ``([W_l | b_l], W_next)`` in ``dtype`` on ``W_l``'s device (MATH.md §2)."""
     check_matrix("W_l", W_l, where=where)
     check_matrix("W_next", W_next, where=where)
+    check_dtype(dtype, where=where)
     if W_l.shape[-2] != W_next.shape[-1]:
         raise ValueError(
             f"{where}: hidden dims differ: W_l {tuple(W_l.shape)} is (..., n, k) and W_next {tuple(W_next.shape)} is "
@@ -54,8 +57,9 @@ def _prepare(
         if not isinstance(bias_l, torch.Tensor) or tuple(bias_l.shape) != tuple(W_l.shape[:-1]):
             raise ValueError(f"{where}: bias_l must have shape {tuple(W_l.shape[:-1])} (W_l without its last dim); "
                              f"got {_shape(bias_l)}")
-        if not torch.isfinite(bias_l).all():
-            raise ValueError(f"{where}: bias_l of shape {tuple(bias_l.shape)} contains NaN or Inf")
+        if bias_l.is_complex() or not torch.isfinite(bias_l).all():
+            raise ValueError(f"{where}: bias_l of shape {tuple(bias_l.shape)} is complex or contains NaN or Inf; "
+                             f"pass a real, finite bias")
         W_l = torch.cat([W_l, bias_l.to(device=W_l.device, dtype=dtype).unsqueeze(-1)], dim=-1)
     return W_l, W_next
 
@@ -295,8 +299,6 @@ def commutator_baseline(
     :func:`~hf_flag.geometry.baselines.commutator_haar_rms` of ``tr A = ||W_next||_F^2``, ``tr A^2 = ||G_P||_F^2``,
     ``tr B = ||W_l||_F^2``, ``tr B^2 = ||G_Q||_F^2`` (the smaller Gram of each side); exact, no sampling.
     """
-    from hf_flag.geometry.baselines import commutator_haar_rms
-
     W_l, W_next = _prepare(W_l, W_next, bias_l, dtype, "commutator_baseline")
     return commutator_haar_rms(_fro2(W_next), _fro2(_small_gram(W_next)), _fro2(W_l), _fro2(_small_gram(W_l)),
                                W_l.shape[-2])
@@ -333,8 +335,6 @@ def pair_values_from_svd(
     singular values of ``W_next W_l`` (backward error ``eps ||W_next|| ||W_l||``, as for the product formed
     explicitly).  The Haar RMS is :func:`~hf_flag.geometry.baselines.commutator_haar_rms` of the four traces.
     """
-    from hf_flag.geometry.baselines import commutator_haar_rms
-
     W_l, W_next = _prepare(W_l, W_next, None, torch.float64, "pair_values_from_svd")
     (U_l, s_l, _), (_, s_n, Vh_n) = svd_l, svd_next
     if U_l.shape[-2] != W_l.shape[-2] or Vh_n.shape[-1] != W_next.shape[-1] or \

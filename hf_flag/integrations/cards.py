@@ -248,15 +248,21 @@ def _append(lines: list[str], new: list[str]) -> list[str]:
     return lines + new
 
 
+def _drop_index_entry(lines: list[str]) -> list[str]:
+    """``lines`` without our model-index entry (markers included), if there is one."""
+    stripped = [line.strip() for line in lines]
+    if INDEX_START not in stripped:
+        return lines
+    a = stripped.index(INDEX_START)
+    if INDEX_END not in stripped[a:]:
+        raise CardFormatError(f"card YAML: '{INDEX_START}' without '{INDEX_END}'; delete the broken entry")
+    b = a + stripped[a:].index(INDEX_END) + 1
+    return lines[:a] + lines[b:]
+
+
 def _merge_model_index(lines: list[str], entry_for_indent, nl: str) -> list[str]:
     """Drop our previous model-index entry and append the new one (``entry_for_indent(indent) -> str``)."""
-    stripped = [line.strip() for line in lines]
-    if INDEX_START in stripped:
-        a = stripped.index(INDEX_START)
-        if INDEX_END not in stripped[a:]:
-            raise CardFormatError(f"card YAML: '{INDEX_START}' without '{INDEX_END}'; delete the broken entry")
-        b = a + stripped[a:].index(INDEX_END) + 1
-        lines = lines[:a] + lines[b:]
+    lines = _drop_index_entry(lines)
     span = _top_block(lines, "model-index")
     if span is None:
         return _append(lines, [f"model-index:{nl}", *entry_for_indent("").splitlines(keepends=True)])
@@ -302,6 +308,8 @@ def update_card_text(text: str, report: Report, *, model_name: Optional[str] = N
     if eval_results(report, metrics):
         yaml_lines = _merge_model_index(
             yaml_lines, lambda indent: render_index_entry(report, name, metrics, indent, nl), nl)
+    else:  # nothing to index: an entry from an earlier report would keep stale numbers
+        yaml_lines = _drop_index_entry(yaml_lines)
     result = prefix + "".join(yaml_lines) + closing + _set_section(body, render_section(report, plots=plots,
                                                                                         metrics=metrics, nl=nl), nl)
     _check_card(result)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from hf_flag.errors import UnsupportedArchitectureError, WeightSourceError
-from hf_flag.weights.weight_source import WeightSource, float_dtype_eps
+from hf_flag.weights.weight_source import WeightSource
 
 #: GGUF architectures laid out like Llama (same tensor names, same Q/K permutation in llama.cpp's converter)
 LLAMA_LIKE = ("llama", "mistral")
@@ -169,11 +169,12 @@ def reverse_permute(weight: torch.Tensor, n_head: int) -> torch.Tensor:
 def quant_eps(type_name: str) -> float:
     """Relative precision of a GGUF storage type.
 
-    Float types: ``torch.finfo(dtype).eps``.  A ``b``-bit quantisation (``Q4_0``, ``Q4_1``, ``Q4_K``, ``IQ4_NL``...)
-    puts ``2^b`` levels on a block's range ``[-amax, amax]`` (or ``[min, max]``), a step of ``2 amax / 2^b``; the
-    rounding error is at most half a step, ``amax * 2^-b``.  So eps = ``2^-b`` relative to the block's largest
-    entry: 2^-4 for 4-bit, 2^-8 for ``Q8_0``.  This is an upper-bound estimate; entries much smaller than their
-    block maximum have a larger relative error.
+    Float types: ``torch.finfo(dtype).eps``; integer types: 0.0 (exact).  A ``b``-bit quantisation (``Q4_0``,
+    ``Q4_1``, ``Q4_K``, ``IQ4_NL``...) puts about ``2^b`` levels on a block's range ``[-amax, amax]`` (or
+    ``[min, max]``), a step of about ``2 amax / 2^b``; the rounding error is half a step, about ``amax * 2^-b``.
+    So eps = ``2^-b`` relative to the block's largest entry: 2^-4 for 4-bit, 2^-8 for ``Q8_0``.  This is an
+    order-of-magnitude estimate, not a strict bound (``Q8_0``'s half step is ``amax / 254``, ``Q4_1``'s
+    ``(max - min) / 30``); entries much smaller than their block maximum have a larger relative error.
     """
     if type_name in _FLOAT_TYPES:
         return float(torch.finfo(getattr(torch, _FLOAT_TYPES[type_name])).eps)
@@ -198,7 +199,7 @@ class GGUFSource(WeightSource):
             raise WeightSourceError(f"GGUF file {str(self.path)!r} is corrupted or truncated ({exc}); "
                                     f"re-download it") from None
         self.name = name or self.path.name
-        self.arch = self._meta("general.architecture")
+        self.arch = self._metadata.get("general.architecture")
         if self.arch not in LLAMA_LIKE:
             raise UnsupportedArchitectureError(
                 f"GGUF file {self.path.name!r} has architecture {self.arch!r}; hf-flag reads only Llama-layout "
@@ -207,14 +208,10 @@ class GGUFSource(WeightSource):
         self._fd: int | None = None
         self.config = self._config()
 
-    def _meta(self, key: str, default: Any = None) -> Any:
-        value = self._metadata.get(key)
-        return default if value is None else value
-
     def _config(self) -> dict:
         config: dict = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_act": "silu"}
         for gguf_key, hf_key in _CONFIG_KEYS.items():
-            value = self._meta(f"{self.arch}.{gguf_key}")
+            value = self._metadata.get(f"{self.arch}.{gguf_key}")
             if value is not None:
                 config[hf_key] = value
         missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads") if k not in config]
@@ -226,7 +223,7 @@ class GGUFSource(WeightSource):
         if "vocab_size" not in config:
             config["vocab_size"] = self.shape("model.embed_tokens.weight")[0]
         config["tie_word_embeddings"] = "lm_head.weight" not in self._tensors
-        config["gguf_file_type"] = self._meta("general.file_type")
+        config["gguf_file_type"] = self._metadata.get("general.file_type")
         return config
 
     def keys(self) -> list[str]:
@@ -252,8 +249,7 @@ class GGUFSource(WeightSource):
 
     def storage_eps(self, name: str) -> float:
         """See :func:`quant_eps` (2^-b for b-bit quantisation; finfo eps for float storage)."""
-        eps = float_dtype_eps(self.storage_dtype(name))
-        return eps if eps is not None else quant_eps(self.gguf_type(name))
+        return quant_eps(self.gguf_type(name))
 
     def nbytes(self) -> int:
         return int(sum(int(t.n_bytes) for t in self._tensors.values()))

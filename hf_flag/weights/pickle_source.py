@@ -7,14 +7,13 @@ loaded on first use.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence, Union
 
 import torch
 
 from hf_flag.errors import WeightSourceError
-from hf_flag.weights.weight_source import WeightSource, dtype_name
+from hf_flag.weights.weight_source import WeightSource, dtype_name, read_shard_index
 
 
 def _state_dict_of(obj: object, path: Path) -> dict[str, torch.Tensor]:
@@ -40,20 +39,6 @@ def _load(path: Path) -> dict[str, torch.Tensor]:
     return _state_dict_of(obj, path)
 
 
-def _index_map(index: Path) -> dict[str, Path]:
-    try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        mapping = {str(k): index.parent / str(v) for k, v in weight_map.items()}
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
-        raise WeightSourceError(f"shard index {str(index)!r} is not valid JSON with a 'weight_map' object; "
-                                f"re-download or re-save it") from None
-    for shard in set(mapping.values()):
-        if not shard.is_file():
-            raise WeightSourceError(f"shard index {str(index)!r} lists shard {shard.name!r}, which is missing; "
-                                    f"download all shards into {str(index.parent)!r}")
-    return mapping
-
-
 class TorchPickleSource(WeightSource):
     """State dicts saved with ``torch.save``: one file, several files (merged), or a ``*.bin.index.json``."""
 
@@ -66,7 +51,7 @@ class TorchPickleSource(WeightSource):
         self.config = dict(config or {})
         self._shards: dict[Path, dict[str, torch.Tensor]] = {}
         if paths[0].name.endswith(".json"):
-            self._where = _index_map(paths[0])
+            self._where = read_shard_index(paths[0])
         else:
             self._where = {}
             for p in paths:

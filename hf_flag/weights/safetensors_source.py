@@ -19,7 +19,7 @@ from typing import Sequence, Union
 import torch
 
 from hf_flag.errors import WeightSourceError
-from hf_flag.weights.weight_source import SAFETENSORS_DTYPES, WeightSource
+from hf_flag.weights.weight_source import SAFETENSORS_DTYPES, WeightSource, read_shard_index
 
 #: bytes per element of the safetensors dtype codes whose size is checked against the data offsets
 _ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
@@ -84,22 +84,6 @@ def read_safetensors_header(path: Path) -> dict[str, _Entry]:
     return entries
 
 
-def _read_index(index: Path) -> list[tuple[str, Path]]:
-    """``(tensor name, shard path)`` pairs of a ``*.safetensors.index.json``; every shard must exist."""
-    try:
-        data = json.loads(index.read_text(encoding="utf-8"))
-        weight_map = data["weight_map"]
-        pairs = [(str(k), index.parent / str(v)) for k, v in weight_map.items()]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
-        raise WeightSourceError(f"shard index {str(index)!r} is not valid JSON with a 'weight_map' object; "
-                                f"re-download or re-save it") from None
-    for _, shard in pairs:
-        if not shard.is_file():
-            raise WeightSourceError(f"shard index {str(index)!r} lists shard {shard.name!r}, which is missing; "
-                                    f"download all shards into {str(index.parent)!r}")
-    return pairs
-
-
 class SafetensorsSource(WeightSource):
     """Lazy reader over one or more safetensors files.
 
@@ -133,7 +117,7 @@ class SafetensorsSource(WeightSource):
 
     @staticmethod
     def _index_entries(index: Path) -> dict[str, _Entry]:
-        pairs = _read_index(index)
+        pairs = list(read_shard_index(index).items())
         headers = {shard: read_safetensors_header(shard) for shard in sorted({s for _, s in pairs})}
         for key, shard in pairs:
             if key not in headers[shard]:

@@ -56,7 +56,7 @@ def open_weights(model_or_path: Union[str, os.PathLike, nn.Module, WeightSource]
     text = os.fspath(model_or_path)
     path = Path(text).expanduser()
     if path.is_file():
-        return _open_file(path, allow_pickle=allow_pickle, name=path.name, config=_sibling_config(path))
+        return _open_file(path, allow_pickle=allow_pickle, name=path.name, config=read_config(path.parent))
     if path.is_dir():
         return _open_folder(path, allow_pickle=allow_pickle, name=path.name)
     if _looks_like_path(text):
@@ -92,10 +92,6 @@ def read_config(folder: Path) -> dict:
         raise WeightSourceError(f"config file {str(config_path)!r} does not hold a JSON object; repair or "
                                 f"re-download it")
     return config
-
-
-def _sibling_config(file: Path) -> dict:
-    return read_config(file.parent)
 
 
 def _looks_like_path(text: str) -> bool:

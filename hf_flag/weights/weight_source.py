@@ -6,7 +6,9 @@ MATH.md §4), and the tensor itself, converted on request.  Sources never instan
 """
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import Optional, Union
 
 import torch
@@ -19,7 +21,8 @@ DeviceLike = Union[str, torch.device, None]
 SAFETENSORS_DTYPES: dict[str, str] = {
     "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
     "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
-    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
+    "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
 }
 
 
@@ -37,6 +40,22 @@ def float_dtype_eps(name: str) -> Optional[float]:
     if dtype.is_floating_point:
         return float(torch.finfo(dtype).eps)
     return 0.0
+
+
+def read_shard_index(index: Path) -> dict[str, Path]:
+    """Tensor name -> shard path of a sharded checkpoint's index (``model.safetensors.index.json`` or
+    ``pytorch_model.bin.index.json``); every listed shard must exist beside the index."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        mapping = {str(k): index.parent / str(v) for k, v in weight_map.items()}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        raise WeightSourceError(f"shard index {str(index)!r} is not valid JSON with a 'weight_map' object; "
+                                f"re-download or re-save it") from None
+    for shard in sorted(set(mapping.values())):
+        if not shard.is_file():
+            raise WeightSourceError(f"shard index {str(index)!r} lists shard {shard.name!r}, which is missing; "
+                                    f"download all shards into {str(index.parent)!r}")
+    return mapping
 
 
 class WeightSource(ABC):

@@ -138,6 +138,20 @@ def test_level3_basis_score_with_distinct_class_spread():
     assert generic["level2_max_angle"] > 0.1 and 0 < generic["level2_subspace_error"] < 1
 
 
+def test_class_means_against_a_loop_and_their_errors():
+    from hf_flag.geometry.collapse import class_means
+
+    g = torch.Generator().manual_seed(9)
+    H = torch.randn(23, 5, generator=g, dtype=torch.float64)
+    y = torch.tensor([0, 2, 1, 2, 2] * 4 + [1, 0, 1])  # unbalanced classes
+    loop = torch.stack([H[y == c].mean(0) for c in range(3)])
+    assert torch.allclose(class_means(H, y), loop, rtol=1e-14, atol=1e-15)
+    with pytest.raises(ValueError, match="class 3 has no sample"):
+        class_means(H, y, n_classes=4)
+    with pytest.raises(ValueError, match="labels must be an integer tensor"):
+        class_means(H, y.double())
+
+
 def test_bad_inputs_raise_value_error():
     M = _etf_means(C, P, seed=6)
     feats, labels, _ = _samples(M, per_class=3, noise=0.1, seed=6)
@@ -161,3 +175,13 @@ def test_bad_inputs_raise_value_error():
         classifier_collapse(torch.cat([M[:3], torch.zeros(1, P, dtype=torch.float64)]))
     with pytest.raises(ValueError, match=r"\(4, 10\).*\(3, 10\)"):
         level2_alignment(M, M[:3])
+    with pytest.raises(ValueError, match=r"features \(0, 10\) has no samples"):
+        neural_collapse(feats[:0], labels[:0])
+    with pytest.raises(ValueError, match="n_classes=4.0"):
+        neural_collapse(feats, labels, n_classes=4.0)
+    with pytest.raises(ValueError, match="global_mean .* got list"):
+        level2_alignment(M, M, global_mean=[0.0] * P)
+    with pytest.raises(ValueError, match=r"global_mean .* got \(9,\)"):
+        level3_alignment(M, M, global_mean=torch.zeros(9))
+    with pytest.raises(ValueError, match="dtype"):
+        neural_collapse(feats, labels, dtype=torch.int32)

@@ -113,6 +113,8 @@ def test_bad_inputs_raise_value_error_naming_shapes():
         composition_scores(W_V, W_O, bad, W_K, kind="q")
     with pytest.raises(ValueError, match="tile_size"):
         composition_scores(W_V, W_O, W_Q, W_K, kind="q", tile_size=0)
+    with pytest.raises(ValueError, match="composition_scores: dtype=torch.int64"):
+        composition_scores(W_V, W_O, W_Q, W_K, kind="q", dtype=torch.int64)
 
 
 def test_packed_grams_equal_trace_form_and_naive(layer_pair):

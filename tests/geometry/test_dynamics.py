@@ -61,8 +61,10 @@ def test_predicted_rates_and_laws():
     rate, law = predicted_decay_rate("adafactor", lr, wd)
     assert rate is None and "adafactor" in law
     assert predicted_decay_rate("SGD", lr, 0.0) == (0.0, "exact, discrete GD")
-    assert [optimizer_family(n) for n in ("AdamW", "adamw_torch_fused", "paged_adamw_32bit", "SGD", "adam", "lion")] == [
-        "adamw", "adamw", "adamw", "sgd", "adam", None]
+    names = ("AdamW", "adamw_torch_fused", "paged_adamw_32bit", "SGD", "adam", "lion")
+    assert [optimizer_family(n) for n in names] == ["adamw", "adamw", "adamw", "sgd", "adam", None]
+    with pytest.raises(ValueError, match="optimizer=None"):
+        predicted_decay_rate(None, lr, wd)
 
 
 @pytest.mark.parametrize("kwargs", [dict(lr=-1.0, weight_decay=0.1), dict(lr=0.1, weight_decay=float("nan")),

@@ -267,6 +267,10 @@ def test_bad_inputs_raise_value_error_naming_shapes():
         commutator_baseline(W_l, W_next, bias_l=torch.ones(3))
     with pytest.raises(ValueError, match="at least 2 dims|matrix"):
         commutator_ratio(W_l[0], W_next)
+    with pytest.raises(ValueError, match="dtype=torch.int64"):
+        commutator_ratio(W_l, W_next, dtype=torch.int64)
+    with pytest.raises(ValueError, match="bias_l .* complex"):
+        imbalance_norm(W_l, W_next, bias_l=torch.ones(8, dtype=torch.complex128))
 
 
 def test_small_hidden_dim_uses_n_by_n_form_with_same_values():
@@ -282,6 +286,9 @@ def test_small_hidden_dim_uses_n_by_n_form_with_same_values():
     g = gram_diagnostics(W_l, W_next)
     D = (W_next.T @ W_next - W_l @ W_l.T).numpy()
     assert g.imbalance_norm.item() == pytest.approx(np.linalg.norm(D), rel=1e-12)
+    A, B = (W_next.T @ W_next).numpy(), (W_l @ W_l.T).numpy()
+    assert g.relative_imbalance.item() == pytest.approx(
+        np.linalg.norm(D) / (np.linalg.norm(A) + np.linalg.norm(B)), rel=1e-12)
     assert g.commutator_ratio.item() == pytest.approx(_dense_kappa(W_l.numpy(), W_next.numpy()), rel=1e-12)
     rms, se = _rms_of_rotated_kappas(W_l, W_next, 2000)
     assert abs(commutator_baseline(W_l, W_next).item() ** 2 - rms ** 2) < 5 * se

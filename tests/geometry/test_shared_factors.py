@@ -62,12 +62,21 @@ def test_gram_diagnostics_tiny_kappa_and_balance_use_the_factored_forms():
     E = _rand(12, 40, seed=2)
     W_next = W_l.T + 1e-9 * E
     g = gram_diagnostics(W_l[None], W_next[None])
-    ref_kappa = commutator_ratio(W_l, W_next, method="factored").item()
+    ref_kappa = _first_order_kappa(W_l, E, 1e-9)
     assert 0 < ref_kappa < 1e-7
     assert g.commutator_ratio.item() == pytest.approx(ref_kappa, rel=1e-6)
+    assert commutator_ratio(W_l, W_next, method="trace").item() != pytest.approx(ref_kappa, rel=1e-2)  # cancels
     # first-order reference: D = W_next^T W_next - W_l W_l^T = 1e-9 (W_l E + E^T W_l^T) + O(1e-18)
     first_order = torch.linalg.matrix_norm(1e-9 * (W_l @ E + E.T @ W_l.T)).item()
     assert g.imbalance_norm.item() == pytest.approx(first_order, rel=1e-6)
+
+
+def _first_order_kappa(W_l: torch.Tensor, E: torch.Tensor, delta: float) -> float:
+    """kappa of (W_l, W_l^T + delta E) to first order in delta, with no cancellation (MATH.md §3): B = W_l W_l^T,
+    A = B + delta S + O(delta^2), S = W_l E + E^T W_l^T, so [A, B] = delta [S, B] + O(delta^2)."""
+    B, S = W_l @ W_l.T, W_l @ E + E.T @ W_l.T
+    norm = torch.linalg.matrix_norm
+    return (delta * norm(S @ B - B @ S) / norm(B).square()).item()
 
 
 @pytest.mark.parametrize("n,k,m", [(50, 7, 9), (6, 20, 18)])
@@ -124,6 +133,8 @@ def test_flags_in_reduced_coordinates_recover_the_embedded_permutation():
     assert reduced.intersection_baseline == full.intersection_baseline == 0  # max(0, 2 * 6 - 40)
     with pytest.raises(ValueError, match="do not fit"):
         flag_position_from_svd(U, s_l, Vh[:, :5], s_n, n=n, rank_rtol=(1e-12, 1e-12))
+    with pytest.raises(ValueError, match="^flag_position_from_svd: tau=2.0"):  # names the function called
+        flag_position_from_svd(U, s_l, Vh, s_n, n=n, rank_rtol=(1e-12, 1e-12), tau=2.0)
 
 
 def test_gl_kernel_dim_from_spectra_matches_the_direct_count():
@@ -185,8 +196,7 @@ def test_pair_values_from_svd_equal_dense_n_by_n_forms():
 
 
 def test_pair_values_from_svd_tiny_kappa_uses_the_factored_form():
-    W_l = _rand(40, 12, seed=1)
-    W_next = W_l.T + 1e-9 * _rand(12, 40, seed=2)
+    W_l, E = _rand(40, 12, seed=1), _rand(12, 40, seed=2)
+    W_next = W_l.T + 1e-9 * E
     v = pair_values_from_svd(W_l[None], W_next[None], thin_svd(W_l[None]), thin_svd(W_next[None]))
-    assert v.commutator_ratio.item() == pytest.approx(commutator_ratio(W_l, W_next, method="factored").item(),
-                                                      rel=1e-6)
+    assert v.commutator_ratio.item() == pytest.approx(_first_order_kappa(W_l, E, 1e-9), rel=1e-6)

@@ -76,4 +76,15 @@ def test_thin_svd_rejects_bad_input():
         thin_svd(torch.tensor([[1.0, float("nan")], [0.0, 1.0]]))
     with pytest.raises(ValueError, match="pass a matrix"):
         thin_svd(torch.ones(5))
-    assert QR_FIRST_RATIO == 1.5
+
+
+@pytest.mark.parametrize("rows,cols,qr_first", [(60, 40, True), (40, 60, True), (59, 40, False), (40, 59, False)])
+def test_thin_svd_takes_the_qr_first_exactly_from_the_ratio(rows, cols, qr_first, monkeypatch):
+    """QR first iff one side is at least QR_FIRST_RATIO (1.5) times the other, as the docstring says."""
+    A = _graded(rows, cols, seed=11)  # before the spy: _graded itself takes QRs
+    calls = []
+    qr = torch.linalg.qr
+    monkeypatch.setattr(torch.linalg, "qr", lambda A, *a, **k: calls.append(tuple(A.shape)) or qr(A, *a, **k))
+    U, s, Vh = thin_svd(A)
+    assert calls == ([(max(rows, cols), min(rows, cols))] if qr_first else [])
+    assert QR_FIRST_RATIO == 1.5 and torch.linalg.matrix_norm(U * s @ Vh - A) <= 1e-13 * torch.linalg.matrix_norm(A)

@@ -82,6 +82,15 @@ def test_second_report_replaces_only_our_parts(report, assert_card_preserved):
     assert front_matter(second)["hf_flag"]["metrics"]["mlp/commutator_ratio"] == 0.77
 
 
+def test_report_without_headlines_removes_our_stale_index_entry(report, assert_card_preserved):
+    first = cards.update_card_text(USER_CARD, report, model_name="org/tiny")
+    second = cards.update_card_text(first, report, model_name="org/tiny", metrics=[])
+    assert cards.INDEX_START not in second and "0.35" not in second  # no number of the first report survives
+    assert "No headline metric" in second
+    assert_card_preserved(second, USER_CARD)
+    assert front_matter(second)["model-index"] == front_matter(USER_CARD)["model-index"]
+
+
 def test_card_without_front_matter_or_model_index(report, assert_card_preserved):
     plain = "# Title\n\nText only.\n"
     out = cards.update_card_text(plain, report)

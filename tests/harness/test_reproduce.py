@@ -108,6 +108,12 @@ def test_bad_arguments_are_refused(tmp_path, capsys):
     assert reproduce.main(["--claims", "nope", "--out", str(tmp_path)]) == 2
     assert "nope" in capsys.readouterr().err
     assert not (tmp_path / writer.REPORT_NAME).exists()
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    # an unwritable --out is refused before minutes of training, not when the report is written
+    assert reproduce.main(["--quick", "--claims", "weight_decay", "--out", str(blocker / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--out" in err and "writable" in err
 
 
 def test_training_is_deterministic():

@@ -172,10 +172,12 @@ def test_bad_inputs_exit_2_with_one_line(tiny_models, tmp_path, capsys):
     assert err.count("\n") == 0 and "--out" in err and "writable" in err
     cases = {"models: 3\nout: x\n": "'models'", "out: x\nmodles: [a]\n": "'modles'",
              "models: [a]\nout: x\ndevice: tpu\n": "'device'", "models: [{path: a, nme: b}]\n": "'nme'",
-             "models: [a]\nout: x\nmerge_timeout: -1\n": "'merge_timeout'", "models: [a\n": "line 2"}
+             "models: [a]\nout: x\nmerge_timeout: -1\n": "'merge_timeout'", "models: [a\n": "line 2",
+             "models: [a]\nout: x\ndiagnostics: [mlp, atention]\n": "'diagnostics'",
+             "models: [a]\nout: x\n# caf\xe9\n": "UTF-8"}
     for text, key in cases.items():
         config = tmp_path / "c.yaml"
-        config.write_text(text)
+        config.write_bytes(text.encode("latin-1"))
         with pytest.raises(ConfigError, match=key):
             load_config(config)
         assert sweep.main(["--config", str(config), "--out", str(tmp_path / "o")]) == 2
@@ -183,6 +185,23 @@ def test_bad_inputs_exit_2_with_one_line(tiny_models, tmp_path, capsys):
         assert err.count("\n") == 0 and key in err
     assert sweep.main(["--out", str(tmp_path / "o")]) == 2
     assert "no models" in capsys.readouterr().err
+    # an unwritable --cards-dir stops the sweep before any analysis, not after it
+    out = tmp_path / "cards-out"
+    assert sweep.main([str(tiny_models["gpt2"]), "--out", str(out), "--cards-dir", str(blocker / "cards")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--cards-dir" in err and "writable" in err
+    assert not (out / "runs").exists()
+
+
+def test_failed_push_is_one_line_and_keeps_the_results(tiny_models, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = [str(tiny_models["gpt2"]), "--out", str(out), "--diagnostics", "mlp", "--push-to-hub", "me/results"]
+    with mock.patch.object(datasets.Dataset, "push_to_hub", side_effect=OSError("Hub unreachable\nretry later")):
+        assert sweep.main(args) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if "hf-flag sweep" in line]  # not tqdm's bar
+    assert len(err) == 1 and "--push-to-hub me/results" in err[0] and "Hub unreachable" in err[0]
+    assert "retry later" not in err[0]
+    assert statuses(out) == {"local--gpt2": "done"} and rows(out)  # everything was written before the push
 
 
 def test_hf_flag_cli_dispatches_to_the_sweep(tmp_path, capsys):

@@ -269,7 +269,7 @@ def test_add_batch_then_compute_with_classifier(nc_module):
     C, p = 3, 5
     M = _etf(C, p, seed=2)
     rng = np.random.default_rng(3)
-    labels = np.repeat(np.arange(C), 20)
+    labels = np.repeat(np.arange(C), [12, 20, 28])  # unbalanced: the global mean is not the mean of the means
     H = M[labels] + 0.05 * rng.standard_normal((len(labels), p))
     for i in range(0, len(labels), 16):
         nc_module.add_batch(predictions=H[i:i + 16], references=labels[i:i + 16])
@@ -278,7 +278,17 @@ def test_add_batch_then_compute_with_classifier(nc_module):
     from hf_flag.geometry.collapse import neural_collapse
     ref = neural_collapse(torch.tensor(H), torch.tensor(labels), torch.tensor(W))
     assert {k: out[k] for k in ref} == pytest.approx(ref, rel=1e-12)
-    assert 0 <= out["level2_subspace_error"] <= 1 and 0 <= out["level2_max_angle"] <= math.pi / 2
+    # Level-2 / Level-3 from the module's own class means, against numpy closed forms (MATH.md §5, §1):
+    # M^T = class means - global mean (rank C-1), error = 1 - ||Q_W^T Q_M||_F^2 / (C-1), angles = arccos(svd)
+    Mr = np.stack([H[labels == c].mean(0) for c in range(C)]) - H.mean(0)
+    QW = np.linalg.qr(W.T)[0]
+    QM = np.linalg.svd(Mr.T, full_matrices=False)[0][:, :C - 1]
+    cosines = np.linalg.svd(QW.T @ QM, compute_uv=False)
+    assert out["level2_subspace_error"] == pytest.approx(1 - (cosines ** 2).sum() / (C - 1), rel=1e-9, abs=1e-12)
+    assert out["level2_max_angle"] == pytest.approx(math.acos(min(cosines.min(), 1.0)), rel=1e-6)
+    self_duality = np.linalg.norm(W.T / np.linalg.norm(W) - Mr.T / np.linalg.norm(Mr)) ** 2
+    assert out["nc3_self_duality"] == pytest.approx(self_duality, rel=1e-10)
+    assert out["level2_subspace_error"] > 1e-6  # noisy W: the checks above compare non-trivial values
 
 
 def test_weight_only_mode(nc_module):

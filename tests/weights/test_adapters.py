@@ -307,7 +307,7 @@ def test_bad_config_and_layer_errors():
         adapter.block(source, plain, 0)
 
 
-def test_register_adapter_for_a_new_family(monkeypatch):
+def test_register_adapter_for_a_new_family(monkeypatch, tmp_path):
     import hf_flag.weights.adapters as registry
 
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # leave the global registry as it was
@@ -328,6 +328,15 @@ def test_register_adapter_for_a_new_family(monkeypatch):
     layout = adapter.layout(config, keys)
     assert isinstance(layout, CheckpointLayout) and layout.architecture == "blocky"
     assert adapter.block_tensor_names(layout, 1)[0] == "model.blocks.1.self_attn.q_proj.weight"
+    # the user family's block reproduces the model's own attention, read from a checkpoint with the new names
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "model.safetensors"))
+    with open_weights(tmp_path / "model.safetensors") as renamed:
+        att = adapter.block(renamed, layout, 1).attention
+    x = torch.randn(1, T, layout.d_model, dtype=torch.float64)
+    own, mine = module_and_heads("mistral", model, layout, att, 1, x)
+    torch.testing.assert_close(mine, own, rtol=RTOL, atol=ATOL)
     with pytest.raises(ValueError, match="roles"):
         AdapterSpec(name="bad", stack="layers", attention="linear", mlp="gated", tensors={"q": "q.weight"})
 

@@ -111,6 +111,22 @@ def test_safetensors_single_file_matches_load_file(mixed_file):
             assert (src.storage_dtype(k), src.storage_eps(k)) == (dt, eps)
 
 
+def test_unsigned_and_unknown_safetensors_dtypes(tmp_path):
+    """U16/U32/U64 (written by the safetensors library) read back exactly; a dtype code hf-flag does not know
+    opens (its header is valid) but reading it names the tensor and the code."""
+    values = torch.tensor([1, 2, 60000], dtype=torch.int64)
+    save_file({f"u{b}": values.to(getattr(torch, f"uint{b}")) for b in (16, 32, 64)}, str(tmp_path / "u.safetensors"))
+    with open_weights(tmp_path / "u.safetensors") as src:
+        for b in (16, 32, 64):
+            assert (src.storage_dtype(f"u{b}"), src.storage_eps(f"u{b}")) == (f"uint{b}", 0.0)
+            assert torch.equal(src.get(f"u{b}", dtype=torch.int64), values)
+    _write_safetensors_by_hand(tmp_path / "odd.safetensors",
+                               {"w": {"dtype": "X9", "shape": [2], "data_offsets": [0, 2]}}, {"w": b"ab"}, 2)
+    with open_weights(tmp_path / "odd.safetensors") as src:
+        with pytest.raises(WeightSourceError, match="tensor 'w' .* safetensors dtype 'X9', which hf-flag cannot read"):
+            src.get("w")
+
+
 def test_low_precision_storage_upcasts_exactly(mixed_file):
     orig = _mixed_tensors()
     with open_weights(mixed_file) as src:
@@ -464,3 +480,105 @@ def test_minilm_folder_opens_as_bert(minilm_path):
         k = next(k for k in ref if k.endswith("attention.self.query.weight"))
         assert src.shape(k) == (384, 384) and torch.equal(src.get(k), ref[k])
         assert src.storage_eps(k) == torch.finfo(ref[k].dtype).eps
+
+
+def _write_tiny_gguf(path, tensors: dict, *, arch: str = "llama", heads: int | None = 4, kv_heads: int = 2) -> None:
+    """A GGUF file written by gguf-py's own ``GGUFWriter`` (HF-order numpy arrays; quantised ones as raw bytes)."""
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(str(path), arch)
+    writer.add_block_count(1)
+    writer.add_embedding_length(32)
+    writer.add_feed_forward_length(64)
+    if heads is not None:
+        writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    for name, (array, raw_dtype) in tensors.items():
+        writer.add_tensor(name, array, raw_dtype=raw_dtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_gguf_written_by_gguf_py_reads_back_as_hf_tensors(tmp_path):
+    """No pretrained file needed: float tensors come back exactly, llama.cpp's Q/K row permutation is undone (the
+    forward permutation is llama.cpp's converter code), F16 widens to float32 and Q8_0 equals gguf-py's dequantise."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quantize
+
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(32, 32, generator=g), torch.randn(16, 32, generator=g)  # 4 heads / 2 KV heads of dim 8
+    up, down = torch.randn(64, 32, generator=g), torch.randn(32, 64, generator=g).half()
+    embed = torch.randn(10, 32, generator=g)
+    up_q8 = quantize(up.numpy(), GGMLQuantizationType.Q8_0)
+    _write_tiny_gguf(tmp_path / "tiny.gguf", {
+        "token_embd.weight": (embed.numpy(), None),
+        "blk.0.attn_q.weight": (_llama_cpp_permute(q, 4).numpy(), None),
+        "blk.0.attn_k.weight": (_llama_cpp_permute(k, 2).numpy(), None),
+        "blk.0.ffn_up.weight": (up_q8, GGMLQuantizationType.Q8_0),
+        "blk.0.ffn_down.weight": (down.numpy(), None),
+    })
+    with open_weights(tmp_path / "tiny.gguf") as src:
+        assert isinstance(src, GGUFSource)
+        assert {k: src.config[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                           "num_key_value_heads", "head_dim", "intermediate_size", "vocab_size",
+                                           "tie_word_embeddings")} == {
+            "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "head_dim": 8, "intermediate_size": 64, "vocab_size": 10, "tie_word_embeddings": True}
+        assert torch.equal(src.get("model.layers.0.self_attn.q_proj.weight"), q)
+        assert torch.equal(src.get("model.layers.0.self_attn.k_proj.weight"), k)
+        assert torch.equal(src.get("model.embed_tokens.weight"), embed)
+        d = "model.layers.0.mlp.down_proj.weight"
+        assert src.get(d).dtype == torch.float32 and torch.equal(src.get(d), down.float())
+        u = "model.layers.0.mlp.up_proj.weight"
+        assert src.shape(u) == (64, 32) and torch.equal(src.get(u), torch.from_numpy(
+            dequantize(up_q8, GGMLQuantizationType.Q8_0)))
+        assert [(src.storage_dtype(n), src.storage_eps(n)) for n in (d, u)] == [("float16", 2.0 ** -10),
+                                                                              ("Q8_0", 2.0 ** -8)]
+        assert src.nbytes() == (32 * 32 + 16 * 32 + 10 * 32) * 4 + 32 * 64 * 2 + 64 * 32 // 32 * 34  # Q8_0: 34 B/32
+
+
+def test_gguf_other_architecture_or_missing_metadata_is_refused(tmp_path):
+    from hf_flag.errors import UnsupportedArchitectureError
+
+    weights = {"token_embd.weight": (np.zeros((10, 32), dtype=np.float32), None)}
+    _write_tiny_gguf(tmp_path / "gpt2.gguf", weights, arch="gpt2")
+    with pytest.raises(UnsupportedArchitectureError, match=r"'gpt2.gguf' has architecture 'gpt2'.*safetensors"):
+        open_weights(tmp_path / "gpt2.gguf")
+    _write_tiny_gguf(tmp_path / "headless.gguf", weights, heads=None)
+    with pytest.raises(WeightSourceError, match=r"lacks metadata for \['num_attention_heads'\]"):
+        open_weights(tmp_path / "headless.gguf")
+
+
+def test_pickle_shard_index_and_its_errors(tmp_path, tiny_llama):
+    state = tiny_llama.state_dict()
+    names = list(state)
+    weight_map = {}
+    for j in range(3):  # three shards and their index, as transformers' sharded torch.save writes them
+        shard = f"pytorch_model-0000{j + 1}-of-00003.bin"
+        torch.save({k: state[k] for k in names[j::3]}, tmp_path / shard)
+        weight_map.update({k: shard for k in names[j::3]})
+    index = tmp_path / "pytorch_model.bin.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    with open_weights(tmp_path, allow_pickle=True) as src:
+        assert isinstance(src, TorchPickleSource) and sorted(src.keys()) == sorted(state)
+        for k in src.keys():
+            assert torch.equal(src.get(k), state[k])
+    data = json.loads(index.read_text())
+    data["weight_map"]["ghost.weight"] = sorted(set(data["weight_map"].values()))[0]
+    index.write_text(json.dumps(data))
+    with open_weights(tmp_path, allow_pickle=True) as src:
+        with pytest.raises(WeightSourceError, match="does not contain tensor 'ghost.weight' although its index"):
+            src.get("ghost.weight")
+    data["weight_map"]["ghost.weight"] = "absent.bin"
+    index.write_text(json.dumps(data))
+    with pytest.raises(WeightSourceError, match="lists shard 'absent.bin', which is missing"):
+        open_weights(tmp_path, allow_pickle=True)
+
+
+def test_pickle_files_with_the_same_tensor_are_refused(tmp_path):
+    torch.save({"w": torch.zeros(2)}, tmp_path / "a.pt")
+    torch.save({"w": torch.ones(2)}, tmp_path / "b.pt")
+    with pytest.raises(WeightSourceError, match="appears in both 'a.pt' and 'b.pt'"):
+        open_weights(tmp_path, allow_pickle=True)

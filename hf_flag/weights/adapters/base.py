@@ -330,6 +330,6 @@ class Adapter:
         read = {r: n for r, n in names.items() if _reads(r, mlp)}
         tensors = {r: source.get(n, dtype=dtype, device=device) for r, n in read.items()}
         attention = _per_head(_unfuse_attention(layout.attention_layout, tensors, names, layout), names, layout)
-        mlp = _mlp(layout.mlp_layout, tensors, names, layout) if mlp else None
+        mlp_weights = _mlp(layout.mlp_layout, tensors, names, layout) if mlp else None
         storage_eps = max(source.storage_eps(n) for r, n in read.items() if tensors[r].ndim == 2)
-        return BlockWeights(index=i, attention=attention, mlp=mlp, storage_eps=storage_eps, names=names)
+        return BlockWeights(index=i, attention=attention, mlp=mlp_weights, storage_eps=storage_eps, names=names)

@@ -1,7 +1,8 @@
 """neural_collapse: NC1-NC4 and the Level-2 / Level-3 alignment as an ``evaluate`` metric (MATH.md §5).
 
 No mathematics here: the values are those of :mod:`hf_flag.geometry.collapse` (``neural_collapse``,
-``classifier_collapse``, ``level2_alignment``, ``level3_alignment``); this module converts inputs and merges dicts.
+``classifier_collapse``, ``class_means``, ``level2_alignment``, ``level3_alignment``); this module converts
+inputs and merges dicts.
 """
 from __future__ import annotations
 
@@ -94,6 +95,7 @@ class NeuralCollapse(evaluate.Metric):
 
     def _compute(self, predictions: Any = None, references: Any = None, classifier: Any = None, bias: Any = None,
                  class_means: Any = None, global_mean: Any = None, n_classes: Optional[int] = None) -> dict:
+        from hf_flag.geometry.collapse import class_means as feature_means  # the argument is class_means
         from hf_flag.geometry.collapse import classifier_collapse, neural_collapse
 
         W = None if classifier is None else _tensor("classifier", classifier, torch.float64)
@@ -113,8 +115,6 @@ class NeuralCollapse(evaluate.Metric):
         b = None if bias is None else _tensor("bias", bias, torch.float64)
         out = dict(neural_collapse(H, labels, W, classifier_bias=b, n_classes=n_classes))
         if W is not None:
-            C = int(labels.max()) + 1 if n_classes is None else n_classes
-            counts = torch.bincount(labels, minlength=C).to(H)
-            means = torch.zeros(C, H.shape[1], dtype=H.dtype).index_add_(0, labels, H) / counts[:, None]
+            means = feature_means(H, labels, n_classes=n_classes)
             out.update(alignment_values(W.to(H.device), means, H.mean(dim=0)))
         return out
