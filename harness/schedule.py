@@ -14,7 +14,8 @@
   A unit is *done* only when ``done.json`` and ``report.json`` exist and ``done.json`` carries the current
   fingerprint (a hash of the model's files and the analysis parameters), so a rerun skips finished work, redoes a
   unit that has ``started.json`` but no ``done.json`` (its process died half way), and redoes work whose inputs or
-  parameters changed.  Nothing here needs a collective: the merging process polls these files.
+  parameters changed.  Nothing here needs a collective: the merging process polls these files.  Only the process
+  holding a unit's claim (:mod:`harness.claims`) writes its markers, and none is ever deleted by another process.
 """
 from __future__ import annotations
 
@@ -113,20 +114,23 @@ def run_state(run_dir: str | os.PathLike, fp: str) -> RunState:
     return RunState.NEW
 
 
-def mark_started(run_dir: str | os.PathLike, fp: str, rank: int) -> None:
-    """Clear any previous outcome in ``run_dir`` and record that process ``rank`` starts the work now."""
+def mark_started(run_dir: str | os.PathLike, fp: str, rank: int, owner: str = "") -> None:
+    """Record that process ``rank`` (``owner``: how to name it) starts the work now.  Nothing is deleted: an
+    outcome recorded for other inputs is ignored by :func:`run_state` and replaced when this run ends."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    for name in (DONE, ERROR):
-        (run_dir / name).unlink(missing_ok=True)
-    atomic_write_json(run_dir / STARTED, {"fingerprint": fp, "rank": rank, "pid": os.getpid(), "time": time.time()})
+    atomic_write_json(run_dir / STARTED, {"fingerprint": fp, "rank": rank, "pid": os.getpid(), "owner": owner,
+                                          "time": time.time()})
 
 
 def mark_done(run_dir: str | os.PathLike, fp: str, report_json: str) -> None:
-    """Write the result, then the done marker (in that order, each atomically)."""
+    """Write the result, then the done marker (in that order, each atomically); a failure recorded earlier (a
+    ``--retry-failed`` that succeeded) is then removed."""
     run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / REPORT, report_json)
     atomic_write_json(run_dir / DONE, {"fingerprint": fp})
+    (run_dir / ERROR).unlink(missing_ok=True)
 
 
 def mark_failed(run_dir: str | os.PathLike, fp: str, error: str, **extra: Any) -> None:

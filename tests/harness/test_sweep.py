@@ -19,7 +19,8 @@ import datasets
 import pytest
 import yaml
 
-from harness import schedule, sweep
+from harness import claims, schedule, sweep
+from harness.claims import Claims, Owner
 from harness.config import ConfigError, ModelSpec, load_config
 from hf_flag.report import Report
 
@@ -292,18 +293,33 @@ def test_long_lived_frozen_hands_the_heap_back():
         gc.unfreeze()
 
 
-def test_merge_names_missing_models_after_timeout(tiny_models, tmp_path, monkeypatch):
-    """Rank 0 of a 2-process sweep whose rank 1 never reports: it merges its own and names the rest."""
-    cfg, _ = sweep.parse_args([str(tiny_models["gpt2"]), str(tiny_models["bert"]), "--out", str(tmp_path),
-                               "--diagnostics", "mlp", "--merge-timeout", "0.5"])
+def context(cfg, *, rank: int = 0, world: int = 1, **options) -> sweep.RunContext:
+    """The run context of one process of a sweep, without a launcher (claims renewed only inside ``with``)."""
+    claims = Claims(Owner.this_process(f"rank {rank} of the test"), options.get("lease_s", 60.0))
+    return sweep.RunContext(cfg, sweep.Options(**options), rank, world, "cpu", claims, "test-run", True)
+
+
+def test_rank_0_takes_over_work_of_an_absent_rank_and_names_held_work_missing(tiny_models, tmp_path):
+    """Rank 0 of a 2-process sweep whose rank 1 never starts: rank 0 runs rank 1's unclaimed model too and names
+    rank 1; a model held by a live process elsewhere that never finishes is named missing after --merge-timeout."""
+    models = [str(tiny_models[n]) for n in ("gpt2", "bert", "llama")]
+    cfg, _ = sweep.parse_args([*models, "--out", str(tmp_path), "--diagnostics", "mlp", "--merge-timeout", "0.5"])
     units = sweep.model_units(cfg)
-    states = sweep.sweep_models(units, cfg, rank=0, world=2, device="cpu")
-    results = sweep.write_outputs(cfg, units, states)
-    (mine,), (theirs,) = schedule.assign_models({u.slug: sweep.model_size(u.spec) for u in units}, 2)
-    assert {r["slug"]: r["status"] for r in results} == {mine: "done", theirs: "missing"}
-    missing = {m["slug"]: m for m in json.loads((tmp_path / "sweep.json").read_text())["models"]}[theirs]
+    held = next(u for u in units if u.slug == "local--llama")
+    held.run_dir.mkdir(parents=True)
+    (held.run_dir / claims.CLAIM).write_text(json.dumps({"token": "elsewhere", "owner": "pid 7 on elsewhere",
+                                                         "host": "elsewhere", "pid": 7, "expires": 4e9}))
+    ctx = context(cfg, world=2)
+    states, notes, dead = sweep.sweep_models(units, ctx)
+    assert dead == {1: "rank 1"} and notes == {}
+    results = sweep.write_outputs(cfg, units, states, tag=ctx.tag, notes=notes)
+    assert {r["slug"]: r["status"] for r in results} == {"local--gpt2": "done", "local--bert": "done",
+                                                         "local--llama": "missing"}
+    missing = {m["slug"]: m for m in json.loads((tmp_path / "sweep.json").read_text())["models"]}["local--llama"]
     assert "rerun to resume" in missing["error"]
-    assert {r["model"] for r in rows(tmp_path)} == {str(tiny_models[mine.removeprefix("local--")])}
+    assert {r["model"] for r in rows(tmp_path)} == {models[0], models[1]}
+    assert not (held.run_dir / schedule.STARTED).exists()  # the held model was never touched
+    assert json.loads((held.run_dir / claims.CLAIM).read_text())["token"] == "elsewhere"
 
 
 def test_retry_failed_reruns_only_failures(one_process, tiny_models, tmp_path):
