@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 from unittest import mock
 
 import datasets
@@ -26,6 +27,7 @@ from hf_flag.report import Report
 
 REPO = Path(__file__).resolve().parents[2]
 UNKNOWN = "nobody-offline/not-a-cached-model"
+RANK_EXITS = REPO / "tests" / "harness" / "sweep_rank_exits.py"
 ARGS = ["--composition", "adjacent"]
 
 
@@ -35,17 +37,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_sweep(args: list[str], processes: int = 1) -> subprocess.CompletedProcess:
+def run_sweep(args: list[str], processes: int = 1, script: Optional[Path] = None,
+              **env_extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(REPO)}
+           "PYTHONPATH": str(REPO), **env_extra}
+    program = ["-m", "harness.sweep"] if script is None else [str(script)]
     if processes == 1:
-        cmd = [sys.executable, "-m", "harness.sweep", *args]
+        cmd = [sys.executable, *program, *args]
     else:
         # accelerate 1.15 runs ONE process for ``--cpu --num_processes N`` (multi-CPU needs mpirun); the torchrun
         # launcher behind --multi_gpu starts N processes, which PartialState(cpu=True) (--device cpu) joins over gloo
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(free_port()), "-m", "harness.sweep", *args]
+               "--main_process_port", str(free_port()), *program, *args]
         cmd += ["--device", "cpu"]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
@@ -167,6 +171,45 @@ def test_rerun_after_death_runs_each_model_exactly_once(one_process, tiny_models
     assert [s for s in after if after[s] != before[s]] == ["local--llama"]  # only the dead one was redone
     assert errors == {p.parent.name: p.read_text() for p in (out / "runs").glob("*/error.json")}
     assert rows(out) == rows(one_process)  # every model once, nothing lost
+
+
+@pytest.mark.slow
+def test_rank_that_leaves_early_is_named_and_its_work_taken_over(one_process, tiny_models, tmp_path):
+    """Shared --out: rank 1 exits (status 0, so the launcher lets rank 0 run on) holding the claim of its first
+    model; rank 0 takes that claim over at once (same machine, dead pid), runs rank 1's share and names it."""
+    out = tmp_path / "out"
+    proc = run_sweep([*model_list(tiny_models), "--out", str(out), *ARGS], processes=2, script=RANK_EXITS,
+                     HF_FLAG_TEST_EXIT_RANK="1")
+    assert proc.returncode != 0, proc.stderr[-3000:]  # two models fail on purpose
+    named = [line for line in proc.stderr.splitlines() if "stopped before finishing" in line]
+    assert len(named) == 1 and "rank 1 (pid " in named[0] and "took its work over" in named[0], proc.stderr[-3000:]
+    assert statuses(out) == statuses(one_process) and rows(out) == rows(one_process)
+    ranks = {json.loads(p.read_text())["rank"] for p in (out / "runs").glob("*/started.json")}
+    assert ranks == {0}  # rank 0 ran everything, the model rank 1 held a claim on when it left included
+
+
+@pytest.mark.slow
+def test_unshared_out_results_travel_and_a_dead_rank_is_named_within_its_lease(one_process, tiny_models, tmp_path):
+    """--out-shared no: results reach rank 0 over the launcher's store; a rank that leaves is named once its
+    heartbeat has stood still for --lease-seconds, its models are named missing, and a rerun completes them."""
+    out = tmp_path / "out"
+    args = [*model_list(tiny_models), "--out", str(out), *ARGS, "--out-shared", "no", "--lease-seconds", "3"]
+    proc = run_sweep(args, processes=2)  # nobody leaves: rank 1's results travel over the store
+    assert proc.returncode != 0
+    assert statuses(out) == statuses(one_process) and rows(out) == rows(one_process)
+    out2 = tmp_path / "out2"
+    args2 = [*model_list(tiny_models), "--out", str(out2), *ARGS, "--out-shared", "no", "--lease-seconds", "3"]
+    proc = run_sweep(args2, processes=2, script=RANK_EXITS, HF_FLAG_TEST_EXIT_RANK="1")
+    named = [line for line in proc.stderr.splitlines() if "stopped before finishing" in line]
+    assert len(named) == 1 and "rank 1 (pid " in named[0] and "missing" in named[0], proc.stderr[-3000:]
+    units = sweep.model_units(sweep.parse_args(args2)[0])
+    plan = schedule.assign_models({u.slug: sweep.model_size(u.spec) for u in units}, 2)
+    got = statuses(out2)
+    assert {s for s, st in got.items() if st == "missing"} == set(plan[1])
+    notes = {m["slug"]: m["error"] for m in json.loads((out2 / "sweep.json").read_text())["models"]}
+    assert all("rank 1 (pid " in notes[s] for s in plan[1])
+    assert run_sweep(args2).returncode == 1  # the rerun (one process) completes rank 1's models
+    assert statuses(out2) == statuses(one_process) and rows(out2) == rows(one_process)
 
 
 def test_bad_inputs_exit_2_with_one_line(tiny_models, tmp_path, capsys):
