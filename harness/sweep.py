@@ -4,6 +4,7 @@ Usage (all three are the same program)::
 
     python -m harness.sweep [MODEL ...] [--config FILE] --out DIR [--diagnostics ...] [--composition ...]
         [--device cpu|cuda|auto] [--split-layers] [--write-model-cards] [--push-to-hub REPO_ID] [--default]
+        [--checkpoint-layers N] [--lease-seconds S] [--out-shared auto|yes|no]
     accelerate launch [--multi_gpu --num_processes 2] -m harness.sweep ... [--device cpu]
     hf-flag sweep ...
 
@@ -12,13 +13,18 @@ Several CPU processes: accelerate 1.15 starts a single process for ``accelerate 
 (the default): every process then joins a gloo group as a CPU process.
 
 Work is dealt by :mod:`harness.schedule` (largest model first, round robin over processes starting at the last
-rank, so rank 0, which merges afterwards, gets the lightest share; ``--split-layers``
-deals each model's layers instead).  Every process writes its results into ``DIR/runs/<slug>/`` atomically with
-started/done/error markers, so a rerun skips finished models and redoes those whose process died (a failure is final
-for unchanged inputs; ``--retry-failed`` reruns failures; changed weights or parameters rerun by themselves).  The
-process that analysed a model also draws its plots.  Rank 0 then
-polls the filesystem for the others' markers (no collective that can time out; ``--merge-timeout``), merges what is
-complete, names what is missing, and writes:
+rank, so rank 0, which merges afterwards, gets the lightest share; ``--split-layers`` deals each model's layers
+instead).  Every unit of work is *claimed* before it runs (:mod:`harness.claims`: a lease renewed while the process
+lives), so processes that share ``DIR`` (the ranks of one launch, or sweeps started separately on the same folder)
+never run one unit twice: a process that finishes its share takes unclaimed units from the ends of the others'
+shares, and the claim of a process that died is taken over (at once on the same machine, after ``--lease-seconds``
+from another).  Every process writes its results into ``DIR/runs/<slug>/`` atomically with started/done/error
+markers, so a rerun skips finished models and redoes those whose process died (a failure is final for unchanged
+inputs; ``--retry-failed`` reruns failures; changed weights or parameters rerun by themselves).  A large model is
+analysed in layer checkpoints (``DIR/runs/<slug>/layers/<a>-<b>/``, ``--checkpoint-layers``), so a killed analysis
+resumes at its first unfinished layer with rows equal to an uninterrupted run's.  The process that analysed a model
+also draws its plots.  Rank 0 waits until every unit is finished (at most ``--merge-timeout``), names ranks that
+stopped early, and writes (holding the folder's lock, so concurrent sweeps write one after the other):
 
 * ``DIR/dataset``: ``datasets.Dataset.save_to_disk`` of every row of every model (``datasets.load_from_disk``);
 * ``DIR/summary.csv`` and ``DIR/summary.md``: one line per model, headline metrics beside their baselines;
@@ -27,9 +33,17 @@ complete, names what is missing, and writes:
   (:mod:`hf_flag.integrations.cards`); ``--write-model-cards`` also updates local model folders' README.md;
 * ``DIR/sweep.json``: each model's status (done / failed with its one-line error / missing).
 
+Several machines: at start rank 0 writes a probe file into ``DIR`` and every rank looks for it.  When some rank
+cannot see it (``DIR`` is a local folder on each machine), each rank keeps its own ``DIR`` and sends its outcomes to
+rank 0 over the launcher's key-value store, with a heartbeat; a rank whose heartbeat stands still for
+``--lease-seconds`` is named and its models reported missing (no collective waits on a dead rank).
+
 ``--push-to-hub REPO_ID`` pushes the results dataset there and opens a card pull request on each model that has a
 Hub id; the token is huggingface_hub's own (``HF_TOKEN`` or the stored login): it is never read, written or logged.
-Exit status: 0 all models done, 1 some failed or missing (everything else is still written), 2 bad input.
+Exit status (:mod:`hf_flag.exits`): 0 all models done; 1 some failed or missing (everything else is still written),
+or an internal error (traceback saved under ``DIR/errors/``); 2 bad input or a folder that cannot be written (full
+disk, read-only: one line naming the path); 130 Ctrl-C and 143 SIGTERM (one line; a rerun resumes).
+docs/RELIABILITY.md lists these promises and the tests that show them.
 """
 from __future__ import annotations
 
@@ -177,7 +191,7 @@ def check_out_dir(out: Path, option: str = "--out") -> None:
     """Create ``out`` and prove it writable, or ``ConfigError`` naming ``option`` (exit 2)."""
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-probe-{os.getpid()}"
+        probe = out / f".write-probe-{os.getpid()}-{uuid.uuid4().hex}"  # unique across machines sharing out
         probe.write_text("")
         probe.unlink()
     except OSError as exc:

@@ -2,7 +2,7 @@
 
 ``python tests/harness/sweep_faults.py PLAN.json`` reads a list of *steps*; each step is a list of sweeps started
 together (forked children running ``harness.sweep.main``), each ``{"args": [...], "name": str}`` plus optional
-``"kill_after": seconds`` (SIGKILL then; ``"kill_seed"``/``"kill_max"`` draw it uniformly from [0, kill_max)),
+``"kill_after": seconds`` (SIGKILL then, or ``"signal": "SIGTERM"``; ``"kill_seed"``/``"kill_max"`` draw it uniformly from [0, kill_max)),
 (``kill_max`` may name an earlier sweep: its duration), ``"fsize": bytes`` (RLIMIT_FSIZE, SIGXFSZ ignored: writes
 past it fail with EFBIG, as on a full disk) and ``"read_only": folder`` (root only: the child remounts that folder
 read-only in a mount namespace of its own, so only it sees EROFS there; exit 98 when that is not possible).  Every
@@ -121,20 +121,24 @@ def run_step(step: list[dict], log: str, tmp: Path, durations: dict[str, float])
             kill_max = durations[kill_max] if isinstance(kill_max, str) else kill_max
             kill_after = random.Random(job["kill_seed"]).uniform(0.0, kill_max)
         started[pid] = (job, err, time.monotonic(), kill_after)
+    signals = {pid: getattr(signal, job.get("signal", "SIGKILL")) for pid, (job, *_) in started.items()}
     pending = dict(started)
     while pending:
         now = time.monotonic()
         for pid, (job, err, t0, kill_after) in list(pending.items()):
             if kill_after is not None and now - t0 >= kill_after:
                 try:
-                    os.kill(pid, signal.SIGKILL)
+                    os.kill(pid, signals[pid])
                 except ProcessLookupError:
                     pass
+                kill_after = None
+                pending[pid] = (job, err, t0, None)
             done, status = os.waitpid(pid, os.WNOHANG)
             if done:
                 del pending[pid]
                 records.append({
-                    "name": job["name"], "pid": pid, "seconds": time.monotonic() - t0, "kill_after": kill_after,
+                    "name": job["name"], "pid": pid, "seconds": time.monotonic() - t0,
+                    "kill_after": started[pid][3],
                     "exit": os.waitstatus_to_exitcode(status), "stderr": Path(err).read_text(errors="replace"),
                     "checkpoints": finished_checkpoints(out_of(job["args"]))})
         time.sleep(0.005)

@@ -64,11 +64,14 @@ def test_run_state_lifecycle(tmp_path):
     assert schedule.run_state(run, "fp1") is RunState.DONE
     (run / schedule.REPORT).unlink()
     assert schedule.run_state(run, "fp1") is RunState.STARTED  # done marker without its report is not done
+    done = (run / schedule.DONE).read_text()
     schedule.mark_started(run, "fp1", rank=0)
-    assert not (run / schedule.DONE).exists()
+    assert (run / schedule.DONE).read_text() == done  # starting never deletes a marker (another process's)
     schedule.mark_failed(run, "fp1", "ValueError: bad\nsecond line")
     assert schedule.run_state(run, "fp1") is RunState.FAILED
     assert schedule.read_error(run) == "ValueError: bad"  # one line
+    schedule.mark_done(run, "fp1", '{"x": 2}')  # a retried failure that succeeds: done, the failure removed
+    assert schedule.run_state(run, "fp1") is RunState.DONE and not (run / schedule.ERROR).exists()
     assert schedule.read_error(tmp_path / "nowhere") == ""
 
 

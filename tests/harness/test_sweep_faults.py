@@ -98,6 +98,29 @@ def test_kill_9_at_random_points_then_rerun_equals_uninterrupted_run(tiny_models
     assert resumed >= 1  # some trials resumed part way through a model
 
 
+@pytest.mark.slow
+def test_sigterm_at_random_points_is_one_line_and_resumable(tiny_models, reference, tmp_path):
+    steps = [[{"name": "timing", "args": sweep_args(tiny_models, tmp_path / "timing")}]]
+    for i in range(3):
+        args = sweep_args(tiny_models, tmp_path / f"t{i}")
+        steps += [[{"name": f"term{i}", "args": args, "kill_seed": 100 + i, "kill_max": "timing",
+                    "signal": "SIGTERM"}], [{"name": f"rerun{i}", "args": args}]]
+    records, _ = run_plan(steps, tmp_path)
+    terminated = 0
+    for i in range(3):
+        term = records[f"term{i}"]
+        lines = [line for line in term["stderr"].splitlines() if line.startswith("hf-flag sweep:")]
+        if term["exit"] == 143:
+            terminated += 1
+            assert lines == [f"hf-flag sweep: terminated (SIGTERM); finished models and layers are kept in "
+                             f"{tmp_path / f't{i}'}; rerun the same command to resume"]
+            assert "Traceback" not in term["stderr"]
+        assert records[f"rerun{i}"]["exit"] == 1
+        assert rows(tmp_path / f"t{i}") == rows(reference)
+        assert_clean(tmp_path / f"t{i}")
+    assert terminated >= 1
+
+
 def count_analyses(analyses: list[dict], out: Path) -> Counter:
     return Counter((a["model"], tuple(a["layers"] or ())) for a in analyses if a["out"] == str(out))
 
