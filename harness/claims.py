@@ -99,10 +99,12 @@ def is_live(claim: Optional[dict[str, Any]], now: Optional[float] = None) -> boo
 
 
 @contextlib.contextmanager
-def locked(folder: Path) -> Iterator[None]:
-    """Exclusive ``flock`` on ``folder/.claim.lock`` (created if needed) for the block."""
-    folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+def locked(folder: Path, create: bool = True) -> Iterator[None]:
+    """Exclusive ``flock`` on ``folder/.claim.lock`` for the block; ``create``: make the folder and the lock file
+    if needed (else ``FileNotFoundError`` when the folder is gone)."""
+    if create:
+        folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK, os.O_RDWR | (os.O_CREAT if create else 0), 0o666)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -137,7 +139,10 @@ class Claims:
         if self.thread is not None:
             self.thread.join()
         for folder in list(self.held):
-            self.release(folder)
+            try:
+                self.release(folder)
+            except OSError:  # a folder gone or no longer writable: the claim lapses with its lease
+                pass
 
     def record(self, **extra: Any) -> dict[str, Any]:
         o = self.owner
@@ -168,7 +173,9 @@ class Claims:
         folder = Path(folder)
         with self.mutex:
             self.held.discard(folder)
-        with locked(folder):
+        if not folder.is_dir():  # removed with everything in it (a finished run's bookkeeping)
+            return
+        with locked(folder, create=False):
             if self.holds(folder):
                 (folder / CLAIM).unlink(missing_ok=True)
 
@@ -177,7 +184,12 @@ class Claims:
         with self.mutex:
             folders = list(self.held)
         for folder in folders:
-            with locked(folder):
+            if not folder.is_dir():
+                with self.mutex:
+                    self.held.discard(folder)
+                    self.lost.add(folder)
+                continue
+            with locked(folder, create=False):
                 claim = read_claim(folder)
                 if claim is None or claim.get("token") != self.owner.token:
                     with self.mutex:
