@@ -25,7 +25,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 from hf_flag.atomic import atomic_write_text
 
@@ -145,30 +145,3 @@ def read_error(run_dir: str | os.PathLike) -> str:
     """The one-line error recorded in ``run_dir`` ('' if none)."""
     data = _read_json(Path(run_dir) / ERROR)
     return "" if data is None else str(data.get("error", ""))
-
-
-def wait_for(
-    units: Mapping[str, tuple[str | os.PathLike, str]],
-    *,
-    timeout: float,
-    poll: float = 0.5,
-    on_finished: Optional[Callable[[str, RunState], None]] = None,
-) -> dict[str, RunState]:
-    """Poll until every unit (``name -> (run_dir, fingerprint)``) is DONE or FAILED, or ``timeout`` seconds pass.
-
-    Returns each unit's last state (units still NEW/STARTED at the timeout are missing: the caller merges what is
-    complete and names the rest). ``on_finished(name, state)`` is called once per unit as it finishes.
-    """
-    deadline = time.monotonic() + timeout
-    states: dict[str, RunState] = {}
-    pending = dict(units)
-    while True:
-        for name, (run_dir, fp) in list(pending.items()):
-            states[name] = run_state(run_dir, fp)
-            if states[name] in (RunState.DONE, RunState.FAILED):
-                del pending[name]
-                if on_finished is not None:
-                    on_finished(name, states[name])
-        if not pending or time.monotonic() >= deadline:
-            return states
-        time.sleep(poll)
