@@ -20,26 +20,30 @@ from harness.claims import Claims, Owner
 REPO = Path(__file__).resolve().parents[2]
 
 
-def claim_in_child(folder: str, queue) -> None:
+def claim_in_child(folder: str, queue, release) -> None:
     owner = Owner.this_process()
     with Claims(owner, lease_s=60) as mine:
         queue.put((owner.token, mine.try_claim(folder)))
-        time.sleep(0.5)  # keep holding while the others try
+        release.wait(120)  # keep holding until every process has tried
 
 
 def test_exactly_one_of_eight_racing_processes_gets_the_claim(tmp_path):
     ctx = multiprocessing.get_context("fork")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=claim_in_child, args=(str(tmp_path / "unit"), queue)) for _ in range(8)]
+    queue, release = ctx.Queue(), ctx.Event()
+    procs = [ctx.Process(target=claim_in_child, args=(str(tmp_path / "unit"), queue, release)) for _ in range(8)]
     for p in procs:
         p.start()
-    results = [queue.get(timeout=60) for _ in procs]
-    for p in procs:
-        p.join(timeout=60)
+    try:
+        results = [queue.get(timeout=120) for _ in procs]
+    finally:
+        release.set()
+        for p in procs:
+            p.join(timeout=60)
     winners = [token for token, other in results if other is None]
     assert len(winners) == 1
     # every loser was shown the winner's claim, not some intermediate state
     assert {other["token"] for token, other in results if other is not None} == set(winners)
+    assert not (tmp_path / "unit" / claims.CLAIM).exists()  # the winner released it on leaving
 
 
 def test_claim_release_and_second_owner(tmp_path):
