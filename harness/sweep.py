@@ -472,7 +472,8 @@ def long_lived_frozen() -> Iterator[None]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of ``python -m hf_flag.harness.sweep`` / ``accelerate launch -m hf_flag.harness.sweep`` / ``hf-flag sweep``."""
+    """Entry point of ``python -m hf_flag.harness.sweep`` / ``accelerate launch -m hf_flag.harness.sweep`` /
+    ``hf-flag sweep``."""
     try:
         cfg, args = parse_args(argv)
         from accelerate import PartialState
@@ -485,7 +486,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         rank, world = ctx.rank, ctx.world
         if world == 1 and os.environ.get("ACCELERATE_USE_CPU") == "True":
             print("hf-flag sweep: note: accelerate launch --cpu starts one process; for N CPU processes use "
-                  "accelerate launch --multi_gpu --num_processes N -m hf_flag.harness.sweep ... --device cpu", file=sys.stderr)
+                  "accelerate launch --multi_gpu --num_processes N -m hf_flag.harness.sweep ... --device cpu",
+                  file=sys.stderr)
     except ConfigError as exc:
         print(f"hf-flag sweep: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -112,7 +112,8 @@ def analyze(model_or_path, *, device: Union[str, torch.device, None] = None, dty
         "storage_dtypes": sorted(storage), "storage_eps": max(storage.values(), default=0.0),
         "tolerances": {"flag_tau": f"per row (flag_tau): {FLAG_TAU_RULE}", "gl_kernel_rtol": GL_KERNEL_RTOL,
                        "rank_cut": RANK_CUT_RULE},
-        "commutator_baseline": COMMUTATOR_BASELINE_RULE, "transport_k": TRANSPORT_K_RULE, "bias_augmented": True, "layer_norm_folded": False,
+        "commutator_baseline": COMMUTATOR_BASELINE_RULE, "transport_k": TRANSPORT_K_RULE, "bias_augmented": True,
+        "layer_norm_folded": False,
         "embeddings_analysed": False, "composition_cache_bytes": COMPOSITION_CACHE_BYTES,
         "elapsed_s": time.perf_counter() - start,
     }

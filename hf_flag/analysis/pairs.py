@@ -80,7 +80,8 @@ def gram_values(W_l: torch.Tensor, W_next: torch.Tensor) -> list[dict]:
     factors of ``(W_l, W_next)`` (no SVD; MATH.md §2, §3)."""
     g = gram_diagnostics(W_l, W_next)
     columns = {
-        "commutator_ratio": g.commutator_ratio, "commutator_ratio_normalized": normalized_commutator_ratio(g.commutator_ratio),
+        "commutator_ratio": g.commutator_ratio,
+        "commutator_ratio_normalized": normalized_commutator_ratio(g.commutator_ratio),
         "imbalance_norm": g.imbalance_norm, "relative_imbalance": g.relative_imbalance,
         "imbalance_diagonal_norm": imbalance_diagonal_norm(W_l, W_next),
     }

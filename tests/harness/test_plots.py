@@ -1,4 +1,5 @@
-"""hf_flag.harness.plots: the plotted numbers are the report's numbers (checked on the figure's artists), PNGs written."""
+"""hf_flag.harness.plots: the plotted numbers are the report's numbers (checked on the figures' artists), PNGs
+written."""
 from __future__ import annotations
 
 
