@@ -49,9 +49,9 @@ import torch
 from torch import nn
 
 from hf_flag import __version__
+from hf_flag.analysis import transformer
 from hf_flag.analysis.chain import analyze_chain
 from hf_flag.analysis.checks import resolve_device
-from hf_flag.analysis.transformer import COMPOSITION_CACHE_BYTES, analyze_transformer
 from hf_flag.defaults import COMPOSITION_MODES
 from hf_flag.geometry.angles import RANK_CUT_RULE
 from hf_flag.geometry.baselines import COMMUTATOR_BASELINE_RULE
@@ -96,9 +96,9 @@ def analyze(model_or_path, *, device: Union[str, torch.device, None] = None, dty
             report, facts = analyze_chain(model_or_path, label, device=dev, dtype=dtype, diagnostics=diagnostics,
                                           layers=layers, cheap=cheap)
         else:
-            report, facts = analyze_transformer(source, label, device=dev, dtype=dtype, diagnostics=diagnostics,
-                                                layers=layers, cheap=cheap, composition=composition,
-                                                progress=progress)
+            report, facts = transformer.analyze_transformer(
+                source, label, device=dev, dtype=dtype, diagnostics=diagnostics, layers=layers, cheap=cheap,
+                composition=composition, progress=progress)
     finally:
         if source is not model_or_path:
             source.close()
@@ -114,7 +114,7 @@ def analyze(model_or_path, *, device: Union[str, torch.device, None] = None, dty
                        "rank_cut": RANK_CUT_RULE},
         "commutator_baseline": COMMUTATOR_BASELINE_RULE, "transport_k": TRANSPORT_K_RULE, "bias_augmented": True,
         "layer_norm_folded": False,
-        "embeddings_analysed": False, "composition_cache_bytes": COMPOSITION_CACHE_BYTES,
+        "embeddings_analysed": False, "composition_cache_bytes": transformer.COMPOSITION_CACHE_BYTES,
         "elapsed_s": time.perf_counter() - start,
     }
     return report

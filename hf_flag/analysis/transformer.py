@@ -25,7 +25,6 @@ from hf_flag.weights.adapters import get_adapter
 #: budgets re-read fewer layers; peak memory is about this plus two float64 blocks.
 COMPOSITION_CACHE_BYTES = 256 * 2**20
 
-
 HEAD_LABELS = {"q": "head", "k": "kv_head", "v": "kv_head", "o": "head"}
 
 
