@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 
 from hf_flag.analysis.api import analyze
 from hf_flag.atomic import atomic_write_bytes, atomic_write_text
-from hf_flag.defaults import COMPOSITION_MODES
+from hf_flag.defaults import COMPOSITION_MODES, DIAGNOSTIC_NAMES
 from hf_flag.harness import schedule
 from hf_flag.harness.config import (DEVICES, ConfigError, ModelSpec, SweepConfig, build_config, default_model_specs,
                                     load_config, parse_config, parse_model, slugs)
@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("models", nargs="*", metavar="MODEL", help="Hub ids (local HF cache) or local folders/files")
     p.add_argument("--config", help="YAML sweep config (see harness/config.py)")
     p.add_argument("--out", help="output folder")
-    p.add_argument("--diagnostics", nargs="+", help="subset of mlp vo residual heads composition (default: all)")
+    p.add_argument("--diagnostics", nargs="+", help=f"subset of {' '.join(DIAGNOSTIC_NAMES)} (default: all)")
     p.add_argument("--composition", choices=COMPOSITION_MODES)
     p.add_argument("--cheap", action="store_true", default=None, help="pair rows' cheap values only")
     p.add_argument("--device", choices=DEVICES, help="default cpu; auto = cuda when available")
