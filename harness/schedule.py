@@ -15,7 +15,7 @@
   fingerprint (a hash of the model's files and the analysis parameters), so a rerun skips finished work, redoes a
   unit that has ``started.json`` but no ``done.json`` (its process died half way), and redoes work whose inputs or
   parameters changed.  Nothing here needs a collective: the merging process polls these files.  Only the process
-  holding a unit's claim (:mod:`harness.claims`) writes its markers, and none is ever deleted by another process.
+  holding a unit's claim (:mod:`hf_flag.harness.claims`) writes its markers, and none is ever deleted by another process.
 """
 from __future__ import annotations
 

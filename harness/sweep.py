@@ -1,20 +1,20 @@
-"""The sweep: many models through :func:`hf_flag.analyze.analyze`, one or several processes, results as a dataset.
+"""The sweep: many models through `hf_flag.analyze`, one or several processes, results as a dataset.
 
 Usage (all three are the same program)::
 
-    python -m harness.sweep [MODEL ...] [--config FILE] --out DIR [--diagnostics ...] [--composition ...]
+    python -m hf_flag.harness.sweep [MODEL ...] [--config FILE] --out DIR [--diagnostics ...] [--composition ...]
         [--device cpu|cuda|auto] [--split-layers] [--write-model-cards] [--push-to-hub REPO_ID] [--default]
         [--checkpoint-layers N] [--lease-seconds S] [--out-shared auto|yes|no]
-    accelerate launch [--multi_gpu --num_processes 2] -m harness.sweep ... [--device cpu]
+    accelerate launch [--multi_gpu --num_processes 2] -m hf_flag.harness.sweep ... [--device cpu]
     hf-flag sweep ...
 
 Several CPU processes: accelerate 1.15 starts a single process for ``accelerate launch --cpu --num_processes N``
 (its multi-CPU mode needs mpirun), so use ``--multi_gpu --num_processes N`` (a torchrun launch) with ``--device cpu``
 (the default): every process then joins a gloo group as a CPU process.
 
-Work is dealt by :mod:`harness.schedule` (largest model first, round robin over processes starting at the last
+Work is dealt by :mod:`hf_flag.harness.schedule` (largest model first, round robin over processes starting at the last
 rank, so rank 0, which merges afterwards, gets the lightest share; ``--split-layers`` deals each model's layers
-instead).  Every unit of work is *claimed* before it runs (:mod:`harness.claims`: a lease renewed while the process
+instead).  Every unit of work is *claimed* before it runs (:mod:`hf_flag.harness.claims`: a lease renewed while the process
 lives), so processes that share ``DIR`` (the ranks of one launch, or sweeps started separately on the same folder)
 never run one unit twice: a process that finishes its share takes unclaimed units from the ends of the others'
 shares, and the claim of a process that died is taken over (at once on the same machine, after ``--lease-seconds``
@@ -28,7 +28,7 @@ stopped early, and writes (holding the folder's lock, so concurrent sweeps write
 
 * ``DIR/dataset``: ``datasets.Dataset.save_to_disk`` of every row of every model (``datasets.load_from_disk``);
 * ``DIR/summary.csv`` and ``DIR/summary.md``: one line per model, headline metrics beside their baselines;
-* ``DIR/plots/<slug>/*.png`` (:mod:`harness.plots`; split models are drawn here) and
+* ``DIR/plots/<slug>/*.png`` (:mod:`hf_flag.harness.plots`; split models are drawn here) and
   ``DIR/model_cards/<slug>/README.md``
   (:mod:`hf_flag.integrations.cards`); ``--write-model-cards`` also updates local model folders' README.md;
 * ``DIR/sweep.json``: each model's status (done / failed with its one-line error / missing).
@@ -53,27 +53,35 @@ import csv
 import gc
 import importlib
 import io
-import os
 import json
+import os
 import shutil
 import sys
 import threading
 import time
 import traceback
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
-from harness import schedule
-from harness.claims import DEFAULT_LEASE_S, Claims, Owner, is_live, locked, read_claim
-from harness.config import (COMPOSITION_MODES, DEVICES, ConfigError, ModelSpec, SweepConfig, build_config,
-                            default_model_specs, load_config, parse_config, parse_model, slugs)
-from harness.schedule import RunState
+import torch
+from tqdm.auto import tqdm
+
 from hf_flag import exits
+from hf_flag.analysis.api import analyze
 from hf_flag.atomic import atomic_write_bytes, atomic_write_text
+from hf_flag.defaults import COMPOSITION_MODES, DIAGNOSTIC_NAMES
 from hf_flag.exits import one_line
+from hf_flag.harness import schedule
+from hf_flag.harness.claims import DEFAULT_LEASE_S, Claims, Owner, is_live, locked, read_claim
+from hf_flag.harness.config import (DEVICES, ConfigError, ModelSpec, SweepConfig, build_config, default_model_specs,
+                                    load_config, parse_config, parse_model, slugs)
+from hf_flag.harness.schedule import RunState
 from hf_flag.report import Report, baseline_key, rows_to_dataset
+from hf_flag.rows import HEADLINE_METRICS, merge_shards
+from hf_flag.weights.adapters import get_adapter
+from hf_flag.weights.sources import open_weights
 
 EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE = 0, 1, 2
 PROG = "hf-flag sweep"
@@ -102,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("models", nargs="*", metavar="MODEL", help="Hub ids (local HF cache) or local folders/files")
     p.add_argument("--config", help="YAML sweep config (see harness/config.py)")
     p.add_argument("--out", help="output folder")
-    p.add_argument("--diagnostics", nargs="+", help="subset of mlp vo residual heads composition (default: all)")
+    p.add_argument("--diagnostics", nargs="+", help=f"subset of {' '.join(DIAGNOSTIC_NAMES)} (default: all)")
     p.add_argument("--composition", choices=COMPOSITION_MODES)
     p.add_argument("--cheap", action="store_true", default=None, help="pair rows' cheap values only")
     p.add_argument("--device", choices=DEVICES, help="default cpu; auto = cuda when available")
@@ -164,17 +172,25 @@ class Options:
 
 @dataclass(frozen=True)
 class RunContext:
-    """One process's part in one sweep run."""
+    """What every step of one sweep process reads, fixed at startup (in the spirit of accelerate's
+    ``PartialState``): the validated config, this process's ``rank`` among ``world`` processes, its torch
+    ``device``, how it survives kills (``options``), its ``claims``, the launch's ``run_id`` (the same on every
+    rank), whether every rank sees the same ``--out`` (``shared``; else results travel over the ``exchange``)."""
 
-    cfg: SweepConfig
-    options: Options
-    rank: int
-    world: int
-    device: str
-    claims: Claims
-    run_id: str  # the same on every rank of one launch
-    shared: bool  # every rank sees the same --out (else results travel over torch.distributed)
-    exchange: Optional["Exchange"] = None  # heartbeats and results when --out is not shared
+    config: SweepConfig
+    rank: int = 0
+    world: int = 1
+    device: str = "cpu"
+    options: Options = Options()
+    claims: Claims = field(default_factory=lambda: Claims(Owner.this_process()))
+    run_id: str = "local"
+    shared: bool = True
+    exchange: Optional["Exchange"] = None
+
+    @property
+    def is_main_process(self) -> bool:
+        """Rank 0: it merges, plots split models and writes every output."""
+        return self.rank == 0
 
     @property
     def tag(self) -> str:
@@ -184,7 +200,30 @@ class RunContext:
 
     def presence(self, rank: int) -> Path:
         """Folder holding rank ``rank``'s presence claim (renewed while it runs) and its ``finished.json``."""
-        return self.cfg.out / SWEEP_DIR / self.run_id / f"rank-{rank}"
+        return self.config.out / SWEEP_DIR / self.run_id / f"rank-{rank}"
+
+
+@dataclass(frozen=True)
+class ModelResult:
+    """The outcome of one model as rank 0 records it: ``status`` ``"done"``, ``"failed"`` or ``"missing"``, the
+    one-line ``error`` (empty when none) and the merged ``report`` (``None`` unless done)."""
+
+    unit: Unit
+    status: str
+    error: str
+    report: Optional[Report]
+
+    @property
+    def name(self) -> str:
+        return self.unit.spec.label
+
+    @property
+    def slug(self) -> str:
+        return self.unit.slug
+
+    def manifest_entry(self) -> dict[str, str]:
+        """The model's entry in ``sweep.json``."""
+        return {"name": self.name, "slug": self.slug, "status": self.status, "error": self.error}
 
 
 def check_out_dir(out: Path, option: str = "--out") -> None:
@@ -200,8 +239,6 @@ def check_out_dir(out: Path, option: str = "--out") -> None:
 
 
 def resolve_device(policy: str, local_rank: int) -> str:
-    import torch
-
     if policy == "cpu" or (policy == "auto" and not torch.cuda.is_available()):
         return "cpu"
     if not torch.cuda.is_available():
@@ -214,8 +251,6 @@ def resolve_device(policy: str, local_rank: int) -> str:
 
 def model_size(spec: ModelSpec) -> int:
     """Bytes of the model's stored weights from headers only (0 when it cannot be opened: it fails later)."""
-    from hf_flag.weights.sources import open_weights
-
     try:
         source = open_weights(spec.path)
     except Exception:  # the error is recorded when the model is run
@@ -230,9 +265,6 @@ def model_size(spec: ModelSpec) -> int:
 
 def count_layers(spec: ModelSpec) -> int:
     """Number of transformer blocks, from the config and tensor names (no tensor data read)."""
-    from hf_flag.weights.adapters import get_adapter
-    from hf_flag.weights.sources import open_weights
-
     source = open_weights(spec.path)
     try:
         keys = source.keys()
@@ -257,8 +289,6 @@ class AnalysisFailed(Exception):
 def analyze_layers(spec: ModelSpec, cfg: SweepConfig, device: str, layers: Optional[Sequence[int]]) -> Report:
     """``analyze`` of ``layers`` of one model (``None``: all) with the sweep's parameters; ``AnalysisFailed`` if it
     raises."""
-    from hf_flag.analyze import analyze
-
     try:
         return analyze(spec.path, device=device, diagnostics=cfg.diagnostics, layers=layers, cheap=cfg.cheap,
                        composition=cfg.composition, name=spec.label, **cfg.analyze_kwargs)
@@ -313,15 +343,15 @@ def analyze_unit(unit: Unit, cfg: SweepConfig, *, device: str, size: int, settin
     return merged
 
 
-def run_unit(unit: Unit, ctx: RunContext, *, size: int = 0) -> RunState:
+def run_unit(ctx: RunContext, unit: Unit, *, size: int = 0) -> RunState:
     """Analyze one unit (its claim is held) and record its outcome in its run folder: a failed analysis is
     recorded, never raised; a failed write (disk full, read-only folder) raises.
 
     A whole model is also plotted here, before its done marker, so plotting runs in parallel across processes.
     """
-    from harness.plots import save_plots_once
+    from hf_flag.harness.plots import save_plots_once
 
-    cfg = ctx.cfg
+    cfg = ctx.config
     schedule.mark_started(unit.run_dir, unit.fp, ctx.rank, owner=ctx.claims.owner.label)
     try:
         report = analyze_unit(unit, cfg, device=ctx.device, size=size, setting=ctx.options.checkpoint_layers)
@@ -340,24 +370,6 @@ def run_unit(unit: Unit, ctx: RunContext, *, size: int = 0) -> RunState:
     return RunState.DONE
 
 
-def merge_shards(reports: Sequence[Report]) -> Report:
-    """One report from layer-shard reports: rows concatenated in analyze's canonical order, summary recomputed by
-    analyze's own :func:`~hf_flag.analyze.summarize`, params of the first shard with the merged layer list."""
-    from hf_flag.analyze import ROW_KINDS, sort_rows, summarize
-
-    if not reports:
-        raise ValueError("merge_shards: no shard reports to merge")
-    first = reports[0]
-    rows = sort_rows([r for rep in reports for r in rep.rows], ROW_KINDS)  # exactly as analyze orders its rows
-    params = dict(first.params)
-    params["layers"] = sorted({i for rep in reports for i in rep.params.get("layers", [])})
-    params["layers_requested"] = None
-    params["shards"] = [rep.params.get("layers") for rep in reports]
-    params["elapsed_s"] = sum(rep.params.get("elapsed_s", 0.0) for rep in reports)
-    return Report(model=first.model, architecture=first.architecture, layout=dict(first.layout), params=params,
-                  summary=summarize(rows), rows=rows)
-
-
 def model_units(cfg: SweepConfig) -> list[Unit]:
     out = cfg.out / "runs"
     return [Unit(spec, slug, out / slug, schedule.fingerprint({**cfg.params(), "model": spec.path}, [spec.path]))
@@ -373,8 +385,6 @@ def shard_units(model: Unit, world_size: int) -> list[Unit]:
 
 
 def _bar(total: int, rank: int, desc: str):
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, desc=desc, unit="model", disable=rank != 0, file=sys.stderr)
 
 
@@ -390,7 +400,7 @@ def preference(plan: Sequence[Sequence[Any]], rank: int) -> list[Any]:
     return [*plan[rank], *steal]
 
 
-def claim_and_run(units: Sequence[Unit], ctx: RunContext, run: Callable[[Unit], None], *, wait: bool,
+def claim_and_run(ctx: RunContext, units: Sequence[Unit], run: Callable[[Unit], None], *, wait: bool,
                   on_finished: Callable[[Unit], None] = lambda unit: None) -> dict[str, RunState]:
     """Run every unfinished unit of ``units`` (in that order of preference) whose claim this process gets.
 
@@ -399,7 +409,7 @@ def claim_and_run(units: Sequence[Unit], ctx: RunContext, run: Callable[[Unit], 
     passes), else as soon as every unfinished unit is held by others.  Returns ``str(run_dir) -> state``.
     """
     pending = list(units)
-    deadline = time.monotonic() + ctx.cfg.merge_timeout
+    deadline = time.monotonic() + ctx.config.merge_timeout
     while pending:
         ran = False
         for unit in list(pending):
@@ -434,7 +444,7 @@ def missing_notes(dead: dict[int, str], plan: Sequence[Sequence[Unit]], ctx: Run
             for r, label in dead.items() for u in plan[r]}
 
 
-def sweep_models(units: list[Unit], ctx: RunContext) -> Outcome:
+def sweep_models(ctx: RunContext, units: list[Unit]) -> Outcome:
     """Whole-model mode: take this rank's share, then others' unclaimed work (a shared folder); rank 0 waits for
     every model.  Returns (on rank 0) each model's state, notes on missing models and the ranks that died."""
     sizes = {u.slug: model_size(u.spec) for u in units}
@@ -442,7 +452,7 @@ def sweep_models(units: list[Unit], ctx: RunContext) -> Outcome:
     plan = [[by_slug[s] for s in share] for share in schedule.assign_models(sizes, ctx.world)]
     order = preference(plan, ctx.rank) if ctx.shared else plan[ctx.rank]
     with _bar(len(order), ctx.rank, "models") as bar:
-        claim_and_run(order, ctx, lambda u: run_unit(u, ctx, size=sizes[u.slug]), wait=ctx.rank == 0,
+        claim_and_run(ctx, order, lambda u: run_unit(ctx, u, size=sizes[u.slug]), wait=ctx.is_main_process,
                       on_finished=lambda u: bar.update())
     dead = finish_rank(ctx, order)
     if ctx.rank != 0:
@@ -465,7 +475,7 @@ def merge_model(unit: Unit, parts: Sequence[Unit]) -> None:
             schedule.mark_done(unit.run_dir, unit.fp, merge_shards(reports).to_json())
 
 
-def sweep_split(units: list[Unit], ctx: RunContext) -> Outcome:
+def sweep_split(ctx: RunContext, units: list[Unit]) -> Outcome:
     """Layer-split mode: rank ``k`` takes shard ``k`` of every model, then others' unclaimed shards; rank 0 waits
     for every shard and merges the shards of each model."""
     rank = ctx.rank
@@ -485,7 +495,7 @@ def sweep_split(units: list[Unit], ctx: RunContext) -> Outcome:
     mine = preference(plan, rank) if ctx.shared else plan[rank]
     n_layers = {slug: sum(len(s.layers) for s in parts) for slug, parts in shards.items()}
     with _bar(len(mine), rank, "layer shards") as bar:  # a shard's share of the bytes sets its checkpoints
-        claim_and_run(mine, ctx, lambda s: run_unit(s, ctx, size=sizes[s.slug] * len(s.layers) // n_layers[s.slug]),
+        claim_and_run(ctx, mine, lambda s: run_unit(ctx, s, size=sizes[s.slug] * len(s.layers) // n_layers[s.slug]),
                       wait=rank == 0,
                       on_finished=lambda s: bar.update())
     dead = finish_rank(ctx, mine)
@@ -649,16 +659,15 @@ def finish_rank(ctx: RunContext, ran: Sequence[Unit]) -> dict[int, str]:
 
 def headline_columns(reports: Sequence[Report]) -> list[str]:
     """Headline metric keys (no baselines) present in any report, in ``HEADLINE_METRICS`` order."""
-    from hf_flag.analyze import HEADLINE_METRICS
     from hf_flag.integrations.cards import headline_metrics
 
     present = {k for r in reports for k in headline_metrics(r)}
     return [m for m in HEADLINE_METRICS if m in present]
 
 
-def summary_table(results: Sequence[dict[str, Any]]) -> tuple[str, str]:
+def summary_table(results: Sequence[ModelResult]) -> tuple[str, str]:
     """``(csv, markdown)``: one line per model; each headline metric beside its baseline."""
-    reports = [r["report"] for r in results if r["report"] is not None]
+    reports = [r.report for r in results if r.report is not None]
     metrics = headline_columns(reports)
     header = ["model", "slug", "status", "architecture", "rows", *[c for m in metrics for c in (m, baseline_key(m))],
               "error"]
@@ -668,15 +677,15 @@ def summary_table(results: Sequence[dict[str, Any]]) -> tuple[str, str]:
     md = ["| model | status | architecture | rows | " + " | ".join(f"{m} (random)" for m in metrics) + " |",
           "|" + "---|" * (4 + len(metrics))]
     for res in results:
-        rep = res["report"]
+        rep = res.report
         vals = [rep.summary.get(k) if rep else None for m in metrics for k in (m, baseline_key(m))]
-        writer.writerow([res["name"], res["slug"], res["status"], rep.architecture if rep else "",
+        writer.writerow([res.name, res.slug, res.status, rep.architecture if rep else "",
                          len(rep.rows) if rep else "", *["" if v is None else repr(float(v)) for v in vals],
-                         res["error"]])
+                         res.error])
         cells = [f"{a:.3g} ({b:.3g})" if a is not None and b is not None else f"{a:.3g}" if a is not None else "-"
                  for a, b in zip(vals[::2], vals[1::2])]
-        status = res["status"] + (f": {res['error']}" if res["error"] else "")
-        md.append(f"| {res['name']} | {status.replace('|', '/')} | {rep.architecture if rep else '-'} | "
+        status = res.status + (f": {res.error}" if res.error else "")
+        md.append(f"| {res.name} | {status.replace('|', '/')} | {rep.architecture if rep else '-'} | "
                   f"{len(rep.rows) if rep else '-'} | " + " | ".join(cells) + " |")
     return buf.getvalue(), "\n".join(md) + "\n"
 
@@ -738,14 +747,14 @@ def card_base(spec: ModelSpec) -> Optional[str]:
     return read_card(readme) if readme.is_file() else None
 
 
-def write_cards(res: dict[str, Any], plots: dict[str, Path], cfg: SweepConfig) -> None:
+def write_cards(res: ModelResult, plots: dict[str, Path], cfg: SweepConfig) -> None:
     """``CARDS_DIR/<slug>/README.md`` (default ``DIR/model_cards``) and, with ``--write-model-cards``, the local
     folder's README.md.  A card outside ``DIR`` gets its own copy of the plots (``hf-flag-plots/`` beside it), so
     its image links do not point into a results folder that may be deleted."""
     from hf_flag.integrations.cards import minimal_card, write_card
 
-    spec, report = res["spec"], res["report"]
-    targets = [cfg.cards_dir / res["slug"] / "README.md"]
+    spec, report = res.unit.spec, res.report
+    targets = [cfg.cards_dir / res.slug / "README.md"]
     if cfg.write_model_cards and Path(spec.path).is_dir():
         targets.append(Path(spec.path) / "README.md")
     base = card_base(spec) or minimal_card(spec.label)
@@ -767,18 +776,19 @@ def copy_plot(png: Path, folder: Path) -> Path:
     return dest
 
 
-def write_outputs(cfg: SweepConfig, units: list[Unit], states: dict[str, RunState], *, tag: str,
-                  notes: Optional[dict[str, str]] = None) -> list[dict[str, Any]]:
+def write_outputs(ctx: RunContext, units: list[Unit], states: dict[str, RunState],
+                  notes: Optional[dict[str, str]] = None) -> list[ModelResult]:
     """Everything rank 0 writes after the merge, holding the output folder's lock (sweeps sharing the folder write
-    one after the other); returns one result record per model.  ``notes``: slug -> why a model is missing."""
-    with locked(cfg.out / SWEEP_DIR):
-        return write_outputs_locked(cfg, units, states, tag=tag, notes=notes or {})
+    one after the other); returns one result per model.  ``notes``: slug -> why a model is missing."""
+    with locked(ctx.config.out / SWEEP_DIR):
+        return write_outputs_locked(ctx, units, states, notes or {})
 
 
-def write_outputs_locked(cfg: SweepConfig, units: list[Unit], states: dict[str, RunState], *, tag: str,
-                         notes: dict[str, str]) -> list[dict[str, Any]]:
-    from harness.plots import save_plots_once
+def write_outputs_locked(ctx: RunContext, units: list[Unit], states: dict[str, RunState],
+                         notes: dict[str, str]) -> list[ModelResult]:
+    from hf_flag.harness.plots import save_plots_once
 
+    cfg = ctx.config
     results = []
     for u in units:
         state = states.get(u.slug, RunState.NEW)
@@ -786,28 +796,27 @@ def write_outputs_locked(cfg: SweepConfig, units: list[Unit], states: dict[str, 
         report = Report.from_json((u.run_dir / schedule.REPORT).read_text()) if state is RunState.DONE else None
         error = schedule.read_error(u.run_dir) if state is RunState.FAILED else "" if report else notes.get(
             u.slug, "no result before --merge-timeout (process died or still running); rerun to resume")
-        results.append({"spec": u.spec, "name": u.spec.label, "slug": u.slug, "fp": u.fp, "status": status,
-                        "error": error, "report": report})
-    reports = [r["report"] for r in results if r["report"] is not None]
-    save_dataset(reports, cfg.out / "dataset", tag)
+        results.append(ModelResult(u, status, error, report))
+    reports = [r.report for r in results if r.report is not None]
+    save_dataset(reports, cfg.out / "dataset", ctx.tag)
     csv_text, md_text = summary_table(results)
     atomic_write_text(cfg.out / "summary.csv", csv_text)
     atomic_write_text(cfg.out / "summary.md", md_text)
-    for res in results:
-        if res["report"] is None:
+    for i, res in enumerate(results):
+        if res.report is None:
             continue
         try:
-            plots = save_plots_once(res["report"], plot_dir(cfg, res["slug"]), res["fp"])
+            plots = save_plots_once(res.report, plot_dir(cfg, res.slug), res.unit.fp)
             write_cards(res, plots, cfg)
         except Exception as exc:  # a card or plot problem is reported, not fatal
-            res["error"] = f"card/plots: {one_line(exc)}"
-            print(f"hf-flag sweep: {res['name']}: {res['error']}", file=sys.stderr)
-    manifest = {"models": [{k: r[k] for k in ("name", "slug", "status", "error")} for r in results]}
+            results[i] = res = replace(res, error=f"card/plots: {one_line(exc)}")
+            print(f"hf-flag sweep: {res.name}: {res.error}", file=sys.stderr)
+    manifest = {"models": [r.manifest_entry() for r in results]}
     schedule.atomic_write_json(cfg.out / "sweep.json", manifest)
     return results
 
 
-def push_results(cfg: SweepConfig, results: list[dict[str, Any]]) -> None:
+def push_results(cfg: SweepConfig, results: list[ModelResult]) -> None:
     """``--push-to-hub``: the dataset to ``cfg.push_to_hub``, card PRs to models with a Hub id. Uses
     huggingface_hub's own token resolution: the token never passes through this code."""
     import datasets
@@ -816,10 +825,10 @@ def push_results(cfg: SweepConfig, results: list[dict[str, Any]]) -> None:
 
     datasets.load_from_disk(str(cfg.out / "dataset")).push_to_hub(cfg.push_to_hub)
     for res in results:
-        spec = res["spec"]
+        spec = res.unit.spec
         repo_id = spec.name or (spec.path if not Path(spec.path).exists() else None)
-        if res["report"] is not None and repo_id:
-            url = push_card_pr(repo_id, res["report"])
+        if res.report is not None and repo_id:
+            url = push_card_pr(repo_id, res.report)
             print(f"hf-flag sweep: opened card pull request {url}", file=sys.stderr)
 
 
@@ -844,7 +853,8 @@ def long_lived_frozen() -> Iterator[None]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of ``python -m harness.sweep`` / ``accelerate launch -m harness.sweep`` / ``hf-flag sweep``.
+    """Entry point of ``python -m hf_flag.harness.sweep`` / ``accelerate launch -m hf_flag.harness.sweep`` /
+    ``hf-flag sweep``.
 
     Exit codes (:mod:`hf_flag.exits`): 0 every model done; 1 some failed or are missing (everything else is
     written), or an internal error (one line; the traceback is saved under ``DIR/errors/``); 2 bad input, or a
@@ -874,7 +884,8 @@ def run(cfg: SweepConfig, args: argparse.Namespace) -> int:
     device = resolve_device(cfg.device, state.local_process_index)
     if world == 1 and os.environ.get("ACCELERATE_USE_CPU") == "True":
         print("hf-flag sweep: note: accelerate launch --cpu starts one process; for N CPU processes use "
-              "accelerate launch --multi_gpu --num_processes N -m harness.sweep ... --device cpu", file=sys.stderr)
+              "accelerate launch --multi_gpu --num_processes N -m hf_flag.harness.sweep ... --device cpu",
+              file=sys.stderr)
     units = model_units(cfg)
     run_id, shared = agree_on_run(state, cfg, options)  # startup only: every process alive
     if args.retry_failed:
@@ -884,22 +895,23 @@ def run(cfg: SweepConfig, args: argparse.Namespace) -> int:
         if world > 1:
             state.wait_for_everyone()
     if rank == 0 or not cfg.split_layers:  # this process draws plots: load matplotlib before the freeze
-        importlib.import_module("harness.plots")
+        importlib.import_module("hf_flag.harness.plots")
     owner = Owner.this_process()
     if world > 1:
         owner = Owner.this_process(f"rank {rank} (pid {owner.pid} on {owner.host})")
     with Claims(owner, options.lease_s) as claims:
         exchange = None if shared else Exchange(cfg, options, run_id, rank, world, owner.label)
-        ctx = RunContext(cfg, options, rank, world, device, claims, run_id, shared, exchange)
+        ctx = RunContext(cfg, rank=rank, world=world, device=device, options=options, claims=claims, run_id=run_id,
+                         shared=shared, exchange=exchange)
         try:
             if shared and world > 1:
                 claims.try_claim(ctx.presence(rank), rank=rank)
             sweep = sweep_split if cfg.split_layers else sweep_models
             with long_lived_frozen():
-                states, notes, dead = sweep(units, ctx)
+                states, notes, dead = sweep(ctx, units)
                 if rank != 0:
                     return EXIT_OK
-                results = write_outputs(cfg, units, states, tag=ctx.tag, notes=notes)
+                results = write_outputs(ctx, units, states, notes)
         finally:
             if exchange is not None:
                 exchange.close()
@@ -915,9 +927,9 @@ def run(cfg: SweepConfig, args: argparse.Namespace) -> int:
             print(f"hf-flag sweep: error: --push-to-hub {cfg.push_to_hub}: {one_line(exc)}; the results are in "
                   f"{cfg.out} (push them again with the same command once the Hub is reachable)", file=sys.stderr)
             return EXIT_INCOMPLETE
-    bad = [r for r in results if r["status"] != "done"]
+    bad = [r for r in results if r.status != "done"]
     for r in bad:
-        print(f"hf-flag sweep: {r['name']}: {r['status']}: {r['error']}", file=sys.stderr)
+        print(f"hf-flag sweep: {r.name}: {r.status}: {r.error}", file=sys.stderr)
     print(f"hf-flag sweep: {len(results) - len(bad)}/{len(results)} models done; results in {cfg.out}",
           file=sys.stderr)
     return EXIT_INCOMPLETE if bad else EXIT_OK

@@ -1,7 +1,7 @@
 """Fault injection for the sweep tests: one process imports the sweep once, then forks sweeps from that image.
 
 ``python tests/harness/sweep_faults.py PLAN.json`` reads a list of *steps*; each step is a list of sweeps started
-together (forked children running ``harness.sweep.main``), each ``{"args": [...], "name": str}`` plus optional
+together (forked children running ``hf_flag.harness.sweep.main``), each ``{"args": [...], "name": str}`` plus optional
 ``"kill_after": seconds`` (SIGKILL then, or ``"signal": "SIGTERM"``; ``"kill_seed"``/``"kill_max"`` draw it uniformly from [0, kill_max)),
 (``kill_max`` may name an earlier sweep: its duration), ``"fsize": bytes`` (RLIMIT_FSIZE, SIGXFSZ ignored: writes
 past it fail with EFBIG, as on a full disk) and ``"read_only": folder`` (root only: the child remounts that folder
@@ -31,10 +31,10 @@ import accelerate  # noqa: E402, F401  - everything a sweep imports, imported on
 import datasets  # noqa: E402, F401
 import torch  # noqa: E402
 
-import harness.plots  # noqa: E402, F401
-import hf_flag.analyze  # noqa: E402, F401
+import hf_flag.harness.plots  # noqa: E402, F401
+import hf_flag.analysis.api  # noqa: E402, F401
 import hf_flag.integrations.cards  # noqa: E402, F401
-from harness import schedule, sweep  # noqa: E402
+from hf_flag.harness import schedule, sweep  # noqa: E402
 
 torch.set_num_threads(1)
 

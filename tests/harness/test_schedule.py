@@ -1,11 +1,11 @@
-"""harness.schedule: largest-first round robin, layer shards, fingerprints, atomic markers, polling."""
+"""hf_flag.harness.schedule: largest-first round robin, layer shards, fingerprints, atomic markers, polling."""
 from __future__ import annotations
 
 
 import pytest
 
-from harness import schedule
-from harness.schedule import RunState
+from hf_flag.harness import schedule
+from hf_flag.harness.schedule import RunState
 
 
 def test_largest_first_round_robin_not_contiguous():

@@ -1,4 +1,4 @@
-"""harness.sweep end to end: 1 process vs a real 2-process ``accelerate launch`` (gloo, CPU), layer splitting,
+"""hf_flag.harness.sweep end to end: 1 process vs a real 2-process ``accelerate launch`` (gloo, CPU), layer splitting,
 resume after a death, failures recorded, bad input, model cards and (mocked) pushes.
 
 The subprocess runs share one module-scoped 1-process sweep as the reference.  Tests never touch the network.
@@ -20,9 +20,9 @@ import datasets
 import pytest
 import yaml
 
-from harness import claims, schedule, sweep
-from harness.claims import Claims, Owner
-from harness.config import ConfigError, ModelSpec, load_config
+from hf_flag.harness import claims, schedule, sweep
+from hf_flag.harness.claims import Claims, Owner
+from hf_flag.harness.config import ConfigError, ModelSpec, load_config
 from hf_flag.report import Report
 
 REPO = Path(__file__).resolve().parents[2]
@@ -41,7 +41,7 @@ def run_sweep(args: list[str], processes: int = 1, script: Optional[Path] = None
               **env_extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(REPO), **env_extra}
-    program = ["-m", "harness.sweep"] if script is None else [str(script)]
+    program = ["-m", "hf_flag.harness.sweep"] if script is None else [str(script)]
     if processes == 1:
         cmd = [sys.executable, *program, *args]
     else:
@@ -75,7 +75,7 @@ def one_process(tiny_models, tmp_path_factory) -> Path:
 
 
 def test_one_process_records_failures_and_matches_analyze(one_process, tiny_models):
-    from hf_flag.analyze import analyze
+    from hf_flag.analysis.api import analyze
 
     assert statuses(one_process) == {"local--gpt2": "done", "local--llama": "done", "local--bert": "done",
                                      "local--broken": "failed", f"{UNKNOWN.replace('/', '--')}": "failed"}
@@ -301,7 +301,7 @@ def test_write_model_cards_and_push_with_mocked_hub(tiny_models, tmp_path, monke
 
 @pytest.mark.pretrained
 def test_default_models_are_named(minilm_path, smollm2_gguf, tmp_path):
-    from harness.config import slugs
+    from hf_flag.harness.config import slugs
 
     cfg, _ = sweep.parse_args(["--default", "--out", str(tmp_path)])
     assert [(Path(s.path).resolve(), s.name) for s in cfg.models] == [
@@ -342,8 +342,9 @@ def test_long_lived_frozen_hands_the_heap_back():
 
 def context(cfg, *, rank: int = 0, world: int = 1, **options) -> sweep.RunContext:
     """The run context of one process of a sweep, without a launcher (claims renewed only inside ``with``)."""
-    claims = Claims(Owner.this_process(f"rank {rank} of the test"), options.get("lease_s", 60.0))
-    return sweep.RunContext(cfg, sweep.Options(**options), rank, world, "cpu", claims, "test-run", True)
+    mine = Claims(Owner.this_process(f"rank {rank} of the test"), options.get("lease_s", 60.0))
+    return sweep.RunContext(cfg, rank=rank, world=world, device="cpu", options=sweep.Options(**options),
+                            claims=mine, run_id="test-run")
 
 
 def test_rank_0_takes_over_work_of_an_absent_rank_and_names_held_work_missing(tiny_models, tmp_path):
@@ -357,10 +358,10 @@ def test_rank_0_takes_over_work_of_an_absent_rank_and_names_held_work_missing(ti
     (held.run_dir / claims.CLAIM).write_text(json.dumps({"token": "elsewhere", "owner": "pid 7 on elsewhere",
                                                          "host": "elsewhere", "pid": 7, "expires": 4e9}))
     ctx = context(cfg, world=2)
-    states, notes, dead = sweep.sweep_models(units, ctx)
+    states, notes, dead = sweep.sweep_models(ctx, units)
     assert dead == {1: "rank 1"} and notes == {}
-    results = sweep.write_outputs(cfg, units, states, tag=ctx.tag, notes=notes)
-    assert {r["slug"]: r["status"] for r in results} == {"local--gpt2": "done", "local--bert": "done",
+    results = sweep.write_outputs(ctx, units, states, notes=notes)
+    assert {r.slug: r.status for r in results} == {"local--gpt2": "done", "local--bert": "done",
                                                          "local--llama": "missing"}
     missing = {m["slug"]: m for m in json.loads((tmp_path / "sweep.json").read_text())["models"]}["local--llama"]
     assert "rerun to resume" in missing["error"]

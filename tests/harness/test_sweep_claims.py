@@ -1,4 +1,4 @@
-"""harness.claims: exclusive claims under a race, leases renewed by the holder, takeover of dead holders (killed
+"""hf_flag.harness.claims: exclusive claims under a race, leases renewed by the holder, takeover of dead holders (killed
 here: at once; on another machine: when the lease runs out), no takeover of a reused pid, lost claims noticed."""
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from harness import claims
-from harness.claims import Claims, Owner
+from hf_flag.harness import claims
+from hf_flag.harness.claims import Claims, Owner
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -64,7 +64,7 @@ def test_claim_release_and_second_owner(tmp_path):
 
 def test_claim_of_a_killed_process_is_taken_over_at_once(tmp_path):
     unit = tmp_path / "unit"
-    code = ("import sys, time; from harness.claims import Claims, Owner; c = Claims(Owner.this_process(), 3600);"
+    code = ("import sys, time; from hf_flag.harness.claims import Claims, Owner; c = Claims(Owner.this_process(), 3600);"
             "assert c.try_claim(sys.argv[1]) is None; print('claimed', flush=True); time.sleep(600)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(unit)], cwd=REPO, stdout=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(REPO)})

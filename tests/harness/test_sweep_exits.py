@@ -12,9 +12,9 @@ from unittest import mock
 import numpy as np
 import pytest
 
-from harness import claims, schedule, sweep
+from hf_flag.harness import claims, schedule, sweep
 from hf_flag import cli, exits
-from hf_flag.analyze import analyze
+from hf_flag import analyze
 
 
 def one_stderr_line(capsys) -> str:

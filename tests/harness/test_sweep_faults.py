@@ -21,7 +21,7 @@ from pathlib import Path
 import datasets
 import pytest
 
-from harness import claims, schedule
+from hf_flag.harness import claims, schedule
 
 REPO = Path(__file__).resolve().parents[2]
 TRIALS = 20
