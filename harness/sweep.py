@@ -337,10 +337,7 @@ def analyze_unit(unit: Unit, cfg: SweepConfig, *, device: str, size: int, settin
         report = analyze_layers(unit.spec, cfg, device, part.layers)
         schedule.mark_done(part.run_dir, part.fp, report.to_json())
         reports.append(report)
-    merged = merge_shards(reports)
-    if unit.layers is None:
-        merged.params["layers_requested"] = None
-    return merged
+    return merge_shards(reports)
 
 
 def run_unit(ctx: RunContext, unit: Unit, *, size: int = 0) -> RunState:
