@@ -15,8 +15,8 @@ from hf_flag.errors import UnsupportedArchitectureError
 from hf_flag.weights.adapters.base import REGISTER_HINT, Adapter, AdapterSpec, CheckpointLayout, GGUFLayout, config_dict
 from hf_flag.weights.adapters.table import ARCHITECTURES, LLAMA
 
-__all__ = ["Adapter", "AdapterSpec", "CheckpointLayout", "GGUFLayout", "get_adapter", "register_adapter",
-           "registered_model_types"]
+__all__ = ["Adapter", "AdapterSpec", "CheckpointLayout", "GGUFLayout", "get_adapter", "gguf_specs",
+           "register_adapter", "registered_model_types"]
 
 _REGISTRY: dict[str, Adapter] = {}
 #: config keys the Llama-like fallback needs
@@ -45,6 +45,12 @@ def register_adapter(model_type: str, adapter: Union[Adapter, AdapterSpec], *, o
 def registered_model_types() -> list[str]:
     """The model_types with an adapter, sorted."""
     return sorted(_REGISTRY)
+
+
+def gguf_specs() -> dict[str, AdapterSpec]:
+    """model_type -> spec of every registered adapter that reads GGUF (its spec has a :class:`GGUFLayout`)."""
+    specs = {mt: getattr(adapter, "spec", None) for mt, adapter in _REGISTRY.items()}
+    return {mt: spec for mt, spec in specs.items() if isinstance(spec, AdapterSpec) and spec.gguf is not None}
 
 
 def fallback_adapter(config: dict, keys: Optional[Iterable[str]]) -> Adapter:
