@@ -45,7 +45,8 @@ GENERIC_CONFIG_KEYS = {
 }
 _FLOAT_TYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 _NUMPY_FLOATS = {"F32": np.float32, "F16": np.float16, "F64": np.float64}
-_QUANT_BITS = re.compile(r"^(?:I?Q|TQ|MXFP|NVFP)(\d)")
+_QUANT_BITS = re.compile(r"^I?Q(\d)")
+FP4_TYPES = ("MXFP4", "NVFP4")
 
 
 class _TensorInfo(NamedTuple):
@@ -149,11 +150,17 @@ def quant_eps(type_name: str) -> float:
     So eps = ``2^-b`` relative to the block's largest entry: 2^-4 for 4-bit, 2^-8 for ``Q8_0``.  This is an
     order-of-magnitude estimate, not a strict bound (``Q8_0``'s half step is ``amax / 254``, ``Q4_1``'s
     ``(max - min) / 30``); entries much smaller than their block maximum have a larger relative error.  The same
-    rule reads b from the type name for the K-quants (``Q6_K``: 2^-6), the importance-matrix types (``IQ2_XXS``:
-    2^-2), the ternary types (``TQ1_0``: 2^-1) and the 4-bit floats (``MXFP4``, ``NVFP4``: 2^-4).
+    rule reads b from the type name for the K-quants (``Q6_K``: 2^-6) and the importance-matrix types (``IQ2_XXS``:
+    2^-2).  The 4-bit floats (``MXFP4``, ``NVFP4``: e2m1 times a block scale) have one mantissa bit, eps 2^-1 as for
+    a float type; the ternary types (``TQ1_0``, ``TQ2_0``) hold {-1, 0, 1} times a block scale, exact only for
+    weights trained ternary (BitNet), so their eps is 1: no flag tolerance reads finer than the weights' scale.
     """
     if type_name in _FLOAT_TYPES:
         return float(torch.finfo(getattr(torch, _FLOAT_TYPES[type_name])).eps)
+    if type_name in FP4_TYPES:  # e2m1 values times a shared block scale: one mantissa bit, eps 2^-1 as finfo's
+        return 0.5
+    if type_name.startswith("TQ"):  # ternary: exact for ternary-trained weights (BitNet), else no precision at all
+        return 1.0
     m = _QUANT_BITS.match(type_name)
     if m:
         return 2.0 ** -int(m.group(1))
@@ -276,8 +283,11 @@ def gguf_config(arch: str, model_type: str, metadata: dict[str, Any], tensors: d
     values["tie_word_embeddings"] = "output.weight" not in tensors
     if "token_embd.weight" in tensors:
         values.setdefault("vocab_size", tensors["token_embd.weight"].shape[-1])
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    settable = {k: v for k, v in values.items() if not isinstance(getattr(CONFIG_MAPPING[model_type], k, None), property)}
     try:
-        config = AutoConfig.for_model(model_type, **values).to_dict()
+        config = AutoConfig.for_model(model_type, **settable).to_dict()
     except (ValueError, TypeError) as exc:
         raise WeightSourceError(f"GGUF metadata of a {arch!r} file gives an invalid {model_type} config ({exc}); "
                                 f"re-convert it with a current llama.cpp") from None

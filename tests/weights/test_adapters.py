@@ -61,12 +61,12 @@ FAMILIES = {
         make=lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(
             n_layer=2, n_embd=32, n_head=4, n_positions=32, vocab_size=64, attn_implementation="eager")),
         layers=lambda m: m.transformer.h, attention=lambda b: b.attn, mlp=lambda b: b.mlp),
-    "gpt_neox": Family(
-        make=lambda: transformers.AutoModel.from_config(transformers.GPTNeoXConfig(
+    "gpt_neox": Family(  # a causal LM (keys "gpt_neox.layers.N...", as llama.cpp's converter reads them)
+        make=lambda: transformers.AutoModelForCausalLM.from_config(transformers.GPTNeoXConfig(
             **SMALL, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4),
             attn_implementation="eager"),
-        layers=lambda m: m.layers, attention=lambda b: b.attention, mlp=lambda b: b.mlp,
-        modeling="gpt_neox", rotary=lambda m: m.rotary_emb),
+        layers=lambda m: m.gpt_neox.layers, attention=lambda b: b.attention, mlp=lambda b: b.mlp,
+        modeling="gpt_neox", rotary=lambda m: m.gpt_neox.rotary_emb),
     "opt": Family(
         make=lambda: transformers.AutoModel.from_config(transformers.OPTConfig(
             **SMALL, hidden_size=32, ffn_dim=48, num_hidden_layers=2, num_attention_heads=4,

@@ -135,7 +135,7 @@ ARCHITECTURES: dict[str, AdapterSpec] = {
         optional={**_LLAMA_BIASES, "mlp_in_bias": "mlp.c_fc.bias", "mlp_out_bias": "mlp.c_proj.bias"},
         grouped_query=True, canonical_prefix="model.", gguf=GGUFLayout("starcoder2")),
     # Falcon: fused query_key_value in kv groups (see falcon_kv_heads); llama.cpp FalconModel.modify_tensors
-    # rearranges it to [Q; K; V]
+    # rearranges it to [Q; K; V] (a bias, which Falcon checkpoints do not have, is regrouped the same way)
     "falcon": AdapterSpec(
         name="falcon", stack="h", attention="fused_qkv_grouped", mlp="linear",
         tensors={"qkv": "self_attention.query_key_value.weight", "o": "self_attention.dense.weight",
@@ -143,7 +143,7 @@ ARCHITECTURES: dict[str, AdapterSpec] = {
         optional={"qkv_bias": "self_attention.query_key_value.bias", "o_bias": "self_attention.dense.bias",
                   "mlp_in_bias": "mlp.dense_h_to_4h.bias", "mlp_out_bias": "mlp.dense_4h_to_h.bias"},
         kv_heads=falcon_kv_heads, canonical_prefix="transformer.",
-        gguf=GGUFLayout("falcon", ((r"\.attn_qkv\.weight$", "group_qkv"),))),
+        gguf=GGUFLayout("falcon", ((r"\.attn_qkv\.(weight|bias)$", "group_qkv"),))),
     # Phi-3: fused qkv_proj [Q; K; V] and gate_up_proj [gate; up]; llama.cpp Phi3MiniModel keeps both fused
     "phi3": AdapterSpec(
         name="phi3", stack="layers", attention="fused_qkv", mlp="fused_gate_up",
