@@ -273,3 +273,43 @@ def check_against_transformers(path, src, adapter, layout):
                 continue
             compared += 1
     assert compared >= 4 * layout.n_layers
+
+
+#: row values that are by design functions of the flag tolerance (so of the storage precision itself), and z-scores
+#: (overlap minus its baseline over a small spread): their inputs, overlap and overlap_baseline, are compared instead
+TOLERANCE_DERIVED = {"flag_tau", "gl_kernel_dim", "overlap_zscore"}
+REPORT_CASES = [(f, pair[j % 2]) for j, (f, pair) in enumerate(QUANTS.items())]
+
+
+@pytest.mark.parametrize("family,qtype", REPORT_CASES)
+def test_gguf_report_equals_safetensors_report(tmp_path, built, family, qtype):
+    """``analyze`` of the GGUF equals ``analyze`` of the original weights saved as safetensors, value by value, within
+    twice the file's coarsest storage precision (the bound the tensors themselves meet: Q4_0 / Q5_0 round to up to
+    2 eps of a block's largest entry); the GGUF report records the storage types it read and the coarsest precision."""
+    from safetensors.torch import save_file
+
+    from hf_flag import analyze
+
+    model, _, _, layout = built(family)
+    write_gguf(tmp_path / "model.gguf", family, model, layout, qtype)
+    folder = tmp_path / "safetensors"
+    folder.mkdir()
+    save_file({k: v.clone().contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+    model.config.to_json_file(str(folder / "config.json"))
+    gguf, st = analyze(str(tmp_path / "model.gguf"), device="cpu"), analyze(str(folder), device="cpu")
+    types = gguf.params["storage_dtypes"]
+    assert qtype in types or {"F16": "float16", "BF16": "bfloat16"}.get(qtype) in types
+    eps = gguf.params["storage_eps"]
+    assert eps == max(quant_eps({"float32": "F32", "float16": "F16", "bfloat16": "BF16"}.get(t, t)) for t in types)
+    assert len(gguf.rows) == len(st.rows) > 0
+    compared = 0
+    for a, b in zip(gguf.rows, st.rows):
+        assert (a.kind, a.layer, a.target_layer, a.source, a.target) == (b.kind, b.layer, b.target_layer, b.source,
+                                                                          b.target)
+        for metric, value in a.values.items():
+            ref = b.values[metric]
+            if metric in TOLERANCE_DERIVED or not isinstance(value, float) or not math.isfinite(ref):
+                continue
+            assert abs(value - ref) <= 2 * eps * max(1.0, abs(ref)), (a.kind, a.layer, a.source, metric, value, ref)
+            compared += 1
+    assert compared > 10 * layout.n_layers
