@@ -313,3 +313,135 @@ def test_gguf_report_equals_safetensors_report(tmp_path, built, family, qtype):
             assert abs(value - ref) <= 2 * eps * max(1.0, abs(ref)), (a.kind, a.layer, a.source, metric, value, ref)
             compared += 1
     assert compared > 10 * layout.n_layers
+
+
+def _quant_support() -> tuple[list[str], list[str], list[str]]:
+    """gguf-py's GGML types: (quantise and dequantise, dequantise only, neither) among the non-float types."""
+    from gguf import quants
+
+    both, dequant_only, neither = [], [], []
+    for kind in GGMLQuantizationType:
+        if kind.name in ("F32", "F16", "F64", "I8", "I16", "I32", "I64"):
+            continue
+        traits = getattr(quants, kind.name, None)
+        can_d = traits is not None and "dequantize_blocks" in vars(traits)
+        can_q = traits is not None and "quantize_blocks" in vars(traits)
+        (both if can_q and can_d else dequant_only if can_d else neither).append(kind.name)
+    return both, dequant_only, neither
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # random bytes make some fp16 block scales inf / NaN
+def test_every_dequantisable_type_reads_back_in_one_mixed_file(tmp_path):
+    """Types gguf-py can only dequantise (K-quants, IQ types, NVFP4) are written as random block bytes, all in one
+    file: each reads back as gguf-py's own dequantisation of those bytes (NaN where a random scale is one), under its
+    own storage precision; a type gguf-py cannot dequantise at all (Q8_K) is a one-line error naming the tensor."""
+    from gguf import GGML_QUANT_SIZES
+    from gguf.quants import quant_shape_to_byte_shape
+
+    from hf_flag.errors import WeightSourceError
+
+    both, dequant_only, neither = _quant_support()
+    assert {"Q4_0", "Q4_1", "Q8_0", "BF16", "MXFP4"} <= set(both)
+    assert {"Q4_K", "Q5_K", "Q6_K", "IQ2_XXS", "IQ4_NL"} <= set(dequant_only) and "Q8_K" in neither
+    rng = np.random.default_rng(0)
+    writer = GGUFWriter(str(tmp_path / "mixed.gguf"), "llama")
+    writer.add_block_count(len(dequant_only) + 1)
+    writer.add_embedding_length(256)
+    writer.add_head_count(2)
+    raw = {}
+    for j, name in enumerate(dequant_only + ["Q8_K"]):
+        kind = GGMLQuantizationType[name]
+        shape = (3, 256 * max(1, GGML_QUANT_SIZES[kind][0] // 256))
+        raw[name] = rng.integers(0, 256, size=quant_shape_to_byte_shape(shape, kind), dtype=np.uint8)
+        writer.add_tensor(f"blk.{j}.ffn_up.weight", raw[name], raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with open_weights(tmp_path / "mixed.gguf") as src:
+        for j, name in enumerate(dequant_only):
+            hf = f"model.layers.{j}.mlp.up_proj.weight"
+            expected = torch.from_numpy(dequantize(raw[name], GGMLQuantizationType[name]).astype(np.float32))
+            torch.testing.assert_close(src.get(hf), expected, rtol=0, atol=0, equal_nan=True)
+            assert src.storage_dtype(hf) == name and src.storage_eps(hf) == quant_eps(name)
+        assert {src.storage_eps(f"model.layers.{j}.mlp.up_proj.weight") for j in range(len(dequant_only))} >= {
+            2.0 ** -2, 2.0 ** -4, 2.0 ** -6, 0.5}  # IQ2, Q4_K, Q6_K, NVFP4: one precision per tensor
+        with pytest.raises(WeightSourceError, match=r"'model\.layers\.\d+\.mlp\.up_proj\.weight'.*Q8_K.*cannot "
+                                                    r"dequantise") as err:
+            src.get(f"model.layers.{len(dequant_only)}.mlp.up_proj.weight")
+        assert "\n" not in str(err.value)
+
+
+def test_quantisable_types_round_trip_within_their_precision(tmp_path):
+    """Every type gguf-py quantises, on one Gaussian weight: stored by ``quantize``, read back as ``dequantize``
+    gives, and within 2 eps of the block maxima (Q4_0's rounding reaches 2^-3 = 2 eps; BF16 rounds within eps / 2)."""
+    both, _, _ = _quant_support()
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((4, 256)).astype(np.float32)
+    writer = GGUFWriter(str(tmp_path / "all.gguf"), "llama")
+    writer.add_block_count(len(both))
+    writer.add_embedding_length(256)
+    writer.add_head_count(2)
+    for j, name in enumerate(both):
+        writer.add_tensor(f"blk.{j}.ffn_down.weight", quantize(w, GGMLQuantizationType[name]),
+                          raw_dtype=GGMLQuantizationType[name])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with open_weights(tmp_path / "all.gguf") as src:
+        for j, name in enumerate(both):
+            hf = f"model.layers.{j}.mlp.down_proj.weight"
+            got = src.get(hf)
+            expected = dequantize(quantize(w, GGMLQuantizationType[name]), GGMLQuantizationType[name])
+            assert torch.equal(got, torch.from_numpy(expected.astype(np.float32))), name
+            block_max = np.abs(w).reshape(-1, 32).max(axis=1).repeat(32).reshape(w.shape)
+            err = np.abs(got.numpy() - w) / block_max
+            assert err.max() <= 2 * src.storage_eps(hf), (name, err.max(), src.storage_eps(hf))
+
+
+def _minimal_gguf(path, arch: str, tensors: dict) -> None:
+    writer = GGUFWriter(str(path), arch)
+    writer.add_block_count(1)
+    writer.add_embedding_length(32)
+    writer.add_feed_forward_length(64)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(4)
+    for name, array in tensors.items():
+        writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_unsupported_gguf_architecture_and_a_user_family(tmp_path, monkeypatch):
+    """A GGUF architecture with no table entry is a one-line error naming it and the architectures read; a family
+    registered by the user with a GGUFLayout is read from GGUF through gguf-py's names like the table's."""
+    import hf_flag.weights.adapters as registry
+    from hf_flag.errors import UnsupportedArchitectureError
+    from hf_flag.weights.adapters import AdapterSpec, GGUFLayout, register_adapter
+
+    rng = np.random.default_rng(2)
+    _minimal_gguf(tmp_path / "mamba.gguf", "mamba", {"token_embd.weight": np.zeros((10, 32), np.float32)})
+    with pytest.raises(UnsupportedArchitectureError) as err:
+        open_weights(tmp_path / "mamba.gguf")
+    msg = str(err.value)
+    assert "'mamba.gguf'" in msg and "'mamba'" in msg and "gemma3" in msg and "qwen2moe" in msg and "\n" not in msg
+    # a user family: OLMo (GGUF arch "olmo"), plain Llama names, no reordering in llama.cpp's OlmoModel
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    spec = AdapterSpec(name="olmo", stack="layers", attention="linear", mlp="gated",
+                       tensors=dict(ARCHITECTURES["llama"].tensors), grouped_query=True, canonical_prefix="model.",
+                       gguf=GGUFLayout("olmo"))
+    register_adapter("olmo", spec)
+    weights = {f"blk.0.{n}.weight": rng.standard_normal(s).astype(np.float32) for n, s in (
+        ("attn_q", (32, 32)), ("attn_k", (32, 32)), ("attn_v", (32, 32)), ("attn_output", (32, 32)),
+        ("ffn_gate", (64, 32)), ("ffn_up", (64, 32)), ("ffn_down", (32, 64)))}
+    _minimal_gguf(tmp_path / "olmo.gguf", "olmo", weights)
+    with open_weights(tmp_path / "olmo.gguf") as src:
+        assert src.config["model_type"] == "olmo"
+        adapter = get_adapter(src.config, src.keys())
+        layout = adapter.layout(src.config, src.keys())
+        blk = adapter.block(src, layout, 0)
+        assert torch.equal(src.get("model.layers.0.self_attn.q_proj.weight"), torch.from_numpy(weights["blk.0.attn_q.weight"]))
+        assert torch.equal(blk.mlp.mlp_gate.float(), torch.from_numpy(weights["blk.0.ffn_gate.weight"]))
