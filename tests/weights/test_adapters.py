@@ -463,3 +463,57 @@ def test_linear_chain_from_checkpoint_file(tmp_path):
     assert [c.activation_after for c in chain] == ["unknown"] * 6 + ["identity"]
     assert {(c.storage_dtype, c.storage_eps) for c in chain} == {("float32", torch.finfo(torch.float32).eps)}
     torch.testing.assert_close(chain[-1].weight, net[12].weight.double(), rtol=0, atol=0)
+
+
+def per_expert_checkpoint(name: str, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict as the Hub stores mixture-of-experts checkpoints: one tensor per expert (Mixtral's
+    block_sparse_moe w1 / w3 / w2 and router, Qwen2-MoE's mlp.experts.N.gate/up/down_proj)."""
+    out = {}
+    for key, w in model.state_dict().items():
+        if key.endswith("mlp.experts.gate_up_proj"):
+            gate, up = w.chunk(2, dim=1)
+            for e in range(w.shape[0]):
+                if name == "mixtral":
+                    base = key.replace("mlp.experts.gate_up_proj", f"block_sparse_moe.experts.{e}")
+                    out[f"{base}.w1.weight"], out[f"{base}.w3.weight"] = gate[e].clone(), up[e].clone()
+                else:
+                    base = key.replace("gate_up_proj", f"{e}")
+                    out[f"{base}.gate_proj.weight"], out[f"{base}.up_proj.weight"] = gate[e].clone(), up[e].clone()
+        elif key.endswith("mlp.experts.down_proj"):
+            for e in range(w.shape[0]):
+                if name == "mixtral":
+                    out[key.replace("mlp.experts.down_proj", f"block_sparse_moe.experts.{e}.w2.weight")] = w[e].clone()
+                else:
+                    out[key.replace("down_proj", f"{e}.down_proj.weight")] = w[e].clone()
+        elif name == "mixtral" and key.endswith("mlp.gate.weight"):
+            out[key.replace("mlp.gate", "block_sparse_moe.gate")] = w.clone()
+        else:
+            out[key] = w.clone()
+    return out
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe"])
+def test_moe_per_expert_hub_checkpoint(tmp_path, name):
+    """A Hub-style checkpoint (one tensor per expert) reads as the same experts and router: transformers loads the
+    file into the same model (its checkpoint conversion is the reference for the names), and hf-flag's experts equal
+    the model's own experts."""
+    from safetensors.torch import save_file
+
+    model = build(name)
+    save_file(per_expert_checkpoint(name, model), str(tmp_path / "model.safetensors"))
+    model.config.to_json_file(str(tmp_path / "config.json"))
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64)
+    for key, w in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], w, rtol=0, atol=0)
+    with open_weights(tmp_path) as source:
+        adapter = get_adapter(source.config, source.keys())
+        layout = adapter.layout(source.config, source.keys())
+        names = adapter.block_tensor_names(layout, 1)
+        assert len([n for n in names if ".experts." in n]) == 3 * 3 and len(set(names)) == len(names)
+        blk = adapter.block(source, layout, 1)
+        reference = adapter.block(open_weights(model), adapter.layout(model.config, open_weights(model).keys()), 1)
+    torch.testing.assert_close(blk.router, reference.router, rtol=0, atol=0)
+    for mine, ref in zip(blk.experts, reference.experts, strict=True):
+        for part in ("mlp_gate", "mlp_in", "mlp_out"):
+            torch.testing.assert_close(getattr(mine, part), getattr(ref, part), rtol=0, atol=0)
+    assert "{e}" in blk.names["experts_out"]

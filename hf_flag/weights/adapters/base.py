@@ -101,7 +101,9 @@ class AdapterSpec:
     ``num_key_value_heads`` and ``head_dim`` from the config (else ``n_kv_heads = n_heads`` and
     ``head_dim = d_model / n_heads``, as the family's module does); kv_heads: a rule config -> n_kv_heads that
     replaces that lookup (Falcon); canonical_prefix: the prefix named in error messages and used for GGUF names;
-    gguf: the family's GGUF storage (``None``: not read from GGUF).
+    gguf: the family's GGUF storage (``None``: not read from GGUF); alternatives: other checkpoint forms of the same
+    family (tried in order when this spec's layer-0 tensors are not all present), such as the per-expert tensors of
+    mixture-of-experts Hub checkpoints, whose names hold ``{e}`` for the expert index and are stacked on read.
     """
 
     name: str
@@ -114,6 +116,7 @@ class AdapterSpec:
     kv_heads: Optional[Callable[[Mapping[str, Any]], int]] = None
     canonical_prefix: str = ""
     gguf: Optional[GGUFLayout] = None
+    alternatives: tuple["AdapterSpec", ...] = ()
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_LAYOUTS:
@@ -175,6 +178,13 @@ def _layer_prefixes(spec: AdapterSpec, keys: Iterable[str]) -> list[str]:
     anchor = f"{spec.stack}.0.{next(iter(spec.tensors.values()))}"
     found = {k[: len(k) - len(anchor)] for k in keys if k.endswith(anchor)}
     return sorted((p for p in found if p == "" or p.endswith(".")), key=lambda p: (len(p), p))
+
+
+def _expand(template: str, i: int, n_experts: int) -> list[str]:
+    """The tensor names of ``template`` in layer ``i``: one, or one per expert when it holds ``{e}``."""
+    if "{e}" in template:
+        return [template.format(i=i, e=e) for e in range(n_experts)]
+    return [template.format(i=i)]
 
 
 def _expect_shape(name: str, tensor: torch.Tensor, shape: tuple[int, ...], layout: ModelLayout) -> None:
@@ -285,6 +295,17 @@ def _experts(t: dict[str, torch.Tensor], names: dict[str, str], L: "CheckpointLa
                             mlp_gate=gate[j].contiguous(), activation=L.activation) for j in range(e))
 
 
+def _missing_tensor(spec: AdapterSpec, keys: set) -> Optional[str]:
+    """The first required layer-0 tensor name (expert 0 for per-expert names) ``keys`` lacks, else ``None``."""
+    prefixes = _layer_prefixes(spec, keys)
+    prefix = prefixes[0] if prefixes else spec.canonical_prefix
+    for rel in spec.tensors.values():
+        name = f"{prefix}{spec.stack}.0.{rel}".format(e=0)
+        if name not in keys:
+            return name
+    return None
+
+
 @dataclass(frozen=True)
 class Adapter:
     """Reads one architecture family through its :class:`AdapterSpec`; holds no state besides the spec."""
@@ -300,14 +321,11 @@ class Adapter:
         return Adapter(replace(self.spec, name=name))
 
     def missing_tensor(self, keys: Iterable[str]) -> Optional[str]:
-        """The first required layer-0 tensor name this checkpoint lacks, or ``None`` when all are present."""
+        """The first required layer-0 tensor name this checkpoint lacks (in the spec's own form), or ``None`` when
+        the spec or one of its alternatives has all of them."""
         keys = set(keys)
-        prefixes = _layer_prefixes(self.spec, keys)
-        prefix = prefixes[0] if prefixes else self.spec.canonical_prefix
-        for rel in self.spec.tensors.values():
-            if f"{prefix}{self.spec.stack}.0.{rel}" not in keys:
-                return f"{prefix}{self.spec.stack}.0.{rel}"
-        return None
+        missing = [_missing_tensor(spec, keys) for spec in (self.spec, *self.spec.alternatives)]
+        return None if None in missing else missing[0]
 
     def layout(self, config: Any, keys: Iterable[str]) -> CheckpointLayout:
         """Shape facts from ``config`` and tensor names from ``keys`` (the checkpoint's tensor names).
@@ -323,17 +341,21 @@ class Adapter:
             raise UnsupportedArchitectureError(
                 f"model_type {model_type!r} read with the {self.name!r} adapter: no tensor matching {missing!r}; "
                 f"pass the full checkpoint, or add an adapter with {REGISTER_HINT}")
-        prefix = _layer_prefixes(self.spec, keys)[0]
-        base = f"{prefix}{self.spec.stack}.{{i}}."
+        spec = next(s for s in (self.spec, *self.spec.alternatives) if _missing_tensor(s, keys) is None)
+        return self._layout(spec, config, keys, model_type)
+
+    def _layout(self, spec: AdapterSpec, config: dict, keys: set, model_type: str) -> CheckpointLayout:
+        prefix = _layer_prefixes(spec, keys)[0]
+        base = f"{prefix}{spec.stack}.{{i}}."
         n_layers = _positive_int(config, "n_layers", config_value(config, "n_layers"))
         d_model = _positive_int(config, "d_model", config_value(config, "d_model"))
         n_heads = _positive_int(config, "n_heads", config_value(config, "n_heads"))
         n_kv, head_dim = n_heads, None
-        if self.spec.kv_heads is not None:
-            n_kv = _positive_int(config, "n_kv_heads", self.spec.kv_heads(config))
-        elif self.spec.grouped_query:
+        if spec.kv_heads is not None:
+            n_kv = _positive_int(config, "n_kv_heads", spec.kv_heads(config))
+        elif spec.grouped_query:
             n_kv = _positive_int(config, "n_kv_heads", config_value(config, "n_kv_heads") or n_heads)
-        if self.spec.grouped_query:
+        if spec.grouped_query:
             head_dim = config_value(config, "head_dim")
         if head_dim is None:
             if d_model % n_heads:
@@ -345,7 +367,7 @@ class Adapter:
             raise ValueError(f"config num_attention_heads={n_heads} is not a multiple of num_key_value_heads={n_kv}; "
                              f"fix the config")
         n_experts = 0
-        if self.spec.mlp == "moe":
+        if spec.mlp == "moe":
             n_experts = _positive_int(config, "n_experts", config_value(config, "n_experts"))
             d_ff = _positive_int(config, "d_ff_expert", config_value(config, "d_ff_expert"))
         else:
@@ -354,15 +376,15 @@ class Adapter:
         if not isinstance(activation, str):
             raise ValueError(f"config has no activation name (keys {list(_CONFIG_KEYS['activation'])}); add "
                              f"hidden_act to the config")
-        last = base.format(i=n_layers - 1) + next(iter(self.spec.tensors.values()))
+        last = base.format(i=n_layers - 1) + next(iter(spec.tensors.values()))
         if last not in keys:
             raise ValueError(f"config says {n_layers} layers but the checkpoint has no tensor {last!r}; check "
                              f"num_hidden_layers against the checkpoint")
-        templates = [(r, base + rel) for r, rel in self.spec.tensors.items()]
-        templates += [(r, base + rel) for r, rel in self.spec.optional.items() if (base + rel).format(i=0) in keys]
+        templates = [(r, base + rel) for r, rel in spec.tensors.items()]
+        templates += [(r, base + rel) for r, rel in spec.optional.items() if (base + rel).format(i=0, e=0) in keys]
         roles = {r for r, _ in templates}
-        if self.spec.mlp == "moe" and "experts_gate_up" not in roles and not {"experts_gate", "experts_in"} <= roles:
-            wanted = [base.format(i=0) + self.spec.optional.get(r, r) for r in ("experts_gate_up", "experts_gate")]
+        if spec.mlp == "moe" and "experts_gate_up" not in roles and not {"experts_gate", "experts_in"} <= roles:
+            wanted = [base.format(i=0) + spec.optional.get(r, r) for r in ("experts_gate_up", "experts_gate")]
             raise UnsupportedArchitectureError(
                 f"model_type {model_type!r} read with the {self.name!r} adapter: layer 0 has neither {wanted[0]!r} "
                 f"nor {wanted[1]!r} (with its up projection); pass the full checkpoint, or add an adapter with "
@@ -370,9 +392,9 @@ class Adapter:
         return CheckpointLayout(
             architecture=self.name, model_type=model_type, n_layers=n_layers, d_model=d_model, n_heads=n_heads,
             n_kv_heads=n_kv, head_dim=head_dim, d_ff=d_ff, activation=activation,
-            gated_mlp=self.spec.mlp in GATED_MLP_LAYOUTS,
+            gated_mlp=spec.mlp in GATED_MLP_LAYOUTS,
             tied_embeddings=bool(config.get("tie_word_embeddings", True)),
-            tensors=tuple(templates), attention_layout=self.spec.attention, mlp_layout=self.spec.mlp,
+            tensors=tuple(templates), attention_layout=spec.attention, mlp_layout=spec.mlp,
             qk_norm=bool(roles & {"q_norm", "k_norm"}), n_experts=n_experts,
         )
 
@@ -389,7 +411,7 @@ class Adapter:
         """Exactly the checkpoint tensors :meth:`block` reads for layer ``i`` (to shard layers across processes);
         ``mlp=False``: the attention tensors only."""
         layout = self._check(layout, i)
-        return [t.format(i=i) for r, t in layout.tensors if _reads(r, mlp)]
+        return [n for r, t in layout.tensors if _reads(r, mlp) for n in _expand(t, i, layout.n_experts)]
 
     def block(self, source: "WeightSource", layout: ModelLayout, i: int, *, dtype: torch.dtype = torch.float64,
               device: Optional[torch.device | str] = None, mlp: bool = True) -> BlockWeights:
@@ -397,9 +419,10 @@ class Adapter:
         ``device``; reads exactly :meth:`block_tensor_names` from ``source``.  ``mlp=False`` reads the attention
         tensors only and leaves ``BlockWeights.mlp`` ``None`` (composition re-reads later layers' attention)."""
         layout = self._check(layout, i)
-        names = {r: t.format(i=i) for r, t in layout.tensors}
-        read = {r: n for r, n in names.items() if _reads(r, mlp)}
-        tensors = {r: source.get(n, dtype=dtype, device=device) for r, n in read.items()}
+        names = {r: t.replace("{i}", str(i)) for r, t in layout.tensors}  # per-expert names keep their {e}
+        read = {r: _expand(t, i, layout.n_experts) for r, t in layout.tensors if _reads(r, mlp)}
+        tensors = {r: torch.stack([source.get(n, dtype=dtype, device=device) for n in ns]) if len(ns) > 1 or
+                   "{e}" in names[r] else source.get(ns[0], dtype=dtype, device=device) for r, ns in read.items()}
         attention = _per_head(_unfuse_attention(layout.attention_layout, tensors, names, layout), names, layout)
         mlp_weights, experts, router = None, (), None
         if mlp and layout.mlp_layout == "moe":
@@ -410,6 +433,6 @@ class Adapter:
                 mlp_weights = _mlp("gated", tensors, names, replace(layout, d_ff=d_shared), prefix="shared")
         elif mlp:
             mlp_weights = _mlp(layout.mlp_layout, tensors, names, layout)
-        storage_eps = max(source.storage_eps(n) for r, n in read.items() if tensors[r].ndim >= 2)
+        storage_eps = max(source.storage_eps(n) for r, ns in read.items() if tensors[r].ndim >= 2 for n in ns)
         return BlockWeights(index=i, attention=attention, mlp=mlp_weights, storage_eps=storage_eps, names=names,
                             experts=experts, router=router)

@@ -63,6 +63,18 @@ MOE = AdapterSpec(
     canonical_prefix="model.",
 )
 
+#: Mixture-of-experts checkpoints as published on the Hub, one tensor per expert (transformers >= 5 stacks them on
+#: load): Mixtral's block_sparse_moe w1 (gate), w3 (up), w2 (down) and Qwen2-MoE's per-expert gate/up/down_proj
+MIXTRAL_PER_EXPERT = replace(
+    MOE, tensors={**_LLAMA_ROLES, "router": "block_sparse_moe.gate.weight",
+                  "experts_out": "block_sparse_moe.experts.{e}.w2.weight"},
+    optional={**_LLAMA_BIASES, "experts_gate": "block_sparse_moe.experts.{e}.w1.weight",
+              "experts_in": "block_sparse_moe.experts.{e}.w3.weight"})
+QWEN2_MOE_PER_EXPERT = replace(
+    MOE, tensors={**_LLAMA_ROLES, "router": "mlp.gate.weight", "experts_out": "mlp.experts.{e}.down_proj.weight"},
+    optional={**MOE.optional, "experts_gate": "mlp.experts.{e}.gate_proj.weight",
+              "experts_in": "mlp.experts.{e}.up_proj.weight"})
+
 _BERT = AdapterSpec(  # BERT-style encoders; the bert. / roberta. prefix of task models is found in the checkpoint
     name="bert",
     stack="encoder.layer",
@@ -153,8 +165,9 @@ ARCHITECTURES: dict[str, AdapterSpec] = {
                   "mlp_gate_up_bias": "mlp.gate_up_proj.bias", "mlp_out_bias": "mlp.down_proj.bias"},
         grouped_query=True, canonical_prefix="model.", gguf=GGUFLayout("phi3")),
     # Mixtral (llama.cpp writes it as arch "llama", q/k permuted, experts stacked) and Qwen2-MoE (arch "qwen2moe")
-    "mixtral": replace(MOE, gguf=GGUFLayout("llama", ROPE_PERMUTED)),
-    "qwen2_moe": replace(MOE, gguf=GGUFLayout("qwen2moe", ((r"\.ffn_gate_inp_shexp\.weight$", "as_row"),))),
+    "mixtral": replace(MOE, gguf=GGUFLayout("llama", ROPE_PERMUTED), alternatives=(MIXTRAL_PER_EXPERT,)),
+    "qwen2_moe": replace(MOE, gguf=GGUFLayout("qwen2moe", ((r"\.ffn_gate_inp_shexp\.weight$", "as_row"),)),
+                         alternatives=(QWEN2_MOE_PER_EXPERT,)),
     # BERT-style encoders (BERT, RoBERTa, XLM-RoBERTa, MiniLM)
     "bert": _BERT,
     "roberta": _BERT,
