@@ -7,7 +7,9 @@ Row kinds (names in :mod:`hf_flag.rows`, which every other part of hf-flag impor
   ``"mlp_gate"`` (gate -> ``mlp_out``; gated MLPs (SwiGLU, GeGLU) only), ``"vo"`` (per query head h: ``W_V`` of KV
   head ``kv_head_of(h)`` as a (head_dim x d) ``nn.Linear`` matrix -> ``W_O[h]`` as (d x head_dim); hidden space
   R^head_dim), ``"residual"`` (``mlp_out`` of block l -> ``mlp_in`` of block l+1; hidden space the residual stream),
-  ``"linear_chain"`` (consecutive ``nn.Linear`` layers of a plain MLP chain).
+  ``"linear_chain"`` (consecutive ``nn.Linear`` layers of a plain MLP chain).  A mixture-of-experts block gives
+  ``"mlp"`` / ``"mlp_gate"`` rows for each routed expert (source ``"expert e mlp.in"``...) and for the shared
+  expert (``"shared_expert mlp.in"``); its router has no row (MATH.md derives no pair for it).
   The first matrix of a pair is bias-augmented, ``[W_l | b_l]`` (MATH.md §2), for every value of the row.
   Values: ``commutator_ratio`` (kappa, §3) and ``commutator_ratio_normalized`` (sqrt 2 kappa in [0, 1]),
   ``imbalance_norm`` ||D||_F, ``relative_imbalance``, ``imbalance_diagonal_norm`` ||diag D||_2 (§2); unless

@@ -517,3 +517,34 @@ def test_moe_per_expert_hub_checkpoint(tmp_path, name):
         for part in ("mlp_gate", "mlp_in", "mlp_out"):
             torch.testing.assert_close(getattr(mine, part), getattr(ref, part), rtol=0, atol=0)
     assert "{e}" in blk.names["experts_out"]
+
+
+def test_moe_analysis_gives_each_expert_the_rows_of_a_dense_mlp():
+    """Each routed expert's mlp / mlp_gate rows equal the rows of a dense Llama whose MLP holds that expert's
+    weights (the dense path of the analysis as the reference); NaN in one expert is found and named."""
+    from hf_flag import analyze
+    from hf_flag.errors import NonFiniteWeightsError
+
+    moe = build("mixtral")
+    rows = analyze(moe, device="cpu", diagnostics={"mlp"}).rows
+    assert {r.source for r in rows} == {f"expert {e} mlp.{p}" for e in range(3) for p in ("in", "gate")}
+    for e in range(3):
+        dense = build("llama")  # same sizes (LLAMA_LIKE): an expert's hidden size is intermediate_size
+        with torch.no_grad():
+            for i, layer in enumerate(dense.model.layers):
+                experts = moe.model.layers[i].mlp.experts
+                gate, up = experts.gate_up_proj[e].chunk(2, dim=0)
+                for linear, w in ((layer.mlp.gate_proj, gate), (layer.mlp.up_proj, up),
+                                  (layer.mlp.down_proj, experts.down_proj[e])):
+                    linear.weight.copy_(w)
+                    linear.bias = None  # the tiny Llama has mlp_bias; the experts have none
+        ref = {(r.kind, r.layer): r.values for r in analyze(dense, device="cpu", diagnostics={"mlp"}).rows}
+        mine = [r for r in rows if r.source.startswith(f"expert {e} ")]
+        assert len(mine) == len(ref) == 4
+        for r in mine:
+            for metric, value in ref[(r.kind, r.layer)].items():
+                assert r.values[metric] == pytest.approx(value, rel=1e-9, abs=1e-12, nan_ok=True), (r.kind, metric)
+    with torch.no_grad():
+        moe.model.layers[1].mlp.experts.down_proj[2, 0, 0] = float("nan")
+    with pytest.raises(NonFiniteWeightsError, match=r"layer 1.*model\.layers\.1\.mlp\.experts\.down_proj"):
+        analyze(moe, device="cpu", diagnostics={"mlp"})
