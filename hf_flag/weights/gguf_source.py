@@ -223,7 +223,8 @@ def gguf_model_type(arch: Any, metadata: dict[str, Any]) -> tuple[str, AdapterSp
     moe = bool(metadata.get(f"{arch}.expert_count"))
     candidates = [mt for mt in candidates if (specs[mt].mlp == "moe") == moe] or candidates
     name = str(metadata.get("general.name") or "").lower()
-    model_type = next((mt for mt in candidates if mt in name), candidates[0])  # "mistral" in the name: Mistral
+    named = sorted((mt for mt in candidates if mt in name), key=len, reverse=True)  # "mistral", "xlm-roberta"
+    model_type = named[0] if named else candidates[0]
     return model_type, specs[model_type]
 
 

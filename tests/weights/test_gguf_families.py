@@ -36,9 +36,10 @@ QUANTS = {
     "gemma3_text": ("BF16", "Q5_1"), "stablelm": ("Q8_0", "Q4_1"), "starcoder2": ("F16", "Q4_0"),
     "falcon": ("Q8_0", "Q5_0"), "falcon_new": ("BF16", "Q4_1"), "falcon_rw": ("F16", "Q8_0"),
     "phi3": ("Q8_0", "Q4_0"), "mixtral": ("BF16", "Q5_1"), "qwen2_moe": ("Q8_0", "Q4_1"),
+    "xlm-roberta": ("F16", "Q4_1"),
 }
 #: families transformers >= 5 loads from GGUF with the same weights (from_pretrained(..., gguf_file=...)).  Not
-#: listed: gemma and gpt_neox (no GGUF support in transformers), mixtral (transformers reads a "llama" GGUF as
+#: listed: gemma, gpt_neox and the BERT family (no GGUF support in transformers), mixtral (transformers reads a "llama" GGUF as
 #: Llama), falcon_new (transformers' Falcon GGUF config has no new_decoder_architecture), gpt2 and starcoder2
 #: (transformers takes their vocabulary size from the tokenizer, which these files do not carry), qwen3 (its
 #: GGUF_CONFIG_MAPPING entry drops attention.key_length, so a head_dim other than hidden / heads does not load),
@@ -181,7 +182,9 @@ CASES = [(f, q) for f, pair in QUANTS.items() for q in pair]
 
 def test_every_gguf_family_is_covered():
     gguf_types = {mt for mt, spec in ARCHITECTURES.items() if spec.gguf is not None}
-    assert gguf_types == {model_type_of(f) for f in QUANTS}
+    # bert and roberta share xlm-roberta's spec and GGUF layout (a bare encoder, keys as llama.cpp writes them)
+    assert gguf_types == {model_type_of(f) for f in QUANTS} | {"bert", "roberta"}
+    assert ARCHITECTURES["bert"] == ARCHITECTURES["roberta"] == ARCHITECTURES["xlm-roberta"]
     assert set(QUANTS) <= set(FAMILIES) and TRANSFORMERS_LOADS <= set(QUANTS)
 
 

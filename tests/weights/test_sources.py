@@ -547,9 +547,9 @@ def test_gguf_other_architecture_or_missing_metadata_is_refused(tmp_path):
     from hf_flag.errors import UnsupportedArchitectureError
 
     weights = {"token_embd.weight": (np.zeros((10, 32), dtype=np.float32), None)}
-    _write_tiny_gguf(tmp_path / "bert.gguf", weights, arch="bert")
-    with pytest.raises(UnsupportedArchitectureError, match=r"'bert.gguf'.*architecture 'bert'.*safetensors"):
-        open_weights(tmp_path / "bert.gguf")
+    _write_tiny_gguf(tmp_path / "mamba.gguf", weights, arch="mamba")
+    with pytest.raises(UnsupportedArchitectureError, match=r"'mamba.gguf'.*architecture 'mamba'.*safetensors"):
+        open_weights(tmp_path / "mamba.gguf")
     _write_tiny_gguf(tmp_path / "headless.gguf", weights, heads=None)
     with pytest.raises(WeightSourceError, match=r"lacks metadata \['llama.attention.head_count'\]"):
         open_weights(tmp_path / "headless.gguf")

@@ -345,6 +345,7 @@ class Adapter:
         return self._layout(spec, config, keys, model_type)
 
     def _layout(self, spec: AdapterSpec, config: dict, keys: set, model_type: str) -> CheckpointLayout:
+        """:meth:`layout` for the checkpoint form ``spec`` (this spec or one of its alternatives)."""
         prefix = _layer_prefixes(spec, keys)[0]
         base = f"{prefix}{spec.stack}.{{i}}."
         n_layers = _positive_int(config, "n_layers", config_value(config, "n_layers"))

@@ -168,8 +168,9 @@ ARCHITECTURES: dict[str, AdapterSpec] = {
     "mixtral": replace(MOE, gguf=GGUFLayout("llama", ROPE_PERMUTED), alternatives=(MIXTRAL_PER_EXPERT,)),
     "qwen2_moe": replace(MOE, gguf=GGUFLayout("qwen2moe", ((r"\.ffn_gate_inp_shexp\.weight$", "as_row"),)),
                          alternatives=(QWEN2_MOE_PER_EXPERT,)),
-    # BERT-style encoders (BERT, RoBERTa, XLM-RoBERTa, MiniLM)
-    "bert": _BERT,
-    "roberta": _BERT,
-    "xlm-roberta": _BERT,
+    # BERT-style encoders (BERT, RoBERTa, XLM-RoBERTa, MiniLM); llama.cpp BertModel / RobertaModel /
+    # XLMRobertaModel write all three as arch "bert" (the "bert." prefix stripped), tensors as they are
+    "bert": replace(_BERT, gguf=GGUFLayout("bert")),
+    "roberta": replace(_BERT, gguf=GGUFLayout("bert")),
+    "xlm-roberta": replace(_BERT, gguf=GGUFLayout("bert")),
 }
