@@ -32,9 +32,10 @@ model, so the instance the Trainer re-creates when restoring a checkpoint's call
 Distributed: under DDP the model is unwrapped and the diagnostics run on the world-process-zero rank only, with no
 collectives and without touching the Trainer's control flags (logging through ``Trainer.log`` keeps
 ``control.should_log``).  Sharded parameters (FSDP2 ``fully_shard``, FSDP1, DeepSpeed ZeRO-3): every rank gathers
-one layer's parameters at a time (with the next layer's, which the residual pair reads) through the sharding
-library's own API (:func:`gathered`), rank 0 computes that layer's rows, and the parameters are freed before the
-next layer, so the peak is two unsharded layers (an FSDP unit: the whole model when only the root is wrapped).
+one sharding unit's parameters at a time through the sharding library's own API (:func:`gathered_copies`), rank 0
+keeps copies of one layer and the next (the residual pair reads both) and computes that layer's rows, and the
+copies are freed before the next layer: the peak is two unsharded layers (the unit is what the wrapping policy made
+it: a decoder layer under the Trainer's transformer auto-wrap; a plain MLP chain is gathered whole).
 Anything the callback cannot measure makes it warn once and skip; it never raises into the Trainer.  The history is
 saved with checkpoints through ``TrainerState.stateful_callbacks`` (``ExportableState``) and restored on
 ``resume_from_checkpoint``.
@@ -42,13 +43,13 @@ saved with checkpoints through ``TrainerState.stateful_callbacks`` (``Exportable
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import warnings
 import weakref
 from collections import OrderedDict
 from typing import Any, Iterator, NamedTuple, Optional, Sequence
 
+import torch
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ExportableState
@@ -57,7 +58,7 @@ from hf_flag.analyze import KIND_MLP, KIND_RESIDUAL, KIND_VO
 from hf_flag.geometry.dynamics import (GATED_LINEAR, fit_decay_rate, imbalance_law_scope, predicted_decay_curve,
                                        predicted_decay_rate)
 
-__all__ = ["FlagAlignmentCallback", "OptimizerLaw", "optimizer_hyperparameters", "decayed_view", "gathered",
+__all__ = ["FlagAlignmentCallback", "OptimizerLaw", "optimizer_hyperparameters", "decayed_view", "gathered_copies",
            "sharding_kind"]
 
 LAW_KEY = "flag/law"
@@ -126,15 +127,24 @@ def decayed_parameter_names(net: nn.Module, optimizer: Any, trainer: Any) -> fro
     return frozenset(clean_name(n) for n in rule(net))
 
 
-def decayed_view(module: nn.Module, hidden: frozenset[str], prefix: str = "") -> nn.Module:
+def decayed_view(module: nn.Module, hidden: frozenset[str], tensors: Optional[dict[str, torch.Tensor]] = None,
+                 prefix: str = "") -> nn.Module:
     """A structural copy of ``module`` that shares every tensor, without the parameters named in ``hidden`` (clean
-    names), with FSDP1 / activation-checkpoint wrappers replaced by the module they wrap and without state-dict
-    hooks (FSDP2's return shards): what ``analyze`` reads.  Build it where the parameters are gathered."""
+    names) and with those in ``tensors`` (clean name -> tensor: gathered copies) put in place of the module's own,
+    FSDP1 / activation-checkpoint wrappers replaced by the module they wrap, and no state-dict hooks (FSDP2's
+    return shards): what ``analyze`` reads.  The model itself is left as it is."""
+    from torch.distributed.fsdp import FSDPModule
+
+    tensors = tensors or {}
     while type(module).__name__ in ("FullyShardedDataParallel", "CheckpointWrapper"):
         module = getattr(module, "_fsdp_wrapped_module", None) or module._checkpoint_wrapped_module
-    view = copy.copy(module)
-    view._parameters = OrderedDict((k, None if f"{prefix}{k}" in hidden else p) for k, p in module._parameters.items())
-    view._modules = OrderedDict((k, None if c is None else decayed_view(c, hidden, f"{prefix}{k}."))
+    # FSDP2 swaps in a subclass that also rebuilds instances through the original class: copy as that class
+    cls = next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule))
+    view = object.__new__(cls)
+    view.__dict__.update(module.__dict__)
+    view._parameters = OrderedDict((k, None if f"{prefix}{k}" in hidden else tensors.get(f"{prefix}{k}", p))
+                                   for k, p in module._parameters.items())
+    view._modules = OrderedDict((k, None if c is None else decayed_view(c, hidden, tensors, f"{prefix}{k}."))
                                 for k, c in module._modules.items())
     view._state_dict_hooks = OrderedDict()
     view._state_dict_pre_hooks = OrderedDict()
@@ -175,34 +185,52 @@ def owning_unit(name: str, units: dict[str, Any]) -> Optional[str]:
 
 
 @contextlib.contextmanager
-def gathered(net: nn.Module, kind: Optional[str], names: Sequence[str]) -> Iterator[None]:
-    """Every rank: the parameters ``names`` (clean) of ``net`` as whole tensors inside the block, sharded again
-    after it.  FSDP2: ``unshard()`` / ``reshard()`` of the units holding them; FSDP1: ``summon_full_params`` of those
-    units (``recurse=False``, ``writeback=False``); ZeRO-3: ``deepspeed.zero.GatheredParameters`` of the parameters.
-    A collective: every rank enters it with the same names."""
-    if kind is None:
-        yield
-        return
-    with contextlib.ExitStack() as stack:
-        if kind == "zero3":
-            import deepspeed
+def unit_gathered(kind: str, unit: Any, params: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Every rank: one sharding unit's parameters whole inside the block, sharded again after it.  FSDP2:
+    ``unit.unshard()`` / ``unit.reshard()``; FSDP1: ``summon_full_params(unit, recurse=False, writeback=False)``;
+    ZeRO-3: ``deepspeed.zero.GatheredParameters(params)``; no unit: nothing to gather."""
+    if kind == "zero3":
+        import deepspeed
 
-            wanted = set(names)
-            params = [p for n, p in net.named_parameters() if clean_name(n) in wanted]
-            stack.enter_context(deepspeed.zero.GatheredParameters(params, modifier_rank=None))
-        else:
-            units = sharding_units(net, kind)
-            chosen = sorted({owning_unit(n, units) for n in names} - {None}, key=len)
-            for prefix in chosen:
-                unit = units[prefix]
-                if kind == "fsdp2":
-                    unit.unshard()
-                    stack.callback(unit.reshard)
-                else:
-                    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-                    stack.enter_context(FSDP.summon_full_params(unit, recurse=False, writeback=False))
+        with deepspeed.zero.GatheredParameters(list(params), modifier_rank=None):
+            yield
+    elif unit is None:
         yield
+    elif kind == "fsdp2":
+        unit.unshard()
+        try:
+            yield
+        finally:
+            unit.reshard()
+    else:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        with FSDP.summon_full_params(unit, recurse=False, writeback=False):
+            yield
+
+
+def gathered_copies(net: nn.Module, kind: str, names: Sequence[str], *, keep: bool) -> dict[str, torch.Tensor]:
+    """Whole copies of the parameters ``names`` (clean) of a sharded ``net``, gathered one sharding unit at a time
+    (:func:`unit_gathered`; FSDP1 clobbers sibling units summoned together) and freed before the next, kept on the
+    ranks with ``keep`` (the others take part in the collectives only).  A collective: every rank calls it with the
+    same names."""
+    wanted = list(dict.fromkeys(names))
+    named = {clean_name(n): p for n, p in net.named_parameters()}
+    if kind == "zero3":
+        groups = [(None, wanted)]
+    else:
+        units = sharding_units(net, kind)
+        by_unit: dict[Optional[str], list[str]] = {}
+        for name in wanted:
+            by_unit.setdefault(owning_unit(name, units), []).append(name)
+        groups = [(units.get(prefix) if prefix is not None else None, group) for prefix, group in by_unit.items()]
+    copies: dict[str, torch.Tensor] = {}
+    for unit, group in groups:
+        with unit_gathered(kind, unit, [named[n] for n in group if n in named]):
+            if keep:
+                current = {clean_name(n): p for n, p in net.named_parameters()}
+                copies.update({n: current[n].detach().clone() for n in group if n in current})
+    return copies
 
 
 def is_full_batch(train_dataloader: Any, args: TrainingArguments) -> Optional[bool]:
@@ -383,25 +411,27 @@ class FlagAlignmentCallback(TrainerCallback, ExportableState):
 
         source = ModuleSource(decayed_view(net, hidden))
         if not source.config:  # a plain chain has no layers to gather one at a time: gather it whole
-            with gathered(net, self.sharding, source.keys()):
-                report = analyze(decayed_view(net, hidden), device=device, layers=self.layers, **options) \
-                    if compute else None
-            return (report.rows, report.layout) if report is not None else ([], {})
+            tensors = gathered_copies(net, self.sharding, source.keys(), keep=compute)
+            if not compute:
+                return [], {}
+            report = analyze(decayed_view(net, hidden, tensors), device=device, layers=self.layers, **options)
+            return report.rows, report.layout
         adapter = get_adapter(source.config, source.keys())
         layout = adapter.layout(source.config, source.keys())
-        rows, facts, failure = [], {}, None
+        rows, facts, failure, cached = [], {}, None, {}
         for i in (self.layers if self.layers is not None else range(layout.n_layers)):
-            names = adapter.block_tensor_names(layout, i)
-            if i + 1 < layout.n_layers:
-                names = names + adapter.block_tensor_names(layout, i + 1)
-            with gathered(net, self.sharding, names):
-                if compute and failure is None:
-                    try:  # keep gathering on every rank even when this one fails: the collectives must match
-                        report = analyze(decayed_view(net, hidden), device=device, layers=[i], **options)
-                        rows += report.rows
-                        facts = report.layout
-                    except Exception as err:
-                        failure = err
+            for j in (i, i + 1):  # layer i's rows read layer i + 1 (the residual pair)
+                if j < layout.n_layers and j not in cached:
+                    cached[j] = gathered_copies(net, self.sharding, adapter.block_tensor_names(layout, j),
+                                                keep=compute)
+            tensors = {**cached.pop(i), **cached.get(i + 1, {})}
+            if compute and failure is None:
+                try:  # keep gathering on every rank even when this one fails: the collectives must match
+                    report = analyze(decayed_view(net, hidden, tensors), device=device, layers=[i], **options)
+                    rows += report.rows
+                    facts = report.layout
+                except Exception as err:
+                    failure = err
         if failure is not None:
             raise failure
         return sort_rows(rows, ROW_KINDS), facts

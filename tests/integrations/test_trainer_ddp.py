@@ -50,25 +50,31 @@ def test_loss_logs_survive_measurement_steps(tmp_path):
     assert [s for s, _ in entries(trainer.state.log_history, "loss")] == [5, 10]
 
 
-@pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("ddp")
+def launch_two_ranks(script: Path, args: list[str], timeout_s: int = TIMEOUT_S) -> str:
+    """Run ``script args`` on 2 CPU processes (``accelerate launch --multi_gpu``, gloo); fail the test on a non-zero
+    exit, a traceback or a hang (the launcher's whole session is killed); return the output."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(free_port()), str(SCRIPT), str(out), str(MAX_STEPS), str(EVERY),
-           str(SAVE_STEPS)]
+           "--main_process_port", str(free_port()), str(script), *args]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
-        output, _ = proc.communicate(timeout=TIMEOUT_S)
+        output, _ = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)  # the launcher's own session: it and its two workers
         output, _ = proc.communicate()
-        pytest.fail(f"DDP run hung (> {TIMEOUT_S} s); output tail:\n{output[-4000:]}")
-    assert proc.returncode == 0, f"DDP run failed (rc={proc.returncode}); output tail:\n{output[-4000:]}"
+        pytest.fail(f"2-process run hung (> {timeout_s} s); output tail:\n{output[-4000:]}")
+    assert proc.returncode == 0, f"2-process run failed (rc={proc.returncode}); output tail:\n{output[-4000:]}"
     assert "Traceback" not in output, output[-4000:]
+    return output
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ddp")
+    launch_two_ranks(SCRIPT, [str(out), str(MAX_STEPS), str(EVERY), str(SAVE_STEPS)])
     return out
 
 
