@@ -54,9 +54,9 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ExportableState
 
-from hf_flag.analyze import KIND_MLP, KIND_RESIDUAL, KIND_VO
 from hf_flag.geometry.dynamics import (GATED_LINEAR, fit_decay_rate, imbalance_law_scope, predicted_decay_curve,
                                        predicted_decay_rate)
+from hf_flag.rows import KIND_MLP, KIND_RESIDUAL, KIND_VO, sort_rows, summarize
 
 __all__ = ["FlagAlignmentCallback", "OptimizerLaw", "optimizer_hyperparameters", "decayed_view", "gathered_copies",
            "sharding_kind"]
@@ -398,8 +398,7 @@ class FlagAlignmentCallback(TrainerCallback, ExportableState):
     def rows(self, net: nn.Module, hidden: frozenset[str], compute: bool) -> tuple[list, dict]:
         """Cheap pair rows of the decayed view of ``net`` and its layout; sharded: one layer gathered at a time on
         every rank, computed on the rank with ``compute``."""
-        from hf_flag.analysis.checks import sort_rows
-        from hf_flag.analyze import ROW_KINDS, analyze
+        from hf_flag.analysis.api import analyze
 
         options = dict(cheap=True, diagnostics=self.diagnostics, composition=self.composition, name="flag_callback")
         device = next(net.parameters()).device
@@ -434,13 +433,11 @@ class FlagAlignmentCallback(TrainerCallback, ExportableState):
                     failure = err
         if failure is not None:
             raise failure
-        return sort_rows(rows, ROW_KINDS), facts
+        return sort_rows(rows), facts
 
     def measure(self, model: Any, step: int, hyper: OptimizerLaw, *, optimizer: Any = None, trainer: Any = None,
                 compute: bool = True) -> dict[str, Any]:
         """Analyse ``model`` now, extend the history and return the log entries (MATH.md §2 for the decay law)."""
-        from hf_flag.analysis.checks import summarize
-
         net = _unwrap(model)
         decayed = decayed_parameter_names(net, optimizer, trainer)
         hidden = frozenset(clean_name(n) for n, _ in net.named_parameters()

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from datasets import Dataset
 from transformers import Trainer, TrainerState, TrainingArguments
 
-from hf_flag.analyze import analyze
+from hf_flag import analyze
 from hf_flag.integrations.trainer import FlagAlignmentCallback, optimizer_hyperparameters, sharding_kind
 from tests.conftest import make_tiny_llama
 

@@ -15,7 +15,7 @@ datasets = pytest.importorskip("datasets")
 
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
-from hf_flag.analyze import analyze  # noqa: E402
+from hf_flag.analysis.api import analyze  # noqa: E402
 from hf_flag.geometry.dynamics import fit_decay_rate, predicted_decay_rate  # noqa: E402
 from hf_flag.geometry.pairs import commutator_baseline  # noqa: E402
 from hf_flag.integrations.trainer import (  # noqa: E402
