@@ -19,7 +19,8 @@ Row kinds (names in :mod:`hf_flag.rows`, which every other part of hf-flag impor
   ``intersection_dim`` (+ ``_baseline``), ``intersection_soft``, ``flag_tau``, ``gl_kernel_dim`` (§4).
   ``intersection_*`` are ``None`` when the two partial flags share no cut below n (e.g. full-rank vo pairs).
   Details: flag cuts, rank matrix, permutation (nonzero entries), is_permutation, transport k, activation.
-  ``cheap=True`` gives the pair rows only, with the five cheap values (Gram factors, no SVD).
+  ``cheap=True`` gives the pair rows only, with the five cheap values and ``commutator_ratio_baseline`` (Gram
+  factors, no SVD).
 * head rows (§1, §6): ``"head_overlap_q/k/v"`` (read subspaces col(W_*^h) of one layer, h < h'),
   ``"head_overlap_o"`` (write subspaces row(W_O^h)), ``"cross_layer_overlap_q/k/v"`` (write row(W_O^h) of layer l
   vs read col(W_*^h') of layer l+1, every (h, h')).  Grouped-query attention: K and V are compared as the n_kv KV
