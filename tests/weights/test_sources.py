@@ -262,8 +262,8 @@ def test_hub_id_resolves_from_local_cache_only(tmp_path, monkeypatch, tiny_check
         assert src.name == "tiny-org/tiny-llama" and src.config["model_type"] == "llama"
         k = "model.layers.0.self_attn.v_proj.weight"
         assert torch.equal(src.get(k), tiny_llama.state_dict()[k])
-    with pytest.raises(WeightSourceError, match=r"'tiny-org/absent' is not a local path and is not in the Hugging "
-                                                r"Face cache \(HF_HOME=.*huggingface-cli download tiny-org/absent"):
+    with pytest.raises(WeightSourceError, match=r"^Hub model 'tiny-org/absent' is not in the HF cache \(.*hub\) and "
+                                                r"HF_HUB_OFFLINE is set; connect \(or unset HF_HUB_OFFLINE\)"):
         open_weights("tiny-org/absent")
     with pytest.raises(WeightSourceError, match="at revision 'v2'"):
         open_weights("tiny-org/tiny-llama", revision="v2")
