@@ -302,7 +302,7 @@ def analyze(model_or_path, *, device: Union[str, torch.device, None] = None, dty
     :class:`NonFiniteWeightsError` naming the tensor and layer when weights hold NaN/Inf.
     """
     from hf_flag import __version__
-    from hf_flag.weights.sources import open_weights
+    from hf_flag.weights.sources import open_weights, provenance
 
     start = time.perf_counter()
     if dtype not in (torch.float64, torch.float32):
@@ -313,6 +313,7 @@ def analyze(model_or_path, *, device: Union[str, torch.device, None] = None, dty
     dev = resolve_device(device, model_or_path)
     source = open_weights(model_or_path, allow_pickle=allow_pickle)
     label = name or source.name
+    source_provenance = provenance(source)
     try:
         if isinstance(model_or_path, nn.Module) and not source.config:
             report, facts = analyze_chain(model_or_path, label, device=dev, dtype=dtype, diagnostics=diagnostics,
@@ -328,7 +329,7 @@ def analyze(model_or_path, *, device: Union[str, torch.device, None] = None, dty
     report.summary = summarize(report.rows)
     storage = facts.pop("storage")
     report.params = {
-        "hf_flag_version": __version__, "torch_version": torch.__version__,
+        "hf_flag_version": __version__, "torch_version": torch.__version__, "provenance": source_provenance,
         "dtype": str(dtype).removeprefix("torch."), "device": str(dev), "cheap": cheap, "composition": composition,
         **facts, "layers_requested": None if layers is None else sorted({int(i) for i in layers}),
         "storage_dtypes": sorted(storage), "storage_eps": max(storage.values(), default=0.0),
