@@ -27,8 +27,16 @@ complete, names what is missing, and writes:
   (:mod:`hf_flag.integrations.cards`); ``--write-model-cards`` also updates local model folders' README.md;
 * ``DIR/sweep.json``: each model's status (done / failed with its one-line error / missing).
 
-``--push-to-hub REPO_ID`` pushes the results dataset there and opens a card pull request on each model that has a
-Hub id; the token is huggingface_hub's own (``HF_TOKEN`` or the stored login): it is never read, written or logged.
+Hub ids are fetched through huggingface_hub's cache (:mod:`hf_flag.weights.hub`: only config and weights;
+``--revision`` / ``--gguf-file``); the commit sha they were read at goes into each report, the dataset's
+``weights_sha`` column and the card.
+
+``--push-to-hub`` sets hf-flag's part of the card of each model read from its own Hub repo
+(:func:`hf_flag.integrations.cards.push_card`: a commit where the token can write, else a pull request; always a
+pull request with ``--create-pr``; cards computed from derived weights only with ``--allow-derived``), with its plots
+beside it; ``--push-to-hub REPO_ID`` also uploads the results dataset to dataset repo ``REPO_ID``; ``--dry-run``
+prints each card's diff and pushes nothing.  The token is huggingface_hub's own (``HF_TOKEN`` or the stored
+login): it is never read, written or logged.
 Exit status: 0 all models done, 1 some failed or missing (everything else is still written), 2 bad input.
 """
 from __future__ import annotations
@@ -40,10 +48,11 @@ import gc
 import importlib
 import io
 import os
+import re
 import shutil
 import sys
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
@@ -51,7 +60,7 @@ from harness import schedule
 from harness.config import (COMPOSITION_MODES, DEVICES, ConfigError, ModelSpec, SweepConfig, build_config,
                             default_model_specs, load_config, parse_config, parse_model, slugs)
 from harness.schedule import RunState
-from hf_flag.atomic import atomic_write_bytes, atomic_write_text
+from hf_flag.atomic import atomic_write, atomic_write_bytes, atomic_write_text
 from hf_flag.report import Report, baseline_key, rows_to_dataset
 
 EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE = 0, 1, 2
@@ -86,8 +95,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also update README.md of local model folders in place (only hf-flag's parts)")
     p.add_argument("--cards-dir", metavar="DIR", dest="cards_dir",
                    help="folder for the per-model cards <org>--<name>/README.md (default: OUT/model_cards)")
-    p.add_argument("--push-to-hub", metavar="REPO_ID", dest="push_to_hub",
-                   help="push the results dataset to REPO_ID and open card PRs on the models' Hub repos")
+    p.add_argument("--push-to-hub", metavar="REPO_ID", dest="push_to_hub", nargs="?", const=True,
+                   help="push each card to its model's Hub repo (commit, or PR without write access); with REPO_ID "
+                        "also the results dataset to that dataset repo")
+    p.add_argument("--create-pr", action="store_true", default=None, dest="create_pr",
+                   help="with --push-to-hub: open pull requests even where the token could commit")
+    p.add_argument("--allow-derived", action="store_true", default=None, dest="allow_derived",
+                   help="with --push-to-hub: also push cards computed from derived weights (GGUF, local copies)")
+    p.add_argument("--dry-run", action="store_true", dest="dry_run",
+                   help="with --push-to-hub: print each card's diff and what would be pushed; push nothing")
+    p.add_argument("--revision", help="branch, tag or commit sha of the MODEL Hub ids (default: main)")
+    p.add_argument("--gguf-file", dest="gguf_file", help="which .gguf of a GGUF Hub repo (default: the finest "
+                                                          "storage, see hf_flag.weights.hub)")
     p.add_argument("--default", action="store_true", help="add the embedded default models (MiniLM, SmolLM2)")
     p.add_argument("--merge-timeout", type=float, dest="merge_timeout",
                    help="seconds rank 0 waits for the other processes' results (default 86400)")
@@ -100,11 +119,13 @@ def parse_args(argv: Optional[Sequence[str]]) -> tuple[SweepConfig, argparse.Nam
     args = build_parser().parse_args(argv)
     file_values = load_config(args.config) if args.config else {}
     cli = {k: getattr(args, k) for k in ("diagnostics", "composition", "cheap", "device", "split_layers",
-                                         "write_model_cards", "cards_dir", "push_to_hub", "merge_timeout")}
+                                         "write_model_cards", "cards_dir", "push_to_hub", "create_pr",
+                                         "allow_derived", "merge_timeout")}
     cli_checked = parse_config({k: v for k, v in cli.items() if v is not None}, source="arguments")
     if args.out:
         cli_checked["out"] = Path(args.out)
-    cli_checked["models"] = tuple(parse_model(m, "MODEL") for m in args.models)
+    cli_checked["models"] = tuple(replace(parse_model(m, "MODEL"), revision=args.revision, gguf_file=args.gguf_file)
+                                  for m in args.models)
     extra = default_model_specs() if args.default else []
     return build_config(file_values, cli_checked, extra), args
 
@@ -134,12 +155,17 @@ def resolve_device(policy: str, local_rank: int) -> str:
 # ------------------------------------------------------------------------------------------------- the work
 
 
-def model_size(spec: ModelSpec) -> int:
-    """Bytes of the model's stored weights from headers only (0 when it cannot be opened: it fails later)."""
+def open_source(spec: ModelSpec):
+    """The model's :class:`~hf_flag.weights.weight_source.WeightSource` (a Hub id is fetched at its revision)."""
     from hf_flag.weights.sources import open_weights
 
+    return open_weights(spec.path, revision=spec.revision, gguf_file=spec.gguf_file)
+
+
+def model_size(spec: ModelSpec) -> int:
+    """Bytes of the model's stored weights from headers only (0 when it cannot be opened: it fails later)."""
     try:
-        source = open_weights(spec.path)
+        source = open_source(spec)
     except Exception:  # the error is recorded when the model is run
         return 0
     try:
@@ -153,9 +179,8 @@ def model_size(spec: ModelSpec) -> int:
 def count_layers(spec: ModelSpec) -> int:
     """Number of transformer blocks, from the config and tensor names (no tensor data read)."""
     from hf_flag.weights.adapters import get_adapter
-    from hf_flag.weights.sources import open_weights
 
-    source = open_weights(spec.path)
+    source = open_source(spec)
     try:
         keys = source.keys()
         return get_adapter(source.config, keys).layout(source.config, keys).n_layers
@@ -182,8 +207,10 @@ def run_unit(unit: Unit, cfg: SweepConfig, *, device: str, rank: int) -> RunStat
 
     schedule.mark_started(unit.run_dir, unit.fp, rank)
     try:
-        report = analyze(unit.spec.path, device=device, diagnostics=cfg.diagnostics, layers=unit.layers,
-                         cheap=cfg.cheap, composition=cfg.composition, name=unit.spec.label, **cfg.analyze_kwargs)
+        with open_source(unit.spec) as source:
+            report = analyze(source, device=device, diagnostics=cfg.diagnostics, layers=unit.layers,
+                             cheap=cfg.cheap, composition=cfg.composition, name=unit.spec.label,
+                             **cfg.analyze_kwargs)
         if unit.layers is None:
             try:
                 save_plots_once(report, plot_dir(cfg, unit.slug), unit.fp)
@@ -217,7 +244,9 @@ def merge_shards(reports: Sequence[Report]) -> Report:
 
 def model_units(cfg: SweepConfig) -> list[Unit]:
     out = cfg.out / "runs"
-    return [Unit(spec, slug, out / slug, schedule.fingerprint({**cfg.params(), "model": spec.path}, [spec.path]))
+    return [Unit(spec, slug, out / slug, schedule.fingerprint(
+        {**cfg.params(), "model": spec.path, **({"revision": spec.revision} if spec.revision else {}),
+         **({"gguf_file": spec.gguf_file} if spec.gguf_file else {})}, [spec.path]))
             for spec, slug in zip(cfg.models, slugs(cfg.models))]
 
 
@@ -330,9 +359,25 @@ def summary_table(results: Sequence[dict[str, Any]]) -> tuple[str, str]:
     return buf.getvalue(), "\n".join(md) + "\n"
 
 
+def provenance_columns(report: Report) -> dict[str, str]:
+    """Where a report's weights came from, as dataset columns: Hub id (or a local model's Hub name), commit sha,
+    file format, storage dtypes / quantisation, hf-flag version ("" where unknown)."""
+    prov = report.params.get("provenance") or {}
+    return {"weights_source": prov.get("repo_id") or prov.get("hub_name") or "", "weights_sha": prov.get("sha") or "",
+            "weights_format": prov.get("format") or "",
+            "storage_dtypes": ",".join(report.params.get("storage_dtypes") or []),
+            "hf_flag_version": str(report.params.get("hf_flag_version") or "")}
+
+
 def save_dataset(reports: Sequence[Report], path: Path):
-    """All rows of all reports as one ``datasets.Dataset``, saved to ``path`` (replaced as a whole)."""
+    """All rows of all reports as one ``datasets.Dataset``, saved to ``path`` (replaced as a whole), each row with
+    its weights' provenance (:func:`provenance_columns`)."""
+    import datasets
+
     ds = rows_to_dataset([row for rep in reports for row in rep.flat_rows()])
+    per_row = [provenance_columns(rep) for rep in reports for _ in rep.rows]
+    for column in provenance_columns(Report("", "")):
+        ds = ds.add_column(column, [p[column] for p in per_row], feature=datasets.Value("string"))
     tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
     for p in (tmp, old):
         shutil.rmtree(p, ignore_errors=True)
@@ -354,23 +399,19 @@ def card_base(spec: ModelSpec) -> Optional[str]:
 
 def write_cards(res: dict[str, Any], plots: dict[str, Path], cfg: SweepConfig) -> None:
     """``CARDS_DIR/<slug>/README.md`` (default ``DIR/model_cards``) and, with ``--write-model-cards``, the local
-    folder's README.md.  A card outside ``DIR`` gets its own copy of the plots (``hf-flag-plots/`` beside it), so
-    its image links do not point into a results folder that may be deleted."""
-    from hf_flag.integrations.cards import minimal_card, write_card
+    folder's README.md.  Each card gets its plots in ``hf-flag-plots/`` beside it and links them relatively, so the
+    links work locally, in a copied folder, and on the Hub once the card is pushed with them."""
+    from hf_flag.integrations.cards import PLOTS_FOLDER, card_model_name, minimal_card, write_card
 
     spec, report = res["spec"], res["report"]
+    name = card_model_name(report, spec.name)
     targets = [cfg.cards_dir / res["slug"] / "README.md"]
     if cfg.write_model_cards and Path(spec.path).is_dir():
         targets.append(Path(spec.path) / "README.md")
-    base = card_base(spec) or minimal_card(spec.label)
-    out = cfg.out.resolve()
+    base = card_base(spec) or minimal_card(name)
     for target in targets:
-        target_plots = plots
-        if out not in target.resolve().parents:
-            target_plots = {c: copy_plot(p, target.parent / "hf-flag-plots") for c, p in plots.items()}
-        links = {c: Path(os.path.relpath(p.resolve(), target.parent.resolve())).as_posix()
-                 for c, p in target_plots.items()}
-        write_card(target, report, base=base, model_name=spec.label, plots=links)
+        links = {c: f"{PLOTS_FOLDER}/{copy_plot(p, target.parent / PLOTS_FOLDER).name}" for c, p in plots.items()}
+        write_card(target, report, base=base, model_name=name, plots=links)
 
 
 def copy_plot(png: Path, folder: Path) -> Path:
@@ -403,8 +444,8 @@ def write_outputs(cfg: SweepConfig, units: list[Unit], states: dict[str, RunStat
         if res["report"] is None:
             continue
         try:
-            plots = save_plots_once(res["report"], plot_dir(cfg, res["slug"]), res["fp"])
-            write_cards(res, plots, cfg)
+            res["plots"] = save_plots_once(res["report"], plot_dir(cfg, res["slug"]), res["fp"])
+            write_cards(res, res["plots"], cfg)
         except Exception as exc:  # a card or plot problem is reported, not fatal
             res["error"] = f"card/plots: {one_line(exc)}"
             print(f"hf-flag sweep: {res['name']}: {res['error']}", file=sys.stderr)
@@ -413,20 +454,65 @@ def write_outputs(cfg: SweepConfig, units: list[Unit], states: dict[str, RunStat
     return results
 
 
-def push_results(cfg: SweepConfig, results: list[dict[str, Any]]) -> None:
-    """``--push-to-hub``: the dataset to ``cfg.push_to_hub``, card PRs to models with a Hub id. Uses
-    huggingface_hub's own token resolution: the token never passes through this code."""
+def dataset_card(results: Sequence[dict[str, Any]]) -> str:
+    """README.md of the results dataset repo: what it holds and where each model's weights came from."""
+    from hf_flag import __version__
+    from hf_flag.integrations.cards import DOCS_URL, card_model_name
+
+    lines = ["---", "tags:", "- hf-flag", "- weight-geometry", "---", "", "# hf-flag weight-geometry results", "",
+             f"One row per pair of weights (or pair of attention heads) of each model, from [hf-flag]({DOCS_URL}) "
+             f"{__version__}; every value has its random baseline beside it (`<metric>_baseline`). The columns "
+             "`weights_source`, `weights_sha`, `weights_format` and `storage_dtypes` say which weights each row was "
+             "read from.", "", "| model | weights source | commit | format | storage |", "|---|---|---|---|---|"]
+    for res in results:
+        if res["report"] is not None:
+            cols = provenance_columns(res["report"])
+            lines.append(f"| {card_model_name(res['report'], res['spec'].name)} | {cols['weights_source'] or 'local'} "
+                         f"| {cols['weights_sha'][:12] or '-'} | {cols['weights_format']} | {cols['storage_dtypes']} |")
+    return "\n".join(lines) + "\n"
+
+
+def push_results(cfg: SweepConfig, results: list[dict[str, Any]], *, dry_run: bool = False) -> int:
+    """``--push-to-hub``: each model's card to its Hub repo (:func:`~hf_flag.integrations.cards.push_card`) and,
+    with a repo id, the dataset to that dataset repo.  Returns the number of cards not pushed (derived weights
+    without ``--allow-derived``, no Hub name).  huggingface_hub resolves the token: it passes through no code here."""
     import datasets
 
-    from hf_flag.integrations.cards import push_card_pr
+    from hf_flag.integrations.cards import DerivedWeightsError, card_model_name, push_card, push_dataset
 
-    datasets.load_from_disk(str(cfg.out / "dataset")).push_to_hub(cfg.push_to_hub)
+    if isinstance(cfg.push_to_hub, str):
+        if dry_run:
+            print(f"hf-flag sweep: dry run: would upload the results dataset to dataset repo {cfg.push_to_hub}",
+                  file=sys.stderr)
+        else:
+            parquet = cfg.out / "dataset.parquet"
+            atomic_write(parquet, lambda p: datasets.load_from_disk(str(cfg.out / "dataset")).to_parquet(str(p)))
+            url = push_dataset(cfg.push_to_hub, parquet, dataset_card(results))
+            print(f"hf-flag sweep: results dataset uploaded: {url}", file=sys.stderr)
+    not_pushed = 0
     for res in results:
-        spec = res["spec"]
-        repo_id = spec.name or (spec.path if not Path(spec.path).exists() else None)
-        if res["report"] is not None and repo_id:
-            url = push_card_pr(repo_id, res["report"])
-            print(f"hf-flag sweep: opened card pull request {url}", file=sys.stderr)
+        report = res["report"]
+        if report is None:
+            continue
+        repo_id = card_model_name(report, res["spec"].name)
+        if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id):
+            print(f"hf-flag sweep: {res['name']}: card not pushed: no Hub repo name; give the model one "
+                  f"({{path: ..., name: org/name}} in the config)", file=sys.stderr)
+            not_pushed += 1
+            continue
+        try:
+            kind, text = push_card(repo_id, report, plots=res.get("plots"), create_pr=cfg.create_pr,
+                                   dry_run=dry_run, allow_derived=cfg.allow_derived)
+        except DerivedWeightsError as exc:
+            print(f"hf-flag sweep: {repo_id}: card not pushed: {exc}", file=sys.stderr)
+            not_pushed += 1
+            continue
+        if kind == "dry-run":
+            print(f"# hf-flag sweep: dry run: card of {repo_id}\n{text}", end="")
+        else:
+            print(f"hf-flag sweep: {repo_id}: card {'committed' if kind == 'commit' else 'pull request opened'}: "
+                  f"{text}", file=sys.stderr)
+    return not_pushed
 
 
 @contextlib.contextmanager
@@ -484,11 +570,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return EXIT_OK
         results = write_outputs(cfg, units, states)
     if cfg.push_to_hub:
+        target = cfg.push_to_hub if isinstance(cfg.push_to_hub, str) else ""
         try:
-            push_results(cfg, results)
+            if push_results(cfg, results, dry_run=args.dry_run):
+                return EXIT_INCOMPLETE
         except Exception as exc:  # noqa: BLE001 - network / token / permission: one line, results stay on disk
-            print(f"hf-flag sweep: error: --push-to-hub {cfg.push_to_hub}: {one_line(exc)}; the results are in "
-                  f"{cfg.out} (push them again with the same command once the Hub is reachable)", file=sys.stderr)
+            print(f"hf-flag sweep: error: --push-to-hub {target}".rstrip() + f": {one_line(exc)}; the results are "
+                  f"in {cfg.out} (push them again with the same command once the Hub is reachable)", file=sys.stderr)
             return EXIT_INCOMPLETE
     bad = [r for r in results if r["status"] != "done"]
     for r in bad:
