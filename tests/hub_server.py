@@ -140,7 +140,7 @@ class HubServer:
             body = req.rfile.read(int(req.headers.get("Content-Length") or 0))
         try:
             self.route(req, method, path, query, body)
-        except (BrokenPipeError, ConnectionResetError):
+        except OSError:  # the client went away (a killed download)
             pass
 
     def token(self, req) -> Optional[str]:
