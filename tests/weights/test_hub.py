@@ -144,3 +144,17 @@ def test_weight_file_choice():
         "config.json", "pytorch_model.bin"]
     with pytest.raises(WeightSourceError, match=r"^Hub model 'o/m' has no weights hf-flag reads"):
         hub_module.weight_files("o/m", ["README.md"])
+
+
+def test_cli_analyze_hub_id_at_a_revision_reports_its_sha(hub, tmp_path, capsys):
+    from hf_flag.cli import main
+
+    first = hub.add_repo(REPO, checkpoint_files(tmp_path, seed=0))
+    hub.add_repo(REPO, checkpoint_files(tmp_path, seed=1))
+    assert main(["analyze", REPO, "--revision", first, "--diagnostics", "mlp", "--json"]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads(printed[printed.index("{\n"):])  # an imported library may print a line first
+    assert report["model"] == REPO and report["params"]["provenance"]["sha"] == first
+    assert main(["analyze", "tiny-org/absent", "--diagnostics", "mlp"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("hf-flag: error: Hub model 'tiny-org/absent' was not found")
