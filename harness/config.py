@@ -17,6 +17,7 @@ YAML keys (all optional; command-line arguments override them, command-line mode
     push_to_hub: null       # true: push the cards; a dataset repo id: the cards and the results dataset there
     create_pr: false        # open card pull requests even where the token could commit
     allow_derived: false    # push cards computed from derived weights (GGUF, local copies) to the named repo
+    max_disk: null          # GB: stream sharded Hub checkpoints shard by shard within this much disk
     merge_timeout: 86400    # seconds rank 0 waits for the other ranks' results
 
 A malformed file raises :class:`ConfigError` (a ``ValueError``) with one line naming the key and what to write.
@@ -74,6 +75,7 @@ class SweepConfig:
     push_to_hub: Optional[str | bool] = None  # True: cards only; "org/name": cards and the dataset there
     create_pr: bool = False
     allow_derived: bool = False
+    max_disk: Optional[float] = None  # GB of shards a streamed Hub checkpoint may hold on disk
     merge_timeout: float = DEFAULT_MERGE_TIMEOUT
     analyze_kwargs: dict = field(default_factory=dict)  # extra keyword arguments for analyze (tests, benchmarks)
 
@@ -147,12 +149,15 @@ def _validate(key: str, value: Any) -> tuple[str, Any]:
         ok = value is None or value is True or (isinstance(value, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", value)
                                                  is not None)
         return key, _check(key, value, ok, "true (cards only), a dataset repo id like org/name, or null")
+    if key == "max_disk":
+        ok = value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0)
+        return key, None if value is None else float(_check(key, value, ok, "a positive number of GB, or null"))
     if key == "merge_timeout":
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
         return key, float(_check(key, value, ok, "a positive number of seconds"))
     raise ConfigError(f"config key {key!r} is unknown; known keys: models, out, diagnostics, composition, cheap, "
                       f"device, split_layers, write_model_cards, cards_dir, push_to_hub, create_pr, allow_derived, "
-                      f"merge_timeout")
+                      f"max_disk, merge_timeout")
 
 
 def parse_config(data: Any, *, source: str = "config") -> dict[str, Any]:

@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --push-to-hub: also push cards computed from derived weights (GGUF, local copies)")
     p.add_argument("--dry-run", action="store_true", dest="dry_run",
                    help="with --push-to-hub: print each card's diff and what would be pushed; push nothing")
+    p.add_argument("--max-disk", type=float, metavar="GB", dest="max_disk",
+                   help="stream sharded Hub checkpoints shard by shard, holding at most GB of shards on disk")
     p.add_argument("--revision", help="branch, tag or commit sha of the MODEL Hub ids (default: main)")
     p.add_argument("--gguf-file", dest="gguf_file", help="which .gguf of a GGUF Hub repo (default: the finest "
                                                           "storage, see hf_flag.weights.hub)")
@@ -120,7 +122,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> tuple[SweepConfig, argparse.Nam
     file_values = load_config(args.config) if args.config else {}
     cli = {k: getattr(args, k) for k in ("diagnostics", "composition", "cheap", "device", "split_layers",
                                          "write_model_cards", "cards_dir", "push_to_hub", "create_pr",
-                                         "allow_derived", "merge_timeout")}
+                                         "allow_derived", "max_disk", "merge_timeout")}
     cli_checked = parse_config({k: v for k, v in cli.items() if v is not None}, source="arguments")
     if args.out:
         cli_checked["out"] = Path(args.out)
@@ -155,17 +157,18 @@ def resolve_device(policy: str, local_rank: int) -> str:
 # ------------------------------------------------------------------------------------------------- the work
 
 
-def open_source(spec: ModelSpec):
+def open_source(spec: ModelSpec, cfg_max_disk: Optional[float] = None):
     """The model's :class:`~hf_flag.weights.weight_source.WeightSource` (a Hub id is fetched at its revision)."""
     from hf_flag.weights.sources import open_weights
 
-    return open_weights(spec.path, revision=spec.revision, gguf_file=spec.gguf_file)
+    max_disk = None if cfg_max_disk is None else int(cfg_max_disk * 1e9)
+    return open_weights(spec.path, revision=spec.revision, gguf_file=spec.gguf_file, max_disk_bytes=max_disk)
 
 
-def model_size(spec: ModelSpec) -> int:
+def model_size(spec: ModelSpec, max_disk: Optional[float] = None) -> int:
     """Bytes of the model's stored weights from headers only (0 when it cannot be opened: it fails later)."""
     try:
-        source = open_source(spec)
+        source = open_source(spec, max_disk)
     except Exception:  # the error is recorded when the model is run
         return 0
     try:
@@ -176,11 +179,11 @@ def model_size(spec: ModelSpec) -> int:
         source.close()
 
 
-def count_layers(spec: ModelSpec) -> int:
+def count_layers(spec: ModelSpec, max_disk: Optional[float] = None) -> int:
     """Number of transformer blocks, from the config and tensor names (no tensor data read)."""
     from hf_flag.weights.adapters import get_adapter
 
-    source = open_source(spec)
+    source = open_source(spec, max_disk)
     try:
         keys = source.keys()
         return get_adapter(source.config, keys).layout(source.config, keys).n_layers
@@ -207,7 +210,7 @@ def run_unit(unit: Unit, cfg: SweepConfig, *, device: str, rank: int) -> RunStat
 
     schedule.mark_started(unit.run_dir, unit.fp, rank)
     try:
-        with open_source(unit.spec) as source:
+        with open_source(unit.spec, cfg.max_disk) as source:
             report = analyze(source, device=device, diagnostics=cfg.diagnostics, layers=unit.layers,
                              cheap=cfg.cheap, composition=cfg.composition, name=unit.spec.label,
                              **cfg.analyze_kwargs)
@@ -250,9 +253,9 @@ def model_units(cfg: SweepConfig) -> list[Unit]:
             for spec, slug in zip(cfg.models, slugs(cfg.models))]
 
 
-def shard_units(model: Unit, world_size: int) -> list[Unit]:
+def shard_units(model: Unit, world_size: int, max_disk: Optional[float] = None) -> list[Unit]:
     """The layer shards of ``model`` (shard ``k`` is run by rank ``k``); raises if its layers cannot be counted."""
-    shards = schedule.shard_layers(count_layers(model.spec), world_size)
+    shards = schedule.shard_layers(count_layers(model.spec, max_disk), world_size)
     return [Unit(model.spec, model.slug, model.run_dir / "shards" / f"{k}-of-{len(shards)}",
                  schedule.fingerprint({"model": model.fp, "layers": layers}), tuple(layers))
             for k, layers in enumerate(shards)]
@@ -267,7 +270,7 @@ def _bar(total: int, rank: int, desc: str):
 def sweep_models(units: list[Unit], cfg: SweepConfig, *, rank: int, world: int, device: str) -> dict[str, RunState]:
     """Whole-model mode: run this rank's share; rank 0 then waits for everyone's. Returns slug -> state (rank 0)."""
     by_slug = {u.slug: u for u in units}
-    sizes = {u.slug: model_size(u.spec) for u in units}
+    sizes = {u.slug: model_size(u.spec, cfg.max_disk) for u in units}
     mine = schedule.assign_models(sizes, world)[rank]
     with _bar(len(units), rank, "models") as bar:
         for slug in mine:
@@ -285,7 +288,7 @@ def sweep_models(units: list[Unit], cfg: SweepConfig, *, rank: int, world: int, 
 
 def sweep_split(units: list[Unit], cfg: SweepConfig, *, rank: int, world: int, device: str) -> dict[str, RunState]:
     """Layer-split mode: every rank runs its shard of every model; rank 0 merges the shards of each model."""
-    sizes = {u.slug: model_size(u.spec) for u in units}
+    sizes = {u.slug: model_size(u.spec, cfg.max_disk) for u in units}
     order = [u for s in schedule.largest_first(sizes) for u in units if u.slug == s]
     shards: dict[str, list[Unit]] = {}
     with _bar(len(order), rank, "models (layer shards)") as bar:
@@ -294,7 +297,7 @@ def sweep_split(units: list[Unit], cfg: SweepConfig, *, rank: int, world: int, d
                 bar.update()
                 continue
             try:
-                shards[unit.slug] = shard_units(unit, world)
+                shards[unit.slug] = shard_units(unit, world, cfg.max_disk)
             except Exception as exc:
                 if rank == 0:
                     schedule.mark_failed(unit.run_dir, unit.fp, one_line(exc), model=unit.spec.label)

@@ -189,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--cheap", action="store_true", help="commutator ratio and imbalance only (no SVDs)")
     an.add_argument("--allow-pickle", action="store_true", help="allow .bin/.pt checkpoints (weights_only)")
     an.add_argument("--revision", help="branch, tag or commit sha of Hub ids (default: main)")
+    an.add_argument("--max-disk", type=float, metavar="GB", dest="max_disk",
+                    help="stream sharded Hub checkpoints shard by shard within GB of disk")
     an.add_argument("--gguf-file", dest="gguf_file", help="which .gguf of a GGUF Hub repo (default: the finest storage)")
     an.add_argument("--json", action="store_true", help="print the report JSON instead of the table")
     for command, (module, func) in DISPATCH.items():  # listed for --help; main() hands their argv over verbatim
@@ -211,8 +213,8 @@ def run_analyze(args: argparse.Namespace) -> int:
     if args.diagnostics:
         diagnostics = {d.strip() for d in args.diagnostics.split(",") if d.strip()}
     for model in models:
-        with open_weights(model, allow_pickle=args.allow_pickle, revision=args.revision,
-                          gguf_file=args.gguf_file) as source:
+        with open_weights(model, allow_pickle=args.allow_pickle, revision=args.revision, gguf_file=args.gguf_file,
+                          max_disk_bytes=None if args.max_disk is None else int(args.max_disk * 1e9)) as source:
             report = analyze(
                 source, device=args.device, dtype=getattr(torch, args.dtype), diagnostics=diagnostics,
                 layers=args.layers, cheap=args.cheap, composition=args.composition, progress=True,

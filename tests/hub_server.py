@@ -6,7 +6,8 @@ huggingface_hub's own code: ``hf_api.py``, ``file_download.py``, ``_commit_api.p
 
 * ``GET /api/{models,datasets}/{repo}`` and ``.../revision/{rev}``: repo info with ``sha`` and ``siblings``;
 * ``HEAD|GET /{repo}/resolve/{rev}/{path}`` (datasets: ``/datasets/{repo}/resolve/...``): ``X-Repo-Commit``,
-  ``ETag`` (sha256 of the bytes), ``Content-Length``; ``Range: bytes=N-`` gives 206 with ``Content-Range``;
+  ``ETag`` (sha256 of the bytes), ``Content-Length``; ``Range: bytes=N-`` or ``bytes=N-M`` gives 206 with
+  ``Content-Range`` (resumed downloads; safetensors headers read without the data);
 * ``POST /api/validate-yaml``, ``POST /api/{type}s/{repo}/preupload/{rev}`` (every file "regular", so contents
   travel inline), ``POST /api/{type}s/{repo}/commit/{rev}[?create_pr=1]`` (NDJSON: header + base64 files),
   ``POST /api/repos/create``;
@@ -236,11 +237,12 @@ class HubServer:
             return self.error(req, 404, "EntryNotFound", f"{file} does not exist", head, {"X-Repo-Commit": sha})
         headers = {"X-Repo-Commit": sha, "ETag": f'"{hashlib.sha256(data).hexdigest()}"',
                    "Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
-        start = 0
-        match = re.fullmatch(r"bytes=(\d+)-", req.headers.get("Range") or "")
+        start, stop = 0, len(data)
+        match = re.fullmatch(r"bytes=(\d+)-(\d*)", req.headers.get("Range") or "")
         if match and not head:
             start = int(match.group(1))
-            headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
+            stop = min(len(data), int(match.group(2)) + 1) if match.group(2) else len(data)
+            headers["Content-Range"] = f"bytes {start}-{stop - 1}/{len(data)}"
         if head:
             return self.send(req, 200, data, headers, head=True)
         key = (repo_id, file)
@@ -248,11 +250,11 @@ class HubServer:
         req.send_response(206 if match else 200)
         for k, v in headers.items():
             req.send_header(k, v)
-        req.send_header("Content-Length", str(len(data) - start))
+        req.send_header("Content-Length", str(stop - start))
         req.end_headers()
         cut = drop if drop is not None else stall
         if cut is None:
-            req.wfile.write(data[start:])
+            req.wfile.write(data[start:stop])
             return
         req.wfile.write(data[start:start + cut])
         req.wfile.flush()

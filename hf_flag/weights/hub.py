@@ -51,6 +51,7 @@ class HubSnapshot:
     sha: str  # the commit the files belong to
     files: tuple[str, ...]  # repo paths fetched, config first
     folder: Path  # the snapshot folder holding them
+    sizes: dict  # repo path -> bytes (None where the Hub did not say), every file of the commit
 
     def provenance(self, file_format: str) -> dict:
         return {"source": "hub", "repo_id": self.repo_id, "revision": self.revision or "main", "sha": self.sha,
@@ -119,32 +120,37 @@ def shard_names(index_path: Path) -> list[str]:
                                 f"index is broken, pass a local folder instead") from None
 
 
+def offline() -> bool:
+    """huggingface_hub's offline switch (``HF_HUB_OFFLINE``)."""
+    from huggingface_hub import constants
+
+    return constants.is_offline_mode()
+
+
 def resolve(repo_id: str, *, revision: Optional[str] = None, gguf_file: Optional[str] = None,
             allow_pickle: bool = False, shards: bool = True) -> HubSnapshot:
     """Fetch (or find in the cache) the files the analysis reads; see the module docstring.
 
     ``shards=False`` fetches the config and the index only (the streaming source fetches shards itself).
     """
-    from huggingface_hub import constants
-
-    if constants.is_offline_mode():
+    if offline():
         sha, names = _cached_listing(repo_id, revision, reason="HF_HUB_OFFLINE is set")
     else:
         try:
             sha, names = _remote_listing(repo_id, revision)
         except transport_errors() as exc:
             sha, names = _cached_listing(repo_id, revision, reason=f"the Hub is unreachable ({_first_line(exc)})")
-    files = weight_files(repo_id, names, gguf_file=gguf_file, allow_pickle=allow_pickle)
-    paths = [_download(repo_id, sha, f) for f in files]
+    files = weight_files(repo_id, list(names), gguf_file=gguf_file, allow_pickle=allow_pickle)
+    paths = [download(repo_id, sha, f) for f in files]
     _remember_ref(repo_id, revision or "main", sha)
     if shards and files[-1].endswith(".index.json"):
         for shard in shard_names(paths[-1]):
             files.append(shard)
-            paths.append(_download(repo_id, sha, shard))
-    return HubSnapshot(repo_id, revision, sha, tuple(files), Path(paths[0]).parent)
+            paths.append(download(repo_id, sha, shard))
+    return HubSnapshot(repo_id, revision, sha, tuple(files), Path(paths[0]).parent, names)
 
 
-def _remote_listing(repo_id: str, revision: Optional[str]) -> tuple[str, list[str]]:
+def _remote_listing(repo_id: str, revision: Optional[str]) -> tuple[str, dict[str, Optional[int]]]:
     from huggingface_hub import HfApi
 
     try:
@@ -153,10 +159,10 @@ def _remote_listing(repo_id: str, revision: Optional[str]) -> tuple[str, list[st
         raise
     except Exception as exc:  # noqa: BLE001 - mapped to one line below, or re-raised (internal errors)
         raise _hub_error(repo_id, revision, exc) from None
-    return info.sha, [s.rfilename for s in info.siblings or []]
+    return info.sha, {s.rfilename: s.size for s in info.siblings or []}
 
 
-def _cached_listing(repo_id: str, revision: Optional[str], *, reason: str) -> tuple[str, list[str]]:
+def _cached_listing(repo_id: str, revision: Optional[str], *, reason: str) -> tuple[str, dict[str, Optional[int]]]:
     """Commit sha and files of ``repo_id`` at ``revision`` in the local cache, or a one-line error."""
     storage = _storage(repo_id)
     rev = revision or "main"
@@ -169,8 +175,7 @@ def _cached_listing(repo_id: str, revision: Optional[str], *, reason: str) -> tu
         at = f" at revision {revision!r}" if revision else ""
         raise WeightSourceError(f"Hub model {repo_id!r}{at} is not in the HF cache ({hf_cache_dir()}) and "
                                 f"{reason}; connect (or unset HF_HUB_OFFLINE) to download it, or pass a local folder")
-    names = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
-    return sha, names
+    return sha, {p.relative_to(folder).as_posix(): p.stat().st_size for p in folder.rglob("*") if p.is_file()}
 
 
 def _remember_ref(repo_id: str, revision: str, sha: str) -> None:
@@ -189,12 +194,12 @@ def _storage(repo_id: str) -> Path:
     return hf_cache_dir() / ("models--" + repo_id.replace("/", "--"))
 
 
-def _download(repo_id: str, sha: str, filename: str) -> str:
-    from huggingface_hub import constants, hf_hub_download
+def download(repo_id: str, sha: str, filename: str) -> str:
+    from huggingface_hub import hf_hub_download
 
     try:
         return hf_hub_download(repo_id, filename, revision=sha, cache_dir=str(hf_cache_dir()),
-                               local_files_only=constants.is_offline_mode())
+                               local_files_only=offline())
     except transport_errors() as exc:
         raise WeightSourceError(f"download of {filename!r} from Hub model {repo_id!r} failed: the connection dropped "
                                 f"({_first_line(exc)}); rerun the same command to resume (finished files stay in the "

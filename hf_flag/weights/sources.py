@@ -34,6 +34,7 @@ from hf_flag.weights.gguf_source import GGUFSource
 from hf_flag.weights.module_source import ModuleSource
 from hf_flag.weights.pickle_source import TorchPickleSource
 from hf_flag.weights.safetensors_source import SafetensorsSource
+from hf_flag.weights.streaming import StreamingHubSource
 from hf_flag.weights.weight_source import WeightSource
 
 __all__ = ["open_weights", "WeightSource", "ModuleSource", "SafetensorsSource", "GGUFSource", "TorchPickleSource",
@@ -46,11 +47,13 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
 
 def open_weights(model_or_path: Union[str, os.PathLike, nn.Module, WeightSource], *, allow_pickle: bool = False,
-                 revision: Optional[str] = None, gguf_file: Optional[str] = None) -> WeightSource:
+                 revision: Optional[str] = None, gguf_file: Optional[str] = None,
+                 max_disk_bytes: Optional[int] = None) -> WeightSource:
     """Open a model's weights for lazy, one-tensor-at-a-time reading (see the module docstring for inputs).
 
-    ``revision`` (branch, tag or commit sha) and ``gguf_file`` (which ``.gguf`` of a GGUF repo) apply to Hub ids
-    only.  Raises :class:`WeightSourceError` for a missing path, a folder without weights, a corrupt or truncated
+    ``revision`` (branch, tag or commit sha), ``gguf_file`` (which ``.gguf`` of a GGUF repo) and ``max_disk_bytes``
+    (a sharded safetensors repo is then streamed shard by shard within that many bytes of disk:
+    :class:`~hf_flag.weights.streaming.StreamingHubSource`) apply to Hub ids only.  Raises :class:`WeightSourceError` for a missing path, a folder without weights, a corrupt or truncated
     checkpoint, a Hub id that cannot be fetched (one line naming the repo and the remedy), or pickle files without
     ``allow_pickle=True``.
     """
@@ -76,7 +79,16 @@ def open_weights(model_or_path: Union[str, os.PathLike, nn.Module, WeightSource]
         raise WeightSourceError(f"model path {text!r} does not exist; check the path (or pass a Hub id such as "
                                 f"org/name)")
     else:
-        snapshot = hub.resolve(text, revision=revision, gguf_file=gguf_file, allow_pickle=allow_pickle)
+        stream = max_disk_bytes is not None and not hub.offline()  # offline, every shard is in the cache already
+        snapshot = hub.resolve(text, revision=revision, gguf_file=gguf_file, allow_pickle=allow_pickle,
+                               shards=not stream)
+        if stream and snapshot.files[-1] == hub.SAFETENSORS_INDEX:
+            source = StreamingHubSource(snapshot, config=read_config(snapshot.folder), max_bytes=max_disk_bytes,
+                                        sizes=snapshot.sizes)
+            source.provenance = {**snapshot.provenance("safetensors"), "max_disk_bytes": int(max_disk_bytes)}
+            return source
+        if stream and snapshot.files[-1].endswith(".index.json"):  # a pickle index: not streamed
+            snapshot = hub.resolve(text, revision=revision, gguf_file=gguf_file, allow_pickle=allow_pickle)
         weights = [f for f in snapshot.files if f != hub.CONFIG]
         target = snapshot.folder / weights[0]
         if len(weights) > 1 and not target.name.endswith(".index.json"):
@@ -93,8 +105,8 @@ def open_weights(model_or_path: Union[str, os.PathLike, nn.Module, WeightSource]
 
 def file_format(source: WeightSource) -> str:
     """``"safetensors"``, ``"gguf"``, ``"pickle"`` or ``"module"``: the storage format ``source`` reads."""
-    formats = {SafetensorsSource: "safetensors", GGUFSource: "gguf", TorchPickleSource: "pickle",
-               ModuleSource: "module"}
+    formats = {SafetensorsSource: "safetensors", StreamingHubSource: "safetensors", GGUFSource: "gguf",
+               TorchPickleSource: "pickle", ModuleSource: "module"}
     return next(v for k, v in formats.items() if isinstance(source, k))
 
 

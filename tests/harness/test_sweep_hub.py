@@ -174,3 +174,16 @@ def test_download_killed_half_way_resumes_without_fetching_finished_shards(hub, 
     assert [len(hub.gets("/" + s)) for s in shards] == [1, 1, 2, 1, 1]  # only the killed shard again
     got = report_of(out, "tiny-org--tiny-llama")
     assert got.params["provenance"]["sha"] == sha and same_rows(got, analyze(local, diagnostics={"mlp"}))
+
+
+def test_max_disk_sweep_equals_the_full_copy_and_leaves_no_shard(hub, hub_models, tmp_path):
+    local, sha = hub_models[LLAMA]
+    sizes = sorted(p.stat().st_size for p in local.glob("*.safetensors"))
+    budget_gb = (sizes[-1] + sizes[-2]) / 1e9
+    out = tmp_path / "out"
+    assert sweep.main([LLAMA, "--max-disk", repr(budget_gb), "--out", str(out), *ARGS]) == 0
+    got = report_of(out, "tiny-org--tiny-llama")
+    assert got.params["provenance"]["max_disk_bytes"] == int(budget_gb * 1e9)
+    reference = analyze(local, composition="adjacent")
+    assert same_rows(got, reference) and got.summary == reference.summary
+    assert not list(hub.cache.rglob("*.safetensors"))  # streamed shards are gone from the cache

@@ -158,3 +158,31 @@ def test_cli_analyze_hub_id_at_a_revision_reports_its_sha(hub, tmp_path, capsys)
     assert main(["analyze", "tiny-org/absent", "--diagnostics", "mlp"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("hf-flag: error: Hub model 'tiny-org/absent' was not found")
+
+
+def test_max_disk_streams_shard_by_shard_with_values_of_the_full_copy(hub, tmp_path):
+    from hf_flag.analyze import analyze
+
+    files = checkpoint_files(tmp_path)
+    hub.add_repo(REPO, files)
+    shards = hub_module.shard_names(tmp_path / "ckpt-0" / "model.safetensors.index.json")
+    sizes = [len(files[s]) for s in shards]
+    budget = sorted(sizes)[-1] + sorted(sizes)[-2]  # room for the two largest shards, not for the model
+    assert budget < sum(sizes)
+    with open_weights(REPO, max_disk_bytes=budget) as src:
+        assert provenance(src)["max_disk_bytes"] == budget and src.nbytes() == sum(sizes)
+        streamed = analyze(src, composition="adjacent")
+        weight_map = json.loads(files["model.safetensors.index.json"])["weight_map"]
+        blocks = {shard for name, shard in weight_map.items() if name.startswith("model.layers.")}
+        assert 0 < src.peak_bytes <= budget and set(src.fetches) == blocks  # embeddings-only shards: never fetched
+        fetches = list(src.fetches)
+    snapshot = hub.cache / f"models--{REPO.replace('/', '--')}" / "snapshots"
+    assert not [p for p in snapshot.rglob("*.safetensors")]  # every fetched shard evicted at close
+    full = analyze(tmp_path / "ckpt-0", composition="adjacent")
+    assert [(r.kind, r.layer, r.source, r.target, r.values) for r in streamed.rows] == [
+        (r.kind, r.layer, r.source, r.target, r.values) for r in full.rows]
+    assert streamed.summary == full.summary
+    assert len([h for h in hub.gets(".safetensors") if not h.get("Range", "").startswith("bytes=0-")
+                and not h.get("Range", "").startswith("bytes=8-")]) == len(fetches)
+    with pytest.raises(WeightSourceError, match=r"^--max-disk 1e-06 GB is smaller than shard .* raise --max-disk"):
+        open_weights(REPO, max_disk_bytes=1000)
