@@ -2,7 +2,7 @@
 
 YAML keys (all optional; command-line arguments override them, command-line models are added to them)::
 
-    models:                 # Hub ids, local folders / files, or {path: ..., name: org/name, revision: ..., gguf_file: ...}
+    models:                 # Hub ids, local folders / files, or {path:, name: org/name, revision:, gguf_file:}
       - sentence-transformers/all-MiniLM-L6-v2
       - {path: ./my-model, name: me/my-model}
       - {path: Qwen/Qwen2.5-0.5B, revision: 060db6499f32faf8b98477b0a26969ef7d8b9987}

@@ -39,7 +39,8 @@ BY_LAYER_PLOTS = {
                          "shared flag directions\n(intersection dimension)"),
 }
 #: why a pair row has no value of a metric (shown in the panel instead of a silent gap)
-MISSING_WHY = {"intersection_dim": "the two flags share no cut below\nthe hidden dimension (no clear singular-value gap)",
+MISSING_WHY = {"intersection_dim": "the two flags share no cut below\n"
+                                   "the hidden dimension (no clear singular-value gap)",
                "commutator_ratio": "not computed for these rows"}
 WINDOW_KEYS = ("window_in", "window_out")
 HEAD_OVERLAP_KIND = "head_overlap_o"
@@ -202,8 +203,8 @@ def save_plots(report: Report, out_dir: str | Path) -> dict[str, Path]:
     out_dir = Path(out_dir)
     figures = {HEAD_OVERLAP_CAPTION: (HEAD_OVERLAP_KIND, figure_head_overlap(report))}
     for stem, (caption, metric, ylabel) in BY_LAYER_PLOTS.items():
-        figures[caption] = (stem, figure_by_layer(report, metric, title=f"{short_name(report.model)}: {caption.lower()}",
-                                                  ylabel=ylabel))
+        title = f"{short_name(report.model)}: {caption.lower()}"
+        figures[caption] = (stem, figure_by_layer(report, metric, title=title, ylabel=ylabel))
     written = {}
     for caption, (stem, fig) in figures.items():
         if fig is None:

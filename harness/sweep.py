@@ -82,7 +82,7 @@ class Unit:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hf-flag sweep", description=__doc__.split("\n\n")[0])
-    p.add_argument("models", nargs="*", metavar="MODEL", help="Hub ids (local HF cache) or local folders/files")
+    p.add_argument("models", nargs="*", metavar="MODEL", help="Hub ids (fetched through the HF cache) or local folders/files")
     p.add_argument("--config", help="YAML sweep config (see harness/config.py)")
     p.add_argument("--out", help="output folder")
     p.add_argument("--diagnostics", nargs="+", help="subset of mlp vo residual heads composition (default: all)")
@@ -276,7 +276,12 @@ def sweep_models(units: list[Unit], cfg: SweepConfig, *, rank: int, world: int, 
         for slug in mine:
             unit = by_slug[slug]
             if schedule.run_state(unit.run_dir, unit.fp) not in (RunState.DONE, RunState.FAILED):
-                run_unit(unit, cfg, device=device, rank=rank)
+                run = run_unit
+                if cfg.max_disk is not None:
+                    from harness.stream import is_streamed, run_streamed
+
+                    run = run_streamed if is_streamed(unit.spec, cfg.max_disk) else run_unit
+                run(unit, cfg, device=device, rank=rank)
             bar.update()
         if rank != 0:
             return {}

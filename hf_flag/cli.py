@@ -191,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--revision", help="branch, tag or commit sha of Hub ids (default: main)")
     an.add_argument("--max-disk", type=float, metavar="GB", dest="max_disk",
                     help="stream sharded Hub checkpoints shard by shard within GB of disk")
-    an.add_argument("--gguf-file", dest="gguf_file", help="which .gguf of a GGUF Hub repo (default: the finest storage)")
+    an.add_argument("--gguf-file", dest="gguf_file",
+                    help="which .gguf of a GGUF Hub repo (default: the finest storage)")
     an.add_argument("--json", action="store_true", help="print the report JSON instead of the table")
     for command, (module, func) in DISPATCH.items():  # listed for --help; main() hands their argv over verbatim
         sub.add_parser(command, help=f"runs {module}.{func}(argv); see hf-flag {command} --help")

@@ -15,8 +15,8 @@ huggingface_hub's own code: ``hf_api.py``, ``file_download.py``, ``_commit_api.p
   ``RepositoryNotFoundError``), 403 ``GatedRepo`` for a gated one, 403 for a commit without write access, 404 with
   ``X-Error-Code`` ``RepoNotFound`` / ``RevisionNotFound`` / ``EntryNotFound``.
 
-Fault injection: ``drop_after[(repo, path)] = n`` sends ``n`` body bytes of the next GET of that file and closes the
-connection (once); ``stall_after[(repo, path)] = n`` sends ``n`` bytes and then blocks until the test releases
+Fault injection (downloads only, not closed-range header reads): ``drop_after[(repo, path)] = n`` sends ``n`` body
+bytes of the next GET of that file and closes the connection (once); ``stall_after[(repo, path)] = n`` sends ``n`` bytes and then blocks until the test releases
 ``stall_release`` (a process killed meanwhile leaves a half-downloaded file).  ``log`` records every request.
 """
 from __future__ import annotations
@@ -246,7 +246,9 @@ class HubServer:
         if head:
             return self.send(req, 200, data, headers, head=True)
         key = (repo_id, file)
-        drop, stall = self.drop_after.pop(key, None), self.stall_after.pop(key, None)
+        drop = stall = None
+        if not (match and match.group(2)):  # faults hit downloads, not header reads (closed ranges)
+            drop, stall = self.drop_after.pop(key, None), self.stall_after.pop(key, None)
         req.send_response(206 if match else 200)
         for k, v in headers.items():
             req.send_header(k, v)

@@ -111,10 +111,10 @@ def weight_files(repo_id: str, names: Sequence[str], *, gguf_file: Optional[str]
 
 
 def shard_names(index_path: Path) -> list[str]:
-    """The shard files a ``*.index.json`` names, in order of first appearance."""
+    """The shard files a ``*.index.json`` names, sorted (``model-00001-of-0000N...``: the checkpoint's layer order)."""
     try:
         weight_map = json.loads(Path(index_path).read_text(encoding="utf-8"))["weight_map"]
-        return list(dict.fromkeys(weight_map.values()))
+        return sorted(set(weight_map.values()))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise WeightSourceError(f"shard index {Path(index_path).name!r} is not a valid index ({exc}); the repo's "
                                 f"index is broken, pass a local folder instead") from None

@@ -53,7 +53,8 @@ def open_weights(model_or_path: Union[str, os.PathLike, nn.Module, WeightSource]
 
     ``revision`` (branch, tag or commit sha), ``gguf_file`` (which ``.gguf`` of a GGUF repo) and ``max_disk_bytes``
     (a sharded safetensors repo is then streamed shard by shard within that many bytes of disk:
-    :class:`~hf_flag.weights.streaming.StreamingHubSource`) apply to Hub ids only.  Raises :class:`WeightSourceError` for a missing path, a folder without weights, a corrupt or truncated
+    :class:`~hf_flag.weights.streaming.StreamingHubSource`) apply to Hub ids only.
+    Raises :class:`WeightSourceError` for a missing path, a folder without weights, a corrupt or truncated
     checkpoint, a Hub id that cannot be fetched (one line naming the repo and the remedy), or pickle files without
     ``allow_pickle=True``.
     """

@@ -58,6 +58,11 @@ class StreamingHubSource(WeightSource):
     def keys(self) -> list[str]:
         return list(self._info)
 
+    def shard_of(self, name: str) -> int:
+        """Position (in :attr:`shards`, sorted file names: layer order) of the shard holding tensor ``name``."""
+        self._check_key(name)
+        return self.shards.index(self._info[name][0])
+
     def shape(self, name: str) -> tuple[int, ...]:
         self._check_key(name)
         return self._info[name][2]

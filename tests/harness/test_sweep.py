@@ -85,7 +85,9 @@ def test_one_process_records_failures_and_matches_analyze(one_process, tiny_mode
         numbers = {k for k, v in w.items() if isinstance(v, float)}
         assert {k: g[k] for k in w if k not in numbers} == {k: v for k, v in w.items() if k not in numbers}
         assert {k: g[k] for k in numbers} == pytest.approx({k: w[k] for k in numbers}, rel=1e-12, abs=1e-15)
-        assert all(g[k] is None for k in set(g) - set(w))
+        provenance = set(sweep.provenance_columns(Report("", "")))  # where the weights came from, on every row
+        assert all(g[k] is None for k in set(g) - set(w) - provenance)
+        assert (g["weights_format"], g["weights_sha"]) == ("safetensors", "") and g["hf_flag_version"]
     assert {r["model"] for r in rows(one_process)} == {str(tiny_models[n]) for n in ("gpt2", "llama", "bert")}
 
 

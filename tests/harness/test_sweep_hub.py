@@ -187,3 +187,51 @@ def test_max_disk_sweep_equals_the_full_copy_and_leaves_no_shard(hub, hub_models
     reference = analyze(local, composition="adjacent")
     assert same_rows(got, reference) and got.summary == reference.summary
     assert not list(hub.cache.rglob("*.safetensors"))  # streamed shards are gone from the cache
+
+
+def test_max_disk_sweep_killed_and_resumed_never_refetches_finished_groups(hub, tmp_path):
+    """A 6-layer Llama in many small shards, streamed with room for two: the run is killed while a late shard
+    downloads; the rerun starts at the first unfinished group of layers, so the first shards are fetched once."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from harness.stream import layer_groups
+
+    torch.manual_seed(5)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=24, num_hidden_layers=6,
+                                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16))
+    local = tmp_path / "six"
+    model.save_pretrained(local, safe_serialization=True, max_shard_size="8KB")
+    hub.add_repo("tiny-org/six", folder_files(local))
+    shards = shard_names(local / "model.safetensors.index.json")
+    budget_gb = 2 * max(p.stat().st_size for p in local.glob("*.safetensors")) / 1e9
+    groups = layer_groups(sweep.ModelSpec("tiny-org/six"), budget_gb)
+    assert len(groups) >= 3 and sorted(i for g in groups for i in g) == list(range(6))
+    hub.log.clear()
+    late = shards[-2]  # a shard of the last layers
+    hub.stall_after[("tiny-org/six", late)] = 100
+    out = tmp_path / "out"
+    args = ["tiny-org/six", "--max-disk", repr(budget_gb), "--out", str(out), "--diagnostics", "mlp", "vo",
+            "residual"]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "harness.sweep", *args], cwd=REPO_ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert hub.stalled.wait(120)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+        hub.stall_release.set()
+    finished = sorted((out / "runs" / "tiny-org--six" / "streamed").glob("*/done.json"))
+    assert finished  # some groups were done before the kill
+    def data_gets(shard: str) -> list[dict]:  # downloads, not header reads
+        return [h for h in hub.gets("/" + shard) if not h.get("Range", "").startswith(("bytes=0-", "bytes=8-"))]
+
+    first = {s: len(data_gets(s)) for s in shards}
+    assert sweep.main(args) == 0
+    again = {s: len(data_gets(s)) - first[s] for s in shards}
+    assert again[shards[0]] == 0 and first[shards[0]] == 1  # the first shard: fetched once, before the kill
+    assert again[late] >= 1
+    got = report_of(out, "tiny-org--six")
+    reference = analyze(local, diagnostics={"mlp", "vo", "residual"})
+    assert same_rows(got, reference) and got.summary == reference.summary

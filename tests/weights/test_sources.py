@@ -240,7 +240,7 @@ def test_lazy_read_of_large_file_keeps_rss_small(tmp_path):
     assert grown < 32 * 2 ** 20, f"RSS grew by {grown / 2 ** 20:.0f} MiB reading a 64-byte tensor"
 
 
-# ---------------------------------------------------------------- Hub ids through the local cache only
+# ---------------------------------------------------------------- Hub ids from the local cache (offline)
 def _fake_hf_cache(root, repo_id: str, files_from) -> None:
     commit = "0123456789abcdef0123456789abcdef01234567"
     repo = root / ("models--" + repo_id.replace("/", "--"))
