@@ -26,11 +26,10 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from hf_flag.atomic import atomic_write
-from hf_flag.integrations.cards import KIND_LABELS
 from hf_flag.integrations.readings import layer_series
 from hf_flag.report import Report, baseline_key
+from hf_flag.rows import HEAD_OVERLAP_KINDS, KIND_LABELS, PAIR_KINDS, summarize
 
-PAIR_KINDS = ("mlp", "mlp_gate", "vo", "residual", "linear_chain")
 #: file stem -> (caption, metric, y-axis label in words) of the by-layer plots
 BY_LAYER_PLOTS = {
     "commutator_ratio": ("Commutator ratio by layer", "commutator_ratio",
@@ -43,7 +42,7 @@ MISSING_WHY = {"intersection_dim": "the two flags share no cut below\n"
                                    "the hidden dimension (no clear singular-value gap)",
                "commutator_ratio": "not computed for these rows"}
 WINDOW_KEYS = ("window_in", "window_out")
-HEAD_OVERLAP_KIND = "head_overlap_o"
+HEAD_OVERLAP_KIND = HEAD_OVERLAP_KINDS["o"]
 HEAD_OVERLAP_CAPTION = "Head write-subspace overlap per layer"
 BASELINE_COLOR = "tab:red"
 
@@ -79,8 +78,6 @@ def short_name(model: str) -> str:
 def figure_head_overlap(report: Report, kind: str = HEAD_OVERLAP_KIND) -> Optional[Figure]:
     """Grid of per-layer heatmaps (common colour scale, heads ticked), the baseline on the colour bar; ``None``
     without ``kind`` rows."""
-    from hf_flag.analyze import summarize
-
     mats = head_overlap_matrices(report, kind)
     if not mats:
         return None
@@ -233,7 +230,7 @@ def save_plots_once(report: Report, out_dir: str | Path, key: str) -> dict[str, 
         pass  # no usable manifest: plot
     written = save_plots(report, out_dir)
     if written:
-        from harness.schedule import atomic_write_json
+        from hf_flag.harness.schedule import atomic_write_json
 
         atomic_write_json(out_dir / MANIFEST, {"key": key, "plots": {c: p.name for c, p in written.items()}})
     return written

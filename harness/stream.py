@@ -6,20 +6,20 @@ Groups (:func:`layer_groups`): consecutive layers whose block tensors end in the
 file names, the layer order).  Every row of a layer reads only that layer and later ones (block l + 1 for residual and
 cross-layer rows, later layers' attention for composition), so a group needs no shard that holds only earlier
 layers.  Each group is one layer-shard unit (``DIR/runs/<slug>/streamed/<k>-of-<n>/``, the same markers as
-``--split-layers``' shards); the model's report is their merge (:func:`harness.sweep.merge_shards`, rows in
+``--split-layers``' shards); the model's report is their merge (:func:`hf_flag.rows.merge_shards`, rows in
 analyze's order, summary recomputed), equal to one whole-model run.
 """
 from __future__ import annotations
 
 from typing import Any
 
-from harness import schedule
-from harness.schedule import RunState
+from hf_flag.harness import schedule
+from hf_flag.harness.schedule import RunState
 
 
 def layer_groups(spec: Any, max_disk: float) -> list[list[int]]:
     """Consecutive layers grouped by the last checkpoint shard their block tensors are in."""
-    from harness.sweep import open_source
+    from hf_flag.harness.sweep import open_source
     from hf_flag.weights.adapters import get_adapter
 
     with open_source(spec, max_disk) as source:
@@ -40,7 +40,7 @@ def layer_groups(spec: Any, max_disk: float) -> list[list[int]]:
 def is_streamed(spec: Any, max_disk: float) -> bool:
     """Whether ``spec`` opens as a streamed (sharded Hub safetensors) source under ``--max-disk`` (False when it
     does not open: the whole-model run then records the error)."""
-    from harness.sweep import open_source
+    from hf_flag.harness.sweep import open_source
     from hf_flag.weights.streaming import StreamingHubSource
 
     try:
@@ -50,10 +50,13 @@ def is_streamed(spec: Any, max_disk: float) -> bool:
         return False
 
 
-def run_streamed(unit: Any, cfg: Any, *, device: str, rank: int) -> RunState:
+def run_streamed(ctx: Any, unit: Any) -> RunState:
     """Run ``unit`` (a whole model) group by group (module docstring); a failure is recorded, never raised."""
-    from harness.sweep import Unit, merge_shards, one_line, run_unit
+    from hf_flag.harness.sweep import Unit, one_line, run_unit
     from hf_flag.report import Report
+    from hf_flag.rows import merge_shards
+
+    cfg, rank = ctx.config, ctx.rank
 
     try:
         groups = layer_groups(unit.spec, cfg.max_disk)
@@ -66,7 +69,7 @@ def run_streamed(unit: Any, cfg: Any, *, device: str, rank: int) -> RunState:
     for part in parts:
         state = schedule.run_state(part.run_dir, part.fp)
         if state is not RunState.DONE:
-            state = run_unit(part, cfg, device=device, rank=rank)
+            state = run_unit(ctx, part)
         if state is RunState.FAILED:
             schedule.mark_failed(unit.run_dir, unit.fp, schedule.read_error(part.run_dir), model=unit.spec.label,
                                  shard=list(part.layers))

@@ -19,7 +19,8 @@ Model-index convention: ``task_type="weight-geometry"`` (``task_name="Weight geo
 type, because these are properties of the weights, not scores on a task), ``dataset_type="hf-flag"``,
 ``dataset_name="weights"``, ``dataset_revision`` = the commit the weights were read at (when known),
 ``metric_type`` = the report's summary key, e.g. ``"mlp/commutator_ratio"``, and its random baseline as a metric of
-its own, ``"mlp/commutator_ratio_baseline"``.
+its own, ``"mlp/commutator_ratio_baseline"``; ``metric_name`` is a readable label.  Metrics come from
+``hf_flag.rows.HEADLINE_METRICS`` (those present in the report).
 
 The section opens with where the numbers come from (:func:`provenance_sentence`: a card computed from anything
 other than the named repo's own weights says so in its first sentence), states the reading rule
@@ -45,6 +46,7 @@ from huggingface_hub.repocard_data import eval_results_to_model_index, model_ind
 
 from hf_flag.integrations import readings
 from hf_flag.report import BASELINE_SUFFIX, Report
+from hf_flag.rows import HEADLINE_METRICS, KIND_LABELS
 
 SECTION_START = "<!-- hf-flag:start -->"
 SECTION_END = "<!-- hf-flag:end -->"
@@ -62,15 +64,6 @@ MATH_URL = DOCS_URL + "/blob/main/docs/MATH.md"
 #: folder beside a card that holds its plots (pushed with the card, so the links work on the Hub and locally)
 PLOTS_FOLDER = "hf-flag-plots"
 
-KIND_LABELS = {
-    "mlp": "MLP (in -> out)", "mlp_gate": "gated MLP (gate -> out)", "vo": "attention value -> output",
-    "residual": "residual (MLP out -> next MLP in)", "linear_chain": "linear chain",
-    "head_overlap_o": "heads' write subspaces", "head_overlap_q": "heads' query subspaces",
-    "head_overlap_k": "heads' key subspaces", "head_overlap_v": "heads' value subspaces",
-    "cross_layer_overlap_q": "write -> next layer's query", "cross_layer_overlap_k": "write -> next layer's key",
-    "cross_layer_overlap_v": "write -> next layer's value",
-    "composition_q": "Q-composition", "composition_k": "K-composition", "composition_v": "V-composition",
-}
 #: metric -> (title, plain paragraph, MATH.md anchor)
 DEFINITIONS = {
     "commutator_ratio": (
@@ -131,9 +124,9 @@ class DerivedWeightsError(ValueError):
 
 def headline_metrics(report: Report, metrics: Optional[Sequence[str]] = None) -> list[str]:
     """Non-baseline headline keys present in ``report.summary`` with a finite value (default order:
-    ``hf_flag.analyze.HEADLINE_METRICS``)."""
+    ``hf_flag.rows.HEADLINE_METRICS``)."""
     if metrics is None:
-        from hf_flag.analyze import HEADLINE_METRICS as metrics
+        metrics = HEADLINE_METRICS
     return [m for m in metrics if not m.endswith(BASELINE_SUFFIX) and _finite(report.summary.get(m))]
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from hf_flag.report import Report, baseline_key
+from hf_flag.rows import summarize
 
 Z_THRESHOLD = 3.0
 MIN_LAYERS = 3
@@ -55,8 +56,6 @@ class Reading:
 def layer_series(report: Report, kind: str, metric: str) -> tuple[list[int], list[float], list[Optional[float]]]:
     """``(layers, means, baseline means)`` of ``metric`` over the ``kind`` rows of each layer (layers where the
     metric is missing are skipped); the means are ``summarize``'s, as in ``Report.summary``."""
-    from hf_flag.analyze import summarize
-
     layers, values, baselines = [], [], []
     for layer in sorted({r.layer for r in report.select(kind=kind)}):
         means = summarize(report.select(kind=kind, layer=layer))

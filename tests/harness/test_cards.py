@@ -180,12 +180,12 @@ def test_each_diagnostic_is_one_paragraph_with_a_link_and_numbers_with_baseline_
     assert section.count("### ") == 2  # commutator ratio, head overlap
     for anchor in ("#3-commutator-obstruction", "#6-attention-heads-weight-only"):
         assert f"]({cards.MATH_URL}{anchor})" in section
-    assert "- MLP (in -> out): 0.35 vs random 0.05 (2 layers; sd 0.0707, 0.3 to 0.4): not read:" in section
+    assert "- MLP: 0.35 vs random 0.05 (2 layers; sd 0.0707, 0.3 to 0.4): not read:" in section
     assert "the rule needs 3" in section and "|z| >= 3" in section
 
 
 def test_default_metrics_follow_analyze_headlines(report):
-    from hf_flag.analyze import HEADLINE_METRICS
+    from hf_flag.rows import HEADLINE_METRICS
 
     keys = cards.headline_metrics(report)
     assert keys == [m for m in HEADLINE_METRICS if m in ("mlp/commutator_ratio", "vo/commutator_ratio",

@@ -1,13 +1,15 @@
-"""harness.plots: the plotted numbers are the report's numbers (checked on the figure's artists), PNGs written."""
+"""hf_flag.harness.plots: the plotted numbers are the report's numbers (checked on the figures' artists), PNGs
+written."""
 from __future__ import annotations
 
 
 import numpy as np
 import pytest
 
-from harness import plots
+from hf_flag.harness import plots
 from hf_flag.integrations.readings import layer_series
 from hf_flag.report import Report, Row
+from hf_flag.rows import KIND_LABELS
 
 
 def test_layer_series_means_per_layer(report):
@@ -52,7 +54,7 @@ def lines_of(ax) -> dict:
 def test_by_layer_figure_one_panel_per_pair_kind_with_labelled_baselines(report):
     fig = plots.figure_by_layer(report, "commutator_ratio", ylabel="commutator ratio kappa")
     panels = [ax for ax in fig.axes if ax.get_title()]
-    assert [ax.get_title() for ax in panels] == ["MLP (in -> out)", "attention value -> output"]
+    assert [ax.get_title() for ax in panels] == [KIND_LABELS["mlp"], KIND_LABELS["vo"]]
     for ax in panels:
         assert ax.get_xlabel() == "layer" and ax.get_ylabel() == "commutator ratio kappa"
         assert set(lines_of(ax)) == {"value (layer mean)", "random baseline"}
@@ -83,7 +85,7 @@ def test_missing_layers_are_named_with_the_reason_and_windows_drawn():
     none = [Row("m", "vo", 0, 0, "h", "h", {"intersection_dim": None}),
             Row("m", "mlp", 0, 0, "a", "b", {"intersection_dim": 1.0})]
     fig = plots.figure_by_layer(Report("m", "x", rows=none), "intersection_dim")
-    vo_panel = [ax for ax in fig.axes if ax.get_title() == "attention value -> output"][0]
+    vo_panel = [ax for ax in fig.axes if ax.get_title() == KIND_LABELS["vo"]][0]
     assert "no value at any layer" in vo_panel.get_xlabel() and not vo_panel.get_lines()
 
 

@@ -1,4 +1,4 @@
-"""harness.sweep end to end: 1 process vs a real 2-process ``accelerate launch`` (gloo, CPU), layer splitting,
+"""hf_flag.harness.sweep end to end: 1 process vs a real 2-process ``accelerate launch`` (gloo, CPU), layer splitting,
 resume after a death, failures recorded, bad input, model cards (pushes: tests/harness/test_sweep_hub.py).
 
 The subprocess runs share one module-scoped 1-process sweep as the reference.  Tests never touch the network.
@@ -18,8 +18,8 @@ import datasets
 import pytest
 import yaml
 
-from harness import schedule, sweep
-from harness.config import ConfigError, ModelSpec, load_config
+from hf_flag.harness import schedule, sweep
+from hf_flag.harness.config import ConfigError, ModelSpec, load_config
 from hf_flag.report import Report
 
 REPO = Path(__file__).resolve().parents[2]
@@ -37,13 +37,13 @@ def run_sweep(args: list[str], processes: int = 1) -> subprocess.CompletedProces
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(REPO)}
     if processes == 1:
-        cmd = [sys.executable, "-m", "harness.sweep", *args]
+        cmd = [sys.executable, "-m", "hf_flag.harness.sweep", *args]
     else:
         # accelerate 1.15 runs ONE process for ``--cpu --num_processes N`` (multi-CPU needs mpirun); the torchrun
         # launcher behind --multi_gpu starts N processes, which PartialState(cpu=True) (--device cpu) joins over gloo
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(free_port()), "-m", "harness.sweep", *args]
+               "--main_process_port", str(free_port()), "-m", "hf_flag.harness.sweep", *args]
         cmd += ["--device", "cpu"]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
@@ -69,7 +69,7 @@ def one_process(tiny_models, tmp_path_factory) -> Path:
 
 
 def test_one_process_records_failures_and_matches_analyze(one_process, tiny_models):
-    from hf_flag.analyze import analyze
+    from hf_flag.analysis.api import analyze
 
     assert statuses(one_process) == {"local--gpt2": "done", "local--llama": "done", "local--bert": "done",
                                      "local--broken": "failed", f"{UNKNOWN.replace('/', '--')}": "failed"}
@@ -109,7 +109,7 @@ def test_summary_plots_and_cards(one_process, tiny_models):
     text = card.read_text()
     links = [line[line.index("](") + 2:-1] for line in text.splitlines() if line.startswith("![")]
     assert len(links) == 3 and all((card.parent / link).resolve().is_file() for link in links)
-    assert "- MLP (in -> out): " in text and "hf_flag:" in text
+    assert "- MLP: " in text and "hf_flag:" in text
     assert not (tiny_models["llama"] / "README.md").exists()  # local folders untouched without the flag
 
 
@@ -240,7 +240,7 @@ def test_write_model_cards_in_place(tiny_models, tmp_path, monkeypatch, capsys, 
 
 @pytest.mark.pretrained
 def test_default_models_are_named(minilm_path, smollm2_gguf, tmp_path):
-    from harness.config import slugs
+    from hf_flag.harness.config import slugs
 
     cfg, _ = sweep.parse_args(["--default", "--out", str(tmp_path)])
     assert [(Path(s.path).resolve(), s.name) for s in cfg.models] == [
@@ -284,10 +284,11 @@ def test_merge_names_missing_models_after_timeout(tiny_models, tmp_path, monkeyp
     cfg, _ = sweep.parse_args([str(tiny_models["gpt2"]), str(tiny_models["bert"]), "--out", str(tmp_path),
                                "--diagnostics", "mlp", "--merge-timeout", "0.5"])
     units = sweep.model_units(cfg)
-    states = sweep.sweep_models(units, cfg, rank=0, world=2, device="cpu")
-    results = sweep.write_outputs(cfg, units, states)
+    ctx = sweep.RunContext(cfg, rank=0, world=2, device="cpu")
+    states = sweep.sweep_models(ctx, units)
+    results = sweep.write_outputs(ctx, units, states)
     (mine,), (theirs,) = schedule.assign_models({u.slug: sweep.model_size(u.spec) for u in units}, 2)
-    assert {r["slug"]: r["status"] for r in results} == {mine: "done", theirs: "missing"}
+    assert {r.slug: r.status for r in results} == {mine: "done", theirs: "missing"}
     missing = {m["slug"]: m for m in json.loads((tmp_path / "sweep.json").read_text())["models"]}[theirs]
     assert "rerun to resume" in missing["error"]
     assert {r["model"] for r in rows(tmp_path)} == {str(tiny_models[mine.removeprefix("local--")])}

@@ -16,8 +16,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from harness import sweep
-from hf_flag.analyze import analyze
+from hf_flag.harness import sweep
+from hf_flag import analyze
 from hf_flag.integrations import cards
 from hf_flag.report import Report
 from hf_flag.weights.hub import shard_names
@@ -160,7 +160,7 @@ def test_download_killed_half_way_resumes_without_fetching_finished_shards(hub, 
     hub.stall_after[(LLAMA, shards[2])] = 1000  # the third shard stalls after 1000 bytes; the process is killed
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "harness.sweep", LLAMA, "--out", str(out), "--diagnostics", "mlp"]
+    cmd = [sys.executable, "-m", "hf_flag.harness.sweep", LLAMA, "--out", str(out), "--diagnostics", "mlp"]
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         assert hub.stalled.wait(120), proc.stderr.read().decode()[-2000:] if proc.poll() is not None else "no stall"
@@ -195,7 +195,7 @@ def test_max_disk_sweep_killed_and_resumed_never_refetches_finished_groups(hub, 
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from harness.stream import layer_groups
+    from hf_flag.harness.stream import layer_groups
 
     torch.manual_seed(5)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=24, num_hidden_layers=6,
@@ -214,7 +214,7 @@ def test_max_disk_sweep_killed_and_resumed_never_refetches_finished_groups(hub, 
     args = ["tiny-org/six", "--max-disk", repr(budget_gb), "--out", str(out), "--diagnostics", "mlp", "vo",
             "residual"]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "harness.sweep", *args], cwd=REPO_ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "hf_flag.harness.sweep", *args], cwd=REPO_ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         assert hub.stalled.wait(120)

@@ -160,7 +160,7 @@ def test_cli_analyze_hub_id_at_a_revision_reports_its_sha(hub, tmp_path, capsys)
 
 
 def test_max_disk_streams_shard_by_shard_with_values_of_the_full_copy(hub, tmp_path):
-    from hf_flag.analyze import analyze
+    from hf_flag import analyze
 
     files = checkpoint_files(tmp_path)
     hub.add_repo(REPO, files)
