@@ -22,6 +22,7 @@ from typing import Mapping, Optional, Sequence
 import torch
 
 from hf_flag.analysis.api import analyze
+from hf_flag import exits
 from hf_flag.atomic import atomic_write
 from hf_flag.defaults import COMPOSITION_MODES, DIAGNOSTIC_NAMES, default_named_paths, model_slug
 from hf_flag.errors import HfFlagError
@@ -217,8 +218,6 @@ def run_dispatch(command: str, argv: Sequence[str]) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``hf-flag``; returns the exit code (:mod:`hf_flag.exits`: 0 success, 1 internal error with
     its traceback saved, 2 user error, 130 Ctrl-C), printing one line on stderr for anything but success."""
-    from hf_flag import exits
-
     argv = list(sys.argv[1:] if argv is None else argv)
     exits.terminate_as_exception()
     try:
