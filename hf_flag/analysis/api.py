@@ -19,7 +19,8 @@ Row kinds (names in :mod:`hf_flag.rows`, which every other part of hf-flag impor
   ``intersection_dim`` (+ ``_baseline``), ``intersection_soft``, ``flag_tau``, ``gl_kernel_dim`` (§4).
   ``intersection_*`` are ``None`` when the two partial flags share no cut below n (e.g. full-rank vo pairs).
   Details: flag cuts, rank matrix, permutation (nonzero entries), is_permutation, transport k, activation.
-  ``cheap=True`` gives the pair rows only, with the five cheap values (Gram factors, no SVD).
+  ``cheap=True`` gives the pair rows only, with the five cheap values and ``commutator_ratio_baseline`` (Gram
+  factors, no SVD).
 * head rows (§1, §6): ``"head_overlap_q/k/v"`` (read subspaces col(W_*^h) of one layer, h < h'),
   ``"head_overlap_o"`` (write subspaces row(W_O^h)), ``"cross_layer_overlap_q/k/v"`` (write row(W_O^h) of layer l
   vs read col(W_*^h') of layer l+1, every (h, h')).  Grouped-query attention: K and V are compared as the n_kv KV
@@ -61,7 +62,7 @@ from hf_flag.geometry.flags import FLAG_TAU_RULE, GL_KERNEL_RTOL
 from hf_flag.geometry.pairs import TRANSPORT_K_RULE
 from hf_flag.report import Report
 from hf_flag.rows import sort_rows, summarize
-from hf_flag.weights.sources import open_weights
+from hf_flag.weights.sources import open_weights, provenance
 
 __all__ = ["analyze"]
 
@@ -93,6 +94,7 @@ def analyze(model_or_path, *, device: Union[str, torch.device, None] = None, dty
     dev = resolve_device(device, model_or_path)
     source = open_weights(model_or_path, allow_pickle=allow_pickle)
     label = name or source.name
+    source_provenance = provenance(source)
     try:
         if isinstance(model_or_path, nn.Module) and not source.config:
             report, facts = analyze_chain(model_or_path, label, device=dev, dtype=dtype, diagnostics=diagnostics,
@@ -108,7 +110,7 @@ def analyze(model_or_path, *, device: Union[str, torch.device, None] = None, dty
     report.summary = summarize(report.rows)
     storage = facts.pop("storage")
     report.params = {
-        "hf_flag_version": __version__, "torch_version": torch.__version__,
+        "hf_flag_version": __version__, "torch_version": torch.__version__, "provenance": source_provenance,
         "dtype": str(dtype).removeprefix("torch."), "device": str(dev), "cheap": cheap, "composition": composition,
         **facts, "layers_requested": None if layers is None else sorted({int(i) for i in layers}),
         "storage_dtypes": sorted(storage), "storage_eps": max(storage.values(), default=0.0),

@@ -240,7 +240,7 @@ def test_lazy_read_of_large_file_keeps_rss_small(tmp_path):
     assert grown < 32 * 2 ** 20, f"RSS grew by {grown / 2 ** 20:.0f} MiB reading a 64-byte tensor"
 
 
-# ---------------------------------------------------------------- Hub ids through the local cache only
+# ---------------------------------------------------------------- Hub ids from the local cache (offline)
 def _fake_hf_cache(root, repo_id: str, files_from) -> None:
     commit = "0123456789abcdef0123456789abcdef01234567"
     repo = root / ("models--" + repo_id.replace("/", "--"))
@@ -262,8 +262,8 @@ def test_hub_id_resolves_from_local_cache_only(tmp_path, monkeypatch, tiny_check
         assert src.name == "tiny-org/tiny-llama" and src.config["model_type"] == "llama"
         k = "model.layers.0.self_attn.v_proj.weight"
         assert torch.equal(src.get(k), tiny_llama.state_dict()[k])
-    with pytest.raises(WeightSourceError, match=r"'tiny-org/absent' is not a local path and is not in the Hugging "
-                                                r"Face cache \(HF_HOME=.*huggingface-cli download tiny-org/absent"):
+    with pytest.raises(WeightSourceError, match=r"^Hub model 'tiny-org/absent' is not in the HF cache \(.*hub\) and "
+                                                r"HF_HUB_OFFLINE is set; connect \(or unset HF_HUB_OFFLINE\)"):
         open_weights("tiny-org/absent")
     with pytest.raises(WeightSourceError, match="at revision 'v2'"):
         open_weights("tiny-org/tiny-llama", revision="v2")
