@@ -1027,7 +1027,7 @@ def run(cfg: SweepConfig, args: argparse.Namespace) -> int:
             if exchange is not None:
                 exchange.close()
     shutil.rmtree(cfg.out / SWEEP_DIR / run_id, ignore_errors=True)
-    for r, label in sorted(dead.items()):
+    for _, label in sorted(dead.items()):
         print(f"hf-flag sweep: {label} stopped before finishing" + (
             "; other processes took its work over" if shared else "; its models are missing, rerun to resume"),
             file=sys.stderr)
@@ -1040,7 +1040,6 @@ def run(cfg: SweepConfig, args: argparse.Namespace) -> int:
             print(f"hf-flag sweep: error: --push-to-hub {target}".rstrip() + f": {one_line(exc)}; the results are "
                   f"in {cfg.out} (push them again with the same command once the Hub is reachable)", file=sys.stderr)
             return EXIT_INCOMPLETE
-
     bad = [r for r in results if r.status != "done"]
     for r in bad:
         print(f"hf-flag sweep: {r.name}: {r.status}: {r.error}", file=sys.stderr)
