@@ -88,7 +88,8 @@ def run_activation(run: MLPRun, *, threads: int, device: Optional[torch.device])
                                         widths[i + 1]) for i in range(n_pairs)]
     mean = lambda name: [sum(trace.values[f"{name}{i}"][t] for i in range(n_pairs)) / n_pairs  # noqa: E731
                          for t in range(len(trace.steps))]
-    return {"activation": run.activation, "seed": run.seed, "reading_holds": reading, "steps": trace.steps, "kappa": mean("kappa"), "flag_id": mean("flag_id"),
+    return {"activation": run.activation, "seed": run.seed, "reading_holds": reading, "steps": trace.steps,
+            "kappa": mean("kappa"), "flag_id": mean("flag_id"),
             "flag_soft": mean("flag_soft"), "flag_perm_share": sum(mean("flag_perm")) / len(trace.steps),
             "kappa_pairs_end": [trace.values[f"kappa{i}"][-1] for i in range(n_pairs)],
             "baseline_start": sum(holder["start"]) / n_pairs, "baseline_end": sum(holder["end"]) / n_pairs,

@@ -36,8 +36,8 @@ PAIR_KINDS = ("vo", "mlp", "mlp_gate", "residual")
 VO_GROUP = "vo per KV group"
 
 RULES = (
-    Rule(1, f"in every model, (a) the mean z-score of head_overlap_o over layers is above {ZSCORE_STRUCTURE} and (b) the "
-            "mean over layers of V->O kappa / baseline (per query head) is below the MLP pairs' kappa / baseline",
+    Rule(1, f"in every model, (a) the mean z-score of head_overlap_o over layers is above {ZSCORE_STRUCTURE} and "
+            "(b) the mean over layers of V->O kappa / baseline (per query head) is below the MLP pairs' kappa / baseline",
          "first full run; (b) reads kappa on MLP pairs, where it does not read as alignment (MATH.md §3), and flips "
          "with the comparator (mlp_gate)"),
     Rule(2, f"in every model, (a) the mean z-score of head_overlap_o over layers minus {SE_MARGIN} standard errors is "
@@ -129,7 +129,8 @@ def study(path: Path, layers: Optional[tuple[int, ...]], device: torch.device) -
     pair = lambda m: {k: by_layer(rep, k, m) for k in kinds}  # noqa: E731
     lay = rep.layout
     ranks = {"vo": (lay["d_model"], lay["head_dim"], lay["head_dim"]),  # (rank A, rank B, n) of generic weights
-             "mlp": (lay["d_model"], lay["d_model"], lay["d_ff"]), "mlp_gate": (lay["d_model"], lay["d_model"], lay["d_ff"]),
+             "mlp": (lay["d_model"], lay["d_model"], lay["d_ff"]),
+             "mlp_gate": (lay["d_model"], lay["d_model"], lay["d_ff"]),
              "residual": (lay["d_model"], lay["d_model"], lay["d_model"])}
     reading = {k: commutator_reading_holds(min(ranks[k][0], ranks[k][2]), min(ranks[k][1], ranks[k][2]), ranks[k][2])
                for k in kinds}

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from hf_flag.geometry.angles import projection_kernel, subspace_overlap, thin_svd
-from hf_flag.geometry.baselines import composition_baseline, intersection_baseline, overlap_baseline, transport_baselines
+from hf_flag.geometry.baselines import (composition_baseline, intersection_baseline, overlap_baseline,
+                                        transport_baselines)
 from hf_flag.geometry.collapse import level2_alignment
 from hf_flag.geometry.flags import flag_relative_position
 from hf_flag.geometry.heads import head_overlap_baseline
