@@ -198,8 +198,8 @@ def fmt(x: Optional[float], digits: int = 3) -> str:
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A GitHub markdown table; floats go through :func:`fmt`."""
-    cell = lambda v: fmt(v) if isinstance(v, float) else str(v)  # noqa: E731
+    """A GitHub markdown table; floats and None go through :func:`fmt`."""
+    cell = lambda v: fmt(v) if isinstance(v, float) or v is None else str(v)  # noqa: E731
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)

@@ -202,7 +202,6 @@ def _figure(studies: dict[str, dict]) -> Figure:
     ax.set_title("Head-subspace overlap (dotted: Haar baseline d_h/d)", fontsize=9)
     ax.legend(fontsize=6.5)
     ax2.axhline(1.0, color="k", lw=0.8)
-    ax2.set_yscale("log")
     ax2.set_xlabel("layer")
     ax2.set_ylabel("measure / its Haar value (1 = chance)")
     ax2.set_title("Pairs, each with the measure whose reading holds (solid: kappa, below 1 = aligned;\n"

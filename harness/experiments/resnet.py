@@ -93,10 +93,10 @@ def _figure(res: list[digits.DigitsResult]) -> Figure:
             d0, rate = r.trace.values["b0_diag"][0], predicted_decay_rate("sgd", r.run.lr, r.run.weight_decay)[0]
             ax.semilogy(steps, [d0 * math.exp(-rate * s) for s in steps], "k:",
                         label="(1 - lr wd)^(2t) law, block 0")
-    ax.set_title("Block imbalance (conv1, conv2)", fontsize=9)
-    ax2.set_title("kappa per block; dotted: random-rotation baseline", fontsize=9)
-    ax3.set_title(f"Transport scores, top-{digits.TRANSPORT_K} window (Haar subspace "
-                  f"{fmt(transport_baselines(digits.TRANSPORT_K, res[0].run.channels)[0])}), seed {res[0].run.seed}",
+    ax.set_title(f"Block imbalance (conv1, conv2), seed {res[0].run.seed}", fontsize=9)
+    ax2.set_title(f"kappa per block, seed {res[0].run.seed}\n(dotted: random-rotation baseline)", fontsize=9)
+    ax3.set_title(f"Transport scores, top-{digits.TRANSPORT_K} window, seed {res[0].run.seed}\n(Haar value of the "
+                  f"subspace score {fmt(transport_baselines(digits.TRANSPORT_K, res[0].run.channels)[0])})",
                   fontsize=9)
     for a in (ax, ax2, ax3):
         a.set_xlabel("SGD step")

@@ -396,11 +396,11 @@ def commutator_reading_holds(rank_a: int, rank_b: int, n: int) -> bool:
     ``range B`` partly into ``ker A``).  So the reading holds iff ``max(rank_a, rank_b) == n``; otherwise read
     ``range_overlap`` against ``range_overlap_baseline`` (:func:`range_overlap_from_svd`).
     """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"commutator_reading_holds: n={n!r} must be a positive int (the hidden dimension)")
     for name, value in (("rank_a", rank_a), ("rank_b", rank_b)):
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= n:
             raise ValueError(f"commutator_reading_holds: {name}={value!r} must be an int in [0, n={n}]")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"commutator_reading_holds: n={n!r} must be a positive int (the hidden dimension)")
     return max(rank_a, rank_b) == n
 
 

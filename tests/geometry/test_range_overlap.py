@@ -139,6 +139,8 @@ def test_reading_holds_rejects_bad_ranks():
         commutator_reading_holds(5, 2, 4)
     with pytest.raises(ValueError, match="n="):
         commutator_reading_holds(0, 0, 0)
+    with pytest.raises(ValueError, match="n="):
+        commutator_reading_holds(1, 1, None)
 
 
 def test_analysis_pair_rows_carry_range_overlap():
