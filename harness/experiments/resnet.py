@@ -1,6 +1,6 @@
 """Claim 4: the pair diagnostics across the residual blocks of a small ResNet (MATH.md §2-§4).
 
-The ResNet runs of claim 3 (:mod:`harness.experiments.digits`, shared through its cache).  Each residual block's
+The ResNet runs of claim 3 (:mod:`hf_flag.harness.experiments.digits`, shared through its cache).  Each residual block's
 (conv1, conv2) is one layer pair on the hidden space of conv1's output channels = conv2's input channels:
 ``W_l`` = conv1 ``(c_mid, c_in, k, k) -> (c_mid, c_in*k*k)`` with conv1's bias appended, ``W_next`` = conv2
 ``(c_out, c_mid, k, k)`` permuted to ``(c_out, k, k, c_mid)`` and reshaped to ``(c_out*k*k, c_mid)``.  Per block:
@@ -19,9 +19,9 @@ from typing import Optional
 import torch
 from matplotlib.figure import Figure
 
-from harness.experiments import digits
-from harness.experiments.common import FLAG_TAU, SEEDS, ClaimResult, fmt, markdown_table
-from harness.experiments.rules import Rule, fmt_spread, judge, mean_sd
+from hf_flag.harness.experiments import digits
+from hf_flag.harness.experiments.common import FLAG_TAU, SEEDS, ClaimResult, fmt, markdown_table
+from hf_flag.harness.experiments.rules import Rule, fmt_spread, judge, mean_sd
 from hf_flag.geometry.baselines import transport_baselines
 from hf_flag.geometry.dynamics import fit_decay_rate, predicted_decay_rate
 
@@ -55,7 +55,7 @@ def block_rows(r: digits.DigitsResult) -> list[dict]:
     """Per block of one run: fitted vs predicted decay rates, kappa / flag / transport at start and end."""
     tr, spe = r.trace, r.steps_per_epoch
     sgd_steps = [e * spe for e in tr.steps]
-    predicted, law = predicted_decay_rate("sgd", r.run.lr, r.run.weight_decay)
+    predicted, law = predicted_decay_rate("sgd", r.run.lr, r.run.weight_decay, full_batch=False)
     rows = []
     for i in range(r.run.n_blocks):
         v = lambda name: tr.values[f"b{i}_{name}"]  # noqa: E731
@@ -90,7 +90,8 @@ def _figure(res: list[digits.DigitsResult]) -> Figure:
             ax3.plot(steps, r.trace.values[f"b{i}_subspace"], color=c, label=f"{lab}: subspace")
             ax3.plot(steps, r.trace.values[f"b{i}_basis"], color=c, ls="--", label=f"{lab}: basis")
         if r.run.weight_decay > 0:
-            d0, rate = r.trace.values["b0_diag"][0], predicted_decay_rate("sgd", r.run.lr, r.run.weight_decay)[0]
+            d0 = r.trace.values["b0_diag"][0]
+            rate = predicted_decay_rate("sgd", r.run.lr, r.run.weight_decay, full_batch=False)[0]
             ax.semilogy(steps, [d0 * math.exp(-rate * s) for s in steps], "k:",
                         label="(1 - lr wd)^(2t) law, block 0")
     ax.set_title(f"Block imbalance (conv1, conv2), seed {res[0].run.seed}", fontsize=9)

@@ -50,7 +50,7 @@ def mean_sd(values: Sequence[float]) -> tuple[float, float]:
 
 def fmt_spread(values: Sequence[float], unit: str = "seeds") -> str:
     """``mean ± sd (n unit)`` with 3 significant digits."""
-    from harness.experiments.common import fmt
+    from hf_flag.harness.experiments.common import fmt
 
     m, s = mean_sd(values)
     return f"{fmt(m)} ± {fmt(s)} ({len(values)} {unit})"

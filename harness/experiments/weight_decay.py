@@ -18,7 +18,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 
-from harness.experiments.common import (
+from hf_flag.harness.experiments.common import (
     SEEDS,
     ClaimResult,
     MLPRun,
@@ -28,8 +28,8 @@ from harness.experiments.common import (
     mlp_pairs,
     train_teacher_mlp,
 )
-from harness.experiments.rules import Rule, fmt_spread, judge, mean_sd
-from hf_flag.analysis.pairs import augment, transport_k
+from hf_flag.harness.experiments.rules import Rule, fmt_spread, judge, mean_sd
+from hf_flag.geometry.pairs import augment, transport_k
 from hf_flag.geometry.baselines import transport_baselines
 from hf_flag.geometry.dynamics import fit_decay_rate, predicted_decay_rate
 from hf_flag.geometry.pairs import imbalance_diagonal_norm, imbalance_norm, transport_scores
@@ -82,7 +82,8 @@ def imbalance_probe(model: nn.Module, step: int) -> dict[str, float]:
 def fit_run(run: MLPRun, *, threads: int, device: Optional[torch.device]) -> dict:
     """Train one run and fit the decay rate of each metric, averaged over the pairs (worst R^2 kept)."""
     trace = train_teacher_mlp(run, imbalance_probe, threads=threads, device=device)
-    predicted, law = predicted_decay_rate(run.optimizer, run.lr, run.weight_decay) if run.optimizer == "sgd" \
+    predicted, law = predicted_decay_rate(run.optimizer, run.lr, run.weight_decay,
+                                           full_batch=run.batch_size is None) if run.optimizer == "sgd" \
         else (None, NO_LAW)
     n_pairs = len(run.widths) - 2
     pair_mean = lambda name, t: sum(trace.values[f"{name}{i}"][t] for i in range(n_pairs)) / n_pairs  # noqa: E731

@@ -14,6 +14,7 @@ Zero matrices: a zero side commutes with and balances against anything trivially
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, NamedTuple, Optional
 
 import torch
@@ -32,6 +33,27 @@ AUTO_FACTORED_BELOW = 1e-3
 IMBALANCE_FACTORED_BELOW = 1e-4
 
 _METHODS = ("auto", "trace", "factored", "direct")
+
+#: kappa lies in [0, 1/sqrt(2)] (Bottcher-Wenzel, MATH.md §3): this factor maps it onto [0, 1]
+COMMUTATOR_RATIO_SCALE = math.sqrt(2.0)
+#: the transport window rule of :func:`transport_k`, as reported in ``Report.params``
+TRANSPORT_K_RULE = "min(k_in, m_out, ceil(n / 2))"
+
+
+def normalized_commutator_ratio(kappa):
+    """``sqrt(2) kappa`` in [0, 1] (MATH.md §3), for a float or a tensor of kappa values."""
+    return COMMUTATOR_RATIO_SCALE * kappa
+
+
+def transport_k(n: int, k_in: int, m_out: int) -> int:
+    """Transport window size ``min(k_in, m_out, ceil(n/2))`` for a pair with hidden dim ``n``: the top-k window
+    never covers the whole hidden space, where the subspace score would be trivially 1 (MATH.md §4)."""
+    return max(1, min(k_in, m_out, (n + 1) // 2))
+
+
+def augment(W: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``[W | b]`` over the last two dims: the affine layer as one matrix (MATH.md §2)."""
+    return W if bias is None else torch.cat([W, bias.unsqueeze(-1).to(W)], dim=-1)
 
 
 def _shape(W: object) -> object:
@@ -266,6 +288,7 @@ class GramDiagnostics(NamedTuple):
     commutator_ratio: torch.Tensor
     imbalance_norm: torch.Tensor
     relative_imbalance: torch.Tensor
+    commutator_haar_rms: torch.Tensor
 
 
 def gram_diagnostics(
@@ -276,18 +299,22 @@ def gram_diagnostics(
     computation of ``C = W_next W_l``, ``G_P = W_next W_next^T``, ``G_Q = W_l^T W_l`` (MATH.md §2, §3).
 
     Same values as the three separate functions (up to rounding), a third of their products with ``n``:
-    ``||A||^2 = ||G_P||^2``, ``||B||^2 = ||G_Q||^2``, ``tr(AB) = ||C||^2``.
+    ``||A||^2 = ||G_P||^2``, ``||B||^2 = ||G_Q||^2``, ``tr(AB) = ||C||^2``; kappa's Haar RMS
+    (:func:`commutator_baseline`) from the same traces.
     """
     W_l, W_next = _prepare(W_l, W_next, bias_l, dtype, "gram_diagnostics")
+    n = W_l.shape[-2]
     if _hidden_is_small(W_l, W_next):
         A, B = _hidden_grams(W_l, W_next)
         a, b = torch.linalg.matrix_norm(A), torch.linalg.matrix_norm(B)
         d = torch.linalg.matrix_norm(A - B)
-        return GramDiagnostics(_kappa_direct(A, B), d, _safe_ratio(d, a + b))
+        rms = commutator_haar_rms(_fro2(W_next), a.square(), _fro2(W_l), b.square(), n)
+        return GramDiagnostics(_kappa_direct(A, B), d, _safe_ratio(d, a + b), rms)
     grams = _gram_factors(W_l, W_next)
     C, G_P, G_Q = grams
     d, a, b = _imbalance_from_norms(W_l, W_next, _fro2(G_P), _fro2(G_Q), _fro2(C))
-    return GramDiagnostics(_kappa_auto(W_l, W_next, grams), d, _safe_ratio(d, a + b))
+    rms = commutator_haar_rms(_fro2(W_next), a.square(), _fro2(W_l), b.square(), n)
+    return GramDiagnostics(_kappa_auto(W_l, W_next, grams), d, _safe_ratio(d, a + b), rms)
 
 
 def commutator_baseline(

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.experiments import common, digits, reproduce, writer
+from hf_flag.harness.experiments import common, digits, reproduce, writer
 
 CLAIM_KEYS = [k for k, _, _ in reproduce.CLAIMS]
 
@@ -103,7 +103,7 @@ PINNED_RULES = {
 
 
 def test_rules_are_versioned_and_every_version_is_reported(quick_run, quick_data):
-    from harness.experiments import commutator, neural_collapse, pretrained, resnet, weight_decay
+    from hf_flag.harness.experiments import commutator, neural_collapse, pretrained, resnet, weight_decay
 
     modules = {"weight_decay": weight_decay, "commutator": commutator, "neural_collapse": neural_collapse,
                "resnet": resnet, "pretrained": pretrained}
@@ -135,7 +135,7 @@ def test_every_training_verdict_rests_on_three_seeds(quick_data):
 
 
 def test_judge_rejects_inconsistent_rule_sets():
-    from harness.experiments.rules import Rule, judge
+    from hf_flag.harness.experiments.rules import Rule, judge
 
     rules = (Rule(1, "a", "x"), Rule(2, "b", "y"))
     verdict, outcomes = judge(rules, {1: lambda: (True, "n1"), 2: lambda: (False, "n2")})
