@@ -95,7 +95,8 @@ def default_rtol(A: torch.Tensor) -> float:
 
 
 #: the rank cut of :func:`default_rtol`, as reported in ``Report.params``
-RANK_CUT_RULE = "s > s_max * max(shape) * eps, MATH.md §1"
+RANK_CUT_RULE = ("s > s_max * (max(shape) * eps_compute + eps_storage), eps_compute of the storage dtype promoted to "
+                 "at least float32, MATH.md §1")
 #: :func:`thin_svd` takes a QR first when one side of the matrix is at least this many times the other.
 QR_FIRST_RATIO = 1.5
 

@@ -16,7 +16,7 @@ only where both hold:
 If more than ``max_cuts`` positions qualify, the ``max_cuts`` with the smallest Wedin bound are kept.  The whole
 space R^n is always the last element of both flags, so the rank matrix's last row/column is trivial
 (``r_{i,n} = i``, ``r_{n,j} = j``) and the block matrix ``P`` has the block sizes as row/column sums.  The rank of
-a side is the MATH.md §1 cut ``sigma > sigma_1 * max(shape) * eps(dtype of the input)``.
+a side is the MATH.md §1 cut ``sigma > sigma_1 * default_rtol(W)`` (``max(shape) eps_compute + eps_storage``).
 
 Default tolerance: ``tau = max(1e-6, max_c wedin_c)`` over the kept cuts ``c < n`` of *both* sides, i.e. the
 smallest gap (relative to its own side's ``sigma_1``) sets one tolerance for the whole rank matrix.
