@@ -7,7 +7,9 @@ Row kinds (names in :mod:`hf_flag.rows`, which every other part of hf-flag impor
   ``"mlp_gate"`` (gate -> ``mlp_out``; gated MLPs (SwiGLU, GeGLU) only), ``"vo"`` (per query head h: ``W_V`` of KV
   head ``kv_head_of(h)`` as a (head_dim x d) ``nn.Linear`` matrix -> ``W_O[h]`` as (d x head_dim); hidden space
   R^head_dim), ``"residual"`` (``mlp_out`` of block l -> ``mlp_in`` of block l+1; hidden space the residual stream),
-  ``"linear_chain"`` (consecutive ``nn.Linear`` layers of a plain MLP chain).
+  ``"linear_chain"`` (consecutive ``nn.Linear`` layers of a plain MLP chain).  A mixture-of-experts block gives
+  ``"mlp"`` / ``"mlp_gate"`` rows for each routed expert (source ``"expert e mlp.in"``...) and for the shared
+  expert (``"shared_expert mlp.in"``); its router has no row (MATH.md derives no pair for it).
   The first matrix of a pair is bias-augmented, ``[W_l | b_l]`` (MATH.md §2), for every value of the row.
   Values: ``commutator_ratio`` (kappa, §3) and ``commutator_ratio_normalized`` (sqrt 2 kappa in [0, 1]),
   ``imbalance_norm`` ||D||_F, ``relative_imbalance``, ``imbalance_diagonal_norm`` ||diag D||_2 (§2); unless
@@ -17,7 +19,8 @@ Row kinds (names in :mod:`hf_flag.rows`, which every other part of hf-flag impor
   ``intersection_dim`` (+ ``_baseline``), ``intersection_soft``, ``flag_tau``, ``gl_kernel_dim`` (§4).
   ``intersection_*`` are ``None`` when the two partial flags share no cut below n (e.g. full-rank vo pairs).
   Details: flag cuts, rank matrix, permutation (nonzero entries), is_permutation, transport k, activation.
-  ``cheap=True`` gives the pair rows only, with the five cheap values (Gram factors, no SVD).
+  ``cheap=True`` gives the pair rows only, with the five cheap values and ``commutator_ratio_baseline`` (Gram
+  factors, no SVD).
 * head rows (§1, §6): ``"head_overlap_q/k/v"`` (read subspaces col(W_*^h) of one layer, h < h'),
   ``"head_overlap_o"`` (write subspaces row(W_O^h)), ``"cross_layer_overlap_q/k/v"`` (write row(W_O^h) of layer l
   vs read col(W_*^h') of layer l+1, every (h, h')).  Grouped-query attention: K and V are compared as the n_kv KV
