@@ -96,7 +96,9 @@ def fsdp2_phase(out: Path, max_steps: int, every: int) -> int:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.fsdp import fully_shard
 
-    args = training_args(out / "fsdp2", max_steps, PER_RANK, ddp_backend="gloo")  # initialises the process group
+    # an evaluation every 10 steps falls on measured steps: no rank may gather twice for one step
+    args = training_args(out / "fsdp2", max_steps, PER_RANK, ddp_backend="gloo", eval_strategy="steps",
+                         eval_steps=10)  # initialises the process group
     rank = dist.get_rank()
     model = make_tiny_llama(seed=SEED).train()
     for layer in model.model.layers:
@@ -104,7 +106,7 @@ def fsdp2_phase(out: Path, max_steps: int, every: int) -> int:
     fully_shard(model)
     model._is_distributed_loading_by_transformers = True  # what from_pretrained(distributed_config=...) sets
     counter = GatherCounter()
-    trainer = Trainer(model=model, args=args, train_dataset=token_data())
+    trainer = Trainer(model=model, args=args, train_dataset=token_data(), eval_dataset=token_data())
     FlagAlignmentCallback.attach(trainer, every_n_steps=every)
     trainer.train()
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -113,7 +115,8 @@ def fsdp2_phase(out: Path, max_steps: int, every: int) -> int:
             "wrapped_model_class": type(trainer.model_wrapped).__name__, "global_step": trainer.state.global_step,
             "peak_gathered_units": counter.peak, "gathered_unit_classes": sorted(counter.units),
             "flag_logs": flag_logs(trainer.state.log_history),
-            "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e]}
+            "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
+            "eval_steps": [e["step"] for e in trainer.state.log_history if "eval_loss" in e]}
     if rank == 0:
         info["reference"] = reference_summary(full)
     (out / f"fsdp2.rank{rank}.json").write_text(json.dumps(info))

@@ -60,6 +60,7 @@ def test_fsdp2_trainer_run_was_sharded_and_measured_on_rank0(sharded_run):
         assert (info["rank"], info["world_size"], info["sharding"]) == (r, 2, "fsdp2")
         assert info["parameter_class"] == "DTensor" and info["wrapped_model_class"] == "FSDPLlamaForCausalLM"
         assert info["global_step"] == MAX_STEPS and len(info["losses"]) == MAX_STEPS // 5
+        assert info["eval_steps"] == [10, 20]  # evaluations at measured steps: measured once, no hang
         # one decoder-layer unit gathered at a time on every rank; the root (embeddings, LM head) never
         assert info["peak_gathered_units"] == 1 and info["gathered_unit_classes"] == ["FSDPLlamaDecoderLayer"]
     assert [e["step"] for e in ranks[0]["flag_logs"]] == FLAG_STEPS and ranks[1]["flag_logs"] == []
