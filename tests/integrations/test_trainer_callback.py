@@ -322,6 +322,22 @@ def test_sharding_detection_and_decayed_view():
     assert sharding_kind(model) == "zero3"
 
 
+def test_decayed_parameters_from_the_optimizer_or_the_trainers_rule():
+    from hf_flag.integrations.trainer import decayed_parameter_names, is_full_batch
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    groups = [{"params": [model[0].weight, model[0].bias], "weight_decay": 0.1},
+              {"params": [model[1].weight, model[1].bias, model[2].weight, model[2].bias], "weight_decay": 0.0}]
+    # the optimizer holds the model's own parameters: its groups decide (here a bias is decayed, a weight is not)
+    assert decayed_parameter_names(model, torch.optim.SGD(groups, lr=0.1), None) == {"0.weight", "0.bias"}
+    # flattened copies (as DeepSpeed's optimizer holds): the Trainer's rule, no biases, no norms
+    flat = torch.optim.SGD([torch.zeros(10, requires_grad=True)], lr=0.1, weight_decay=0.1)
+    assert decayed_parameter_names(model, flat, None) == {"0.weight", "2.weight"}
+    args = SimpleNamespace(per_device_train_batch_size=8, gradient_accumulation_steps=2, world_size=2)
+    assert [is_full_batch(SimpleNamespace(dataset=range(n)), args) for n in (32, 33)] == [True, False]
+    assert is_full_batch(SimpleNamespace(dataset=iter(range(3))), args) is None  # no length: unknown
+
+
 def test_optimizer_hyperparameters():
     net = nn.Linear(3, 3)
     args = SimpleNamespace(optim="adamw_torch", learning_rate=1e-3, weight_decay=0.01)
