@@ -100,7 +100,8 @@ def test_keys_in_log_history_and_tensorboard(tmp_path, monkeypatch):
     assert [s for s, _ in flag_entries(trainer, series)] == [0, 10, 15, 20, 30]
     assert [s for s, _ in flag_entries(trainer, f"{series}_predicted")] == [0, 10, 15, 20, 30]
     assert [s for s, _ in flag_entries(trainer, f"{series}_decay_rate")] == [15, 20, 30]
-    assert all(v == pytest.approx(SGD_RATE, rel=1e-12) for _, v in flag_entries(trainer, f"{series}_decay_rate_predicted"))
+    assert all(v == pytest.approx(SGD_RATE, rel=1e-12)
+               for _, v in flag_entries(trainer, f"{series}_decay_rate_predicted"))
     assert not flag_entries(trainer, "flag/law/linear_chain/imbalance_norm")  # full D: not governed under ReLU
     assert law_text(trainer).startswith("SGD: (1 - lr wd)^2 per step (full-batch GD")
     assert not any(isinstance(v, float) and k.startswith("flag/") and not _has_baseline(k, e)
