@@ -26,6 +26,7 @@ from hf_flag.defaults import COMPOSITION_MODES, DIAGNOSTIC_NAMES, default_named_
 from hf_flag.errors import HfFlagError
 from hf_flag.report import baseline_key
 from hf_flag.rows import table_metrics
+from hf_flag.weights.sources import open_weights
 
 EXIT_USAGE = 2
 REPORT_FILE = "report.json"
@@ -152,7 +153,7 @@ def write_outputs(report, out_dir: Path, slug: str) -> Path:
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="hf-flag", description="Flag-variety alignment diagnostics from weights.")
     sub = parser.add_subparsers(dest="command", required=True)
-    an = sub.add_parser("analyze", help="analyse checkpoints (folders, .safetensors, .gguf, local Hub ids)")
+    an = sub.add_parser("analyze", help="analyse checkpoints (folders, .safetensors, .gguf, Hub ids)")
     an.add_argument("models", nargs="*", metavar="MODEL")
     an.add_argument("--default", action="store_true", help="analyse the embedded MiniLM and SmolLM2 models")
     an.add_argument("--out", type=Path, help="write DIR/<model-slug>/report.json and rows.parquet")
@@ -163,6 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--composition", choices=COMPOSITION_MODES, default="all")
     an.add_argument("--cheap", action="store_true", help="commutator ratio and imbalance only (no SVDs)")
     an.add_argument("--allow-pickle", action="store_true", help="allow .bin/.pt checkpoints (weights_only)")
+    an.add_argument("--revision", help="branch, tag or commit sha of Hub ids (default: main)")
+    an.add_argument("--max-disk", type=float, metavar="GB", dest="max_disk",
+                    help="stream sharded Hub checkpoints shard by shard within GB of disk")
+    an.add_argument("--gguf-file", dest="gguf_file",
+                    help="which .gguf of a GGUF Hub repo (default: the finest storage)")
     an.add_argument("--json", action="store_true", help="print the report JSON instead of the table")
     for command, (module, func) in DISPATCH.items():  # listed for --help; main() hands their argv over verbatim
         sub.add_parser(command, help=f"runs {module}.{func}(argv); see hf-flag {command} --help")
@@ -182,11 +188,12 @@ def run_analyze(args: argparse.Namespace) -> int:
     if args.diagnostics:
         diagnostics = {d.strip() for d in args.diagnostics.split(",") if d.strip()}
     for model in models:
-        report = analyze(
-            model, device=args.device, dtype=getattr(torch, args.dtype), diagnostics=diagnostics,
-            layers=args.layers, cheap=args.cheap, composition=args.composition, allow_pickle=args.allow_pickle,
-            progress=True,
-        )
+        with open_weights(model, allow_pickle=args.allow_pickle, revision=args.revision, gguf_file=args.gguf_file,
+                          max_disk_bytes=None if args.max_disk is None else int(args.max_disk * 1e9)) as source:
+            report = analyze(
+                source, device=args.device, dtype=getattr(torch, args.dtype), diagnostics=diagnostics,
+                layers=args.layers, cheap=args.cheap, composition=args.composition, progress=True,
+            )
         print(report.to_json() if args.json else format_table(report), flush=True)
         if args.out is not None:
             folder = write_outputs(report, args.out, slugs[model])

@@ -7,7 +7,9 @@ Row kinds (names in :mod:`hf_flag.rows`, which every other part of hf-flag impor
   ``"mlp_gate"`` (gate -> ``mlp_out``; gated MLPs (SwiGLU, GeGLU) only), ``"vo"`` (per query head h: ``W_V`` of KV
   head ``kv_head_of(h)`` as a (head_dim x d) ``nn.Linear`` matrix -> ``W_O[h]`` as (d x head_dim); hidden space
   R^head_dim), ``"residual"`` (``mlp_out`` of block l -> ``mlp_in`` of block l+1; hidden space the residual stream),
-  ``"linear_chain"`` (consecutive ``nn.Linear`` layers of a plain MLP chain).
+  ``"linear_chain"`` (consecutive ``nn.Linear`` layers of a plain MLP chain).  A mixture-of-experts block gives
+  ``"mlp"`` / ``"mlp_gate"`` rows for each routed expert (source ``"expert e mlp.in"``...) and for the shared
+  expert (``"shared_expert mlp.in"``); its router has no row (MATH.md derives no pair for it).
   The first matrix of a pair is bias-augmented, ``[W_l | b_l]`` (MATH.md §2), for every value of the row.
   Values: ``commutator_ratio`` (kappa, §3) and ``commutator_ratio_normalized`` (sqrt 2 kappa in [0, 1]),
   ``imbalance_norm`` ||D||_F, ``relative_imbalance``, ``imbalance_diagonal_norm`` ||diag D||_2 (§2); unless
@@ -60,7 +62,7 @@ from hf_flag.geometry.flags import FLAG_TAU_RULE, GL_KERNEL_RTOL
 from hf_flag.geometry.pairs import TRANSPORT_K_RULE
 from hf_flag.report import Report
 from hf_flag.rows import sort_rows, summarize
-from hf_flag.weights.sources import open_weights
+from hf_flag.weights.sources import open_weights, provenance
 
 __all__ = ["analyze"]
 
@@ -92,6 +94,7 @@ def analyze(model_or_path, *, device: Union[str, torch.device, None] = None, dty
     dev = resolve_device(device, model_or_path)
     source = open_weights(model_or_path, allow_pickle=allow_pickle)
     label = name or source.name
+    source_provenance = provenance(source)
     try:
         if isinstance(model_or_path, nn.Module) and not source.config:
             report, facts = analyze_chain(model_or_path, label, device=dev, dtype=dtype, diagnostics=diagnostics,
@@ -107,7 +110,7 @@ def analyze(model_or_path, *, device: Union[str, torch.device, None] = None, dty
     report.summary = summarize(report.rows)
     storage = facts.pop("storage")
     report.params = {
-        "hf_flag_version": __version__, "torch_version": torch.__version__,
+        "hf_flag_version": __version__, "torch_version": torch.__version__, "provenance": source_provenance,
         "dtype": str(dtype).removeprefix("torch."), "device": str(dev), "cheap": cheap, "composition": composition,
         **facts, "layers_requested": None if layers is None else sorted({int(i) for i in layers}),
         "storage_dtypes": sorted(storage), "storage_eps": max(storage.values(), default=0.0),
