@@ -12,9 +12,9 @@ model, and each writing ``<out>/<phase>.rank<r>.json``:
 - ``fsdp1``: the same model wrapped by ``FullyShardedDataParallel`` (decoder layers auto-wrapped,
   ``use_orig_params=True``), one SGD step by hand, then one measurement on every rank; rank 0 writes the logged
   values and ``analyze`` of the unsharded copy holding the gathered weights (``summon_full_params`` of the root).
-- ``zero3`` (when deepspeed imports): the model built under ``deepspeed.zero.Init`` (parameters partitioned), one
-  measurement on every rank; rank 0 writes the logged values and ``analyze`` of an unsharded copy filled inside
-  ``GatheredParameters`` of all parameters.
+- ``zero3`` (when deepspeed imports): a real ``transformers.Trainer`` run under DeepSpeed ZeRO-3 (accelerate's
+  DeepSpeed plugin, DeepSpeed's CPU accelerator, its SGD optimizer over flattened partitions); rank 0 writes its
+  log history and ``analyze`` of an unsharded copy filled inside ``GatheredParameters`` of all parameters.
 
 Usage: ``sharded_train.py OUT_DIR MAX_STEPS EVERY`` with the repository root on ``PYTHONPATH``.
 """
@@ -159,21 +159,28 @@ def fsdp1_phase(out: Path, rank: int) -> None:
     (out / f"fsdp1.rank{rank}.json").write_text(json.dumps(info))
 
 
-def zero3_phase(out: Path, rank: int) -> None:
+def zero3_phase(out: Path, max_steps: int, every: int, rank: int) -> None:
     try:
         import deepspeed
     except ImportError:
         (out / f"zero3.rank{rank}.json").write_text(json.dumps({"rank": rank, "skipped": "deepspeed not installed"}))
         return
-    config = {"train_micro_batch_size_per_gpu": PER_RANK, "zero_optimization": {"stage": 3}}
-    with deepspeed.zero.Init(config_dict_or_path=config):
-        model = make_tiny_llama(seed=SEED).train()
+    config = {"train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
+              "gradient_accumulation_steps": "auto",
+              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},  # shard every tensor
+              "zero_allow_untested_optimizer": True,
+              "optimizer": {"type": "SGD", "params": {"lr": "auto", "weight_decay": "auto"}}}
+    args = training_args(out / "zero3", max_steps, PER_RANK, ddp_backend="gloo", deepspeed=config)
+    trainer = Trainer(model=make_tiny_llama(seed=SEED).train(), args=args, train_dataset=token_data())
+    FlagAlignmentCallback.attach(trainer, every_n_steps=every)
+    trainer.train()
+    model = trainer.model
     partitioned = all(hasattr(p, "ds_id") and p.numel() == 0 for p in model.parameters())
-    optimizer = torch.optim.SGD(model.parameters(), lr=LR, weight_decay=WD)
-    logs = measure_everywhere(model, optimizer, rank)
     with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
         full = {k: v.detach().clone() for k, v in model.named_parameters()}
-    info = {"rank": rank, "flag_logs": logs, "partitioned": partitioned}
+    info = {"rank": rank, "flag_logs": flag_logs(trainer.state.log_history), "partitioned": partitioned,
+            "sharding": sharding_kind(model), "deepspeed": trainer.is_deepspeed_enabled,
+            "wrapped_model_class": type(trainer.model_wrapped).__name__, "global_step": trainer.state.global_step}
     if rank == 0:
         info["reference"] = reference_summary(full)
     (out / f"zero3.rank{rank}.json").write_text(json.dumps(info))
@@ -183,7 +190,7 @@ def main(argv: list[str]) -> None:
     out, max_steps, every = Path(argv[0]), int(argv[1]), int(argv[2])
     rank = fsdp2_phase(out, max_steps, every)
     fsdp1_phase(out, rank)
-    zero3_phase(out, rank)
+    zero3_phase(out, max_steps, every, rank)
     dist.barrier()
 
 
