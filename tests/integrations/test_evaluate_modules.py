@@ -308,3 +308,45 @@ def test_weight_only_mode(nc_module):
     assert out["nc2_classifier_norms_cv"] == pytest.approx(w_norms.std() / w_norms.mean(), rel=1e-12)
     with pytest.raises(ValueError, match="no input"):
         nc_module.compute()
+
+
+def test_flag_alignment_model_id_str_pathlike_or_list(flag_module, tiny_checkpoint, tmp_path, monkeypatch):
+    from hf_flag.analyze import analyze
+
+    expected = analyze(str(tiny_checkpoint), cheap=True)
+    for model_id in (str(tiny_checkpoint), tiny_checkpoint, [tiny_checkpoint], (str(tiny_checkpoint),)):
+        out = flag_module.compute(model_id=model_id, cheap=True)
+        assert out["model"] == expected.model, model_id
+        _same(out["summary"], expected.summary)
+    both = flag_module.compute(model_id=[tiny_checkpoint, str(tiny_checkpoint)], cheap=True)
+    assert both["model"] == [expected.model] * 2
+    flag_module.add_batch(model_id=tiny_checkpoint)
+    assert flag_module.compute(cheap=True)["model"] == expected.model
+    # a Hub id is one model, as evaluate's perplexity takes it (not split into characters): the error names it whole
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+    with pytest.raises(Exception, match="org/model"):
+        flag_module.compute(model_id="org/model", cheap=True)
+    with pytest.raises(ValueError, match="model_id=3 must be a path or Hub id"):
+        flag_module.compute(model_id=3)
+
+
+def test_flag_alignment_headline_values_beside_baselines(flag_module, tiny_checkpoint, tiny_llama):
+    from hf_flag.geometry.pairs import commutator_baseline
+
+    out = flag_module.compute(model_id=tiny_checkpoint)
+    values = [k for k in out if "/" in k and not k.endswith("_baseline")]
+    assert {"residual/commutator_ratio", "head_overlap_q/overlap", "cross_layer_overlap_q/overlap",
+            "composition_v/score", "mlp/commutator_ratio"} <= set(values)
+    assert all(isinstance(out[f"{k}_baseline"], float) for k in values)
+    # independent references: Haar overlap max(p, q)/d with full-rank heads (head_dim 8, d 32), composition
+    # 1/sqrt(d) (MATH.md §1, §6), the residual kappa baseline by geometry.pairs.commutator_baseline on the weights
+    d, head_dim = 32, 8
+    assert out["head_overlap_q/overlap_baseline"] == pytest.approx(head_dim / d, rel=1e-12)
+    assert out["cross_layer_overlap_q/overlap_baseline"] == pytest.approx(head_dim / d, rel=1e-12)
+    assert out["composition_v/score_baseline"] == pytest.approx(d ** -0.5, rel=1e-12)
+    mlp = [layer.mlp for layer in tiny_llama.model.layers]
+    residual = commutator_baseline(mlp[0].down_proj.weight.detach().double(), mlp[1].up_proj.weight.detach().double())
+    assert out["residual/commutator_ratio_baseline"] == pytest.approx(float(residual), rel=1e-9)
+    cheap = flag_module.compute(model_id=tiny_checkpoint, cheap=True)
+    assert cheap["mlp/commutator_ratio"] == pytest.approx(out["mlp/commutator_ratio"], rel=1e-9)
+    assert cheap["mlp/commutator_ratio_baseline"] is None  # cheap computes no baseline: said, not omitted
