@@ -83,7 +83,7 @@ def test_bare_name_load_offline_in_fresh_process(tmp_path, tiny_checkpoint):
     expected = analyze(str(tiny_checkpoint), cheap=True).summary
     assert res["summary"] and res["headline"]
     _same(res["summary"], expected)
-    _same(res["headline"], {k: expected[k] for k in res["headline"]})
+    _same(res["headline"], {k: expected.get(k) for k in res["headline"]})  # cheap: baselines None
     feats = torch.tensor([[1.0, 0.5], [1.2, 0.4], [-1.0, 0.3], [-0.9, -0.2], [0.1, 2.0], [0.0, 1.7]],
                          dtype=torch.float64)
     ref = neural_collapse(feats, torch.tensor([0, 0, 1, 1, 2, 2]))
@@ -350,3 +350,51 @@ def test_flag_alignment_headline_values_beside_baselines(flag_module, tiny_check
     cheap = flag_module.compute(model_id=tiny_checkpoint, cheap=True)
     assert cheap["mlp/commutator_ratio"] == pytest.approx(out["mlp/commutator_ratio"], rel=1e-9)
     assert cheap["mlp/commutator_ratio_baseline"] is None  # cheap computes no baseline: said, not omitted
+
+
+def _numpy_alignment(W: np.ndarray, Mr: np.ndarray) -> dict[str, float]:
+    """Numpy references (MATH.md §1, §3, §4, §5) of the baselined keys for classifier W (C, p), centred means Mr."""
+    C = W.shape[0]
+    QW = np.linalg.svd(W.T, full_matrices=False)[0]
+    UM = np.linalg.svd(Mr.T, full_matrices=False)[0][:, :C - 1]
+    k = C - 1
+    VW = np.linalg.svd(W, full_matrices=False)[2]  # right singular vectors of W_next = W, rows
+    T = VW[:k] @ UM[:, :k]
+    A, B = W.T @ W, Mr.T @ Mr
+    return {
+        "nc3_self_duality": np.linalg.norm(W.T / np.linalg.norm(W) - Mr.T / np.linalg.norm(Mr)) ** 2,
+        "level2_subspace_error": 1 - np.linalg.norm(QW.T @ UM) ** 2 / min(QW.shape[1], UM.shape[1]),
+        "level3_subspace_score": np.linalg.norm(T) ** 2 / k,
+        "level3_basis_score": (np.diag(T) ** 2).sum() / k,
+        "level3_kappa": np.linalg.norm(A @ B - B @ A) / (np.linalg.norm(A) * np.linalg.norm(B)),
+    }
+
+
+def test_neural_collapse_alignment_baselines_monte_carlo(nc_module):
+    from scipy.stats import ortho_group
+
+    C, p, draws = 4, 7, 3000
+    rng = np.random.default_rng(6)
+    M = rng.standard_normal((C, p)) * np.array([3.0, 1.0, 0.5, 0.2, 0.1, 0.1, 0.1])
+    W = M + 0.3 * rng.standard_normal((C, p))
+    out = nc_module.compute(classifier=W, class_means=M)
+    Mr = M - M.mean(0)
+    here = _numpy_alignment(W, Mr)
+    for key, value in here.items():
+        assert out[key] == pytest.approx(value, rel=1e-8, abs=1e-12), key
+    samples = {key: [] for key in here}
+    for O in ortho_group.rvs(p, size=draws, random_state=7):
+        for key, value in _numpy_alignment(W @ O, Mr).items():
+            samples[key].append(value)
+    for key, values in samples.items():
+        values = np.array(values)
+        if key == "level3_kappa":  # the closed form is the root mean square (MATH.md §3)
+            mc, se = np.sqrt((values ** 2).mean()), (values ** 2).std() / np.sqrt(draws) / (2 * np.sqrt((values ** 2).mean()))
+        else:
+            mc, se = values.mean(), values.std() / np.sqrt(draws)
+        assert out[f"{key}_baseline"] == pytest.approx(mc, abs=5 * se + 1e-12), key
+        assert abs(here[key] - mc) > 5 * se, key  # the aligned W is read against a baseline it differs from
+    features = M[np.repeat(np.arange(C), 3)] + 0.01 * rng.standard_normal((3 * C, p))
+    with_features = nc_module.compute(predictions=features, references=np.repeat(np.arange(C), 3), classifier=W)
+    assert {f"{k}_baseline" for k in here} <= set(with_features)
+    assert not any(k.endswith("_baseline") for k in nc_module.compute(classifier=W))  # weight-only NC2: none
