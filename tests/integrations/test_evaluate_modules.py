@@ -73,6 +73,7 @@ def test_bare_name_load_offline_in_fresh_process(tmp_path, tiny_checkpoint):
     proc = subprocess.run([sys.executable, "-c", CHILD, str(tiny_checkpoint)], env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "remotely" not in proc.stderr and "couldn't be found" not in proc.stderr, proc.stderr[-3000:]
     res = json.loads(proc.stdout.split("RESULT", 1)[1])
     assert res["blocked"]
     assert res["ours"] == res["evaluate_cache"] == str(home / "mods")
@@ -143,6 +144,25 @@ def test_unwritable_cache_warns_once_and_cli_fails(tmp_path, monkeypatch, capsys
         em.register_at_import()  # warned once already: silent
     assert register_main([]) == 1
     assert "cannot write" in capsys.readouterr().err
+
+
+def test_notice_filter_drops_only_our_modules_notice():
+    import logging
+
+    em.quiet_cached_module_notice()
+    logger = logging.getLogger(em.EVALUATE_LOADING_LOGGER)
+    assert logger.filters.count(em.NOTICE_FILTER) == 1
+    em.quiet_cached_module_notice()
+    assert logger.filters.count(em.NOTICE_FILTER) == 1  # idempotent
+
+    def passes(message: str) -> bool:
+        return bool(logger.filter(logging.LogRecord(logger.name, logging.WARNING, __file__, 0, message, None, None)))
+    notice = ("Using the latest cached version of the module from /c/evaluate_modules/metrics/{}/abc (last modified "
+              "on X) since it couldn't be found locally at {}, or remotely on the Hugging Face Hub.")
+    for name in MODULES:
+        assert not passes(notice.format(em.module_folder(name), em.module_folder(name)))
+    assert passes(notice.format("evaluate-metric--accuracy", "evaluate-metric--accuracy"))  # someone else's module
+    assert passes("Couldn't find flag_alignment: another warning stays")
 
 
 def test_register_main_prints_paths(tmp_path, monkeypatch, capsys):
