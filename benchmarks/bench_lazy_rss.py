@@ -30,7 +30,7 @@ import numpy as np
 
 CHILD = r"""
 import json, sys, time, torch
-from hf_flag.analyze import analyze
+from hf_flag.analysis.api import analyze
 def status():
     out = {}
     for line in open("/proc/self/status"):

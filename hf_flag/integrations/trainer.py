@@ -188,7 +188,7 @@ class FlagAlignmentCallback(TrainerCallback, ExportableState):
     # --- measurement -----------------------------------------------------------------------------------------------
     def measure(self, model: Any, step: int, hyper: tuple[str, float, float, float]) -> dict[str, Any]:
         """Analyse ``model`` now, extend the history and return the log entries (MATH.md §2 for the decay law)."""
-        from hf_flag.analyze import analyze
+        from hf_flag.analysis.api import analyze
 
         net = _unwrap(model)
         device = next(net.parameters()).device

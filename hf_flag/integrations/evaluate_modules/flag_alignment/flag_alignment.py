@@ -119,7 +119,8 @@ class FlagAlignment(evaluate.Measurement):
     def _compute(self, model_id: Optional[Sequence[str]] = None, model: Any = None, cheap: bool = False,
                  layers: Optional[Sequence[int]] = None, diagnostics: Optional[Sequence[str]] = None,
                  composition: str = "all", device: Optional[str] = None) -> dict[str, Any]:
-        from hf_flag.analyze import HEADLINE_METRICS, analyze
+        from hf_flag.analysis.api import analyze
+        from hf_flag.rows import HEADLINE_METRICS
 
         targets = list(model_id or []) + ([model] if model is not None else [])
         if not targets:

@@ -1,0 +1,153 @@
+"""Rows of a transformer read through its adapter, streaming blocks (MATH.md §2-§4, §6; the row kinds and the
+memory policy are documented in :mod:`hf_flag.analysis.api`)."""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Optional, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from hf_flag.analysis.checks import check_choice, check_finite, check_layers, release_freed_memory
+from hf_flag.analysis.heads import composition_rows, head_spaces, kv_index, overlap_rows
+from hf_flag.analysis.pairs import ThinSVD, pair_rows, single
+from hf_flag.defaults import TRANSFORMER_DIAGNOSTICS
+from hf_flag.geometry.angles import thin_svd
+from hf_flag.geometry.heads import head_bases
+from hf_flag.geometry.pairs import augment
+from hf_flag.report import Report, Row
+from hf_flag.rows import (COMPOSITION_KINDS, CROSS_LAYER_KINDS, HEAD_OVERLAP_KINDS, KIND_MLP, KIND_MLP_GATE,
+                          KIND_RESIDUAL, KIND_VO)
+from hf_flag.weights.adapters import get_adapter
+
+#: memory budget (bytes) of the composition pass: packed Grams of a chunk of source layers plus one destination
+#: layer's (``analysis.heads.gram_composition_rows``), or cached attention for the tiled fallback.  256 MiB holds
+#: 17 source layers of SmolLM2-135M (d = 576, 9 heads: 12 MiB each) or 5 of a d = 768, 12-head model.  Larger
+#: budgets re-read fewer layers; peak memory is about this plus two float64 blocks.
+COMPOSITION_CACHE_BYTES = 256 * 2**20
+
+
+HEAD_LABELS = {"q": "head", "k": "kv_head", "v": "kv_head", "o": "head"}
+
+
+def layer_bases(cache: dict, layer: int, attn) -> dict:
+    """Head bases (``geometry.heads.head_bases``) of ``layer``'s q/k/v/o spaces, from ``cache`` (key
+    ``(layer, "heads")``) or computed once and stored there: layer l+1's bases serve its cross-layer rows and then
+    its own."""
+    key = (layer, "heads")
+    if key not in cache:
+        cache[key] = {s: head_bases(X) for s, X in head_spaces(attn).items()}
+    return cache[key]
+
+
+def weight_svd(cache: dict, layer: int, name: str, W: torch.Tensor, bias: Optional[torch.Tensor] = None
+               ) -> ThinSVD:
+    """Thin SVD of the MLP weight ``[W | bias]`` of ``layer`` (batch dim 1), from ``cache`` (key
+    ``(layer, name, bias is not None)``) or computed once and stored there: ``mlp_out`` serves the mlp, mlp_gate
+    and residual pairs, ``mlp_in`` of layer l+1 its own mlp pair and layer l's residual pair (MATH.md §4)."""
+    key = (layer, name, bias is not None)
+    if key not in cache:
+        cache[key] = thin_svd(augment(W[None], single(bias)))
+    return cache[key]
+
+
+def layer_rows(model: str, layout, block, nxt, *, diagnostics: frozenset, cheap: bool,
+               cache: Optional[dict] = None) -> list[Row]:
+    """Every row whose ``layer`` is ``block.index``, composition excepted (``nxt``: block l+1, or ``None``).
+
+    A pair's flag tolerance uses the coarser ``storage_eps`` of the blocks its weights come from (MATH.md §4).
+    ``cache``: head bases (:func:`layer_bases`) and weight SVDs (:func:`weight_svd`) shared across calls, keyed
+    ``(layer, ...)``; entries of layers before ``block.index`` are dropped."""
+    cache = {} if cache is None else cache
+    for old in [k for k in cache if k[0] < block.index]:
+        del cache[old]
+    l, mlp, attn = block.index, block.mlp, block.attention
+    svd = (lambda *args: weight_svd(cache, *args)) if not cheap else (lambda *args: None)
+    pair = dict(cheap=cheap, storage_eps=block.storage_eps)
+    rows: list[Row] = []
+    if "mlp" in diagnostics and mlp is not None:
+        out = svd(l, "mlp.out", mlp.mlp_out)
+        rows += pair_rows(model, KIND_MLP, [(l, l, "mlp.in", "mlp.out")], mlp.mlp_in[None], single(mlp.b_in),
+                          mlp.mlp_out[None], activation=mlp.activation, svd_l=svd(l, "mlp.in", mlp.mlp_in, mlp.b_in),
+                          svd_next=out, **pair)
+        if mlp.mlp_gate is not None:
+            rows += pair_rows(model, KIND_MLP_GATE, [(l, l, "mlp.gate", "mlp.out")], mlp.mlp_gate[None],
+                              single(mlp.b_gate), mlp.mlp_out[None], activation=mlp.activation,
+                              svd_l=svd(l, "mlp.gate", mlp.mlp_gate, mlp.b_gate), svd_next=out, **pair)
+    if "vo" in diagnostics and attn is not None:
+        kv = kv_index(layout, attn.W_V.device)
+        W_v = attn.W_V.index_select(0, kv).transpose(-1, -2)  # (H, head_dim, d): nn.Linear layout
+        b_v = None if attn.b_V is None else attn.b_V.index_select(0, kv)
+        ids = [(l, l, f"head {h}", f"head {h}") for h in range(layout.n_heads)]
+        rows += pair_rows(model, KIND_VO, ids, W_v, b_v, attn.W_O.transpose(-1, -2), activation="identity", **pair)
+    if "residual" in diagnostics and mlp is not None and nxt is not None and nxt.mlp is not None:
+        rows += pair_rows(model, KIND_RESIDUAL, [(l, l + 1, "mlp.out", "mlp.in")], mlp.mlp_out[None],
+                          single(mlp.b_out), nxt.mlp.mlp_in[None], activation="identity",
+                          svd_l=svd(l, "mlp.out", mlp.mlp_out, mlp.b_out),
+                          svd_next=svd(l + 1, "mlp.in", nxt.mlp.mlp_in), cheap=cheap,
+                          storage_eps=max(block.storage_eps, nxt.storage_eps))
+    if "heads" in diagnostics and attn is not None and not cheap:
+        here = layer_bases(cache, l, attn)
+        for s in "qkvo":
+            rows += overlap_rows(model, HEAD_OVERLAP_KINDS[s], l, l, here[s], here[s], (HEAD_LABELS[s],) * 2,
+                                 upper=True)
+        if nxt is not None and nxt.attention is not None:
+            there = layer_bases(cache, l + 1, nxt.attention)
+            for s in "qkv":
+                rows += overlap_rows(model, CROSS_LAYER_KINDS[s], l, l + 1, here["o"], there[s],
+                                     ("head", HEAD_LABELS[s]), upper=False)
+    return rows
+
+
+def per_layer_rows(model: str, layout, layers: Sequence[int], load: Callable, *, diagnostics: frozenset,
+                   cheap: bool, progress: bool) -> list[Row]:
+    """:func:`layer_rows` of every layer in ``layers``, streaming blocks: ``load(i)`` reads block i; each block is
+    read once, block l+1 serving layer l's cross-layer and residual rows and then its own."""
+    rows: list[Row] = []
+    need_next = "residual" in diagnostics or ("heads" in diagnostics and not cheap)
+    cache: dict = {}
+    with progress_bar(len(layers), progress, model) as bar:
+        nxt = None
+        for i in layers:
+            block = nxt if nxt is not None and nxt.index == i else load(i)
+            nxt = load(i + 1) if need_next and i + 1 < layout.n_layers else None
+            rows += layer_rows(model, layout, block, nxt, diagnostics=diagnostics, cheap=cheap, cache=cache)
+            bar.update()
+    return rows
+
+
+def progress_bar(total: int, enabled: bool, desc: str):
+    """A tqdm bar on stderr (disabled unless ``enabled``)."""
+    return tqdm(total=total, disable=not enabled, desc=desc, unit="layer", leave=False)
+
+
+def analyze_transformer(source, name: str, *, device: torch.device, dtype: torch.dtype,
+                        diagnostics: Optional[Iterable[str]], layers: Optional[Iterable[int]], cheap: bool,
+                        composition: str, progress: bool) -> tuple[Report, dict]:
+    """Rows of a transformer read through its adapter, streaming blocks (see the module docstring)."""
+    keys = source.keys()
+    adapter = get_adapter(source.config, keys)
+    layout = adapter.layout(source.config, keys)
+    diag = check_choice("diagnostics", diagnostics, TRANSFORMER_DIAGNOSTICS)
+    sel = check_layers(layers, layout.n_layers)
+    storage: dict[str, float] = {}
+    checked: set[tuple[int, bool]] = set()  # (layer, mlp read too) already checked for NaN/Inf
+
+    def load(i: int, mlp: bool = True):
+        block = adapter.block(source, layout, i, dtype=dtype, device=device, mlp=mlp)
+        if (i, True) not in checked and (i, mlp) not in checked:  # first read: check it once
+            names = adapter.block_tensor_names(layout, i, mlp=mlp)
+            check_finite(block, source, names, f"layer {i}")
+            storage.update({source.storage_dtype(n): source.storage_eps(n) for n in names})
+            checked.add((i, mlp))
+        return block
+
+    rows: list[Row] = []
+    if diag - {"composition"}:  # the per-layer pass (composition alone reads only attention, below)
+        rows += per_layer_rows(name, layout, sel, load, diagnostics=diag, cheap=cheap, progress=progress)
+        release_freed_memory()
+    if "composition" in diag and composition != "none" and not cheap:
+        rows += composition_rows(name, COMPOSITION_KINDS, layout, sel, composition,
+                                 lambda i: load(i, mlp=False).attention,
+                                 budget_bytes=COMPOSITION_CACHE_BYTES, itemsize=dtype.itemsize)
+    report = Report(model=name, architecture=layout.architecture, layout=layout.to_dict(), rows=rows)
+    return report, {"diagnostics": sorted(diag), "layers": sel, "storage": storage}
