@@ -122,7 +122,7 @@ class ModelResult:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hf-flag sweep", description=__doc__.split("\n\n")[0])
     p.add_argument("models", nargs="*", metavar="MODEL", help="Hub ids (local HF cache) or local folders/files")
-    p.add_argument("--config", help="YAML sweep config (see harness/config.py)")
+    p.add_argument("--config", help="YAML sweep config (see examples/sweep.yaml)")
     p.add_argument("--out", help="output folder")
     p.add_argument("--diagnostics", nargs="+", help="subset of mlp vo residual heads composition (default: all)")
     p.add_argument("--composition", choices=COMPOSITION_MODES)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from harness import config as config_module
-from harness import sweep
-from harness.config import CONFIG_KEYS, ConfigError, load_config, parse_config
+from hf_flag.harness import config as config_module
+from hf_flag.harness import sweep
+from hf_flag.harness.config import CONFIG_KEYS, ConfigError, load_config, parse_config
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "sweep.yaml"

@@ -331,7 +331,7 @@ def test_weight_only_mode(nc_module):
 
 
 def test_flag_alignment_model_id_str_pathlike_or_list(flag_module, tiny_checkpoint, tmp_path, monkeypatch):
-    from hf_flag.analyze import analyze
+    from hf_flag.analysis.api import analyze
 
     expected = analyze(str(tiny_checkpoint), cheap=True)
     for model_id in (str(tiny_checkpoint), tiny_checkpoint, [tiny_checkpoint], (str(tiny_checkpoint),)):
