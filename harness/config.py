@@ -6,7 +6,7 @@ YAML keys (all optional; command-line arguments override them, command-line mode
       - sentence-transformers/all-MiniLM-L6-v2
       - {path: ./my-model, name: me/my-model}
     out: results/sweep      # output folder
-    diagnostics: [mlp, vo]  # passed to hf_flag.analyze (null: all)
+    diagnostics: [mlp, vo]  # passed to hf_flag.analyze (null: all); "mlp, vo" and "mlp vo" work too
     composition: adjacent   # all | adjacent | none
     cheap: false
     device: cpu             # cpu | cuda | auto (cuda when available)
@@ -30,7 +30,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import yaml
 
-from hf_flag.defaults import COMPOSITION_MODES, DIAGNOSTIC_NAMES, default_named_paths, model_slug
+from hf_flag.defaults import COMPOSITION_MODES, DIAGNOSTIC_NAMES, default_named_paths, model_slug, parse_diagnostics
 
 DEVICES = ("cpu", "cuda", "auto")
 DEFAULT_MERGE_TIMEOUT = 24 * 3600.0
@@ -119,12 +119,13 @@ def _validate(key: str, value: Any) -> tuple[str, Any]:
     if key == "diagnostics":
         if value is None:
             return "diagnostics", None
-        if isinstance(value, str):
-            value = [value]
-        known = DIAGNOSTIC_NAMES
-        _check(key, value, isinstance(value, list) and bool(value) and all(v in known for v in value),
-               f"a list of diagnostic names from {', '.join(known)}")
-        return "diagnostics", tuple(value)
+        _check(key, value, isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str)
+                                                                                       for v in value)),
+               f"a list of diagnostic names from {', '.join(DIAGNOSTIC_NAMES)}")
+        try:
+            return "diagnostics", parse_diagnostics(value)
+        except ValueError as exc:
+            raise ConfigError(f"config key {key!r}: {exc}") from None
     if key == "composition":
         return key, _check(key, value, value in COMPOSITION_MODES, f"one of {', '.join(COMPOSITION_MODES)}")
     if key == "device":

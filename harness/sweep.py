@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 
 from hf_flag.analysis.api import analyze
 from hf_flag.atomic import atomic_write_bytes, atomic_write_text
-from hf_flag.defaults import COMPOSITION_MODES
+from hf_flag.defaults import COMPOSITION_MODES, DIAGNOSTIC_NAMES
 from hf_flag.harness import schedule
 from hf_flag.harness.config import (DEVICES, ConfigError, ModelSpec, SweepConfig, build_config, default_model_specs,
                                     load_config, parse_config, parse_model, slugs)
@@ -119,14 +119,27 @@ class ModelResult:
 # ------------------------------------------------------------------------------------------------- arguments
 
 
+#: ``hf-flag sweep --help``'s description (the module docstring is for developers)
+DESCRIPTION = ("Analyse many models, in one process or several (accelerate launch), into DIR: a results dataset, "
+               "summary.csv / summary.md, plots and model cards; a rerun resumes, a failed model is recorded and "
+               "the others go on.")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hf-flag sweep", description=__doc__.split("\n\n")[0])
-    p.add_argument("models", nargs="*", metavar="MODEL", help="Hub ids (local HF cache) or local folders/files")
+    p = argparse.ArgumentParser(prog="hf-flag sweep", description=DESCRIPTION)
+    p.add_argument("models", nargs="*", metavar="MODEL",
+                   help="local folders, .safetensors or .gguf files, or Hub ids already in the local Hugging Face "
+                        "cache (never downloaded)")
     p.add_argument("--config", help="YAML sweep config (see examples/sweep.yaml)")
     p.add_argument("--out", help="output folder")
-    p.add_argument("--diagnostics", nargs="+", help="subset of mlp vo residual heads composition (default: all)")
-    p.add_argument("--composition", choices=COMPOSITION_MODES)
-    p.add_argument("--cheap", action="store_true", default=None, help="pair rows' cheap values only")
+    p.add_argument("--diagnostics", nargs="+", metavar="NAME",
+                   help=f"which diagnostics to compute (default: all): any of {', '.join(DIAGNOSTIC_NAMES)}, "
+                        f"separated by commas or spaces")
+    p.add_argument("--composition", choices=COMPOSITION_MODES,
+                   help="Q/K/V composition scores with every later layer (all, the default), the next layer only "
+                        "(adjacent), or none")
+    p.add_argument("--cheap", action="store_true", default=None,
+                   help="commutator ratio and imbalance only: fast, but no baselines, flags or head overlaps")
     p.add_argument("--device", choices=DEVICES, help="default cpu; auto = cuda when available")
     p.add_argument("--split-layers", action="store_true", default=None, dest="split_layers",
                    help="split each model's layers across the processes")
@@ -352,6 +365,24 @@ def summary_table(results: Sequence[ModelResult]) -> tuple[str, str]:
     return buf.getvalue(), "\n".join(md) + "\n"
 
 
+def terminal_summary(results: Sequence[ModelResult]) -> str:
+    """What ``hf-flag sweep`` prints at the end: one line per model, its status and each headline value beside its
+    random baseline (``value (baseline)``; ``-`` where the model has none), in fixed-width columns."""
+    from hf_flag.cli import format_value
+
+    metrics = headline_columns([r.report for r in results if r.report is not None])
+    rows = [["model", "status", *metrics]]
+    for res in results:
+        summary = res.report.summary if res.report is not None else {}
+        baselines = [summary.get(baseline_key(m)) for m in metrics]
+        rows.append([res.name, res.status, *[format_value(summary.get(m)) + ("" if b is None else
+                                                                              f" ({format_value(b)})")
+                                              for m, b in zip(metrics, baselines)]])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join(["headline means per model, each with its random baseline in parentheses:", *lines])
+
+
 def save_dataset(reports: Sequence[Report], path: Path):
     """All rows of all reports as one ``datasets.Dataset``, saved to ``path`` (replaced as a whole)."""
     ds = rows_to_dataset([row for rep in reports for row in rep.flat_rows()])
@@ -513,6 +544,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"hf-flag sweep: error: --push-to-hub {cfg.push_to_hub}: {one_line(exc)}; the results are in "
                   f"{cfg.out} (push them again with the same command once the Hub is reachable)", file=sys.stderr)
             return EXIT_INCOMPLETE
+    print(terminal_summary(results), flush=True)
     bad = [r for r in results if r.status != "done"]
     for r in bad:
         print(f"hf-flag sweep: {r.name}: {r.status}: {r.error}", file=sys.stderr)

@@ -113,8 +113,17 @@ def _resolve_cached_hub_id(repo_id: str, revision: Optional[str]) -> Path:
         raise WeightSourceError(
             f"model {repo_id!r}{at} is not a local path and is not in the Hugging Face cache "
             f"(HF_HOME={os.environ.get('HF_HOME', '<unset>')}, cache {str(cache)!r}); download it first with "
-            f"`huggingface-cli download {repo_id}` or pass a local folder") from None
+            f"`{download_command(repo_id, revision)}` or pass a local folder") from None
     return Path(folder)
+
+
+def download_command(repo_id: str, revision: Optional[str] = None) -> str:
+    """The shell command of the installed huggingface_hub that downloads ``repo_id`` into the cache: ``hf download``
+    (huggingface_hub >= 0.34 ships the ``hf`` CLI), else the older ``huggingface-cli download``."""
+    import importlib.util
+
+    cli = "hf" if importlib.util.find_spec("huggingface_hub.cli.hf") is not None else "huggingface-cli"
+    return f"{cli} download {repo_id}" + (f" --revision {revision}" if revision else "")
 
 
 def _open_folder(folder: Path, *, allow_pickle: bool, name: str) -> WeightSource:

@@ -263,10 +263,13 @@ def test_hub_id_resolves_from_local_cache_only(tmp_path, monkeypatch, tiny_check
         k = "model.layers.0.self_attn.v_proj.weight"
         assert torch.equal(src.get(k), tiny_llama.state_dict()[k])
     with pytest.raises(WeightSourceError, match=r"'tiny-org/absent' is not a local path and is not in the Hugging "
-                                                r"Face cache \(HF_HOME=.*huggingface-cli download tiny-org/absent"):
+                                                r"Face cache \(HF_HOME=.*`hf download tiny-org/absent`"):
         open_weights("tiny-org/absent")
-    with pytest.raises(WeightSourceError, match="at revision 'v2'"):
+    with pytest.raises(WeightSourceError, match="at revision 'v2'.*`hf download tiny-org/tiny-llama --revision v2`"):
         open_weights("tiny-org/tiny-llama", revision="v2")
+    # the suggested command is the installed huggingface_hub's own console script
+    from importlib.metadata import entry_points
+    assert "hf" in {ep.name for ep in entry_points(group="console_scripts") if ep.value.startswith("huggingface_hub")}
 
 
 # ---------------------------------------------------------------- bad input

@@ -176,11 +176,16 @@ def register_at_import() -> None:
             )
 
 
+REGISTER_DESCRIPTION = ("Write two small files into evaluate's module cache so that evaluate.load('flag_alignment') "
+                        "and evaluate.load('neural_collapse') work offline (import hf_flag does it too); prints "
+                        "where. Set HF_EVALUATE_OFFLINE=1 to skip evaluate's Hub lookup.")
+
+
 def register_main(argv: Optional[Sequence[str]] = None) -> int:
     """``hf-flag register [--force]``: write the shims and print where; exit status 0 on success, 1 on failure."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="hf-flag register", description=register_main.__doc__)
+    parser = argparse.ArgumentParser(prog="hf-flag register", description=REGISTER_DESCRIPTION)
     parser.add_argument("--force", action="store_true", help="rewrite the shims even when they are current")
     args = parser.parse_args(list(argv) if argv is not None else None)
     try:
