@@ -10,7 +10,7 @@ Goal: peak RSS < 25% of the checkpoint size.
 
 Runs: (1) ``layers=[0], composition="all"``: the full report of block 0 (SVDs, flags, baselines, head overlaps)
 plus composition from layer 0 to every later layer, which streams the attention of all layers through the
-composition cache (``hf_flag.analyze.COMPOSITION_CACHE_BYTES``); (2) ``cheap=True`` over all layers (reads every
+composition cache (``analysis.transformer.COMPOSITION_CACHE_BYTES``); (2) ``cheap=True`` over all layers (reads every
 block once).  Default options otherwise.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_lazy_rss.py [--layers 88]

@@ -22,11 +22,12 @@ import torch
 
 from hf_flag.analysis.api import analyze
 from hf_flag.atomic import atomic_write
-from hf_flag.defaults import (COMPOSITION_MODES, DIAGNOSTIC_NAMES, default_named_paths, hub_id, model_slug,
+from hf_flag.defaults import (COMPOSITION_MODES, DIAGNOSTIC_NAMES, default_named_paths, model_slug,
                               parse_diagnostics)
 from hf_flag.errors import HfFlagError
 from hf_flag.report import baseline_key
 from hf_flag.rows import table_metrics
+from hf_flag.weights.sources import open_weights
 
 EXIT_USAGE = 2
 REPORT_FILE = "report.json"
@@ -168,8 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Analyse checkpoints: per model, a table of each diagnostic's mean beside its "
                                     "random baseline (or, with --json, the full report).")
     an.add_argument("models", nargs="*", metavar="MODEL",
-                    help="a local folder, a .safetensors or .gguf file, or a Hub id already in the local Hugging "
-                         "Face cache (never downloaded)")
+                    help="a local folder, a .safetensors or .gguf file, or a Hub id (read from the Hugging Face "
+                         "cache, downloaded into it when missing unless HF_HUB_OFFLINE=1)")
     an.add_argument("--default", action="store_true",
                     help="add the embedded default models (all-MiniLM-L6-v2 and SmolLM2-135M-Instruct)")
     an.add_argument("--out", type=Path, metavar="DIR", help="also write DIR/<model>/report.json and rows.parquet")
@@ -189,24 +190,16 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--allow-pickle", action="store_true",
                     help="allow .bin/.pt checkpoints (read with torch.load(weights_only=True)); only for files you "
                          "trust")
+    an.add_argument("--revision", help="branch, tag or commit sha of Hub ids (default: main)")
+    an.add_argument("--max-disk", type=float, metavar="GB", dest="max_disk",
+                    help="stream sharded Hub checkpoints shard by shard within GB of disk")
+    an.add_argument("--gguf-file", dest="gguf_file",
+                    help="which .gguf of a GGUF Hub repo (default: the finest storage)")
     an.add_argument("--json", action="store_true",
                     help="print each model's full report as one line of JSON (JSON Lines) instead of the table")
     for command in DISPATCH:  # listed for --help; main() hands their arguments over verbatim
         sub.add_parser(command, help=SUBCOMMAND_HELP[command])
     return parser
-
-
-def local_model_name(path: str) -> Optional[str]:
-    """The Hub id a local checkpoint folder was saved from (``_name_or_path`` of its config.json, when it is one),
-    used to label it instead of its folder name; None for files, Hub ids and folders without one."""
-    config = Path(path) / "config.json"
-    if not config.is_file():
-        return None
-    try:
-        name = json.loads(config.read_text(encoding="utf-8")).get("_name_or_path")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return hub_id(name) if isinstance(name, str) and not Path(name).exists() else None
 
 
 def run_analyze(args: argparse.Namespace) -> int:
@@ -225,11 +218,14 @@ def run_analyze(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise CliError(f"--diagnostics: {exc}") from None
     for model in models:
-        report = analyze(
-            model, device=args.device, dtype=getattr(torch, args.dtype), diagnostics=diagnostics,
-            layers=args.layers, cheap=args.cheap, composition=args.composition, allow_pickle=args.allow_pickle,
-            progress=True, name=hub_ids.get(model) or local_model_name(model),
-        )
+        with open_weights(model, allow_pickle=args.allow_pickle, revision=args.revision, gguf_file=args.gguf_file,
+                          max_disk_bytes=None if args.max_disk is None else int(args.max_disk * 1e9)) as source:
+            # labelled by its Hub id: a default model's, or a local folder's config _name_or_path when it is one
+            name = hub_ids.get(model) or (getattr(source, "provenance", None) or {}).get("hub_name")
+            report = analyze(
+                source, device=args.device, dtype=getattr(torch, args.dtype), diagnostics=diagnostics,
+                layers=args.layers, cheap=args.cheap, composition=args.composition, progress=True, name=name,
+            )
         print(report.to_json(indent=None) if args.json else format_table(report), flush=True)
         if args.out is not None:
             folder = write_outputs(report, args.out, slugs[model])

@@ -1,4 +1,4 @@
-"""End-to-end ``hf_flag.analyze.analyze`` on tiny random models of every family and on plain MLP chains.
+"""End-to-end ``hf_flag.analyze`` on tiny random models of every family and on plain MLP chains.
 
 Independent references: values recomputed from the modules' raw parameters with our own slicing (direct n x n
 commutator and imbalance, numpy SVD transport scores and ranks, numpy QR overlaps, the naive d x d composition

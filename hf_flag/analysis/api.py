@@ -7,7 +7,9 @@ Row kinds (names in :mod:`hf_flag.rows`, which every other part of hf-flag impor
   ``"mlp_gate"`` (gate -> ``mlp_out``; gated MLPs (SwiGLU, GeGLU) only), ``"vo"`` (per query head h: ``W_V`` of KV
   head ``kv_head_of(h)`` as a (head_dim x d) ``nn.Linear`` matrix -> ``W_O[h]`` as (d x head_dim); hidden space
   R^head_dim), ``"residual"`` (``mlp_out`` of block l -> ``mlp_in`` of block l+1; hidden space the residual stream),
-  ``"linear_chain"`` (consecutive ``nn.Linear`` layers of a plain MLP chain).
+  ``"linear_chain"`` (consecutive ``nn.Linear`` layers of a plain MLP chain).  A mixture-of-experts block gives
+  ``"mlp"`` / ``"mlp_gate"`` rows for each routed expert (source ``"expert e mlp.in"``...) and for the shared
+  expert (``"shared_expert mlp.in"``); its router has no row (MATH.md derives no pair for it).
   The first matrix of a pair is bias-augmented, ``[W_l | b_l]`` (MATH.md §2), for every value of the row.
   Values: ``commutator_ratio`` (kappa, §3) and ``commutator_ratio_normalized`` (sqrt 2 kappa in [0, 1]),
   ``imbalance_norm`` ||D||_F, ``relative_imbalance``, ``imbalance_diagonal_norm`` ||diag D||_2 (§2); unless
@@ -17,7 +19,8 @@ Row kinds (names in :mod:`hf_flag.rows`, which every other part of hf-flag impor
   ``intersection_dim`` (+ ``_baseline``), ``intersection_soft``, ``flag_tau``, ``gl_kernel_dim`` (§4).
   ``intersection_*`` are ``None`` when the two partial flags share no cut below n (e.g. full-rank vo pairs).
   Details: flag cuts, rank matrix, permutation (nonzero entries), is_permutation, transport k, activation.
-  ``cheap=True`` gives the pair rows only, with the five cheap values (Gram factors, no SVD).
+  ``cheap=True`` gives the pair rows only, with the five cheap values and ``commutator_ratio_baseline`` (Gram
+  factors, no SVD).
 * head rows (§1, §6): ``"head_overlap_q/k/v"`` (read subspaces col(W_*^h) of one layer, h < h'),
   ``"head_overlap_o"`` (write subspaces row(W_O^h)), ``"cross_layer_overlap_q/k/v"`` (write row(W_O^h) of layer l
   vs read col(W_*^h') of layer l+1, every (h, h')).  Grouped-query attention: K and V are compared as the n_kv KV
@@ -49,9 +52,9 @@ import torch
 from torch import nn
 
 from hf_flag import __version__
+from hf_flag.analysis import transformer
 from hf_flag.analysis.chain import analyze_chain
 from hf_flag.analysis.checks import resolve_device
-from hf_flag.analysis.transformer import COMPOSITION_CACHE_BYTES, analyze_transformer
 from hf_flag.defaults import COMPOSITION_MODES
 from hf_flag.geometry.angles import RANK_CUT_RULE
 from hf_flag.geometry.baselines import COMMUTATOR_BASELINE_RULE
@@ -59,7 +62,7 @@ from hf_flag.geometry.flags import FLAG_TAU_RULE, GL_KERNEL_RTOL
 from hf_flag.geometry.pairs import TRANSPORT_K_RULE
 from hf_flag.report import Report
 from hf_flag.rows import sort_rows, summarize
-from hf_flag.weights.sources import open_weights
+from hf_flag.weights.sources import open_weights, provenance
 
 __all__ = ["analyze"]
 
@@ -91,14 +94,15 @@ def analyze(model_or_path, *, device: Union[str, torch.device, None] = None, dty
     dev = resolve_device(device, model_or_path)
     source = open_weights(model_or_path, allow_pickle=allow_pickle)
     label = name or source.name
+    source_provenance = provenance(source)
     try:
         if isinstance(model_or_path, nn.Module) and not source.config:
             report, facts = analyze_chain(model_or_path, label, device=dev, dtype=dtype, diagnostics=diagnostics,
                                           layers=layers, cheap=cheap)
         else:
-            report, facts = analyze_transformer(source, label, device=dev, dtype=dtype, diagnostics=diagnostics,
-                                                layers=layers, cheap=cheap, composition=composition,
-                                                progress=progress)
+            report, facts = transformer.analyze_transformer(
+                source, label, device=dev, dtype=dtype, diagnostics=diagnostics, layers=layers, cheap=cheap,
+                composition=composition, progress=progress)
     finally:
         if source is not model_or_path:
             source.close()
@@ -106,14 +110,15 @@ def analyze(model_or_path, *, device: Union[str, torch.device, None] = None, dty
     report.summary = summarize(report.rows)
     storage = facts.pop("storage")
     report.params = {
-        "hf_flag_version": __version__, "torch_version": torch.__version__,
+        "hf_flag_version": __version__, "torch_version": torch.__version__, "provenance": source_provenance,
         "dtype": str(dtype).removeprefix("torch."), "device": str(dev), "cheap": cheap, "composition": composition,
         **facts, "layers_requested": None if layers is None else sorted({int(i) for i in layers}),
         "storage_dtypes": sorted(storage), "storage_eps": max(storage.values(), default=0.0),
         "tolerances": {"flag_tau": f"per row (flag_tau): {FLAG_TAU_RULE}", "gl_kernel_rtol": GL_KERNEL_RTOL,
                        "rank_cut": RANK_CUT_RULE},
-        "commutator_baseline": COMMUTATOR_BASELINE_RULE, "transport_k": TRANSPORT_K_RULE, "bias_augmented": True, "layer_norm_folded": False,
-        "embeddings_analysed": False, "composition_cache_bytes": COMPOSITION_CACHE_BYTES,
+        "commutator_baseline": COMMUTATOR_BASELINE_RULE, "transport_k": TRANSPORT_K_RULE, "bias_augmented": True,
+        "layer_norm_folded": False,
+        "embeddings_analysed": False, "composition_cache_bytes": transformer.COMPOSITION_CACHE_BYTES,
         "elapsed_s": time.perf_counter() - start,
     }
     return report

@@ -76,12 +76,13 @@ def pair_geometry_values(W_l: torch.Tensor, W_next: torch.Tensor, *, storage_eps
 
 
 def gram_values(W_l: torch.Tensor, W_next: torch.Tensor) -> list[dict]:
-    """Per batch member: kappa, sqrt(2) kappa, ||D||, relative imbalance and ||diag D|| from one set of Gram
-    factors of ``(W_l, W_next)`` (no SVD; MATH.md §2, §3)."""
+    """Per batch member: kappa, sqrt(2) kappa, kappa's Haar RMS, ||D||, relative imbalance and ||diag D|| from one
+    set of Gram factors of ``(W_l, W_next)`` (no SVD; MATH.md §2, §3)."""
     g = gram_diagnostics(W_l, W_next)
     columns = {
-        "commutator_ratio": g.commutator_ratio, "commutator_ratio_normalized": normalized_commutator_ratio(g.commutator_ratio),
-        "imbalance_norm": g.imbalance_norm, "relative_imbalance": g.relative_imbalance,
+        "commutator_ratio": g.commutator_ratio,
+        "commutator_ratio_normalized": normalized_commutator_ratio(g.commutator_ratio),
+        "commutator_ratio_baseline": g.commutator_haar_rms, "imbalance_norm": g.imbalance_norm, "relative_imbalance": g.relative_imbalance,
         "imbalance_diagonal_norm": imbalance_diagonal_norm(W_l, W_next),
     }
     return [{m: float(col[i]) for m, col in columns.items()} for i in range(W_l.shape[0])]

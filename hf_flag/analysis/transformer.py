@@ -25,7 +25,6 @@ from hf_flag.weights.adapters import get_adapter
 #: budgets re-read fewer layers; peak memory is about this plus two float64 blocks.
 COMPOSITION_CACHE_BYTES = 256 * 2**20
 
-
 HEAD_LABELS = {"q": "head", "k": "kv_head", "v": "kv_head", "o": "head"}
 
 
@@ -50,6 +49,13 @@ def weight_svd(cache: dict, layer: int, name: str, W: torch.Tensor, bias: Option
     return cache[key]
 
 
+def block_mlps(block) -> list[tuple[str, object]]:
+    """(label prefix, MLPWeights) of every MLP of a block: the dense MLP (``""``); in a mixture-of-experts block
+    each routed expert (``"expert e "``) and the shared expert, if any (``"shared_expert "``)."""
+    dense = [] if block.mlp is None else [("shared_expert " if block.experts else "", block.mlp)]
+    return dense + [(f"expert {e} ", m) for e, m in enumerate(block.experts)]
+
+
 def layer_rows(model: str, layout, block, nxt, *, diagnostics: frozenset, cheap: bool,
                cache: Optional[dict] = None) -> list[Row]:
     """Every row whose ``layer`` is ``block.index``, composition excepted (``nxt``: block l+1, or ``None``).
@@ -64,15 +70,15 @@ def layer_rows(model: str, layout, block, nxt, *, diagnostics: frozenset, cheap:
     svd = (lambda *args: weight_svd(cache, *args)) if not cheap else (lambda *args: None)
     pair = dict(cheap=cheap, storage_eps=block.storage_eps)
     rows: list[Row] = []
-    if "mlp" in diagnostics and mlp is not None:
-        out = svd(l, "mlp.out", mlp.mlp_out)
-        rows += pair_rows(model, KIND_MLP, [(l, l, "mlp.in", "mlp.out")], mlp.mlp_in[None], single(mlp.b_in),
-                          mlp.mlp_out[None], activation=mlp.activation, svd_l=svd(l, "mlp.in", mlp.mlp_in, mlp.b_in),
-                          svd_next=out, **pair)
-        if mlp.mlp_gate is not None:
-            rows += pair_rows(model, KIND_MLP_GATE, [(l, l, "mlp.gate", "mlp.out")], mlp.mlp_gate[None],
-                              single(mlp.b_gate), mlp.mlp_out[None], activation=mlp.activation,
-                              svd_l=svd(l, "mlp.gate", mlp.mlp_gate, mlp.b_gate), svd_next=out, **pair)
+    for unit, m in block_mlps(block) if "mlp" in diagnostics else ():
+        out = svd(l, f"{unit}mlp.out", m.mlp_out)
+        rows += pair_rows(model, KIND_MLP, [(l, l, f"{unit}mlp.in", f"{unit}mlp.out")], m.mlp_in[None],
+                          single(m.b_in), m.mlp_out[None], activation=m.activation,
+                          svd_l=svd(l, f"{unit}mlp.in", m.mlp_in, m.b_in), svd_next=out, **pair)
+        if m.mlp_gate is not None:
+            rows += pair_rows(model, KIND_MLP_GATE, [(l, l, f"{unit}mlp.gate", f"{unit}mlp.out")], m.mlp_gate[None],
+                              single(m.b_gate), m.mlp_out[None], activation=m.activation,
+                              svd_l=svd(l, f"{unit}mlp.gate", m.mlp_gate, m.b_gate), svd_next=out, **pair)
     if "vo" in diagnostics and attn is not None:
         kv = kv_index(layout, attn.W_V.device)
         W_v = attn.W_V.index_select(0, kv).transpose(-1, -2)  # (H, head_dim, d): nn.Linear layout

@@ -287,6 +287,7 @@ class GramDiagnostics(NamedTuple):
     commutator_ratio: torch.Tensor
     imbalance_norm: torch.Tensor
     relative_imbalance: torch.Tensor
+    commutator_haar_rms: torch.Tensor
 
 
 def gram_diagnostics(
@@ -297,18 +298,22 @@ def gram_diagnostics(
     computation of ``C = W_next W_l``, ``G_P = W_next W_next^T``, ``G_Q = W_l^T W_l`` (MATH.md §2, §3).
 
     Same values as the three separate functions (up to rounding), a third of their products with ``n``:
-    ``||A||^2 = ||G_P||^2``, ``||B||^2 = ||G_Q||^2``, ``tr(AB) = ||C||^2``.
+    ``||A||^2 = ||G_P||^2``, ``||B||^2 = ||G_Q||^2``, ``tr(AB) = ||C||^2``; kappa's Haar RMS
+    (:func:`commutator_baseline`) from the same traces.
     """
     W_l, W_next = _prepare(W_l, W_next, bias_l, dtype, "gram_diagnostics")
+    n = W_l.shape[-2]
     if _hidden_is_small(W_l, W_next):
         A, B = _hidden_grams(W_l, W_next)
         a, b = torch.linalg.matrix_norm(A), torch.linalg.matrix_norm(B)
         d = torch.linalg.matrix_norm(A - B)
-        return GramDiagnostics(_kappa_direct(A, B), d, _safe_ratio(d, a + b))
+        rms = commutator_haar_rms(_fro2(W_next), a.square(), _fro2(W_l), b.square(), n)
+        return GramDiagnostics(_kappa_direct(A, B), d, _safe_ratio(d, a + b), rms)
     grams = _gram_factors(W_l, W_next)
     C, G_P, G_Q = grams
     d, a, b = _imbalance_from_norms(W_l, W_next, _fro2(G_P), _fro2(G_Q), _fro2(C))
-    return GramDiagnostics(_kappa_auto(W_l, W_next, grams), d, _safe_ratio(d, a + b))
+    rms = commutator_haar_rms(_fro2(W_next), a.square(), _fro2(W_l), b.square(), n)
+    return GramDiagnostics(_kappa_auto(W_l, W_next, grams), d, _safe_ratio(d, a + b), rms)
 
 
 def commutator_baseline(

@@ -1,6 +1,6 @@
 """flag_alignment: weight-only alignment geometry of a model, as an ``evaluate`` measurement (MATH.md §1-§6).
 
-No mathematics here: every number is a value of :func:`hf_flag.analyze.analyze`'s :class:`~hf_flag.report.Report`
+No mathematics here: every number is a value of :func:`hf_flag.analyze`'s :class:`~hf_flag.report.Report`
 (headline scalars from ``Report.summary`` for the keys in ``HEADLINE_METRICS``; per-layer detail from its rows).
 """
 from __future__ import annotations
