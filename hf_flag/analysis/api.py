@@ -14,7 +14,9 @@ Row kinds (names in :mod:`hf_flag.rows`, which every other part of hf-flag impor
   Values: ``commutator_ratio`` (kappa, §3) and ``commutator_ratio_normalized`` (sqrt 2 kappa in [0, 1]),
   ``imbalance_norm`` ||D||_F, ``relative_imbalance``, ``imbalance_diagonal_norm`` ||diag D||_2 (§2); unless
   ``cheap``: ``commutator_ratio_baseline`` (root mean square of kappa over Haar rotations of the hidden basis,
-  closed form: ``geometry.baselines.commutator_haar_rms``),
+  closed form: ``geometry.baselines.commutator_haar_rms``; kappa reads as alignment only where
+  ``geometry.pairs.commutator_reading_holds``, §3), ``range_overlap`` (+ ``_baseline``: col(W_l) vs row(W_next), the
+  companion for low-rank pairs, §3),
   ``subspace_score`` / ``basis_score`` (+ ``_baseline``; top-k transport window, k = min(k_in, m_out, ceil(n/2)), §4,
   ``intersection_dim`` (+ ``_baseline``), ``intersection_soft``, ``flag_tau``, ``gl_kernel_dim`` (§4).
   ``intersection_*`` are ``None`` when the two partial flags share no cut below n (e.g. full-rank vo pairs).

@@ -67,6 +67,8 @@ def pair_geometry_values(W_l: torch.Tensor, W_next: torch.Tensor, *, storage_eps
                   "imbalance_norm": float(v.imbalance_norm[i]), "relative_imbalance": float(v.relative_imbalance[i]),
                   "imbalance_diagonal_norm": float(diagonal[i]),
                   "commutator_ratio_baseline": float(v.commutator_haar_rms[i]),
+                  "range_overlap": float(v.range_overlap[i]),
+                  "range_overlap_baseline": float(v.range_overlap_baseline[i]),
                   "subspace_score": float(subspace[i]), "subspace_score_baseline": sub_base,
                   "basis_score": float(basis[i]), "basis_score_baseline": basis_base, **flag_values(flag),
                   "gl_kernel_dim": float(gl_kernel_dim_from_spectra(s_l[i], s_next[i],

@@ -141,7 +141,8 @@ def write_gguf(path, family: str, model, layout, qtype: str) -> dict[str, str]:
     if layout.n_experts:
         writer.add_expert_count(layout.n_experts)
         writer.add_expert_used_count(2)
-        writer.add_expert_feed_forward_length(layout.d_ff)
+        if getattr(model.config, "moe_intermediate_size", None):  # TextModel writes it only when the config has it
+            writer.add_expert_feed_forward_length(model.config.moe_intermediate_size)
         if getattr(model.config, "shared_expert_intermediate_size", None):
             writer.add_expert_shared_feed_forward_length(model.config.shared_expert_intermediate_size)
     written = {}

@@ -75,7 +75,7 @@ _CONFIG_KEYS: dict[str, tuple[str, ...]] = {
     "d_ff": ("intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size"),
     "d_ff_expert": ("moe_intermediate_size", "intermediate_size"),
     "d_ff_shared": ("shared_expert_intermediate_size",),
-    "n_experts": ("num_local_experts", "num_experts"),
+    "n_experts": ("num_experts", "num_local_experts"),
     "activation": ("hidden_activation", "hidden_act", "activation_function", "activation"),
 }
 
