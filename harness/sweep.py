@@ -150,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Q/K/V composition scores with every later layer (all, the default), the next layer only "
                         "(adjacent), or none")
     p.add_argument("--cheap", action="store_true", default=None,
-                   help="commutator ratio and imbalance only: fast, but no baselines, flags or head overlaps")
+                   help="commutator ratio (with its baseline) and imbalance only: fast; no flags, transport or "
+                        "head overlaps")
     p.add_argument("--device", choices=DEVICES, help="default cpu; auto = cuda when available")
     p.add_argument("--split-layers", action="store_true", default=None, dest="split_layers",
                    help="split each model's layers across the processes")

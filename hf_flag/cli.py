@@ -2,9 +2,9 @@
 
 ``hf-flag analyze MODEL [MODEL ...]`` prints, per model, a table of every row kind's headline mean beside its
 random baseline (``hf_flag.rows.table_metrics``); ``--json`` prints each report as one line of JSON instead (JSON
-Lines: one line per model); ``--out DIR`` writes ``DIR/<model-slug>/report.json`` and ``DIR/<model-slug>/rows.parquet`` atomically (temporary file + rename)
-and refuses, before any analysis, to overwrite a file that is not an hf-flag output or to give two models one
-folder.  User errors (a bad path, an unreadable checkpoint, an unknown architecture, bad arguments, a bad device)
+Lines: one line per model); ``--out DIR`` writes ``DIR/<model-slug>/report.json`` and
+``DIR/<model-slug>/rows.parquet`` atomically (temporary file + rename) and refuses, before any analysis, to
+overwrite a file that is not an hf-flag output or to give two models one folder.  User errors (a bad path, an unreadable checkpoint, an unknown architecture, bad arguments, a bad device)
 print one line ``hf-flag: error: ...`` on stderr and exit with code 2.
 """
 from __future__ import annotations
@@ -186,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Q/K/V composition scores of each head with the heads of every later layer (all, the "
                          "default), of the next layer only (adjacent, much faster on deep models), or none")
     an.add_argument("--cheap", action="store_true",
-                    help="commutator ratio and imbalance only: fast, but no baselines, flags or head overlaps")
+                    help="commutator ratio (with its baseline) and imbalance only: fast; no flags, transport or "
+                         "head overlaps")
     an.add_argument("--allow-pickle", action="store_true",
                     help="allow .bin/.pt checkpoints (read with torch.load(weights_only=True)); only for files you "
                          "trust")

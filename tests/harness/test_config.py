@@ -56,8 +56,9 @@ def test_unknown_key_names_it_the_closest_and_the_allowed_ones(key, suggestion):
 
 
 def test_model_entry_unknown_field_names_the_allowed_fields():
-    with pytest.raises(ConfigError, match=r"models\[0\]'.*unknown field 'revision'.*fields path and name"):
-        parse_config({"models": [{"path": "a", "revision": "main"}]})
+    with pytest.raises(ConfigError, match=r"models\[0\]'.*unknown field 'branch'.*fields path, name, revision, "
+                                          r"gguf_file$"):
+        parse_config({"models": [{"path": "a", "branch": "main"}]})
 
 
 def test_output_alias_and_null_cards_dir():

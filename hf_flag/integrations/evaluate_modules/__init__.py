@@ -9,8 +9,8 @@ no network and no monkeypatching.  That fallback logs "Using the latest cached v
 couldn't be found locally ..., or remotely on the Hugging Face Hub" (``CachedEvaluationModuleFactory.get_module``),
 which for these shims is expected, not a problem: :func:`quiet_cached_module_notice` drops exactly that record, for
 these two modules only, from evaluate's ``evaluate.loading`` logger (a ``logging.Filter``; evaluate 0.4 has no way
-from a bare name to a local module that skips the Hub-then-cache lookup).  ``import hf_flag`` calls it (a few ``stat`` calls when already current; set
-``HF_FLAG_NO_REGISTER=1`` to skip); ``hf-flag register`` calls it explicitly.  The paths
+from a bare name to a local module that skips the Hub-then-cache lookup).  ``import hf_flag`` calls both (a few
+``stat`` calls when already current; set ``HF_FLAG_NO_REGISTER=1`` to skip the registration); ``hf-flag register`` calls it explicitly.  The paths
 :data:`FLAG_ALIGNMENT_PATH` and :data:`NEURAL_COLLAPSE_PATH` work with ``evaluate.load(path)`` everywhere.
 
 This file must stay import-cheap: it never imports ``evaluate``, ``datasets`` or ``torch``.

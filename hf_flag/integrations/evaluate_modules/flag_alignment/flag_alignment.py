@@ -26,15 +26,16 @@ Args:
     model_id (`str`, `os.PathLike`, or a `list` of them): local folders, `.safetensors` / `.gguf` files, or Hub ids
         already in the local HF cache (never downloaded); one string is one model, as in evaluate's perplexity.
     model (`torch.nn.Module`, optional, compute kwarg): an in-memory model, instead of (not with) `model_id`.
-    cheap (`bool`, default False): commutator ratio and imbalance only (no baselines, flags, transport).
+    cheap (`bool`, default False): commutator ratio (with its closed-form baseline) and imbalance only (no flags,
+        transport, head overlaps or composition).
     layers (`list` of `int`, optional): block indices to analyse (default all).
     diagnostics (`list` of `str`, optional): subset of "mlp", "vo", "residual", "heads", "composition".
     composition (`str`, default "all"): "all", "adjacent" or "none".
     device (`str`, optional): where to compute (default: the model's device, else CPU).
 Returns:
     One model: `"<kind>/<metric>"` headline scalars (e.g. `"mlp/commutator_ratio"`, `"vo/commutator_ratio"`,
-    `"head_overlap_o/overlap"`), each beside its random baseline `"<kind>/<metric>_baseline"` (None with
-    cheap=True, which computes no baselines), `"model"`, `"summary"` (every summary scalar) and
+    `"head_overlap_o/overlap"`), each beside its random baseline `"<kind>/<metric>_baseline"` (None
+    where the report has none), `"model"`, `"summary"` (every summary scalar) and
     `"per_layer"` (`{kind: [{"layer", "target_layer", "source", "target", <metric>: value, ...}]}`).
     Several models: the same keys, each holding a list in `model_id` order.
 Examples:
@@ -66,8 +67,8 @@ def headline_keys(summary: dict[str, float], headline: Sequence[str]) -> list[st
 
 
 def report_output(report: Any, headline: Sequence[str]) -> dict[str, Any]:
-    """One report as the module's output: headline scalars flat, each beside its baseline (``None`` when the
-    report has none, i.e. ``cheap=True``), the full summary and per-layer rows nested."""
+    """One report as the module's output: headline scalars flat, each beside its baseline (``None`` where the
+    report has none), the full summary and per-layer rows nested."""
     per_layer: dict[str, list[dict[str, Any]]] = {}
     for row in report.rows:
         per_layer.setdefault(row.kind, []).append(
