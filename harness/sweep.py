@@ -383,26 +383,32 @@ def headline_columns(reports: Sequence[Report]) -> list[str]:
 
 
 def summary_table(results: Sequence[ModelResult]) -> tuple[str, str]:
-    """``(csv, markdown)``: one line per model; each headline metric beside its baseline."""
+    """``(csv, markdown)``: one line per model: where its weights came from (:func:`provenance_columns`) and each
+    headline metric beside its baseline."""
     reports = [r.report for r in results if r.report is not None]
     metrics = headline_columns(reports)
-    header = ["model", "slug", "status", "architecture", "rows", *[c for m in metrics for c in (m, baseline_key(m))],
-              "error"]
+    provenance = list(provenance_columns(Report("", "")))
+    header = ["model", "slug", "status", "architecture", "rows", *provenance,
+              *[c for m in metrics for c in (m, baseline_key(m))], "error"]
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(header)
-    md = ["| model | status | architecture | rows | " + " | ".join(f"{m} (random)" for m in metrics) + " |",
-          "|" + "---|" * (4 + len(metrics))]
+    md = ["| model | status | weights | architecture | rows | " + " | ".join(f"{m} (random)" for m in metrics) + " |",
+          "|" + "---|" * (5 + len(metrics))]
     for res in results:
         rep = res.report
         vals = [rep.summary.get(k) if rep else None for m in metrics for k in (m, baseline_key(m))]
+        prov = provenance_columns(rep) if rep else dict.fromkeys(provenance, "")
         writer.writerow([res.name, res.slug, res.status, rep.architecture if rep else "",
-                         len(rep.rows) if rep else "", *["" if v is None else repr(float(v)) for v in vals],
-                         res.error])
+                         len(rep.rows) if rep else "", *prov.values(),
+                         *["" if v is None else repr(float(v)) for v in vals], res.error])
         cells = [f"{a:.3g} ({b:.3g})" if a is not None and b is not None else f"{a:.3g}" if a is not None else "-"
                  for a, b in zip(vals[::2], vals[1::2])]
         status = res.status + (f": {res.error}" if res.error else "")
-        md.append(f"| {res.name} | {status.replace('|', '/')} | {rep.architecture if rep else '-'} | "
+        weights = " ".join(x for x in (prov["weights_source"] + (f"@{prov['weights_sha'][:12]}" if prov["weights_sha"]
+                                                                  else ""), prov["weights_format"],
+                                       prov["storage_dtypes"]) if x) or "-"
+        md.append(f"| {res.name} | {status.replace('|', '/')} | {weights} | {rep.architecture if rep else '-'} | "
                   f"{len(rep.rows) if rep else '-'} | " + " | ".join(cells) + " |")
     return buf.getvalue(), "\n".join(md) + "\n"
 

@@ -92,7 +92,13 @@ def format_table(report) -> str:
     elapsed = report.params.get("elapsed_s")
     if elapsed is not None:
         head += f", {elapsed:.1f} s"
-    lines = [head, f"  {'kind':<24}{'rows':>7}  {'metric':<22}{'mean':>11}{'baseline':>11}"]
+    prov = report.params.get("provenance") or {}
+    source = prov.get("repo_id") or prov.get("hub_name") or prov.get("source") or "unrecorded"
+    sha = f" at {prov['sha'][:12]}" if prov.get("sha") else ""
+    storage = "/".join(report.params.get("storage_dtypes") or []) or "-"
+    lines = [head, f"  weights: {source}{sha}, {prov.get('format', '-')}, stored as {storage}; hf-flag "
+                   f"{report.params.get('hf_flag_version', '-')}",
+             f"  {'kind':<24}{'rows':>7}  {'metric':<22}{'mean':>11}{'baseline':>11}"]
     for kind in report.kinds():
         n_rows = len(report.select(kind=kind))
         for i, metric in enumerate(table_metrics(kind)):

@@ -84,7 +84,8 @@ def gram_values(W_l: torch.Tensor, W_next: torch.Tensor) -> list[dict]:
     columns = {
         "commutator_ratio": g.commutator_ratio,
         "commutator_ratio_normalized": normalized_commutator_ratio(g.commutator_ratio),
-        "commutator_ratio_baseline": g.commutator_haar_rms, "imbalance_norm": g.imbalance_norm, "relative_imbalance": g.relative_imbalance,
+        "commutator_ratio_baseline": g.commutator_haar_rms, "imbalance_norm": g.imbalance_norm,
+        "relative_imbalance": g.relative_imbalance,
         "imbalance_diagonal_norm": imbalance_diagonal_norm(W_l, W_next),
     }
     return [{m: float(col[i]) for m, col in columns.items()} for i in range(W_l.shape[0])]

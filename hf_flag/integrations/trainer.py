@@ -443,10 +443,10 @@ class FlagAlignmentCallback(TrainerCallback, ExportableState):
         hidden = frozenset(clean_name(n) for n, _ in net.named_parameters()
                            if clean_name(n).endswith("bias") and clean_name(n) not in decayed)
         rows, layout = self.rows(net, hidden, compute)
+        self.last_step = step  # on every rank: an evaluation at a measured step must not gather again on one only
         if not compute:
             return {}
         logs: dict[str, Any] = logged_summary(summarize(rows))
-        self.last_step = step
         self.lr_history.append([step, hyper.lr])
         mean_lr = math.fsum(p[1] for p in self.lr_history) / len(self.lr_history)
         rate, law = predicted_decay_rate(hyper.name, mean_lr, hyper.weight_decay, hyper.momentum,

@@ -3,6 +3,7 @@ into an empty cache, revision pinning, a missing repo, a download killed half wa
 (commit, pull request, dry run, derived weights refused, results dataset) received with their exact bytes."""
 from __future__ import annotations
 
+import csv
 import io
 import json
 import os
@@ -76,6 +77,9 @@ def test_sweep_of_hub_ids_into_an_empty_cache(hub, hub_models, tmp_path, capsys)
         assert f"own weights at commit `{sha[:12]}`" in card.split(cards.SECTION_START)[1].splitlines()[3]
     fetched = {p.rsplit("/", 1)[1] for m, p, _ in hub.log if m == "GET" and "/resolve/" in p}
     assert not fetched & {"tokenizer.json", "pytorch_model.bin", "README.md"}
+    summary = {r["model"]: r for r in csv.DictReader(io.StringIO((out / "summary.csv").read_text()))}
+    assert summary[LLAMA]["weights_sha"] == hub_models[LLAMA][1] and summary[BERT]["weights_format"] == "safetensors"
+    assert f"{LLAMA}@{hub_models[LLAMA][1][:12]} safetensors float32" in (out / "summary.md").read_text()
     ds = datasets.load_from_disk(str(out / "dataset")).to_pandas()
     assert dict(zip(ds["weights_source"], ds["weights_sha"])) == {LLAMA: hub_models[LLAMA][1],
                                                                    BERT: hub_models[BERT][1]}

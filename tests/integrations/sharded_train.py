@@ -12,9 +12,9 @@ model, and each writing ``<out>/<phase>.rank<r>.json``:
 - ``fsdp1``: the same model wrapped by ``FullyShardedDataParallel`` (decoder layers auto-wrapped,
   ``use_orig_params=True``), one SGD step by hand, then one measurement on every rank; rank 0 writes the logged
   values and ``analyze`` of the unsharded copy holding the gathered weights (``summon_full_params`` of the root).
-- ``zero3`` (when deepspeed imports): the model built under ``deepspeed.zero.Init`` (parameters partitioned), one
-  measurement on every rank; rank 0 writes the logged values and ``analyze`` of an unsharded copy filled inside
-  ``GatheredParameters`` of all parameters.
+- ``zero3`` (when deepspeed imports): a real ``transformers.Trainer`` run under DeepSpeed ZeRO-3 (accelerate's
+  DeepSpeed plugin, DeepSpeed's CPU accelerator, its SGD optimizer over flattened partitions); rank 0 writes its
+  log history and ``analyze`` of an unsharded copy filled inside ``GatheredParameters`` of all parameters.
 
 Usage: ``sharded_train.py OUT_DIR MAX_STEPS EVERY`` with the repository root on ``PYTHONPATH``.
 """
@@ -96,7 +96,9 @@ def fsdp2_phase(out: Path, max_steps: int, every: int) -> int:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.fsdp import fully_shard
 
-    args = training_args(out / "fsdp2", max_steps, PER_RANK, ddp_backend="gloo")  # initialises the process group
+    # an evaluation every 10 steps falls on measured steps: no rank may gather twice for one step
+    args = training_args(out / "fsdp2", max_steps, PER_RANK, ddp_backend="gloo", eval_strategy="steps",
+                         eval_steps=10)  # initialises the process group
     rank = dist.get_rank()
     model = make_tiny_llama(seed=SEED).train()
     for layer in model.model.layers:
@@ -104,7 +106,7 @@ def fsdp2_phase(out: Path, max_steps: int, every: int) -> int:
     fully_shard(model)
     model._is_distributed_loading_by_transformers = True  # what from_pretrained(distributed_config=...) sets
     counter = GatherCounter()
-    trainer = Trainer(model=model, args=args, train_dataset=token_data())
+    trainer = Trainer(model=model, args=args, train_dataset=token_data(), eval_dataset=token_data())
     FlagAlignmentCallback.attach(trainer, every_n_steps=every)
     trainer.train()
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -113,7 +115,8 @@ def fsdp2_phase(out: Path, max_steps: int, every: int) -> int:
             "wrapped_model_class": type(trainer.model_wrapped).__name__, "global_step": trainer.state.global_step,
             "peak_gathered_units": counter.peak, "gathered_unit_classes": sorted(counter.units),
             "flag_logs": flag_logs(trainer.state.log_history),
-            "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e]}
+            "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
+            "eval_steps": [e["step"] for e in trainer.state.log_history if "eval_loss" in e]}
     if rank == 0:
         info["reference"] = reference_summary(full)
     (out / f"fsdp2.rank{rank}.json").write_text(json.dumps(info))
@@ -156,21 +159,28 @@ def fsdp1_phase(out: Path, rank: int) -> None:
     (out / f"fsdp1.rank{rank}.json").write_text(json.dumps(info))
 
 
-def zero3_phase(out: Path, rank: int) -> None:
+def zero3_phase(out: Path, max_steps: int, every: int, rank: int) -> None:
     try:
         import deepspeed
     except ImportError:
         (out / f"zero3.rank{rank}.json").write_text(json.dumps({"rank": rank, "skipped": "deepspeed not installed"}))
         return
-    config = {"train_micro_batch_size_per_gpu": PER_RANK, "zero_optimization": {"stage": 3}}
-    with deepspeed.zero.Init(config_dict_or_path=config):
-        model = make_tiny_llama(seed=SEED).train()
+    config = {"train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
+              "gradient_accumulation_steps": "auto",
+              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},  # shard every tensor
+              "zero_allow_untested_optimizer": True,
+              "optimizer": {"type": "SGD", "params": {"lr": "auto", "weight_decay": "auto"}}}
+    args = training_args(out / "zero3", max_steps, PER_RANK, ddp_backend="gloo", deepspeed=config)
+    trainer = Trainer(model=make_tiny_llama(seed=SEED).train(), args=args, train_dataset=token_data())
+    FlagAlignmentCallback.attach(trainer, every_n_steps=every)
+    trainer.train()
+    model = trainer.model
     partitioned = all(hasattr(p, "ds_id") and p.numel() == 0 for p in model.parameters())
-    optimizer = torch.optim.SGD(model.parameters(), lr=LR, weight_decay=WD)
-    logs = measure_everywhere(model, optimizer, rank)
     with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
         full = {k: v.detach().clone() for k, v in model.named_parameters()}
-    info = {"rank": rank, "flag_logs": logs, "partitioned": partitioned}
+    info = {"rank": rank, "flag_logs": flag_logs(trainer.state.log_history), "partitioned": partitioned,
+            "sharding": sharding_kind(model), "deepspeed": trainer.is_deepspeed_enabled,
+            "wrapped_model_class": type(trainer.model_wrapped).__name__, "global_step": trainer.state.global_step}
     if rank == 0:
         info["reference"] = reference_summary(full)
     (out / f"zero3.rank{rank}.json").write_text(json.dumps(info))
@@ -180,7 +190,7 @@ def main(argv: list[str]) -> None:
     out, max_steps, every = Path(argv[0]), int(argv[1]), int(argv[2])
     rank = fsdp2_phase(out, max_steps, every)
     fsdp1_phase(out, rank)
-    zero3_phase(out, rank)
+    zero3_phase(out, max_steps, every, rank)
     dist.barrier()
 
 

@@ -100,7 +100,8 @@ def test_keys_in_log_history_and_tensorboard(tmp_path, monkeypatch):
     assert [s for s, _ in flag_entries(trainer, series)] == [0, 10, 15, 20, 30]
     assert [s for s, _ in flag_entries(trainer, f"{series}_predicted")] == [0, 10, 15, 20, 30]
     assert [s for s, _ in flag_entries(trainer, f"{series}_decay_rate")] == [15, 20, 30]
-    assert all(v == pytest.approx(SGD_RATE, rel=1e-12) for _, v in flag_entries(trainer, f"{series}_decay_rate_predicted"))
+    assert all(v == pytest.approx(SGD_RATE, rel=1e-12)
+               for _, v in flag_entries(trainer, f"{series}_decay_rate_predicted"))
     assert not flag_entries(trainer, "flag/law/linear_chain/imbalance_norm")  # full D: not governed under ReLU
     assert law_text(trainer).startswith("SGD: (1 - lr wd)^2 per step (full-batch GD")
     assert not any(isinstance(v, float) and k.startswith("flag/") and not _has_baseline(k, e)
@@ -320,6 +321,22 @@ def test_sharding_detection_and_decayed_view():
     assert "0.bias" not in view.state_dict() and "0.bias" in model.state_dict()
     model[0].weight.ds_id = 3  # what DeepSpeed ZeRO-3 attaches to a partitioned parameter
     assert sharding_kind(model) == "zero3"
+
+
+def test_decayed_parameters_from_the_optimizer_or_the_trainers_rule():
+    from hf_flag.integrations.trainer import decayed_parameter_names, is_full_batch
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    groups = [{"params": [model[0].weight, model[0].bias], "weight_decay": 0.1},
+              {"params": [model[1].weight, model[1].bias, model[2].weight, model[2].bias], "weight_decay": 0.0}]
+    # the optimizer holds the model's own parameters: its groups decide (here a bias is decayed, a weight is not)
+    assert decayed_parameter_names(model, torch.optim.SGD(groups, lr=0.1), None) == {"0.weight", "0.bias"}
+    # flattened copies (as DeepSpeed's optimizer holds): the Trainer's rule, no biases, no norms
+    flat = torch.optim.SGD([torch.zeros(10, requires_grad=True)], lr=0.1, weight_decay=0.1)
+    assert decayed_parameter_names(model, flat, None) == {"0.weight", "2.weight"}
+    args = SimpleNamespace(per_device_train_batch_size=8, gradient_accumulation_steps=2, world_size=2)
+    assert [is_full_batch(SimpleNamespace(dataset=range(n)), args) for n in (32, 33)] == [True, False]
+    assert is_full_batch(SimpleNamespace(dataset=iter(range(3))), args) is None  # no length: unknown
 
 
 def test_optimizer_hyperparameters():

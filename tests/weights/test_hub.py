@@ -145,6 +145,10 @@ def test_weight_file_choice():
         hub_module.weight_files("o/m", ["README.md"])
 
 
+def provenance_sha(hub) -> str:
+    return hub.repos[("model", REPO)].refs["main"]
+
+
 def test_cli_analyze_hub_id_at_a_revision_reports_its_sha(hub, tmp_path, capsys):
     from hf_flag.cli import main
 
@@ -154,6 +158,9 @@ def test_cli_analyze_hub_id_at_a_revision_reports_its_sha(hub, tmp_path, capsys)
     printed = capsys.readouterr().out
     report = json.loads(printed.strip().splitlines()[-1])  # JSON Lines; an imported library may print a line first
     assert report["model"] == REPO and report["params"]["provenance"]["sha"] == first
+    assert main(["analyze", REPO, "--revision", "main", "--diagnostics", "mlp"]) == 0
+    table = capsys.readouterr().out
+    assert f"  weights: {REPO} at {provenance_sha(hub)[:12]}, safetensors, stored as float32; hf-flag " in table
     assert main(["analyze", "tiny-org/absent", "--diagnostics", "mlp"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("hf-flag: error: Hub model 'tiny-org/absent' was not found")
