@@ -39,6 +39,10 @@ def test_table_json_and_outputs(tiny_checkpoint, tmp_path, capsys):
     mlp_line = next(line for line in out.splitlines() if line.split()[:1] == ["mlp"])
     assert cli.format_value(report.summary["mlp/commutator_ratio"]) in mlp_line
     assert cli.format_value(report.summary["mlp/commutator_ratio_baseline"]) in mlp_line
+    # the low-rank companion of kappa (MATH.md §3) is shown beside its baseline too
+    overlap_line = next(line for line in out.splitlines() if line.split()[:1] == ["range_overlap"])
+    assert cli.format_value(report.summary["mlp/range_overlap"]) in overlap_line
+    assert cli.format_value(report.summary["mlp/range_overlap_baseline"]) in overlap_line
     import pyarrow.parquet as pq
 
     table = pq.read_table(folder / "rows.parquet")
