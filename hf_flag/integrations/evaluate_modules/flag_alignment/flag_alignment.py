@@ -78,6 +78,8 @@ class FlagAlignment(evaluate.Measurement):
 
     def compute(self, *, model: Any = None, **kwargs: Any) -> Optional[dict]:
         """``compute(model_id=[...])`` as every measurement, or ``compute(model=module)`` for an in-memory model."""
+        if isinstance(kwargs.get("model_id"), str):  # one id, not a list: evaluate would split it into characters
+            kwargs["model_id"] = [kwargs["model_id"]]
         if model is None:
             return super().compute(**kwargs)
         if kwargs.get("model_id") is not None or has_pending_inputs(self):
