@@ -22,10 +22,11 @@ attention, the subspace overlap of heads and composition scores. Every value com
 
 _KWARGS_DESCRIPTION = """
 Args:
-    model_id (`list` of `str`): local folders, `.safetensors` / `.gguf` files, or Hub ids already in the local
-        HF cache (never downloaded).
+    model_id (`list` of `str`, or one `str`): local folders, `.safetensors` / `.gguf` files, or Hub ids (fetched
+        through the HF cache; only the local cache with `HF_HUB_OFFLINE=1`).
     model (`torch.nn.Module`, optional, compute kwarg): an in-memory model, instead of (not with) `model_id`.
-    cheap (`bool`, default False): commutator ratio and imbalance only (no baselines, flags, transport).
+    cheap (`bool`, default False): commutator ratio (with its random baseline) and imbalance only (no SVDs: no
+        range overlap, transport or flags).
     layers (`list` of `int`, optional): block indices to analyse (default all).
     diagnostics (`list` of `str`, optional): subset of "mlp", "vo", "residual", "heads", "composition".
     composition (`str`, default "all"): "all", "adjacent" or "none".
