@@ -14,6 +14,7 @@ import argparse
 import importlib
 import json
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -125,10 +126,16 @@ def is_hf_flag_output(path: Path) -> bool:
 
 
 def check_out(out_dir: Path, models: Mapping[str, str]) -> None:
-    """Before any analysis: ``--out`` is (or can become) a folder, each model (path -> its ``<slug>`` folder name)
+    """Before any analysis: ``--out`` is (or becomes) a folder hf-flag can write, each model (path -> its ``<slug>`` folder name)
     gets its own folder, and no file there would replace one hf-flag did not write."""
     if out_dir.exists() and not out_dir.is_dir():
         raise CliError(f"--out {out_dir} is a file, not a folder; choose a folder")
+    existing = out_dir.absolute()  # a folder that cannot be made or written fails now, not after the analysis
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        why = "not writable" if existing.is_dir() else "not a folder"
+        raise CliError(f"--out {out_dir} cannot be written ({existing} is {why}); choose a folder you can write")
     seen: dict[str, str] = {}
     for model, slug in models.items():
         if slug in seen:

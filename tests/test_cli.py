@@ -81,6 +81,14 @@ def test_refuses_to_overwrite_foreign_files(tiny_checkpoint, tmp_path, capsys, m
     assert_user_error(code, err, "not written by hf-flag", str(folder / "report.json"))
 
 
+def test_out_that_cannot_be_made_is_refused_before_analysing(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    no_analysis(monkeypatch)
+    (tmp_path / "notes").write_text("mine")
+    code, _, err = run(["analyze", str(tiny_checkpoint), "--out", str(tmp_path / "notes" / "out")], capsys)
+    assert_user_error(code, err, "--out", str(tmp_path / "notes" / "out"), "cannot be written")
+    assert (tmp_path / "notes").read_text() == "mine"
+
+
 def test_out_is_a_file_or_shared_by_two_models(tiny_checkpoint, tmp_path, capsys, monkeypatch):
     no_analysis(monkeypatch)
     (tmp_path / "notes").write_text("mine")
