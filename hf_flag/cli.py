@@ -25,7 +25,8 @@ import torch
 from hf_flag.analysis.api import analyze
 from hf_flag import exits
 from hf_flag.atomic import atomic_write
-from hf_flag.defaults import COMPOSITION_MODES, DIAGNOSTIC_NAMES, default_named_paths, model_slug
+from hf_flag.defaults import (COMPOSITION_MODES, DIAGNOSTIC_NAMES, default_hub_id, default_named_paths,
+                              model_slug)
 from hf_flag.errors import HfFlagError
 from hf_flag.report import baseline_key
 from hf_flag.rows import table_metrics
@@ -195,7 +196,7 @@ def run_analyze(args: argparse.Namespace) -> int:
     if not models:
         raise CliError("analyze: give at least one MODEL, or --default")
     hub_ids = dict(named)  # default models are named (and their folders named) by their Hub ids
-    slugs = {model: model_slug(model, hub_ids.get(model)) for model in models}
+    slugs = {model: model_slug(model, hub_ids.get(model) or default_hub_id(model)) for model in models}
     if args.out is not None:
         check_out(args.out, slugs)
     diagnostics = None
