@@ -127,8 +127,8 @@ def is_hf_flag_output(path: Path) -> bool:
 
 
 def check_out(out_dir: Path, models: Mapping[str, str]) -> None:
-    """Before any analysis: ``--out`` is (or becomes) a folder hf-flag can write, each model (path -> its ``<slug>`` folder name)
-    gets its own folder, and no file there would replace one hf-flag did not write."""
+    """Before any analysis: ``--out`` is (or can become) a folder hf-flag can write, each model (path -> its
+    ``<slug>`` folder name) gets its own folder, and no file there would replace one hf-flag did not write."""
     if out_dir.exists() and not out_dir.is_dir():
         raise CliError(f"--out {out_dir} is a file, not a folder; choose a folder")
     existing = out_dir.absolute()  # a folder that cannot be made or written fails now, not after the analysis
