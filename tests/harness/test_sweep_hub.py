@@ -16,6 +16,7 @@ import datasets
 import pandas as pd
 import pytest
 import yaml
+from huggingface_hub import constants
 
 from hf_flag.harness import sweep
 from hf_flag import analyze
@@ -248,10 +249,10 @@ def test_offline_dry_run_reads_the_cached_card_and_a_push_bug_keeps_its_tracebac
     monkeypatch.setenv("HF_TOKEN", "hf_writer")
     assert sweep.main([*base, "--push-to-hub", "--dry-run"]) == 0  # online: fetches the card into the cache
     online = capsys.readouterr().out
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert sweep.main([*base, "--push-to-hub", "--dry-run"]) == 0  # offline: the cached card, the same diff
+    with monkeypatch.context() as offline:
+        offline.setattr(constants, "HF_HUB_OFFLINE", True)  # what HF_HUB_OFFLINE=1 sets at import
+        assert sweep.main([*base, "--push-to-hub", "--dry-run"]) == 0  # offline: the cached card, the same diff
     assert capsys.readouterr().out == online and "+<!-- hf-flag:start -->" in online and hub.received == []
-    monkeypatch.delenv("HF_HUB_OFFLINE")
 
     def broken(*args, **kwargs):
         raise TypeError("a bug in the push code")
