@@ -128,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("models", nargs="*", metavar="MODEL",
                    help="local folders, .safetensors or .gguf files, or Hub ids (read from the Hugging Face cache, "
                         "downloaded into it when missing unless HF_HUB_OFFLINE=1)")
+    p.add_argument("--name", metavar="ORG/NAME",
+                   help="the Hub name of the one MODEL given, for labels, folders and its card (default: its Hub id, "
+                        "or a local folder's config _name_or_path, which for a fine-tuned copy names its base model)")
     p.add_argument("--config", help="YAML sweep config (see examples/sweep.yaml)")
     p.add_argument("--out", help="output folder")
     p.add_argument("--diagnostics", nargs="+", metavar="NAME",
@@ -188,6 +191,11 @@ def parse_args(argv: Optional[Sequence[str]]) -> tuple[SweepConfig, argparse.Nam
         cli_checked["out"] = Path(args.out)
     cli_checked["models"] = tuple(replace(parse_model(m, "MODEL"), revision=args.revision, gguf_file=args.gguf_file)
                                   for m in args.models)
+    if args.name is not None:
+        if len(args.models) != 1:
+            raise ConfigError(f"--name {args.name}: names one MODEL, but {len(args.models)} were given; name several "
+                              f"models in the config file (models: [{{path: ..., name: ...}}])")
+        cli_checked["models"] = (replace(cli_checked["models"][0], name=args.name),)
     extra = default_model_specs() if args.default else []
     if args.checkpoint_layers is not None and args.checkpoint_layers < 0:
         raise ConfigError(f"--checkpoint-layers {args.checkpoint_layers}: give a number of layers >= 0")

@@ -206,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--allow-pickle", action="store_true",
                     help="allow .bin/.pt checkpoints (read with torch.load(weights_only=True)); only for files you "
                          "trust")
+    an.add_argument("--name", metavar="ORG/NAME",
+                    help="the model's Hub name, for labels and output folders (one MODEL only; default: its Hub id, "
+                         "or a local folder's config _name_or_path, which for a fine-tuned copy names its base model)")
     an.add_argument("--revision", help="branch, tag or commit sha of Hub ids (default: main)")
     an.add_argument("--max-disk", type=float, metavar="GB", dest="max_disk",
                     help="stream sharded Hub checkpoints shard by shard within GB of disk")
@@ -224,6 +227,11 @@ def run_analyze(args: argparse.Namespace) -> int:
     if not models:
         raise CliError("analyze: give at least one MODEL, or --default")
     hub_ids = dict(named)  # default models are named (and their folders named) by their Hub ids
+    if args.name is not None:
+        if len(models) != 1:
+            raise CliError(f"--name {args.name}: names one model, but {len(models)} were given; name several "
+                           f"models in a sweep config (models: [{{path: ..., name: ...}}])")
+        hub_ids[models[0]] = args.name
     slugs = {model: model_slug(model, hub_ids.get(model) or default_hub_id(model)) for model in models}
     if args.out is not None:
         check_out(args.out, slugs)

@@ -74,6 +74,14 @@ def test_local_folder_is_labelled_by_its_model_name(tiny_checkpoint, tmp_path, c
     (folder / "config.json").write_text(json.dumps(config))
     assert cli.main(["analyze", str(folder), "--cheap"]) == 0
     assert capsys.readouterr().out.startswith("model  [llama")
+    # --name: a fine-tuned copy whose _name_or_path names its base model is labelled (and its folder named) as told
+    config["_name_or_path"] = "base-org/base-model"
+    (folder / "config.json").write_text(json.dumps(config))
+    assert cli.main(["analyze", str(folder), "--cheap", "--name", "me/fine-tuned", "--out", str(tmp_path / "o")]) == 0
+    assert capsys.readouterr().out.startswith("me/fine-tuned  [llama")
+    assert (tmp_path / "o" / "me--fine-tuned" / "report.json").is_file()
+    assert cli.main(["analyze", str(folder), str(folder), "--cheap", "--name", "me/x"]) == 2
+    assert "--name me/x: names one model" in capsys.readouterr().err
 
 
 def test_json_with_several_models_is_json_lines(tiny_checkpoint, tiny_llama, capsys):

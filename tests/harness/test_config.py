@@ -65,3 +65,12 @@ def test_output_alias_and_null_cards_dir():
     assert parse_config({"output": "o", "cards_dir": None}) == {"out": Path("o"), "cards_dir": None}
     with pytest.raises(ConfigError, match="config key 'output': expected a folder path"):
         parse_config({"output": 3})
+
+
+def test_sweep_name_option_names_its_one_model(tmp_path):
+    from hf_flag.harness.sweep import parse_args
+
+    cfg, _ = parse_args([str(tmp_path / "ft"), "--name", "me/fine-tuned", "--out", str(tmp_path / "o")])
+    assert [(m.path, m.name) for m in cfg.models] == [(str(tmp_path / "ft"), "me/fine-tuned")]
+    with pytest.raises(ConfigError, match=r"^--name me/x: names one MODEL, but 2 were given"):
+        parse_args(["a", "b", "--name", "me/x", "--out", str(tmp_path / "o")])
