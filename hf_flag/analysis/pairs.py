@@ -111,3 +111,63 @@ def pair_values(W_l: torch.Tensor, W_next: torch.Tensor, *, cheap: bool, storage
     if cheap:
         return [(r, {}) for r in gram_values(W_l, W_next)]
     return pair_geometry_values(W_l, W_next, storage_eps=storage_eps, svd_l=svd_l, svd_next=svd_next)
+
+
+def pair_window_values(W_l: torch.Tensor, W_next: torch.Tensor, *, storage_eps: float, dtype: torch.dtype,
+                       svd_l, svd_next) -> list[tuple[dict, dict]]:
+    """(values, details) of a batch of default-report pair rows (``W_l`` (B, n, k) bias-augmented, ``W_next``
+    (B, m, n)) from the leading windows of both weights (:mod:`hf_flag.geometry.spectral`, MATH.md §2-§4).
+
+    ``svd_l``, ``svd_next``: :class:`~hf_flag.geometry.spectral.PartialSVD` of the two weights.  Kappa, its Haar
+    RMS and the imbalance norms are exact (Gram factors, :func:`~hf_flag.geometry.pairs.gram_pair_values`, in
+    :func:`~hf_flag.geometry.spectral.gram_dtype`); transport scores on the largest cut determined on both sides
+    (``None`` when there is none; the basis score also ``None`` unless every cut up to it is determined); flags
+    cut inside the windows.  The certificate: ``window_in`` / ``window_out`` (singular vectors used) and
+    ``svd_residual_in`` / ``svd_residual_out`` (largest relative residual of the triplets used).  The GL kernel
+    dimension needs whole spectra: ``None`` here (``full=True`` computes it)."""
+    from hf_flag.geometry.angles import default_rtol
+    from hf_flag.geometry.baselines import transport_baselines
+    from hf_flag.geometry.flags import flag_position_from_svd
+    from hf_flag.geometry.pairs import gram_pair_values, imbalance_diagonal_norm
+    from hf_flag.geometry.spectral import determined_cuts, gram_dtype, transport_window, wedin_window
+
+    g = gram_pair_values(W_l, W_next, dtype=gram_dtype(storage_eps, dtype))
+    diagonal = imbalance_diagonal_norm(W_l, W_next, dtype=dtype)
+    n = W_l.shape[-2]
+    sides = [(p, wedin_window(p.s, storage_eps=storage_eps, exhausted=p.exhausted),
+              determined_cuts(p.s, storage_eps=storage_eps, exhausted=p.exhausted)) for p in (svd_l, svd_next)]
+    (_, w_l, det_l), (_, w_n, det_n) = sides
+    cert_l, cert_n = svd_l.certificate(w_l), svd_next.certificate(w_n)
+    T = svd_next.Vh @ svd_l.U
+    rank_rtol = (default_rtol(W_l.to(dtype)), default_rtol(W_next.to(dtype)))
+    out = []
+    for i in range(W_l.shape[0]):
+        a, b = int(w_l[i]), int(w_n[i])
+        k, basis_ok = transport_window(det_l[i], det_n[i], n)
+        scores = {"subspace_score": None, "subspace_score_baseline": None, "basis_score": None,
+                  "basis_score_baseline": None}
+        if k:
+            sub_base, basis_base = transport_baselines(k, n)
+            T_k = T[i, :k, :k].double()
+            scores.update(subspace_score=float(T_k.square().sum()) / k, subspace_score_baseline=sub_base)
+            if basis_ok:
+                scores.update(basis_score=float(torch.diagonal(T_k).square().sum()) / k,
+                              basis_score_baseline=basis_base)
+        flag = flag_position_from_svd(svd_l.U[i, :, :a], _closed(svd_l, i, a), svd_next.Vh[i, :b],
+                                      _closed(svd_next, i, b), n=n, rank_rtol=rank_rtol, storage_eps=storage_eps,
+                                      transport=T[i, :b, :a], truncated=True)
+        kappa = float(g.commutator_ratio[i])
+        values = {"commutator_ratio": kappa, "commutator_ratio_normalized": SQRT2 * kappa,
+                  "imbalance_norm": float(g.imbalance_norm[i]), "relative_imbalance": float(g.relative_imbalance[i]),
+                  "imbalance_diagonal_norm": float(diagonal[i]),
+                  "commutator_ratio_baseline": float(g.commutator_haar_rms[i]), **scores, **flag_values(flag),
+                  "gl_kernel_dim": None, "window_in": float(a), "window_out": float(b),
+                  "svd_residual_in": float(cert_l[i]), "svd_residual_out": float(cert_n[i])}
+        out.append((values, {"transport_k": k, **flag_details(flag)}))
+    return out
+
+
+def _closed(svd, i: int, w: int) -> torch.Tensor:
+    """``sigma_1 .. sigma_{w+1}`` of batch member ``i`` (``sigma_{w+1} = 0`` past an exhausted spectrum)."""
+    s = svd.s[i, : w + 1]
+    return s if s.numel() == w + 1 else torch.cat([s, s.new_zeros(w + 1 - s.numel())])

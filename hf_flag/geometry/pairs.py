@@ -426,3 +426,39 @@ def transport_scores_from_matrix(T: torch.Tensor, k: int) -> tuple[torch.Tensor,
     _check_window(k, T.shape[-1], T.shape[-2], where="transport_scores_from_matrix")
     T_k = T[..., :k, :k]
     return _fro2(T_k) / k, torch.diagonal(T_k, dim1=-2, dim2=-1).square().sum(-1) / k
+
+
+class GramPairValues(NamedTuple):
+    """Kappa, its Haar RMS and the imbalance norms of a pair from one set of Gram factors (MATH.md §2, §3)."""
+
+    commutator_ratio: torch.Tensor
+    commutator_haar_rms: torch.Tensor
+    imbalance_norm: torch.Tensor
+    relative_imbalance: torch.Tensor
+
+
+def gram_pair_values(W_l: torch.Tensor, W_next: torch.Tensor, *, dtype: torch.dtype) -> GramPairValues:
+    """:func:`gram_diagnostics` plus :func:`commutator_baseline` from the same Grams, in ``dtype``, no SVD and no
+    ``n x n`` matrix unless n is at most both outer dims (MATH.md §2, §3); ``W_l`` already bias-augmented.
+
+    The exact values the windowed report keeps beside its leading singular subspaces
+    (:mod:`hf_flag.geometry.spectral`): the Haar RMS needs ``tr A = ||W_next||^2``, ``tr A^2 = ||G_P||^2``,
+    ``tr B = ||W_l||^2``, ``tr B^2 = ||G_Q||^2``, which the commutator's Gram factors already hold.  Kappa below
+    ``AUTO_FACTORED_BELOW`` and cancelling imbalances are recomputed by the factored float64 forms (as
+    :func:`commutator_ratio` ``method="auto"``).
+    """
+    W_l, W_next = _prepare(W_l, W_next, None, dtype, "gram_pair_values")
+    n = W_l.shape[-2]
+    if _hidden_is_small(W_l, W_next):
+        A, B = _hidden_grams(W_l, W_next)
+        a2, b2 = _fro2(A), _fro2(B)
+        d = torch.linalg.matrix_norm(A - B)
+        kappa = _kappa_direct(A, B)
+    else:
+        grams = _gram_factors(W_l, W_next)
+        C, G_P, G_Q = grams
+        a2, b2 = _fro2(G_P), _fro2(G_Q)
+        d, _, _ = _imbalance_from_norms(W_l, W_next, a2, b2, _fro2(C))
+        kappa = _kappa_auto(W_l, W_next, grams)
+    baseline = commutator_haar_rms(_fro2(W_next).double(), a2.double(), _fro2(W_l).double(), b2.double(), n)
+    return GramPairValues(kappa, baseline.to(kappa.dtype), d, _safe_ratio(d, a2.sqrt() + b2.sqrt()))
