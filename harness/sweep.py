@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 from harness import schedule
+from hf_flag.threads import configure_threads
 from harness.config import (COMPOSITION_MODES, DEVICES, ConfigError, ModelSpec, SweepConfig, build_config,
                             default_model_specs, load_config, parse_config, parse_model, slugs)
 from harness.schedule import RunState
@@ -183,7 +184,8 @@ def run_unit(unit: Unit, cfg: SweepConfig, *, device: str, rank: int) -> RunStat
     schedule.mark_started(unit.run_dir, unit.fp, rank)
     try:
         report = analyze(unit.spec.path, device=device, diagnostics=cfg.diagnostics, layers=unit.layers,
-                         cheap=cfg.cheap, composition=cfg.composition, name=unit.spec.label, **cfg.analyze_kwargs)
+                         cheap=cfg.cheap, composition=cfg.composition, name=unit.spec.label, progress=True,
+                         **cfg.analyze_kwargs)  # progress: a bar per layer with its ETA
         if unit.layers is None:
             try:
                 save_plots_once(report, plot_dir(cfg, unit.slug), unit.fp)
@@ -460,6 +462,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         check_out_dir(cfg.out)  # on every rank, so all of them stop together
         check_out_dir(cfg.cards_dir, "--cards-dir")  # before any work, not after the analysis
         device = resolve_device(cfg.device, state.local_process_index)
+        configure_threads()  # this process's share of the cores (LOCAL_WORLD_SIZE, load)
         if world == 1 and os.environ.get("ACCELERATE_USE_CPU") == "True":
             print("hf-flag sweep: note: accelerate launch --cpu starts one process; for N CPU processes use "
                   "accelerate launch --multi_gpu --num_processes N -m harness.sweep ... --device cpu", file=sys.stderr)

@@ -42,6 +42,7 @@ checked for NaN/Inf once (at its first read): :class:`NonFiniteWeightsError` nam
 """
 from __future__ import annotations
 
+import sys
 import time
 from typing import Callable, Iterable, Optional, Sequence, Union
 
@@ -50,8 +51,8 @@ from torch import nn
 
 from hf_flag.analysis.checks import (check_choice, check_finite, check_layers, release_freed_memory,
                                      resolve_device, sort_rows, summarize)
-from hf_flag.analysis.heads import composition_rows, head_spaces, kv_index, overlap_rows
-from hf_flag.analysis.pairs import ThinSVD, augment, pair_values
+from hf_flag.analysis.heads import composition_estimate, composition_rows, head_spaces, kv_index, overlap_rows
+from hf_flag.analysis.pairs import ThinSVD, augment, pair_values, pair_window_values
 from hf_flag.errors import NonFiniteWeightsError
 from hf_flag.report import Report, Row
 
@@ -73,7 +74,7 @@ ROW_KINDS = PAIR_KINDS + tuple(HEAD_OVERLAP_KINDS.values()) + tuple(CROSS_LAYER_
 
 TRANSFORMER_DIAGNOSTICS = ("mlp", "vo", "residual", "heads", "composition")
 CHAIN_DIAGNOSTICS = ("linear_chain",)
-COMPOSITION_MODES = ("all", "adjacent", "none")
+COMPOSITION_MODES = ("auto", "all", "adjacent", "none")
 
 #: ordered ``kind/metric`` summary keys for model cards and tables (present ones only are shown)
 HEADLINE_METRICS = (
@@ -91,6 +92,10 @@ PAIR_TABLE_METRICS = ("commutator_ratio", "relative_imbalance", "subspace_score"
 #: budgets re-read fewer layers; peak memory is about this plus two float64 blocks.
 COMPOSITION_CACHE_BYTES = 256 * 2**20
 
+#: the default report's window rule (``geometry.spectral``), as reported in ``Report.params``
+WINDOW_RULE = ("last cut i <= k_max = 64 with (1/sqrt 3) eps_storage sigma_1 / (sigma_i - sigma_{i+1}) <= 0.1 "
+               "(Wedin, MATH.md §4); partial SVD by randomized block Krylov, residual certified per weight")
+
 
 def table_metrics(kind: str) -> tuple[str, ...]:
     """Metrics the CLI table shows for ``kind`` (each beside its baseline)."""
@@ -103,13 +108,20 @@ def table_metrics(kind: str) -> tuple[str, ...]:
 
 def pair_rows(model: str, kind: str, ids: Sequence[tuple[int, int, str, str]], W_l: torch.Tensor,
               b_l: Optional[torch.Tensor], W_next: torch.Tensor, *, activation: str, cheap: bool,
-              storage_eps: float, svd_l: Optional[ThinSVD] = None, svd_next: Optional[ThinSVD] = None
-              ) -> list[Row]:
+              storage_eps: float, svd_l=None, svd_next=None, window: bool = False) -> list[Row]:
     """Rows ``[W_l | b_l]`` -> ``W_next`` for a batch (leading dim) of pairs; ``ids``: (layer, target_layer,
-    source, target) per batch member; ``svd_l``, ``svd_next``: thin SVDs of ``[W_l | b_l]`` and ``W_next`` when
-    cached (:func:`weight_svd`).  See the module docstring for the values."""
-    out = pair_values(augment(W_l, b_l), W_next, cheap=cheap, storage_eps=storage_eps, svd_l=svd_l,
-                      svd_next=svd_next)
+    source, target) per batch member; ``svd_l``, ``svd_next``: SVDs of ``[W_l | b_l]`` and ``W_next`` when
+    cached (:func:`weight_svd`: thin, or partial with ``window``).  ``window``: the default report's values on
+    the storage-precision windows (:func:`~hf_flag.analysis.pairs.pair_window_values`), in the weights' dtype.
+    See the module docstring for the values."""
+    W_aug = augment(W_l, b_l)
+    if window and not cheap:
+        svd_l = window_svd(W_aug, storage_eps) if svd_l is None else svd_l
+        svd_next = window_svd(W_next, storage_eps) if svd_next is None else svd_next
+        out = pair_window_values(W_aug, W_next, storage_eps=storage_eps, dtype=W_l.dtype, svd_l=svd_l,
+                                 svd_next=svd_next)
+    else:
+        out = pair_values(W_aug, W_next, cheap=cheap, storage_eps=storage_eps, svd_l=svd_l, svd_next=svd_next)
     return [Row(model, kind, *i, values, {**details, "activation": activation}) for i, (values, details)
             in zip(ids, out)]
 
@@ -134,21 +146,31 @@ def layer_bases(cache: dict, layer: int, attn) -> dict:
     return cache[key]
 
 
-def weight_svd(cache: dict, layer: int, name: str, W: torch.Tensor, bias: Optional[torch.Tensor] = None
-               ) -> ThinSVD:
-    """Thin SVD of the MLP weight ``[W | bias]`` of ``layer`` (batch dim 1), from ``cache`` (key
+def window_svd(W: torch.Tensor, storage_eps: float):
+    """Leading singular triplets of ``W`` (..., rows, cols) for the storage-precision window: ``K_MAX + 1`` of them
+    (one closes the last cut), in ``W``'s dtype (:func:`~hf_flag.geometry.spectral.partial_svd`)."""
+    from hf_flag.geometry.spectral import K_MAX, partial_svd
+
+    return partial_svd(W, min(K_MAX + 1, min(W.shape[-2:])), dtype=W.dtype, storage_eps=storage_eps)
+
+
+def weight_svd(cache: dict, layer: int, name: str, W: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
+               storage_eps: Optional[float] = None):
+    """SVD of the MLP weight ``[W | bias]`` of ``layer`` (batch dim 1), from ``cache`` (key
     ``(layer, name, bias is not None)``) or computed once and stored there: ``mlp_out`` serves the mlp, mlp_gate
-    and residual pairs, ``mlp_in`` of layer l+1 its own mlp pair and layer l's residual pair (MATH.md §4)."""
+    and residual pairs, ``mlp_in`` of layer l+1 its own mlp pair and layer l's residual pair (MATH.md §4).
+    Thin and in float64 (``full=True``), or the window's partial SVD in the weights' dtype given ``storage_eps``."""
     from hf_flag.geometry.angles import _thin_svd
 
     key = (layer, name, bias is not None)
     if key not in cache:
-        cache[key] = _thin_svd(augment(W[None], single(bias)).to(torch.float64))  # block checked at load
+        W_aug = augment(W[None], single(bias))  # block checked at load
+        cache[key] = _thin_svd(W_aug.to(torch.float64)) if storage_eps is None else window_svd(W_aug, storage_eps)
     return cache[key]
 
 
 def layer_rows(model: str, layout, block, nxt, *, diagnostics: frozenset, cheap: bool,
-               cache: Optional[dict] = None) -> list[Row]:
+               cache: Optional[dict] = None, window: bool = False) -> list[Row]:
     """Every row whose ``layer`` is ``block.index``, composition excepted (``nxt``: block l+1, or ``None``).
 
     A pair's flag tolerance uses the coarser ``storage_eps`` of the blocks its weights come from (MATH.md §4).
@@ -158,8 +180,10 @@ def layer_rows(model: str, layout, block, nxt, *, diagnostics: frozenset, cheap:
     for old in [k for k in cache if k[0] < block.index]:
         del cache[old]
     l, mlp, attn = block.index, block.mlp, block.attention
-    svd = (lambda *args: weight_svd(cache, *args)) if not cheap else (lambda *args: None)
-    pair = dict(cheap=cheap, storage_eps=block.storage_eps)
+    eps = max(block.storage_eps, nxt.storage_eps) if nxt is not None else block.storage_eps
+    svd = (lambda *args: weight_svd(cache, *args, storage_eps=eps if window else None)) if not cheap else \
+        (lambda *args: None)
+    pair = dict(cheap=cheap, storage_eps=block.storage_eps, window=window)
     rows: list[Row] = []
     if "mlp" in diagnostics and mlp is not None:
         out = svd(l, "mlp.out", mlp.mlp_out)
@@ -181,7 +205,7 @@ def layer_rows(model: str, layout, block, nxt, *, diagnostics: frozenset, cheap:
                           single(mlp.b_out), nxt.mlp.mlp_in[None], activation="identity",
                           svd_l=svd(l, "mlp.out", mlp.mlp_out, mlp.b_out),
                           svd_next=svd(l + 1, "mlp.in", nxt.mlp.mlp_in), cheap=cheap,
-                          storage_eps=max(block.storage_eps, nxt.storage_eps))
+                          storage_eps=max(block.storage_eps, nxt.storage_eps), window=window)
     if "heads" in diagnostics and attn is not None and not cheap:
         here = layer_bases(cache, l, attn)
         for s in "qkvo":
@@ -196,7 +220,7 @@ def layer_rows(model: str, layout, block, nxt, *, diagnostics: frozenset, cheap:
 
 
 def per_layer_rows(model: str, layout, layers: Sequence[int], load: Callable, *, diagnostics: frozenset,
-                   cheap: bool, progress: bool) -> list[Row]:
+                   cheap: bool, progress: bool, window: bool = False) -> list[Row]:
     """:func:`layer_rows` of every layer in ``layers``, streaming blocks: ``load(i)`` reads block i; each block is
     read once, block l+1 serving layer l's cross-layer and residual rows and then its own."""
     rows: list[Row] = []
@@ -207,7 +231,8 @@ def per_layer_rows(model: str, layout, layers: Sequence[int], load: Callable, *,
         for i in layers:
             block = nxt if nxt is not None and nxt.index == i else load(i)
             nxt = load(i + 1) if need_next and i + 1 < layout.n_layers else None
-            rows += layer_rows(model, layout, block, nxt, diagnostics=diagnostics, cheap=cheap, cache=cache)
+            rows += layer_rows(model, layout, block, nxt, diagnostics=diagnostics, cheap=cheap, cache=cache,
+                               window=window)
             bar.update()
     return rows
 
@@ -219,9 +244,9 @@ def progress_bar(total: int, enabled: bool, desc: str):
     return tqdm(total=total, disable=not enabled, desc=desc, unit="layer", leave=False)
 
 
-def analyze_transformer(source, name: str, *, device: torch.device, dtype: torch.dtype,
+def analyze_transformer(source, name: str, *, device: torch.device, dtype: Optional[torch.dtype],
                         diagnostics: Optional[Iterable[str]], layers: Optional[Iterable[int]], cheap: bool,
-                        composition: str, progress: bool) -> tuple[Report, dict]:
+                        composition: str, progress: bool, full: bool = True) -> tuple[Report, dict]:
     """Rows of a transformer read through its adapter, streaming blocks (see the module docstring)."""
     from hf_flag.weights.adapters import get_adapter
 
@@ -232,6 +257,7 @@ def analyze_transformer(source, name: str, *, device: torch.device, dtype: torch
     sel = check_layers(layers, layout.n_layers)
     storage: dict[str, float] = {}
     checked: set[tuple[int, bool]] = set()  # (layer, mlp read too) already checked for NaN/Inf
+    dtype = model_compute_dtype(source, adapter, layout, sel, dtype, full)
 
     def load(i: int, mlp: bool = True):
         block = adapter.block(source, layout, i, dtype=dtype, device=device, mlp=mlp)
@@ -244,14 +270,38 @@ def analyze_transformer(source, name: str, *, device: torch.device, dtype: torch
 
     rows: list[Row] = []
     if diag - {"composition"}:  # the per-layer pass (composition alone reads only attention, below)
-        rows += per_layer_rows(name, layout, sel, load, diagnostics=diag, cheap=cheap, progress=progress)
+        rows += per_layer_rows(name, layout, sel, load, diagnostics=diag, cheap=cheap, progress=progress,
+                               window=not full)
         release_freed_memory()
+    estimate = None
     if "composition" in diag and composition != "none" and not cheap:
+        estimate = composition_estimate(layout.n_layers, layout.n_heads, layout.d_model, sel)
+        chosen = estimate["auto"] if composition == "auto" else composition
+        if progress:
+            print(f"hf-flag: {name}: composition {chosen}" + (" (auto)" if composition == "auto" else "") +
+                  "; estimate: " + ", ".join(f"{m} {e['layer_pairs']} layer pairs, {e['rows']} rows, "
+                                             f"{e['macs']:.1e} multiply-adds" for m, e in estimate.items()
+                                             if m != "auto"), file=sys.stderr, flush=True)
+        estimate["used"] = composition = chosen
         rows += composition_rows(name, COMPOSITION_KINDS, layout, sel, composition,
                                  lambda i: load(i, mlp=False).attention,
                                  budget_bytes=COMPOSITION_CACHE_BYTES, itemsize=dtype.itemsize)
     report = Report(model=name, architecture=layout.architecture, layout=layout.to_dict(), rows=rows)
-    return report, {"diagnostics": sorted(diag), "layers": sel, "storage": storage}
+    return report, {"diagnostics": sorted(diag), "layers": sel, "storage": storage, "dtype": dtype,
+                    "composition_estimate": estimate}
+
+
+def model_compute_dtype(source, adapter, layout, layers: Sequence[int], requested: Optional[torch.dtype],
+                        full: bool) -> torch.dtype:
+    """The compute precision: ``requested``; else float64 for ``full`` (today's analysis); else the precision
+    policy (:func:`~hf_flag.geometry.spectral.compute_dtype`) of the finest storage among the analysed blocks'
+    tensors (float32 for float32, bf16, fp16 and quantised weights)."""
+    from hf_flag.geometry.spectral import compute_dtype
+
+    if requested is not None or full:
+        return requested or torch.float64
+    names = {n for i in layers for n in adapter.block_tensor_names(layout, i)}
+    return compute_dtype(min((source.storage_eps(n) for n in names), default=0.0))
 
 
 def analyze_chain(module: nn.Module, name: str, *, device: torch.device, dtype: torch.dtype,
@@ -283,21 +333,28 @@ def analyze_chain(module: nn.Module, name: str, *, device: torch.device, dtype: 
         "diagnostics": sorted(diag), "layers": sel, "storage": storage}
 
 
-def analyze(model_or_path, *, device: Union[str, torch.device, None] = None, dtype: torch.dtype = torch.float64,
+def analyze(model_or_path, *, device: Union[str, torch.device, None] = None, dtype: Optional[torch.dtype] = None,
             diagnostics: Optional[Iterable[str]] = None, layers: Optional[Iterable[int]] = None, cheap: bool = False,
-            composition: str = "all", allow_pickle: bool = False, progress: bool = False,
-            name: Optional[str] = None) -> Report:
+            composition: str = "auto", allow_pickle: bool = False, progress: bool = False,
+            name: Optional[str] = None, full: bool = False) -> Report:
     """Weight-only alignment report of a model (MATH.md §1-§4, §6); see the module docstring for the row kinds.
 
     model_or_path: an ``nn.Module`` / ``PreTrainedModel`` (a plain chain of ``nn.Linear`` is detected and gives
     ``"linear_chain"`` rows), a local folder, ``.safetensors`` / shard index, ``.gguf``, or a cached Hub id.
     device: default the in-memory model's device, else ``cuda`` when available, else ``cpu``; the model itself
-    is never moved or cast (tensors are copied).  dtype: float64 (default) or float32 for the analysis.
+    is never moved or cast (tensors are copied).  dtype: float64 or float32 for the analysis; default the
+    precision policy (float32 for weights stored in float32 or coarser, float64 for float64; float64 with
+    ``full``).  full: today's all-vectors analysis (a thin SVD per weight: every singular vector, the GL kernel
+    dimension); default: transformer pair rows from the leading singular subspaces the storage precision
+    determines (``geometry.spectral``: windows ``window_in``/``window_out`` and residual certificates
+    ``svd_residual_in``/``svd_residual_out`` in each row).  Linear chains always use the full analysis.
     diagnostics: subset of ``{"mlp", "vo", "residual", "heads", "composition"}`` (transformers, default all) or
     ``{"linear_chain"}`` (MLP chains).  layers: block (chain: pair) indices whose rows to compute.
     cheap: only the pair rows' commutator ratio and imbalance norms (no SVD, flags, transport, head overlaps,
-    composition or baselines): for training callbacks.  composition: ``"all"``, ``"adjacent"`` or
-    ``"none"``.  allow_pickle: permit ``.bin`` / ``.pt`` checkpoints (``weights_only=True``).
+    composition or baselines): for training callbacks.  composition: ``"auto"`` (default: every later layer
+    where the estimated cost is small, ``analysis.heads.composition_estimate``, else adjacent layers; the
+    estimate is printed with ``progress`` and kept in ``params["composition_estimate"]``), ``"all"``,
+    ``"adjacent"`` or ``"none"``.  allow_pickle: permit ``.bin`` / ``.pt`` checkpoints (``weights_only=True``).
     Raises HfFlagError / ValueError (one line) for unreadable input, unknown architectures, bad options, and
     :class:`NonFiniteWeightsError` naming the tensor and layer when weights hold NaN/Inf.
     """
@@ -305,7 +362,7 @@ def analyze(model_or_path, *, device: Union[str, torch.device, None] = None, dty
     from hf_flag.weights.sources import open_weights
 
     start = time.perf_counter()
-    if dtype not in (torch.float64, torch.float32):
+    if dtype is not None and dtype not in (torch.float64, torch.float32):
         raise ValueError(f"dtype={dtype} is not supported; use torch.float64 (default) or torch.float32")
     if composition not in COMPOSITION_MODES:
         raise ValueError(f"composition={composition!r}; use one of {list(COMPOSITION_MODES)}")
@@ -315,21 +372,26 @@ def analyze(model_or_path, *, device: Union[str, torch.device, None] = None, dty
     label = name or source.name
     try:
         if isinstance(model_or_path, nn.Module) and not source.config:
-            report, facts = analyze_chain(model_or_path, label, device=dev, dtype=dtype, diagnostics=diagnostics,
-                                          layers=layers, cheap=cheap)
+            report, facts = analyze_chain(model_or_path, label, device=dev, dtype=dtype or torch.float64,
+                                          diagnostics=diagnostics, layers=layers, cheap=cheap)
+            facts["dtype"] = dtype or torch.float64
         else:
             report, facts = analyze_transformer(source, label, device=dev, dtype=dtype, diagnostics=diagnostics,
                                                 layers=layers, cheap=cheap, composition=composition,
-                                                progress=progress)
+                                                progress=progress, full=full)
     finally:
         if source is not model_or_path:
             source.close()
     report.rows = sort_rows(report.rows, ROW_KINDS)
     report.summary = summarize(report.rows)
     storage = facts.pop("storage")
+    dtype = facts.pop("dtype")
     report.params = {
         "hf_flag_version": __version__, "torch_version": torch.__version__,
-        "dtype": str(dtype).removeprefix("torch."), "device": str(dev), "cheap": cheap, "composition": composition,
+        "dtype": str(dtype).removeprefix("torch."), "device": str(dev), "cheap": cheap,
+        "composition": (facts.get("composition_estimate") or {}).get("used", composition),
+        "composition_requested": composition,
+        "full": full, "window_rule": None if full else WINDOW_RULE,
         **facts, "layers_requested": None if layers is None else sorted({int(i) for i in layers}),
         "storage_dtypes": sorted(storage), "storage_eps": max(storage.values(), default=0.0),
         "tolerances": {"flag_tau": "per row (flag_tau): max(1e-6, 10 eps_storage sigma_1 / gap_k), MATH.md §4",

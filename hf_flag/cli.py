@@ -182,10 +182,16 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--default", action="store_true", help="analyse the embedded MiniLM and SmolLM2 models")
     an.add_argument("--out", type=Path, help="write DIR/<model-slug>/report.json and rows.parquet")
     an.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
-    an.add_argument("--dtype", choices=("float64", "float32"), default="float64")
+    an.add_argument("--dtype", choices=("float64", "float32"),
+                    help="compute precision (default: float32 for weights stored in float32 or coarser, float64 for "
+                         "float64 weights; float64 with --full)")
+    an.add_argument("--full", action="store_true",
+                    help="every singular vector of every weight (today's all-vectors analysis) instead of the "
+                         "leading subspaces the storage precision determines")
     an.add_argument("--diagnostics", help="comma-separated subset of mlp,vo,residual,heads,composition,linear_chain")
     an.add_argument("--layers", type=layers_argument, help="block indices, e.g. 0,1,5-7")
-    an.add_argument("--composition", choices=("all", "adjacent", "none"), default="all")
+    an.add_argument("--composition", choices=("auto", "all", "adjacent", "none"), default="auto",
+                    help="layer pairs scored: auto (all where the printed estimate is small, else adjacent)")
     an.add_argument("--cheap", action="store_true", help="commutator ratio and imbalance only (no SVDs)")
     an.add_argument("--allow-pickle", action="store_true", help="allow .bin/.pt checkpoints (weights_only)")
     an.add_argument("--json", action="store_true", help="print the report JSON instead of the table")
@@ -199,6 +205,9 @@ def run_analyze(args: argparse.Namespace) -> int:
 
     from hf_flag.analyze import analyze
 
+    from hf_flag.threads import configure_threads
+
+    configure_threads()
     models = list(args.models) + (default_models() if args.default else [])
     if not models:
         raise CliError("analyze: give at least one MODEL, or --default")
@@ -209,7 +218,8 @@ def run_analyze(args: argparse.Namespace) -> int:
         diagnostics = {d.strip() for d in args.diagnostics.split(",") if d.strip()}
     for model in models:
         report = analyze(
-            model, device=args.device, dtype=getattr(torch, args.dtype), diagnostics=diagnostics,
+            model, device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None, full=args.full,
+            diagnostics=diagnostics,
             layers=args.layers, cheap=args.cheap, composition=args.composition, allow_pickle=args.allow_pickle,
             progress=True,
         )

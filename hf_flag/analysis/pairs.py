@@ -131,8 +131,9 @@ def pair_window_values(W_l: torch.Tensor, W_next: torch.Tensor, *, storage_eps: 
     from hf_flag.geometry.pairs import gram_pair_values, imbalance_diagonal_norm
     from hf_flag.geometry.spectral import determined_cuts, gram_dtype, transport_window, wedin_window
 
-    g = gram_pair_values(W_l, W_next, dtype=gram_dtype(storage_eps, dtype))
-    diagonal = imbalance_diagonal_norm(W_l, W_next, dtype=dtype)
+    exact = gram_dtype(storage_eps, dtype)
+    g = gram_pair_values(W_l, W_next, dtype=exact)
+    diagonal = imbalance_diagonal_norm(W_l, W_next, dtype=exact)
     n = W_l.shape[-2]
     sides = [(p, wedin_window(p.s, storage_eps=storage_eps, exhausted=p.exhausted),
               determined_cuts(p.s, storage_eps=storage_eps, exhausted=p.exhausted)) for p in (svd_l, svd_next)]

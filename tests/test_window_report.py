@@ -1,0 +1,59 @@
+"""The default report's windowed pair rows against the full analysis and dense references, on real weights
+(MiniLM: float32 storage; SmolLM2: Q4_1 storage) (MATH.md §2-§4; hf_flag.geometry.spectral; issue #11)."""
+import pytest
+import torch
+
+from hf_flag.analyze import analyze
+from hf_flag.geometry.pairs import transport_scores
+from hf_flag.geometry.spectral import K_MAX
+
+EXACT = ("commutator_ratio", "commutator_ratio_baseline", "imbalance_norm", "relative_imbalance",
+         "imbalance_diagonal_norm")
+CERTIFICATE = ("window_in", "window_out", "svd_residual_in", "svd_residual_out")
+
+
+def rows_by_key(report):
+    return {(r.kind, r.layer, r.source): r for r in report.rows}
+
+
+@pytest.mark.parametrize("which", ["minilm", "smollm2"])
+def test_window_rows_keep_the_exact_values_of_the_full_analysis(which, request):
+    path = request.getfixturevalue("minilm_path" if which == "minilm" else "smollm2_gguf")
+    kw = dict(layers=[0], diagnostics=["mlp", "vo", "residual"])
+    full, window = analyze(path, full=True, **kw), analyze(path, **kw)
+    assert full.params["dtype"] == "float64" and window.params["dtype"] == "float32"
+    assert full.params["full"] is True and window.params["window_rule"]
+    eps = 2.0 ** -4 if which == "smollm2" else torch.finfo(torch.float32).eps
+    tol = max(eps, 1e-6)  # float32 storage: Grams in float64, so float32 rounding only; Q4: the storage tolerance
+    f, w = rows_by_key(full), rows_by_key(window)
+    assert f.keys() == w.keys() and len(f) > 3
+    for key, row in f.items():
+        for metric in EXACT:
+            assert w[key].values[metric] == pytest.approx(row.values[metric], rel=tol, abs=tol), (key, metric)
+        assert all(m not in row.values for m in CERTIFICATE)
+        win = w[key].values
+        assert all(isinstance(win[m], float) for m in CERTIFICATE)
+        assert 0 <= win["window_in"] <= K_MAX and 0 <= win["window_out"] <= K_MAX
+        assert max(win["svd_residual_in"], win["svd_residual_out"]) <= max(eps / 100, 1e-4)
+    if which == "minilm":  # float32 storage determines the 64 leading vectors of every MLP weight
+        assert w[("mlp", 0, "mlp.in")].values["window_in"] == K_MAX
+    else:  # 4-bit storage determines at most a few leading directions
+        assert all(r.values["window_in"] <= 4 for r in window.rows if r.kind in ("mlp", "mlp_gate"))
+
+
+def test_minilm_window_transport_matches_a_dense_svd(minilm_path):
+    from safetensors.torch import load_file
+
+    t = load_file(str(minilm_path / "model.safetensors"))
+    prefix = next(k for k in t if k.endswith("layer.0.intermediate.dense.weight")).removesuffix(
+        "intermediate.dense.weight")
+    W_in = torch.cat([t[prefix + "intermediate.dense.weight"], t[prefix + "intermediate.dense.bias"][:, None]], 1)
+    W_out = t[prefix + "output.dense.weight"]
+    row = rows_by_key(analyze(minilm_path, layers=[0], diagnostics=["mlp"]))[("mlp", 0, "mlp.in")]
+    k = row.details["transport_k"]
+    assert 1 <= k <= K_MAX
+    subspace, basis = transport_scores(W_in.double(), W_out.double(), k)
+    # float32 singular vectors of float32-stored weights: the cosines agree to ~1e-6 (determined cuts)
+    assert row.values["subspace_score"] == pytest.approx(float(subspace), abs=1e-4)
+    if row.values["basis_score"] is not None:
+        assert row.values["basis_score"] == pytest.approx(float(basis), abs=1e-4)
