@@ -76,9 +76,15 @@ def write_llama_checkpoint(folder: Path, layers: int, dtype: str = "bfloat16", s
     return folder
 
 
+CPU_SECONDS: dict = {}  # process CPU seconds of the last timed() call, beside its wall time
+
+
 def timed(fn):
-    start = time.perf_counter()
+    """``(fn(), wall seconds)``; the process CPU seconds go to ``CPU_SECONDS["last"]`` (on a loaded machine the
+    CPU time of a single-threaded run is the steadier figure)."""
+    start, cpu = time.perf_counter(), time.process_time()
     out = fn()
+    CPU_SECONDS["last"] = time.process_time() - cpu
     return out, time.perf_counter() - start
 
 
@@ -130,15 +136,17 @@ def main() -> None:
             layers = args.layers
         times = {}
         default, times["default"] = timed(lambda: analyze(path, device="cpu", composition=args.composition))
+        cpu_default = CPU_SECONDS["last"]
         print(f"hf-flag default report (composition={args.composition}): {times['default']:8.1f} s  "
-              f"{len(default.rows)} rows, dtype {default.params['dtype']}")
+              f"(CPU {cpu_default:.1f} s)  {len(default.rows)} rows, dtype {default.params['dtype']}", flush=True)
         if args.cli:
             times["cli"] = cli_seconds(path, args.threads, ["--composition", args.composition])
             print(f"hf-flag analyze MODEL --json (fresh process):    {times['cli']:8.1f} s")
         if not args.skip_full:
             full, times["full"] = timed(lambda: analyze(path, device="cpu", composition=args.composition,
                                                         full=True))
-            print(f"hf-flag full=True report:                      {times['full']:8.1f} s  {len(full.rows)} rows")
+            print(f"hf-flag full=True report:                      {times['full']:8.1f} s  "
+                  f"(CPU {CPU_SECONDS['last']:.1f} s)  {len(full.rows)} rows", flush=True)
         if args.breakdown:
             groups = {"pairs (mlp, vo, residual)": {"mlp", "vo", "residual"}, "head overlaps": {"heads"},
                       f"composition ({args.composition})": {"composition"}}
@@ -147,9 +155,10 @@ def main() -> None:
                                                      composition=args.composition))
                 print(f"  hf-flag default {label + ':':40s} {t_part:8.1f} s  {len(part.rows)} rows")
         if layers:
-            per_layer = times["default"] / layers
-            print(f"default report per layer {per_layer:.1f} s -> 32 layers ~{32 * per_layer / 60:.1f} min "
-                  f"(linear in layers; composition={args.composition})")
+            per_layer, per_layer_cpu = times["default"] / layers, cpu_default / layers
+            print(f"default report per layer {per_layer:.1f} s wall, {per_layer_cpu:.1f} s CPU -> 32 layers "
+                  f"~{32 * per_layer / 60:.1f} min wall, ~{32 * per_layer_cpu / 60:.1f} min CPU "
+                  f"(linear in layers; composition={args.composition})", flush=True)
         cheap, t_cheap = timed(lambda: analyze(path, device="cpu", cheap=True))
         print(f"hf-flag cheap (kappa + imbalance):              {t_cheap:8.1f} s  {len(cheap.rows)} rows")
         if args.skip_ww:
@@ -164,6 +173,7 @@ def main() -> None:
             model, t_load = timed(lambda: transformers.AutoModelForCausalLM.from_pretrained(
                 str(path), torch_dtype=torch.float32))
         details, t_ww = timed(lambda: weightwatcher.WeightWatcher(model=model).analyze())
+        print(f"WeightWatcher CPU seconds: {CPU_SECONDS['last']:.1f}")
         print(f"transformers load (not counted):                {t_load:8.1f} s")
         print(f"WeightWatcher {weightwatcher.__version__} analyze():                {t_ww:8.1f} s  {len(details)} layers")
         for label, t in times.items():

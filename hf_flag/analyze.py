@@ -108,18 +108,19 @@ def table_metrics(kind: str) -> tuple[str, ...]:
 
 def pair_rows(model: str, kind: str, ids: Sequence[tuple[int, int, str, str]], W_l: torch.Tensor,
               b_l: Optional[torch.Tensor], W_next: torch.Tensor, *, activation: str, cheap: bool,
-              storage_eps: float, svd_l=None, svd_next=None, window: bool = False) -> list[Row]:
+              storage_eps: float, svd_l=None, svd_next=None, window: bool = False,
+              gram: Optional[Callable] = None) -> list[Row]:
     """Rows ``[W_l | b_l]`` -> ``W_next`` for a batch (leading dim) of pairs; ``ids``: (layer, target_layer,
     source, target) per batch member; ``svd_l``, ``svd_next``: SVDs of ``[W_l | b_l]`` and ``W_next`` when
     cached (:func:`weight_svd`: thin, or partial with ``window``).  ``window``: the default report's values on
-    the storage-precision windows (:func:`~hf_flag.analysis.pairs.pair_window_values`), in the weights' dtype.
-    See the module docstring for the values."""
+    the storage-precision windows (:func:`~hf_flag.analysis.pairs.pair_window_values`), in the weights' dtype,
+    with ``gram`` the pair's shared Grams (:func:`pair_grams`).  See the module docstring for the values."""
     W_aug = augment(W_l, b_l)
     if window and not cheap:
         svd_l = window_svd(W_aug, storage_eps) if svd_l is None else svd_l
         svd_next = window_svd(W_next, storage_eps) if svd_next is None else svd_next
         out = pair_window_values(W_aug, W_next, storage_eps=storage_eps, dtype=W_l.dtype, svd_l=svd_l,
-                                 svd_next=svd_next)
+                                 svd_next=svd_next, gram=gram)
     else:
         out = pair_values(W_aug, W_next, cheap=cheap, storage_eps=storage_eps, svd_l=svd_l, svd_next=svd_next)
     return [Row(model, kind, *i, values, {**details, "activation": activation}) for i, (values, details)
@@ -169,6 +170,24 @@ def weight_svd(cache: dict, layer: int, name: str, W: torch.Tensor, bias: Option
     return cache[key]
 
 
+def pair_grams(cache: dict, left: tuple, right: tuple) -> Callable:
+    """``gram(which, side, dtype)`` for :func:`~hf_flag.analysis.pairs.pair_window_values`: the Gram of the pair's
+    ``"l"`` weight ``left = (layer, name, W, bias)`` or ``"next"`` weight ``right``, from ``cache`` (key
+    ``(layer, name, bias is not None, "gram", side, dtype)``) or computed once and stored there.  A Llama block's
+    ``W_down W_down^T`` serves its mlp, mlp_gate and residual pairs, ``W_up^T W_up`` its mlp pair and the previous
+    block's residual pair (MATH.md §3)."""
+    from hf_flag.geometry.pairs import weight_gram
+
+    def gram(which: str, side: str, dtype: torch.dtype) -> torch.Tensor:
+        layer, name, W, bias = left if which == "l" else right
+        key = (layer, name, bias is not None, "gram", side, dtype)
+        if key not in cache:
+            cache[key] = weight_gram(augment(W[None], single(bias)), side, dtype=dtype)
+        return cache[key]
+
+    return gram
+
+
 def layer_rows(model: str, layout, block, nxt, *, diagnostics: frozenset, cheap: bool,
                cache: Optional[dict] = None, window: bool = False) -> list[Row]:
     """Every row whose ``layer`` is ``block.index``, composition excepted (``nxt``: block l+1, or ``None``).
@@ -187,13 +206,15 @@ def layer_rows(model: str, layout, block, nxt, *, diagnostics: frozenset, cheap:
     rows: list[Row] = []
     if "mlp" in diagnostics and mlp is not None:
         out = svd(l, "mlp.out", mlp.mlp_out)
+        down = (l, "mlp.out", mlp.mlp_out, None)
         rows += pair_rows(model, KIND_MLP, [(l, l, "mlp.in", "mlp.out")], mlp.mlp_in[None], single(mlp.b_in),
                           mlp.mlp_out[None], activation=mlp.activation, svd_l=svd(l, "mlp.in", mlp.mlp_in, mlp.b_in),
-                          svd_next=out, **pair)
+                          svd_next=out, gram=pair_grams(cache, (l, "mlp.in", mlp.mlp_in, mlp.b_in), down), **pair)
         if mlp.mlp_gate is not None:
             rows += pair_rows(model, KIND_MLP_GATE, [(l, l, "mlp.gate", "mlp.out")], mlp.mlp_gate[None],
                               single(mlp.b_gate), mlp.mlp_out[None], activation=mlp.activation,
-                              svd_l=svd(l, "mlp.gate", mlp.mlp_gate, mlp.b_gate), svd_next=out, **pair)
+                              svd_l=svd(l, "mlp.gate", mlp.mlp_gate, mlp.b_gate), svd_next=out,
+                              gram=pair_grams(cache, (l, "mlp.gate", mlp.mlp_gate, mlp.b_gate), down), **pair)
     if "vo" in diagnostics and attn is not None:
         kv = kv_index(layout, attn.W_V.device)
         W_v = attn.W_V.index_select(0, kv).transpose(-1, -2)  # (H, head_dim, d): nn.Linear layout
@@ -205,7 +226,9 @@ def layer_rows(model: str, layout, block, nxt, *, diagnostics: frozenset, cheap:
                           single(mlp.b_out), nxt.mlp.mlp_in[None], activation="identity",
                           svd_l=svd(l, "mlp.out", mlp.mlp_out, mlp.b_out),
                           svd_next=svd(l + 1, "mlp.in", nxt.mlp.mlp_in), cheap=cheap,
-                          storage_eps=max(block.storage_eps, nxt.storage_eps), window=window)
+                          storage_eps=max(block.storage_eps, nxt.storage_eps), window=window,
+                          gram=pair_grams(cache, (l, "mlp.out", mlp.mlp_out, mlp.b_out),
+                                          (l + 1, "mlp.in", nxt.mlp.mlp_in, None)))
     if "heads" in diagnostics and attn is not None and not cheap:
         here = layer_bases(cache, l, attn)
         for s in "qkvo":

@@ -57,3 +57,34 @@ def test_minilm_window_transport_matches_a_dense_svd(minilm_path):
     assert row.values["subspace_score"] == pytest.approx(float(subspace), abs=1e-4)
     if row.values["basis_score"] is not None:
         assert row.values["basis_score"] == pytest.approx(float(basis), abs=1e-4)
+
+
+def test_each_mlp_weight_gram_is_computed_once(tiny_llama, monkeypatch):
+    """The default report shares Grams across pairs: per block ``W_down W_down^T`` (mlp, mlp_gate, residual),
+    ``W_up^T W_up`` (mlp, previous residual), ``W_gate^T W_gate`` (mlp_gate): 3 per layer; and the partial SVD
+    of each MLP weight once."""
+    import sys
+
+    import hf_flag.geometry.pairs as pairs
+
+    api = sys.modules[analyze.__module__]  # the module that defines analyze (the package exports the function)
+
+    calls, real = [], pairs.weight_gram
+
+    def counting(W, side, *, dtype):
+        calls.append((tuple(W.shape), side))
+        return real(W, side, dtype=dtype)
+
+    svds, real_svd = [], api.window_svd
+
+    def counting_svd(W, storage_eps):
+        svds.append(tuple(W.shape))
+        return real_svd(W, storage_eps)
+
+    monkeypatch.setattr(pairs, "weight_gram", counting)
+    monkeypatch.setattr(api, "window_svd", counting_svd)
+    report = analyze(tiny_llama, device="cpu", diagnostics={"mlp", "residual"})
+    assert len(report.rows) == 2 + 2 + 1  # mlp and mlp_gate per layer, one residual pair
+    mlp = [c for c in calls if 48 in c[0][1:]]  # d_ff = 48
+    assert sorted(mlp) == sorted([((1, 32, 48), "rows"), ((1, 48, 32), "cols"), ((1, 48, 32), "cols")] * 2)
+    assert len([s for s in svds if 48 in s[1:]]) == 3 * 2

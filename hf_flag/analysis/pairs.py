@@ -5,7 +5,7 @@ Helpers of :mod:`hf_flag.analyze` (which documents the row kinds and values).
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -114,7 +114,7 @@ def pair_values(W_l: torch.Tensor, W_next: torch.Tensor, *, cheap: bool, storage
 
 
 def pair_window_values(W_l: torch.Tensor, W_next: torch.Tensor, *, storage_eps: float, dtype: torch.dtype,
-                       svd_l, svd_next) -> list[tuple[dict, dict]]:
+                       svd_l, svd_next, gram: Optional[Callable] = None) -> list[tuple[dict, dict]]:
     """(values, details) of a batch of default-report pair rows (``W_l`` (B, n, k) bias-augmented, ``W_next``
     (B, m, n)) from the leading windows of both weights (:mod:`hf_flag.geometry.spectral`, MATH.md §2-§4).
 
@@ -124,15 +124,18 @@ def pair_window_values(W_l: torch.Tensor, W_next: torch.Tensor, *, storage_eps: 
     (``None`` when there is none; the basis score also ``None`` unless every cut up to it is determined); flags
     cut inside the windows.  The certificate: ``window_in`` / ``window_out`` (singular vectors used) and
     ``svd_residual_in`` / ``svd_residual_out`` (largest relative residual of the triplets used).  The GL kernel
-    dimension needs whole spectra: ``None`` here (``full=True`` computes it)."""
+    dimension needs whole spectra: ``None`` here (``full=True`` computes it).  ``gram(which, side, dtype)``: the
+    shared Gram of ``"l"`` or ``"next"`` (:func:`~hf_flag.geometry.pairs.weight_gram`), or ``None`` to compute it."""
     from hf_flag.geometry.angles import default_rtol
     from hf_flag.geometry.baselines import transport_baselines
     from hf_flag.geometry.flags import flag_position_from_svd
-    from hf_flag.geometry.pairs import gram_pair_values, imbalance_diagonal_norm
+    from hf_flag.geometry.pairs import gram_pair_values, imbalance_diagonal_norm, pair_gram_sides
     from hf_flag.geometry.spectral import determined_cuts, gram_dtype, transport_window, wedin_window
 
     exact = gram_dtype(storage_eps, dtype)
-    g = gram_pair_values(W_l, W_next, dtype=exact)
+    side_l, side_next = pair_gram_sides(W_l, W_next)
+    shared = (gram("l", side_l, exact), gram("next", side_next, exact)) if gram is not None else (None, None)
+    g = gram_pair_values(W_l, W_next, dtype=exact, gram_l=shared[0], gram_next=shared[1])
     diagonal = imbalance_diagonal_norm(W_l, W_next, dtype=exact)
     n = W_l.shape[-2]
     sides = [(p, wedin_window(p.s, storage_eps=storage_eps, exhausted=p.exhausted),

@@ -279,3 +279,22 @@ def test_tiny_angles_in_float32_count_as_float64():
     assert out[F32][1]["rank_matrix"] == out[F64][1]["rank_matrix"]
     assert out[F64][1]["cuts_left"][:4] == [1, 2, 3, 4] and out[F64][1]["rank_matrix"][3][3] == 4
     assert out[F32][0]["subspace_score"] == pytest.approx(out[F64][0]["subspace_score"], abs=eps)
+
+
+def test_shared_grams_give_the_same_pair_values():
+    """gram_pair_values with precomputed Grams (weight_gram on the sides pair_gram_sides names) equals the values
+    it computes itself, on both paths (hidden dim large: Gram factors; small: n x n), against the direct form."""
+    from hf_flag.geometry.pairs import commutator_ratio, pair_gram_sides, weight_gram
+
+    g = torch.Generator().manual_seed(21)
+    for n, k, m in ((90, 30, 20), (20, 60, 50)):  # n large (Gram factors), n small (direct)
+        W_l = torch.randn(2, n, k, generator=g, dtype=F64)
+        W_next = torch.randn(2, m, n, generator=g, dtype=F64)
+        sides = pair_gram_sides(W_l, W_next)
+        assert sides == (("cols", "rows") if n == 90 else ("rows", "cols"))
+        shared = gram_pair_values(W_l, W_next, dtype=F64, gram_l=weight_gram(W_l, sides[0], dtype=F64),
+                                  gram_next=weight_gram(W_next, sides[1], dtype=F64))
+        alone = gram_pair_values(W_l, W_next, dtype=F64)
+        for a, b in zip(shared, alone):
+            assert torch.allclose(a, b, rtol=1e-12)
+        assert torch.allclose(shared.commutator_ratio, commutator_ratio(W_l, W_next, method="direct"), rtol=1e-9)
