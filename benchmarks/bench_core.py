@@ -38,7 +38,8 @@ import numpy as np
 import scipy.linalg
 import torch
 
-from hf_flag.analysis.pairs import pair_geometry_values, transport_k
+from hf_flag.analysis.pairs import pair_geometry_values
+from hf_flag.geometry.pairs import transport_k
 from hf_flag.geometry.angles import thin_svd
 from hf_flag.geometry.flags import FLOAT32_EPS, flag_cuts, flag_relative_position, gl_invariant_kernel_dim
 from hf_flag.geometry.heads import head_overlap_matrix

@@ -31,7 +31,7 @@ def main() -> None:
 
     import torch
 
-    from hf_flag.analyze import analyze
+    from hf_flag.analysis.api import analyze
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("bench_gpu: no CUDA device; run it on the GPU machine")

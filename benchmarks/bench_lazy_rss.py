@@ -33,7 +33,7 @@ import numpy as np
 
 CHILD = r"""
 import json, os, sys, time, torch
-from hf_flag.analyze import analyze
+from hf_flag.analysis.api import analyze
 if os.environ.get("HF_FLAG_BENCH_READER") == "safe_open":
     from safetensors import safe_open
     from hf_flag.weights.safetensors_source import SafetensorsSource

@@ -6,8 +6,8 @@ cores), all diagnostics, ``composition adjacent``, one thread per process (``OMP
 one after the other, with fresh output folders:
 
 * bare: a fresh interpreter that calls ``analyze`` on every model and nothing else (the reference);
-* 1 process: ``python -m harness.sweep MODELS --out DIR``;
-* 2 processes: ``accelerate launch --multi_gpu --num_processes 2 -m harness.sweep ... --device cpu`` (a torchrun
+* 1 process: ``python -m hf_flag.harness.sweep MODELS --out DIR``;
+* 2 processes: ``accelerate launch --multi_gpu --num_processes 2 -m hf_flag.harness.sweep ... --device cpu`` (a torchrun
   launch whose processes join a gloo group on CPU).
 
 Reported, each wall time the best of ``--repeats``:
@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 BARE = r"""
 import json, sys
-from hf_flag.analyze import analyze
+from hf_flag.analysis.api import analyze
 kwargs = json.loads(sys.argv[1])
 analyze_s = 0.0
 for model in sys.argv[2:]:
@@ -111,11 +111,11 @@ def run_bare(models: list[str], kwargs: dict) -> Run:
 def run_sweep(common: list[str], out: Path, processes: int) -> Run:
     """A fresh sweep into ``out`` with 1 or 2 processes; analyze times from its reports' ``elapsed_s``."""
     if processes == 1:
-        cmd = [sys.executable, "-m", "harness.sweep", *common, "--out", str(out)]
+        cmd = [sys.executable, "-m", "hf_flag.harness.sweep", *common, "--out", str(out)]
     else:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-               str(free_port()), "-m", "harness.sweep", *common, "--out", str(out), "--device", "cpu"]
+               str(free_port()), "-m", "hf_flag.harness.sweep", *common, "--out", str(out), "--device", "cpu"]
     wall, _ = timed_subprocess(cmd)
     return Run(wall, rank_analyze_seconds(out))
 

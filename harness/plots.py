@@ -20,21 +20,21 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from hf_flag.analyze import summarize
 from hf_flag.atomic import atomic_write
 from hf_flag.report import Report, baseline_key
+from hf_flag.rows import HEAD_OVERLAP_KINDS, KIND_MLP, KIND_MLP_GATE, KIND_VO, summarize
 
-BY_LAYER_KINDS = ("mlp", "mlp_gate", "vo")
+BY_LAYER_KINDS = (KIND_MLP, KIND_MLP_GATE, KIND_VO)
 #: file stem -> (caption, metric) of the by-layer plots
 BY_LAYER_PLOTS = {"commutator_ratio": ("Commutator ratio by layer", "commutator_ratio"),
                   "intersection_dim": ("Intersection dimension by layer", "intersection_dim")}
-HEAD_OVERLAP_KIND = "head_overlap_o"
+HEAD_OVERLAP_KIND = HEAD_OVERLAP_KINDS["o"]
 HEAD_OVERLAP_CAPTION = "Head write-subspace overlap per layer"
 
 
 def layer_series(report: Report, kind: str, metric: str) -> tuple[list[int], list[float], list[Optional[float]]]:
     """``(layers, means, baseline means)`` of ``metric`` over the ``kind`` rows of each layer (layers where the
-    metric is missing are skipped); the means are ``hf_flag.analyze.summarize``'s, as in ``Report.summary``."""
+    metric is missing are skipped); the means are ``hf_flag.rows.summarize``'s, as in ``Report.summary``."""
     layers, values, baselines = [], [], []
     for layer in sorted({r.layer for r in report.select(kind=kind)}):
         means = summarize(report.select(kind=kind, layer=layer))
@@ -160,7 +160,7 @@ def save_plots_once(report: Report, out_dir: str | Path, key: str) -> dict[str, 
         pass  # no usable manifest: plot
     written = save_plots(report, out_dir)
     if written:
-        from harness.schedule import atomic_write_json
+        from hf_flag.harness.schedule import atomic_write_json
 
         atomic_write_json(out_dir / MANIFEST, {"key": key, "plots": {c: p.name for c, p in written.items()}})
     return written

@@ -1,17 +1,17 @@
-"""The sweep: many models through :func:`hf_flag.analyze.analyze`, one or several processes, results as a dataset.
+"""The sweep: many models through :func:`hf_flag.analyze`, one or several processes, results as a dataset.
 
 Usage (all three are the same program)::
 
-    python -m harness.sweep [MODEL ...] [--config FILE] --out DIR [--diagnostics ...] [--composition ...]
+    python -m hf_flag.harness.sweep [MODEL ...] [--config FILE] --out DIR [--diagnostics ...] [--composition ...]
         [--device cpu|cuda|auto] [--split-layers] [--write-model-cards] [--push-to-hub REPO_ID] [--default]
-    accelerate launch [--multi_gpu --num_processes 2] -m harness.sweep ... [--device cpu]
+    accelerate launch [--multi_gpu --num_processes 2] -m hf_flag.harness.sweep ... [--device cpu]
     hf-flag sweep ...
 
 Several CPU processes: accelerate 1.15 starts a single process for ``accelerate launch --cpu --num_processes N``
 (its multi-CPU mode needs mpirun), so use ``--multi_gpu --num_processes N`` (a torchrun launch) with ``--device cpu``
 (the default): every process then joins a gloo group as a CPU process.
 
-Work is dealt by :mod:`harness.schedule` (largest model first, round robin over processes starting at the last
+Work is dealt by :mod:`hf_flag.harness.schedule` (largest model first, round robin over processes starting at the last
 rank, so rank 0, which merges afterwards, gets the lightest share; ``--split-layers``
 deals each model's layers instead).  Every process writes its results into ``DIR/runs/<slug>/`` atomically with
 started/done/error markers, so a rerun skips finished models and redoes those whose process died (a failure is final
@@ -22,7 +22,7 @@ complete, names what is missing, and writes:
 
 * ``DIR/dataset``: ``datasets.Dataset.save_to_disk`` of every row of every model (``datasets.load_from_disk``);
 * ``DIR/summary.csv`` and ``DIR/summary.md``: one line per model, headline metrics beside their baselines;
-* ``DIR/plots/<slug>/*.png`` (:mod:`harness.plots`; split models are drawn here) and
+* ``DIR/plots/<slug>/*.png`` (:mod:`hf_flag.harness.plots`; split models are drawn here) and
   ``DIR/model_cards/<slug>/README.md``
   (:mod:`hf_flag.integrations.cards`); ``--write-model-cards`` also updates local model folders' README.md;
 * ``DIR/sweep.json``: each model's status (done / failed with its one-line error / missing).
@@ -43,17 +43,25 @@ import os
 import shutil
 import sys
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
-from harness import schedule
+import torch
+from tqdm.auto import tqdm
+
+from hf_flag.analysis.api import analyze
 from hf_flag.threads import configure_threads
-from harness.config import (COMPOSITION_MODES, DEVICES, ConfigError, ModelSpec, SweepConfig, build_config,
-                            default_model_specs, load_config, parse_config, parse_model, slugs)
-from harness.schedule import RunState
 from hf_flag.atomic import atomic_write_bytes, atomic_write_text
+from hf_flag.defaults import COMPOSITION_MODES, DIAGNOSTIC_NAMES
+from hf_flag.harness import schedule
+from hf_flag.harness.config import (DEVICES, ConfigError, ModelSpec, SweepConfig, build_config, default_model_specs,
+                                    load_config, parse_config, parse_model, slugs)
+from hf_flag.harness.schedule import RunState
 from hf_flag.report import Report, baseline_key, rows_to_dataset
+from hf_flag.rows import HEADLINE_METRICS, merge_shards
+from hf_flag.weights.adapters import get_adapter
+from hf_flag.weights.sources import open_weights
 
 EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE = 0, 1, 2
 
@@ -69,6 +77,46 @@ class Unit:
     layers: Optional[tuple[int, ...]] = None
 
 
+@dataclass(frozen=True)
+class RunContext:
+    """What every step of one sweep process reads, fixed at startup (in the spirit of accelerate's
+    ``PartialState``): the validated config, this process's ``rank`` among ``world`` processes, and its torch
+    ``device``."""
+
+    config: SweepConfig
+    rank: int = 0
+    world: int = 1
+    device: str = "cpu"
+
+    @property
+    def is_main_process(self) -> bool:
+        """Rank 0: it merges, plots split models and writes every output."""
+        return self.rank == 0
+
+
+@dataclass(frozen=True)
+class ModelResult:
+    """The outcome of one model as rank 0 records it: ``status`` ``"done"``, ``"failed"`` or ``"missing"``, the
+    one-line ``error`` (empty when none) and the merged ``report`` (``None`` unless done)."""
+
+    unit: Unit
+    status: str
+    error: str
+    report: Optional[Report]
+
+    @property
+    def name(self) -> str:
+        return self.unit.spec.label
+
+    @property
+    def slug(self) -> str:
+        return self.unit.slug
+
+    def manifest_entry(self) -> dict[str, str]:
+        """The model's entry in ``sweep.json``."""
+        return {"name": self.name, "slug": self.slug, "status": self.status, "error": self.error}
+
+
 # ------------------------------------------------------------------------------------------------- arguments
 
 
@@ -77,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("models", nargs="*", metavar="MODEL", help="Hub ids (local HF cache) or local folders/files")
     p.add_argument("--config", help="YAML sweep config (see harness/config.py)")
     p.add_argument("--out", help="output folder")
-    p.add_argument("--diagnostics", nargs="+", help="subset of mlp vo residual heads composition (default: all)")
+    p.add_argument("--diagnostics", nargs="+", help=f"subset of {' '.join(DIAGNOSTIC_NAMES)} (default: all)")
     p.add_argument("--composition", choices=COMPOSITION_MODES)
     p.add_argument("--cheap", action="store_true", default=None, help="pair rows' cheap values only")
     p.add_argument("--device", choices=DEVICES, help="default cpu; auto = cuda when available")
@@ -123,8 +171,6 @@ def check_out_dir(out: Path, option: str = "--out") -> None:
 
 
 def resolve_device(policy: str, local_rank: int) -> str:
-    import torch
-
     if policy == "cpu" or (policy == "auto" and not torch.cuda.is_available()):
         return "cpu"
     if not torch.cuda.is_available():
@@ -137,8 +183,6 @@ def resolve_device(policy: str, local_rank: int) -> str:
 
 def model_size(spec: ModelSpec) -> int:
     """Bytes of the model's stored weights from headers only (0 when it cannot be opened: it fails later)."""
-    from hf_flag.weights.sources import open_weights
-
     try:
         source = open_weights(spec.path)
     except Exception:  # the error is recorded when the model is run
@@ -153,9 +197,6 @@ def model_size(spec: ModelSpec) -> int:
 
 def count_layers(spec: ModelSpec) -> int:
     """Number of transformer blocks, from the config and tensor names (no tensor data read)."""
-    from hf_flag.weights.adapters import get_adapter
-    from hf_flag.weights.sources import open_weights
-
     source = open_weights(spec.path)
     try:
         keys = source.keys()
@@ -173,17 +214,17 @@ def plot_dir(cfg: SweepConfig, slug: str) -> Path:
     return cfg.out / "plots" / slug
 
 
-def run_unit(unit: Unit, cfg: SweepConfig, *, device: str, rank: int) -> RunState:
+def run_unit(ctx: RunContext, unit: Unit) -> RunState:
     """Analyze one unit and record its outcome in its run folder (a failure is recorded, never raised).
 
     A whole model is also plotted here, before its done marker, so plotting runs in parallel across processes.
     """
-    from harness.plots import save_plots_once
-    from hf_flag.analyze import analyze
+    from hf_flag.harness.plots import save_plots_once
 
+    cfg, rank = ctx.config, ctx.rank
     schedule.mark_started(unit.run_dir, unit.fp, rank)
     try:
-        report = analyze(unit.spec.path, device=device, diagnostics=cfg.diagnostics, layers=unit.layers,
+        report = analyze(unit.spec.path, device=ctx.device, diagnostics=cfg.diagnostics, layers=unit.layers,
                          cheap=cfg.cheap, composition=cfg.composition, name=unit.spec.label, progress=True,
                          **cfg.analyze_kwargs)  # progress: a bar per layer with its ETA
         if unit.layers is None:
@@ -197,24 +238,6 @@ def run_unit(unit: Unit, cfg: SweepConfig, *, device: str, rank: int) -> RunStat
         schedule.mark_failed(unit.run_dir, unit.fp, one_line(exc), model=unit.spec.label, rank=rank,
                              traceback=traceback.format_exc(limit=8))
         return RunState.FAILED
-
-
-def merge_shards(reports: Sequence[Report]) -> Report:
-    """One report from layer-shard reports: rows concatenated in analyze's canonical order, summary recomputed by
-    analyze's own :func:`~hf_flag.analyze.summarize`, params of the first shard with the merged layer list."""
-    from hf_flag.analyze import ROW_KINDS, sort_rows, summarize
-
-    if not reports:
-        raise ValueError("merge_shards: no shard reports to merge")
-    first = reports[0]
-    rows = sort_rows([r for rep in reports for r in rep.rows], ROW_KINDS)  # exactly as analyze orders its rows
-    params = dict(first.params)
-    params["layers"] = sorted({i for rep in reports for i in rep.params.get("layers", [])})
-    params["layers_requested"] = None
-    params["shards"] = [rep.params.get("layers") for rep in reports]
-    params["elapsed_s"] = sum(rep.params.get("elapsed_s", 0.0) for rep in reports)
-    return Report(model=first.model, architecture=first.architecture, layout=dict(first.layout), params=params,
-                  summary=summarize(rows), rows=rows)
 
 
 def model_units(cfg: SweepConfig) -> list[Unit]:
@@ -232,13 +255,12 @@ def shard_units(model: Unit, world_size: int) -> list[Unit]:
 
 
 def _bar(total: int, rank: int, desc: str):
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, desc=desc, unit="model", disable=rank != 0, file=sys.stderr)
 
 
-def sweep_models(units: list[Unit], cfg: SweepConfig, *, rank: int, world: int, device: str) -> dict[str, RunState]:
+def sweep_models(ctx: RunContext, units: list[Unit]) -> dict[str, RunState]:
     """Whole-model mode: run this rank's share; rank 0 then waits for everyone's. Returns slug -> state (rank 0)."""
+    cfg, rank, world = ctx.config, ctx.rank, ctx.world
     by_slug = {u.slug: u for u in units}
     sizes = {u.slug: model_size(u.spec) for u in units}
     mine = schedule.assign_models(sizes, world)[rank]
@@ -246,7 +268,7 @@ def sweep_models(units: list[Unit], cfg: SweepConfig, *, rank: int, world: int, 
         for slug in mine:
             unit = by_slug[slug]
             if schedule.run_state(unit.run_dir, unit.fp) not in (RunState.DONE, RunState.FAILED):
-                run_unit(unit, cfg, device=device, rank=rank)
+                run_unit(ctx, unit)
             bar.update()
         if rank != 0:
             return {}
@@ -256,8 +278,9 @@ def sweep_models(units: list[Unit], cfg: SweepConfig, *, rank: int, world: int, 
     return states
 
 
-def sweep_split(units: list[Unit], cfg: SweepConfig, *, rank: int, world: int, device: str) -> dict[str, RunState]:
+def sweep_split(ctx: RunContext, units: list[Unit]) -> dict[str, RunState]:
     """Layer-split mode: every rank runs its shard of every model; rank 0 merges the shards of each model."""
+    cfg, rank, world = ctx.config, ctx.rank, ctx.world
     sizes = {u.slug: model_size(u.spec) for u in units}
     order = [u for s in schedule.largest_first(sizes) for u in units if u.slug == s]
     shards: dict[str, list[Unit]] = {}
@@ -276,7 +299,7 @@ def sweep_split(units: list[Unit], cfg: SweepConfig, *, rank: int, world: int, d
             if rank < len(shards[unit.slug]):
                 shard = shards[unit.slug][rank]
                 if schedule.run_state(shard.run_dir, shard.fp) not in (RunState.DONE, RunState.FAILED):
-                    run_unit(shard, cfg, device=device, rank=rank)
+                    run_unit(ctx, shard)
             bar.update()
     if rank != 0:
         return {}
@@ -300,16 +323,15 @@ def sweep_split(units: list[Unit], cfg: SweepConfig, *, rank: int, world: int, d
 
 def headline_columns(reports: Sequence[Report]) -> list[str]:
     """Headline metric keys (no baselines) present in any report, in ``HEADLINE_METRICS`` order."""
-    from hf_flag.analyze import HEADLINE_METRICS
     from hf_flag.integrations.cards import headline_metrics
 
     present = {k for r in reports for k in headline_metrics(r)}
     return [m for m in HEADLINE_METRICS if m in present]
 
 
-def summary_table(results: Sequence[dict[str, Any]]) -> tuple[str, str]:
+def summary_table(results: Sequence[ModelResult]) -> tuple[str, str]:
     """``(csv, markdown)``: one line per model; each headline metric beside its baseline."""
-    reports = [r["report"] for r in results if r["report"] is not None]
+    reports = [r.report for r in results if r.report is not None]
     metrics = headline_columns(reports)
     header = ["model", "slug", "status", "architecture", "rows", *[c for m in metrics for c in (m, baseline_key(m))],
               "error"]
@@ -319,15 +341,15 @@ def summary_table(results: Sequence[dict[str, Any]]) -> tuple[str, str]:
     md = ["| model | status | architecture | rows | " + " | ".join(f"{m} (random)" for m in metrics) + " |",
           "|" + "---|" * (4 + len(metrics))]
     for res in results:
-        rep = res["report"]
+        rep = res.report
         vals = [rep.summary.get(k) if rep else None for m in metrics for k in (m, baseline_key(m))]
-        writer.writerow([res["name"], res["slug"], res["status"], rep.architecture if rep else "",
+        writer.writerow([res.name, res.slug, res.status, rep.architecture if rep else "",
                          len(rep.rows) if rep else "", *["" if v is None else repr(float(v)) for v in vals],
-                         res["error"]])
+                         res.error])
         cells = [f"{a:.3g} ({b:.3g})" if a is not None and b is not None else f"{a:.3g}" if a is not None else "-"
                  for a, b in zip(vals[::2], vals[1::2])]
-        status = res["status"] + (f": {res['error']}" if res["error"] else "")
-        md.append(f"| {res['name']} | {status.replace('|', '/')} | {rep.architecture if rep else '-'} | "
+        status = res.status + (f": {res.error}" if res.error else "")
+        md.append(f"| {res.name} | {status.replace('|', '/')} | {rep.architecture if rep else '-'} | "
                   f"{len(rep.rows) if rep else '-'} | " + " | ".join(cells) + " |")
     return buf.getvalue(), "\n".join(md) + "\n"
 
@@ -354,14 +376,14 @@ def card_base(spec: ModelSpec) -> Optional[str]:
     return read_card(readme) if readme.is_file() else None
 
 
-def write_cards(res: dict[str, Any], plots: dict[str, Path], cfg: SweepConfig) -> None:
+def write_cards(res: ModelResult, plots: dict[str, Path], cfg: SweepConfig) -> None:
     """``CARDS_DIR/<slug>/README.md`` (default ``DIR/model_cards``) and, with ``--write-model-cards``, the local
     folder's README.md.  A card outside ``DIR`` gets its own copy of the plots (``hf-flag-plots/`` beside it), so
     its image links do not point into a results folder that may be deleted."""
     from hf_flag.integrations.cards import minimal_card, write_card
 
-    spec, report = res["spec"], res["report"]
-    targets = [cfg.cards_dir / res["slug"] / "README.md"]
+    spec, report = res.unit.spec, res.report
+    targets = [cfg.cards_dir / res.slug / "README.md"]
     if cfg.write_model_cards and Path(spec.path).is_dir():
         targets.append(Path(spec.path) / "README.md")
     base = card_base(spec) or minimal_card(spec.label)
@@ -383,10 +405,11 @@ def copy_plot(png: Path, folder: Path) -> Path:
     return dest
 
 
-def write_outputs(cfg: SweepConfig, units: list[Unit], states: dict[str, RunState]) -> list[dict[str, Any]]:
-    """Everything rank 0 writes after the merge; returns one result record per model."""
-    from harness.plots import save_plots_once
+def write_outputs(ctx: RunContext, units: list[Unit], states: dict[str, RunState]) -> list[ModelResult]:
+    """Everything rank 0 writes after the merge; returns one result per model."""
+    from hf_flag.harness.plots import save_plots_once
 
+    cfg = ctx.config
     results = []
     for u in units:
         state = states.get(u.slug, RunState.NEW)
@@ -394,28 +417,27 @@ def write_outputs(cfg: SweepConfig, units: list[Unit], states: dict[str, RunStat
         report = Report.from_json((u.run_dir / schedule.REPORT).read_text()) if state is RunState.DONE else None
         error = schedule.read_error(u.run_dir) if state is RunState.FAILED else (
             "" if report else "no result before --merge-timeout (process died or still running); rerun to resume")
-        results.append({"spec": u.spec, "name": u.spec.label, "slug": u.slug, "fp": u.fp, "status": status,
-                        "error": error, "report": report})
-    reports = [r["report"] for r in results if r["report"] is not None]
+        results.append(ModelResult(u, status, error, report))
+    reports = [r.report for r in results if r.report is not None]
     save_dataset(reports, cfg.out / "dataset")
     csv_text, md_text = summary_table(results)
     atomic_write_text(cfg.out / "summary.csv", csv_text)
     atomic_write_text(cfg.out / "summary.md", md_text)
-    for res in results:
-        if res["report"] is None:
+    for i, res in enumerate(results):
+        if res.report is None:
             continue
         try:
-            plots = save_plots_once(res["report"], plot_dir(cfg, res["slug"]), res["fp"])
+            plots = save_plots_once(res.report, plot_dir(cfg, res.slug), res.unit.fp)
             write_cards(res, plots, cfg)
         except Exception as exc:  # a card or plot problem is reported, not fatal
-            res["error"] = f"card/plots: {one_line(exc)}"
-            print(f"hf-flag sweep: {res['name']}: {res['error']}", file=sys.stderr)
-    manifest = {"models": [{k: r[k] for k in ("name", "slug", "status", "error")} for r in results]}
+            results[i] = res = replace(res, error=f"card/plots: {one_line(exc)}")
+            print(f"hf-flag sweep: {res.name}: {res.error}", file=sys.stderr)
+    manifest = {"models": [r.manifest_entry() for r in results]}
     schedule.atomic_write_json(cfg.out / "sweep.json", manifest)
     return results
 
 
-def push_results(cfg: SweepConfig, results: list[dict[str, Any]]) -> None:
+def push_results(cfg: SweepConfig, results: list[ModelResult]) -> None:
     """``--push-to-hub``: the dataset to ``cfg.push_to_hub``, card PRs to models with a Hub id. Uses
     huggingface_hub's own token resolution: the token never passes through this code."""
     import datasets
@@ -424,10 +446,10 @@ def push_results(cfg: SweepConfig, results: list[dict[str, Any]]) -> None:
 
     datasets.load_from_disk(str(cfg.out / "dataset")).push_to_hub(cfg.push_to_hub)
     for res in results:
-        spec = res["spec"]
+        spec = res.unit.spec
         repo_id = spec.name or (spec.path if not Path(spec.path).exists() else None)
-        if res["report"] is not None and repo_id:
-            url = push_card_pr(repo_id, res["report"])
+        if res.report is not None and repo_id:
+            url = push_card_pr(repo_id, res.report)
             print(f"hf-flag sweep: opened card pull request {url}", file=sys.stderr)
 
 
@@ -452,20 +474,23 @@ def long_lived_frozen() -> Iterator[None]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of ``python -m harness.sweep`` / ``accelerate launch -m harness.sweep`` / ``hf-flag sweep``."""
+    """Entry point of ``python -m hf_flag.harness.sweep`` / ``accelerate launch -m hf_flag.harness.sweep`` /
+    ``hf-flag sweep``."""
     try:
         cfg, args = parse_args(argv)
         from accelerate import PartialState
 
         state = PartialState(cpu=cfg.device == "cpu")
-        rank, world = state.process_index, state.num_processes
         check_out_dir(cfg.out)  # on every rank, so all of them stop together
         check_out_dir(cfg.cards_dir, "--cards-dir")  # before any work, not after the analysis
-        device = resolve_device(cfg.device, state.local_process_index)
+        ctx = RunContext(cfg, rank=state.process_index, world=state.num_processes,
+                         device=resolve_device(cfg.device, state.local_process_index))
+        rank, world = ctx.rank, ctx.world
         configure_threads()  # this process's share of the cores (LOCAL_WORLD_SIZE, load)
         if world == 1 and os.environ.get("ACCELERATE_USE_CPU") == "True":
             print("hf-flag sweep: note: accelerate launch --cpu starts one process; for N CPU processes use "
-                  "accelerate launch --multi_gpu --num_processes N -m harness.sweep ... --device cpu", file=sys.stderr)
+                  "accelerate launch --multi_gpu --num_processes N -m hf_flag.harness.sweep ... --device cpu",
+                  file=sys.stderr)
     except ConfigError as exc:
         print(f"hf-flag sweep: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -479,13 +504,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if world > 1:
             state.wait_for_everyone()
     if rank == 0 or not cfg.split_layers:  # this process draws plots: load matplotlib before the freeze
-        importlib.import_module("harness.plots")
+        importlib.import_module("hf_flag.harness.plots")
     sweep = sweep_split if cfg.split_layers else sweep_models
     with long_lived_frozen():
-        states = sweep(units, cfg, rank=rank, world=world, device=device)
-        if rank != 0:
+        states = sweep(ctx, units)
+        if not ctx.is_main_process:
             return EXIT_OK
-        results = write_outputs(cfg, units, states)
+        results = write_outputs(ctx, units, states)
     if cfg.push_to_hub:
         try:
             push_results(cfg, results)
@@ -493,9 +518,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"hf-flag sweep: error: --push-to-hub {cfg.push_to_hub}: {one_line(exc)}; the results are in "
                   f"{cfg.out} (push them again with the same command once the Hub is reachable)", file=sys.stderr)
             return EXIT_INCOMPLETE
-    bad = [r for r in results if r["status"] != "done"]
+    bad = [r for r in results if r.status != "done"]
     for r in bad:
-        print(f"hf-flag sweep: {r['name']}: {r['status']}: {r['error']}", file=sys.stderr)
+        print(f"hf-flag sweep: {r.name}: {r.status}: {r.error}", file=sys.stderr)
     print(f"hf-flag sweep: {len(results) - len(bad)}/{len(results)} models done; results in {cfg.out}",
           file=sys.stderr)
     return EXIT_INCOMPLETE if bad else EXIT_OK

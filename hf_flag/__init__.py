@@ -1,13 +1,14 @@
 """hf-flag: flag-variety alignment diagnostics read straight from neural network weights.
 
 ``hf_flag.analyze(model_or_path, ...)`` returns a :class:`Report`; the geometry core is :mod:`hf_flag.geometry`.
-Note: ``hf_flag.analyze`` is the function; its module is reached with ``from hf_flag.analyze import ...``.
+The function lives in :mod:`hf_flag.analysis.api`; row names in :mod:`hf_flag.rows`, shared defaults in
+:mod:`hf_flag.defaults`.
 """
 from hf_flag.report import Report, Row
 
 __version__ = "0.1.0"
 
-from hf_flag.analyze import analyze  # noqa: E402  (needs __version__ bound first)
+from hf_flag.analysis.api import analyze  # noqa: E402  (needs __version__ bound first)
 
 __all__ = ["analyze", "Report", "Row", "__version__"]
 

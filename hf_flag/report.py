@@ -25,7 +25,8 @@ def baseline_key(metric: str) -> str:
 class Row:
     """One pair (or head pair) of one model.
 
-    kind: what the pair is; the kinds and their values are documented in :mod:`hf_flag.analyze` (``ROW_KINDS``):
+    kind: what the pair is; the kinds are named in :mod:`hf_flag.rows` (``ROW_KINDS``), their values documented in
+    :mod:`hf_flag.analysis.api`:
     pair kinds ``"mlp"``, ``"mlp_gate"``, ``"vo"``, ``"residual"``, ``"linear_chain"``; head-overlap kinds
     ``"head_overlap_{q,k,v,o}"`` and ``"cross_layer_overlap_{q,k,v}"``; ``"composition_{q,k,v}"``.
     layer / target_layer: block indices of the two sides (equal for within-layer pairs).

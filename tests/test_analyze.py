@@ -1,4 +1,4 @@
-"""End-to-end ``hf_flag.analyze.analyze`` on tiny random models of every family and on plain MLP chains.
+"""End-to-end ``hf_flag.analyze`` on tiny random models of every family and on plain MLP chains.
 
 Independent references: values recomputed from the modules' raw parameters with our own slicing (direct n x n
 commutator and imbalance, numpy SVD transport scores and ranks, numpy QR overlaps, the naive d x d composition
@@ -16,10 +16,10 @@ import torch
 import transformers
 from torch import nn
 
-from hf_flag.analyze import (COMPOSITION_KINDS, CROSS_LAYER_KINDS, HEAD_OVERLAP_KINDS, HEADLINE_METRICS,
-                             KIND_LINEAR_CHAIN, KIND_MLP, KIND_MLP_GATE, KIND_RESIDUAL, KIND_VO, PAIR_KINDS,
-                             ROW_KINDS, NonFiniteWeightsError, analyze)
-from hf_flag.errors import HfFlagError
+from hf_flag.analysis.api import analyze
+from hf_flag.errors import HfFlagError, NonFiniteWeightsError
+from hf_flag.rows import (COMPOSITION_KINDS, CROSS_LAYER_KINDS, HEAD_OVERLAP_KINDS, HEADLINE_METRICS, KIND_LINEAR_CHAIN,
+                          KIND_MLP, KIND_MLP_GATE, KIND_RESIDUAL, KIND_VO, PAIR_KINDS, ROW_KINDS)
 
 L, D, H = 2, 32, 4  # layers, d_model, heads of every tiny model
 SMALL = dict(vocab_size=64, max_position_embeddings=32)
@@ -368,7 +368,7 @@ def test_composition_streaming_under_a_tiny_cache_budget(monkeypatch):
 
     from hf_flag.weights.adapters.base import Adapter
 
-    module = importlib.import_module("hf_flag.analyze")
+    module = importlib.import_module("hf_flag.analysis.transformer")
     loads = []
     real_block = Adapter.block
     monkeypatch.setattr(Adapter, "block", lambda self, *a, **k: loads.append(a[2]) or real_block(self, *a, **k))

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from hf_flag import cli
+from hf_flag.defaults import default_model_paths, model_slug
 from hf_flag.report import Report
 
 
@@ -31,7 +32,7 @@ def test_table_json_and_outputs(tiny_checkpoint, tmp_path, capsys):
     code, out, err = run(["analyze", str(tiny_checkpoint), "--composition", "adjacent", "--out", str(tmp_path)], capsys)
     assert code == 0, err
     assert "commutator_ratio" in out and "baseline" in out and "composition_q" in out and "head_overlap_o" in out
-    folder = tmp_path / cli.model_slug(str(tiny_checkpoint))
+    folder = tmp_path / model_slug(str(tiny_checkpoint))
     report = Report.from_json((folder / "report.json").read_text())
     assert report.architecture == "llama" and report.params["composition"] == "adjacent"
     # the table shows each kind's mean beside its baseline, as in the report's summary
@@ -61,11 +62,11 @@ def no_analysis(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("analyze ran although the command line had to refuse first")
 
-    monkeypatch.setattr(sys.modules["hf_flag.analyze"], "analyze", boom)  # hf_flag.analyze is the function
+    monkeypatch.setattr(cli, "analyze", boom)
 
 
 def test_refuses_to_overwrite_foreign_files(tiny_checkpoint, tmp_path, capsys, monkeypatch):
-    folder = tmp_path / cli.model_slug(str(tiny_checkpoint))
+    folder = tmp_path / model_slug(str(tiny_checkpoint))
     folder.mkdir()
     (folder / "report.json").write_text("my notes")
     code, _, err = run(["analyze", str(tiny_checkpoint), "--cheap", "--out", str(tmp_path)], capsys)
@@ -116,8 +117,8 @@ def test_parse_layers():
 
 
 def test_model_slug():
-    assert cli.model_slug("/x/SmolLM2-135M-Instruct.Q4_1.gguf") == "smollm2-135m-instruct.q4_1"
-    assert cli.model_slug("org/My Model/") == "my-model"
+    assert model_slug("/x/SmolLM2-135M-Instruct.Q4_1.gguf") == "smollm2-135m-instruct.q4_1"
+    assert model_slug("org/My Model/") == "my-model"
 
 
 def test_missing_path(tmp_path, capsys):
@@ -180,7 +181,7 @@ def test_dispatch_passes_argv_and_reports_missing_module(monkeypatch, capsys):
 
 @pytest.mark.pretrained
 def test_default_models_exist(minilm_path, smollm2_gguf):
-    models = cli.default_models()
+    models = default_model_paths()
     assert [Path(m) for m in models] == [minilm_path, smollm2_gguf]
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from hf_flag.analyze import analyze
+from hf_flag.analysis.api import analyze
 from hf_flag.geometry.pairs import transport_scores
 from hf_flag.geometry.spectral import K_MAX
 
@@ -63,11 +63,9 @@ def test_each_mlp_weight_gram_is_computed_once(tiny_llama, monkeypatch):
     """The default report shares Grams across pairs: per block ``W_down W_down^T`` (mlp, mlp_gate, residual),
     ``W_up^T W_up`` (mlp, previous residual), ``W_gate^T W_gate`` (mlp_gate): 3 per layer; and the partial SVD
     of each MLP weight once."""
-    import sys
-
+    import hf_flag.analysis.pairs as analysis_pairs
+    import hf_flag.analysis.transformer as transformer
     import hf_flag.geometry.pairs as pairs
-
-    api = sys.modules[analyze.__module__]  # the module that defines analyze (the package exports the function)
 
     calls, real = [], pairs.weight_gram
 
@@ -75,14 +73,16 @@ def test_each_mlp_weight_gram_is_computed_once(tiny_llama, monkeypatch):
         calls.append((tuple(W.shape), side))
         return real(W, side, dtype=dtype)
 
-    svds, real_svd = [], api.window_svd
+    svds, real_svd = [], analysis_pairs.window_svd
 
     def counting_svd(W, storage_eps):
         svds.append(tuple(W.shape))
         return real_svd(W, storage_eps)
 
-    monkeypatch.setattr(pairs, "weight_gram", counting)
-    monkeypatch.setattr(api, "window_svd", counting_svd)
+    for module in (pairs, transformer):  # shared (transformer) and unshared (inside gram_pair_values) Grams
+        monkeypatch.setattr(module, "weight_gram", counting)
+    for module in (analysis_pairs, transformer):
+        monkeypatch.setattr(module, "window_svd", counting_svd)
     report = analyze(tiny_llama, device="cpu", diagnostics={"mlp", "residual"})
     assert len(report.rows) == 2 + 2 + 1  # mlp and mlp_gate per layer, one residual pair
     mlp = [c for c in calls if 48 in c[0][1:]]  # d_ff = 48

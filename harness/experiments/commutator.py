@@ -15,7 +15,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 
-from harness.experiments.common import (
+from hf_flag.harness.experiments.common import (
     FLAG_GAP_RATIO,
     FLAG_TAU,
     ClaimResult,
@@ -26,7 +26,7 @@ from harness.experiments.common import (
     mlp_pairs,
     train_teacher_mlp,
 )
-from hf_flag.analysis.pairs import augment
+from hf_flag.geometry.pairs import augment
 from hf_flag.geometry.dynamics import fit_decay_rate, predicted_decay_rate
 from hf_flag.geometry.pairs import commutator_baseline, commutator_ratio
 

@@ -21,8 +21,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from harness.experiments.common import Trace, deterministic, flag_identity_fraction, train
-from hf_flag.analysis.pairs import augment
+from hf_flag.harness.experiments.common import Trace, deterministic, flag_identity_fraction, train
+from hf_flag.geometry.pairs import augment
 from hf_flag.geometry.collapse import class_means, level2_alignment, level3_alignment, neural_collapse
 from hf_flag.geometry.pairs import (
     commutator_baseline,

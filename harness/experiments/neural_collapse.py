@@ -1,6 +1,6 @@
 """Claim 3: the Level-2 / Level-3 hierarchy of Neural Collapse (MATH.md §5) on scikit-learn's digits.
 
-An MLP and a small ResNet (:mod:`harness.experiments.digits`) trained with plain SGD on the 1797 digits, with and
+An MLP and a small ResNet (:mod:`hf_flag.harness.experiments.digits`) trained with plain SGD on the 1797 digits, with and
 without weight decay.  Logged over epochs: NC1-NC4 (:func:`hf_flag.geometry.collapse.neural_collapse`), Level-2
 (:func:`~hf_flag.geometry.collapse.level2_alignment`: subspace error ``1 - ||P_W P_M||_F^2 / (C-1)`` and largest
 principal angle) and Level-3 (:func:`~hf_flag.geometry.collapse.level3_alignment`: NC3 self-duality, basis score)
@@ -14,8 +14,8 @@ from typing import Optional
 import torch
 from matplotlib.figure import Figure
 
-from harness.experiments import digits
-from harness.experiments.common import ClaimResult, fmt, markdown_table
+from hf_flag.harness.experiments import digits
+from hf_flag.harness.experiments.common import ClaimResult, fmt, markdown_table
 
 LEVEL2_REACHED = 0.10  # Level-2 reached: subspace error <= 0.10 (Haar baseline 1 - (C-1)/p ~ 0.86 for p = 64)
 LEVEL3_REACHED = 0.10  # Level-3 reached: NC3 self-duality <= 0.10 (0 = W^T a positive multiple of M; random ~ 2)

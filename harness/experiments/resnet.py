@@ -1,6 +1,6 @@
 """Claim 4: the pair diagnostics across the residual blocks of a small ResNet (MATH.md §2-§4).
 
-The ResNet runs of claim 3 (:mod:`harness.experiments.digits`, shared through its cache).  Each residual block's
+The ResNet runs of claim 3 (:mod:`hf_flag.harness.experiments.digits`, shared through its cache).  Each residual block's
 (conv1, conv2) is one layer pair on the hidden space of conv1's output channels = conv2's input channels:
 ``W_l`` = conv1 ``(c_mid, c_in, k, k) -> (c_mid, c_in*k*k)`` with conv1's bias appended, ``W_next`` = conv2
 ``(c_out, c_mid, k, k)`` permuted to ``(c_out, k, k, c_mid)`` and reshaped to ``(c_out*k*k, c_mid)``.  Per block:
@@ -17,8 +17,8 @@ from typing import Optional
 import torch
 from matplotlib.figure import Figure
 
-from harness.experiments import digits
-from harness.experiments.common import FLAG_TAU, ClaimResult, fmt, markdown_table
+from hf_flag.harness.experiments import digits
+from hf_flag.harness.experiments.common import FLAG_TAU, ClaimResult, fmt, markdown_table
 from hf_flag.geometry.dynamics import fit_decay_rate, predicted_decay_rate
 
 TOLERANCE = 0.10  # the diagonal imbalance of every block decays within 10% of the predicted rate

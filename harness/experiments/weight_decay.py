@@ -16,7 +16,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 
-from harness.experiments.common import (
+from hf_flag.harness.experiments.common import (
     ClaimResult,
     MLPRun,
     fmt,

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from harness.experiments.common import ClaimResult, markdown_table
+from hf_flag.harness.experiments.common import ClaimResult, markdown_table
 from hf_flag.atomic import atomic_write_bytes
 from hf_flag.errors import HfFlagError
 from hf_flag.report import to_jsonable

@@ -1,8 +1,7 @@
-"""Input checks, NaN/Inf guards, device choice, summary and canonical row order for :mod:`hf_flag.analyze`."""
+"""Input checks of the analysis: NaN/Inf guards, option and layer checks, device choice, freed-memory release."""
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import fields
 from typing import Iterable, Optional, Sequence, Union
 
@@ -10,7 +9,6 @@ import torch
 from torch import nn
 
 from hf_flag.errors import NonFiniteWeightsError
-from hf_flag.report import Row
 
 
 def block_tensors(block) -> list[torch.Tensor]:
@@ -89,29 +87,3 @@ def check_layers(layers: Optional[Iterable[int]], n: int) -> list[int]:
     if bad or not chosen:
         raise ValueError(f"layers={bad or chosen} is out of range: this model has {n} layers/pairs, use 0..{n - 1}")
     return chosen
-
-
-def summarize(rows: Sequence[Row]) -> dict[str, float]:
-    """``summary["kind/metric"]`` = mean of the finite values of ``metric`` over the rows of ``kind``."""
-    sums: dict[str, list] = {}
-    for r in rows:
-        for m, v in r.values.items():
-            if v is not None and math.isfinite(v):
-                acc = sums.setdefault(f"{r.kind}/{m}", [0.0, 0])
-                acc[0] += v
-                acc[1] += 1
-    return {k: total / count for k, (total, count) in sums.items()}
-
-
-def sort_rows(rows: list[Row], kind_order: Sequence[str]) -> list[Row]:
-    """Canonical row order (``kind_order``, then layers, then head numbers): independent of sharding."""
-    rank = {k: i for i, k in enumerate(kind_order)}
-
-    def key(r: Row) -> tuple:
-        return (rank[r.kind], r.layer, r.target_layer, natural(r.source), natural(r.target))
-    return sorted(rows, key=key)
-
-
-def natural(label: str) -> tuple:
-    """``"head 10"`` sorts after ``"head 9"``."""
-    return tuple(int(t) if t.isdigit() else t for t in label.replace(".", " ").split())

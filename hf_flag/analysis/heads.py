@@ -1,6 +1,6 @@
 """Head rows: head-subspace overlaps and streamed composition scores (MATH.md §1, §6).
 
-Helpers of :mod:`hf_flag.analyze` (which documents the row kinds and values); row kinds are passed in.
+The row kinds and values are documented in :mod:`hf_flag.analysis.api`; row kinds are passed in.
 """
 from __future__ import annotations
 
@@ -9,6 +9,10 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from hf_flag.analysis.checks import release_freed_memory
+from hf_flag.geometry.baselines import composition_baseline, overlap_baseline, overlap_zscore
+from hf_flag.geometry.composition import (CompositionGrams, composition_scores, destination_grams, packed_gram_bytes,
+                                          scores_from_grams, source_grams)
+from hf_flag.geometry.heads import overlap_from_bases
 from hf_flag.report import Row
 
 
@@ -17,9 +21,6 @@ def overlap_rows(model: str, kind: str, layer: int, target_layer: int, X, Y, lab
     """Rows of the head-subspace overlaps of two ``geometry.heads.HeadBases`` (column spaces ``(H, d, r)`` vs
     ``(H', d, r')``; only h < h' when ``upper``), each beside its Haar baseline max(r, r')/d and z-score
     (MATH.md §1, §6)."""
-    from hf_flag.geometry.baselines import overlap_baseline, overlap_zscore
-    from hf_flag.geometry.heads import overlap_from_bases
-
     d, p, q = X.Q.shape[1], X.Q.shape[2], Y.Q.shape[2]
     overlaps = overlap_from_bases(X, Y)
     zscores = overlap_zscore(overlaps, p, q, d).tolist()
@@ -101,8 +102,6 @@ def composition_rows(model: str, kinds: dict[str, str], layout, sources: Sequenc
     source layer's Grams are built once (a destination's once per chunk of sources) and every layer pair costs one
     matmul; otherwise (very wide models) the tiled trace form runs per layer pair (:func:`tiled_composition_rows`).
     Both are exact."""
-    from hf_flag.geometry.composition import packed_gram_bytes
-
     targets = composition_targets(layout.n_layers, sources, mode)
     gram = packed_gram_bytes(layout.n_heads, layout.d_model)  # the Grams are float64 whatever the analysis dtype
     if budget_bytes >= 5 * gram:  # one source layer + the destination reserve of gram_composition_rows
@@ -123,10 +122,6 @@ def gram_composition_rows(model: str, kinds: dict[str, str], layout, sources: Se
     and the ``d x d`` build temporaries of a quarter of the heads); each destination layer is then read once per
     chunk holding one of its sources, and scores against all of them in one ``(c H, T) x (T, 3 H)`` matmul.
     Memory: the chunk + that reserve (the Grams are float64)."""
-    from hf_flag.geometry.baselines import composition_baseline
-    from hf_flag.geometry.composition import (CompositionGrams, destination_grams, packed_gram_bytes,
-                                              scores_from_grams, source_grams)
-
     H = layout.n_heads
     gram = packed_gram_bytes(H, layout.d_model)
     chunk = max(1, (budget_bytes - 4 * gram) // gram)
@@ -171,9 +166,6 @@ def tiled_composition_rows(model: str, kinds: dict[str, str], layout, sources: S
     Destination layers' attention (KV heads unexpanded) is cached in chunks of at most ``budget_bytes`` (at least
     one layer); each source layer is read once per chunk holding one of its destinations, so memory is one chunk
     plus one source layer and the expanded heads of a group of destinations (a quarter of the budget)."""
-    from hf_flag.geometry.baselines import composition_baseline
-    from hf_flag.geometry.composition import composition_scores
-
     dests = sorted({t for ts in targets.values() for t in ts})
     per_layer = 2 * (layout.n_heads + layout.n_kv_heads) * layout.d_model * layout.head_dim * itemsize
     chunk = max(1, budget_bytes // per_layer)

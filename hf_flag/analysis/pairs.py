@@ -1,29 +1,25 @@
 """Pair rows' values: one pair ``W_l`` (n x k) -> ``W_next`` (m x n) sharing the hidden space R^n (MATH.md §2-§4).
 
-Helpers of :mod:`hf_flag.analyze` (which documents the row kinds and values).
+The row kinds and values are documented in :mod:`hf_flag.analysis.api`.
 """
 from __future__ import annotations
 
-import math
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
-SQRT2 = math.sqrt(2.0)
+from hf_flag.geometry.angles import default_rtol, thin_svd
+from hf_flag.geometry.baselines import transport_baselines
+from hf_flag.geometry.flags import flag_position_from_svd, gl_kernel_dim_from_spectra
+from hf_flag.geometry.pairs import (augment, gram_diagnostics, gram_pair_values, imbalance_diagonal_norm,
+                                    normalized_commutator_ratio, pair_gram_sides, pair_values_from_svd, transport_k,
+                                    transport_scores_from_matrix)
+from hf_flag.geometry.spectral import (K_MAX, PartialSVD, determined_cuts, gram_dtype, partial_svd, transport_window,
+                                       wedin_window)
+from hf_flag.report import Row
 
 #: a thin SVD ``(U, s, Vh)`` as returned by :func:`hf_flag.geometry.angles.thin_svd`
 ThinSVD = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-
-
-def transport_k(n: int, k_in: int, m_out: int) -> int:
-    """Transport window size ``min(k_in, m_out, ceil(n/2))`` for a pair with hidden dim ``n``: the top-k window
-    never covers the whole hidden space, where the subspace score would be trivially 1 (MATH.md §4)."""
-    return max(1, min(k_in, m_out, (n + 1) // 2))
-
-
-def augment(W: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """``[W | b]`` over the last two dims: the affine layer as one matrix (MATH.md §2)."""
-    return W if bias is None else torch.cat([W, bias.unsqueeze(-1).to(W)], dim=-1)
 
 
 def flag_details(flag) -> dict:
@@ -56,11 +52,6 @@ def pair_geometry_values(W_l: torch.Tensor, W_next: torch.Tensor, *, storage_eps
     :func:`~hf_flag.geometry.pairs.pair_values_from_svd` gives kappa, its closed-form Haar RMS, the imbalance
     norms, the transport matrix and the product's spectrum (MATH.md §2-§4); transport scores, flags and the GL
     kernel dimension read those (§4).  ``||diag D||`` comes from the weights' row and column norms (§2)."""
-    from hf_flag.geometry.angles import default_rtol, thin_svd
-    from hf_flag.geometry.baselines import transport_baselines
-    from hf_flag.geometry.flags import flag_position_from_svd, gl_kernel_dim_from_spectra
-    from hf_flag.geometry.pairs import imbalance_diagonal_norm, pair_values_from_svd, transport_scores_from_matrix
-
     svd_l = thin_svd(W_l) if svd_l is None else svd_l
     svd_next = thin_svd(W_next) if svd_next is None else svd_next
     v = pair_values_from_svd(W_l, W_next, svd_l, svd_next)
@@ -75,7 +66,7 @@ def pair_geometry_values(W_l: torch.Tensor, W_next: torch.Tensor, *, storage_eps
         flag = flag_position_from_svd(U[i], s_l[i], Vh[i], s_next[i], n=n, rank_rtol=rank_rtol,
                                       storage_eps=storage_eps, transport=v.transport[i])
         kappa = float(v.commutator_ratio[i])
-        values = {"commutator_ratio": kappa, "commutator_ratio_normalized": SQRT2 * kappa,
+        values = {"commutator_ratio": kappa, "commutator_ratio_normalized": normalized_commutator_ratio(kappa),
                   "imbalance_norm": float(v.imbalance_norm[i]), "relative_imbalance": float(v.relative_imbalance[i]),
                   "imbalance_diagonal_norm": float(diagonal[i]),
                   "commutator_ratio_baseline": float(v.commutator_haar_rms[i]),
@@ -90,11 +81,10 @@ def pair_geometry_values(W_l: torch.Tensor, W_next: torch.Tensor, *, storage_eps
 def gram_values(W_l: torch.Tensor, W_next: torch.Tensor) -> list[dict]:
     """Per batch member: kappa, sqrt(2) kappa, ||D||, relative imbalance and ||diag D|| from one set of Gram
     factors of ``(W_l, W_next)`` (no SVD; MATH.md §2, §3)."""
-    from hf_flag.geometry.pairs import gram_diagnostics, imbalance_diagonal_norm
-
     g = gram_diagnostics(W_l, W_next)
     columns = {
-        "commutator_ratio": g.commutator_ratio, "commutator_ratio_normalized": SQRT2 * g.commutator_ratio,
+        "commutator_ratio": g.commutator_ratio,
+        "commutator_ratio_normalized": normalized_commutator_ratio(g.commutator_ratio),
         "imbalance_norm": g.imbalance_norm, "relative_imbalance": g.relative_imbalance,
         "imbalance_diagonal_norm": imbalance_diagonal_norm(W_l, W_next),
     }
@@ -113,6 +103,38 @@ def pair_values(W_l: torch.Tensor, W_next: torch.Tensor, *, cheap: bool, storage
     return pair_geometry_values(W_l, W_next, storage_eps=storage_eps, svd_l=svd_l, svd_next=svd_next)
 
 
+def pair_rows(model: str, kind: str, ids: Sequence[tuple[int, int, str, str]], W_l: torch.Tensor,
+              b_l: Optional[torch.Tensor], W_next: torch.Tensor, *, activation: str, cheap: bool,
+              storage_eps: float, svd_l=None, svd_next=None, window: bool = False,
+              gram: Optional[Callable] = None) -> list[Row]:
+    """Rows ``[W_l | b_l]`` -> ``W_next`` for a batch (leading dim) of pairs; ``ids``: (layer, target_layer,
+    source, target) per batch member; ``svd_l``, ``svd_next``: SVDs of ``[W_l | b_l]`` and ``W_next`` when
+    cached (``weight_svd``: thin, or partial with ``window``).  ``window``: the default report's values on the
+    storage-precision windows (:func:`pair_window_values`), in the weights' dtype, with ``gram`` the pair's shared
+    Grams.  See :mod:`hf_flag.analysis.api` for the values."""
+    W_aug = augment(W_l, b_l)
+    if window and not cheap:
+        svd_l = window_svd(W_aug, storage_eps) if svd_l is None else svd_l
+        svd_next = window_svd(W_next, storage_eps) if svd_next is None else svd_next
+        out = pair_window_values(W_aug, W_next, storage_eps=storage_eps, dtype=W_l.dtype, svd_l=svd_l,
+                                 svd_next=svd_next, gram=gram)
+    else:
+        out = pair_values(W_aug, W_next, cheap=cheap, storage_eps=storage_eps, svd_l=svd_l, svd_next=svd_next)
+    return [Row(model, kind, *i, values, {**details, "activation": activation}) for i, (values, details)
+            in zip(ids, out)]
+
+
+def single(bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A single pair's bias with the batch dim of :func:`pair_rows` added."""
+    return None if bias is None else bias[None]
+
+
+def window_svd(W: torch.Tensor, storage_eps: float) -> PartialSVD:
+    """Leading singular triplets of ``W`` (..., rows, cols) for the storage-precision window: ``K_MAX + 1`` of them
+    (one closes the last cut), in ``W``'s dtype (:func:`~hf_flag.geometry.spectral.partial_svd`)."""
+    return partial_svd(W, min(K_MAX + 1, min(W.shape[-2:])), dtype=W.dtype, storage_eps=storage_eps)
+
+
 def pair_window_values(W_l: torch.Tensor, W_next: torch.Tensor, *, storage_eps: float, dtype: torch.dtype,
                        svd_l, svd_next, gram: Optional[Callable] = None) -> list[tuple[dict, dict]]:
     """(values, details) of a batch of default-report pair rows (``W_l`` (B, n, k) bias-augmented, ``W_next``
@@ -126,12 +148,6 @@ def pair_window_values(W_l: torch.Tensor, W_next: torch.Tensor, *, storage_eps: 
     ``svd_residual_in`` / ``svd_residual_out`` (largest relative residual of the triplets used).  The GL kernel
     dimension needs whole spectra: ``None`` here (``full=True`` computes it).  ``gram(which, side, dtype)``: the
     shared Gram of ``"l"`` or ``"next"`` (:func:`~hf_flag.geometry.pairs.weight_gram`), or ``None`` to compute it."""
-    from hf_flag.geometry.angles import default_rtol
-    from hf_flag.geometry.baselines import transport_baselines
-    from hf_flag.geometry.flags import flag_position_from_svd
-    from hf_flag.geometry.pairs import gram_pair_values, imbalance_diagonal_norm, pair_gram_sides
-    from hf_flag.geometry.spectral import determined_cuts, gram_dtype, transport_window, wedin_window
-
     exact = gram_dtype(storage_eps, dtype)
     side_l, side_next = pair_gram_sides(W_l, W_next)
     shared = (gram("l", side_l, exact), gram("next", side_next, exact)) if gram is not None else (None, None)
@@ -161,7 +177,7 @@ def pair_window_values(W_l: torch.Tensor, W_next: torch.Tensor, *, storage_eps: 
                                       _closed(svd_next, i, b), n=n, rank_rtol=rank_rtol, storage_eps=storage_eps,
                                       transport=T[i, :b, :a], truncated=True)
         kappa = float(g.commutator_ratio[i])
-        values = {"commutator_ratio": kappa, "commutator_ratio_normalized": SQRT2 * kappa,
+        values = {"commutator_ratio": kappa, "commutator_ratio_normalized": normalized_commutator_ratio(kappa),
                   "imbalance_norm": float(g.imbalance_norm[i]), "relative_imbalance": float(g.relative_imbalance[i]),
                   "imbalance_diagonal_norm": float(diagonal[i]),
                   "commutator_ratio_baseline": float(g.commutator_haar_rms[i]), **scores, **flag_values(flag),

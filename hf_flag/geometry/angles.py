@@ -74,6 +74,8 @@ def default_rtol(A: torch.Tensor) -> float:
     return max(A.shape[-2], A.shape[-1]) * eps
 
 
+#: the rank cut of :func:`default_rtol`, as reported in ``Report.params``
+RANK_CUT_RULE = "s > s_max * max(shape) * eps, MATH.md §1"
 #: :func:`thin_svd` takes a QR first when one side of the matrix is at least this many times the other.
 QR_FIRST_RATIO = 1.5
 

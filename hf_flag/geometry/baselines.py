@@ -98,6 +98,10 @@ def composition_baseline(d: int) -> float:
     return 1.0 / math.sqrt(d)
 
 
+#: the baseline of :func:`commutator_haar_rms`, as reported in ``Report.params``
+COMMUTATOR_BASELINE_RULE = "Haar RMS sqrt(E kappa^2) over rotations of the hidden basis, closed form, MATH.md §3"
+
+
 def commutator_haar_rms(trace_A: torch.Tensor, trace_A2: torch.Tensor, trace_B: torch.Tensor,
                         trace_B2: torch.Tensor, n: int) -> torch.Tensor:
     """Haar root-mean-square of the commutator ratio: ``sqrt(E ||[A, O B O^T]||_F^2) / (||A||_F ||B||_F)`` over

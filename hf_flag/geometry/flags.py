@@ -49,6 +49,10 @@ __all__ = [
 FLOAT32_EPS = torch.finfo(torch.float32).eps
 GAP_RATIO = 1.25  # default relative gap sigma_i / sigma_{i+1} for a cut
 MAX_TAU = 0.1  # default largest Wedin angle bound (radians) a cut may have
+#: relative tolerance of the rank counts of the GL-invariant kernel dimension (MATH.md §4)
+GL_KERNEL_RTOL = 1e-8
+#: the per-row flag tolerance rule (:func:`flag_cuts`), as reported in ``Report.params``
+FLAG_TAU_RULE = "max(1e-6, 10 eps_storage sigma_1 / gap_k), MATH.md §4"
 SOFT_SKIP_MARGIN = 1e-8  # far above the rounding error of a window's sum cos^2, so the skip is never wrong
 #: a window's count comes from its cosines unless one lies within ``COS_BAND_ULPS * n' * eps`` of ``cos(tau)``
 #: (``n'`` the hidden coordinates' dimension: an O(n' eps) bound of the cosines' rounding error, from the
@@ -349,7 +353,7 @@ def permutation_from_rank_matrix(r: torch.Tensor) -> torch.Tensor:
     return P.argmax(1) + 1
 
 
-def gl_invariant_kernel_dim(W_l: torch.Tensor, W_next: torch.Tensor, *, rtol: float = 1e-8) -> int:
+def gl_invariant_kernel_dim(W_l: torch.Tensor, W_next: torch.Tensor, *, rtol: float = GL_KERNEL_RTOL) -> int:
     """``dim(range W_l ∩ ker W_next) = rank W_l - rank(W_next W_l)``, invariant under GL(n) (MATH.md §4).
 
     Ranks count singular values above ``rtol`` times a scale: ``sigma_1(W_l)`` for ``W_l`` and
@@ -364,7 +368,7 @@ def gl_invariant_kernel_dim(W_l: torch.Tensor, W_next: torch.Tensor, *, rtol: fl
 
 
 def gl_kernel_dim_from_spectra(s_l: torch.Tensor, s_next: torch.Tensor, s_product: torch.Tensor, *,
-                               rtol: float = 1e-8) -> int:
+                               rtol: float = GL_KERNEL_RTOL) -> int:
     """:func:`gl_invariant_kernel_dim` from the descending singular values of ``W_l``, ``W_next`` and
     ``W_next W_l`` (MATH.md §4), for callers that have them already (e.g. from shared thin SVDs)."""
     where = "gl_kernel_dim_from_spectra"

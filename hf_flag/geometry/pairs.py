@@ -14,6 +14,7 @@ Zero matrices: a zero side commutes with and balances against anything trivially
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, NamedTuple, Optional
 
 import torch
@@ -31,6 +32,27 @@ AUTO_FACTORED_BELOW = 1e-3
 IMBALANCE_FACTORED_BELOW = 1e-4
 
 _METHODS = ("auto", "trace", "factored", "direct")
+
+#: kappa lies in [0, 1/sqrt(2)] (Bottcher-Wenzel, MATH.md §3): this factor maps it onto [0, 1]
+COMMUTATOR_RATIO_SCALE = math.sqrt(2.0)
+#: the transport window rule of :func:`transport_k`, as reported in ``Report.params``
+TRANSPORT_K_RULE = "min(k_in, m_out, ceil(n / 2))"
+
+
+def normalized_commutator_ratio(kappa):
+    """``sqrt(2) kappa`` in [0, 1] (MATH.md §3), for a float or a tensor of kappa values."""
+    return COMMUTATOR_RATIO_SCALE * kappa
+
+
+def transport_k(n: int, k_in: int, m_out: int) -> int:
+    """Transport window size ``min(k_in, m_out, ceil(n/2))`` for a pair with hidden dim ``n``: the top-k window
+    never covers the whole hidden space, where the subspace score would be trivially 1 (MATH.md §4)."""
+    return max(1, min(k_in, m_out, (n + 1) // 2))
+
+
+def augment(W: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``[W | b]`` over the last two dims: the affine layer as one matrix (MATH.md §2)."""
+    return W if bias is None else torch.cat([W, bias.unsqueeze(-1).to(W)], dim=-1)
 
 
 def _shape(W: object) -> object:

@@ -44,7 +44,7 @@ from hf_flag.geometry.angles import check_dtype, check_matrix
 from hf_flag.geometry.flags import MAX_TAU
 
 __all__ = [
-    "K_MAX", "WEDIN_FACTOR", "TRACE_CANCEL_FACTOR", "PartialSVD", "compute_dtype", "gram_dtype", "partial_svd",
+    "K_MAX", "WEDIN_FACTOR", "WINDOW_RULE", "TRACE_CANCEL_FACTOR", "PartialSVD", "compute_dtype", "gram_dtype", "partial_svd",
     "residual_norms", "wedin_bounds", "determined_cuts", "wedin_window", "transport_window",
     "default_residual_rtol",
 ]
@@ -61,6 +61,9 @@ MIN_OVERSAMPLE = 8
 MAX_BLOCKS = 12
 
 FLOAT32_EPS = torch.finfo(torch.float32).eps
+#: the default report's window rule, as reported in ``Report.params``
+WINDOW_RULE = ("last cut i <= k_max = 64 with (1/sqrt 3) eps_storage sigma_1 / (sigma_i - sigma_{i+1}) <= 0.1 "
+               "(Wedin, MATH.md §4); partial SVD by randomized block Krylov, residual certified per weight")
 
 
 class PartialSVD(NamedTuple):

@@ -17,7 +17,7 @@ Model-index convention (how hf-flag's headline scalars appear as ``huggingface_h
 properties of the weights, not scores on a task), ``dataset_type="hf-flag"``, ``dataset_name="weights"``,
 ``metric_type`` = the report's summary key, e.g. ``"mlp/commutator_ratio"``, and its random baseline as a metric of
 its own, ``"mlp/commutator_ratio_baseline"``; ``metric_name`` is a readable label.  Metrics come from
-``hf_flag.analyze.HEADLINE_METRICS`` (those present in the report).
+``hf_flag.rows.HEADLINE_METRICS`` (those present in the report).
 
 The section shows the plots (relative links) and one plain-language line per headline metric, e.g. "MLP commutator
 ratio 0.31 vs 0.05 random: further from a shared eigenbasis than a random orientation of the same spectra".
@@ -36,7 +36,9 @@ import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.repocard_data import eval_results_to_model_index, model_index_to_eval_results
 
+from hf_flag import __version__
 from hf_flag.report import BASELINE_SUFFIX, Report
+from hf_flag.rows import HEADLINE_METRICS, KIND_LABELS
 
 SECTION_START = "<!-- hf-flag:start -->"
 SECTION_END = "<!-- hf-flag:end -->"
@@ -50,15 +52,6 @@ DATASET_NAME = "weights"
 #: relative difference to the random baseline below which a value reads as "random-like"
 NEAR_BASELINE = 0.1
 
-KIND_LABELS = {
-    "mlp": "MLP", "mlp_gate": "gated MLP (gate/down)", "vo": "attention V-O", "residual": "residual (MLP out/in)",
-    "linear_chain": "linear chain", "head_overlap_o": "head write-subspace overlap",
-    "head_overlap_q": "head query-subspace overlap", "head_overlap_k": "head key-subspace overlap",
-    "head_overlap_v": "head value-subspace overlap", "cross_layer_overlap_q": "cross-layer write/query overlap",
-    "cross_layer_overlap_k": "cross-layer write/key overlap",
-    "cross_layer_overlap_v": "cross-layer write/value overlap",
-    "composition_q": "Q-composition", "composition_k": "K-composition", "composition_v": "V-composition",
-}
 METRIC_LABELS = {"commutator_ratio": "commutator ratio", "subspace_score": "subspace score",
                  "basis_score": "basis score", "intersection_dim": "intersection dimension", "overlap": "",
                  "score": "score"}
@@ -92,9 +85,9 @@ class CardFormatError(ValueError):
 
 def headline_metrics(report: Report, metrics: Optional[Sequence[str]] = None) -> list[str]:
     """Non-baseline headline keys present in ``report.summary`` with a finite value (default order:
-    ``hf_flag.analyze.HEADLINE_METRICS``)."""
+    ``hf_flag.rows.HEADLINE_METRICS``)."""
     if metrics is None:
-        from hf_flag.analyze import HEADLINE_METRICS as metrics
+        metrics = HEADLINE_METRICS
     return [m for m in metrics if not m.endswith(BASELINE_SUFFIX) and _finite(report.summary.get(m))]
 
 
@@ -147,8 +140,6 @@ def eval_results(report: Report, metrics: Optional[Sequence[str]] = None) -> lis
 def render_section(report: Report, *, plots: Optional[Mapping[str, str]] = None,
                    metrics: Optional[Sequence[str]] = None, nl: str = "\n") -> str:
     """The Markdown section, markers included. ``plots``: caption -> link (relative to the card)."""
-    from hf_flag import __version__
-
     lines = [SECTION_START, "## Weight geometry (hf-flag)", "",
              f"Read from the weights alone (no forward pass) by hf-flag {__version__}: flag-variety alignment "
              "diagnostics, each next to its random baseline.", ""]
@@ -167,8 +158,6 @@ def render_section(report: Report, *, plots: Optional[Mapping[str, str]] = None,
 
 def render_yaml_key(report: Report, metrics: Optional[Sequence[str]] = None, nl: str = "\n") -> str:
     """Our top-level YAML key ``hf_flag:`` with the headline scalars and baselines."""
-    from hf_flag import __version__
-
     values = {}
     for key in headline_metrics(report, metrics):
         for k in (key, key + BASELINE_SUFFIX):

@@ -1,7 +1,7 @@
 """``FlagAlignmentCallback``: alignment diagnostics and the weight-decay law of the imbalance during training.
 
 Every ``every_n_steps`` optimizer steps (and at each evaluation) the callback runs
-``hf_flag.analyze.analyze(model, cheap=True)`` on the unwrapped model, on the model's own device (weights are read
+``hf_flag.analyze(model, cheap=True)`` on the unwrapped model, on the model's own device (weights are read
 in place, never copied to the CPU as a whole), and logs ``Report.summary`` through ``Trainer.log`` under
 ``flag/<kind>/<metric>`` (e.g. ``flag/mlp/commutator_ratio``, ``flag/linear_chain/imbalance_norm``), so the values
 reach ``state.log_history`` and every reporting integration (TensorBoard, W&B, ...).  From the logged history it fits
@@ -188,7 +188,7 @@ class FlagAlignmentCallback(TrainerCallback, ExportableState):
     # --- measurement -----------------------------------------------------------------------------------------------
     def measure(self, model: Any, step: int, hyper: tuple[str, float, float, float]) -> dict[str, Any]:
         """Analyse ``model`` now, extend the history and return the log entries (MATH.md §2 for the decay law)."""
-        from hf_flag.analyze import analyze
+        from hf_flag.analysis.api import analyze
 
         net = _unwrap(model)
         device = next(net.parameters()).device

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from hf_flag.analysis.pairs import pair_geometry_values, pair_values, transport_k
+from hf_flag.analysis.pairs import pair_geometry_values, pair_values
+from hf_flag.geometry.pairs import transport_k
 from hf_flag.geometry.angles import default_rtol, thin_svd
 from hf_flag.geometry.baselines import commutator_haar_rms
 from hf_flag.geometry.flags import (

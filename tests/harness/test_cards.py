@@ -126,7 +126,7 @@ def test_readings_compare_with_the_baseline():
 
 
 def test_default_metrics_follow_analyze_headlines(report):
-    from hf_flag.analyze import HEADLINE_METRICS
+    from hf_flag.rows import HEADLINE_METRICS
 
     keys = cards.headline_metrics(report)
     assert keys == [m for m in HEADLINE_METRICS if m in ("mlp/commutator_ratio", "vo/commutator_ratio",

@@ -1,11 +1,12 @@
-"""harness.plots: the plotted numbers are the report's numbers (checked on the figure's artists), PNGs written."""
+"""hf_flag.harness.plots: the plotted numbers are the report's numbers (checked on the figures' artists), PNGs
+written."""
 from __future__ import annotations
 
 
 import numpy as np
 import pytest
 
-from harness import plots
+from hf_flag.harness import plots
 from hf_flag.report import Report, Row
 
 

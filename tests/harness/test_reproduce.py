@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.experiments import common, digits, reproduce, writer
+from hf_flag.harness.experiments import common, digits, reproduce, writer
 
 CLAIM_KEYS = [k for k, _, _ in reproduce.CLAIMS]
 

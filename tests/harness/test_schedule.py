@@ -1,4 +1,4 @@
-"""harness.schedule: largest-first round robin, layer shards, fingerprints, atomic markers, polling."""
+"""hf_flag.harness.schedule: largest-first round robin, layer shards, fingerprints, atomic markers, polling."""
 from __future__ import annotations
 
 import threading
@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from harness import schedule
-from harness.schedule import RunState
+from hf_flag.harness import schedule
+from hf_flag.harness.schedule import RunState
 
 
 def test_largest_first_round_robin_not_contiguous():

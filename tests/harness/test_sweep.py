@@ -1,4 +1,4 @@
-"""harness.sweep end to end: 1 process vs a real 2-process ``accelerate launch`` (gloo, CPU), layer splitting,
+"""hf_flag.harness.sweep end to end: 1 process vs a real 2-process ``accelerate launch`` (gloo, CPU), layer splitting,
 resume after a death, failures recorded, bad input, model cards and (mocked) pushes.
 
 The subprocess runs share one module-scoped 1-process sweep as the reference.  Tests never touch the network.
@@ -19,8 +19,8 @@ import datasets
 import pytest
 import yaml
 
-from harness import schedule, sweep
-from harness.config import ConfigError, ModelSpec, load_config
+from hf_flag.harness import schedule, sweep
+from hf_flag.harness.config import ConfigError, ModelSpec, load_config
 from hf_flag.report import Report
 
 REPO = Path(__file__).resolve().parents[2]
@@ -38,13 +38,13 @@ def run_sweep(args: list[str], processes: int = 1) -> subprocess.CompletedProces
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(REPO)}
     if processes == 1:
-        cmd = [sys.executable, "-m", "harness.sweep", *args]
+        cmd = [sys.executable, "-m", "hf_flag.harness.sweep", *args]
     else:
         # accelerate 1.15 runs ONE process for ``--cpu --num_processes N`` (multi-CPU needs mpirun); the torchrun
         # launcher behind --multi_gpu starts N processes, which PartialState(cpu=True) (--device cpu) joins over gloo
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(free_port()), "-m", "harness.sweep", *args]
+               "--main_process_port", str(free_port()), "-m", "hf_flag.harness.sweep", *args]
         cmd += ["--device", "cpu"]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
@@ -70,7 +70,7 @@ def one_process(tiny_models, tmp_path_factory) -> Path:
 
 
 def test_one_process_records_failures_and_matches_analyze(one_process, tiny_models):
-    from hf_flag.analyze import analyze
+    from hf_flag.analysis.api import analyze
 
     assert statuses(one_process) == {"local--gpt2": "done", "local--llama": "done", "local--bert": "done",
                                      "local--broken": "failed", f"{UNKNOWN.replace('/', '--')}": "failed"}
@@ -253,7 +253,7 @@ def test_write_model_cards_and_push_with_mocked_hub(tiny_models, tmp_path, monke
 
 @pytest.mark.pretrained
 def test_default_models_are_named(minilm_path, smollm2_gguf, tmp_path):
-    from harness.config import slugs
+    from hf_flag.harness.config import slugs
 
     cfg, _ = sweep.parse_args(["--default", "--out", str(tmp_path)])
     assert [(Path(s.path).resolve(), s.name) for s in cfg.models] == [
@@ -297,10 +297,11 @@ def test_merge_names_missing_models_after_timeout(tiny_models, tmp_path, monkeyp
     cfg, _ = sweep.parse_args([str(tiny_models["gpt2"]), str(tiny_models["bert"]), "--out", str(tmp_path),
                                "--diagnostics", "mlp", "--merge-timeout", "0.5"])
     units = sweep.model_units(cfg)
-    states = sweep.sweep_models(units, cfg, rank=0, world=2, device="cpu")
-    results = sweep.write_outputs(cfg, units, states)
+    ctx = sweep.RunContext(cfg, rank=0, world=2, device="cpu")
+    states = sweep.sweep_models(ctx, units)
+    results = sweep.write_outputs(ctx, units, states)
     (mine,), (theirs,) = schedule.assign_models({u.slug: sweep.model_size(u.spec) for u in units}, 2)
-    assert {r["slug"]: r["status"] for r in results} == {mine: "done", theirs: "missing"}
+    assert {r.slug: r.status for r in results} == {mine: "done", theirs: "missing"}
     missing = {m["slug"]: m for m in json.loads((tmp_path / "sweep.json").read_text())["models"]}[theirs]
     assert "rerun to resume" in missing["error"]
     assert {r["model"] for r in rows(tmp_path)} == {str(tiny_models[mine.removeprefix("local--")])}

@@ -58,7 +58,7 @@ print("RESULT" + json.dumps({
 
 
 def test_bare_name_load_offline_in_fresh_process(tmp_path, tiny_checkpoint):
-    from hf_flag.analyze import analyze
+    from hf_flag.analysis.api import analyze
     from hf_flag.geometry.collapse import neural_collapse
 
     site = tmp_path / "site"
@@ -179,7 +179,7 @@ def _same(got: dict, expected: dict) -> None:
 
 
 def _assert_matches_report(out, report):
-    from hf_flag.analyze import HEADLINE_METRICS
+    from hf_flag.rows import HEADLINE_METRICS
 
     _same(out["summary"], report.summary)
     headline = [k for k in HEADLINE_METRICS if k in report.summary]
@@ -194,7 +194,7 @@ def _assert_matches_report(out, report):
 
 
 def test_flag_alignment_model_id_equals_analyze(flag_module, tiny_checkpoint):
-    from hf_flag.analyze import analyze
+    from hf_flag.analysis.api import analyze
 
     out = flag_module.compute(model_id=[str(tiny_checkpoint)], layers=[0], composition="adjacent")
     _assert_matches_report(out, analyze(str(tiny_checkpoint), layers=[0], composition="adjacent"))
@@ -202,7 +202,7 @@ def test_flag_alignment_model_id_equals_analyze(flag_module, tiny_checkpoint):
 
 
 def test_flag_alignment_in_memory_model_and_several_ids(flag_module, tiny_llama, tiny_checkpoint):
-    from hf_flag.analyze import analyze
+    from hf_flag.analysis.api import analyze
 
     out = flag_module.compute(model=tiny_llama, cheap=True)
     _assert_matches_report(out, analyze(tiny_llama, cheap=True))

@@ -14,7 +14,7 @@ datasets = pytest.importorskip("datasets")
 
 from transformers import Trainer, TrainingArguments  # noqa: E402
 
-from hf_flag.analyze import analyze  # noqa: E402
+from hf_flag.analysis.api import analyze  # noqa: E402
 from hf_flag.geometry.dynamics import fit_decay_rate, predicted_decay_rate  # noqa: E402
 from hf_flag.integrations.trainer import (  # noqa: E402
     FlagAlignmentCallback, ShardedModelError, _check_unsharded, optimizer_hyperparameters)

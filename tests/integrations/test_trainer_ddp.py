@@ -21,7 +21,7 @@ import pytest
 pytest.importorskip("accelerate")
 pytest.importorskip("tensorboard")
 
-from hf_flag.analyze import analyze  # noqa: E402
+from hf_flag.analysis.api import analyze  # noqa: E402
 from tests.integrations.ddp_train import build_trainer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]

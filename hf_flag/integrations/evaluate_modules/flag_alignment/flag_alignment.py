@@ -1,6 +1,6 @@
 """flag_alignment: weight-only alignment geometry of a model, as an ``evaluate`` measurement (MATH.md §1-§6).
 
-No mathematics here: every number is a value of :func:`hf_flag.analyze.analyze`'s :class:`~hf_flag.report.Report`
+No mathematics here: every number is a value of :func:`hf_flag.analyze`'s :class:`~hf_flag.report.Report`
 (headline scalars from ``Report.summary`` for the keys in ``HEADLINE_METRICS``; per-layer detail from its rows).
 """
 from __future__ import annotations
@@ -87,7 +87,8 @@ class FlagAlignment(evaluate.Measurement):
     def _compute(self, model_id: Optional[Sequence[str]] = None, model: Any = None, cheap: bool = False,
                  layers: Optional[Sequence[int]] = None, diagnostics: Optional[Sequence[str]] = None,
                  composition: str = "all", device: Optional[str] = None) -> dict[str, Any]:
-        from hf_flag.analyze import HEADLINE_METRICS, analyze
+        from hf_flag.analysis.api import analyze
+        from hf_flag.rows import HEADLINE_METRICS
 
         targets = list(model_id or []) + ([model] if model is not None else [])
         if not targets:

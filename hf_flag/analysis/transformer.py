@@ -1,0 +1,208 @@
+"""Rows of a transformer read through its adapter, streaming blocks (MATH.md §2-§4, §6; the row kinds and the
+memory policy are documented in :mod:`hf_flag.analysis.api`)."""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Optional, Sequence
+
+import sys
+
+import torch
+from tqdm.auto import tqdm
+
+from hf_flag.analysis.checks import check_choice, check_finite, check_layers, release_freed_memory
+from hf_flag.analysis.heads import composition_estimate, composition_rows, head_spaces, kv_index, overlap_rows
+from hf_flag.analysis.pairs import pair_rows, single, window_svd
+from hf_flag.defaults import TRANSFORMER_DIAGNOSTICS
+from hf_flag.geometry.angles import thin_svd
+from hf_flag.geometry.heads import head_bases
+from hf_flag.geometry.pairs import augment, weight_gram
+from hf_flag.geometry.spectral import compute_dtype
+from hf_flag.report import Report, Row
+from hf_flag.rows import (COMPOSITION_KINDS, CROSS_LAYER_KINDS, HEAD_OVERLAP_KINDS, KIND_MLP, KIND_MLP_GATE,
+                          KIND_RESIDUAL, KIND_VO)
+from hf_flag.weights.adapters import get_adapter
+
+#: memory budget (bytes) of the composition pass: packed Grams of a chunk of source layers plus one destination
+#: layer's (``analysis.heads.gram_composition_rows``), or cached attention for the tiled fallback.  256 MiB holds
+#: 17 source layers of SmolLM2-135M (d = 576, 9 heads: 12 MiB each) or 5 of a d = 768, 12-head model.  Larger
+#: budgets re-read fewer layers; peak memory is about this plus two float64 blocks.
+COMPOSITION_CACHE_BYTES = 256 * 2**20
+
+HEAD_LABELS = {"q": "head", "k": "kv_head", "v": "kv_head", "o": "head"}
+
+
+def layer_bases(cache: dict, layer: int, attn) -> dict:
+    """Head bases (``geometry.heads.head_bases``) of ``layer``'s q/k/v/o spaces, from ``cache`` (key
+    ``(layer, "heads")``) or computed once and stored there: layer l+1's bases serve its cross-layer rows and then
+    its own."""
+    key = (layer, "heads")
+    if key not in cache:
+        cache[key] = {s: head_bases(X) for s, X in head_spaces(attn).items()}
+    return cache[key]
+
+
+def weight_svd(cache: dict, layer: int, name: str, W: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
+               storage_eps: Optional[float] = None):
+    """SVD of the MLP weight ``[W | bias]`` of ``layer`` (batch dim 1), from ``cache`` (key
+    ``(layer, name, bias is not None)``) or computed once and stored there: ``mlp_out`` serves the mlp, mlp_gate
+    and residual pairs, ``mlp_in`` of layer l+1 its own mlp pair and layer l's residual pair (MATH.md §4).
+    Thin and in float64 (``full=True``), or the window's partial SVD in the weights' dtype given ``storage_eps``
+    (:func:`~hf_flag.analysis.pairs.window_svd`)."""
+    key = (layer, name, bias is not None)
+    if key not in cache:
+        W_aug = augment(W[None], single(bias))
+        cache[key] = thin_svd(W_aug) if storage_eps is None else window_svd(W_aug, storage_eps)
+    return cache[key]
+
+
+def pair_grams(cache: dict, left: tuple, right: tuple) -> Callable:
+    """``gram(which, side, dtype)`` for :func:`~hf_flag.analysis.pairs.pair_window_values`: the Gram of the pair's
+    ``"l"`` weight ``left = (layer, name, W, bias)`` or ``"next"`` weight ``right``, from ``cache`` (key
+    ``(layer, name, bias is not None, "gram", side, dtype)``) or computed once and stored there.  A Llama block's
+    ``W_down W_down^T`` serves its mlp, mlp_gate and residual pairs, ``W_up^T W_up`` its mlp pair and the previous
+    block's residual pair (MATH.md §3)."""
+    def gram(which: str, side: str, dtype: torch.dtype) -> torch.Tensor:
+        layer, name, W, bias = left if which == "l" else right
+        key = (layer, name, bias is not None, "gram", side, dtype)
+        if key not in cache:
+            cache[key] = weight_gram(augment(W[None], single(bias)), side, dtype=dtype)
+        return cache[key]
+
+    return gram
+
+
+def layer_rows(model: str, layout, block, nxt, *, diagnostics: frozenset, cheap: bool,
+               cache: Optional[dict] = None, window: bool = False) -> list[Row]:
+    """Every row whose ``layer`` is ``block.index``, composition excepted (``nxt``: block l+1, or ``None``).
+
+    A pair's flag tolerance uses the coarser ``storage_eps`` of the blocks its weights come from (MATH.md §4).
+    ``cache``: head bases (:func:`layer_bases`), weight SVDs (:func:`weight_svd`) and Grams (:func:`pair_grams`)
+    shared across calls, keyed ``(layer, ...)``; entries of layers before ``block.index`` are dropped.
+    ``window``: the default report's pair values on storage-precision windows (partial SVDs)."""
+    cache = {} if cache is None else cache
+    for old in [k for k in cache if k[0] < block.index]:
+        del cache[old]
+    l, mlp, attn = block.index, block.mlp, block.attention
+    eps = max(block.storage_eps, nxt.storage_eps) if nxt is not None else block.storage_eps
+    svd = (lambda *args: weight_svd(cache, *args, storage_eps=eps if window else None)) if not cheap else \
+        (lambda *args: None)
+    pair = dict(cheap=cheap, storage_eps=block.storage_eps, window=window)
+    rows: list[Row] = []
+    if "mlp" in diagnostics and mlp is not None:
+        out = svd(l, "mlp.out", mlp.mlp_out)
+        down = (l, "mlp.out", mlp.mlp_out, None)
+        rows += pair_rows(model, KIND_MLP, [(l, l, "mlp.in", "mlp.out")], mlp.mlp_in[None], single(mlp.b_in),
+                          mlp.mlp_out[None], activation=mlp.activation, svd_l=svd(l, "mlp.in", mlp.mlp_in, mlp.b_in),
+                          svd_next=out, gram=pair_grams(cache, (l, "mlp.in", mlp.mlp_in, mlp.b_in), down), **pair)
+        if mlp.mlp_gate is not None:
+            rows += pair_rows(model, KIND_MLP_GATE, [(l, l, "mlp.gate", "mlp.out")], mlp.mlp_gate[None],
+                              single(mlp.b_gate), mlp.mlp_out[None], activation=mlp.activation,
+                              svd_l=svd(l, "mlp.gate", mlp.mlp_gate, mlp.b_gate), svd_next=out,
+                              gram=pair_grams(cache, (l, "mlp.gate", mlp.mlp_gate, mlp.b_gate), down), **pair)
+    if "vo" in diagnostics and attn is not None:
+        kv = kv_index(layout, attn.W_V.device)
+        W_v = attn.W_V.index_select(0, kv).transpose(-1, -2)  # (H, head_dim, d): nn.Linear layout
+        b_v = None if attn.b_V is None else attn.b_V.index_select(0, kv)
+        ids = [(l, l, f"head {h}", f"head {h}") for h in range(layout.n_heads)]
+        rows += pair_rows(model, KIND_VO, ids, W_v, b_v, attn.W_O.transpose(-1, -2), activation="identity", **pair)
+    if "residual" in diagnostics and mlp is not None and nxt is not None and nxt.mlp is not None:
+        rows += pair_rows(model, KIND_RESIDUAL, [(l, l + 1, "mlp.out", "mlp.in")], mlp.mlp_out[None],
+                          single(mlp.b_out), nxt.mlp.mlp_in[None], activation="identity",
+                          svd_l=svd(l, "mlp.out", mlp.mlp_out, mlp.b_out),
+                          svd_next=svd(l + 1, "mlp.in", nxt.mlp.mlp_in), cheap=cheap,
+                          storage_eps=max(block.storage_eps, nxt.storage_eps), window=window,
+                          gram=pair_grams(cache, (l, "mlp.out", mlp.mlp_out, mlp.b_out),
+                                          (l + 1, "mlp.in", nxt.mlp.mlp_in, None)))
+    if "heads" in diagnostics and attn is not None and not cheap:
+        here = layer_bases(cache, l, attn)
+        for s in "qkvo":
+            rows += overlap_rows(model, HEAD_OVERLAP_KINDS[s], l, l, here[s], here[s], (HEAD_LABELS[s],) * 2,
+                                 upper=True)
+        if nxt is not None and nxt.attention is not None:
+            there = layer_bases(cache, l + 1, nxt.attention)
+            for s in "qkv":
+                rows += overlap_rows(model, CROSS_LAYER_KINDS[s], l, l + 1, here["o"], there[s],
+                                     ("head", HEAD_LABELS[s]), upper=False)
+    return rows
+
+
+def per_layer_rows(model: str, layout, layers: Sequence[int], load: Callable, *, diagnostics: frozenset,
+                   cheap: bool, progress: bool, window: bool = False) -> list[Row]:
+    """:func:`layer_rows` of every layer in ``layers``, streaming blocks: ``load(i)`` reads block i; each block is
+    read once, block l+1 serving layer l's cross-layer and residual rows and then its own."""
+    rows: list[Row] = []
+    need_next = "residual" in diagnostics or ("heads" in diagnostics and not cheap)
+    cache: dict = {}
+    with progress_bar(len(layers), progress, model) as bar:
+        nxt = None
+        for i in layers:
+            block = nxt if nxt is not None and nxt.index == i else load(i)
+            nxt = load(i + 1) if need_next and i + 1 < layout.n_layers else None
+            rows += layer_rows(model, layout, block, nxt, diagnostics=diagnostics, cheap=cheap, cache=cache,
+                               window=window)
+            bar.update()
+    return rows
+
+
+def progress_bar(total: int, enabled: bool, desc: str):
+    """A tqdm bar on stderr (disabled unless ``enabled``)."""
+    return tqdm(total=total, disable=not enabled, desc=desc, unit="layer", leave=False)
+
+
+def model_compute_dtype(source, adapter, layout, layers: Sequence[int], requested: Optional[torch.dtype],
+                        full: bool) -> torch.dtype:
+    """The compute precision: ``requested``; else float64 for ``full`` (today's analysis); else the precision
+    policy (:func:`~hf_flag.geometry.spectral.compute_dtype`) of the finest storage among the analysed blocks'
+    tensors (float32 for float32, bf16, fp16 and quantised weights)."""
+    if requested is not None or full:
+        return requested or torch.float64
+    names = {n for i in layers for n in adapter.block_tensor_names(layout, i)}
+    return compute_dtype(min((source.storage_eps(n) for n in names), default=0.0))
+
+
+def analyze_transformer(source, name: str, *, device: torch.device, dtype: Optional[torch.dtype],
+                        diagnostics: Optional[Iterable[str]], layers: Optional[Iterable[int]], cheap: bool,
+                        composition: str, progress: bool, full: bool = True) -> tuple[Report, dict]:
+    """Rows of a transformer read through its adapter, streaming blocks (see the module docstring).
+    ``dtype`` ``None``: :func:`model_compute_dtype`; ``composition="auto"``: all layer pairs where
+    :func:`~hf_flag.analysis.heads.composition_estimate` finds the cost small, adjacent ones otherwise (the
+    estimate is printed to stderr with ``progress``)."""
+    keys = source.keys()
+    adapter = get_adapter(source.config, keys)
+    layout = adapter.layout(source.config, keys)
+    diag = check_choice("diagnostics", diagnostics, TRANSFORMER_DIAGNOSTICS)
+    sel = check_layers(layers, layout.n_layers)
+    storage: dict[str, float] = {}
+    checked: set[tuple[int, bool]] = set()  # (layer, mlp read too) already checked for NaN/Inf
+    dtype = model_compute_dtype(source, adapter, layout, sel, dtype, full)
+
+    def load(i: int, mlp: bool = True):
+        block = adapter.block(source, layout, i, dtype=dtype, device=device, mlp=mlp)
+        if (i, True) not in checked and (i, mlp) not in checked:  # first read: check it once
+            names = adapter.block_tensor_names(layout, i, mlp=mlp)
+            check_finite(block, source, names, f"layer {i}")
+            storage.update({source.storage_dtype(n): source.storage_eps(n) for n in names})
+            checked.add((i, mlp))
+        return block
+
+    rows: list[Row] = []
+    if diag - {"composition"}:  # the per-layer pass (composition alone reads only attention, below)
+        rows += per_layer_rows(name, layout, sel, load, diagnostics=diag, cheap=cheap, progress=progress,
+                               window=not full)
+        release_freed_memory()
+    estimate = None
+    if "composition" in diag and composition != "none" and not cheap:
+        estimate = composition_estimate(layout.n_layers, layout.n_heads, layout.d_model, sel)
+        chosen = estimate["auto"] if composition == "auto" else composition
+        if progress:
+            print(f"hf-flag: {name}: composition {chosen}" + (" (auto)" if composition == "auto" else "") +
+                  "; estimate: " + ", ".join(f"{m} {e['layer_pairs']} layer pairs, {e['rows']} rows, "
+                                             f"{e['macs']:.1e} multiply-adds" for m, e in estimate.items()
+                                             if m != "auto"), file=sys.stderr, flush=True)
+        estimate["used"] = composition = chosen
+        rows += composition_rows(name, COMPOSITION_KINDS, layout, sel, composition,
+                                 lambda i: load(i, mlp=False).attention,
+                                 budget_bytes=COMPOSITION_CACHE_BYTES, itemsize=dtype.itemsize)
+    report = Report(model=name, architecture=layout.architecture, layout=layout.to_dict(), rows=rows)
+    return report, {"diagnostics": sorted(diag), "layers": sel, "storage": storage, "dtype": dtype,
+                    "composition_estimate": estimate}

