@@ -140,15 +140,24 @@ def _dense(A: torch.Tensor, k: int) -> PartialSVD:
     return PartialSVD(U, s, Vh, residual_norms(A, U, s, Vh), k == min(A.shape[-2:]))
 
 
-def _rayleigh_ritz(X: torch.Tensor, basis: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Leading ``k`` Ritz triplets of ``X (..., r, c)`` on the orthonormal ``basis (..., r, L)``: eigenvectors of
-    the ``L x L`` Gram of ``B = basis^T X`` (the leading triplets' relative accuracy ``eps s_1^2 / s_i^2``)."""
-    B = basis.mT @ X
-    evals, evecs = torch.linalg.eigh(B @ B.mT)
+def _rayleigh_ritz(basis: torch.Tensor, B: torch.Tensor, gram: torch.Tensor, k: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Leading ``k`` Ritz triplets of ``X (..., r, c)`` on the orthonormal ``basis (..., r, L)``, from
+    ``B = basis^T X`` and its Gram ``B B^T`` (eigenvectors; the leading triplets' relative accuracy
+    ``eps s_1^2 / s_i^2``).  ``X^T U = V S`` holds by construction, so only ``X V - U S`` carries residual."""
+    evals, evecs = torch.linalg.eigh(gram)
     evals, evecs = evals.flip(-1)[..., :k], evecs.flip(-1)[..., :k]
     s = evals.clamp_min(0).sqrt()
     inv = torch.where(s > 0, 1.0 / torch.where(s > 0, s, torch.ones_like(s)), torch.zeros_like(s))
     return basis @ evecs, s, (evecs.mT @ B) * inv.unsqueeze(-1)
+
+
+def _right_residuals(X: torch.Tensor, U: torch.Tensor, s: torch.Tensor, Vh: torch.Tensor) -> torch.Tensor:
+    """``||X v_i - s_i u_i|| / s_1`` (the Rayleigh-Ritz residual; the left one vanishes by construction)."""
+    absolute = (X @ Vh.mT - U * s.unsqueeze(-2)).square().sum(-2).sqrt()
+    top = s[..., :1]
+    return torch.where(top > 0, absolute / torch.where(top > 0, top, torch.ones_like(top)),
+                       torch.zeros_like(absolute))
 
 
 def partial_svd(A: torch.Tensor, k: int, *, dtype: torch.dtype, rtol: Optional[float] = None,
@@ -181,14 +190,19 @@ def partial_svd(A: torch.Tensor, k: int, *, dtype: torch.dtype, rtol: Optional[f
     g = torch.Generator(device="cpu").manual_seed(seed)
     omega = torch.randn(*X.shape[:-2], X.shape[-1], block, generator=g, dtype=dtype).to(X.device)
     basis = current = torch.linalg.qr(X @ omega).Q
+    B = rows = current.mT @ X  # B = basis^T X, grown one block of rows at a time
+    gram = B @ B.mT
     while True:
-        Y = X @ (X.mT @ current)
+        Y = X @ rows.mT  # (X X^T) current: the next Krylov block
         for _ in range(2):  # full reorthogonalisation; twice is enough (Giraud et al. 2005)
             Y = Y - basis @ (basis.mT @ Y)
         current = torch.linalg.qr(Y).Q
-        basis = torch.cat([basis, current], dim=-1)
-        U, s, Vh = _rayleigh_ritz(X, basis, k)
-        residuals = residual_norms(X, U, s, Vh)
+        rows = current.mT @ X
+        cross = rows @ B.mT
+        gram = torch.cat([torch.cat([gram, cross.mT], dim=-1), torch.cat([cross, rows @ rows.mT], dim=-1)], dim=-2)
+        basis, B = torch.cat([basis, current], dim=-1), torch.cat([B, rows], dim=-2)
+        U, s, Vh = _rayleigh_ritz(basis, B, gram, k)
+        residuals = _right_residuals(X, U, s, Vh)
         if storage_eps is None:
             done = residuals.amax(-1) <= tol
         else:
@@ -199,6 +213,7 @@ def partial_svd(A: torch.Tensor, k: int, *, dtype: torch.dtype, rtol: Optional[f
             break
         if 2 * (basis.shape[-1] + block) > small:
             return _dense(A, k)
+    residuals = residual_norms(X, U, s, Vh)  # the certificate: both sides, recomputed once
     if not wide:
         U, Vh = Vh.mT, U.mT
     return PartialSVD(U, s, Vh, residuals, False)
