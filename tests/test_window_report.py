@@ -88,3 +88,19 @@ def test_each_mlp_weight_gram_is_computed_once(tiny_llama, monkeypatch):
     mlp = [c for c in calls if 48 in c[0][1:]]  # d_ff = 48
     assert sorted(mlp) == sorted([((1, 32, 48), "rows"), ((1, 48, 32), "cols"), ((1, 48, 32), "cols")] * 2)
     assert len([s for s in svds if 48 in s[1:]]) == 3 * 2
+
+
+def test_composition_auto_picks_all_pairs_only_where_the_estimate_is_small():
+    """The estimate against hand counts (layer pairs, 3 H^2 rows each, 3 H^2 d(d+1)/2 multiply-adds each) and
+    the auto choice at MiniLM, SmolLM2-135M and Llama-7B shapes."""
+    from hf_flag.analysis.heads import composition_estimate
+
+    est = composition_estimate(6, 12, 384, list(range(6)))  # MiniLM
+    assert est["all"]["layer_pairs"] == 15 and est["adjacent"]["layer_pairs"] == 5
+    assert est["all"]["rows"] == 15 * 3 * 144 and est["all"]["macs"] == 15 * 3 * 144 * 384 * 385 / 2
+    assert est["auto"] == "all"
+    assert composition_estimate(30, 9, 576, list(range(30)))["auto"] == "adjacent"  # SmolLM2-135M
+    llama = composition_estimate(32, 32, 4096, list(range(32)))
+    assert llama["auto"] == "adjacent" and llama["adjacent"]["layer_pairs"] == 31
+    shard = composition_estimate(30, 9, 576, [29])  # a last-layer shard scores nothing, but decides as the model
+    assert shard["all"]["layer_pairs"] == 0 and shard["auto"] == "adjacent"
