@@ -133,11 +133,25 @@ def residual_norms(A: torch.Tensor, U: torch.Tensor, s: torch.Tensor, Vh: torch.
 
 
 def _dense(A: torch.Tensor, k: int) -> PartialSVD:
+    """The leading ``k`` triplets without Krylov: for at most half the spectrum, eigenvectors of the small Gram
+    ``X X^T`` (``r x r``, ``r`` the smaller dim; leading triplets to relative accuracy ``eps s_1^2 / s_i^2``, the
+    residuals certify it), otherwise a thin SVD (truncated)."""
     from hf_flag.geometry.angles import _thin_svd
 
-    U, s, Vh = _thin_svd(A)
-    U, s, Vh = U[..., :k], s[..., :k], Vh[..., :k, :]
-    return PartialSVD(U, s, Vh, residual_norms(A, U, s, Vh), k == min(A.shape[-2:]))
+    small = min(A.shape[-2:])
+    if 2 * k > small:
+        U, s, Vh = _thin_svd(A)
+        U, s, Vh = U[..., :k], s[..., :k], Vh[..., :k, :]
+        return PartialSVD(U, s, Vh, residual_norms(A, U, s, Vh), k == small)
+    wide = A.shape[-2] <= A.shape[-1]
+    X = A if wide else A.mT
+    evals, evecs = torch.linalg.eigh(X @ X.mT)
+    U, s = evecs[..., -k:].flip(-1), evals[..., -k:].flip(-1).clamp_min(0).sqrt()
+    inv = torch.where(s > 0, 1.0 / torch.where(s > 0, s, torch.ones_like(s)), torch.zeros_like(s))
+    Vh = (U.mT @ X) * inv.unsqueeze(-1)
+    if not wide:
+        U, Vh = Vh.mT, U.mT
+    return PartialSVD(U, s, Vh, residual_norms(A, U, s, Vh), False)
 
 
 def _rayleigh_ritz(basis: torch.Tensor, B: torch.Tensor, gram: torch.Tensor, k: int
@@ -171,8 +185,8 @@ def partial_svd(A: torch.Tensor, k: int, *, dtype: torch.dtype, rtol: Optional[f
     current :func:`wedin_window` of the Ritz values (the triplets beyond it are not read) and triplet ``w + 1``
     is accurate to a tenth of the gap that closes the window (:meth:`PartialSVD.gap_known`).  The Krylov basis grows
     by one block of ``k + max(MIN_OVERSAMPLE, k // 4)`` columns at a time, up to :data:`MAX_BLOCKS` blocks (then
-    the residuals say how far it got).  When the basis would reach half the smaller dimension, a dense thin SVD
-    (truncated) is taken instead: cheaper there.  Deterministic for a given ``seed``.  Batched: one basis per
+    the residuals say how far it got).  When the basis would reach half the smaller dimension, the small Gram's
+    eigenvectors (or, for more than half the spectrum, a truncated thin SVD) are taken instead: cheaper there.  Deterministic for a given ``seed``.  Batched: one basis per
     batch member, same ``k``.
     """
     check_matrix("A", A, where="partial_svd")

@@ -298,3 +298,22 @@ def test_shared_grams_give_the_same_pair_values():
         for a, b in zip(shared, alone):
             assert torch.allclose(a, b, rtol=1e-12)
         assert torch.allclose(shared.commutator_ratio, commutator_ratio(W_l, W_next, method="direct"), rtol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [F64, F32])
+def test_partial_svd_small_gram_route_matches_the_thin_svd(dtype):
+    """k = 65 of a 600 x 200 matrix (the Krylov basis would pass half of 200): eigenvectors of the 200 x 200 Gram;
+    leading values, subspaces at the separated cuts and the certificate against the dense thin SVD."""
+    s = torch.cat([torch.tensor([30.0, 20.0, 12.0, 8.0], dtype=F64), torch.linspace(3, 0.5, 196, dtype=F64)])
+    A = with_spectrum(600, 200, s, seed=8)
+    p = partial_svd(A.to(dtype), 65, dtype=dtype)
+    assert not p.exhausted and p.U.shape == (600, 65) and p.Vh.shape == (65, 200)
+    eps = torch.finfo(dtype).eps
+    assert torch.max((p.s.double() - s[:65]).abs()) <= 100 * eps * s[0]
+    U, _, Vh = thin_svd(A)
+    for k in (1, 2, 3, 4):
+        assert top_subspace_sin(p.U[:, :k], U[:, :k]) <= 1e3 * eps
+        assert top_subspace_sin(p.Vh[:k].mT, Vh[:k].mT) <= 1e3 * eps
+    again = residual_norms(A, p.U.double(), p.s.double(), p.Vh.double())
+    assert torch.allclose(again[:4], p.residuals[:4].double(), atol=50 * eps)
+    assert float(p.residuals[:4].max()) <= 1e3 * eps
