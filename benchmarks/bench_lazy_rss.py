@@ -135,7 +135,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--reader", choices=("preadv", "safe_open"), default="preadv")
     parser.add_argument("--runs", default="default,composition,full,cheap",
-                        help="comma-separated subset of default,composition,full,cheap")
+                        help="comma-separated subset of default,composition,full,cheap,layer0,composition_only")
     args = parser.parse_args()
     mib = 2.0 ** 20
     all_runs = {"default": ("default report, all layers (composition auto)", {}, 4),
@@ -143,7 +143,10 @@ def main() -> None:
                                 "composition": "all"}, 4),
                 "full": ("full=True of block 0, no composition (float64)", {"layers": [0], "composition": "none",
                          "full": True}, 8),
-                "cheap": ("cheap, all layers", {"cheap": True}, 4)}
+                "cheap": ("cheap, all layers", {"cheap": True}, 4),
+                "layer0": ("default report of block 0, no composition", {"layers": [0], "composition": "none"}, 4),
+                "composition_only": ("composition 0 -> all alone", {"layers": [0], "composition": "all",
+                                     "diagnostics": ["composition"]}, 4)}
     with tempfile.TemporaryDirectory(prefix="hf_flag_rss_") as tmp:
         folder = Path(tmp)
         start = time.perf_counter()

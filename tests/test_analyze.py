@@ -373,7 +373,8 @@ def test_composition_streaming_under_a_tiny_cache_budget(monkeypatch):
     real_block = Adapter.block
     monkeypatch.setattr(Adapter, "block", lambda self, *a, **k: loads.append(a[2]) or real_block(self, *a, **k))
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**LLAMA_LIKE, "num_hidden_layers": 4}))
-    full = analyze(model, device="cpu", diagnostics={"composition"})
+    # full=True: the budget is COMPOSITION_CACHE_BYTES (the default report caps it at one block, issue #11)
+    full = analyze(model, device="cpu", diagnostics={"composition"}, composition="all", full=True)
     # packed-Gram path, composition alone (no per-layer pass): one chunk of sources 0..2 + destinations 1..3
     assert len(full.rows) == 3 * 6 * H * H and len(loads) == 3 + 3
     from hf_flag.geometry.composition import packed_gram_bytes
@@ -386,7 +387,7 @@ def test_composition_streaming_under_a_tiny_cache_budget(monkeypatch):
                                 (1, (1 + 1) + (1 + 2) + (1 + 3))):  # below 5 Grams: tiled trace form
         loads.clear()
         monkeypatch.setattr(module, "COMPOSITION_CACHE_BYTES", budget)
-        streamed = analyze(model, device="cpu", diagnostics={"composition"})
+        streamed = analyze(model, device="cpu", diagnostics={"composition"}, composition="all", full=True)
         assert len(loads) == chunk_loads, budget  # per chunk: its sources, then their destinations
         same_rows(streamed, full, rel=1e-12)
 

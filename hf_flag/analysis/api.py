@@ -126,7 +126,8 @@ def analyze(model_or_path, *, device: Union[str, torch.device, None] = None, dty
                        "rank_cut": RANK_CUT_RULE},
         "commutator_baseline": COMMUTATOR_BASELINE_RULE, "transport_k": TRANSPORT_K_RULE, "bias_augmented": True,
         "layer_norm_folded": False,
-        "embeddings_analysed": False, "composition_cache_bytes": transformer.COMPOSITION_CACHE_BYTES,
+        "embeddings_analysed": False,
+        "composition_cache_bytes": facts.get("composition_cache_bytes", transformer.COMPOSITION_CACHE_BYTES),
         "elapsed_s": time.perf_counter() - start,
     }
     return report

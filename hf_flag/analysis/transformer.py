@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterable, Optional, Sequence
 
+import math
 import sys
 
 import torch
@@ -160,6 +161,17 @@ def model_compute_dtype(source, adapter, layout, layers: Sequence[int], requeste
     return compute_dtype(min((source.storage_eps(n) for n in names), default=0.0))
 
 
+def composition_budget(source, adapter, layout, layers: Sequence[int], dtype: torch.dtype, full: bool) -> int:
+    """Memory budget of the composition pass: :data:`COMPOSITION_CACHE_BYTES` for ``full``; otherwise at most one
+    block (the largest analysed block's tensors in the compute ``dtype``), so that the default report's peak stays
+    within a few blocks whatever the depth (issue #11; ``benchmarks/bench_lazy_rss.py``)."""
+    if full:
+        return COMPOSITION_CACHE_BYTES
+    block = max((sum(math.prod(source.shape(n)) for n in adapter.block_tensor_names(layout, i)) for i in layers),
+                default=0)
+    return min(COMPOSITION_CACHE_BYTES, block * dtype.itemsize)
+
+
 def analyze_transformer(source, name: str, *, device: torch.device, dtype: Optional[torch.dtype],
                         diagnostics: Optional[Iterable[str]], layers: Optional[Iterable[int]], cheap: bool,
                         composition: str, progress: bool, full: bool = True) -> tuple[Report, dict]:
@@ -190,7 +202,7 @@ def analyze_transformer(source, name: str, *, device: torch.device, dtype: Optio
         rows += per_layer_rows(name, layout, sel, load, diagnostics=diag, cheap=cheap, progress=progress,
                                window=not full)
         release_freed_memory()
-    estimate = None
+    estimate, budget = None, composition_budget(source, adapter, layout, sel, dtype, full)
     if "composition" in diag and composition != "none" and not cheap:
         estimate = composition_estimate(layout.n_layers, layout.n_heads, layout.d_model, sel)
         chosen = estimate["auto"] if composition == "auto" else composition
@@ -202,7 +214,7 @@ def analyze_transformer(source, name: str, *, device: torch.device, dtype: Optio
         estimate["used"] = composition = chosen
         rows += composition_rows(name, COMPOSITION_KINDS, layout, sel, composition,
                                  lambda i: load(i, mlp=False).attention,
-                                 budget_bytes=COMPOSITION_CACHE_BYTES, itemsize=dtype.itemsize)
+                                 budget_bytes=budget, itemsize=dtype.itemsize)
     report = Report(model=name, architecture=layout.architecture, layout=layout.to_dict(), rows=rows)
     return report, {"diagnostics": sorted(diag), "layers": sel, "storage": storage, "dtype": dtype,
-                    "composition_estimate": estimate}
+                    "composition_estimate": estimate, "composition_cache_bytes": budget}
