@@ -7,6 +7,14 @@ the callback's measurements as a fraction of the rest of the training time in th
 goal < 5 % at ``every_n_steps=50``).
 
     .venv/bin/python benchmarks/bench_callback_overhead.py [--steps 200] [--repeats 3] [--every 50] [--threads 1]
+
+``--fsdp`` (under ``torch.distributed.run --nproc_per_node 2``, gloo, CPU): the same model sharded by FSDP2
+``fully_shard`` (each decoder layer and the root); per repeat, interleaved, one sharded measurement on both ranks
+(gathering one layer at a time), one unsharded measurement of the same weights on rank 0, and ``--steps`` training
+steps of the sharded model; prints the medians, the sharded / unsharded ratio and the measurement in training steps:
+
+    OMP_NUM_THREADS=1 .venv/bin/python -m torch.distributed.run --nproc_per_node 2 \\
+        benchmarks/bench_callback_overhead.py --fsdp [--steps 20] [--repeats 5]
 """
 from __future__ import annotations
 
@@ -74,6 +82,65 @@ def run(model: LlamaForCausalLM, data: datasets.Dataset, steps: int, every: Opti
     return timer.times, TimedFlagCallback.seconds
 
 
+def fsdp_main(opts: argparse.Namespace) -> None:
+    """Sharded (FSDP2, 2 ranks) vs unsharded measurement of the same weights, and sharded training steps."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    from hf_flag.integrations.trainer import optimizer_hyperparameters
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    model = small_llama().train()
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, weight_decay=0.01)
+    hyper = optimizer_hyperparameters(optimizer, None)
+    g = torch.Generator().manual_seed(rank)
+    ids = torch.randint(0, 256, (8, 64), generator=g)
+    sharded, callback = FlagAlignmentCallback(), FlagAlignmentCallback()
+    sharded.sharding = "fsdp2"
+    times: dict[str, list[float]] = {"sharded": [], "unsharded": [], "step": []}
+    for repeat in range(opts.repeats + 1):  # the first round warms up (imports, first analyze)
+        dist.barrier()
+        start = time.perf_counter()
+        sharded.measure(model, repeat, hyper, optimizer=optimizer, compute=rank == 0)
+        dist.barrier()
+        sharded_s = time.perf_counter() - start
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        unsharded_s = 0.0
+        if rank == 0:
+            copy_model = small_llama()
+            copy_model.load_state_dict(full)
+            start = time.perf_counter()
+            callback.measure(copy_model, repeat, hyper, optimizer=None)
+            unsharded_s = time.perf_counter() - start
+        dist.barrier()
+        start = time.perf_counter()
+        for _ in range(opts.steps):
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        dist.barrier()
+        if repeat:
+            times["sharded"].append(sharded_s)
+            times["unsharded"].append(unsharded_s)
+            times["step"].append((time.perf_counter() - start) / opts.steps)
+    if rank == 0:
+        med = {k: statistics.median(v) for k, v in times.items()}
+        print(f"model: Llama 4 layers, d=128, d_ff=344, 4 heads (2 KV), FSDP2 on 2 CPU ranks (gloo), batch 8 x 64 "
+              f"tokens per rank; torch threads {torch.get_num_threads()}; {opts.repeats} repeats, medians")
+        print(f"one measurement, sharded (gather one layer at a time, rank 0 computes): {med['sharded'] * 1e3:.1f} ms")
+        print(f"one measurement, unsharded copy of the same weights (rank 0):         {med['unsharded'] * 1e3:.1f} ms "
+              f"(sharded / unsharded {med['sharded'] / med['unsharded']:.2f})")
+        print(f"one sharded training step: {med['step'] * 1e3:.1f} ms; one measurement = "
+              f"{med['sharded'] / med['step']:.2f} steps = {med['sharded'] / med['step'] / opts.every * 100:.1f} % "
+              f"at every_n_steps={opts.every}")
+    dist.destroy_process_group()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=200)
@@ -81,8 +148,13 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=50, help="every_n_steps (the callback's default is 50)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1 avoids oversubscription on a shared machine)")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="sharded measurement under FSDP2 (run with torch.distributed.run --nproc_per_node 2)")
     opts = parser.parse_args()
     torch.set_num_threads(opts.threads)
+    if opts.fsdp:
+        fsdp_main(opts)
+        return
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 256, (256, 64), generator=g).tolist()
     data = datasets.Dataset.from_dict({"input_ids": ids, "labels": ids})

@@ -2,9 +2,10 @@
 
 YAML keys (all optional; command-line arguments override them, command-line models are added to them)::
 
-    models:                 # Hub ids, local folders / files, or {path: ..., name: org/name}
+    models:                 # Hub ids, local folders / files, or {path:, name: org/name, revision:, gguf_file:}
       - sentence-transformers/all-MiniLM-L6-v2
       - {path: ./my-model, name: me/my-model}
+      - {path: Qwen/Qwen2.5-0.5B, revision: 060db6499f32faf8b98477b0a26969ef7d8b9987}
     out: results/sweep      # output folder
     diagnostics: [mlp, vo]  # passed to hf_flag.analyze (null: all)
     composition: adjacent   # all | adjacent | none
@@ -13,7 +14,10 @@ YAML keys (all optional; command-line arguments override them, command-line mode
     split_layers: false     # split each model's layers across the processes
     write_model_cards: false
     cards_dir: null         # where DIR/model_cards/<org>--<name>/README.md goes (default: OUT/model_cards)
-    push_to_hub: null       # dataset repo id to push the results dataset to
+    push_to_hub: null       # true: push the cards; a dataset repo id: the cards and the results dataset there
+    create_pr: false        # open card pull requests even where the token could commit
+    allow_derived: false    # push cards computed from derived weights (GGUF, local copies) to the named repo
+    max_disk: null          # GB: stream sharded Hub checkpoints shard by shard within this much disk
     merge_timeout: 86400    # seconds rank 0 waits for the other ranks' results
 
 A malformed file raises :class:`ConfigError` (a ``ValueError``) with one line naming the key and what to write.
@@ -40,10 +44,13 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One model of a sweep: ``path`` is what ``open_weights`` gets; ``name`` (``org/name``) labels it."""
+    """One model of a sweep: ``path`` is what ``open_weights`` gets; ``name`` (``org/name``) labels it;
+    ``revision`` and ``gguf_file`` select what a Hub id is read at (``open_weights``'s arguments)."""
 
     path: str
     name: Optional[str] = None
+    revision: Optional[str] = None
+    gguf_file: Optional[str] = None
 
     @property
     def label(self) -> str:
@@ -61,7 +68,10 @@ class SweepConfig:
     split_layers: bool = False
     write_model_cards: bool = False
     cards_dir: Optional[Path] = None  # folder of the per-model cards; None: out / "model_cards"
-    push_to_hub: Optional[str] = None
+    push_to_hub: Optional[str | bool] = None  # True: cards only; "org/name": cards and the dataset there
+    create_pr: bool = False
+    allow_derived: bool = False
+    max_disk: Optional[float] = None  # GB of shards a streamed Hub checkpoint may hold on disk
     merge_timeout: float = DEFAULT_MERGE_TIMEOUT
     analyze_kwargs: dict = field(default_factory=dict)  # extra keyword arguments for analyze (tests, benchmarks)
 
@@ -80,15 +90,18 @@ def parse_model(entry: Any, key: str) -> ModelSpec:
     if isinstance(entry, str) and entry.strip():
         return ModelSpec(entry.strip())
     if isinstance(entry, Mapping):
-        unknown = set(entry) - {"path", "name"}
+        fields = ("path", "name", "revision", "gguf_file")
+        unknown = set(entry) - set(fields)
         if unknown:
-            raise ConfigError(f"config key {key!r}: unknown field {sorted(unknown)[0]!r}; use path and name")
-        path, name = entry.get("path"), entry.get("name")
+            raise ConfigError(f"config key {key!r}: unknown field {sorted(unknown)[0]!r}; use {', '.join(fields)}")
+        path = entry.get("path")
         if not isinstance(path, str) or not path.strip():
             raise _type_error(f"{key}.path", "a non-empty string", path)
-        if name is not None and not (isinstance(name, str) and name.strip()):
-            raise _type_error(f"{key}.name", "a non-empty string", name)
-        return ModelSpec(path.strip(), name.strip() if name else None)
+        for field_name in fields[1:]:
+            value = entry.get(field_name)
+            if value is not None and not (isinstance(value, str) and value.strip()):
+                raise _type_error(f"{key}.{field_name}", "a non-empty string", value)
+        return ModelSpec(path.strip(), *((entry.get(f) or "").strip() or None for f in fields[1:]))
     raise _type_error(key, "a model id/path string or {path: ..., name: ...}", entry)
 
 
@@ -119,16 +132,21 @@ def _validate(key: str, value: Any) -> tuple[str, Any]:
         return key, _check(key, value, value in COMPOSITION_MODES, f"one of {', '.join(COMPOSITION_MODES)}")
     if key == "device":
         return key, _check(key, value, value in DEVICES, f"one of {', '.join(DEVICES)}")
-    if key in ("cheap", "split_layers", "write_model_cards"):
+    if key in ("cheap", "split_layers", "write_model_cards", "create_pr", "allow_derived"):
         return key, _check(key, value, isinstance(value, bool), "true or false")
     if key == "push_to_hub":
-        ok = value is None or (isinstance(value, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", value) is not None)
-        return key, _check(key, value, ok, "a repo id like org/name, or null")
+        ok = value is None or value is True or (isinstance(value, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", value)
+                                                 is not None)
+        return key, _check(key, value, ok, "true (cards only), a dataset repo id like org/name, or null")
+    if key == "max_disk":
+        ok = value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0)
+        return key, None if value is None else float(_check(key, value, ok, "a positive number of GB, or null"))
     if key == "merge_timeout":
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
         return key, float(_check(key, value, ok, "a positive number of seconds"))
     raise ConfigError(f"config key {key!r} is unknown; known keys: models, out, diagnostics, composition, cheap, "
-                      f"device, split_layers, write_model_cards, cards_dir, push_to_hub, merge_timeout")
+                      f"device, split_layers, write_model_cards, cards_dir, push_to_hub, create_pr, allow_derived, "
+                      f"max_disk, merge_timeout")
 
 
 def parse_config(data: Any, *, source: str = "config") -> dict[str, Any]:

@@ -1,13 +1,18 @@
-"""Per-model PNG plots of a :class:`hf_flag.report.Report`, each with its random baseline.
+"""Per-model PNG plots of a :class:`hf_flag.report.Report` that a person can read without the code.
 
+* ``commutator_ratio.png``: commutator ratio kappa by layer (MATH.md §3), **one panel per pair kind** (MLP, gated
+  MLP, attention value -> output, residual, linear chain), each with its random baseline drawn dashed and labelled;
+* ``intersection_dim.png``: flag intersection dimension by layer (MATH.md §4), one panel per pair kind, its generic
+  baseline dashed and labelled, the transport windows (``window_in`` / ``window_out``: singular vectors used) drawn
+  where the rows have them, and layers without a value named with the reason (the two flags share no cut below
+  the hidden dimension);
 * ``head_overlap_o.png``: per layer, the heads' write-subspace overlap matrix (rows ``head_overlap_o``; MATH.md §1,
-  §6), one heatmap per layer on a common colour scale, the Haar baseline in the title;
-* ``commutator_ratio.png``: commutator ratio kappa by layer (MATH.md §3) for ``mlp`` and ``vo`` (and ``mlp_gate``
-  when present), mean over a layer's rows, with the random-rotation baseline dashed;
-* ``intersection_dim.png``: flag intersection dimension by layer (MATH.md §4), with the generic baseline dashed.
+  §6), one heatmap per layer on a common colour scale, heads ticked on both axes, the Haar baseline marked and
+  labelled on the colour bar.
 
-Figures are built with ``matplotlib.figure.Figure`` (Agg canvas; no pyplot, no global backend state).  The data
-extraction (:func:`layer_series`, :func:`head_overlap_matrices`) is separate and pure, so it can be tested.
+Every axis is labelled in words.  Figures are built with ``matplotlib.figure.Figure`` (Agg canvas; no pyplot, no
+global backend state).  The per-layer means are :func:`hf_flag.integrations.readings.layer_series`' (the card's),
+and :func:`head_overlap_matrices` is separate and pure, so the plotted numbers can be tested.
 """
 from __future__ import annotations
 
@@ -21,29 +26,25 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from hf_flag.atomic import atomic_write
+from hf_flag.integrations.readings import layer_series
 from hf_flag.report import Report, baseline_key
-from hf_flag.rows import HEAD_OVERLAP_KINDS, KIND_MLP, KIND_MLP_GATE, KIND_VO, summarize
+from hf_flag.rows import HEAD_OVERLAP_KINDS, KIND_LABELS, PAIR_KINDS, summarize
 
-BY_LAYER_KINDS = (KIND_MLP, KIND_MLP_GATE, KIND_VO)
-#: file stem -> (caption, metric) of the by-layer plots
-BY_LAYER_PLOTS = {"commutator_ratio": ("Commutator ratio by layer", "commutator_ratio"),
-                  "intersection_dim": ("Intersection dimension by layer", "intersection_dim")}
+#: file stem -> (caption, metric, y-axis label in words) of the by-layer plots
+BY_LAYER_PLOTS = {
+    "commutator_ratio": ("Commutator ratio by layer", "commutator_ratio",
+                         "commutator ratio kappa\n(0 = shared eigenbasis)"),
+    "intersection_dim": ("Intersection dimension by layer", "intersection_dim",
+                         "shared flag directions\n(intersection dimension)"),
+}
+#: why a pair row has no value of a metric (shown in the panel instead of a silent gap)
+MISSING_WHY = {"intersection_dim": "the two flags share no cut below\n"
+                                   "the hidden dimension (no clear singular-value gap)",
+               "commutator_ratio": "not computed for these rows"}
+WINDOW_KEYS = ("window_in", "window_out")
 HEAD_OVERLAP_KIND = HEAD_OVERLAP_KINDS["o"]
 HEAD_OVERLAP_CAPTION = "Head write-subspace overlap per layer"
-
-
-def layer_series(report: Report, kind: str, metric: str) -> tuple[list[int], list[float], list[Optional[float]]]:
-    """``(layers, means, baseline means)`` of ``metric`` over the ``kind`` rows of each layer (layers where the
-    metric is missing are skipped); the means are ``hf_flag.rows.summarize``'s, as in ``Report.summary``."""
-    layers, values, baselines = [], [], []
-    for layer in sorted({r.layer for r in report.select(kind=kind)}):
-        means = summarize(report.select(kind=kind, layer=layer))
-        if f"{kind}/{metric}" not in means:
-            continue
-        layers.append(layer)
-        values.append(means[f"{kind}/{metric}"])
-        baselines.append(means.get(f"{kind}/{baseline_key(metric)}"))
-    return layers, values, baselines
+BASELINE_COLOR = "tab:red"
 
 
 def _index(label: str) -> int:
@@ -75,53 +76,121 @@ def short_name(model: str) -> str:
 
 
 def figure_head_overlap(report: Report, kind: str = HEAD_OVERLAP_KIND) -> Optional[Figure]:
-    """Grid of per-layer heatmaps (common colour scale), or ``None`` without ``kind`` rows."""
+    """Grid of per-layer heatmaps (common colour scale, heads ticked), the baseline on the colour bar; ``None``
+    without ``kind`` rows."""
     mats = head_overlap_matrices(report, kind)
     if not mats:
         return None
     ncols = min(6, len(mats))
     nrows = math.ceil(len(mats) / ncols)
-    fig = Figure(figsize=(2.2 * ncols + 1.0, 2.2 * nrows + 0.6))
+    n_heads = next(iter(mats.values())).shape[0]
+    height = 2.4 * nrows + 0.9
+    fig = Figure(figsize=(2.4 * ncols + 1.9, height))
     axes = fig.subplots(nrows, ncols, squeeze=False)
-    fig.subplots_adjust(left=0.02, right=0.84, bottom=0.04, top=0.86, wspace=0.1, hspace=0.25)
-    vmax = max(float(np.nanmax(m)) if np.isfinite(m).any() else 0.0 for m in mats.values()) or 1.0
+    fig.subplots_adjust(left=0.06, right=0.8, bottom=0.45 / height, top=1 - 0.55 / height, wspace=0.35, hspace=0.45)
+    base = summarize(report.select(kind=kind)).get(f"{kind}/{baseline_key('overlap')}")
+    finite = [float(np.nanmax(m)) for m in mats.values() if np.isfinite(m).any()]
+    vmax = max(finite + ([base] if base is not None else []), default=0.0) or 1.0
+    ticks = list(range(n_heads)) if n_heads <= 16 else list(range(0, n_heads, math.ceil(n_heads / 8)))
     image = None
-    for ax, (layer, mat) in zip(axes.flat, mats.items()):
+    for i, (ax, (layer, mat)) in enumerate(zip(axes.flat, mats.items())):
         image = ax.imshow(mat, vmin=0.0, vmax=vmax, cmap="viridis", interpolation="nearest")
         ax.set_title(f"layer {layer}", fontsize=8)
-        ax.set_xticks([])
-        ax.set_yticks([])
+        ax.set_xticks(ticks)
+        ax.set_yticks(ticks)
+        ax.tick_params(labelsize=6)
+        if i % ncols == 0:
+            ax.set_ylabel("head", fontsize=7)
+        if i >= len(mats) - ncols:
+            ax.set_xlabel("head", fontsize=7)
     for ax in list(axes.flat)[len(mats):]:
         ax.set_axis_off()
-    fig.colorbar(image, cax=fig.add_axes((0.86, 0.1, 0.02, 0.7)), label="overlap")
-    base = summarize(report.select(kind=kind)).get(f"{kind}/{baseline_key('overlap')}")
-    fig.suptitle(f"{short_name(report.model)}: {kind} (random baseline {base:.3g})" if base is not None
-                 else f"{short_name(report.model)}: {kind}", fontsize=9)
+    bar = fig.colorbar(image, cax=fig.add_axes((0.86, 0.45 / height, 0.02, 1 - 1.0 / height)))
+    bar.set_label("overlap of the two heads' write subspaces\n(0 = orthogonal, 1 = identical)", fontsize=7)
+    if base is not None:
+        bar.ax.axhline(base, color=BASELINE_COLOR, linewidth=2)
+        bar.ax.text(-0.4, base, f"random\n{base:.3g}", transform=bar.ax.get_yaxis_transform(), color=BASELINE_COLOR,
+                    fontsize=7, va="center", ha="right")
+    fig.suptitle(f"{short_name(report.model)}: overlap between attention heads' write subspaces, per layer "
+                 f"(diagonal: a head with itself, left blank)", fontsize=9)
     return fig
 
 
-def figure_by_layer(report: Report, metric: str, kinds: Sequence[str] = BY_LAYER_KINDS,
-                    title: Optional[str] = None) -> Optional[Figure]:
-    """``metric`` by layer, one solid line per kind and its baseline dashed in the same colour; ``None`` when no
-    kind has the metric."""
-    series = {k: layer_series(report, k, metric) for k in kinds}
-    series = {k: s for k, s in series.items() if s[0]}
-    if not series:
+def missing_layers(report: Report, kind: str, metric: str, have: Sequence[int]) -> list[int]:
+    """Layers with ``kind`` rows but no value of ``metric``."""
+    return sorted({r.layer for r in report.select(kind=kind)} - set(have))
+
+
+def window_series(report: Report, kind: str) -> dict[str, tuple[list[int], list[float]]]:
+    """``window_in`` / ``window_out`` (singular vectors used) per layer, mean over the layer's rows, where present."""
+    out = {}
+    for key in WINDOW_KEYS:
+        points = {}
+        for r in report.select(kind=kind):
+            v = r.values.get(key)
+            if v is not None and math.isfinite(v):
+                points.setdefault(r.layer, []).append(v)
+        if points:
+            out[key] = (sorted(points), [float(np.mean(points[layer])) for layer in sorted(points)])
+    return out
+
+
+def figure_by_layer(report: Report, metric: str, kinds: Sequence[str] = PAIR_KINDS, title: Optional[str] = None,
+                    ylabel: Optional[str] = None) -> Optional[Figure]:
+    """``metric`` by layer, one panel per pair kind with rows: values, the random baseline dashed and labelled,
+    windows where present, and the layers without a value named with the reason; ``None`` when no kind has rows
+    or none has the metric anywhere."""
+    panels = [k for k in kinds if report.select(kind=k)]
+    series = {k: layer_series(report, k, metric) for k in panels}
+    if not panels or not any(s[0] for s in series.values()):
         return None
-    fig = Figure(figsize=(6.0, 3.6))
-    ax = fig.add_subplot()
-    fig.subplots_adjust(left=0.12, right=0.97, bottom=0.14, top=0.9)
-    for i, (kind, (layers, values, baselines)) in enumerate(series.items()):
-        color = f"C{i}"
-        ax.plot(layers, values, marker="o", color=color, label=kind)
-        base = [(l, b) for l, b in zip(layers, baselines) if b is not None]
-        if base:
-            ax.plot(*zip(*base), linestyle="--", color=color, label=f"{kind} random baseline")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("layer")
-    ax.set_ylabel(metric)
-    ax.set_title(title or f"{short_name(report.model)}: {metric}", fontsize=9)
-    ax.legend(fontsize=7)
+    height = 2.3 * len(panels) + 0.9
+    fig = Figure(figsize=(8.6, height))
+    axes = fig.subplots(len(panels), 1, squeeze=False)[:, 0]
+    with_windows = any(window_series(report, k) for k in panels)  # a second y axis needs room on the right
+    fig.subplots_adjust(left=0.12, right=0.64 if with_windows else 0.72, bottom=0.55 / height, top=1 - 0.8 / height,
+                        hspace=0.8)
+    for ax, kind in zip(axes, panels):
+        layers, values, baselines = series[kind]
+        ax.set_title(KIND_LABELS.get(kind, kind), fontsize=9)
+        all_layers = sorted({r.layer for r in report.select(kind=kind)})
+        ax.set_xlim(all_layers[0] - 0.5, all_layers[-1] + 0.5)
+        missing = missing_layers(report, kind, metric, layers)
+        xlabel = "layer"
+        if missing:
+            shown = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")
+            where = "any layer" if not layers else f"layer{'s' if len(missing) > 1 else ''} {shown}"
+            xlabel += f"   (no value at {where}: {MISSING_WHY.get(metric, 'not computed')})"
+        ax.set_xlabel(xlabel, fontsize=7.5)
+        ax.set_ylabel(ylabel or metric.replace("_", " "), fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.tick_params(labelsize=7)
+        at = {layer: i for i, layer in enumerate(all_layers)}
+        ys, bs = np.full(len(all_layers), np.nan), np.full(len(all_layers), np.nan)
+        for layer, v, b in zip(layers, values, baselines):  # NaN at missing layers: the lines break there
+            ys[at[layer]], bs[at[layer]] = v, np.nan if b is None else b
+        if np.isfinite(bs).any():  # drawn first, wide and pale, so a value equal to it stays visible on top
+            ax.plot(all_layers, bs, linestyle="--", linewidth=3.5, color=BASELINE_COLOR, alpha=0.45, marker="_",
+                    markersize=16, markeredgewidth=3,
+                    label="random baseline", zorder=2)
+        if layers:
+            same = np.isfinite(bs).any() and bool(np.all(ys[np.isfinite(ys)] == bs[np.isfinite(ys)]))
+            ax.plot(all_layers, ys, marker="o", markersize=3.5, linewidth=1.2, color="C0", zorder=3,
+                    label="value (layer mean)" + ("\n(= baseline at every layer)" if same else ""))
+        windows = window_series(report, kind)
+        if windows:
+            twin = ax.twinx()
+            for (key, (wl, wv)), style in zip(windows.items(), (":", "-.")):
+                twin.plot(wl, wv, linestyle=style, color="grey", label=key.replace("_", " "))
+            twin.set_ylabel("window (singular\nvectors used)", fontsize=7, color="grey")
+            twin.tick_params(labelsize=6, colors="grey")
+            twin.legend(fontsize=6, loc="lower right")
+        if not layers:
+            ax.set_yticks([])
+        if layers:
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02 if not windows else 1.17, 1.0),
+                      borderaxespad=0.0)
+    fig.suptitle(title or f"{short_name(report.model)}: {metric.replace('_', ' ')} by layer", fontsize=10)
     return fig
 
 
@@ -130,8 +199,9 @@ def save_plots(report: Report, out_dir: str | Path) -> dict[str, Path]:
     ``os.replace``); returns caption -> PNG path."""
     out_dir = Path(out_dir)
     figures = {HEAD_OVERLAP_CAPTION: (HEAD_OVERLAP_KIND, figure_head_overlap(report))}
-    for stem, (caption, metric) in BY_LAYER_PLOTS.items():
-        figures[caption] = (stem, figure_by_layer(report, metric, title=f"{short_name(report.model)}: {caption.lower()}"))
+    for stem, (caption, metric, ylabel) in BY_LAYER_PLOTS.items():
+        title = f"{short_name(report.model)}: {caption.lower()}"
+        figures[caption] = (stem, figure_by_layer(report, metric, title=title, ylabel=ylabel))
     written = {}
     for caption, (stem, fig) in figures.items():
         if fig is None:

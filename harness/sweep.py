@@ -27,8 +27,17 @@ complete, names what is missing, and writes:
   (:mod:`hf_flag.integrations.cards`); ``--write-model-cards`` also updates local model folders' README.md;
 * ``DIR/sweep.json``: each model's status (done / failed with its one-line error / missing).
 
-``--push-to-hub REPO_ID`` pushes the results dataset there and opens a card pull request on each model that has a
-Hub id; the token is huggingface_hub's own (``HF_TOKEN`` or the stored login): it is never read, written or logged.
+Hub ids are fetched through huggingface_hub's cache (:mod:`hf_flag.weights.hub`: only config and weights;
+``--revision`` / ``--gguf-file``; ``--max-disk GB`` streams sharded checkpoints shard by shard,
+:mod:`hf_flag.harness.stream`); the commit sha they were read at goes into each report, the dataset's
+``weights_sha`` column and the card.
+
+``--push-to-hub`` sets hf-flag's part of the card of each model read from its own Hub repo
+(:func:`hf_flag.integrations.cards.push_card`: a commit where the token can write, else a pull request; always a
+pull request with ``--create-pr``; cards computed from derived weights only with ``--allow-derived``), with its plots
+beside it; ``--push-to-hub REPO_ID`` also uploads the results dataset to dataset repo ``REPO_ID``; ``--dry-run``
+prints each card's diff and pushes nothing.  The token is huggingface_hub's own (``HF_TOKEN`` or the stored
+login): it is never read, written or logged.
 Exit status: 0 all models done, 1 some failed or missing (everything else is still written), 2 bad input.
 """
 from __future__ import annotations
@@ -40,6 +49,7 @@ import gc
 import importlib
 import io
 import os
+import re
 import shutil
 import sys
 import traceback
@@ -51,8 +61,8 @@ import torch
 from tqdm.auto import tqdm
 
 from hf_flag.analysis.api import analyze
+from hf_flag.atomic import atomic_write, atomic_write_bytes, atomic_write_text
 from hf_flag.threads import configure_threads
-from hf_flag.atomic import atomic_write_bytes, atomic_write_text
 from hf_flag.defaults import COMPOSITION_MODES, DIAGNOSTIC_NAMES
 from hf_flag.harness import schedule
 from hf_flag.harness.config import (DEVICES, ConfigError, ModelSpec, SweepConfig, build_config, default_model_specs,
@@ -103,6 +113,7 @@ class ModelResult:
     status: str
     error: str
     report: Optional[Report]
+    plots: Optional[dict] = None  # caption -> PNG path (once drawn)
 
     @property
     def name(self) -> str:
@@ -122,7 +133,8 @@ class ModelResult:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hf-flag sweep", description=__doc__.split("\n\n")[0])
-    p.add_argument("models", nargs="*", metavar="MODEL", help="Hub ids (local HF cache) or local folders/files")
+    p.add_argument("models", nargs="*", metavar="MODEL",
+                   help="Hub ids (fetched through the HF cache) or local folders/files")
     p.add_argument("--config", help="YAML sweep config (see harness/config.py)")
     p.add_argument("--out", help="output folder")
     p.add_argument("--diagnostics", nargs="+", help=f"subset of {' '.join(DIAGNOSTIC_NAMES)} (default: all)")
@@ -135,8 +147,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also update README.md of local model folders in place (only hf-flag's parts)")
     p.add_argument("--cards-dir", metavar="DIR", dest="cards_dir",
                    help="folder for the per-model cards <org>--<name>/README.md (default: OUT/model_cards)")
-    p.add_argument("--push-to-hub", metavar="REPO_ID", dest="push_to_hub",
-                   help="push the results dataset to REPO_ID and open card PRs on the models' Hub repos")
+    p.add_argument("--push-to-hub", metavar="REPO_ID", dest="push_to_hub", nargs="?", const=True,
+                   help="push each card to its model's Hub repo (commit, or PR without write access); with REPO_ID "
+                        "also the results dataset to that dataset repo")
+    p.add_argument("--create-pr", action="store_true", default=None, dest="create_pr",
+                   help="with --push-to-hub: open pull requests even where the token could commit")
+    p.add_argument("--allow-derived", action="store_true", default=None, dest="allow_derived",
+                   help="with --push-to-hub: also push cards computed from derived weights (GGUF, local copies)")
+    p.add_argument("--dry-run", action="store_true", dest="dry_run",
+                   help="with --push-to-hub: print each card's diff and what would be pushed; push nothing")
+    p.add_argument("--max-disk", type=float, metavar="GB", dest="max_disk",
+                   help="stream sharded Hub checkpoints shard by shard, holding at most GB of shards on disk")
+    p.add_argument("--revision", help="branch, tag or commit sha of the MODEL Hub ids (default: main)")
+    p.add_argument("--gguf-file", dest="gguf_file", help="which .gguf of a GGUF Hub repo (default: the finest "
+                                                          "storage, see hf_flag.weights.hub)")
     p.add_argument("--default", action="store_true", help="add the embedded default models (MiniLM, SmolLM2)")
     p.add_argument("--merge-timeout", type=float, dest="merge_timeout",
                    help="seconds rank 0 waits for the other processes' results (default 86400)")
@@ -149,11 +173,13 @@ def parse_args(argv: Optional[Sequence[str]]) -> tuple[SweepConfig, argparse.Nam
     args = build_parser().parse_args(argv)
     file_values = load_config(args.config) if args.config else {}
     cli = {k: getattr(args, k) for k in ("diagnostics", "composition", "cheap", "device", "split_layers",
-                                         "write_model_cards", "cards_dir", "push_to_hub", "merge_timeout")}
+                                         "write_model_cards", "cards_dir", "push_to_hub", "create_pr",
+                                         "allow_derived", "max_disk", "merge_timeout")}
     cli_checked = parse_config({k: v for k, v in cli.items() if v is not None}, source="arguments")
     if args.out:
         cli_checked["out"] = Path(args.out)
-    cli_checked["models"] = tuple(parse_model(m, "MODEL") for m in args.models)
+    cli_checked["models"] = tuple(replace(parse_model(m, "MODEL"), revision=args.revision, gguf_file=args.gguf_file)
+                                  for m in args.models)
     extra = default_model_specs() if args.default else []
     return build_config(file_values, cli_checked, extra), args
 
@@ -181,10 +207,17 @@ def resolve_device(policy: str, local_rank: int) -> str:
 # ------------------------------------------------------------------------------------------------- the work
 
 
-def model_size(spec: ModelSpec) -> int:
+def open_source(spec: ModelSpec, max_disk: Optional[float] = None):
+    """The model's :class:`~hf_flag.weights.weight_source.WeightSource` (a Hub id is fetched at its revision, and
+    streamed within ``max_disk`` GB when given)."""
+    max_disk_bytes = None if max_disk is None else int(max_disk * 1e9)
+    return open_weights(spec.path, revision=spec.revision, gguf_file=spec.gguf_file, max_disk_bytes=max_disk_bytes)
+
+
+def model_size(spec: ModelSpec, max_disk: Optional[float] = None) -> int:
     """Bytes of the model's stored weights from headers only (0 when it cannot be opened: it fails later)."""
     try:
-        source = open_weights(spec.path)
+        source = open_source(spec, max_disk)
     except Exception:  # the error is recorded when the model is run
         return 0
     try:
@@ -195,9 +228,9 @@ def model_size(spec: ModelSpec) -> int:
         source.close()
 
 
-def count_layers(spec: ModelSpec) -> int:
+def count_layers(spec: ModelSpec, max_disk: Optional[float] = None) -> int:
     """Number of transformer blocks, from the config and tensor names (no tensor data read)."""
-    source = open_weights(spec.path)
+    source = open_source(spec, max_disk)
     try:
         keys = source.keys()
         return get_adapter(source.config, keys).layout(source.config, keys).n_layers
@@ -224,9 +257,10 @@ def run_unit(ctx: RunContext, unit: Unit) -> RunState:
     cfg, rank = ctx.config, ctx.rank
     schedule.mark_started(unit.run_dir, unit.fp, rank)
     try:
-        report = analyze(unit.spec.path, device=ctx.device, diagnostics=cfg.diagnostics, layers=unit.layers,
-                         cheap=cfg.cheap, composition=cfg.composition, name=unit.spec.label, progress=True,
-                         **cfg.analyze_kwargs)  # progress: a bar per layer with its ETA
+        with open_source(unit.spec, cfg.max_disk) as source:
+            report = analyze(source, device=ctx.device, diagnostics=cfg.diagnostics, layers=unit.layers,
+                             cheap=cfg.cheap, composition=cfg.composition, name=unit.spec.label,
+                             progress=True, **cfg.analyze_kwargs)  # progress: a bar per layer with its ETA
         if unit.layers is None:
             try:
                 save_plots_once(report, plot_dir(cfg, unit.slug), unit.fp)
@@ -242,13 +276,15 @@ def run_unit(ctx: RunContext, unit: Unit) -> RunState:
 
 def model_units(cfg: SweepConfig) -> list[Unit]:
     out = cfg.out / "runs"
-    return [Unit(spec, slug, out / slug, schedule.fingerprint({**cfg.params(), "model": spec.path}, [spec.path]))
+    return [Unit(spec, slug, out / slug, schedule.fingerprint(
+        {**cfg.params(), "model": spec.path, **({"revision": spec.revision} if spec.revision else {}),
+         **({"gguf_file": spec.gguf_file} if spec.gguf_file else {})}, [spec.path]))
             for spec, slug in zip(cfg.models, slugs(cfg.models))]
 
 
-def shard_units(model: Unit, world_size: int) -> list[Unit]:
+def shard_units(model: Unit, world_size: int, max_disk: Optional[float] = None) -> list[Unit]:
     """The layer shards of ``model`` (shard ``k`` is run by rank ``k``); raises if its layers cannot be counted."""
-    shards = schedule.shard_layers(count_layers(model.spec), world_size)
+    shards = schedule.shard_layers(count_layers(model.spec, max_disk), world_size)
     return [Unit(model.spec, model.slug, model.run_dir / "shards" / f"{k}-of-{len(shards)}",
                  schedule.fingerprint({"model": model.fp, "layers": layers}), tuple(layers))
             for k, layers in enumerate(shards)]
@@ -262,13 +298,18 @@ def sweep_models(ctx: RunContext, units: list[Unit]) -> dict[str, RunState]:
     """Whole-model mode: run this rank's share; rank 0 then waits for everyone's. Returns slug -> state (rank 0)."""
     cfg, rank, world = ctx.config, ctx.rank, ctx.world
     by_slug = {u.slug: u for u in units}
-    sizes = {u.slug: model_size(u.spec) for u in units}
+    sizes = {u.slug: model_size(u.spec, cfg.max_disk) for u in units}
     mine = schedule.assign_models(sizes, world)[rank]
     with _bar(len(units), rank, "models") as bar:
         for slug in mine:
             unit = by_slug[slug]
             if schedule.run_state(unit.run_dir, unit.fp) not in (RunState.DONE, RunState.FAILED):
-                run_unit(ctx, unit)
+                run = run_unit
+                if cfg.max_disk is not None:
+                    from hf_flag.harness.stream import is_streamed, run_streamed
+
+                    run = run_streamed if is_streamed(unit.spec, cfg.max_disk) else run_unit
+                run(ctx, unit)
             bar.update()
         if rank != 0:
             return {}
@@ -281,7 +322,7 @@ def sweep_models(ctx: RunContext, units: list[Unit]) -> dict[str, RunState]:
 def sweep_split(ctx: RunContext, units: list[Unit]) -> dict[str, RunState]:
     """Layer-split mode: every rank runs its shard of every model; rank 0 merges the shards of each model."""
     cfg, rank, world = ctx.config, ctx.rank, ctx.world
-    sizes = {u.slug: model_size(u.spec) for u in units}
+    sizes = {u.slug: model_size(u.spec, cfg.max_disk) for u in units}
     order = [u for s in schedule.largest_first(sizes) for u in units if u.slug == s]
     shards: dict[str, list[Unit]] = {}
     with _bar(len(order), rank, "models (layer shards)") as bar:
@@ -290,7 +331,7 @@ def sweep_split(ctx: RunContext, units: list[Unit]) -> dict[str, RunState]:
                 bar.update()
                 continue
             try:
-                shards[unit.slug] = shard_units(unit, world)
+                shards[unit.slug] = shard_units(unit, world, cfg.max_disk)
             except Exception as exc:
                 if rank == 0:
                     schedule.mark_failed(unit.run_dir, unit.fp, one_line(exc), model=unit.spec.label)
@@ -330,33 +371,55 @@ def headline_columns(reports: Sequence[Report]) -> list[str]:
 
 
 def summary_table(results: Sequence[ModelResult]) -> tuple[str, str]:
-    """``(csv, markdown)``: one line per model; each headline metric beside its baseline."""
+    """``(csv, markdown)``: one line per model: where its weights came from (:func:`provenance_columns`) and each
+    headline metric beside its baseline."""
     reports = [r.report for r in results if r.report is not None]
     metrics = headline_columns(reports)
-    header = ["model", "slug", "status", "architecture", "rows", *[c for m in metrics for c in (m, baseline_key(m))],
-              "error"]
+    provenance = list(provenance_columns(Report("", "")))
+    header = ["model", "slug", "status", "architecture", "rows", *provenance,
+              *[c for m in metrics for c in (m, baseline_key(m))], "error"]
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(header)
-    md = ["| model | status | architecture | rows | " + " | ".join(f"{m} (random)" for m in metrics) + " |",
-          "|" + "---|" * (4 + len(metrics))]
+    md = ["| model | status | weights | architecture | rows | " + " | ".join(f"{m} (random)" for m in metrics) + " |",
+          "|" + "---|" * (5 + len(metrics))]
     for res in results:
         rep = res.report
         vals = [rep.summary.get(k) if rep else None for m in metrics for k in (m, baseline_key(m))]
+        prov = provenance_columns(rep) if rep else dict.fromkeys(provenance, "")
         writer.writerow([res.name, res.slug, res.status, rep.architecture if rep else "",
-                         len(rep.rows) if rep else "", *["" if v is None else repr(float(v)) for v in vals],
-                         res.error])
+                         len(rep.rows) if rep else "", *prov.values(),
+                         *["" if v is None else repr(float(v)) for v in vals], res.error])
         cells = [f"{a:.3g} ({b:.3g})" if a is not None and b is not None else f"{a:.3g}" if a is not None else "-"
                  for a, b in zip(vals[::2], vals[1::2])]
         status = res.status + (f": {res.error}" if res.error else "")
-        md.append(f"| {res.name} | {status.replace('|', '/')} | {rep.architecture if rep else '-'} | "
+        weights = " ".join(x for x in (prov["weights_source"] + (f"@{prov['weights_sha'][:12]}" if prov["weights_sha"]
+                                                                  else ""), prov["weights_format"],
+                                       prov["storage_dtypes"]) if x) or "-"
+        md.append(f"| {res.name} | {status.replace('|', '/')} | {weights} | {rep.architecture if rep else '-'} | "
                   f"{len(rep.rows) if rep else '-'} | " + " | ".join(cells) + " |")
     return buf.getvalue(), "\n".join(md) + "\n"
 
 
+def provenance_columns(report: Report) -> dict[str, str]:
+    """Where a report's weights came from, as dataset columns: Hub id (or a local model's Hub name), commit sha,
+    file format, storage dtypes / quantisation, hf-flag version ("" where unknown)."""
+    prov = report.params.get("provenance") or {}
+    return {"weights_source": prov.get("repo_id") or prov.get("hub_name") or "", "weights_sha": prov.get("sha") or "",
+            "weights_format": prov.get("format") or "",
+            "storage_dtypes": ",".join(report.params.get("storage_dtypes") or []),
+            "hf_flag_version": str(report.params.get("hf_flag_version") or "")}
+
+
 def save_dataset(reports: Sequence[Report], path: Path):
-    """All rows of all reports as one ``datasets.Dataset``, saved to ``path`` (replaced as a whole)."""
+    """All rows of all reports as one ``datasets.Dataset``, saved to ``path`` (replaced as a whole), each row with
+    its weights' provenance (:func:`provenance_columns`)."""
+    import datasets
+
     ds = rows_to_dataset([row for rep in reports for row in rep.flat_rows()])
+    per_row = [provenance_columns(rep) for rep in reports for _ in rep.rows]
+    for column in provenance_columns(Report("", "")):
+        ds = ds.add_column(column, [p[column] for p in per_row], feature=datasets.Value("string"))
     tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
     for p in (tmp, old):
         shutil.rmtree(p, ignore_errors=True)
@@ -378,23 +441,19 @@ def card_base(spec: ModelSpec) -> Optional[str]:
 
 def write_cards(res: ModelResult, plots: dict[str, Path], cfg: SweepConfig) -> None:
     """``CARDS_DIR/<slug>/README.md`` (default ``DIR/model_cards``) and, with ``--write-model-cards``, the local
-    folder's README.md.  A card outside ``DIR`` gets its own copy of the plots (``hf-flag-plots/`` beside it), so
-    its image links do not point into a results folder that may be deleted."""
-    from hf_flag.integrations.cards import minimal_card, write_card
+    folder's README.md.  Each card gets its plots in ``hf-flag-plots/`` beside it and links them relatively, so the
+    links work locally, in a copied folder, and on the Hub once the card is pushed with them."""
+    from hf_flag.integrations.cards import PLOTS_FOLDER, card_model_name, minimal_card, write_card
 
     spec, report = res.unit.spec, res.report
+    name = card_model_name(report, spec.name)
     targets = [cfg.cards_dir / res.slug / "README.md"]
     if cfg.write_model_cards and Path(spec.path).is_dir():
         targets.append(Path(spec.path) / "README.md")
-    base = card_base(spec) or minimal_card(spec.label)
-    out = cfg.out.resolve()
+    base = card_base(spec) or minimal_card(name)
     for target in targets:
-        target_plots = plots
-        if out not in target.resolve().parents:
-            target_plots = {c: copy_plot(p, target.parent / "hf-flag-plots") for c, p in plots.items()}
-        links = {c: Path(os.path.relpath(p.resolve(), target.parent.resolve())).as_posix()
-                 for c, p in target_plots.items()}
-        write_card(target, report, base=base, model_name=spec.label, plots=links)
+        links = {c: f"{PLOTS_FOLDER}/{copy_plot(p, target.parent / PLOTS_FOLDER).name}" for c, p in plots.items()}
+        write_card(target, report, base=base, model_name=name, plots=links)
 
 
 def copy_plot(png: Path, folder: Path) -> Path:
@@ -427,8 +486,8 @@ def write_outputs(ctx: RunContext, units: list[Unit], states: dict[str, RunState
         if res.report is None:
             continue
         try:
-            plots = save_plots_once(res.report, plot_dir(cfg, res.slug), res.unit.fp)
-            write_cards(res, plots, cfg)
+            results[i] = res = replace(res, plots=save_plots_once(res.report, plot_dir(cfg, res.slug), res.unit.fp))
+            write_cards(res, res.plots, cfg)
         except Exception as exc:  # a card or plot problem is reported, not fatal
             results[i] = res = replace(res, error=f"card/plots: {one_line(exc)}")
             print(f"hf-flag sweep: {res.name}: {res.error}", file=sys.stderr)
@@ -437,20 +496,64 @@ def write_outputs(ctx: RunContext, units: list[Unit], states: dict[str, RunState
     return results
 
 
-def push_results(cfg: SweepConfig, results: list[ModelResult]) -> None:
-    """``--push-to-hub``: the dataset to ``cfg.push_to_hub``, card PRs to models with a Hub id. Uses
-    huggingface_hub's own token resolution: the token never passes through this code."""
+def dataset_card(results: Sequence[ModelResult]) -> str:
+    """README.md of the results dataset repo: what it holds and where each model's weights came from."""
+    from hf_flag import __version__
+    from hf_flag.integrations.cards import DOCS_URL, card_model_name
+
+    lines = ["---", "tags:", "- hf-flag", "- weight-geometry", "---", "", "# hf-flag weight-geometry results", "",
+             f"One row per pair of weights (or pair of attention heads) of each model, from [hf-flag]({DOCS_URL}) "
+             f"{__version__}; every value has its random baseline beside it (`<metric>_baseline`). The columns "
+             "`weights_source`, `weights_sha`, `weights_format` and `storage_dtypes` say which weights each row was "
+             "read from.", "", "| model | weights source | commit | format | storage |", "|---|---|---|---|---|"]
+    for res in results:
+        if res.report is not None:
+            cols = provenance_columns(res.report)
+            lines.append(f"| {card_model_name(res.report, res.unit.spec.name)} | {cols['weights_source'] or 'local'} "
+                         f"| {cols['weights_sha'][:12] or '-'} | {cols['weights_format']} | {cols['storage_dtypes']} |")
+    return "\n".join(lines) + "\n"
+
+
+def push_results(cfg: SweepConfig, results: list[ModelResult], *, dry_run: bool = False) -> int:
+    """``--push-to-hub``: each model's card to its Hub repo (:func:`~hf_flag.integrations.cards.push_card`) and,
+    with a repo id, the dataset to that dataset repo.  Returns the number of cards not pushed (derived weights
+    without ``--allow-derived``, no Hub name).  huggingface_hub resolves the token: it passes through no code here."""
     import datasets
 
-    from hf_flag.integrations.cards import push_card_pr
+    from hf_flag.integrations.cards import DerivedWeightsError, card_model_name, push_card, push_dataset
 
-    datasets.load_from_disk(str(cfg.out / "dataset")).push_to_hub(cfg.push_to_hub)
+    if isinstance(cfg.push_to_hub, str):
+        if dry_run:
+            print(f"hf-flag sweep: dry run: would upload the results dataset to dataset repo {cfg.push_to_hub}",
+                  file=sys.stderr)
+        else:
+            parquet = cfg.out / "dataset.parquet"
+            atomic_write(parquet, lambda p: datasets.load_from_disk(str(cfg.out / "dataset")).to_parquet(str(p)))
+            url = push_dataset(cfg.push_to_hub, parquet, dataset_card(results))
+            print(f"hf-flag sweep: results dataset uploaded: {url}", file=sys.stderr)
+    not_pushed = 0
     for res in results:
-        spec = res.unit.spec
-        repo_id = spec.name or (spec.path if not Path(spec.path).exists() else None)
-        if res.report is not None and repo_id:
-            url = push_card_pr(repo_id, res.report)
-            print(f"hf-flag sweep: opened card pull request {url}", file=sys.stderr)
+        if res.report is None:
+            continue
+        repo_id = card_model_name(res.report, res.unit.spec.name)
+        if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id):
+            print(f"hf-flag sweep: {res.name}: card not pushed: no Hub repo name; give the model one "
+                  f"({{path: ..., name: org/name}} in the config)", file=sys.stderr)
+            not_pushed += 1
+            continue
+        try:
+            kind, text = push_card(repo_id, res.report, plots=res.plots, create_pr=cfg.create_pr, dry_run=dry_run,
+                                   allow_derived=cfg.allow_derived)
+        except DerivedWeightsError as exc:
+            print(f"hf-flag sweep: {repo_id}: card not pushed: {exc}", file=sys.stderr)
+            not_pushed += 1
+            continue
+        if kind == "dry-run":
+            print(f"# hf-flag sweep: dry run: card of {repo_id}\n{text}", end="")
+        else:
+            print(f"hf-flag sweep: {repo_id}: card {'committed' if kind == 'commit' else 'pull request opened'}: "
+                  f"{text}", file=sys.stderr)
+    return not_pushed
 
 
 @contextlib.contextmanager
@@ -512,11 +615,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return EXIT_OK
         results = write_outputs(ctx, units, states)
     if cfg.push_to_hub:
+        target = cfg.push_to_hub if isinstance(cfg.push_to_hub, str) else ""
         try:
-            push_results(cfg, results)
+            if push_results(cfg, results, dry_run=args.dry_run):
+                return EXIT_INCOMPLETE
         except Exception as exc:  # noqa: BLE001 - network / token / permission: one line, results stay on disk
-            print(f"hf-flag sweep: error: --push-to-hub {cfg.push_to_hub}: {one_line(exc)}; the results are in "
-                  f"{cfg.out} (push them again with the same command once the Hub is reachable)", file=sys.stderr)
+            print(f"hf-flag sweep: error: --push-to-hub {target}".rstrip() + f": {one_line(exc)}; the results are "
+                  f"in {cfg.out} (push them again with the same command once the Hub is reachable)", file=sys.stderr)
             return EXIT_INCOMPLETE
     bad = [r for r in results if r.status != "done"]
     for r in bad:

@@ -26,6 +26,7 @@ from hf_flag.defaults import COMPOSITION_MODES, DIAGNOSTIC_NAMES, default_named_
 from hf_flag.errors import HfFlagError
 from hf_flag.report import baseline_key
 from hf_flag.rows import table_metrics
+from hf_flag.weights.sources import open_weights
 
 EXIT_USAGE = 2
 REPORT_FILE = "report.json"
@@ -90,7 +91,13 @@ def format_table(report) -> str:
     elapsed = report.params.get("elapsed_s")
     if elapsed is not None:
         head += f", {elapsed:.1f} s"
-    lines = [head, f"  {'kind':<24}{'rows':>7}  {'metric':<22}{'mean':>11}{'baseline':>11}"]
+    prov = report.params.get("provenance") or {}
+    source = prov.get("repo_id") or prov.get("hub_name") or prov.get("source") or "unrecorded"
+    sha = f" at {prov['sha'][:12]}" if prov.get("sha") else ""
+    storage = "/".join(report.params.get("storage_dtypes") or []) or "-"
+    lines = [head, f"  weights: {source}{sha}, {prov.get('format', '-')}, stored as {storage}; hf-flag "
+                   f"{report.params.get('hf_flag_version', '-')}",
+             f"  {'kind':<24}{'rows':>7}  {'metric':<22}{'mean':>11}{'baseline':>11}"]
     for kind in report.kinds():
         n_rows = len(report.select(kind=kind))
         for i, metric in enumerate(table_metrics(kind)):
@@ -152,7 +159,7 @@ def write_outputs(report, out_dir: Path, slug: str) -> Path:
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="hf-flag", description="Flag-variety alignment diagnostics from weights.")
     sub = parser.add_subparsers(dest="command", required=True)
-    an = sub.add_parser("analyze", help="analyse checkpoints (folders, .safetensors, .gguf, local Hub ids)")
+    an = sub.add_parser("analyze", help="analyse checkpoints (folders, .safetensors, .gguf, Hub ids)")
     an.add_argument("models", nargs="*", metavar="MODEL")
     an.add_argument("--default", action="store_true", help="analyse the embedded MiniLM and SmolLM2 models")
     an.add_argument("--out", type=Path, help="write DIR/<model-slug>/report.json and rows.parquet")
@@ -169,6 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="layer pairs scored: auto (all where the printed estimate is small, else adjacent)")
     an.add_argument("--cheap", action="store_true", help="commutator ratio and imbalance only (no SVDs)")
     an.add_argument("--allow-pickle", action="store_true", help="allow .bin/.pt checkpoints (weights_only)")
+    an.add_argument("--revision", help="branch, tag or commit sha of Hub ids (default: main)")
+    an.add_argument("--max-disk", type=float, metavar="GB", dest="max_disk",
+                    help="stream sharded Hub checkpoints shard by shard within GB of disk")
+    an.add_argument("--gguf-file", dest="gguf_file",
+                    help="which .gguf of a GGUF Hub repo (default: the finest storage)")
     an.add_argument("--json", action="store_true", help="print the report JSON instead of the table")
     for command, (module, func) in DISPATCH.items():  # listed for --help; main() hands their argv over verbatim
         sub.add_parser(command, help=f"runs {module}.{func}(argv); see hf-flag {command} --help")
@@ -191,12 +203,13 @@ def run_analyze(args: argparse.Namespace) -> int:
     if args.diagnostics:
         diagnostics = {d.strip() for d in args.diagnostics.split(",") if d.strip()}
     for model in models:
-        report = analyze(
-            model, device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None, full=args.full,
-            diagnostics=diagnostics,
-            layers=args.layers, cheap=args.cheap, composition=args.composition, allow_pickle=args.allow_pickle,
-            progress=True,
-        )
+        with open_weights(model, allow_pickle=args.allow_pickle, revision=args.revision, gguf_file=args.gguf_file,
+                          max_disk_bytes=None if args.max_disk is None else int(args.max_disk * 1e9)) as source:
+            report = analyze(
+                source, device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None,
+                full=args.full, diagnostics=diagnostics,
+                layers=args.layers, cheap=args.cheap, composition=args.composition, progress=True,
+            )
         print(report.to_json() if args.json else format_table(report), flush=True)
         if args.out is not None:
             folder = write_outputs(report, args.out, slugs[model])

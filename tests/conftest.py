@@ -56,3 +56,32 @@ def tiny_checkpoint(tmp_path_factory, tiny_llama) -> Path:
     folder = tmp_path_factory.mktemp("tiny_llama")
     tiny_llama.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """A local Hub (:mod:`tests.hub_server`) on 127.0.0.1, an empty HF cache, and huggingface_hub pointed at both.
+
+    huggingface_hub reads ``HF_ENDPOINT`` and ``HF_HUB_OFFLINE`` once, at import, into ``huggingface_hub.constants``;
+    in this process those constants are set to what the variables would give, and the variables themselves are set
+    for subprocesses (the CLI tests).
+    """
+    from huggingface_hub import constants
+
+    from tests.hub_server import HubServer
+
+    server = HubServer().start()
+    cache = tmp_path / "hf-cache"
+    for key, value in (("HF_ENDPOINT", server.url), ("HF_HUB_OFFLINE", "0"), ("HF_HUB_CACHE", str(cache)),
+                       ("HF_HOME", str(tmp_path / "hf-home")), ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
+                       ("HF_HUB_DISABLE_TELEMETRY", "1")):
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(constants, "ENDPOINT", server.url)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                        server.url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    server.cache = cache
+    yield server
+    server.stop()

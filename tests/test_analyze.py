@@ -321,14 +321,15 @@ def test_cheap_values_equal_full_values_and_leave_model_alone(llama_report):
     before = {n: (t.dtype, t.device, t.clone()) for n, t in model.state_dict().items()}
     cheap = analyze(model, cheap=True)
     assert {r.kind for r in cheap.rows} <= set(PAIR_KINDS)
-    assert all(set(r.values) == {"commutator_ratio", "commutator_ratio_normalized", "imbalance_norm",
-                                 "relative_imbalance", "imbalance_diagonal_norm"} for r in cheap.rows)
+    assert all(set(r.values) == {"commutator_ratio", "commutator_ratio_normalized", "commutator_ratio_baseline",
+                                 "imbalance_norm", "relative_imbalance", "imbalance_diagonal_norm"}
+               for r in cheap.rows)
     for n, t in model.state_dict().items():
         assert (t.dtype, t.device) == before[n][:2] and torch.equal(t, before[n][2])
     # bf16 weights are analysed in float64: the same numbers as their exact float64 upcast
     upcast = analyze(copy.deepcopy(model).double(), device="cpu", cheap=True)
     same_rows(cheap, upcast, rel=1e-10)
-    # cheap (Gram factors) vs full (thin SVDs): two algorithms for the same five values
+    # cheap (Gram factors) vs full (thin SVDs): two algorithms for the same six values
     cheap64 = analyze(build("llama"), device="cpu", cheap=True)
     full = {(r.kind, r.layer, r.source): r for r in llama_report.rows}
     for row in cheap64.rows:

@@ -21,6 +21,7 @@ __all__ = [
     "FLAG_TAU",
     "flag_identity_fraction",
     "ClaimResult",
+    "SEEDS",
     "Trace",
     "deterministic",
     "fmt",
@@ -40,6 +41,7 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {"linear": nn.Identity, "relu"
 VERDICTS = ("supported", "not supported", "out of scope here")
 FLAG_TAU = 0.05  # radians: an angle below this counts as a shared direction (trained nets are never exactly aligned)
 FLAG_GAP_RATIO = 1.05  # cut a flag where sigma_i >= 1.05 sigma_{i+1} (MATH.md §4: only at significant gaps)
+SEEDS = (0, 1, 2)  # every verdict is judged over these seeds (data order and initialisation), with their spread
 
 
 @dataclass
@@ -53,6 +55,7 @@ class ClaimResult:
     markdown: str  # body of the section (tables, method notes), without the heading
     figures: dict[str, Any] = field(default_factory=dict)  # file stem -> matplotlib Figure
     data: dict[str, Any] = field(default_factory=dict)  # JSON-able numbers behind the tables
+    rules: list[dict] = field(default_factory=list)  # every rule version's outcome (rules.judge), current last
 
     def __post_init__(self) -> None:
         if self.verdict not in VERDICTS:
@@ -195,8 +198,8 @@ def fmt(x: Optional[float], digits: int = 3) -> str:
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A GitHub markdown table; floats go through :func:`fmt`."""
-    cell = lambda v: fmt(v) if isinstance(v, float) else str(v)  # noqa: E731
+    """A GitHub markdown table; floats and None go through :func:`fmt`."""
+    cell = lambda v: fmt(v) if isinstance(v, float) or v is None else str(v)  # noqa: E731
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)

@@ -138,6 +138,7 @@ def collapse_probe(model: DigitsNet, x: torch.Tensor, y: torch.Tensor) -> dict[s
         "nc2_equinorm": nc["nc2_mean_norms_cv"], "nc3": nc["nc3_self_duality"],
         "nc4": 1.0 - nc["nc4_clf_ncc_agreement"],
         "level2_error": l2["level2_subspace_error"], "level2_angle": l2["level2_max_angle"],
+        "level2_error_baseline": l2["level2_subspace_error_baseline"],
         "level3_basis": l3["level3_basis_score"], "level3_kappa": l3["kappa"],
         "kappa_last": float(commutator_ratio(model.fc1.weight.detach(), W, bias_l=model.fc1.bias.detach())),
         "train_error": float((logits.argmax(1) != y).double().mean()),

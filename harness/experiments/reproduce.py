@@ -14,7 +14,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from hf_flag.harness.experiments import commutator, neural_collapse, pretrained, resnet, weight_decay
-from hf_flag.harness.experiments.common import ClaimResult
+from hf_flag.harness.experiments.common import SEEDS, ClaimResult
 from hf_flag.harness.experiments.writer import OverwriteRefusedError, check_writable, write_report
 
 #: (key, module): each module has ``run(cfg, *, threads, device) -> ClaimResult`` and a config class with ``quick()``.
@@ -73,7 +73,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     t0 = time.perf_counter()
     results = run_claims(keys, quick=args.quick, threads=args.threads, device=device)
-    meta = {"quick": args.quick, "seed": 0, "threads": args.threads, "device": str(device),
+    meta = {"quick": args.quick, "seeds": list(SEEDS), "threads": args.threads, "device": str(device),
             "torch": torch.__version__, "claims": keys, "wall_s": time.perf_counter() - t0}
     try:
         paths = write_report(results, args.out, meta)

@@ -7,17 +7,22 @@ Row kinds (names in :mod:`hf_flag.rows`, which every other part of hf-flag impor
   ``"mlp_gate"`` (gate -> ``mlp_out``; gated MLPs (SwiGLU, GeGLU) only), ``"vo"`` (per query head h: ``W_V`` of KV
   head ``kv_head_of(h)`` as a (head_dim x d) ``nn.Linear`` matrix -> ``W_O[h]`` as (d x head_dim); hidden space
   R^head_dim), ``"residual"`` (``mlp_out`` of block l -> ``mlp_in`` of block l+1; hidden space the residual stream),
-  ``"linear_chain"`` (consecutive ``nn.Linear`` layers of a plain MLP chain).
+  ``"linear_chain"`` (consecutive ``nn.Linear`` layers of a plain MLP chain).  A mixture-of-experts block gives
+  ``"mlp"`` / ``"mlp_gate"`` rows for each routed expert (source ``"expert e mlp.in"``...) and for the shared
+  expert (``"shared_expert mlp.in"``); its router has no row (MATH.md derives no pair for it).
   The first matrix of a pair is bias-augmented, ``[W_l | b_l]`` (MATH.md §2), for every value of the row.
   Values: ``commutator_ratio`` (kappa, §3) and ``commutator_ratio_normalized`` (sqrt 2 kappa in [0, 1]),
   ``imbalance_norm`` ||D||_F, ``relative_imbalance``, ``imbalance_diagonal_norm`` ||diag D||_2 (§2); unless
   ``cheap``: ``commutator_ratio_baseline`` (root mean square of kappa over Haar rotations of the hidden basis,
-  closed form: ``geometry.baselines.commutator_haar_rms``),
+  closed form: ``geometry.baselines.commutator_haar_rms``; kappa reads as alignment only where
+  ``geometry.pairs.commutator_reading_holds``, §3), ``range_overlap`` (+ ``_baseline``: col(W_l) vs row(W_next), the
+  companion for low-rank pairs, §3),
   ``subspace_score`` / ``basis_score`` (+ ``_baseline``; top-k transport window, k = min(k_in, m_out, ceil(n/2)), §4,
   ``intersection_dim`` (+ ``_baseline``), ``intersection_soft``, ``flag_tau``, ``gl_kernel_dim`` (§4).
   ``intersection_*`` are ``None`` when the two partial flags share no cut below n (e.g. full-rank vo pairs).
   Details: flag cuts, rank matrix, permutation (nonzero entries), is_permutation, transport k, activation.
-  ``cheap=True`` gives the pair rows only, with the five cheap values (Gram factors, no SVD).
+  ``cheap=True`` gives the pair rows only, with the five cheap values and ``commutator_ratio_baseline`` (Gram
+  factors, no SVD).
 * head rows (§1, §6): ``"head_overlap_q/k/v"`` (read subspaces col(W_*^h) of one layer, h < h'),
   ``"head_overlap_o"`` (write subspaces row(W_O^h)), ``"cross_layer_overlap_q/k/v"`` (write row(W_O^h) of layer l
   vs read col(W_*^h') of layer l+1, every (h, h')).  Grouped-query attention: K and V are compared as the n_kv KV
@@ -60,7 +65,7 @@ from hf_flag.geometry.pairs import TRANSPORT_K_RULE
 from hf_flag.geometry.spectral import WINDOW_RULE
 from hf_flag.report import Report
 from hf_flag.rows import sort_rows, summarize
-from hf_flag.weights.sources import open_weights
+from hf_flag.weights.sources import open_weights, provenance
 
 __all__ = ["analyze"]
 
@@ -99,6 +104,7 @@ def analyze(model_or_path, *, device: Union[str, torch.device, None] = None, dty
     dev = resolve_device(device, model_or_path)
     source = open_weights(model_or_path, allow_pickle=allow_pickle)
     label = name or source.name
+    source_provenance = provenance(source)
     try:
         if isinstance(model_or_path, nn.Module) and not source.config:
             report, facts = analyze_chain(model_or_path, label, device=dev, dtype=dtype or torch.float64,
@@ -116,7 +122,7 @@ def analyze(model_or_path, *, device: Union[str, torch.device, None] = None, dty
     storage = facts.pop("storage")
     dtype = facts.pop("dtype")
     report.params = {
-        "hf_flag_version": __version__, "torch_version": torch.__version__,
+        "hf_flag_version": __version__, "torch_version": torch.__version__, "provenance": source_provenance,
         "dtype": str(dtype).removeprefix("torch."), "device": str(dev), "cheap": cheap,
         "composition": (facts.get("composition_estimate") or {}).get("used", composition),
         "composition_requested": composition, "full": full, "window_rule": None if full else WINDOW_RULE,

@@ -12,9 +12,10 @@ from hf_flag.errors import NonFiniteWeightsError
 
 
 def block_tensors(block) -> list[torch.Tensor]:
-    """Every attention and MLP tensor of a block."""
-    parts = [p for p in (block.attention, block.mlp) if p is not None]
-    return [t for p in parts for f in fields(p) if isinstance(t := getattr(p, f.name), torch.Tensor)]
+    """Every attention and MLP tensor of a block (every expert's and the router of a mixture of experts)."""
+    parts = [p for p in (block.attention, block.mlp, *block.experts) if p is not None]
+    tensors = [t for p in parts for f in fields(p) if isinstance(t := getattr(p, f.name), torch.Tensor)]
+    return tensors + ([] if block.router is None else [block.router])
 
 
 def check_finite(block, source, names: Sequence[str], where: str) -> None:

@@ -70,6 +70,8 @@ def pair_geometry_values(W_l: torch.Tensor, W_next: torch.Tensor, *, storage_eps
                   "imbalance_norm": float(v.imbalance_norm[i]), "relative_imbalance": float(v.relative_imbalance[i]),
                   "imbalance_diagonal_norm": float(diagonal[i]),
                   "commutator_ratio_baseline": float(v.commutator_haar_rms[i]),
+                  "range_overlap": float(v.range_overlap[i]),
+                  "range_overlap_baseline": float(v.range_overlap_baseline[i]),
                   "subspace_score": float(subspace[i]), "subspace_score_baseline": sub_base,
                   "basis_score": float(basis[i]), "basis_score_baseline": basis_base, **flag_values(flag),
                   "gl_kernel_dim": float(gl_kernel_dim_from_spectra(s_l[i], s_next[i],
@@ -79,13 +81,14 @@ def pair_geometry_values(W_l: torch.Tensor, W_next: torch.Tensor, *, storage_eps
 
 
 def gram_values(W_l: torch.Tensor, W_next: torch.Tensor) -> list[dict]:
-    """Per batch member: kappa, sqrt(2) kappa, ||D||, relative imbalance and ||diag D|| from one set of Gram
-    factors of ``(W_l, W_next)`` (no SVD; MATH.md §2, §3)."""
+    """Per batch member: kappa, sqrt(2) kappa, kappa's Haar RMS, ||D||, relative imbalance and ||diag D|| from one
+    set of Gram factors of ``(W_l, W_next)`` (no SVD; MATH.md §2, §3)."""
     g = gram_diagnostics(W_l, W_next)
     columns = {
         "commutator_ratio": g.commutator_ratio,
         "commutator_ratio_normalized": normalized_commutator_ratio(g.commutator_ratio),
-        "imbalance_norm": g.imbalance_norm, "relative_imbalance": g.relative_imbalance,
+        "commutator_ratio_baseline": g.commutator_haar_rms, "imbalance_norm": g.imbalance_norm,
+        "relative_imbalance": g.relative_imbalance,
         "imbalance_diagonal_norm": imbalance_diagonal_norm(W_l, W_next),
     }
     return [{m: float(col[i]) for m, col in columns.items()} for i in range(W_l.shape[0])]

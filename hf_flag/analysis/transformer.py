@@ -72,6 +72,13 @@ def pair_grams(cache: dict, left: tuple, right: tuple) -> Callable:
     return gram
 
 
+def block_mlps(block) -> list[tuple[str, object]]:
+    """(label prefix, MLPWeights) of every MLP of a block: the dense MLP (``""``); in a mixture-of-experts block
+    each routed expert (``"expert e "``) and the shared expert, if any (``"shared_expert "``)."""
+    dense = [] if block.mlp is None else [("shared_expert " if block.experts else "", block.mlp)]
+    return dense + [(f"expert {e} ", m) for e, m in enumerate(block.experts)]
+
+
 def layer_rows(model: str, layout, block, nxt, *, diagnostics: frozenset, cheap: bool,
                cache: Optional[dict] = None, window: bool = False) -> list[Row]:
     """Every row whose ``layer`` is ``block.index``, composition excepted (``nxt``: block l+1, or ``None``).
@@ -89,17 +96,18 @@ def layer_rows(model: str, layout, block, nxt, *, diagnostics: frozenset, cheap:
         (lambda *args: None)
     pair = dict(cheap=cheap, storage_eps=block.storage_eps, window=window)
     rows: list[Row] = []
-    if "mlp" in diagnostics and mlp is not None:
-        out = svd(l, "mlp.out", mlp.mlp_out)
-        down = (l, "mlp.out", mlp.mlp_out, None)
-        rows += pair_rows(model, KIND_MLP, [(l, l, "mlp.in", "mlp.out")], mlp.mlp_in[None], single(mlp.b_in),
-                          mlp.mlp_out[None], activation=mlp.activation, svd_l=svd(l, "mlp.in", mlp.mlp_in, mlp.b_in),
-                          svd_next=out, gram=pair_grams(cache, (l, "mlp.in", mlp.mlp_in, mlp.b_in), down), **pair)
-        if mlp.mlp_gate is not None:
-            rows += pair_rows(model, KIND_MLP_GATE, [(l, l, "mlp.gate", "mlp.out")], mlp.mlp_gate[None],
-                              single(mlp.b_gate), mlp.mlp_out[None], activation=mlp.activation,
-                              svd_l=svd(l, "mlp.gate", mlp.mlp_gate, mlp.b_gate), svd_next=out,
-                              gram=pair_grams(cache, (l, "mlp.gate", mlp.mlp_gate, mlp.b_gate), down), **pair)
+    for unit, m in block_mlps(block) if "mlp" in diagnostics else ():
+        out = svd(l, f"{unit}mlp.out", m.mlp_out)
+        down = (l, f"{unit}mlp.out", m.mlp_out, None)
+        rows += pair_rows(model, KIND_MLP, [(l, l, f"{unit}mlp.in", f"{unit}mlp.out")], m.mlp_in[None],
+                          single(m.b_in), m.mlp_out[None], activation=m.activation,
+                          svd_l=svd(l, f"{unit}mlp.in", m.mlp_in, m.b_in), svd_next=out,
+                          gram=pair_grams(cache, (l, f"{unit}mlp.in", m.mlp_in, m.b_in), down), **pair)
+        if m.mlp_gate is not None:
+            rows += pair_rows(model, KIND_MLP_GATE, [(l, l, f"{unit}mlp.gate", f"{unit}mlp.out")], m.mlp_gate[None],
+                              single(m.b_gate), m.mlp_out[None], activation=m.activation,
+                              svd_l=svd(l, f"{unit}mlp.gate", m.mlp_gate, m.b_gate), svd_next=out,
+                              gram=pair_grams(cache, (l, f"{unit}mlp.gate", m.mlp_gate, m.b_gate), down), **pair)
     if "vo" in diagnostics and attn is not None:
         kv = kv_index(layout, attn.W_V.device)
         W_v = attn.W_V.index_select(0, kv).transpose(-1, -2)  # (H, head_dim, d): nn.Linear layout

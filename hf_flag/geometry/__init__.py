@@ -12,8 +12,9 @@ from hf_flag.geometry.composition import composition_scores
 from hf_flag.geometry.dynamics import fit_decay_rate, predicted_decay_rate
 from hf_flag.geometry.flags import FlagRelativePosition, flag_relative_position, gl_invariant_kernel_dim
 from hf_flag.geometry.heads import head_overlap_baseline, head_overlap_matrix
-from hf_flag.geometry.pairs import (commutator_baseline, commutator_ratio, imbalance, imbalance_diagonal_norm,
-                                    imbalance_norm, relative_imbalance, transport_matrix, transport_scores)
+from hf_flag.geometry.pairs import (commutator_baseline, commutator_ratio, commutator_reading_holds, imbalance,
+                                    imbalance_diagonal_norm, imbalance_norm, range_overlap_from_svd,
+                                    relative_imbalance, transport_matrix, transport_scores)
 
 __all__ = [
     "chordal_distance", "geodesic_distance", "orthonormal_basis", "principal_angles", "projection_distance",
@@ -22,6 +23,6 @@ __all__ = [
     "level3_alignment", "neural_collapse", "composition_scores", "fit_decay_rate", "predicted_decay_rate",
     "FlagRelativePosition", "flag_relative_position", "gl_invariant_kernel_dim", "head_overlap_baseline",
     "head_overlap_matrix",
-    "commutator_baseline", "commutator_ratio", "imbalance", "imbalance_diagonal_norm", "imbalance_norm",
+    "commutator_baseline", "commutator_ratio", "commutator_reading_holds", "range_overlap_from_svd", "imbalance", "imbalance_diagonal_norm", "imbalance_norm",
     "relative_imbalance", "transport_matrix", "transport_scores",
 ]

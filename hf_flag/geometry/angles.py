@@ -6,7 +6,11 @@ float64 on the inputs' device and broadcasts over leading batch dimensions.
 Conventions:
 
 * Rank cut (MATH.md §1): a singular value ``s`` of ``A`` counts iff ``s > s_max * rtol`` with the default
-  ``rtol = max(n, p) * eps`` and ``eps`` the machine epsilon of ``A``'s dtype (float64 for integer input).
+  ``rtol = max(n, p) * eps_compute + eps_storage`` (:func:`default_rtol`): ``eps_storage`` the machine epsilon
+  of ``A``'s dtype (float64 for integer input), ``eps_compute`` that of the precision the cut was designed for,
+  at least float32.  So half-precision input (bf16, fp16) is cut one storage ulp below ``s_max``, not at
+  ``max(n, p) * eps_storage`` (4.5 for a 576 x 64 bf16 matrix: no rank at all).  Computation is in float64
+  whatever the input dtype, so a bf16 input gives the float64 result on the same rounded values.
 * The zero subspace (zero matrix, or zero columns) has rank 0: it has no principal angles (empty tensor), its
   projection kernel is 0 and its normalised overlap is *defined* as 0 (no NaN).  The distances follow the
   formulas with the empty angle set: chordal and geodesic distance 0, projection distance ``sqrt(|p - q|)``.
@@ -22,6 +26,7 @@ __all__ = [
     "check_matrix",
     "check_dtype",
     "default_rtol",
+    "storage_eps",
     "angles_between_bases",
     "normalised_overlap",
     "orthonormal_basis",
@@ -49,9 +54,13 @@ def check_matrix(name: str, A: torch.Tensor, *, where: str) -> None:
 
 
 def check_dtype(dtype: object, *, where: str) -> None:
-    """Raise ``ValueError`` unless ``dtype`` is a real floating torch dtype (the precision to compute in)."""
+    """Raise ``ValueError`` unless ``dtype`` is a real floating torch dtype of at least float32 precision (the
+    precision to compute in; half-precision *inputs* are fine, half-precision arithmetic is not, MATH.md §1)."""
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"{where}: dtype={dtype!r} must be a real floating torch dtype, e.g. torch.float64")
+    if torch.finfo(dtype).eps > torch.finfo(torch.float32).eps:
+        raise ValueError(f"{where}: dtype={dtype} is too coarse to compute in (eps {torch.finfo(dtype).eps:.1e}); "
+                         f"pass torch.float32 or torch.float64 (half-precision inputs are accepted as they are)")
 
 
 def _check_pair(A: torch.Tensor, B: torch.Tensor, *, where: str) -> None:
@@ -68,14 +77,26 @@ def _check_pair(A: torch.Tensor, B: torch.Tensor, *, where: str) -> None:
             f"{where}: batch dimensions of A {tuple(A.shape)} and B {tuple(B.shape)} do not broadcast") from None
 
 
+def storage_eps(A: torch.Tensor) -> float:
+    """Machine epsilon of ``A``'s storage dtype (float64 for non-float input): bf16 7.8e-3, fp16 9.8e-4."""
+    return torch.finfo(A.dtype if A.is_floating_point() else torch.float64).eps
+
+
 def default_rtol(A: torch.Tensor) -> float:
-    """MATH.md §1 rank cut ``max(shape) * eps``, ``eps`` of ``A``'s dtype (float64 for non-float input)."""
-    eps = torch.finfo(A.dtype if A.is_floating_point() else torch.float64).eps
-    return max(A.shape[-2], A.shape[-1]) * eps
+    """MATH.md §1 rank cut relative to ``s_max``: ``max(shape) * eps_compute + eps_storage``.
+
+    ``eps_storage`` = :func:`storage_eps` of ``A``; ``eps_compute`` = the epsilon of ``A``'s dtype promoted to at
+    least float32 (the backward error of an SVD at that precision, the LAPACK/numpy convention ``max(shape) eps``).
+    For float32 and float64 input this is the classical cut plus one ulp; for bf16/fp16 input it is one storage
+    ulp of ``s_max`` plus the float32 term, instead of ``max(shape) * eps_storage`` (>= 1 for bf16 above 128 rows,
+    which cut every direction)."""
+    eps = storage_eps(A)
+    return max(A.shape[-2], A.shape[-1]) * min(eps, torch.finfo(torch.float32).eps) + eps
 
 
 #: the rank cut of :func:`default_rtol`, as reported in ``Report.params``
-RANK_CUT_RULE = "s > s_max * max(shape) * eps, MATH.md §1"
+RANK_CUT_RULE = ("s > s_max * (max(shape) * eps_compute + eps_storage), eps_compute of the storage dtype promoted to "
+                 "at least float32, MATH.md §1")
 #: :func:`thin_svd` takes a QR first when one side of the matrix is at least this many times the other.
 QR_FIRST_RATIO = 1.5
 

@@ -36,6 +36,7 @@ from typing import Optional
 import torch
 
 from hf_flag.geometry.angles import check_dtype, check_matrix, orthonormal_basis, principal_angles, subspace_overlap
+from hf_flag.geometry.baselines import overlap_baseline
 from hf_flag.geometry.pairs import commutator_ratio, transport_scores
 
 
@@ -221,6 +222,8 @@ def level2_alignment(
     centred means; 0 when aligned; ``rank M <= C - 1`` enforced as in NC1) and ``level2_max_angle``, the
     largest principal angle (radians, sine/cosine pairing, so ~1e-15 for aligned spans).  ``M`` = class means
     minus ``global_mean`` (default: their average, which is ``mu_G`` for balanced classes).
+    ``level2_subspace_error_baseline``: its Haar value ``1 - max(rank W, rank M) / p`` (MATH.md §5, §1), e.g.
+    ``1 - 10/64`` for a rank-10 classifier in p = 64.
     """
     W, Mr = _centred_pair(classifier, class_means, global_mean, "level2_alignment")
     QW, QM = orthonormal_basis(W.T), _mean_span(Mr)[0]
@@ -228,6 +231,7 @@ def level2_alignment(
     return {
         "level2_subspace_error": float(1.0 - subspace_overlap(QW, QM, orthonormal=True)),
         "level2_max_angle": float(angles.max()) if angles.numel() else math.pi / 2,
+        "level2_subspace_error_baseline": 1.0 - overlap_baseline(QW.shape[-1], QM.shape[-1], W.shape[1]),
     }
 
 

@@ -1,15 +1,17 @@
 """Decay-rate law of the imbalance under weight decay (MATH.md §2).
 
-Two pure functions: :func:`fit_decay_rate` measures the exponential rate of a logged series, and
-:func:`predicted_decay_rate` states what the optimizer's weight decay predicts, with the name of the law used, so a
-fitted rate is always reported next to its prediction.
+:func:`fit_decay_rate` measures the exponential rate of a logged series; :func:`predicted_decay_rate` states what
+the optimizer's weight decay predicts, with the name of the law used (a number only where one is derived: SGD,
+exact for full-batch GD; none for AdamW and the rest); :func:`imbalance_law_scope` says which part of the
+imbalance the law governs for a pair's hidden units; :func:`predicted_decay_curve` is the law's value of a series.
 """
 from __future__ import annotations
 
 import math
 from typing import Optional, Sequence
 
-__all__ = ["fit_decay_rate", "predicted_decay_rate", "optimizer_family"]
+__all__ = ["fit_decay_rate", "predicted_decay_rate", "optimizer_family", "imbalance_law_scope", "predicted_decay_curve",
+           "NO_LAW", "GATED_LINEAR", "HOMOGENEOUS_ACTIVATIONS", "momentum_decay_factor"]
 
 # HF ``TrainingArguments.optim`` names and torch class names, lower-cased, mapped to one family.
 _SGD_NAMES = ("sgd",)
@@ -68,38 +70,110 @@ def optimizer_family(optimizer: str) -> Optional[str]:
     return None
 
 
-def predicted_decay_rate(
-    optimizer: str, lr: float, weight_decay: float, momentum: float = 0.0
-) -> tuple[Optional[float], str]:
-    """Predicted per-step decay rate of the imbalance norm ``||D||_F`` and the law it comes from (MATH.md §2).
+#: law name of every optimizer without a derived rate (AdamW, Adam, Adafactor, ...): the measured rate stands alone
+NO_LAW = "no closed-form law"
 
-    - SGD, no momentum (``W <- W - lr (grad + wd W)``): ``D_{t+1} = (1 - lr wd)^2 D_t`` in linear nets, so the rate is
-      ``-2 log(1 - lr wd) = 2 lr wd + O((lr wd)^2)``; law ``"exact, discrete GD"``.
-    - SGD with momentum ``beta``: ``2 lr wd / (1 - beta)``; law ``"empirical"``.
-    - AdamW (``p *= 1 - lr wd``): ``-2 log(1 - lr wd)``; law ``"no exact law; decoupled decay estimate"``.
-    - Adam with an L2 penalty in the gradient, or an optimizer this function does not know: ``(None, reason)``.
-    - ``weight_decay == 0`` with SGD: ``0.0`` (the imbalance is conserved up to O(lr^2)).
+_BATCH_CLAUSE = {
+    True: "full-batch GD: exact up to the lr^2 gradient term",
+    False: "minibatch SGD: the lr^2 gradient-noise term sets a floor; the rate holds only while the imbalance is far "
+           "above it, later fitted rates fall below it",
+    None: "exact only for full-batch GD; under minibatch SGD the lr^2 gradient-noise term sets a floor",
+}
 
-    Raises ``ValueError`` for a non-string ``optimizer``, a negative or non-finite ``lr``/``weight_decay``,
-    ``momentum`` outside ``[0, 1)``, or ``lr * weight_decay >= 1`` (the decay factor would not be positive).
-    """
-    for name, x in (("lr", lr), ("weight_decay", weight_decay), ("momentum", momentum)):
-        if not isinstance(x, (int, float)) or not math.isfinite(x) or x < 0:
+
+def _check_hyperparameters(lr: float, weight_decay: float, momentum: float, dampening: float) -> None:
+    for name, x in (("lr", lr), ("weight_decay", weight_decay), ("momentum", momentum), ("dampening", dampening)):
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x < 0:
             raise ValueError(f"predicted_decay_rate: {name}={x!r} must be a finite number >= 0")
     if momentum >= 1:
         raise ValueError(f"predicted_decay_rate: momentum={momentum!r} must be in [0, 1)")
+    if dampening > 1:
+        raise ValueError(f"predicted_decay_rate: dampening={dampening!r} must be in [0, 1]")
     if lr * weight_decay >= 1:
         raise ValueError(f"predicted_decay_rate: lr * weight_decay = {lr * weight_decay!r} must be < 1")
+
+
+def momentum_decay_factor(lr_wd: float, momentum: float, *, nesterov: bool = False) -> float:
+    """Per-step factor ``|z|`` of the slow mode of torch's SGD momentum recursion on the decay term alone
+    (``g = wd W``, ``lr_wd = lr wd (1 - dampening)``): the larger root of ``z^2 - (1 + beta - lr_wd) z + beta = 0``
+    (heavy ball) or ``z^2 - (1 + beta - lr_wd (1 + beta)) z + beta (1 - lr_wd) = 0`` (Nesterov), ``sqrt`` of the
+    constant term when the roots are complex.  ``1 - lr_wd / (1 - beta) + O(lr_wd^2)`` (MATH.md §2)."""
+    b = 1.0 + momentum - lr_wd * ((1.0 + momentum) if nesterov else 1.0)
+    c = momentum * ((1.0 - lr_wd) if nesterov else 1.0)
+    disc = b * b - 4.0 * c
+    if disc < 0:
+        return math.sqrt(c)
+    return 0.5 * (b + math.sqrt(disc))
+
+
+def predicted_decay_rate(
+    optimizer: str, lr: float, weight_decay: float, momentum: float = 0.0, *, dampening: float = 0.0,
+    nesterov: bool = False, full_batch: Optional[bool] = None,
+) -> tuple[Optional[float], str]:
+    """Predicted per-step decay rate of the imbalance the law governs, and the name of the law (MATH.md §2).
+
+    The law governs ``||D||_F`` of linear pairs (``E = 0``) and ``||diag D||`` of pairs whose hidden units have the
+    per-unit rescaling symmetry (:func:`imbalance_law_scope`), on the parameters the optimizer decays (a bias
+    outside the decayed group is left out of ``D``).
+
+    - SGD, no momentum (``W <- W - lr (grad + wd W)``): ``D_{t+1} = (1 - lr wd)^2 D_t`` plus the ``lr^2`` gradient
+      term, so the rate is ``-2 log(1 - lr wd) = 2 lr wd + O((lr wd)^2)``.  ``full_batch``: True (full-batch GD:
+      exact up to that term), False (minibatch: that term is gradient noise and sets a floor) or None (unknown;
+      the law says both).
+    - SGD with momentum ``beta`` (heavy ball or ``nesterov``; torch's ``dampening``): ``-2 log z`` with ``z`` the
+      slow mode of the momentum recursion on the decay term (:func:`momentum_decay_factor`), which is
+      ``2 lr wd (1 - dampening) / (1 - beta)`` to first order; approximate (the momentum buffer carries gradients
+      of earlier steps, so ``E`` no longer cancels exactly); the same batch clause.
+    - ``weight_decay == 0`` with SGD: ``0.0`` (the imbalance is conserved up to the ``lr^2`` term).
+    - AdamW, Adam and every other optimizer: ``(None, "no closed-form law ...")``: the per-coordinate step rescales
+      the gradient, so the cross term ``E`` survives even in linear nets (MATH.md §2); only a measured rate exists.
+
+    Raises ``ValueError`` for a non-string ``optimizer``, a negative or non-finite hyperparameter, ``momentum``
+    outside ``[0, 1)``, ``dampening > 1`` or ``lr * weight_decay >= 1`` (the decay factor would not be positive).
+    """
+    _check_hyperparameters(lr, weight_decay, momentum, dampening)
+    if full_batch not in (True, False, None):
+        raise ValueError(f"predicted_decay_rate: full_batch={full_batch!r} must be True, False or None")
     family = optimizer_family(optimizer)
-    discrete = -2.0 * math.log1p(-lr * weight_decay)
-    if family == "sgd":
-        if momentum > 0:
-            return 2.0 * lr * weight_decay / (1.0 - momentum), "empirical"
-        return discrete, "exact, discrete GD"
-    if family == "adamw":
-        return discrete, "no exact law; decoupled decay estimate"
-    if family == "adam":
-        if weight_decay == 0:
-            return 0.0, "no weight decay; no exact law for Adam"
-        return None, "no law: Adam applies weight decay as an L2 gradient term, rescaled per coordinate"
-    return None, f"no law for optimizer {optimizer!r}"
+    if family != "sgd":
+        detail = {"adamw": "AdamW: decoupled decay beside a per-coordinate gradient step",
+                  "adam": "Adam: weight decay enters the gradient and is rescaled per coordinate"}
+        return None, f"{NO_LAW} ({detail.get(family, f'optimizer {optimizer!r}')}; measured rate only)"
+    batch = _BATCH_CLAUSE[full_batch]
+    if weight_decay == 0:
+        return 0.0, f"no weight decay: D conserved ({batch})"
+    if momentum > 0:
+        z = momentum_decay_factor(lr * weight_decay * (1.0 - dampening), momentum, nesterov=bool(nesterov))
+        return -2.0 * math.log(z), (f"SGD momentum: -2 log of the momentum recursion's slow mode, ~ 2 lr wd "
+                                    f"(1 - dampening) / (1 - momentum), approximate ({batch})")
+    return -2.0 * math.log1p(-lr * weight_decay), f"SGD: (1 - lr wd)^2 per step ({batch})"
+
+
+#: activation names whose hidden units have the per-unit positive rescaling symmetry (diag E = 0, MATH.md §2)
+HOMOGENEOUS_ACTIVATIONS = frozenset({"relu", "leaky_relu", "prelu"})
+#: the hidden unit multiplies W_l's output by a gate computed from other weights (the up projection of a GLU):
+#: linear in W_l's output, so per-unit rescaling is a symmetry and diag E = 0
+GATED_LINEAR = "gated_linear"
+
+
+def imbalance_law_scope(activation: Optional[str]) -> Optional[str]:
+    """Which part of ``D`` the weight-decay law governs for a pair whose ``W_next`` reads ``act(W_l x + b)``
+    (MATH.md §2): ``"full"`` for ``"identity"`` (``E = 0``), ``"diagonal"`` for positively homogeneous activations
+    (:data:`HOMOGENEOUS_ACTIVATIONS`) and :data:`GATED_LINEAR` units (``diag E = 0``), ``None`` for every other
+    activation (GELU, SiLU, tanh, ...: ``diag E != 0``) and for ``None`` (``W_next`` does not read ``W_l``'s output
+    directly, e.g. across a residual stream with norms and attention between, or a value projection shared by
+    several query heads)."""
+    if activation == "identity":
+        return "full"
+    if activation in HOMOGENEOUS_ACTIVATIONS or activation == GATED_LINEAR:
+        return "diagonal"
+    return None
+
+
+def predicted_decay_curve(first_value: float, steps: Sequence[float], rate: float) -> list[float]:
+    """``first_value * exp(-rate (step - steps[0]))`` at each step: the law's prediction of a logged series from
+    its first value (MATH.md §2)."""
+    if not steps:
+        return []
+    s0 = float(steps[0])
+    return [float(first_value) * math.exp(-float(rate) * (float(s) - s0)) for s in steps]

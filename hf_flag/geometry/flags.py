@@ -16,7 +16,7 @@ only where both hold:
 If more than ``max_cuts`` positions qualify, the ``max_cuts`` with the smallest Wedin bound are kept.  The whole
 space R^n is always the last element of both flags, so the rank matrix's last row/column is trivial
 (``r_{i,n} = i``, ``r_{n,j} = j``) and the block matrix ``P`` has the block sizes as row/column sums.  The rank of
-a side is the MATH.md §1 cut ``sigma > sigma_1 * max(shape) * eps(dtype of the input)``.
+a side is the MATH.md §1 cut ``sigma > sigma_1 * default_rtol(W)`` (``max(shape) eps_compute + eps_storage``).
 
 Default tolerance: ``tau = max(1e-6, max_c wedin_c)`` over the kept cuts ``c < n`` of *both* sides, i.e. the
 smallest gap (relative to its own side's ``sigma_1``) sets one tolerance for the whole rank matrix.
@@ -29,7 +29,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from hf_flag.geometry.angles import _thin_svd, check_matrix, default_rtol
+from hf_flag.geometry.angles import _thin_svd, check_matrix, default_rtol, storage_eps as dtype_eps
 from hf_flag.geometry.baselines import intersection_baseline as _generic_intersection
 from hf_flag.geometry.pairs import hidden_coordinates
 
@@ -176,7 +176,7 @@ def _check_flag_options(where: str, storage_eps: float, gap_ratio: float, max_ta
 
 
 def flag_relative_position(W_l: torch.Tensor, W_next: torch.Tensor, *, tau: Optional[float] = None,
-                           storage_eps: float = FLOAT32_EPS, gap_ratio: float = GAP_RATIO,
+                           storage_eps: Optional[float] = None, gap_ratio: float = GAP_RATIO,
                            max_tau: float = MAX_TAU, max_cuts: int = 64) -> FlagRelativePosition:
     """Rank matrix, soft matrix and Bruhat block permutation of the singular flags of ``W_l`` and ``W_next``.
 
@@ -184,8 +184,9 @@ def flag_relative_position(W_l: torch.Tensor, W_next: torch.Tensor, *, tau: Opti
     cosines when none lies within the rounding band ``COS_BAND_ULPS * n * eps`` of ``cos(tau)`` (then every angle
     is decidably above or below tau); otherwise from the sines (the residual of the smaller subspace, never
     ``arccos``), so tiny angles near tau are resolved.  ``storage_eps`` is the
-    epsilon of the dtype the weights were stored in (bf16: 7.8e-3); cuts, ``tau`` default and parameters as in
-    the module docstring.
+    epsilon of the dtype the weights were stored in (bf16: 7.8e-3); ``None`` (default) takes the coarser of
+    float32 and the two inputs' dtypes, so half-precision input is read at its own precision.  Cuts, ``tau``
+    default and parameters as in the module docstring.
 
     Cost: when ``n >= 1.5 (k + m)`` one QR to :func:`~hf_flag.geometry.pairs.hidden_coordinates` (hidden dim
     ``k + m``), then two thin SVDs (:func:`~hf_flag.geometry.angles.thin_svd`) and
@@ -193,6 +194,8 @@ def flag_relative_position(W_l: torch.Tensor, W_next: torch.Tensor, *, tau: Opti
     """
     where = "flag_relative_position"
     _check_layer_pair(W_l, W_next, where=where)
+    if storage_eps is None:
+        storage_eps = max(FLOAT32_EPS, dtype_eps(W_l), dtype_eps(W_next))
     options = _check_flag_options(where, storage_eps, gap_ratio, max_tau, max_cuts)
     X, Y = hidden_coordinates(W_l, W_next)
     U, s_left, _ = _thin_svd(X)

@@ -19,7 +19,8 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
-from hf_flag.geometry.angles import QR_FIRST_RATIO, _thin_svd, check_dtype, check_matrix
+from hf_flag.geometry.angles import (QR_FIRST_RATIO, _thin_svd, check_dtype, check_matrix, default_rtol,
+                                     normalised_overlap)
 from hf_flag.geometry.baselines import commutator_haar_rms
 
 #: ``method="auto"`` recomputes kappa with the factored form when the trace form gives kappa below this value.
@@ -287,6 +288,7 @@ class GramDiagnostics(NamedTuple):
     commutator_ratio: torch.Tensor
     imbalance_norm: torch.Tensor
     relative_imbalance: torch.Tensor
+    commutator_haar_rms: torch.Tensor
 
 
 def gram_diagnostics(
@@ -297,18 +299,22 @@ def gram_diagnostics(
     computation of ``C = W_next W_l``, ``G_P = W_next W_next^T``, ``G_Q = W_l^T W_l`` (MATH.md §2, §3).
 
     Same values as the three separate functions (up to rounding), a third of their products with ``n``:
-    ``||A||^2 = ||G_P||^2``, ``||B||^2 = ||G_Q||^2``, ``tr(AB) = ||C||^2``.
+    ``||A||^2 = ||G_P||^2``, ``||B||^2 = ||G_Q||^2``, ``tr(AB) = ||C||^2``; kappa's Haar RMS
+    (:func:`commutator_baseline`) from the same traces.
     """
     W_l, W_next = _prepare(W_l, W_next, bias_l, dtype, "gram_diagnostics")
+    n = W_l.shape[-2]
     if _hidden_is_small(W_l, W_next):
         A, B = _hidden_grams(W_l, W_next)
         a, b = torch.linalg.matrix_norm(A), torch.linalg.matrix_norm(B)
         d = torch.linalg.matrix_norm(A - B)
-        return GramDiagnostics(_kappa_direct(A, B), d, _safe_ratio(d, a + b))
+        rms = commutator_haar_rms(_fro2(W_next), a.square(), _fro2(W_l), b.square(), n)
+        return GramDiagnostics(_kappa_direct(A, B), d, _safe_ratio(d, a + b), rms)
     grams = _gram_factors(W_l, W_next)
     C, G_P, G_Q = grams
     d, a, b = _imbalance_from_norms(W_l, W_next, _fro2(G_P), _fro2(G_Q), _fro2(C))
-    return GramDiagnostics(_kappa_auto(W_l, W_next, grams), d, _safe_ratio(d, a + b))
+    rms = commutator_haar_rms(_fro2(W_next), a.square(), _fro2(W_l), b.square(), n)
+    return GramDiagnostics(_kappa_auto(W_l, W_next, grams), d, _safe_ratio(d, a + b), rms)
 
 
 def commutator_baseline(
@@ -335,6 +341,8 @@ class SpectralPairValues(NamedTuple):
     relative_imbalance: torch.Tensor
     transport: torch.Tensor
     product_singular_values: torch.Tensor
+    range_overlap: torch.Tensor
+    range_overlap_baseline: torch.Tensor
 
 
 def pair_values_from_svd(
@@ -356,7 +364,9 @@ def pair_values_from_svd(
     from ``W_l``, ``W_next`` by the factored float64 forms, as in :func:`commutator_ratio`.  ``sigma(M)`` are the
     singular values of ``W_next W_l`` (backward error ``eps ||W_next|| ||W_l||``, as for the product formed
     explicitly).  The Haar RMS is :func:`~hf_flag.geometry.baselines.commutator_haar_rms` of the four traces.
+    ``range_overlap`` and its Haar value: :func:`range_overlap_from_svd` on the same ``T`` (MATH.md §3).
     """
+    stored = (W_l, W_next)
     W_l, W_next = _prepare(W_l, W_next, None, torch.float64, "pair_values_from_svd")
     (U_l, s_l, _), (_, s_n, Vh_n) = svd_l, svd_next
     if U_l.shape[-2] != W_l.shape[-2] or Vh_n.shape[-1] != W_next.shape[-1] or \
@@ -375,7 +385,50 @@ def pair_values_from_svd(
     kappa = _refine((kappa < AUTO_FACTORED_BELOW) & (den > 0), kappa, _kappa_factored, W_l, W_next)
     d, a, b = _imbalance_from_norms(W_l, W_next, a2, b2, _fro2(M))
     baseline = commutator_haar_rms(a_sq.sum(-1), a2, b_sq.sum(-1), b2, W_l.shape[-2])
-    return SpectralPairValues(kappa, baseline, d, _safe_ratio(d, a + b), T, s_product)
+    overlap = range_overlap_from_svd(T, s_l, s_n, W_l.shape[-2], rtol=tuple(map(default_rtol, stored)))
+    return SpectralPairValues(kappa, baseline, d, _safe_ratio(d, a + b), T, s_product, *overlap)
+
+
+def range_overlap_from_svd(T: torch.Tensor, s_l: torch.Tensor, s_next: torch.Tensor, n: int, *,
+                           rtol: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(range_overlap, range_overlap_baseline)`` of a pair from its transport matrix (MATH.md §3, §1).
+
+    ``range_overlap = ||P_{range W_l} P_{row W_next}||_F^2 / min(r_l, r_next)``: the normalised projection-kernel
+    overlap of ``range B = col(W_l)`` with ``range A = row(W_next)`` (ranks ``r`` by the §1 cut ``s > s_max *
+    rtol``), i.e. the sum of the squared entries of the ``r_next x r_l`` window of ``T = V^(l+1)T U^(l)`` over
+    ``min(r_l, r_next)``.  In [0, 1], monotone in the principal angles between the two ranges: 0 when
+    ``range W_l`` lies in ``ker W_next`` (where kappa is 0 too), 1 when one range contains the other.  Haar value
+    ``max(r_l, r_next) / n`` (0 when a rank is 0).  ``T`` (..., r_next', r_l'), ``s_l``, ``s_next`` descending,
+    batched; ``rtol = (rtol_l, rtol_next)`` (:func:`~hf_flag.geometry.angles.default_rtol` of the stored weights).
+    """
+    keep_l = s_l > s_l[..., :1] * rtol[0]
+    keep_n = s_next > s_next[..., :1] * rtol[1]
+    pk = (T.square() * keep_n.unsqueeze(-1).to(T.dtype) * keep_l.unsqueeze(-2).to(T.dtype)).sum((-2, -1))
+    r_l, r_n = keep_l.sum(-1), keep_n.sum(-1)
+    baseline = torch.where(torch.minimum(r_l, r_n) > 0, torch.maximum(r_l, r_n).to(T.dtype) / n,
+                           torch.zeros_like(pk))
+    return normalised_overlap(pk, r_l, r_n), baseline
+
+
+def commutator_reading_holds(rank_a: int, rank_b: int, n: int) -> bool:
+    """Whether ``kappa`` (and ``kappa / baseline``) reads as alignment for ``A = W_next^T W_next`` of rank
+    ``rank_a`` and ``B = W_l W_l^T`` of rank ``rank_b`` in R^n (MATH.md §3, "When kappa reads as alignment").
+
+    ``[A, B] = 0`` iff ``A`` and ``B`` share an eigenbasis.  If ``A`` has full rank (``ker A = 0``), every
+    eigenvector of ``B`` with a nonzero eigenvalue is then an eigenvector of ``A`` with a nonzero eigenvalue: a
+    direction ``W_l`` writes is a singular direction ``W_next`` reads, so small kappa means aligned bases;
+    likewise if ``B`` has full rank.  If both have kernels, directions of ``range B`` inside ``ker A`` commute
+    for free: ``range B`` in ``ker A`` (possible when ``rank_a + rank_b <= n``) gives kappa = 0 with orthogonal
+    ranges, and a shared range with unrelated bases gives kappa above its Haar value (whose random rotations move
+    ``range B`` partly into ``ker A``).  So the reading holds iff ``max(rank_a, rank_b) == n``; otherwise read
+    ``range_overlap`` against ``range_overlap_baseline`` (:func:`range_overlap_from_svd`).
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"commutator_reading_holds: n={n!r} must be a positive int (the hidden dimension)")
+    for name, value in (("rank_a", rank_a), ("rank_b", rank_b)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= n:
+            raise ValueError(f"commutator_reading_holds: {name}={value!r} must be an int in [0, n={n}]")
+    return max(rank_a, rank_b) == n
 
 
 def hidden_coordinates(W_l: torch.Tensor, W_next: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

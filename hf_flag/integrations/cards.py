@@ -1,31 +1,39 @@
-"""hf-flag's part of a model card: a Markdown section, one YAML key, and one model-index entry.
+"""hf-flag's part of a model card: a Markdown section, one YAML key, and its results in the model-index.
 
-Ownership.  In a card (README.md) hf-flag owns exactly three things and edits them *textually*, so every other byte
-of the user's card (text, YAML keys, their order, comments, quoting, line endings) is preserved, and writing the
-same report twice gives the same file:
+Ownership.  In a card (README.md) hf-flag owns exactly three things; every other byte of the user's card (text,
+YAML keys, their order, comments, quoting, line endings) is preserved, and writing the same report twice gives the
+same file:
 
 1. the Markdown between ``<!-- hf-flag:start -->`` and ``<!-- hf-flag:end -->`` (markers included; appended at the
    end of the card the first time);
 2. the top-level YAML key ``hf_flag:`` (its line and its indented block; appended at the end of the front matter
    the first time; a front matter block is created when the card has none);
-3. one entry of the top-level ``model-index:`` list, between the YAML comments ``# hf-flag:model-index:start`` and
-   ``# hf-flag:model-index:end``.  An existing model-index is merged with, never clobbered: the user's entries stay
-   byte for byte and ours is appended as a further list item (``model-index:`` is created when absent).
+3. its results in the top-level ``model-index:``, marked the huggingface_hub way: every ``EvalResult`` hf-flag
+   writes has ``source_name="hf-flag"`` and ``source_url=DOCS_URL``.  A rerun removes exactly the results with that
+   source (and the comment-marked entry of hf-flag <= 0.1.0) and adds the new ones to the *first* model-index
+   entry, under the user's model name; the user's results and names are never changed.  This survives any
+   ``ModelCard`` load/save (which drops comments and merges entries into one under one name).  The model-index
+   block is rewritten only when its content changes; it is then dumped as huggingface_hub dumps it.
 
-Model-index convention (how hf-flag's headline scalars appear as ``huggingface_hub.EvalResult`` s):
-``task_type="weight-geometry"`` (``task_name="Weight geometry (hf-flag)"``; a custom task type, because these are
-properties of the weights, not scores on a task), ``dataset_type="hf-flag"``, ``dataset_name="weights"``,
+Model-index convention: ``task_type="weight-geometry"`` (``task_name="Weight geometry (hf-flag)"``; a custom task
+type, because these are properties of the weights, not scores on a task), ``dataset_type="hf-flag"``,
+``dataset_name="weights"``, ``dataset_revision`` = the commit the weights were read at (when known),
 ``metric_type`` = the report's summary key, e.g. ``"mlp/commutator_ratio"``, and its random baseline as a metric of
 its own, ``"mlp/commutator_ratio_baseline"``; ``metric_name`` is a readable label.  Metrics come from
 ``hf_flag.rows.HEADLINE_METRICS`` (those present in the report).
 
-The section shows the plots (relative links) and one plain-language line per headline metric, e.g. "MLP commutator
-ratio 0.31 vs 0.05 random: further from a shared eigenbasis than a random orientation of the same spectra".
+The section opens with where the numbers come from (:func:`provenance_sentence`: a card computed from anything
+other than the named repo's own weights says so in its first sentence), states the reading rule
+(:mod:`hf_flag.integrations.readings`), then one plain paragraph per diagnostic with a link to its definition and
+each number beside its random baseline and its spread over layers.  Local models are named by their Hub name
+(``--name`` or ``_name_or_path``), never by a path.
 
 Integrations do no math: everything here formats an :class:`hf_flag.report.Report`.
 """
 from __future__ import annotations
 
+import copy
+import difflib
 import math
 import os
 import re
@@ -33,50 +41,81 @@ from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
 import yaml
-from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCardData
 from huggingface_hub.repocard_data import eval_results_to_model_index, model_index_to_eval_results
 
-from hf_flag import __version__
+from hf_flag.integrations import readings
 from hf_flag.report import BASELINE_SUFFIX, Report
 from hf_flag.rows import HEADLINE_METRICS, KIND_LABELS
 
 SECTION_START = "<!-- hf-flag:start -->"
 SECTION_END = "<!-- hf-flag:end -->"
 YAML_KEY = "hf_flag"
-INDEX_START = "# hf-flag:model-index:start"
-INDEX_END = "# hf-flag:model-index:end"
+LEGACY_INDEX_START = "# hf-flag:model-index:start"  # hf-flag <= 0.1.0 marked its entry with YAML comments
+LEGACY_INDEX_END = "# hf-flag:model-index:end"
 TASK_TYPE = "weight-geometry"
 TASK_NAME = "Weight geometry (hf-flag)"
 DATASET_TYPE = "hf-flag"
 DATASET_NAME = "weights"
-#: relative difference to the random baseline below which a value reads as "random-like"
-NEAR_BASELINE = 0.1
+SOURCE_NAME = "hf-flag"
+#: where hf-flag's documentation lives: the model-index source URL, and the base of the definitions' links
+DOCS_URL = "https://github.com/hf-flag/hf-flag"
+MATH_URL = DOCS_URL + "/blob/main/docs/MATH.md"
+#: folder beside a card that holds its plots (pushed with the card, so the links work on the Hub and locally)
+PLOTS_FOLDER = "hf-flag-plots"
 
-METRIC_LABELS = {"commutator_ratio": "commutator ratio", "subspace_score": "subspace score",
-                 "basis_score": "basis score", "intersection_dim": "intersection dimension", "overlap": "",
-                 "score": "score"}
-#: metric -> (reading above the baseline, below it, near it)
-READINGS = {
-    "commutator_ratio": ("further from a shared eigenbasis than a random orientation of the same spectra",
-                         "closer to a shared eigenbasis than random: partial basis alignment",
-                         "no closer to a shared eigenbasis than a random orientation"),
-    "subspace_score": ("top singular subspaces aligned beyond chance", "top singular subspaces avoid each other",
-                       "top singular subspaces in random relative position"),
-    "basis_score": ("singular bases aligned beyond chance", "singular bases less aligned than random",
-                    "singular bases in random relative position"),
-    "intersection_dim": ("the singular flags share more directions than generic position (alignment)",
-                         "the singular flags share fewer directions than generic position",
-                         "generic position: no shared directions beyond chance"),
-    "overlap": ("subspaces share more directions than random ones (redundancy)",
-                "subspaces more separated than random ones (specialisation)",
-                "indistinguishable from random subspaces"),
-    "score": ("heads compose more strongly than random matrices", "heads compose less than random matrices",
-              "composition at the random level"),
+#: metric -> (title, plain paragraph, MATH.md anchor)
+DEFINITIONS = {
+    "commutator_ratio": (
+        "Commutator ratio (kappa)",
+        "Two weights that meet in a shared hidden space (one writes into it, the next reads from it) each pick "
+        "principal directions there. The commutator ratio measures how far they are from sharing one set of "
+        "directions: 0 when they share it, larger when they disagree. The random baseline is the value the same "
+        "weights would give with the hidden space randomly rotated. It reads as alignment only when one of the two "
+        "weights has full rank in that space; otherwise the range overlap is read.",
+        "3-commutator-obstruction"),
+    "range_overlap": (
+        "Range overlap",
+        "How much of the space one weight writes lies inside the space the next weight reads (1: the same "
+        "subspace; random baseline: two random subspaces of the same dimensions).",
+        "3-commutator-obstruction"),
+    "subspace_score": (
+        "Subspace score",
+        "The share of the first weight's top output directions that fall inside the next weight's top input "
+        "directions (1: the same subspace; random baseline: random subspaces of the same size).",
+        "4-flags-intersection-dimension-relative-position"),
+    "basis_score": (
+        "Basis score",
+        "Like the subspace score, but direction by direction: whether the i-th output direction of one weight is "
+        "the i-th input direction of the next.",
+        "4-flags-intersection-dimension-relative-position"),
+    "intersection_dim": (
+        "Intersection dimension",
+        "How many directions the nested top-k subspaces (flags) of the two weights share beyond what subspaces in "
+        "general position share; subspaces are cut only at clear gaps of the singular values.",
+        "4-flags-intersection-dimension-relative-position"),
+    "overlap": (
+        "Head subspace overlap",
+        "How much the subspaces two attention heads read from or write to overlap (1: the same subspace; random "
+        "baseline: random subspaces of the same dimensions). Above random suggests redundant heads, below it "
+        "heads that specialise.",
+        "6-attention-heads-weight-only"),
+    "score": (
+        "Composition score",
+        "How strongly a head's output can feed the query, key or value of a head in a later layer (Elhage et "
+        "al. 2021); the random baseline is that of random matrices of the same shapes.",
+        "6-attention-heads-weight-only"),
 }
+VERDICT_TEXT = {readings.ABOVE: "above random", readings.BELOW: "below random",
+                readings.RANDOM: "not distinguishable from random at this spread"}
 
 
 class CardFormatError(ValueError):
     """A card cannot be edited safely (e.g. a flow-style ``model-index: [...]``); the message says what to change."""
+
+
+class DerivedWeightsError(ValueError):
+    """A card computed from derived weights would be pushed to the original repo without ``allow_derived``."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -104,77 +143,184 @@ def _round(v: float) -> float:
 
 
 def metric_label(key: str) -> str:
-    """``"mlp/commutator_ratio"`` -> ``"MLP commutator ratio"``."""
+    """``"mlp/commutator_ratio"`` -> ``"Commutator ratio (kappa), MLP (in -> out)"``."""
     kind, _, metric = key.partition("/")
-    label = METRIC_LABELS.get(metric, metric.replace("_", " "))
-    return f"{KIND_LABELS.get(kind, kind.replace('_', ' '))} {label}".strip()
+    title = DEFINITIONS.get(metric, (metric.replace("_", " "),))[0]
+    return f"{title}, {KIND_LABELS.get(kind, kind.replace('_', ' '))}"
 
 
-def reading(key: str, value: float, baseline: Optional[float]) -> str:
-    """One plain-language line: value, random baseline, and what their relation means."""
-    label = metric_label(key)
-    if not _finite(baseline):
-        return f"{label} {_fmt(value)} (no random baseline computed)"
-    above, below, near = READINGS.get(key.partition("/")[2], ("above its random baseline",
-                                                               "below its random baseline",
-                                                               "at its random baseline"))
-    rel = (value - baseline) / abs(baseline) if baseline else (math.inf if value > 0 else -math.inf if value < 0
-                                                               else 0.0)
-    text = above if rel > NEAR_BASELINE else below if rel < -NEAR_BASELINE else near
-    return f"{label} {_fmt(value)} vs {_fmt(baseline)} random: {text}"
+def provenance(report: Report) -> dict:
+    return dict(report.params.get("provenance") or {})
+
+
+def storage_text(report: Report) -> str:
+    """``"GGUF, quantised Q4_1 (some tensors F32)"`` / ``"safetensors, bfloat16"``: format and storage dtypes."""
+    fmt = provenance(report).get("format") or "unknown format"
+    dtypes = list(report.params.get("storage_dtypes") or [])
+    quantised = [d for d in dtypes if not d[:1].islower()]  # GGUF quantisation names are upper case (Q4_1, F16)
+    shown = "GGUF" if fmt == "gguf" else fmt
+    if quantised:
+        return f"{shown}, stored as {'/'.join(quantised)}" + (
+            f" (some tensors {'/'.join(d for d in dtypes if d not in quantised)})" if len(quantised) < len(dtypes)
+            else "")
+    return f"{shown}, {'/'.join(dtypes)}" if dtypes else shown
+
+
+def is_derived(report: Report, model_name: str) -> bool:
+    """True unless the report was computed from ``model_name``'s own files fetched from the Hub at a known commit."""
+    prov = provenance(report)
+    return not (prov.get("source") == "hub" and prov.get("repo_id") == model_name and prov.get("sha"))
+
+
+def card_model_name(report: Report, name: Optional[str] = None) -> str:
+    """The name a card and its model-index give the model: ``name`` (``--name``), else the Hub id the weights were
+    fetched from, else the local model's Hub name (``_name_or_path``), else the report's label when it is no path,
+    else the last component of that path (never an absolute path)."""
+    prov = provenance(report)
+    for candidate in (name, prov.get("repo_id"), prov.get("hub_name")):
+        if candidate:
+            return candidate
+    label = report.model
+    if os.path.isabs(label) or label.startswith((".", "~")) or label.count("/") > 1 or "\\" in label:
+        return Path(label.rstrip("/\\")).name or "model"
+    return label
+
+
+def provenance_sentence(report: Report, model_name: str) -> str:
+    """The section's first sentence: where the numbers come from; it says so first when they are derived."""
+    from hf_flag import __version__
+
+    prov = provenance(report)
+    version = report.params.get("hf_flag_version") or __version__
+    storage = storage_text(report)
+    if not is_derived(report, model_name):
+        return (f"Read by hf-flag {version} from this repository's own weights at commit `{prov['sha'][:12]}` "
+                f"({storage}), without running the model.")
+    if prov.get("source") == "hub":
+        where = f"the Hub repository `{prov.get('repo_id')}` at commit `{str(prov.get('sha'))[:12]}`"
+    elif prov.get("source") == "module":
+        where = f"an in-memory `{prov.get('class', 'model')}`"
+    elif prov.get("source") == "local":
+        files = prov.get("files") or []
+        where = f"a local copy ({', '.join(f'`{f}`' for f in files)})" if files else "a local copy"
+    else:
+        where = "weights whose origin this report does not record"
+    return (f"**Computed from a derived copy, not from the original weights of `{model_name}`:** {where}, "
+            f"{storage}, read by hf-flag {version}; the numbers describe that copy.")
 
 
 def eval_results(report: Report, metrics: Optional[Sequence[str]] = None) -> list[EvalResult]:
-    """Headline scalars (and their baselines) as ``EvalResult`` s, with the module's documented convention."""
+    """Headline scalars (and their baselines) as ``EvalResult`` s, marked with hf-flag as their source."""
+    sha = provenance(report).get("sha")
     out = []
     for key in headline_metrics(report, metrics):
         base_key = key + BASELINE_SUFFIX
         for k in (key, base_key) if _finite(report.summary.get(base_key)) else (key,):
             out.append(EvalResult(task_type=TASK_TYPE, task_name=TASK_NAME, dataset_type=DATASET_TYPE,
-                                  dataset_name=DATASET_NAME, metric_type=k, metric_value=_round(report.summary[k]),
+                                  dataset_name=DATASET_NAME, dataset_revision=sha, metric_type=k,
+                                  metric_value=_round(report.summary[k]),
                                   metric_name=metric_label(k.removesuffix(BASELINE_SUFFIX))
-                                  + (" (random baseline)" if k == base_key else "")))
+                                  + (" (random baseline)" if k == base_key else ""),
+                                  source_name=SOURCE_NAME, source_url=DOCS_URL))
     return out
 
 
-def render_section(report: Report, *, plots: Optional[Mapping[str, str]] = None,
+def number_line(reading: readings.Reading) -> str:
+    """``"- MLP (in -> out): 0.31 vs random 0.05 (6 layers: sd 0.02, 0.28 to 0.34; z = 30): above random."``"""
+    kind = reading.key.partition("/")[0]
+    text = f"- {KIND_LABELS.get(kind, kind)}: {_fmt(reading.value)}"
+    text += f" vs random {_fmt(reading.baseline)}" if reading.baseline is not None else " (no random baseline)"
+    spread = reading.spread
+    n = len(reading.layers)
+    detail = [f"{n} layer{'s' if n != 1 else ''}"]
+    if spread is not None:
+        detail.append(f"sd {_fmt(spread[0])}, {_fmt(spread[1])} to {_fmt(spread[2])}")
+    if reading.z is not None and reading.verdict != readings.NOT_READ:
+        detail.append(f"z = {_fmt(reading.z)}" if math.isfinite(reading.z) else "the same difference in every layer")
+    text += f" ({'; '.join(detail)})"
+    verdict = VERDICT_TEXT.get(reading.verdict) or f"{reading.verdict}: {reading.why}"
+    return f"{text}: {verdict}."
+
+
+def render_section(report: Report, *, model_name: Optional[str] = None, plots: Optional[Mapping[str, str]] = None,
                    metrics: Optional[Sequence[str]] = None, nl: str = "\n") -> str:
     """The Markdown section, markers included. ``plots``: caption -> link (relative to the card)."""
-    lines = [SECTION_START, "## Weight geometry (hf-flag)", "",
-             f"Read from the weights alone (no forward pass) by hf-flag {__version__}: flag-variety alignment "
-             "diagnostics, each next to its random baseline.", ""]
+    name = card_model_name(report, model_name)
+    lines = [SECTION_START, "## Weight geometry (hf-flag)", "", provenance_sentence(report, name), "",
+             f"**How to read these numbers.** Each value is a mean over the model's layers, shown beside its random "
+             f"baseline (what weights of the same shapes and spectra give in random relative orientation) and its "
+             f"spread over layers (standard deviation, lowest to highest layer). A value is called above or below "
+             f"random only when, over at least {readings.MIN_LAYERS} layers, the per-layer differences from the "
+             f"baseline have a mean at least {readings.Z_THRESHOLD:g} standard errors from zero (z = mean difference "
+             f"/ (sd / sqrt(layers)), |z| >= {readings.Z_THRESHOLD:g}); otherwise the card says it is not "
+             f"distinguishable from random. Layers are not independent samples, so this is a reading rule, not a "
+             f"significance test.", ""]
     keys = headline_metrics(report, metrics)
-    lines += [f"- {reading(k, float(report.summary[k]), report.summary.get(k + BASELINE_SUFFIX))}" for k in keys]
+    by_metric: dict[str, list[str]] = {}
+    for key in keys:
+        by_metric.setdefault(key.partition("/")[2], []).append(key)
+    for metric, group in by_metric.items():
+        title, paragraph, anchor = DEFINITIONS.get(metric, (metric.replace("_", " "), "", ""))
+        link = f" [Definition]({MATH_URL}#{anchor})." if anchor else ""
+        lines += [f"### {title}", "", paragraph + link, ""]
+        lines += [number_line(readings.read_metric(report, k)) for k in group]
+        lines.append("")
     if not keys:
-        lines.append("- No headline metric was computed for this model.")
+        lines += ["No headline metric was computed for this model.", ""]
     for caption, link in (plots or {}).items():
-        lines += ["", f"![{caption}]({link})"]
-    lines += ["", f"Architecture `{report.architecture}`; {len(report.rows)} rows of kinds "
-                  f"{', '.join(report.kinds()) or 'none'}. Baselines: Haar-random subspaces / rotations of the same "
-                  "shapes.",
+        lines += [f"![{caption}]({link})", ""]
+    lines += [f"Architecture `{report.architecture}`; {len(report.rows)} rows of kinds "
+              f"{', '.join(report.kinds()) or 'none'}; the full per-layer values are in hf-flag's report and "
+              f"dataset. [About hf-flag]({DOCS_URL}).",
               SECTION_END]
     return nl.join(lines) + nl
 
 
 def render_yaml_key(report: Report, metrics: Optional[Sequence[str]] = None, nl: str = "\n") -> str:
-    """Our top-level YAML key ``hf_flag:`` with the headline scalars and baselines."""
+    """Our top-level YAML key ``hf_flag:``: version, provenance and the headline scalars with their baselines."""
+    from hf_flag import __version__
+
     values = {}
     for key in headline_metrics(report, metrics):
         for k in (key, key + BASELINE_SUFFIX):
             if _finite(report.summary.get(k)):
                 values[k] = _round(report.summary[k])
-    payload = {YAML_KEY: {"version": __version__, "architecture": report.architecture, "metrics": values}}
+    prov = provenance(report)
+    source = {k: prov[k] for k in ("source", "repo_id", "revision", "sha", "hub_name", "format") if prov.get(k)}
+    source["storage_dtypes"] = list(report.params.get("storage_dtypes") or [])
+    payload = {YAML_KEY: {"version": report.params.get("hf_flag_version") or __version__,
+                          "architecture": report.architecture, "weights": source, "metrics": values}}
     text = yaml.safe_dump(payload, sort_keys=False, default_flow_style=False, allow_unicode=True, width=10_000)
     return text.replace("\n", nl)
 
 
-def render_index_entry(report: Report, model_name: str, metrics: Optional[Sequence[str]] = None,
-                       indent: str = "", nl: str = "\n") -> str:
-    """Our model-index list item, between its marker comments, indented as the user's list items."""
-    entry = eval_results_to_model_index(model_name, eval_results(report, metrics))
-    body = yaml.safe_dump(entry, sort_keys=False, default_flow_style=False, allow_unicode=True, width=10_000)
-    lines = [INDEX_START, *body.splitlines(), INDEX_END]
-    return "".join(indent + line + nl for line in lines)
+def is_ours(result: object) -> bool:
+    """Whether a model-index result (a dict) was written by hf-flag (its source, or the 0.1.0 dataset type)."""
+    if not isinstance(result, dict):
+        return False
+    source = result.get("source") if isinstance(result.get("source"), dict) else {}
+    dataset = result.get("dataset") if isinstance(result.get("dataset"), dict) else {}
+    return source.get("name") == SOURCE_NAME or dataset.get("type") == DATASET_TYPE
+
+
+def merged_model_index(existing: Optional[list], model_name: str, ours: list[EvalResult]) -> Optional[list]:
+    """``existing`` model-index without hf-flag's results, with ``ours`` added to its first entry (under the user's
+    name); entries that held only hf-flag results are dropped.  ``None`` when nothing is left."""
+    entries = []
+    for entry in copy.deepcopy(existing or []):
+        results = entry.get("results") or []
+        kept = [r for r in results if not is_ours(r)]
+        if results and not kept:
+            continue  # an entry hf-flag made
+        entry["results"] = kept
+        entries.append(entry)
+    if ours:
+        ours_dicts = eval_results_to_model_index(model_name, ours)
+        if entries:
+            entries[0]["results"] = entries[0]["results"] + ours_dicts[0]["results"]
+        else:
+            entries = ours_dicts
+    return entries or None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -237,32 +383,45 @@ def _append(lines: list[str], new: list[str]) -> list[str]:
     return lines + new
 
 
-def _drop_index_entry(lines: list[str]) -> list[str]:
-    """``lines`` without our model-index entry (markers included), if there is one."""
+def _drop_legacy_entry(lines: list[str]) -> list[str]:
+    """``lines`` without hf-flag 0.1.0's comment-marked model-index entry (markers included), if there is one."""
     stripped = [line.strip() for line in lines]
-    if INDEX_START not in stripped:
+    if LEGACY_INDEX_START not in stripped:
         return lines
-    a = stripped.index(INDEX_START)
-    if INDEX_END not in stripped[a:]:
-        raise CardFormatError(f"card YAML: '{INDEX_START}' without '{INDEX_END}'; delete the broken entry")
-    b = a + stripped[a:].index(INDEX_END) + 1
+    a = stripped.index(LEGACY_INDEX_START)
+    if LEGACY_INDEX_END not in stripped[a:]:
+        raise CardFormatError(f"card YAML: '{LEGACY_INDEX_START}' without '{LEGACY_INDEX_END}'; delete the broken "
+                              "entry")
+    b = a + stripped[a:].index(LEGACY_INDEX_END) + 1
     return lines[:a] + lines[b:]
 
 
-def _merge_model_index(lines: list[str], entry_for_indent, nl: str) -> list[str]:
-    """Drop our previous model-index entry and append the new one (``entry_for_indent(indent) -> str``)."""
-    lines = _drop_index_entry(lines)
+def _set_model_index(lines: list[str], model_name: str, ours: list[EvalResult], nl: str) -> list[str]:
+    """The front matter ``lines`` with hf-flag's model-index results replaced by ``ours`` (see the module
+    docstring); the block's bytes are kept when its content does not change."""
+    lines = _drop_legacy_entry(lines)
     span = _top_block(lines, "model-index")
+    existing = None
+    if span is not None:
+        inline = lines[span[0]].split(":", 1)[1].split("#", 1)[0].strip()
+        if inline:
+            raise CardFormatError(f"card YAML: 'model-index: {inline[:30]}' is inline; write it as a block list "
+                                  "('model-index:' then '- name: ...' lines) so hf-flag can add its results")
+        try:
+            existing = yaml.safe_load("".join(lines[span[0]:span[1]])).get("model-index")
+        except (yaml.YAMLError, AttributeError) as exc:
+            raise CardFormatError(f"card YAML: the model-index block does not parse ({str(exc).splitlines()[0]}); "
+                                  "repair it") from None
+        if existing is not None and not (isinstance(existing, list) and all(isinstance(e, dict) for e in existing)):
+            raise CardFormatError("card YAML: model-index is not a list of entries ('- name: ...'); repair it")
+    merged = merged_model_index(existing, model_name, ours)
+    if merged == existing:
+        return lines
+    block = [] if merged is None else yaml.safe_dump({"model-index": merged}, sort_keys=False, allow_unicode=True,
+                                                     width=10_000).replace("\n", nl).splitlines(keepends=True)
     if span is None:
-        return _append(lines, [f"model-index:{nl}", *entry_for_indent("").splitlines(keepends=True)])
-    start, end = span
-    inline = lines[start].split(":", 1)[1].split("#", 1)[0].strip()
-    if inline:
-        raise CardFormatError(f"card YAML: 'model-index: {inline[:30]}' is inline; write it as a block list "
-                              "('model-index:' then '- name: ...' lines) so hf-flag can add its entry")
-    items = [re.match(r"([ \t]*)- ", line) for line in lines[start + 1:end]]
-    indent = next((m.group(1) for m in items if m), "")
-    return lines[:end] + entry_for_indent(indent).splitlines(keepends=True) + lines[end:]
+        return _append(lines, block)
+    return lines[:span[0]] + block + lines[span[1]:]
 
 
 def _set_section(body: str, section: str, nl: str) -> str:
@@ -283,24 +442,23 @@ def _set_section(body: str, section: str, nl: str) -> str:
 
 def update_card_text(text: str, report: Report, *, model_name: Optional[str] = None,
                      plots: Optional[Mapping[str, str]] = None, metrics: Optional[Sequence[str]] = None) -> str:
-    """The card ``text`` with hf-flag's section, YAML key and model-index entry set to ``report``'s.
+    """The card ``text`` with hf-flag's section, YAML key and model-index results set to ``report``'s.
 
-    Idempotent, and every byte outside the three owned parts is preserved (see the module docstring).
-    Raises :class:`CardFormatError` when the card cannot be edited safely, and checks that the result parses.
+    Idempotent; every byte outside the owned parts is preserved (see the module docstring).  Raises
+    :class:`CardFormatError` when the card cannot be edited safely, and checks that the result parses and that
+    huggingface_hub reads its model-index.
     """
     nl = _line_ending(text)
-    name = model_name or report.model
+    name = card_model_name(report, model_name)
     prefix, yaml_lines, closing, body = _split_front_matter(text)
     if yaml_lines is None:
         prefix, yaml_lines, closing = prefix + "---" + nl, [], "---" + nl
+    elif not closing.endswith(("\n", "\r")):  # '---' as the card's last line, without a line ending
+        closing += nl
     yaml_lines = _set_top_key(yaml_lines, YAML_KEY, render_yaml_key(report, metrics, nl))
-    if eval_results(report, metrics):
-        yaml_lines = _merge_model_index(
-            yaml_lines, lambda indent: render_index_entry(report, name, metrics, indent, nl), nl)
-    else:  # nothing to index: an entry from an earlier report would keep stale numbers
-        yaml_lines = _drop_index_entry(yaml_lines)
-    result = prefix + "".join(yaml_lines) + closing + _set_section(body, render_section(report, plots=plots,
-                                                                                        metrics=metrics, nl=nl), nl)
+    yaml_lines = _set_model_index(yaml_lines, name, eval_results(report, metrics), nl)
+    section = render_section(report, model_name=name, plots=plots, metrics=metrics, nl=nl)
+    result = prefix + "".join(yaml_lines) + closing + _set_section(body, section, nl)
     _check_card(result)
     return result
 
@@ -343,7 +501,7 @@ def write_card(path: str | os.PathLike, report: Report, *, base: Optional[str] =
     from hf_flag.atomic import atomic_write_text
 
     path = Path(path)
-    name = model_name or report.model
+    name = card_model_name(report, model_name)
     if base is None:
         base = read_card(path) if path.is_file() else minimal_card(name)
     text = update_card_text(base, report, model_name=name, plots=plots, metrics=metrics)
@@ -354,37 +512,78 @@ def write_card(path: str | os.PathLike, report: Report, *, base: Optional[str] =
     return text
 
 
-class VerbatimModelCard(ModelCard):
-    """A ``ModelCard`` whose ``content`` (what ``push_to_hub`` uploads) is the text it was given, byte for byte.
-
-    ``ModelCard.content`` re-dumps the YAML front matter, which drops the user's comments and formatting.
-    """
-
-    @property
-    def content(self) -> str:
-        return self._content
-
-    @content.setter
-    def content(self, content: str) -> None:
-        ModelCard.content.fset(self, content)
+def card_diff(old: str, new: str, name: str = "README.md") -> str:
+    """Unified diff of a card (what ``--dry-run`` prints)."""
+    return "".join(difflib.unified_diff(old.splitlines(keepends=True), new.splitlines(keepends=True),
+                                        fromfile=f"a/{name}", tofile=f"b/{name}"))
 
 
-def push_card_pr(repo_id: str, report: Report, *, token: Optional[str] = None,
-                 metrics: Optional[Sequence[str]] = None) -> str:
-    """Open a pull request on model repo ``repo_id`` that sets hf-flag's section of its card.
-
-    The card is the repo's README.md (a minimal one when it has none). ``token`` is passed to huggingface_hub only
-    (``None``: its stored login); it is never written or logged. Plots are not uploaded (links would dangle), so
-    the pushed section has none. Returns the pull request's URL.
-    """
+def remote_card(repo_id: str, *, repo_type: str = "model") -> Optional[str]:
+    """The repo's README.md exactly as stored, or ``None`` when it has none."""
+    from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
 
     try:
-        base = VerbatimModelCard.load(repo_id, token=token).content
+        path = hf_hub_download(repo_id, "README.md", repo_type=repo_type, force_download=True)
     except EntryNotFoundError:
-        base = minimal_card(repo_id)
-    card = VerbatimModelCard(update_card_text(base, report, model_name=repo_id, metrics=metrics))
-    return str(card.push_to_hub(repo_id, token=token, create_pr=True,
-                                commit_message="Add hf-flag weight-geometry section",
-                                commit_description="Written by hf-flag; only the section between the hf-flag "
-                                                   "markers, the hf_flag YAML key and one model-index entry change."))
+        return None
+    return read_card(path)
+
+
+def push_card(repo_id: str, report: Report, *, plots: Optional[Mapping[str, Path]] = None,
+              metrics: Optional[Sequence[str]] = None, create_pr: bool = False, dry_run: bool = False,
+              allow_derived: bool = False) -> tuple[str, str]:
+    """Set hf-flag's parts of model repo ``repo_id``'s card, with its plots in ``hf-flag-plots/`` beside it.
+
+    A commit on the default branch when the token can write there, else (HTTP 403) or with ``create_pr`` a pull
+    request; ``dry_run`` pushes nothing.  Returns ``(kind, text)``: ``("commit", url)``, ``("pr", url)`` or
+    ``("dry-run", unified diff)``.  Raises :class:`DerivedWeightsError` (one line) when the report was not computed
+    from the repo's own weights (:func:`is_derived`) and ``allow_derived`` is not set.  The token is
+    huggingface_hub's (``HF_TOKEN`` or the stored login); it passes through no hf-flag code.
+    """
+    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if is_derived(report, repo_id) and not allow_derived:
+        raise DerivedWeightsError(
+            f"the card for {repo_id!r} was computed from a derived copy ({storage_text(report)}, "
+            f"{provenance(report).get('source', 'unknown source')}), not from the repo's own weights; analyse the "
+            f"Hub id {repo_id} itself, or pass --allow-derived to push it anyway (its first sentence says so)")
+    plots = dict(plots or {})
+    links = {caption: f"{PLOTS_FOLDER}/{Path(png).name}" for caption, png in plots.items()}
+    base = remote_card(repo_id)
+    old = base if base is not None else ""
+    new = update_card_text(base if base is not None else minimal_card(repo_id), report, model_name=repo_id,
+                           plots=links, metrics=metrics)
+    if dry_run:
+        files = "".join(f"+ {link}\n" for link in links.values())
+        return "dry-run", card_diff(old, new) + files
+    operations = [CommitOperationAdd("README.md", new.encode("utf-8"))]
+    operations += [CommitOperationAdd(links[c], Path(png).read_bytes()) for c, png in plots.items()]
+    message = "hf-flag: weight-geometry section of the model card"
+    description = ("Written by hf-flag; only the section between the hf-flag markers, the hf_flag YAML key, "
+                   "hf-flag's model-index results and the plots in hf-flag-plots/ change.")
+    api = HfApi()
+    if not create_pr:
+        try:
+            info = api.create_commit(repo_id, operations, commit_message=message, commit_description=description)
+            return "commit", str(info.commit_url)
+        except HfHubHTTPError as exc:
+            if getattr(exc.response, "status_code", None) != 403:
+                raise
+    info = api.create_commit(repo_id, operations, commit_message=message, commit_description=description,
+                             create_pr=True)
+    return "pr", str(info.pr_url)
+
+
+def push_dataset(repo_id: str, parquet: Path, readme: str) -> str:
+    """Upload the results dataset (one parquet file and its card) to dataset repo ``repo_id`` (created, private
+    to the token's owner by the Hub's default, when absent) in one commit; returns the commit URL."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, repo_type="dataset", exist_ok=True)
+    info = api.create_commit(repo_id, [CommitOperationAdd("README.md", readme.encode("utf-8")),
+                                       CommitOperationAdd("data/train-00000-of-00001.parquet", parquet.read_bytes())],
+                             repo_type="dataset", commit_message="hf-flag: weight-geometry results")
+    return str(info.commit_url)

@@ -88,8 +88,12 @@ class BlockWeights:
     index: int
     attention: Optional[AttentionWeights]
     mlp: Optional[MLPWeights]
-    storage_eps: float  # coarsest WeightSource.storage_eps among the block's 2-D weights read
+    storage_eps: float  # coarsest WeightSource.storage_eps among the block's 2-D (and stacked 3-D) weights read
     names: dict = field(default_factory=dict)  # role -> checkpoint tensor name(s), for provenance
+    # mixture-of-experts blocks (Mixtral, Qwen2-MoE): the routed experts, each an MLP of its own, and the router
+    # (n_experts, d_model), nn.Linear layout (logits = x @ router.T); ``mlp`` is then the shared expert, if any
+    experts: tuple = ()
+    router: Optional[torch.Tensor] = None
 
 
 @dataclass

@@ -1,13 +1,21 @@
-"""GGUF checkpoints (llama.cpp) of Llama-family models, read lazily and dequantised one tensor at a time.
+"""GGUF checkpoints (llama.cpp), read lazily and dequantised one tensor at a time, for every family of the
+architecture table with a :class:`~hf_flag.weights.adapters.GGUFLayout`.
 
 The header is parsed once at open (:func:`parse_gguf`: scalar/string metadata and the tensor table; metadata arrays
 such as the tokenizer are skipped, not decoded); each tensor is then read with ``os.pread`` and dequantised by
 ``gguf.quants.dequantize``, so nothing stays mapped and no dequantised tensor is cached.
 
-Tensor names are mapped to Hugging Face Llama names and llama.cpp's row permutation of ``attn_q`` / ``attn_k``
-is undone exactly as transformers' GGUF loader does (``LlamaTensorProcessor._reverse_permute_weights``), so
-``get`` returns what ``AutoModelForCausalLM.from_pretrained(..., gguf_file=...)`` would hold (in float32).
-The config is synthesised from the GGUF metadata with transformers' key names (``integrations/ggml.py``).
+What comes back is what ``AutoModelForCausalLM.from_pretrained(..., gguf_file=...)`` would hold (in float32), under
+Hugging Face names, without instantiating a model:
+
+* model_type: the table entry whose GGUF architecture is the file's ``general.architecture`` (transformers'
+  ``load_gguf_checkpoint`` renames: qwen2moe -> qwen2_moe, gemma3 -> gemma3_text, llama named "mistral" ->
+  mistral; and a "llama" file with experts is Mixtral, as llama.cpp's ``LlamaModel`` writes it);
+* config: GGUF metadata renamed by transformers' ``GGUF_CONFIG_MAPPING`` and completed with the config class's
+  defaults (``AutoConfig.for_model``), as transformers' loader does;
+* tensor names: each role of the family's spec is mapped to its GGUF name by gguf-py's own ``TensorNameMap``
+  (``get_tensor_name_map``, as transformers' ``get_gguf_hf_weights_map`` uses it);
+* layouts: the reorderings llama.cpp's ``convert_hf_to_gguf.py`` applies are undone (:data:`GGUF_TRANSFORMS`).
 """
 from __future__ import annotations
 
@@ -17,51 +25,28 @@ import os
 import re
 import struct
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
 
 from hf_flag.errors import UnsupportedArchitectureError, WeightSourceError
+from hf_flag.weights.adapters.base import AdapterSpec
 from hf_flag.weights.weight_source import WeightSource
 
-#: GGUF architectures laid out like Llama (same tensor names, same Q/K permutation in llama.cpp's converter)
-LLAMA_LIKE = ("llama", "mistral")
-
-#: GGUF metadata key (after "<arch>.") -> transformers config key, as in transformers/integrations/ggml.py
-_CONFIG_KEYS = {
-    "context_length": "max_position_embeddings",
-    "block_count": "num_hidden_layers",
-    "feed_forward_length": "intermediate_size",
-    "embedding_length": "hidden_size",
-    "rope.dimension_count": "head_dim",
-    "rope.freq_base": "rope_theta",
-    "attention.head_count": "num_attention_heads",
-    "attention.head_count_kv": "num_key_value_heads",
-    "attention.layer_norm_rms_epsilon": "rms_norm_eps",
-    "vocab_size": "vocab_size",
+#: GGUF metadata keys (after "<arch>.") that transformers' ``GGUF_CONFIG_MAPPING`` does not map for every family,
+#: as llama.cpp's ``TextModel.set_gguf_parameters`` writes them (gguf-py ``Keys.Attention.KEY_LENGTH`` when the config
+#: sets head_dim; ``Keys.LLM.EXPERT_*`` for mixtures of experts); used where the mapping left the config key unset
+GENERIC_CONFIG_KEYS = {
+    "attention.key_length": "head_dim",
+    "expert_count": "num_experts",
+    "expert_feed_forward_length": "moe_intermediate_size",
+    "expert_shared_feed_forward_length": "shared_expert_intermediate_size",
 }
-
-_GLOBAL_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-_BLOCK_NAMES = {
-    "attn_norm": "input_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_norm": "post_attention_layernorm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-_BLOCK = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 _FLOAT_TYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 _NUMPY_FLOATS = {"F32": np.float32, "F16": np.float16, "F64": np.float64}
-_QUANT_BITS = re.compile(r"^(?:I?Q|TQ)(\d)")
+_QUANT_BITS = re.compile(r"^I?Q(\d)")
+FP4_TYPES = ("MXFP4", "NVFP4")
 
 
 class _TensorInfo(NamedTuple):
@@ -141,29 +126,19 @@ def parse_gguf(path: Path) -> tuple[dict[str, Any], dict[str, _TensorInfo]]:
     return meta, tensors
 
 
-def hf_tensor_name(gguf_name: str) -> str:
-    """Hugging Face Llama name of a GGUF tensor (``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight``);
-    names with no Llama counterpart (e.g. ``rope_freqs.weight``) are kept unchanged."""
-    if gguf_name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[gguf_name]
-    m = _BLOCK.match(gguf_name)
-    if m and m.group(2) in _BLOCK_NAMES:
-        return f"model.layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}.{m.group(3)}"
-    return gguf_name
-
-
-def reverse_permute(weight: torch.Tensor, n_head: int) -> torch.Tensor:
+def reverse_permute(weight: Any, n_head: int) -> Any:
     """Undo llama.cpp's ``permute(w, n_head)`` of Q/K rows: per head, rows ``(2, d/2)`` -> ``(d/2, 2)``.
 
     Same operation as transformers' ``_reverse_permute_weights``: reshape ``(n_head, d/2, 2, ...)``, swap axes
     1 and 2, reshape back.  Use ``n_head = num_attention_heads`` for Q and ``num_key_value_heads`` for K.
+    ``weight``: a torch tensor or numpy array (weights or biases).
     """
     rows = weight.shape[0]
     if rows % (2 * n_head):
         raise WeightSourceError(f"tensor with {rows} rows cannot be split into {n_head} heads of even size; the "
                                 f"GGUF head counts do not match its Q/K tensors")
     half = rows // n_head // 2
-    return weight.reshape(n_head, half, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+    return weight.reshape(n_head, half, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
 def quant_eps(type_name: str) -> float:
@@ -174,10 +149,18 @@ def quant_eps(type_name: str) -> float:
     ``[min, max]``), a step of about ``2 amax / 2^b``; the rounding error is half a step, about ``amax * 2^-b``.
     So eps = ``2^-b`` relative to the block's largest entry: 2^-4 for 4-bit, 2^-8 for ``Q8_0``.  This is an
     order-of-magnitude estimate, not a strict bound (``Q8_0``'s half step is ``amax / 254``, ``Q4_1``'s
-    ``(max - min) / 30``); entries much smaller than their block maximum have a larger relative error.
+    ``(max - min) / 30``); entries much smaller than their block maximum have a larger relative error.  The same
+    rule reads b from the type name for the K-quants (``Q6_K``: 2^-6) and the importance-matrix types (``IQ2_XXS``:
+    2^-2).  The 4-bit floats (``MXFP4``, ``NVFP4``: e2m1 times a block scale) have one mantissa bit, eps 2^-1 as for
+    a float type; the ternary types (``TQ1_0``, ``TQ2_0``) hold {-1, 0, 1} times a block scale, exact only for
+    weights trained ternary (BitNet), so their eps is 1: no flag tolerance reads finer than the weights' scale.
     """
     if type_name in _FLOAT_TYPES:
         return float(torch.finfo(getattr(torch, _FLOAT_TYPES[type_name])).eps)
+    if type_name in FP4_TYPES:  # e2m1 values times a shared block scale: one mantissa bit, eps 2^-1 as finfo's
+        return 0.5
+    if type_name.startswith("TQ"):  # ternary: exact for ternary-trained weights (BitNet), else no precision at all
+        return 1.0
     m = _QUANT_BITS.match(type_name)
     if m:
         return 2.0 ** -int(m.group(1))
@@ -186,8 +169,135 @@ def quant_eps(type_name: str) -> float:
     raise WeightSourceError(f"GGUF storage type {type_name!r} has no known precision; report it as a bug")
 
 
+def group_qkv(weight: np.ndarray, n_head: int, n_kv: int) -> np.ndarray:
+    """Undo llama.cpp's [Q; K; V] rearrangement of a fused query_key_value (``FalconModel.modify_tensors``,
+    ``GPTNeoXModel.modify_tensors``): back to n_kv groups of (n_head / n_kv query heads, one key, one value)
+    (transformers' ``FalconAttention._split_heads``; n_kv = n_head is GPT-NeoX's per-head (q, k, v) interleave, as
+    transformers' ``BloomTensorProcessor._reverse_reshape_weights`` restores it)."""
+    rows = weight.shape[0]
+    if rows % (n_head + 2 * n_kv):
+        raise WeightSourceError(f"fused QKV tensor with {rows} rows does not split into {n_head} query and {n_kv} "
+                                f"key/value heads; the GGUF head counts do not match its tensors")
+    dh = rows // (n_head + 2 * n_kv)
+    rest = weight.shape[1:]
+    q, k, v = np.split(weight, [n_head * dh, (n_head + n_kv) * dh])
+    grouped = np.concatenate([q.reshape(n_kv, n_head // n_kv, dh, *rest), k.reshape(n_kv, 1, dh, *rest),
+                              v.reshape(n_kv, 1, dh, *rest)], axis=1)
+    return grouped.reshape(weight.shape)
+
+
+class HeadCounts(NamedTuple):
+    """What the transforms need of the config: query heads and key/value heads."""
+
+    n_head: int
+    n_kv: int
+
+
+#: transform name -> (undo on the dequantised array in GGUF-reversed (HF) order, the shape it maps to).  Each undoes
+#: one reordering of llama.cpp's convert_hf_to_gguf.py, named in the table entry that uses it (adapters/table.py).
+GGUF_TRANSFORMS: dict[str, tuple[Callable[[np.ndarray, HeadCounts], np.ndarray],
+                                 Callable[[tuple[int, ...]], tuple[int, ...]]]] = {
+    "unpermute_q": (lambda w, h: reverse_permute(w, h.n_head), lambda s: s),
+    "unpermute_k": (lambda w, h: reverse_permute(w, h.n_kv), lambda s: s),
+    "transpose": (lambda w, h: w.T, lambda s: s[::-1]),
+    "minus_one": (lambda w, h: w - 1, lambda s: s),
+    "group_qkv": (lambda w, h: group_qkv(w, h.n_head, h.n_kv), lambda s: s),
+    # transformers' Qwen2MoeTensorProcessor: the shared expert's gate is (1, d) in HF, stored as (d,)
+    "as_row": (lambda w, h: w.reshape(1, -1), lambda s: (1, math.prod(s))),
+}
+
+
+def gguf_model_type(arch: Any, metadata: dict[str, Any]) -> tuple[str, AdapterSpec]:
+    """The table's model_type (and spec) of a GGUF file with ``general.architecture == arch`` (module docstring);
+    UnsupportedArchitectureError naming the architectures hf-flag reads when none has this one."""
+    from hf_flag.weights.adapters import gguf_specs
+
+    specs = gguf_specs()
+    candidates = [mt for mt, spec in specs.items() if spec.gguf.arch == arch]
+    if not candidates:
+        readable = sorted({spec.gguf.arch for spec in specs.values()})
+        raise UnsupportedArchitectureError(
+            f"GGUF architecture {arch!r} has no hf-flag adapter (GGUF architectures read: {', '.join(readable)}); "
+            f"convert the model to safetensors, or add an AdapterSpec with gguf=GGUFLayout({arch!r}) via "
+            f"hf_flag.weights.adapters.register_adapter")
+    moe = bool(metadata.get(f"{arch}.expert_count"))
+    candidates = [mt for mt in candidates if (specs[mt].mlp == "moe") == moe] or candidates
+    name = str(metadata.get("general.name") or "").lower()
+    named = sorted((mt for mt in candidates if mt in name), key=len, reverse=True)  # "mistral", "xlm-roberta"
+    model_type = named[0] if named else candidates[0]
+    return model_type, specs[model_type]
+
+
+def gguf_name_table(spec: AdapterSpec, arch: str, n_layers: int, gguf_names: list[str]) -> dict[str, str]:
+    """GGUF tensor name -> Hugging Face name for the tensors of ``gguf_names``: every role of ``spec`` through
+    gguf-py's ``TensorNameMap`` (``<canonical_prefix><stack>.<i>.<role name>`` -> ``blk.<i>.<gguf name>``); the
+    other tensors (embeddings, final norm, LM head: never analysed) get the first gguf-py candidate under the spec's
+    prefix (``lm_head`` for the output), and names with no candidate are kept."""
+    from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
+
+    name_map = get_tensor_name_map(next(a for a, n in MODEL_ARCH_NAMES.items() if n == arch), n_layers)
+    table: dict[str, str] = {}
+    for rel in spec.roles().values():
+        for i in range(n_layers):
+            hf = f"{spec.canonical_prefix}{spec.stack}.{i}.{rel}"
+            base, dot, suffix = hf.rpartition(".")
+            if suffix not in ("weight", "bias"):  # stacked experts: an HF parameter without a suffix
+                base, suffix = hf, "weight"
+            gguf = name_map.get_name(base)
+            if gguf is not None:
+                table[f"{gguf}.{suffix}"] = hf
+    by_gguf: dict[str, list[str]] = {}
+    for hf, (_, gguf) in name_map.mapping.items():
+        by_gguf.setdefault(gguf, []).append(hf)
+    for name in gguf_names:
+        base, _, suffix = name.rpartition(".")
+        if name in table or base not in by_gguf:
+            continue
+        prefixed = (c for c in by_gguf[base] if spec.canonical_prefix and c.startswith(spec.canonical_prefix))
+        hf = "lm_head" if "lm_head" in by_gguf[base] else next(prefixed, None)
+        if hf is not None:
+            table[name] = f"{hf}.{suffix}"
+    return table
+
+
+def gguf_config(arch: str, model_type: str, metadata: dict[str, Any], tensors: dict[str, "_TensorInfo"]) -> dict:
+    """The Hugging Face config of a GGUF file: metadata renamed by transformers' ``GGUF_CONFIG_MAPPING`` (plus
+    :data:`GENERIC_CONFIG_KEYS`), completed with the config class's defaults (``AutoConfig.for_model``).  Without
+    ``<arch>.vocab_size`` the vocabulary is the embedding's row count (transformers counts the tokenizer's tokens,
+    which :func:`parse_gguf` skips)."""
+    from transformers import AutoConfig
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+
+    mapping = GGUF_CONFIG_MAPPING.get(model_type) or GGUF_CONFIG_MAPPING.get(arch) or GGUF_CONFIG_MAPPING["llama"]
+    values: dict[str, Any] = {}
+    for key, hf_key in mapping.items():
+        value = metadata.get(f"{arch}.{key}")
+        if hf_key is not None and value is not None:
+            values[hf_key] = value
+    for key, hf_key in GENERIC_CONFIG_KEYS.items():
+        if metadata.get(f"{arch}.{key}") is not None:
+            values.setdefault(hf_key, metadata[f"{arch}.{key}"])
+    if model_type == "falcon":  # llama.cpp FalconModel writes head_count_kv; > 1 only for the new architecture
+        kv = int(metadata.get(f"{arch}.attention.head_count_kv") or 1)
+        values.update(num_kv_heads=kv, new_decoder_architecture=kv > 1, multi_query=kv == 1)
+    # transformers' load_gguf_checkpoint: tied unless the file has an output (LM head) tensor
+    values["tie_word_embeddings"] = "output.weight" not in tensors
+    if "token_embd.weight" in tensors:
+        values.setdefault("vocab_size", tensors["token_embd.weight"].shape[-1])
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    settable = {k: v for k, v in values.items() if not isinstance(getattr(CONFIG_MAPPING[model_type], k, None), property)}
+    try:
+        config = AutoConfig.for_model(model_type, **settable).to_dict()
+    except (ValueError, TypeError) as exc:
+        raise WeightSourceError(f"GGUF metadata of a {arch!r} file gives an invalid {model_type} config ({exc}); "
+                                f"re-convert it with a current llama.cpp") from None
+    config.update(values, model_type=model_type)
+    return config
+
+
 class GGUFSource(WeightSource):
-    """Lazy reader of a Llama-family GGUF file (header parsed once by :func:`parse_gguf`; tensors read by ``pread``)."""
+    """Lazy reader of a GGUF file of any family in the architecture table with a GGUF layout (module docstring)."""
 
     def __init__(self, path: Path | str, *, name: str | None = None) -> None:
         self.path = Path(path)
@@ -200,31 +310,30 @@ class GGUFSource(WeightSource):
                                     f"re-download it") from None
         self.name = name or self.path.name
         self.arch = self._metadata.get("general.architecture")
-        if self.arch not in LLAMA_LIKE:
-            raise UnsupportedArchitectureError(
-                f"GGUF file {self.path.name!r} has architecture {self.arch!r}; hf-flag reads only Llama-layout "
-                f"GGUF ({', '.join(LLAMA_LIKE)}); convert the model to safetensors to analyse it")
-        self._tensors = {hf_tensor_name(k): t for k, t in tensors.items()}
-        self._fd: int | None = None
-        self.config = self._config()
-
-    def _config(self) -> dict:
-        config: dict = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_act": "silu"}
-        for gguf_key, hf_key in _CONFIG_KEYS.items():
-            value = self._metadata.get(f"{self.arch}.{gguf_key}")
-            if value is not None:
-                config[hf_key] = value
-        missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads") if k not in config]
+        try:
+            model_type, spec = gguf_model_type(self.arch, self._metadata)
+        except UnsupportedArchitectureError as exc:
+            raise UnsupportedArchitectureError(f"GGUF file {self.path.name!r}: {exc}") from None
+        n_layers = self._metadata.get(f"{self.arch}.block_count")
+        missing = [k for k in ("block_count", "embedding_length", "attention.head_count")
+                   if self._metadata.get(f"{self.arch}.{k}") is None]
         if missing:
-            raise WeightSourceError(f"GGUF file {self.path.name!r} lacks metadata for {missing}; re-convert it "
-                                    f"with a current llama.cpp")
-        config.setdefault("num_key_value_heads", config["num_attention_heads"])
-        config.setdefault("head_dim", config["hidden_size"] // config["num_attention_heads"])
-        if "vocab_size" not in config:
-            config["vocab_size"] = self.shape("model.embed_tokens.weight")[0]
-        config["tie_word_embeddings"] = "lm_head.weight" not in self._tensors
-        config["gguf_file_type"] = self._metadata.get("general.file_type")
-        return config
+            raise WeightSourceError(f"GGUF file {self.path.name!r} lacks metadata {[f'{self.arch}.{k}' for k in missing]}; "
+                                    f"re-convert it with a current llama.cpp")
+        names = gguf_name_table(spec, self.arch, int(n_layers), list(tensors))
+        self._tensors = {names.get(k, k): t for k, t in tensors.items()}
+        self._transforms: dict[str, str] = {}
+        for gguf_name, hf_name in ((k, names.get(k, k)) for k in tensors):
+            found = [t for pattern, t in spec.gguf.transforms if re.search(pattern, gguf_name)]
+            if found:
+                self._transforms[hf_name] = found[0]
+        self._fd: int | None = None
+        self.config = gguf_config(self.arch, model_type, self._metadata, tensors)
+        heads = int(self.config.get("num_attention_heads") or self._metadata[f"{self.arch}.attention.head_count"])
+        kv = spec.kv_heads(self.config) if spec.kv_heads is not None else int(
+            self._metadata.get(f"{self.arch}.attention.head_count_kv") or heads)
+        self._heads = HeadCounts(heads, kv if spec.grouped_query or spec.kv_heads is not None else heads)
+        self.config["gguf_file_type"] = self._metadata.get("general.file_type")
 
     def keys(self) -> list[str]:
         return list(self._tensors)
@@ -232,10 +341,15 @@ class GGUFSource(WeightSource):
     def __contains__(self, name: object) -> bool:
         return name in self._tensors
 
-    def shape(self, name: str) -> tuple[int, ...]:
-        """HF (numpy/torch) order: GGUF lists dimensions innermost first, so they are reversed."""
-        self._check_key(name)
+    def _stored_shape(self, name: str) -> tuple[int, ...]:
+        """GGUF lists dimensions innermost first: reversed, this is numpy/torch order before any transform."""
         return tuple(reversed(self._tensors[name].shape))
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """HF (numpy/torch) order, after undoing llama.cpp's reordering (GPT-2's transposes, for example)."""
+        self._check_key(name)
+        shape = self._stored_shape(name)
+        return GGUF_TRANSFORMS[self._transforms[name]][1](shape) if name in self._transforms else shape
 
     def gguf_type(self, name: str) -> str:
         """The GGUF storage type name of ``name`` (``"Q4_1"``, ``"F32"``...)."""
@@ -248,7 +362,8 @@ class GGUFSource(WeightSource):
         return _FLOAT_TYPES.get(kind, kind)
 
     def storage_eps(self, name: str) -> float:
-        """See :func:`quant_eps` (2^-b for b-bit quantisation; finfo eps for float storage)."""
+        """See :func:`quant_eps` (2^-b for b-bit quantisation; finfo eps for float storage), per tensor: files with
+        mixed quantisations give each tensor its own."""
         return quant_eps(self.gguf_type(name))
 
     def nbytes(self) -> int:
@@ -264,21 +379,23 @@ class GGUFSource(WeightSource):
         if len(raw) != t.n_bytes:
             raise WeightSourceError(f"GGUF file {str(self.path)!r} is truncated at tensor {name!r}; re-download it")
         kind = t.tensor_type.name
+        stored = self._stored_shape(name)
         if kind in _NUMPY_FLOATS:  # F16 is widened to float32 as transformers' loader does; F64 stays float64
             array = np.frombuffer(raw, dtype=_NUMPY_FLOATS[kind]).astype(np.float64 if kind == "F64" else np.float32)
         else:
-            data = np.frombuffer(raw, dtype=np.uint8).reshape(quant_shape_to_byte_shape(self.shape(name),
-                                                                                       t.tensor_type))
-            array = np.asarray(dequantize(data, t.tensor_type), dtype=np.float32)
-        array = array.reshape(self.shape(name))
-        if not (array.flags.writeable and array.flags.c_contiguous):
+            data = np.frombuffer(raw, dtype=np.uint8).reshape(quant_shape_to_byte_shape(stored, t.tensor_type))
+            try:
+                array = np.asarray(dequantize(data, t.tensor_type), dtype=np.float32)
+            except NotImplementedError:
+                raise WeightSourceError(f"tensor {name!r} of {self.name!r} is stored as {kind}, which gguf-py cannot "
+                                        f"dequantise; re-quantise the model to another type") from None
+        array = array.reshape(stored)
+        if name in self._transforms:
+            array = GGUF_TRANSFORMS[self._transforms[name]][0](array, self._heads)
+        array = np.ascontiguousarray(array)
+        if not array.flags.writeable:
             array = array.copy()
-        weight = torch.from_numpy(array)
-        if name.endswith("self_attn.q_proj.weight"):
-            weight = reverse_permute(weight, self.config["num_attention_heads"])
-        elif name.endswith("self_attn.k_proj.weight"):
-            weight = reverse_permute(weight, self.config["num_key_value_heads"])
-        return weight
+        return torch.from_numpy(array)
 
     def _release(self) -> None:
         """Keep names, shapes and types; close the file."""

@@ -7,7 +7,12 @@ Accepted inputs, in the order they are tried:
 * an existing local file: ``*.safetensors``, a ``*.safetensors.index.json`` shard index, ``*.gguf``, or (only with
   ``allow_pickle=True``) ``*.bin`` / ``*.pt`` / ``*.pth`` / a ``pytorch_model.bin.index.json``;
 * an existing local folder holding those files (and usually ``config.json``);
-* otherwise a Hugging Face Hub id, resolved **only** through the local HF cache (never the network).
+* otherwise a Hugging Face Hub id: the files the analysis reads are fetched through huggingface_hub's cache
+  (:mod:`hf_flag.weights.hub`: cache first, ``HF_HUB_OFFLINE`` honoured, ``revision`` pinned, tokenizers and other
+  files never fetched).
+
+Every source gets ``provenance`` (:func:`provenance`): where the weights came from (Hub id and commit sha, or a
+local model's Hub name from its config), the file format and the files read (names only, never absolute paths).
 
 Nothing here instantiates a model, runs remote code, or unpickles unless ``allow_pickle=True`` (then with
 ``weights_only=True``).  Every failure is a one-line :class:`~hf_flag.errors.WeightSourceError`.
@@ -23,14 +28,17 @@ from typing import Optional, Union
 from torch import nn
 
 from hf_flag.errors import WeightSourceError
+from hf_flag.weights import hub
+from hf_flag.weights.hub import hf_cache_dir, hub_name
 from hf_flag.weights.gguf_source import GGUFSource
 from hf_flag.weights.module_source import ModuleSource
 from hf_flag.weights.pickle_source import TorchPickleSource
 from hf_flag.weights.safetensors_source import SafetensorsSource
+from hf_flag.weights.streaming import StreamingHubSource
 from hf_flag.weights.weight_source import WeightSource
 
 __all__ = ["open_weights", "WeightSource", "ModuleSource", "SafetensorsSource", "GGUFSource", "TorchPickleSource",
-           "read_config", "hf_cache_dir"]
+           "read_config", "hf_cache_dir", "provenance", "file_format"]
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -39,43 +47,73 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
 
 def open_weights(model_or_path: Union[str, os.PathLike, nn.Module, WeightSource], *, allow_pickle: bool = False,
-                 revision: Optional[str] = None) -> WeightSource:
+                 revision: Optional[str] = None, gguf_file: Optional[str] = None,
+                 max_disk_bytes: Optional[int] = None) -> WeightSource:
     """Open a model's weights for lazy, one-tensor-at-a-time reading (see the module docstring for inputs).
 
-    ``revision`` selects a cached Hub revision (branch, tag or commit); it is ignored for local paths and
-    in-memory models.  Raises :class:`WeightSourceError` for a missing path, a folder without weights, a corrupt
-    or truncated checkpoint, an uncached Hub id, or pickle files without ``allow_pickle=True``.
+    ``revision`` (branch, tag or commit sha), ``gguf_file`` (which ``.gguf`` of a GGUF repo) and ``max_disk_bytes``
+    (a sharded safetensors repo is then streamed shard by shard within that many bytes of disk:
+    :class:`~hf_flag.weights.streaming.StreamingHubSource`) apply to Hub ids only.
+    Raises :class:`WeightSourceError` for a missing path, a folder without weights, a corrupt or truncated
+    checkpoint, a Hub id that cannot be fetched (one line naming the repo and the remedy), or pickle files without
+    ``allow_pickle=True``.
     """
     if isinstance(model_or_path, WeightSource):
         return model_or_path
     if isinstance(model_or_path, nn.Module):
-        return ModuleSource(model_or_path)
+        source = ModuleSource(model_or_path)
+        source.provenance = {"source": "module", "format": "module", "class": type(model_or_path).__name__,
+                             "hub_name": hub_name(source.config)}
+        return source
     if not isinstance(model_or_path, (str, os.PathLike)):
         raise WeightSourceError(f"model of type {type(model_or_path).__name__} is not supported; pass a torch "
-                                f"module, a local path, or a Hub id that is in the local HF cache")
+                                f"module, a local path, or a Hub id such as org/name")
     text = os.fspath(model_or_path)
     path = Path(text).expanduser()
     if path.is_file():
-        return _open_file(path, allow_pickle=allow_pickle, name=path.name, config=read_config(path.parent))
-    if path.is_dir():
-        return _open_folder(path, allow_pickle=allow_pickle, name=path.name)
-    if _looks_like_path(text):
-        raise WeightSourceError(f"model path {text!r} does not exist; check the path (or pass a Hub id that "
-                                f"is in the local HF cache)")
-    folder = _resolve_cached_hub_id(text, revision)
-    return _open_folder(folder, allow_pickle=allow_pickle, name=text)
+        source = _open_file(path, allow_pickle=allow_pickle, name=path.name, config=read_config(path.parent))
+        files = [path.name]
+    elif path.is_dir():
+        source = _open_folder(path, allow_pickle=allow_pickle, name=path.name)
+        files = []
+    elif _looks_like_path(text):
+        raise WeightSourceError(f"model path {text!r} does not exist; check the path (or pass a Hub id such as "
+                                f"org/name)")
+    else:
+        stream = max_disk_bytes is not None and not hub.offline()  # offline, every shard is in the cache already
+        snapshot = hub.resolve(text, revision=revision, gguf_file=gguf_file, allow_pickle=allow_pickle,
+                               shards=not stream)
+        if stream and snapshot.files[-1] == hub.SAFETENSORS_INDEX:
+            source = StreamingHubSource(snapshot, config=read_config(snapshot.folder), max_bytes=max_disk_bytes,
+                                        sizes=snapshot.sizes)
+            source.provenance = {**snapshot.provenance("safetensors"), "max_disk_bytes": int(max_disk_bytes)}
+            return source
+        if stream and snapshot.files[-1].endswith(".index.json"):  # a pickle index: not streamed
+            snapshot = hub.resolve(text, revision=revision, gguf_file=gguf_file, allow_pickle=allow_pickle)
+        weights = [f for f in snapshot.files if f != hub.CONFIG]
+        target = snapshot.folder / weights[0]
+        if len(weights) > 1 and not target.name.endswith(".index.json"):
+            source = SafetensorsSource([snapshot.folder / f for f in weights], name=text,
+                                       config=read_config(snapshot.folder))
+        else:
+            source = _open_file(target, allow_pickle=allow_pickle, name=text, config=read_config(snapshot.folder))
+        source.provenance = snapshot.provenance(file_format(source))
+        return source
+    source.provenance = {"source": "local", "format": file_format(source), "hub_name": hub_name(source.config),
+                         **({"files": files} if files else {})}
+    return source
 
 
-def hf_cache_dir() -> Path:
-    """The Hugging Face Hub cache folder, read from the environment *now* (``HF_HUB_CACHE``, else
-    ``HF_HOME/hub``, else huggingface_hub's default)."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
-    from huggingface_hub import constants
+def file_format(source: WeightSource) -> str:
+    """``"safetensors"``, ``"gguf"``, ``"pickle"`` or ``"module"``: the storage format ``source`` reads."""
+    formats = {SafetensorsSource: "safetensors", StreamingHubSource: "safetensors", GGUFSource: "gguf",
+               TorchPickleSource: "pickle", ModuleSource: "module"}
+    return next(v for k, v in formats.items() if isinstance(source, k))
 
-    return Path(constants.HF_HUB_CACHE)
+
+def provenance(source: WeightSource) -> dict:
+    """Where ``source``'s weights come from (set by :func:`open_weights`; ``{}`` for a source built directly)."""
+    return dict(getattr(source, "provenance", None) or {})
 
 
 def read_config(folder: Path) -> dict:
@@ -99,22 +137,6 @@ def _looks_like_path(text: str) -> bool:
     suffix), so that a missing path gets the 'does not exist' message rather than the Hub-cache one."""
     return (text.startswith((".", "/", "~", "\\")) or os.path.isabs(text) or not _HUB_ID.match(text)
             or text.endswith((".safetensors", ".gguf", ".json") + PICKLE_SUFFIXES))
-
-
-def _resolve_cached_hub_id(repo_id: str, revision: Optional[str]) -> Path:
-    """Snapshot folder of ``repo_id`` in the local HF cache, without any network access."""
-    from huggingface_hub import snapshot_download
-
-    cache = hf_cache_dir()
-    try:
-        folder = snapshot_download(repo_id, revision=revision, cache_dir=str(cache), local_files_only=True)
-    except (OSError, ValueError):  # LocalEntryNotFoundError is an OSError, HFValidationError a ValueError
-        at = f" at revision {revision!r}" if revision else ""
-        raise WeightSourceError(
-            f"model {repo_id!r}{at} is not a local path and is not in the Hugging Face cache "
-            f"(HF_HOME={os.environ.get('HF_HOME', '<unset>')}, cache {str(cache)!r}); download it first with "
-            f"`huggingface-cli download {repo_id}` or pass a local folder") from None
-    return Path(folder)
 
 
 def _open_folder(folder: Path, *, allow_pickle: bool, name: str) -> WeightSource:

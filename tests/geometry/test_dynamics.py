@@ -4,7 +4,9 @@ import math
 import pytest
 import torch
 
-from hf_flag.geometry.dynamics import fit_decay_rate, optimizer_family, predicted_decay_rate
+from hf_flag.geometry.dynamics import (GATED_LINEAR, NO_LAW, fit_decay_rate, imbalance_law_scope,
+                                       momentum_decay_factor, optimizer_family, predicted_decay_curve,
+                                       predicted_decay_rate)
 
 
 @pytest.mark.parametrize("rate", [1e-4, 2e-3, 0.37])
@@ -48,23 +50,40 @@ def test_fit_rejects_too_few_points(steps, values):
 
 def test_predicted_rates_and_laws():
     lr, wd = 0.01, 0.1
-    rate, law = predicted_decay_rate("SGD", lr, wd)
-    assert law == "exact, discrete GD"
+    rate, law = predicted_decay_rate("SGD", lr, wd, full_batch=True)
+    assert law.startswith("SGD: (1 - lr wd)^2 per step (full-batch GD: exact")
     assert rate == pytest.approx(-2 * math.log(1 - lr * wd), rel=1e-14)
     assert rate == pytest.approx(2 * lr * wd, rel=1e-3)
+    rate_mb, law = predicted_decay_rate("sgd", lr, wd, full_batch=False)
+    assert rate_mb == rate and "minibatch SGD" in law and "floor" in law and "exact" not in law
+    assert "exact only for full-batch GD" in predicted_decay_rate("SGD", lr, wd)[1]  # batch unknown: both stated
+    # momentum: slow root of z^2 - (1 + beta - lr wd) z + beta = 0, ~ 2 lr wd / (1 - beta) (MATH.md §2)
     rate, law = predicted_decay_rate("sgd", lr, wd, momentum=0.9)
-    assert (rate, law) == (pytest.approx(2 * lr * wd / 0.1, rel=1e-14), "empirical")
-    rate, law = predicted_decay_rate("adamw_torch", lr, wd)
-    assert law == "no exact law; decoupled decay estimate" and rate == pytest.approx(2 * lr * wd, rel=1e-3)
-    rate, law = predicted_decay_rate("Adam", lr, wd)
-    assert rate is None and "no law" in law
-    rate, law = predicted_decay_rate("adafactor", lr, wd)
-    assert rate is None and "adafactor" in law
-    assert predicted_decay_rate("SGD", lr, 0.0) == (0.0, "exact, discrete GD")
+    b = 1 + 0.9 - lr * wd
+    assert rate == pytest.approx(-2 * math.log((b + math.sqrt(b * b - 3.6)) / 2), rel=1e-12)
+    assert rate > 2 * lr * wd / 0.1 and law.startswith("SGD momentum")  # second order adds 12 % here
+    small = predicted_decay_rate("sgd", 1e-4, 1e-2, momentum=0.9, dampening=0.5)[0]
+    assert small == pytest.approx(2 * 1e-4 * 1e-2 * 0.5 / 0.1, rel=1e-4)
+    assert predicted_decay_rate("sgd", 1e-4, 1e-2, momentum=0.9, nesterov=True)[0] == pytest.approx(
+        2 * 1e-4 * 1e-2 / 0.1, rel=1e-4)
+    for name in ("adamw_torch", "AdamW", "Adam", "adafactor"):
+        rate, law = predicted_decay_rate(name, lr, wd)
+        assert rate is None and law.startswith(NO_LAW), name
+    assert "adafactor" in predicted_decay_rate("adafactor", lr, wd)[1]
+    assert predicted_decay_rate("SGD", lr, 0.0)[0] == 0.0
     names = ("AdamW", "adamw_torch_fused", "paged_adamw_32bit", "SGD", "adam", "lion")
     assert [optimizer_family(n) for n in names] == ["adamw", "adamw", "adamw", "sgd", "adam", None]
     with pytest.raises(ValueError, match="optimizer=None"):
         predicted_decay_rate(None, lr, wd)
+
+
+def test_momentum_factor_complex_roots_and_law_scope():
+    # complex roots (lr wd large against (1 - sqrt beta)^2): |z| = sqrt(beta)
+    assert momentum_decay_factor(0.5, 0.9) == pytest.approx(math.sqrt(0.9), rel=1e-15)
+    assert imbalance_law_scope("identity") == "full"
+    assert [imbalance_law_scope(a) for a in ("relu", "leaky_relu", GATED_LINEAR)] == ["diagonal"] * 3
+    assert [imbalance_law_scope(a) for a in ("gelu", "silu", "tanh", "unknown", None)] == [None] * 5
+    assert predicted_decay_curve(2.0, [10, 20, 40], 0.1) == pytest.approx([2.0, 2 * math.exp(-1), 2 * math.exp(-3)])
 
 
 @pytest.mark.parametrize("kwargs", [dict(lr=-1.0, weight_decay=0.1), dict(lr=0.1, weight_decay=float("nan")),
@@ -102,7 +121,7 @@ def test_deep_linear_net_imbalance_decays_at_predicted_rate(bias):
         ((net(X) - Y) ** 2).mean().backward()
         opt.step()
     fitted, r2 = fit_decay_rate(steps, values)
-    predicted, law = predicted_decay_rate("SGD", lr, wd)
-    assert law == "exact, discrete GD"
+    predicted, law = predicted_decay_rate("SGD", lr, wd, full_batch=True)
+    assert "full-batch GD: exact" in law
     assert fitted == pytest.approx(predicted, rel=0.01)
     assert r2 > 0.9999

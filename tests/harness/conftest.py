@@ -68,19 +68,37 @@ def report() -> Report:
 
 
 def strip_card_parts(text: str) -> str:
-    """Remove exactly what hf_flag.integrations.cards says it owns (an independent re-implementation)."""
+    """Remove what hf_flag.integrations.cards says it owns or may rewrite (an independent re-implementation): the
+    marked section, the ``hf_flag:`` key and the whole ``model-index:`` block (whose user entries
+    :func:`check_card_preserved` compares by content)."""
     import re
 
     text = re.sub(r"<!-- hf-flag:start -->.*?<!-- hf-flag:end -->\r?\n?", "", text, flags=re.S)
-    text = re.sub(r"[ \t]*# hf-flag:model-index:start.*?# hf-flag:model-index:end\r?\n", "", text, flags=re.S)
+    text = re.sub(r"^model-index:\r?\n(?:(?:[ \t]|- ).*\r?\n)*", "", text, flags=re.M)
     return re.sub(r"^hf_flag:\r?\n(?:[ \t].*\r?\n)*", "", text, flags=re.M)
 
 
+def user_model_index(text: str) -> list:
+    """The card's model-index without the results whose source is hf-flag (entries left empty dropped)."""
+    import yaml
+
+    parts = text.lstrip("\ufeff").split("---", 2)
+    meta = (yaml.safe_load(parts[1]) or {}) if len(parts) == 3 else {}
+    out = []
+    for entry in meta.get("model-index") or []:
+        kept = [r for r in entry["results"] if (r.get("source") or {}).get("name") != "hf-flag"]
+        if kept:
+            out.append({**entry, "results": kept})
+    return out
+
+
 def check_card_preserved(out: str, card: str) -> None:
-    """``out`` is ``card`` plus our parts; appending the section may add at most one blank line before it."""
+    """``out`` is ``card`` plus our parts (appending the section may add at most one blank line before it), and
+    the user's model-index entries are unchanged in content, names included."""
     rest = strip_card_parts(out)
-    assert rest.startswith(card)
-    assert rest[len(card):] in ("", "\n", "\n\n", "\r\n", "\r\n\r\n")
+    assert rest.startswith(strip_card_parts(card))
+    assert rest[len(strip_card_parts(card)):] in ("", "\n", "\n\n", "\r\n", "\r\n\r\n")
+    assert user_model_index(out) == user_model_index(card)
 
 
 @pytest.fixture

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import stat
-from pathlib import Path
-from unittest import mock
 
 import pytest
 import yaml
@@ -42,10 +40,15 @@ def front_matter(text: str) -> dict:
     return yaml.safe_load(text.split("---", 2)[1])
 
 
+def ours(text: str) -> dict:
+    """hf-flag's model-index results of a card, as huggingface_hub reads them: metric type -> EvalResult."""
+    return {r.metric_type: r for r in ModelCard(text).data.eval_results or [] if r.source_name == "hf-flag"}
+
+
 @pytest.mark.parametrize("nl", ["\n", "\r\n"])
-def test_user_card_preserved_byte_for_byte_and_idempotent(report, nl, assert_card_preserved):
+def test_user_card_preserved_outside_our_parts_and_idempotent(report, nl, assert_card_preserved):
     card = USER_CARD.replace("\n", nl)
-    plots = {"Commutator ratio by layer": "../../plots/org--tiny/commutator_ratio.png"}
+    plots = {"Commutator ratio by layer": "hf-flag-plots/commutator_ratio.png"}
     once = cards.update_card_text(card, report, model_name="org/tiny", plots=plots)
     assert cards.update_card_text(once, report, model_name="org/tiny", plots=plots) == once
     assert_card_preserved(once, card)
@@ -54,56 +57,81 @@ def test_user_card_preserved_byte_for_byte_and_idempotent(report, nl, assert_car
     user = front_matter(card)
     assert list(meta)[:len(user)] == list(user)  # user keys first, same order
     assert {k: meta[k] for k in user if k != "model-index"} == {k: v for k, v in user.items() if k != "model-index"}
-    assert meta["model-index"][0] == user["model-index"][0]  # merged, not clobbered
+    assert [e["name"] for e in meta["model-index"]] == ["user-model"]  # ours join the user's entry, name kept
+    assert meta["model-index"][0]["results"][0] == user["model-index"][0]["results"][0]
     assert meta["hf_flag"]["metrics"]["mlp/commutator_ratio"] == 0.35
-    assert "![Commutator ratio by layer](../../plots/org--tiny/commutator_ratio.png)" in once
+    assert "![Commutator ratio by layer](hf-flag-plots/commutator_ratio.png)" in once
+    assert "# Card metadata (keep this comment)" in once and "  - en   # English only" in once
 
 
-def test_model_index_convention_through_huggingface_hub(report):
+def test_model_index_marked_the_huggingface_hub_way(report):
     text = cards.update_card_text(USER_CARD, report, model_name="org/tiny")
     results = ModelCard(text).data.eval_results
-    user = [r for r in results if r.dataset_type == "glue"]
-    ours = {r.metric_type: r for r in results if r.dataset_type == "hf-flag"}
-    assert [(r.metric_type, r.metric_value) for r in user] == [("accuracy", 0.91)]
-    assert set(ours) == {"mlp/commutator_ratio", "mlp/commutator_ratio_baseline", "vo/commutator_ratio",
+    user = [r for r in results if r.source_name != "hf-flag"]
+    assert [(r.metric_type, r.metric_value, r.dataset_type) for r in user] == [("accuracy", 0.91, "glue")]
+    mine = ours(text)
+    assert set(mine) == {"mlp/commutator_ratio", "mlp/commutator_ratio_baseline", "vo/commutator_ratio",
                          "vo/commutator_ratio_baseline", "head_overlap_o/overlap", "head_overlap_o/overlap_baseline"}
-    r = ours["mlp/commutator_ratio"]
-    assert (r.task_type, r.dataset_name, r.metric_value) == ("weight-geometry", "weights", 0.35)
-    assert ours["vo/commutator_ratio_baseline"].metric_value == 0.2
+    r = mine["mlp/commutator_ratio"]
+    assert (r.task_type, r.dataset_type, r.metric_value, r.source_url) == ("weight-geometry", "hf-flag", 0.35,
+                                                                          cards.DOCS_URL)
+    assert mine["vo/commutator_ratio_baseline"].metric_value == 0.2
 
 
-def test_second_report_replaces_only_our_parts(report, assert_card_preserved):
+def test_modelcard_load_save_then_rerun_replaces_exactly_our_results(report):
+    """huggingface_hub's ModelCard drops YAML comments and re-dumps the model-index; a rerun must still find and
+    replace exactly hf-flag's results (no duplicates, no stale values) and leave the user's result and name."""
     first = cards.update_card_text(USER_CARD, report, model_name="org/tiny")
+    saved = str(ModelCard(first))  # a load/save by huggingface_hub
+    assert "# Card metadata" not in saved  # it did drop the comments
     report.summary["mlp/commutator_ratio"] = 0.77
-    second = cards.update_card_text(first, report, model_name="org/tiny")
-    assert_card_preserved(second, USER_CARD)
-    assert "0.77" in second and "MLP commutator ratio 0.35" not in second
-    assert second.count(cards.SECTION_START) == 1 and second.count(cards.INDEX_START) == 1
-    assert front_matter(second)["hf_flag"]["metrics"]["mlp/commutator_ratio"] == 0.77
+    second = cards.update_card_text(saved, report, model_name="org/tiny")
+    for text in (second, str(ModelCard(second)), cards.update_card_text(str(ModelCard(second)), report)):
+        results = ModelCard(text).data.eval_results
+        assert len(results) == 1 + 6
+        assert ours(text)["mlp/commutator_ratio"].metric_value == 0.77
+        assert [(r.metric_type, r.metric_value) for r in results if r.source_name != "hf-flag"] == [("accuracy", 0.91)]
+        assert [e["name"] for e in front_matter(text)["model-index"]] == ["user-model"]
+    assert cards.update_card_text(second, report, model_name="org/tiny") == second
 
 
-def test_report_without_headlines_removes_our_stale_index_entry(report, assert_card_preserved):
+def test_comment_marked_entry_of_hf_flag_0_1_is_replaced(report):
+    legacy = USER_CARD.replace("# trailing comment", (
+        "  # hf-flag:model-index:start\n  - name: org/tiny\n    results:\n      - task: {type: weight-geometry}\n"
+        "        dataset: {name: weights, type: hf-flag}\n        metrics:\n"
+        "          - {type: mlp/commutator_ratio, value: 0.99}\n  # hf-flag:model-index:end\n# trailing comment"))
+    assert len(ModelCard(legacy).data.eval_results) == 2
+    out = cards.update_card_text(legacy, report, model_name="org/tiny")
+    assert "hf-flag:model-index" not in out and "0.99" not in out
+    assert len(ModelCard(out).data.eval_results) == 1 + 6
+
+
+def test_report_without_headlines_removes_our_stale_results(report, assert_card_preserved):
     first = cards.update_card_text(USER_CARD, report, model_name="org/tiny")
     second = cards.update_card_text(first, report, model_name="org/tiny", metrics=[])
-    assert cards.INDEX_START not in second and "0.35" not in second  # no number of the first report survives
+    assert ours(second) == {} and "0.35" not in second  # no number of the first report survives
     assert "No headline metric" in second
     assert_card_preserved(second, USER_CARD)
     assert front_matter(second)["model-index"] == front_matter(USER_CARD)["model-index"]
 
 
-def test_card_without_front_matter_or_model_index(report, assert_card_preserved):
+def test_card_without_front_matter_without_model_index_or_final_newline(report, assert_card_preserved):
     plain = "# Title\n\nText only.\n"
     out = cards.update_card_text(plain, report)
     assert out.startswith("---\n") and out.endswith(cards.SECTION_END + "\n")
     assert_card_preserved(out.split("---\n", 2)[2], plain)
     assert cards.update_card_text(out, report) == out
-    meta = front_matter(out)
-    assert meta["model-index"][0]["name"] == "org/tiny"
+    assert front_matter(out)["model-index"][0]["name"] == "org/tiny"
     no_index = "---\nlicense: mit\n---\nText\n"
     out = cards.update_card_text(no_index, report, metrics=["mlp/commutator_ratio"])
-    assert_card_preserved(out.replace("model-index:\n", ""), no_index)
+    assert_card_preserved(out, no_index)
     assert [m["type"] for m in front_matter(out)["model-index"][0]["results"][0]["metrics"]] == [
         "mlp/commutator_ratio", "mlp/commutator_ratio_baseline"]
+    bare = "---\nlicense: mit\n---"  # valid, no trailing newline
+    out = cards.update_card_text(bare, report)
+    assert out.startswith("---\nlicense: mit\n") and front_matter(out)["license"] == "mit"
+    assert ModelCard(out).data.license == "mit" and len(ours(out)) == 6
+    assert cards.update_card_text(out, report) == out
 
 
 def test_unsafe_cards_raise_one_line_errors(report):
@@ -113,16 +141,47 @@ def test_unsafe_cards_raise_one_line_errors(report):
         cards.update_card_text("text\n<!-- hf-flag:start -->\nhalf", report)
 
 
-def test_readings_compare_with_the_baseline():
-    assert cards.reading("mlp/commutator_ratio", 0.31, 0.05) == (
-        "MLP commutator ratio 0.31 vs 0.05 random: further from a shared eigenbasis than a random orientation "
-        "of the same spectra")
-    assert cards.reading("mlp/commutator_ratio", 0.02, 0.05).endswith("partial basis alignment")
-    assert cards.reading("head_overlap_o/overlap", 0.26, 0.25).endswith("indistinguishable from random subspaces")
-    assert cards.reading("mlp/intersection_dim", 3.0, 0.0).endswith("generic position (alignment)")
-    assert cards.reading("mlp/intersection_dim", 0.0, 0.0).endswith("no shared directions beyond chance")
-    assert cards.reading("vo/commutator_ratio", 0.1, None) == "attention V-O commutator ratio 0.1 (no random " \
-                                                              "baseline computed)"
+def test_local_models_are_named_by_their_hub_name_never_a_path(report, tmp_path):
+    report.model = str(tmp_path / "checkpoints" / "my-model")
+    assert cards.card_model_name(report) == "my-model"
+    report.params["provenance"] = {"source": "local", "format": "safetensors", "hub_name": "me/my-model"}
+    assert cards.card_model_name(report) == "me/my-model"
+    assert cards.card_model_name(report, "me/renamed") == "me/renamed"
+    text = cards.update_card_text("", report)
+    assert front_matter(text)["model-index"][0]["name"] == "me/my-model" and str(tmp_path) not in text
+
+
+def test_first_sentence_says_where_the_numbers_come_from(report):
+    def first_sentence(text: str) -> str:
+        body = text.split(cards.SECTION_START, 1)[1]
+        return [line for line in body.splitlines() if line and not line.startswith("#")][0]
+
+    report.params.update(storage_dtypes=["F32", "Q4_1"], hf_flag_version="0.1.0", provenance={
+        "source": "local", "format": "gguf", "files": ["SmolLM2-135M-Instruct.Q4_1.gguf"], "hub_name": None})
+    derived = first_sentence(cards.update_card_text("", report, model_name="HuggingFaceTB/SmolLM2-135M-Instruct"))
+    assert derived.startswith("**Computed from a derived copy, not from the original weights of "
+                              "`HuggingFaceTB/SmolLM2-135M-Instruct`:** a local copy "
+                              "(`SmolLM2-135M-Instruct.Q4_1.gguf`), GGUF, stored as F32/Q4_1")
+    assert cards.is_derived(report, "HuggingFaceTB/SmolLM2-135M-Instruct")
+    sha = "a" * 40
+    report.params.update(storage_dtypes=["bfloat16"], provenance={
+        "source": "hub", "repo_id": "org/tiny", "revision": "main", "sha": sha, "format": "safetensors"})
+    original = first_sentence(cards.update_card_text("", report, model_name="org/tiny"))
+    assert original == ("Read by hf-flag 0.1.0 from this repository's own weights at commit `aaaaaaaaaaaa` "
+                        "(safetensors, bfloat16), without running the model.")
+    assert not cards.is_derived(report, "org/tiny") and cards.is_derived(report, "org/other")
+    assert ours(cards.update_card_text("", report, model_name="org/tiny"))[
+        "mlp/commutator_ratio"].dataset_revision == sha
+
+
+def test_each_diagnostic_is_one_paragraph_with_a_link_and_numbers_with_baseline_and_spread(report):
+    text = cards.update_card_text("", report, model_name="org/tiny")
+    section = text.split(cards.SECTION_START, 1)[1]
+    assert section.count("### ") == 2  # commutator ratio, head overlap
+    for anchor in ("#3-commutator-obstruction", "#6-attention-heads-weight-only"):
+        assert f"]({cards.MATH_URL}{anchor})" in section
+    assert "- MLP: 0.35 vs random 0.05 (2 layers; sd 0.0707, 0.3 to 0.4): not read:" in section
+    assert "the rule needs 3" in section and "|z| >= 3" in section
 
 
 def test_default_metrics_follow_analyze_headlines(report):
@@ -148,44 +207,11 @@ def test_write_card_in_place_keeps_mode_and_skips_identical_rewrite(report, tmp_
     assert "# org/tiny" in fresh and front_matter(fresh)["model_name"] == "org/tiny"
 
 
-def test_push_card_pr_uploads_exact_bytes_with_create_pr(report, tmp_path):
-    remote = tmp_path / "remote_README.md"
-    remote.write_bytes(USER_CARD.encode())
-    uploaded = {}
-
-    def fake_upload(path_or_fileobj, **kwargs):
-        uploaded["text"] = Path(path_or_fileobj).read_bytes().decode()
-        uploaded.update(kwargs)
-        return "https://huggingface.co/org/tiny/discussions/1"
-
-    token = "hf_SECRETtoken123"
-    with mock.patch("huggingface_hub.repocard.hf_hub_download", return_value=str(remote)) as download, \
-            mock.patch("huggingface_hub.repocard.upload_file", side_effect=fake_upload), \
-            mock.patch("huggingface_hub.repocard.RepoCard.validate"):
-        url = cards.push_card_pr("org/tiny", report, token=token)
-    assert url.endswith("/discussions/1")
-    assert download.call_args.kwargs["token"] == token
-    assert uploaded["create_pr"] is True and uploaded["repo_id"] == "org/tiny" and uploaded["token"] == token
-    assert uploaded["text"] == cards.update_card_text(USER_CARD, report, model_name="org/tiny")  # comments kept
-    assert token not in uploaded["text"]
-    assert not [p for p in tmp_path.rglob("*") if p.is_file() and token.encode() in p.read_bytes()]
-
-
-def test_push_card_pr_without_remote_card(report):
-    from huggingface_hub.errors import EntryNotFoundError
-
-    with mock.patch("huggingface_hub.repocard.hf_hub_download", side_effect=EntryNotFoundError("no README")), \
-            mock.patch("huggingface_hub.repocard.upload_file", return_value="url") as upload, \
-            mock.patch("huggingface_hub.repocard.RepoCard.validate"):
-        cards.push_card_pr("org/tiny", report)
-    assert upload.call_args.kwargs["create_pr"] is True
-
-
 @pytest.mark.pretrained
 def test_minilm_readme_round_trip(report, minilm_path, assert_card_preserved):
     original = (minilm_path / "README.md").read_bytes().decode()
     out = cards.update_card_text(original, report, model_name="sentence-transformers/all-MiniLM-L6-v2")
-    assert "model-index" not in original  # so the model-index: key line is ours too
-    assert_card_preserved(out.replace("model-index:\n", "", 1), original)
+    assert "model-index" not in original  # so the model-index: key is ours too
+    assert_card_preserved(out, original)
     assert cards.update_card_text(out, report, model_name="sentence-transformers/all-MiniLM-L6-v2") == out
     assert front_matter(out)["datasets"] == front_matter(original)["datasets"]

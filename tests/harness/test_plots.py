@@ -7,24 +7,26 @@ import numpy as np
 import pytest
 
 from hf_flag.harness import plots
+from hf_flag.integrations.readings import layer_series
 from hf_flag.report import Report, Row
+from hf_flag.rows import KIND_LABELS
 
 
 def test_layer_series_means_per_layer(report):
-    layers, values, baselines = plots.layer_series(report, "vo", "commutator_ratio")
+    layers, values, baselines = layer_series(report, "vo", "commutator_ratio")
     assert layers == [0, 1]
     # vo rows of layer l: 0.01 (h + 1) + l for h = 0, 1, 2 -> mean 0.02 + l
     assert values == pytest.approx([0.02, 1.02], abs=1e-15)
     assert baselines == pytest.approx([0.2, 0.2])
-    assert plots.layer_series(report, "mlp", "intersection_dim") == ([0, 1], [2.0, 3.0], [0.0, 0.0])
-    assert plots.layer_series(report, "mlp_gate", "commutator_ratio") == ([], [], [])
+    assert layer_series(report, "mlp", "intersection_dim") == ([0, 1], [2.0, 3.0], [0.0, 0.0])
+    assert layer_series(report, "mlp_gate", "commutator_ratio") == ([], [], [])
 
 
 def test_layer_series_skips_missing_values():
     rows = [Row("m", "mlp", 0, 0, "a", "b", {"commutator_ratio": None}),
             Row("m", "mlp", 1, 1, "a", "b", {"commutator_ratio": 0.5, "commutator_ratio_baseline": None}),
             Row("m", "mlp", 2, 2, "a", "b", {"commutator_ratio": float("nan")})]
-    assert plots.layer_series(Report("m", "x", rows=rows), "mlp", "commutator_ratio") == ([1], [0.5], [None])
+    assert layer_series(Report("m", "x", rows=rows), "mlp", "commutator_ratio") == ([1], [0.5], [None])
 
 
 def test_head_overlap_matrices_symmetric_with_empty_diagonal(report):
@@ -45,26 +47,60 @@ def test_head_label_without_index_is_a_value_error():
         plots.head_overlap_matrices(Report("m", "x", rows=rows))
 
 
-def test_by_layer_figure_draws_values_and_dashed_baselines(report):
-    fig = plots.figure_by_layer(report, "commutator_ratio")
-    lines = {line.get_label(): line for line in fig.axes[0].get_lines()}
-    assert set(lines) == {"mlp", "mlp random baseline", "vo", "vo random baseline"}
-    assert list(lines["mlp"].get_xdata()) == [0, 1]
-    assert list(lines["mlp"].get_ydata()) == pytest.approx([0.3, 0.4])
-    assert list(lines["vo random baseline"].get_ydata()) == pytest.approx([0.2, 0.2])
-    assert lines["vo random baseline"].get_linestyle() == "--"
-    assert lines["vo random baseline"].get_color() == lines["vo"].get_color()
+def lines_of(ax) -> dict:
+    return {line.get_label().split("\n")[0]: line for line in ax.get_lines()}
+
+
+def test_by_layer_figure_one_panel_per_pair_kind_with_labelled_baselines(report):
+    fig = plots.figure_by_layer(report, "commutator_ratio", ylabel="commutator ratio kappa")
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    assert [ax.get_title() for ax in panels] == [KIND_LABELS["mlp"], KIND_LABELS["vo"]]
+    for ax in panels:
+        assert ax.get_xlabel() == "layer" and ax.get_ylabel() == "commutator ratio kappa"
+        assert set(lines_of(ax)) == {"value (layer mean)", "random baseline"}
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == ["random baseline", "value (layer mean)"]
+    mlp, vo = (lines_of(ax) for ax in panels)
+    assert list(mlp["value (layer mean)"].get_xdata()) == [0, 1]
+    assert list(mlp["value (layer mean)"].get_ydata()) == pytest.approx([0.3, 0.4])
+    assert list(vo["random baseline"].get_ydata()) == pytest.approx([0.2, 0.2])
+    assert vo["random baseline"].get_linestyle() == "--"
     assert plots.figure_by_layer(report, "no_such_metric") is None
 
 
-def test_head_overlap_figure_shows_each_layer(report):
+def test_missing_layers_are_named_with_the_reason_and_windows_drawn():
+    rows = [Row("m", "vo", layer, layer, "head 0", "head 0",
+                {"intersection_dim": None if layer in (1, 2) else 0.0, "intersection_dim_baseline": 0.0,
+                 "window_in": 4.0 + layer, "window_out": 3.0})
+            for layer in range(4)]
+    fig = plots.figure_by_layer(Report("m", "llama", rows=rows), "intersection_dim")
+    [panel] = [ax for ax in fig.axes if ax.get_title()]
+    assert "no value at layers 1, 2: the two flags share no cut below" in panel.get_xlabel()
+    value = lines_of(panel)["value (layer mean)"]
+    assert np.isnan(value.get_ydata()[1:3]).all() and list(value.get_ydata()[[0, 3]]) == [0.0, 0.0]
+    assert value.get_label().endswith("(= baseline at every layer)")
+    [twin] = [ax for ax in fig.axes if not ax.get_title()]
+    windows = lines_of(twin)
+    assert list(windows["window in"].get_ydata()) == [4.0, 5.0, 6.0, 7.0]
+    assert list(windows["window out"].get_ydata()) == [3.0] * 4
+    none = [Row("m", "vo", 0, 0, "h", "h", {"intersection_dim": None}),
+            Row("m", "mlp", 0, 0, "a", "b", {"intersection_dim": 1.0})]
+    fig = plots.figure_by_layer(Report("m", "x", rows=none), "intersection_dim")
+    vo_panel = [ax for ax in fig.axes if ax.get_title() == KIND_LABELS["vo"]][0]
+    assert "no value at any layer" in vo_panel.get_xlabel() and not vo_panel.get_lines()
+
+
+def test_head_overlap_figure_ticks_heads_and_marks_the_baseline_on_the_colour_bar(report):
     fig = plots.figure_head_overlap(report)
-    images = [ax.images[0] for ax in fig.axes if ax.images]
-    assert len(images) == 2
+    heatmaps = [ax for ax in fig.axes if ax.images]
+    assert len(heatmaps) == 2
     expected = plots.head_overlap_matrices(report)
-    for image, layer in zip(images, (0, 1)):
-        np.testing.assert_array_equal(np.asarray(image.get_array().filled(np.nan)), expected[layer])
-    assert "random baseline 0.25" in fig._suptitle.get_text()
+    for ax, layer in zip(heatmaps, (0, 1)):
+        np.testing.assert_array_equal(np.asarray(ax.images[0].get_array().filled(np.nan)), expected[layer])
+        assert list(ax.get_xticks()) == [0, 1, 2] and list(ax.get_yticks()) == [0, 1, 2]
+        assert ax.get_xlabel() == "head"
+    bar = [ax for ax in fig.axes if not ax.images and ax.get_ylabel().startswith("overlap")][0]
+    assert [line.get_ydata()[0] for line in bar.get_lines()] == [pytest.approx(0.25)]
+    assert "random\n0.25" in [t.get_text() for t in bar.texts]
 
 
 def test_save_plots_writes_pngs(report, tmp_path):

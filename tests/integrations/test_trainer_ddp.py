@@ -28,7 +28,12 @@ REPO = Path(__file__).resolve().parents[2]
 SCRIPT = Path(__file__).with_name("ddp_train.py")
 MAX_STEPS, EVERY, SAVE_STEPS, LOGGING_STEPS = 20, 5, 10, 5
 FLAG_STEPS = list(range(0, MAX_STEPS + 1, EVERY))
-COMPARED = ("mlp/commutator_ratio", "mlp/imbalance_norm", "vo/commutator_ratio", "residual/commutator_ratio")
+#: logged key (after ``flag/``) -> analyze summary key: kappa beside its baseline, and the law's series (diag D of the
+#: gated MLP's up -> down pairs; Llama has no biases, so the decayed view equals the checkpoint)
+COMPARED = {"mlp/commutator_ratio": "mlp/commutator_ratio",
+            "mlp/commutator_ratio_baseline": "mlp/commutator_ratio_baseline",
+            "vo/commutator_ratio": "vo/commutator_ratio", "residual/commutator_ratio": "residual/commutator_ratio",
+            "law/mlp/imbalance_diagonal_norm": "mlp/imbalance_diagonal_norm"}
 TIMEOUT_S = 180
 
 
@@ -50,25 +55,31 @@ def test_loss_logs_survive_measurement_steps(tmp_path):
     assert [s for s, _ in entries(trainer.state.log_history, "loss")] == [5, 10]
 
 
-@pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("ddp")
+def launch_two_ranks(script: Path, args: list[str], timeout_s: int = TIMEOUT_S) -> str:
+    """Run ``script args`` on 2 CPU processes (``accelerate launch --multi_gpu``, gloo); fail the test on a non-zero
+    exit, a traceback or a hang (the launcher's whole session is killed); return the output."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(free_port()), str(SCRIPT), str(out), str(MAX_STEPS), str(EVERY),
-           str(SAVE_STEPS)]
+           "--main_process_port", str(free_port()), str(script), *args]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
-        output, _ = proc.communicate(timeout=TIMEOUT_S)
+        output, _ = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)  # the launcher's own session: it and its two workers
         output, _ = proc.communicate()
-        pytest.fail(f"DDP run hung (> {TIMEOUT_S} s); output tail:\n{output[-4000:]}")
-    assert proc.returncode == 0, f"DDP run failed (rc={proc.returncode}); output tail:\n{output[-4000:]}"
+        pytest.fail(f"2-process run hung (> {timeout_s} s); output tail:\n{output[-4000:]}")
+    assert proc.returncode == 0, f"2-process run failed (rc={proc.returncode}); output tail:\n{output[-4000:]}"
     assert "Traceback" not in output, output[-4000:]
+    return output
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ddp")
+    launch_two_ranks(SCRIPT, [str(out), str(MAX_STEPS), str(EVERY), str(SAVE_STEPS)])
     return out
 
 
@@ -96,10 +107,10 @@ def test_rank0_log_history_matches_analyze_of_checkpoints(ddp_run):
     assert [s for s, _ in entries(history, "loss")] == list(range(LOGGING_STEPS, MAX_STEPS + 1, LOGGING_STEPS))
     summaries = {step: analyze(ddp_run / "run" / f"checkpoint-{step}", cheap=True, composition="none").summary
                  for step in (SAVE_STEPS, MAX_STEPS)}
-    for key in COMPARED:  # the values logged at a step are those of the weights saved at that step
+    for key, name in COMPARED.items():  # the values logged at a step are those of the weights saved at that step
         logged = dict(entries(history, f"flag/{key}"))
         for step, summary in summaries.items():
-            assert logged[step] == pytest.approx(summary[key], rel=1e-9), (key, step)
+            assert logged[step] == pytest.approx(summary[name], rel=1e-9), (key, step)
     assert summaries[SAVE_STEPS]["mlp/imbalance_norm"] != pytest.approx(  # it trained between the checkpoints
         summaries[MAX_STEPS]["mlp/imbalance_norm"], rel=1e-6)
 
@@ -124,4 +135,5 @@ def test_callback_state_is_in_the_checkpoints(ddp_run):
         saved = trainer_state(ddp_run, step)["stateful_callbacks"]["FlagAlignmentCallback"]
         assert saved["args"]["every_n_steps"] == EVERY
         assert saved["attributes"]["last_step"] == step
-        assert [p[0] for p in saved["attributes"]["history"]["imbalance_norm"]] == FLAG_STEPS[:step // EVERY + 1]
+        series = saved["attributes"]["history"]["mlp/imbalance_diagonal_norm"]
+        assert [p[0] for p in series] == FLAG_STEPS[:step // EVERY + 1]

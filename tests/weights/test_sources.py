@@ -14,7 +14,7 @@ from torch import nn
 
 from hf_flag.errors import HfFlagError, WeightSourceError
 from hf_flag.weights import safetensors_source
-from hf_flag.weights.gguf_source import hf_tensor_name, quant_eps, reverse_permute
+from hf_flag.weights.gguf_source import gguf_name_table, quant_eps, reverse_permute
 from hf_flag.weights.sources import (GGUFSource, ModuleSource, SafetensorsSource, TorchPickleSource, WeightSource,
                                      open_weights)
 
@@ -240,7 +240,7 @@ def test_lazy_read_of_large_file_keeps_rss_small(tmp_path):
     assert grown < 32 * 2 ** 20, f"RSS grew by {grown / 2 ** 20:.0f} MiB reading a 64-byte tensor"
 
 
-# ---------------------------------------------------------------- Hub ids through the local cache only
+# ---------------------------------------------------------------- Hub ids from the local cache (offline)
 def _fake_hf_cache(root, repo_id: str, files_from) -> None:
     commit = "0123456789abcdef0123456789abcdef01234567"
     repo = root / ("models--" + repo_id.replace("/", "--"))
@@ -262,8 +262,8 @@ def test_hub_id_resolves_from_local_cache_only(tmp_path, monkeypatch, tiny_check
         assert src.name == "tiny-org/tiny-llama" and src.config["model_type"] == "llama"
         k = "model.layers.0.self_attn.v_proj.weight"
         assert torch.equal(src.get(k), tiny_llama.state_dict()[k])
-    with pytest.raises(WeightSourceError, match=r"'tiny-org/absent' is not a local path and is not in the Hugging "
-                                                r"Face cache \(HF_HOME=.*huggingface-cli download tiny-org/absent"):
+    with pytest.raises(WeightSourceError, match=r"^Hub model 'tiny-org/absent' is not in the HF cache \(.*hub\) and "
+                                                r"HF_HUB_OFFLINE is set; connect \(or unset HF_HUB_OFFLINE\)"):
         open_weights("tiny-org/absent")
     with pytest.raises(WeightSourceError, match="at revision 'v2'"):
         open_weights("tiny-org/tiny-llama", revision="v2")
@@ -383,14 +383,18 @@ def test_reverse_permute_inverts_llama_cpp(n_head):
 
 
 def test_gguf_names_and_precision():
-    assert hf_tensor_name("blk.12.attn_q.weight") == "model.layers.12.self_attn.q_proj.weight"
-    assert hf_tensor_name("blk.0.ffn_down.weight") == "model.layers.0.mlp.down_proj.weight"
-    assert hf_tensor_name("output.weight") == "lm_head.weight"
-    assert hf_tensor_name("rope_freqs.weight") == "rope_freqs.weight"
+    from hf_flag.weights.adapters.table import ARCHITECTURES
+
+    names = gguf_name_table(ARCHITECTURES["llama"], "llama", 13,
+                            ["blk.12.attn_q.weight", "output.weight", "rope_freqs.weight", "token_embd.weight"])
+    assert names["blk.12.attn_q.weight"] == "model.layers.12.self_attn.q_proj.weight"
+    assert names["blk.0.ffn_down.weight"] == "model.layers.0.mlp.down_proj.weight"
+    assert names["output.weight"] == "lm_head.weight" and names["token_embd.weight"] == "model.embed_tokens.weight"
+    assert "rope_freqs.weight" not in names  # kept unchanged by the source
     assert quant_eps("Q4_1") == quant_eps("Q4_K") == 2.0 ** -4 and quant_eps("Q8_0") == 2.0 ** -8
     assert quant_eps("F16") == 2.0 ** -10 and quant_eps("I32") == 0.0
     with pytest.raises(WeightSourceError, match="no known precision"):
-        quant_eps("MXFP9")
+        quant_eps("FP8_E4M3")
 
 
 @pytest.mark.pretrained
@@ -543,11 +547,11 @@ def test_gguf_other_architecture_or_missing_metadata_is_refused(tmp_path):
     from hf_flag.errors import UnsupportedArchitectureError
 
     weights = {"token_embd.weight": (np.zeros((10, 32), dtype=np.float32), None)}
-    _write_tiny_gguf(tmp_path / "gpt2.gguf", weights, arch="gpt2")
-    with pytest.raises(UnsupportedArchitectureError, match=r"'gpt2.gguf' has architecture 'gpt2'.*safetensors"):
-        open_weights(tmp_path / "gpt2.gguf")
+    _write_tiny_gguf(tmp_path / "mamba.gguf", weights, arch="mamba")
+    with pytest.raises(UnsupportedArchitectureError, match=r"'mamba.gguf'.*architecture 'mamba'.*safetensors"):
+        open_weights(tmp_path / "mamba.gguf")
     _write_tiny_gguf(tmp_path / "headless.gguf", weights, heads=None)
-    with pytest.raises(WeightSourceError, match=r"lacks metadata for \['num_attention_heads'\]"):
+    with pytest.raises(WeightSourceError, match=r"lacks metadata \['llama.attention.head_count'\]"):
         open_weights(tmp_path / "headless.gguf")
 
 

@@ -1,8 +1,8 @@
 """Declarative architecture adapters and the one generic loader that reads them.
 
-An adapter only answers "which tensor is which, in which layout" (docs/ARCHITECTURE.md).  Each family module
-(``gpt2.py``, ``llama.py``, ...) declares an :class:`AdapterSpec`: the layer stack's name, the tensor name of each
-role relative to one layer, and the storage layout of the attention and MLP tensors.  :class:`Adapter` turns
+An adapter only answers "which tensor is which, in which layout" (docs/ARCHITECTURE.md).  Every family is one
+:class:`AdapterSpec` in the architecture table (``table.py``): the layer stack's name, the tensor name of each role
+relative to one layer, and the storage layout of the attention and MLP tensors.  :class:`Adapter` turns
 (spec, weight source, layer index) into a :class:`~hf_flag.weights.blocks.BlockWeights` in the canonical per-head
 ``x @ W`` layout of MATH.md §6:
 
@@ -10,20 +10,30 @@ role relative to one layer, and the storage layout of the attention and MLP tens
   KV head ``g`` is stored once and query head ``h`` uses ``g = h // (n_heads // n_kv_heads)`` (``repeat_kv``).
 * MLP matrices are out x in (``nn.Linear``); GPT-2's ``Conv1D`` (in x out) is transposed.
 
+Roles (the same names in every family): attention ``q``, ``k``, ``v``, ``o`` or fused ``qkv``; MLP ``mlp_gate``,
+``mlp_in`` (the up projection), ``mlp_out`` (down) or fused ``mlp_gate_up``; mixture of experts ``router``,
+``experts_gate``, ``experts_in``, ``experts_out`` or fused ``experts_gate_up`` (stacked over experts) and the
+shared expert's ``shared_gate``, ``shared_in``, ``shared_out``, ``shared_router``; ``<role>_bias`` for every bias;
+``q_norm`` / ``k_norm`` (recorded only).
+
 Attention layouts (``AdapterSpec.attention``):
 
-``"linear"``                 separate ``nn.Linear`` q (n_h d_h, d), k/v (n_kv d_h, d), o (d, n_h d_h); optional biases.
-``"conv1d_fused_qkv"``       GPT-2: ``c_attn`` (d, 3d) in x out = [Q | K | V]; ``c_proj`` (d, d) in x out.
-``"neox_fused_interleaved"`` GPT-NeoX: ``query_key_value`` (n_h 3 d_h, d), rows ordered (head, {q,k,v}, d_h).
-``"phi3_fused"``             Phi-3: ``qkv_proj`` rows [Q (n_h d_h); K (n_kv d_h); V (n_kv d_h)].
+``"linear"``            separate ``nn.Linear`` q (n_h d_h, d), k/v (n_kv d_h, d), o (d, n_h d_h); optional biases.
+``"conv1d_fused_qkv"``  GPT-2: ``c_attn`` (d, 3d) in x out = [Q | K | V]; ``c_proj`` (d, d) in x out.
+``"fused_qkv"``         Phi-3: ``qkv_proj`` rows [Q (n_h d_h); K (n_kv d_h); V (n_kv d_h)].
+``"fused_qkv_grouped"`` rows in n_kv groups, each (n_h / n_kv query heads, one key, one value) of d_h rows:
+                        GPT-NeoX (n_kv = n_h: rows (head, {q,k,v}, d_h)) and Falcon (transformers'
+                        ``FalconAttention._split_heads``: n_kv = num_kv_heads, 1 for multi-query, n_h for neither).
 
 MLP layouts (``AdapterSpec.mlp``): ``"linear"`` (in, out), ``"conv1d"`` (GPT-2, in x out), ``"gated"``
-(gate, up, down), ``"phi3_fused"`` (``gate_up_proj`` rows [gate; up], then down).
+(gate, up, down), ``"fused_gate_up"`` (Phi-3 ``gate_up_proj`` rows [gate; up], then down), ``"moe"`` (a router and
+experts stacked (n_experts, out, in): ``experts_gate_up`` rows [gate; up] as transformers >= 5 holds them, or
+``experts_gate`` + ``experts_in`` as GGUF stores them; optional shared expert, gated).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Optional
 
 import torch
 
@@ -36,18 +46,21 @@ if TYPE_CHECKING:
 ATTENTION_LAYOUTS: dict[str, tuple[str, ...]] = {  # layout -> required roles
     "linear": ("q", "k", "v", "o"),
     "conv1d_fused_qkv": ("qkv", "o"),
-    "neox_fused_interleaved": ("qkv", "o"),
-    "phi3_fused": ("qkv", "o"),
+    "fused_qkv": ("qkv", "o"),
+    "fused_qkv_grouped": ("qkv", "o"),
 }
 MLP_LAYOUTS: dict[str, tuple[str, ...]] = {
     "linear": ("mlp_in", "mlp_out"),
     "conv1d": ("mlp_in", "mlp_out"),
     "gated": ("mlp_gate", "mlp_in", "mlp_out"),
-    "phi3_fused": ("gate_up", "mlp_out"),
+    "fused_gate_up": ("mlp_gate_up", "mlp_out"),
+    "moe": ("router", "experts_out"),  # + experts_gate_up, or experts_gate and experts_in (whichever is present)
 }
-#: roles recorded in ``BlockWeights.names`` / the layout but never read: Qwen3's per-head RMSNorm on q and k acts
-#: after the projection, so it does not change the read subspace col(W_Q[h]) (MATH.md §6).
-RECORDED_ONLY_ROLES = frozenset({"q_norm", "k_norm"})
+GATED_MLP_LAYOUTS = frozenset({"gated", "fused_gate_up", "moe"})
+#: roles recorded in ``BlockWeights.names`` / the layout but never read: a per-head RMSNorm on q and k (Qwen3,
+#: Gemma 3) acts after the projection, so it does not change the read subspace col(W_Q[h]) (MATH.md §6); the shared
+#: expert's scalar gate (Qwen2-MoE) scales its output and is no subspace.
+RECORDED_ONLY_ROLES = frozenset({"q_norm", "k_norm", "shared_router"})
 #: roles the attention part of a block is built from (``block(..., mlp=False)`` reads only these)
 ATTENTION_ROLES = frozenset({"q", "k", "v", "o", "qkv", "q_bias", "k_bias", "v_bias", "o_bias", "qkv_bias"})
 REGISTER_HINT = "hf_flag.weights.adapters.register_adapter(model_type, adapter)"
@@ -57,11 +70,24 @@ _CONFIG_KEYS: dict[str, tuple[str, ...]] = {
     "n_layers": ("num_hidden_layers", "n_layer", "num_layers"),
     "d_model": ("hidden_size", "n_embd", "d_model"),
     "n_heads": ("num_attention_heads", "n_head"),
-    "n_kv_heads": ("num_key_value_heads",),
+    "n_kv_heads": ("num_key_value_heads", "num_kv_heads"),
     "head_dim": ("head_dim",),
-    "d_ff": ("intermediate_size", "n_inner", "ffn_dim"),
-    "activation": ("hidden_act", "activation_function"),
+    "d_ff": ("intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size"),
+    "d_ff_expert": ("moe_intermediate_size", "intermediate_size"),
+    "d_ff_shared": ("shared_expert_intermediate_size",),
+    "n_experts": ("num_experts", "num_local_experts"),
+    "activation": ("hidden_activation", "hidden_act", "activation_function", "activation"),
 }
+
+
+@dataclass(frozen=True)
+class GGUFLayout:
+    """How llama.cpp's converter (``convert_hf_to_gguf.py``) writes one family to GGUF: its GGUF architecture name
+    (a value of gguf-py's ``MODEL_ARCH_NAMES``) and the reorderings it applies, as (regular expression on the GGUF
+    tensor name, transform name in ``hf_flag.weights.gguf_source.GGUF_TRANSFORMS``), each undone on read."""
+
+    arch: str
+    transforms: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -71,9 +97,13 @@ class AdapterSpec:
     name: adapter name (``ModelLayout.architecture``); stack: the layer list, e.g. ``"layers"`` or
     ``"encoder.layer"`` (any prefix before it, such as ``"model."`` or ``"bert."``, is found in the checkpoint);
     tensors: role -> name for the roles the layouts require; optional: role -> name for roles read when present
-    (biases; ``q_norm``/``k_norm`` are recorded only); grouped_query: read ``num_key_value_heads`` and
-    ``head_dim`` from the config (else ``n_kv_heads = n_heads`` and ``head_dim = d_model / n_heads``, as the
-    family's module does); canonical_prefix: the prefix named in error messages.
+    (biases, MoE alternatives; ``q_norm``/``k_norm`` are recorded only); grouped_query: read
+    ``num_key_value_heads`` and ``head_dim`` from the config (else ``n_kv_heads = n_heads`` and
+    ``head_dim = d_model / n_heads``, as the family's module does); kv_heads: a rule config -> n_kv_heads that
+    replaces that lookup (Falcon); canonical_prefix: the prefix named in error messages and used for GGUF names;
+    gguf: the family's GGUF storage (``None``: not read from GGUF); alternatives: other checkpoint forms of the same
+    family (tried in order when this spec's layer-0 tensors are not all present), such as the per-expert tensors of
+    mixture-of-experts Hub checkpoints, whose names hold ``{e}`` for the expert index and are stacked on read.
     """
 
     name: str
@@ -83,7 +113,10 @@ class AdapterSpec:
     tensors: Mapping[str, str]
     optional: Mapping[str, str] = field(default_factory=dict)
     grouped_query: bool = False
+    kv_heads: Optional[Callable[[Mapping[str, Any]], int]] = None
     canonical_prefix: str = ""
+    gguf: Optional[GGUFLayout] = None
+    alternatives: tuple["AdapterSpec", ...] = ()
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_LAYOUTS:
@@ -96,6 +129,10 @@ class AdapterSpec:
             raise ValueError(f"AdapterSpec {self.name!r}: tensors has no entry for roles {missing}; add their "
                              f"per-layer names")
 
+    def roles(self) -> dict[str, str]:
+        """Every role -> per-layer name, required and optional."""
+        return {**self.tensors, **self.optional}
+
 
 @dataclass(frozen=True)
 class CheckpointLayout(ModelLayout):
@@ -103,13 +140,15 @@ class CheckpointLayout(ModelLayout):
 
     tensors: (role, name template with ``{i}``) for every role present in the checkpoint (read roles and
     recorded-only roles); attention_layout / mlp_layout: the spec's storage layouts; qk_norm: the block applies a
-    per-head RMSNorm to q and k after projection (Qwen3), which leaves col(W_Q[h]) unchanged (MATH.md §6).
+    per-head RMSNorm to q and k after projection (Qwen3, Gemma 3), which leaves col(W_Q[h]) unchanged (MATH.md §6);
+    n_experts: routed experts per block (0: dense MLP); d_ff is then one expert's hidden size.
     """
 
     tensors: tuple[tuple[str, str], ...] = ()
     attention_layout: str = "linear"
     mlp_layout: str = "linear"
     qk_norm: bool = False
+    n_experts: int = 0
 
 
 def config_dict(config: Any) -> dict:
@@ -141,6 +180,13 @@ def _layer_prefixes(spec: AdapterSpec, keys: Iterable[str]) -> list[str]:
     return sorted((p for p in found if p == "" or p.endswith(".")), key=lambda p: (len(p), p))
 
 
+def _expand(template: str, i: int, n_experts: int) -> list[str]:
+    """The tensor names of ``template`` in layer ``i``: one, or one per expert when it holds ``{e}``."""
+    if "{e}" in template:
+        return [template.format(i=i, e=e) for e in range(n_experts)]
+    return [template.format(i=i)]
+
+
 def _expect_shape(name: str, tensor: torch.Tensor, shape: tuple[int, ...], layout: ModelLayout) -> None:
     if tuple(tensor.shape) != shape:
         raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {shape} for {layout.model_type} "
@@ -167,12 +213,13 @@ def _unfuse_attention(kind: str, t: dict[str, torch.Tensor], names: dict[str, st
     qkv = t["qkv"].T if conv1d else t["qkv"]
     out = {"o": t["o"].T if conv1d else t["o"], "o_bias": t.get("o_bias")}
     bias = t.get("qkv_bias")
-    if kind == "neox_fused_interleaved":  # rows (head, {q,k,v}, head_dim): transformers' view(..., n_h, 3 d_h)
-        w = qkv.reshape(h, 3, dh, d)
-        b = None if bias is None else bias.reshape(h, 3, dh)
-        for j, r in enumerate("qkv"):
-            out[r] = w[:, j].reshape(h * dh, d)
-            out[r + "_bias"] = None if b is None else b[:, j].reshape(h * dh)
+    if kind == "fused_qkv_grouped":  # rows (kv group, (h/kv q heads, k, v), d_h): FalconAttention._split_heads
+        group = h // kv + 2
+        w = qkv.reshape(kv, group, dh, d)
+        b = None if bias is None else bias.reshape(kv, group, dh)
+        for r, sl in (("q", slice(0, group - 2)), ("k", slice(group - 2, group - 1)), ("v", slice(group - 1, group))):
+            out[r] = w[:, sl].reshape(-1, d)
+            out[r + "_bias"] = None if b is None else b[:, sl].reshape(-1)
         return out
     sizes = [h * dh, kv * dh, kv * dh]  # [Q; K; V] rows (GPT-2 after transposing, Phi-3 as stored)
     out.update(zip("qkv", _split_rows(qkv, sizes)))
@@ -206,26 +253,57 @@ def _reads(role: str, mlp: bool) -> bool:
     return role not in RECORDED_ONLY_ROLES and (mlp or role in ATTENTION_ROLES)
 
 
-def _mlp(kind: str, t: dict[str, torch.Tensor], names: dict[str, str], L: ModelLayout) -> MLPWeights:
-    """Checkpoint MLP tensors -> out x in ``MLPWeights``."""
-    parts = {r: t.get(r) for r in ("mlp_gate", "mlp_in", "mlp_out", "b_gate", "b_in", "b_out")}
+def _mlp(kind: str, t: dict[str, torch.Tensor], names: dict[str, str], L: ModelLayout,
+         prefix: str = "mlp") -> MLPWeights:
+    """Checkpoint MLP tensors -> out x in ``MLPWeights`` (``prefix``: the role prefix, ``"shared"`` for the shared
+    expert of a mixture-of-experts block)."""
+    roles = {part: f"{prefix}_{part}" for part in ("gate", "in", "out")}
+    parts = {p: t.get(r) for p, r in roles.items()}
+    biases = {p: t.get(r + "_bias") for p, r in roles.items()}
+    label = {p: names.get(r, r) for p, r in roles.items()}
     if kind == "conv1d":  # GPT-2 Conv1D stores in x out
-        _expect_shape(names["mlp_in"], t["mlp_in"], (L.d_model, L.d_ff), L)
-        _expect_shape(names["mlp_out"], t["mlp_out"], (L.d_ff, L.d_model), L)
-        parts["mlp_in"], parts["mlp_out"] = t["mlp_in"].T, t["mlp_out"].T
-    if kind == "phi3_fused":
-        _expect_shape(names["gate_up"], t["gate_up"], (2 * L.d_ff, L.d_model), L)
-        parts["mlp_gate"], parts["mlp_in"] = t["gate_up"].chunk(2, dim=0)
-        parts["b_gate"], parts["b_in"] = _split_rows(t.get("gate_up_bias"), [L.d_ff, L.d_ff])
-    label = {r: names.get(r, names.get("gate_up", r)) for r in parts}
-    for r in ("mlp_gate", "mlp_in"):
-        if parts[r] is not None:
-            _expect_shape(label[r], parts[r], (L.d_ff, L.d_model), L)
-    _expect_shape(label["mlp_out"], parts["mlp_out"], (L.d_model, L.d_ff), L)
-    return MLPWeights(mlp_in=parts["mlp_in"].contiguous(), mlp_out=parts["mlp_out"].contiguous(),
-                      activation=L.activation,
-                      mlp_gate=None if parts["mlp_gate"] is None else parts["mlp_gate"].contiguous(),
-                      b_in=parts["b_in"], b_gate=parts["b_gate"], b_out=parts["b_out"])
+        _expect_shape(label["in"], parts["in"], (L.d_model, L.d_ff), L)
+        _expect_shape(label["out"], parts["out"], (L.d_ff, L.d_model), L)
+        parts["in"], parts["out"] = parts["in"].T, parts["out"].T
+    if kind == "fused_gate_up":
+        label["gate"] = label["in"] = names["mlp_gate_up"]
+        _expect_shape(label["in"], t["mlp_gate_up"], (2 * L.d_ff, L.d_model), L)
+        parts["gate"], parts["in"] = t["mlp_gate_up"].chunk(2, dim=0)
+        biases["gate"], biases["in"] = _split_rows(t.get("mlp_gate_up_bias"), [L.d_ff, L.d_ff])
+    for p in ("gate", "in"):
+        if parts[p] is not None:
+            _expect_shape(label[p], parts[p], (L.d_ff, L.d_model), L)
+    _expect_shape(label["out"], parts["out"], (L.d_model, L.d_ff), L)
+    return MLPWeights(mlp_in=parts["in"].contiguous(), mlp_out=parts["out"].contiguous(), activation=L.activation,
+                      mlp_gate=None if parts["gate"] is None else parts["gate"].contiguous(),
+                      b_in=biases["in"], b_gate=biases["gate"], b_out=biases["out"])
+
+
+def _experts(t: dict[str, torch.Tensor], names: dict[str, str], L: "CheckpointLayout") -> tuple[MLPWeights, ...]:
+    """Stacked expert tensors (n_experts, out, in) -> one gated ``MLPWeights`` per expert.  ``experts_gate_up``
+    rows are [gate; up] per expert (transformers' ``Qwen2MoeExperts`` / ``MixtralExperts``: ``chunk(2)``)."""
+    e, f, d = L.n_experts, L.d_ff, L.d_model
+    if "experts_gate_up" in t:
+        _expect_shape(names["experts_gate_up"], t["experts_gate_up"], (e, 2 * f, d), L)
+        gate, up = t["experts_gate_up"].chunk(2, dim=1)
+    else:
+        gate, up = t["experts_gate"], t["experts_in"]
+        _expect_shape(names["experts_gate"], gate, (e, f, d), L)
+        _expect_shape(names["experts_in"], up, (e, f, d), L)
+    _expect_shape(names["experts_out"], t["experts_out"], (e, d, f), L)
+    return tuple(MLPWeights(mlp_in=up[j].contiguous(), mlp_out=t["experts_out"][j].contiguous(),
+                            mlp_gate=gate[j].contiguous(), activation=L.activation) for j in range(e))
+
+
+def _missing_tensor(spec: AdapterSpec, keys: set) -> Optional[str]:
+    """The first required layer-0 tensor name (expert 0 for per-expert names) ``keys`` lacks, else ``None``."""
+    prefixes = _layer_prefixes(spec, keys)
+    prefix = prefixes[0] if prefixes else spec.canonical_prefix
+    for rel in spec.tensors.values():
+        name = f"{prefix}{spec.stack}.0.{rel}".format(e=0)
+        if name not in keys:
+            return name
+    return None
 
 
 @dataclass(frozen=True)
@@ -243,14 +321,11 @@ class Adapter:
         return Adapter(replace(self.spec, name=name))
 
     def missing_tensor(self, keys: Iterable[str]) -> Optional[str]:
-        """The first required layer-0 tensor name this checkpoint lacks, or ``None`` when all are present."""
+        """The first required layer-0 tensor name this checkpoint lacks (in the spec's own form), or ``None`` when
+        the spec or one of its alternatives has all of them."""
         keys = set(keys)
-        prefixes = _layer_prefixes(self.spec, keys)
-        prefix = prefixes[0] if prefixes else self.spec.canonical_prefix
-        for rel in self.spec.tensors.values():
-            if f"{prefix}{self.spec.stack}.0.{rel}" not in keys:
-                return f"{prefix}{self.spec.stack}.0.{rel}"
-        return None
+        missing = [_missing_tensor(spec, keys) for spec in (self.spec, *self.spec.alternatives)]
+        return None if None in missing else missing[0]
 
     def layout(self, config: Any, keys: Iterable[str]) -> CheckpointLayout:
         """Shape facts from ``config`` and tensor names from ``keys`` (the checkpoint's tensor names).
@@ -266,14 +341,22 @@ class Adapter:
             raise UnsupportedArchitectureError(
                 f"model_type {model_type!r} read with the {self.name!r} adapter: no tensor matching {missing!r}; "
                 f"pass the full checkpoint, or add an adapter with {REGISTER_HINT}")
-        prefix = _layer_prefixes(self.spec, keys)[0]
-        base = f"{prefix}{self.spec.stack}.{{i}}."
+        spec = next(s for s in (self.spec, *self.spec.alternatives) if _missing_tensor(s, keys) is None)
+        return self._layout(spec, config, keys, model_type)
+
+    def _layout(self, spec: AdapterSpec, config: dict, keys: set, model_type: str) -> CheckpointLayout:
+        """:meth:`layout` for the checkpoint form ``spec`` (this spec or one of its alternatives)."""
+        prefix = _layer_prefixes(spec, keys)[0]
+        base = f"{prefix}{spec.stack}.{{i}}."
         n_layers = _positive_int(config, "n_layers", config_value(config, "n_layers"))
         d_model = _positive_int(config, "d_model", config_value(config, "d_model"))
         n_heads = _positive_int(config, "n_heads", config_value(config, "n_heads"))
         n_kv, head_dim = n_heads, None
-        if self.spec.grouped_query:
+        if spec.kv_heads is not None:
+            n_kv = _positive_int(config, "n_kv_heads", spec.kv_heads(config))
+        elif spec.grouped_query:
             n_kv = _positive_int(config, "n_kv_heads", config_value(config, "n_kv_heads") or n_heads)
+        if spec.grouped_query:
             head_dim = config_value(config, "head_dim")
         if head_dim is None:
             if d_model % n_heads:
@@ -284,25 +367,36 @@ class Adapter:
         if n_heads % n_kv:
             raise ValueError(f"config num_attention_heads={n_heads} is not a multiple of num_key_value_heads={n_kv}; "
                              f"fix the config")
-        d_ff = _positive_int(config, "d_ff", config_value(config, "d_ff") or 4 * d_model)  # GPT-2: n_inner=None
+        n_experts = 0
+        if spec.mlp == "moe":
+            n_experts = _positive_int(config, "n_experts", config_value(config, "n_experts"))
+            d_ff = _positive_int(config, "d_ff_expert", config_value(config, "d_ff_expert"))
+        else:
+            d_ff = _positive_int(config, "d_ff", config_value(config, "d_ff") or 4 * d_model)  # GPT-2: n_inner=None
         activation = config_value(config, "activation")
         if not isinstance(activation, str):
             raise ValueError(f"config has no activation name (keys {list(_CONFIG_KEYS['activation'])}); add "
                              f"hidden_act to the config")
-        last = base.format(i=n_layers - 1) + next(iter(self.spec.tensors.values()))
+        last = base.format(i=n_layers - 1) + next(iter(spec.tensors.values()))
         if last not in keys:
             raise ValueError(f"config says {n_layers} layers but the checkpoint has no tensor {last!r}; check "
                              f"num_hidden_layers against the checkpoint")
-        templates = [(r, base + rel) for r, rel in self.spec.tensors.items()]
-        templates += [(r, base + rel) for r, rel in self.spec.optional.items() if (base + rel).format(i=0) in keys]
+        templates = [(r, base + rel) for r, rel in spec.tensors.items()]
+        templates += [(r, base + rel) for r, rel in spec.optional.items() if (base + rel).format(i=0, e=0) in keys]
         roles = {r for r, _ in templates}
+        if spec.mlp == "moe" and "experts_gate_up" not in roles and not {"experts_gate", "experts_in"} <= roles:
+            wanted = [base.format(i=0) + spec.optional.get(r, r) for r in ("experts_gate_up", "experts_gate")]
+            raise UnsupportedArchitectureError(
+                f"model_type {model_type!r} read with the {self.name!r} adapter: layer 0 has neither {wanted[0]!r} "
+                f"nor {wanted[1]!r} (with its up projection); pass the full checkpoint, or add an adapter with "
+                f"{REGISTER_HINT}")
         return CheckpointLayout(
             architecture=self.name, model_type=model_type, n_layers=n_layers, d_model=d_model, n_heads=n_heads,
             n_kv_heads=n_kv, head_dim=head_dim, d_ff=d_ff, activation=activation,
-            gated_mlp=self.spec.mlp in ("gated", "phi3_fused"),
+            gated_mlp=spec.mlp in GATED_MLP_LAYOUTS,
             tied_embeddings=bool(config.get("tie_word_embeddings", True)),
-            tensors=tuple(templates), attention_layout=self.spec.attention, mlp_layout=self.spec.mlp,
-            qk_norm=bool(roles & RECORDED_ONLY_ROLES),
+            tensors=tuple(templates), attention_layout=spec.attention, mlp_layout=spec.mlp,
+            qk_norm=bool(roles & {"q_norm", "k_norm"}), n_experts=n_experts,
         )
 
     def _check(self, layout: ModelLayout, i: int) -> CheckpointLayout:
@@ -318,7 +412,7 @@ class Adapter:
         """Exactly the checkpoint tensors :meth:`block` reads for layer ``i`` (to shard layers across processes);
         ``mlp=False``: the attention tensors only."""
         layout = self._check(layout, i)
-        return [t.format(i=i) for r, t in layout.tensors if _reads(r, mlp)]
+        return [n for r, t in layout.tensors if _reads(r, mlp) for n in _expand(t, i, layout.n_experts)]
 
     def block(self, source: "WeightSource", layout: ModelLayout, i: int, *, dtype: torch.dtype = torch.float64,
               device: Optional[torch.device | str] = None, mlp: bool = True) -> BlockWeights:
@@ -326,10 +420,20 @@ class Adapter:
         ``device``; reads exactly :meth:`block_tensor_names` from ``source``.  ``mlp=False`` reads the attention
         tensors only and leaves ``BlockWeights.mlp`` ``None`` (composition re-reads later layers' attention)."""
         layout = self._check(layout, i)
-        names = {r: t.format(i=i) for r, t in layout.tensors}
-        read = {r: n for r, n in names.items() if _reads(r, mlp)}
-        tensors = {r: source.get(n, dtype=dtype, device=device) for r, n in read.items()}
+        names = {r: t.replace("{i}", str(i)) for r, t in layout.tensors}  # per-expert names keep their {e}
+        read = {r: _expand(t, i, layout.n_experts) for r, t in layout.tensors if _reads(r, mlp)}
+        tensors = {r: torch.stack([source.get(n, dtype=dtype, device=device) for n in ns]) if len(ns) > 1 or
+                   "{e}" in names[r] else source.get(ns[0], dtype=dtype, device=device) for r, ns in read.items()}
         attention = _per_head(_unfuse_attention(layout.attention_layout, tensors, names, layout), names, layout)
-        mlp_weights = _mlp(layout.mlp_layout, tensors, names, layout) if mlp else None
-        storage_eps = max(source.storage_eps(n) for r, n in read.items() if tensors[r].ndim == 2)
-        return BlockWeights(index=i, attention=attention, mlp=mlp_weights, storage_eps=storage_eps, names=names)
+        mlp_weights, experts, router = None, (), None
+        if mlp and layout.mlp_layout == "moe":
+            experts, router = _experts(tensors, names, layout), tensors["router"]
+            _expect_shape(names["router"], router, (layout.n_experts, layout.d_model), layout)
+            if "shared_out" in tensors:
+                d_shared = tensors["shared_out"].shape[-1]  # its own hidden size (shared_expert_intermediate_size)
+                mlp_weights = _mlp("gated", tensors, names, replace(layout, d_ff=d_shared), prefix="shared")
+        elif mlp:
+            mlp_weights = _mlp(layout.mlp_layout, tensors, names, layout)
+        storage_eps = max(source.storage_eps(n) for r, ns in read.items() if tensors[r].ndim >= 2 for n in ns)
+        return BlockWeights(index=i, attention=attention, mlp=mlp_weights, storage_eps=storage_eps, names=names,
+                            experts=experts, router=router)
