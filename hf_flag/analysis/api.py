@@ -23,6 +23,12 @@ Row kinds (names in :mod:`hf_flag.rows`, which every other part of hf-flag impor
   Details: flag cuts, rank matrix, permutation (nonzero entries), is_permutation, transport k, activation.
   ``cheap=True`` gives the pair rows only, with the five cheap values and ``commutator_ratio_baseline`` (Gram
   factors, no SVD).
+  Default report (``full=False``, issue #11): transformer pair rows read the leading singular subspaces the storage
+  precision determines (``geometry.spectral``): transport scores at the largest cut determined on both sides
+  (``None`` where there is none; the basis score also needs every cut below it), flags cut inside the windows,
+  ``gl_kernel_dim`` ``None`` (it needs whole spectra), and the certificate ``window_in`` / ``window_out`` (leading
+  singular vectors used, at most ``geometry.spectral.K_MAX``) and ``svd_residual_in`` / ``svd_residual_out`` (the
+  partial SVD's largest relative residual over them).  ``full=True`` keeps the all-vectors analysis above.
 * head rows (§1, §6): ``"head_overlap_q/k/v"`` (read subspaces col(W_*^h) of one layer, h < h'),
   ``"head_overlap_o"`` (write subspaces row(W_O^h)), ``"cross_layer_overlap_q/k/v"`` (write row(W_O^h) of layer l
   vs read col(W_*^h') of layer l+1, every (h, h')).  Grouped-query attention: K and V are compared as the n_kv KV
