@@ -14,7 +14,8 @@
   A unit is *done* only when ``done.json`` and ``report.json`` exist and ``done.json`` carries the current
   fingerprint (a hash of the model's files and the analysis parameters), so a rerun skips finished work, redoes a
   unit that has ``started.json`` but no ``done.json`` (its process died half way), and redoes work whose inputs or
-  parameters changed.  Nothing here needs a collective: the merging process polls these files.
+  parameters changed.  Nothing here needs a collective: the merging process polls these files.  Only the process
+  holding a unit's claim (:mod:`hf_flag.harness.claims`) writes its markers, and none is ever deleted by another process.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 from hf_flag.atomic import atomic_write_text
 
@@ -113,20 +114,23 @@ def run_state(run_dir: str | os.PathLike, fp: str) -> RunState:
     return RunState.NEW
 
 
-def mark_started(run_dir: str | os.PathLike, fp: str, rank: int) -> None:
-    """Clear any previous outcome in ``run_dir`` and record that process ``rank`` starts the work now."""
+def mark_started(run_dir: str | os.PathLike, fp: str, rank: int, owner: str = "") -> None:
+    """Record that process ``rank`` (``owner``: how to name it) starts the work now.  Nothing is deleted: an
+    outcome recorded for other inputs is ignored by :func:`run_state` and replaced when this run ends."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    for name in (DONE, ERROR):
-        (run_dir / name).unlink(missing_ok=True)
-    atomic_write_json(run_dir / STARTED, {"fingerprint": fp, "rank": rank, "pid": os.getpid(), "time": time.time()})
+    atomic_write_json(run_dir / STARTED, {"fingerprint": fp, "rank": rank, "pid": os.getpid(), "owner": owner,
+                                          "time": time.time()})
 
 
 def mark_done(run_dir: str | os.PathLike, fp: str, report_json: str) -> None:
-    """Write the result, then the done marker (in that order, each atomically)."""
+    """Write the result, then the done marker (in that order, each atomically); a failure recorded earlier (a
+    ``--retry-failed`` that succeeded) is then removed."""
     run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / REPORT, report_json)
     atomic_write_json(run_dir / DONE, {"fingerprint": fp})
+    (run_dir / ERROR).unlink(missing_ok=True)
 
 
 def mark_failed(run_dir: str | os.PathLike, fp: str, error: str, **extra: Any) -> None:
@@ -141,30 +145,3 @@ def read_error(run_dir: str | os.PathLike) -> str:
     """The one-line error recorded in ``run_dir`` ('' if none)."""
     data = _read_json(Path(run_dir) / ERROR)
     return "" if data is None else str(data.get("error", ""))
-
-
-def wait_for(
-    units: Mapping[str, tuple[str | os.PathLike, str]],
-    *,
-    timeout: float,
-    poll: float = 0.5,
-    on_finished: Optional[Callable[[str, RunState], None]] = None,
-) -> dict[str, RunState]:
-    """Poll until every unit (``name -> (run_dir, fingerprint)``) is DONE or FAILED, or ``timeout`` seconds pass.
-
-    Returns each unit's last state (units still NEW/STARTED at the timeout are missing: the caller merges what is
-    complete and names the rest). ``on_finished(name, state)`` is called once per unit as it finishes.
-    """
-    deadline = time.monotonic() + timeout
-    states: dict[str, RunState] = {}
-    pending = dict(units)
-    while True:
-        for name, (run_dir, fp) in list(pending.items()):
-            states[name] = run_state(run_dir, fp)
-            if states[name] in (RunState.DONE, RunState.FAILED):
-                del pending[name]
-                if on_finished is not None:
-                    on_finished(name, states[name])
-        if not pending or time.monotonic() >= deadline:
-            return states
-        time.sleep(poll)

@@ -1,9 +1,10 @@
-"""The sweep: many models through :func:`hf_flag.analyze`, one or several processes, results as a dataset.
+"""The sweep: many models through `hf_flag.analyze`, one or several processes, results as a dataset.
 
 Usage (all three are the same program)::
 
     python -m hf_flag.harness.sweep [MODEL ...] [--config FILE] --out DIR [--diagnostics ...] [--composition ...]
         [--device cpu|cuda|auto] [--split-layers] [--write-model-cards] [--push-to-hub REPO_ID] [--default]
+        [--checkpoint-layers N] [--lease-seconds S] [--out-shared auto|yes|no]
     accelerate launch [--multi_gpu --num_processes 2] -m hf_flag.harness.sweep ... [--device cpu]
     hf-flag sweep ...
 
@@ -12,13 +13,18 @@ Several CPU processes: accelerate 1.15 starts a single process for ``accelerate 
 (the default): every process then joins a gloo group as a CPU process.
 
 Work is dealt by :mod:`hf_flag.harness.schedule` (largest model first, round robin over processes starting at the last
-rank, so rank 0, which merges afterwards, gets the lightest share; ``--split-layers``
-deals each model's layers instead).  Every process writes its results into ``DIR/runs/<slug>/`` atomically with
-started/done/error markers, so a rerun skips finished models and redoes those whose process died (a failure is final
-for unchanged inputs; ``--retry-failed`` reruns failures; changed weights or parameters rerun by themselves).  The
-process that analysed a model also draws its plots.  Rank 0 then
-polls the filesystem for the others' markers (no collective that can time out; ``--merge-timeout``), merges what is
-complete, names what is missing, and writes:
+rank, so rank 0, which merges afterwards, gets the lightest share; ``--split-layers`` deals each model's layers
+instead).  Every unit of work is *claimed* before it runs (:mod:`hf_flag.harness.claims`: a lease renewed while the process
+lives), so processes that share ``DIR`` (the ranks of one launch, or sweeps started separately on the same folder)
+never run one unit twice: a process that finishes its share takes unclaimed units from the ends of the others'
+shares, and the claim of a process that died is taken over (at once on the same machine, after ``--lease-seconds``
+from another).  Every process writes its results into ``DIR/runs/<slug>/`` atomically with started/done/error
+markers, so a rerun skips finished models and redoes those whose process died (a failure is final for unchanged
+inputs; ``--retry-failed`` reruns failures; changed weights or parameters rerun by themselves).  A large model is
+analysed in layer checkpoints (``DIR/runs/<slug>/layers/<a>-<b>/``, ``--checkpoint-layers``), so a killed analysis
+resumes at its first unfinished layer with rows equal to an uninterrupted run's.  The process that analysed a model
+also draws its plots.  Rank 0 waits until every unit is finished (at most ``--merge-timeout``), names ranks that
+stopped early, and writes (holding the folder's lock, so concurrent sweeps write one after the other):
 
 * ``DIR/dataset``: ``datasets.Dataset.save_to_disk`` of every row of every model (``datasets.load_from_disk``);
 * ``DIR/summary.csv`` and ``DIR/summary.md``: one line per model, headline metrics beside their baselines;
@@ -26,6 +32,11 @@ complete, names what is missing, and writes:
   ``DIR/model_cards/<slug>/README.md``
   (:mod:`hf_flag.integrations.cards`); ``--write-model-cards`` also updates local model folders' README.md;
 * ``DIR/sweep.json``: each model's status (done / failed with its one-line error / missing).
+
+Several machines: at start rank 0 writes a probe file into ``DIR`` and every rank looks for it.  When some rank
+cannot see it (``DIR`` is a local folder on each machine), each rank keeps its own ``DIR`` and sends its outcomes to
+rank 0 over the launcher's key-value store, with a heartbeat; a rank whose heartbeat stands still for
+``--lease-seconds`` is named and its models reported missing (no collective waits on a dead rank).
 
 Hub ids are fetched through huggingface_hub's cache (:mod:`hf_flag.weights.hub`: only config and weights;
 ``--revision`` / ``--gguf-file``; ``--max-disk GB`` streams sharded checkpoints shard by shard,
@@ -38,7 +49,10 @@ pull request with ``--create-pr``; cards computed from derived weights only with
 beside it; ``--push-to-hub REPO_ID`` also uploads the results dataset to dataset repo ``REPO_ID``; ``--dry-run``
 prints each card's diff and pushes nothing.  The token is huggingface_hub's own (``HF_TOKEN`` or the stored
 login): it is never read, written or logged.
-Exit status: 0 all models done, 1 some failed or missing (everything else is still written), 2 bad input.
+Exit status (:mod:`hf_flag.exits`): 0 all models done; 1 some failed or missing (everything else is still written),
+or an internal error (traceback saved under ``DIR/errors/``); 2 bad input or a folder that cannot be written (full
+disk, read-only: one line naming the path); 130 Ctrl-C and 143 SIGTERM (one line; a rerun resumes).
+docs/RELIABILITY.md lists these promises and the tests that show them.
 """
 from __future__ import annotations
 
@@ -48,32 +62,44 @@ import csv
 import gc
 import importlib
 import io
+import json
 import os
 import re
 import shutil
 import sys
+import threading
+import time
 import traceback
-from dataclasses import dataclass, replace
+import uuid
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
+from hf_flag import exits
 from hf_flag.analysis.api import analyze
 from hf_flag.atomic import atomic_write, atomic_write_bytes, atomic_write_text
-from hf_flag.threads import configure_threads
 from hf_flag.defaults import COMPOSITION_MODES, DIAGNOSTIC_NAMES
+from hf_flag.exits import one_line
 from hf_flag.harness import schedule
+from hf_flag.harness.claims import CLAIM, DEFAULT_LEASE_S, Claims, Owner, is_live, locked, read_claim
 from hf_flag.harness.config import (DEVICES, ConfigError, ModelSpec, SweepConfig, build_config, default_model_specs,
                                     load_config, parse_config, parse_model, slugs)
 from hf_flag.harness.schedule import RunState
 from hf_flag.report import Report, baseline_key, rows_to_dataset
 from hf_flag.rows import HEADLINE_METRICS, merge_shards
+from hf_flag.threads import configure_threads
 from hf_flag.weights.adapters import get_adapter
 from hf_flag.weights.sources import open_weights
 
 EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE = 0, 1, 2
+PROG = "hf-flag sweep"
+#: bookkeeping folder inside ``--out``: the outputs lock, each run's rank presence claims and sharing probe
+SWEEP_DIR = ".sweep"
+#: weights (bytes) analysed between two layer checkpoints by default (see :func:`layers_per_checkpoint`)
+CHECKPOINT_BYTES = 512 * 2**20
 
 
 @dataclass(frozen=True)
@@ -85,47 +111,6 @@ class Unit:
     run_dir: Path
     fp: str
     layers: Optional[tuple[int, ...]] = None
-
-
-@dataclass(frozen=True)
-class RunContext:
-    """What every step of one sweep process reads, fixed at startup (in the spirit of accelerate's
-    ``PartialState``): the validated config, this process's ``rank`` among ``world`` processes, and its torch
-    ``device``."""
-
-    config: SweepConfig
-    rank: int = 0
-    world: int = 1
-    device: str = "cpu"
-
-    @property
-    def is_main_process(self) -> bool:
-        """Rank 0: it merges, plots split models and writes every output."""
-        return self.rank == 0
-
-
-@dataclass(frozen=True)
-class ModelResult:
-    """The outcome of one model as rank 0 records it: ``status`` ``"done"``, ``"failed"`` or ``"missing"``, the
-    one-line ``error`` (empty when none) and the merged ``report`` (``None`` unless done)."""
-
-    unit: Unit
-    status: str
-    error: str
-    report: Optional[Report]
-    plots: Optional[dict] = None  # caption -> PNG path (once drawn)
-
-    @property
-    def name(self) -> str:
-        return self.unit.spec.label
-
-    @property
-    def slug(self) -> str:
-        return self.unit.slug
-
-    def manifest_entry(self) -> dict[str, str]:
-        """The model's entry in ``sweep.json``."""
-        return {"name": self.name, "slug": self.slug, "status": self.status, "error": self.error}
 
 
 # ------------------------------------------------------------------------------------------------- arguments
@@ -165,6 +150,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge-timeout", type=float, dest="merge_timeout",
                    help="seconds rank 0 waits for the other processes' results (default 86400)")
     p.add_argument("--retry-failed", action="store_true", help="rerun models that failed in an earlier run")
+    p.add_argument("--checkpoint-layers", type=int, metavar="N", dest="checkpoint_layers",
+                   help="save the rows of every N layers, so a killed analysis resumes there (0: whole models; "
+                        f"default: every {CHECKPOINT_BYTES // 2**20} MiB of weights)")
+    p.add_argument("--lease-seconds", type=float, default=DEFAULT_LEASE_S, dest="lease_s", metavar="S",
+                   help="a claim on a model lapses S seconds after its process on another machine stopped renewing "
+                        f"it (default {DEFAULT_LEASE_S:g}; a killed process on the same machine is noticed at once)")
+    p.add_argument("--out-shared", choices=("auto", "yes", "no"), default="auto", dest="out_shared",
+                   help="whether all processes see the same --out (auto: probe it); if not, results travel over "
+                        "torch.distributed to rank 0")
     return p
 
 
@@ -181,14 +175,89 @@ def parse_args(argv: Optional[Sequence[str]]) -> tuple[SweepConfig, argparse.Nam
     cli_checked["models"] = tuple(replace(parse_model(m, "MODEL"), revision=args.revision, gguf_file=args.gguf_file)
                                   for m in args.models)
     extra = default_model_specs() if args.default else []
+    if args.checkpoint_layers is not None and args.checkpoint_layers < 0:
+        raise ConfigError(f"--checkpoint-layers {args.checkpoint_layers}: give a number of layers >= 0")
+    if not args.lease_s > 0:
+        raise ConfigError(f"--lease-seconds {args.lease_s:g}: give a number of seconds > 0")
     return build_config(file_values, cli_checked, extra), args
+
+
+@dataclass(frozen=True)
+class Options:
+    """How the sweep survives kills and shares its folder (command-line only; they do not change results)."""
+
+    checkpoint_layers: Optional[int] = None  # layers per checkpoint; None: by bytes (CHECKPOINT_BYTES); 0: none
+    lease_s: float = DEFAULT_LEASE_S
+    out_shared: str = "auto"  # auto | yes | no
+    poll_s: float = 0.2  # how often a waiting process looks at the run folders again
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "Options":
+        return cls(args.checkpoint_layers, args.lease_s, args.out_shared)
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What every step of one sweep process reads, fixed at startup (in the spirit of accelerate's
+    ``PartialState``): the validated config, this process's ``rank`` among ``world`` processes, its torch
+    ``device``, how it survives kills (``options``), its ``claims``, the launch's ``run_id`` (the same on every
+    rank), whether every rank sees the same ``--out`` (``shared``; else results travel over the ``exchange``)."""
+
+    config: SweepConfig
+    rank: int = 0
+    world: int = 1
+    device: str = "cpu"
+    options: Options = Options()
+    claims: Claims = field(default_factory=lambda: Claims(Owner.this_process()))
+    run_id: str = "local"
+    shared: bool = True
+    exchange: Optional["Exchange"] = None
+
+    @property
+    def is_main_process(self) -> bool:
+        """Rank 0: it merges, plots split models and writes every output."""
+        return self.rank == 0
+
+    @property
+    def tag(self) -> str:
+        """Unique to this process: names its temporary files."""
+        owner = self.claims.owner
+        return f"{owner.host}.{owner.pid}.{owner.token[:8]}"
+
+    def presence(self, rank: int) -> Path:
+        """Folder holding rank ``rank``'s presence claim (renewed while it runs) and its ``finished.json``."""
+        return self.config.out / SWEEP_DIR / self.run_id / f"rank-{rank}"
+
+
+@dataclass(frozen=True)
+class ModelResult:
+    """The outcome of one model as rank 0 records it: ``status`` ``"done"``, ``"failed"`` or ``"missing"``, the
+    one-line ``error`` (empty when none) and the merged ``report`` (``None`` unless done)."""
+
+    unit: Unit
+    status: str
+    error: str
+    report: Optional[Report]
+    plots: Optional[dict] = None  # caption -> PNG path (once drawn)
+
+    @property
+    def name(self) -> str:
+        return self.unit.spec.label
+
+    @property
+    def slug(self) -> str:
+        return self.unit.slug
+
+    def manifest_entry(self) -> dict[str, str]:
+        """The model's entry in ``sweep.json``."""
+        return {"name": self.name, "slug": self.slug, "status": self.status, "error": self.error}
 
 
 def check_out_dir(out: Path, option: str = "--out") -> None:
     """Create ``out`` and prove it writable, or ``ConfigError`` naming ``option`` (exit 2)."""
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-probe-{os.getpid()}"
+        probe = out / f".write-probe-{os.getpid()}-{uuid.uuid4().hex}"  # unique across machines sharing out
         probe.write_text("")
         probe.unlink()
     except OSError as exc:
@@ -238,40 +307,111 @@ def count_layers(spec: ModelSpec, max_disk: Optional[float] = None) -> int:
         source.close()
 
 
-def one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
-
-
 def plot_dir(cfg: SweepConfig, slug: str) -> Path:
     return cfg.out / "plots" / slug
 
 
-def run_unit(ctx: RunContext, unit: Unit) -> RunState:
-    """Analyze one unit and record its outcome in its run folder (a failure is recorded, never raised).
+class AnalysisFailed(Exception):
+    """The analysis of a unit raised: recorded as the unit's failure (final for unchanged inputs).  Anything else
+    raised while running a unit (a write that fails: full disk, read-only folder) stops the sweep instead."""
+
+    def __init__(self, cause: Exception):
+        super().__init__(one_line(cause))
+        self.traceback = "".join(traceback.format_exception(cause, limit=8))
+
+
+def analyze_layers(spec: ModelSpec, cfg: SweepConfig, device: str, layers: Optional[Sequence[int]]) -> Report:
+    """``analyze`` of ``layers`` of one model (``None``: all) with the sweep's parameters; ``AnalysisFailed`` if it
+    raises."""
+    try:
+        with open_source(spec, cfg.max_disk) as source:
+            return analyze(source, device=device, diagnostics=cfg.diagnostics, layers=layers, cheap=cfg.cheap,
+                           composition=cfg.composition, name=spec.label, progress=True,
+                           **cfg.analyze_kwargs)  # progress: a bar per layer with its ETA
+    except Exception as exc:  # noqa: BLE001 - one model's failure must not stop the sweep
+        raise AnalysisFailed(exc) from exc
+
+
+def layers_per_checkpoint(n_layers: int, nbytes: int, setting: Optional[int]) -> int:
+    """Layers analysed between two checkpoints: ``setting`` when given (0: the whole model at once), else enough
+    layers to cover :data:`CHECKPOINT_BYTES` of weights (a model no larger than that is one checkpoint: splitting
+    costs a re-read of one block and its shared SVDs per checkpoint, 5-25 % of a layer's time)."""
+    if setting is not None:
+        return n_layers if setting == 0 else setting
+    return max(1, -(-n_layers * CHECKPOINT_BYTES // max(nbytes, 1)))
+
+
+def checkpoints(unit: Unit, size: int, setting: Optional[int], max_disk: Optional[float] = None) -> list[Unit]:
+    """The layer checkpoints of ``unit`` (``DIR/runs/<slug>/layers/<first>-<last>/``, each a unit of its own), or
+    ``[]`` when the unit is analysed in one go.  Counting layers reads headers only."""
+    if setting == 0 or (setting is None and size <= CHECKPOINT_BYTES):
+        return []
+    try:
+        layers = list(unit.layers) if unit.layers is not None else list(range(count_layers(unit.spec, max_disk)))
+    except Exception as exc:  # noqa: BLE001 - an unreadable model fails like its analysis would
+        raise AnalysisFailed(exc) from exc
+    step = layers_per_checkpoint(len(layers), size, setting)
+    if step >= len(layers):
+        return []
+    groups = [tuple(layers[i:i + step]) for i in range(0, len(layers), step)]
+    return [Unit(unit.spec, unit.slug, unit.run_dir / "layers" / f"{g[0]}-{g[-1]}",
+                 schedule.fingerprint({"unit": unit.fp, "layers": list(g)}), g) for g in groups]
+
+
+def analyze_unit(unit: Unit, cfg: SweepConfig, *, device: str, size: int, setting: Optional[int]) -> Report:
+    """The unit's report, analysed checkpoint by checkpoint: finished checkpoints are read back, not redone, so a
+    killed analysis resumes at its first unfinished layer; the merged rows equal one uninterrupted ``analyze``'s
+    (a row belongs to the layer shard of its ``layer``)."""
+    parts = checkpoints(unit, size, setting, cfg.max_disk)
+    if not parts:
+        return analyze_layers(unit.spec, cfg, device, unit.layers)
+    reports = []
+    for part in parts:
+        if schedule.run_state(part.run_dir, part.fp) is RunState.DONE:
+            reports.append(Report.from_json((part.run_dir / schedule.REPORT).read_text()))
+            continue
+        report = analyze_layers(unit.spec, cfg, device, part.layers)
+        schedule.mark_done(part.run_dir, part.fp, report.to_json())
+        reports.append(report)
+    return merge_shards(reports)
+
+
+def still_mine(ctx: RunContext, run_dir: Path) -> bool:
+    """Whether this process may record an outcome in ``run_dir``: the nearest claim on it or a folder above it
+    (a model's claim covers its layer checkpoints and streamed groups) is this process's, or there is none."""
+    for folder in (run_dir, *run_dir.parents):
+        if (folder / CLAIM).exists():
+            return ctx.claims.holds(folder)
+        if folder == ctx.config.out:
+            break
+    return True
+
+
+def run_unit(ctx: RunContext, unit: Unit, *, size: int = 0) -> RunState:
+    """Analyze one unit (its claim is held) and record its outcome in its run folder: a failed analysis is
+    recorded, never raised; a failed write (disk full, read-only folder) raises.
 
     A whole model is also plotted here, before its done marker, so plotting runs in parallel across processes.
     """
     from hf_flag.harness.plots import save_plots_once
 
-    cfg, rank = ctx.config, ctx.rank
-    schedule.mark_started(unit.run_dir, unit.fp, rank)
+    cfg = ctx.config
+    schedule.mark_started(unit.run_dir, unit.fp, ctx.rank, owner=ctx.claims.owner.label)
     try:
-        with open_source(unit.spec, cfg.max_disk) as source:
-            report = analyze(source, device=ctx.device, diagnostics=cfg.diagnostics, layers=unit.layers,
-                             cheap=cfg.cheap, composition=cfg.composition, name=unit.spec.label,
-                             progress=True, **cfg.analyze_kwargs)  # progress: a bar per layer with its ETA
-        if unit.layers is None:
-            try:
-                save_plots_once(report, plot_dir(cfg, unit.slug), unit.fp)
-            except Exception:  # noqa: BLE001 - rank 0 plots again when merging, and records that error
-                pass
-        schedule.mark_done(unit.run_dir, unit.fp, report.to_json())
-        return RunState.DONE
-    except Exception as exc:  # one model's failure must not stop the sweep
-        schedule.mark_failed(unit.run_dir, unit.fp, one_line(exc), model=unit.spec.label, rank=rank,
-                             traceback=traceback.format_exc(limit=8))
+        report = analyze_unit(unit, cfg, device=ctx.device, size=size, setting=ctx.options.checkpoint_layers)
+    except AnalysisFailed as exc:
+        if still_mine(ctx, unit.run_dir):
+            schedule.mark_failed(unit.run_dir, unit.fp, str(exc), model=unit.spec.label, rank=ctx.rank,
+                                 traceback=exc.traceback)
         return RunState.FAILED
+    if unit.layers is None:
+        try:
+            save_plots_once(report, plot_dir(cfg, unit.slug), unit.fp)
+        except Exception:  # noqa: BLE001 - the merging process plots again when writing cards, and records that
+            pass
+    if still_mine(ctx, unit.run_dir):  # a process that stalled past its lease leaves the result to the taker
+        schedule.mark_done(unit.run_dir, unit.fp, report.to_json())
+    return RunState.DONE
 
 
 def model_units(cfg: SweepConfig) -> list[Unit]:
@@ -294,61 +434,96 @@ def _bar(total: int, rank: int, desc: str):
     return tqdm(total=total, desc=desc, unit="model", disable=rank != 0, file=sys.stderr)
 
 
-def sweep_models(ctx: RunContext, units: list[Unit]) -> dict[str, RunState]:
-    """Whole-model mode: run this rank's share; rank 0 then waits for everyone's. Returns slug -> state (rank 0)."""
-    cfg, rank, world = ctx.config, ctx.rank, ctx.world
-    by_slug = {u.slug: u for u in units}
-    sizes = {u.slug: model_size(u.spec, cfg.max_disk) for u in units}
-    mine = schedule.assign_models(sizes, world)[rank]
-    with _bar(len(units), rank, "models") as bar:
-        for slug in mine:
-            unit = by_slug[slug]
-            if schedule.run_state(unit.run_dir, unit.fp) not in (RunState.DONE, RunState.FAILED):
-                run = run_unit
-                if cfg.max_disk is not None:
-                    from hf_flag.harness.stream import is_streamed, run_streamed
-
-                    run = run_streamed if is_streamed(unit.spec, cfg.max_disk) else run_unit
-                run(ctx, unit)
-            bar.update()
-        if rank != 0:
-            return {}
-        others = {s: (u.run_dir, u.fp) for s, u in by_slug.items() if s not in mine}
-        states = schedule.wait_for(others, timeout=cfg.merge_timeout, on_finished=lambda *_: bar.update())
-    states.update({s: schedule.run_state(by_slug[s].run_dir, by_slug[s].fp) for s in mine})
-    return states
+def finished(state: RunState) -> bool:
+    return state in (RunState.DONE, RunState.FAILED)
 
 
-def sweep_split(ctx: RunContext, units: list[Unit]) -> dict[str, RunState]:
-    """Layer-split mode: every rank runs its shard of every model; rank 0 merges the shards of each model."""
-    cfg, rank, world = ctx.config, ctx.rank, ctx.world
-    sizes = {u.slug: model_size(u.spec, cfg.max_disk) for u in units}
-    order = [u for s in schedule.largest_first(sizes) for u in units if u.slug == s]
-    shards: dict[str, list[Unit]] = {}
-    with _bar(len(order), rank, "models (layer shards)") as bar:
-        for unit in order:
-            if schedule.run_state(unit.run_dir, unit.fp) in (RunState.DONE, RunState.FAILED):
-                bar.update()
+def preference(plan: Sequence[Sequence[Any]], rank: int) -> list[Any]:
+    """The order in which process ``rank`` takes units: its own share of ``plan`` first, then the other shares'
+    units from their ends (the work their owners would reach last), nearest rank first."""
+    world = len(plan)
+    steal = [u for k in range(1, world) for u in reversed(plan[(rank + k) % world])]
+    return [*plan[rank], *steal]
+
+
+def claim_and_run(ctx: RunContext, units: Sequence[Unit], run: Callable[[Unit], None], *, wait: bool,
+                  on_finished: Callable[[Unit], None] = lambda unit: None) -> dict[str, RunState]:
+    """Run every unfinished unit of ``units`` (in that order of preference) whose claim this process gets.
+
+    A unit held by another live process is passed over and looked at again; when its holder dies its claim is
+    taken over and the unit rerun.  ``wait``: return only when every unit is finished (or ``--merge-timeout``
+    passes), else as soon as every unfinished unit is held by others.  Returns ``str(run_dir) -> state``.
+    """
+    pending = list(units)
+    deadline = time.monotonic() + ctx.config.merge_timeout
+    while pending:
+        ran = False
+        for unit in list(pending):
+            if finished(schedule.run_state(unit.run_dir, unit.fp)):
+                pending.remove(unit)
+                on_finished(unit)
                 continue
+            if ctx.claims.try_claim(unit.run_dir, rank=ctx.rank) is not None:
+                continue  # another process runs it
             try:
-                shards[unit.slug] = shard_units(unit, world, cfg.max_disk)
-            except Exception as exc:
-                if rank == 0:
-                    schedule.mark_failed(unit.run_dir, unit.fp, one_line(exc), model=unit.spec.label)
-                bar.update()
-                continue
-            if rank < len(shards[unit.slug]):
-                shard = shards[unit.slug][rank]
-                if schedule.run_state(shard.run_dir, shard.fp) not in (RunState.DONE, RunState.FAILED):
-                    run_unit(ctx, shard)
-            bar.update()
-    if rank != 0:
+                if not finished(schedule.run_state(unit.run_dir, unit.fp)):  # it may have finished meanwhile
+                    run(unit)
+            finally:
+                ctx.claims.release(unit.run_dir)
+            ran = True
+            break  # back to the most preferred unit
+        if not ran and pending:
+            if not wait or time.monotonic() >= deadline:
+                break
+            time.sleep(ctx.options.poll_s)
+    return {str(u.run_dir): schedule.run_state(u.run_dir, u.fp) for u in units}
+
+
+Outcome = tuple[dict[str, RunState], dict[str, str], dict[int, str]]  # states, slug -> why missing, dead ranks
+
+
+def missing_notes(dead: dict[int, str], plan: Sequence[Sequence[Unit]], ctx: RunContext) -> dict[str, str]:
+    """slug -> why it is missing, for the models of ranks that died without sending results (unshared --out)."""
+    if ctx.shared:
         return {}
-    wanted = {str(s.run_dir): (s.run_dir, s.fp) for parts in shards.values() for s in parts}
-    shard_states = schedule.wait_for(wanted, timeout=cfg.merge_timeout)
-    for slug, parts in shards.items():
-        unit = next(u for u in units if u.slug == slug)
-        states = [shard_states[str(s.run_dir)] for s in parts]
+    return {u.slug: f"{label} stopped before sending its results; rerun to resume"
+            for r, label in dead.items() for u in plan[r]}
+
+
+def run_model(ctx: RunContext, unit: Unit, size: int) -> RunState:
+    """A whole model: streamed shard by shard under ``--max-disk`` (:mod:`hf_flag.harness.stream`), else
+    :func:`run_unit` with layer checkpoints."""
+    max_disk = ctx.config.max_disk
+    if max_disk is not None:
+        from hf_flag.harness.stream import is_streamed, run_streamed
+
+        if is_streamed(unit.spec, max_disk):
+            return run_streamed(ctx, unit)
+    return run_unit(ctx, unit, size=size)
+
+
+def sweep_models(ctx: RunContext, units: list[Unit]) -> Outcome:
+    """Whole-model mode: take this rank's share, then others' unclaimed work (a shared folder); rank 0 waits for
+    every model.  Returns (on rank 0) each model's state, notes on missing models and the ranks that died."""
+    sizes = {u.slug: model_size(u.spec, ctx.config.max_disk) for u in units}
+    by_slug = {u.slug: u for u in units}
+    plan = [[by_slug[s] for s in share] for share in schedule.assign_models(sizes, ctx.world)]
+    order = preference(plan, ctx.rank) if ctx.shared else plan[ctx.rank]
+    with _bar(len(order), ctx.rank, "models") as bar:
+        claim_and_run(ctx, order, lambda u: run_model(ctx, u, sizes[u.slug]), wait=ctx.is_main_process,
+                      on_finished=lambda u: bar.update())
+    dead = finish_rank(ctx, order)
+    if ctx.rank != 0:
+        return {}, {}, {}
+    return {u.slug: schedule.run_state(u.run_dir, u.fp) for u in units}, missing_notes(dead, plan, ctx), dead
+
+
+def merge_model(unit: Unit, parts: Sequence[Unit]) -> None:
+    """Record a split model's outcome from its finished shards (under the model folder's lock, once)."""
+    with locked(unit.run_dir):
+        if finished(schedule.run_state(unit.run_dir, unit.fp)):
+            return
+        states = [schedule.run_state(s.run_dir, s.fp) for s in parts]
         failed = [s for s, st in zip(parts, states) if st is RunState.FAILED]
         if failed:
             schedule.mark_failed(unit.run_dir, unit.fp, schedule.read_error(failed[0].run_dir),
@@ -356,7 +531,185 @@ def sweep_split(ctx: RunContext, units: list[Unit]) -> dict[str, RunState]:
         elif all(st is RunState.DONE for st in states):
             reports = [Report.from_json((s.run_dir / schedule.REPORT).read_text()) for s in parts]
             schedule.mark_done(unit.run_dir, unit.fp, merge_shards(reports).to_json())
-    return {u.slug: schedule.run_state(u.run_dir, u.fp) for u in units}
+
+
+def sweep_split(ctx: RunContext, units: list[Unit]) -> Outcome:
+    """Layer-split mode: rank ``k`` takes shard ``k`` of every model, then others' unclaimed shards; rank 0 waits
+    for every shard and merges the shards of each model."""
+    rank = ctx.rank
+    sizes = {u.slug: model_size(u.spec, ctx.config.max_disk) for u in units}
+    order = [u for s in schedule.largest_first(sizes) for u in units if u.slug == s]
+    shards: dict[str, list[Unit]] = {}
+    for unit in order:
+        if finished(schedule.run_state(unit.run_dir, unit.fp)):
+            continue
+        try:
+            shards[unit.slug] = shard_units(unit, ctx.world, ctx.config.max_disk)
+        except Exception as exc:  # noqa: BLE001 - recorded as the model's failure
+            if rank == 0:
+                with locked(unit.run_dir):
+                    schedule.mark_failed(unit.run_dir, unit.fp, one_line(exc), model=unit.spec.label)
+    plan = [[parts[k] for parts in shards.values() if k < len(parts)] for k in range(ctx.world)]
+    mine = preference(plan, rank) if ctx.shared else plan[rank]
+    n_layers = {slug: sum(len(s.layers) for s in parts) for slug, parts in shards.items()}
+    with _bar(len(mine), rank, "layer shards") as bar:  # a shard's share of the bytes sets its checkpoints
+        claim_and_run(ctx, mine, lambda s: run_unit(ctx, s, size=sizes[s.slug] * len(s.layers) // n_layers[s.slug]),
+                      wait=rank == 0,
+                      on_finished=lambda s: bar.update())
+    dead = finish_rank(ctx, mine)
+    if rank != 0:
+        return {}, {}, {}
+    for slug, parts in shards.items():
+        merge_model(next(u for u in units if u.slug == slug), parts)
+    return {u.slug: schedule.run_state(u.run_dir, u.fp) for u in units}, missing_notes(dead, plan, ctx), dead
+
+
+# ------------------------------------------------------------------------------------------------- several processes
+
+
+def agree_on_run(state, cfg: SweepConfig, options: Options) -> tuple[str, bool]:
+    """``(run id, shared)``, the same on every rank: rank 0's random run id, and whether every rank sees the same
+    ``--out`` (``--out-shared auto``: rank 0 writes a probe file there, every rank looks for it)."""
+    if state.num_processes == 1:
+        return uuid.uuid4().hex, True
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    ids = [uuid.uuid4().hex if state.process_index == 0 else None]
+    broadcast_object_list(ids, from_process=0)
+    run_id = str(ids[0])
+    if options.out_shared != "auto":
+        return run_id, options.out_shared == "yes"
+    probe = cfg.out / SWEEP_DIR / run_id / "probe"
+    if state.process_index == 0:
+        probe.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(probe, run_id)
+    state.wait_for_everyone()
+    try:
+        seen = probe.read_text() == run_id
+    except OSError:
+        seen = False
+    return run_id, all(gather_object([seen]))
+
+
+class Exchange:
+    """Heartbeats and results of the ranks over the launcher's key-value store (``torch.distributed.TCPStore`` at
+    ``MASTER_ADDR:MASTER_PORT``), used when ``--out`` is not shared.
+
+    No collective: a collective cannot complete while a rank is dead, whereas rank 0 reads each rank's results
+    when they arrive and names a rank whose heartbeat has stood still for a lease (``--lease-seconds``)."""
+
+    def __init__(self, cfg: SweepConfig, options: Options, run_id: str, rank: int, world: int, label: str):
+        import datetime
+
+        import torch.distributed as dist
+
+        host, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+        if not host or not port:
+            raise ConfigError(f"--out {cfg.out} is not one folder for all processes, and MASTER_ADDR/MASTER_PORT "
+                              f"are unset (launch with accelerate launch or torchrun), so results cannot reach "
+                              f"rank 0; use a folder every machine sees")
+        timeout = datetime.timedelta(seconds=max(60.0, options.lease_s))
+        self.store = dist.PrefixStore(f"hf-flag-sweep/{run_id}/",
+                                      dist.TCPStore(host, int(port), is_master=False, timeout=timeout))
+        self.cfg, self.options, self.rank, self.world = cfg, options, rank, world
+        self.store.set(f"who/{rank}", label)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.beat, name="hf-flag-heartbeat", daemon=True)
+        self.thread.start()
+
+    def beat(self) -> None:
+        self.store.add(f"beat/{self.rank}", 1)
+        while not self.stop.wait(self.options.lease_s / 8):
+            try:
+                self.store.add(f"beat/{self.rank}", 1)
+            except Exception:  # noqa: BLE001 - the launcher's store is gone: nobody is listening any more
+                return
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+
+    def send(self, units: Sequence[Unit]) -> None:
+        """This rank's outcome of ``units`` (reports and error markers), for rank 0."""
+        payload = []
+        for u in units:
+            state = schedule.run_state(u.run_dir, u.fp)
+            if finished(state):
+                name = schedule.REPORT if state is RunState.DONE else schedule.ERROR
+                payload.append({"dir": u.run_dir.relative_to(self.cfg.out).as_posix(), "fp": u.fp,
+                                "state": state.value, "text": (u.run_dir / name).read_text(encoding="utf-8")})
+        self.store.set(f"result/{self.rank}", json.dumps(payload))
+
+    def label(self, rank: int) -> str:
+        key = f"who/{rank}"
+        return self.store.get(key).decode() if self.store.check([key]) else f"rank {rank}"
+
+    def collect(self) -> dict[int, str]:
+        """Rank 0: write every other rank's outcomes into the run folders here as they arrive; returns the ranks
+        that stopped without sending theirs (rank -> name)."""
+        pending = set(range(1, self.world))
+        seen = {r: (-1, time.monotonic()) for r in pending}
+        dead: dict[int, str] = {}
+        deadline = time.monotonic() + self.cfg.merge_timeout
+        while pending and time.monotonic() < deadline:
+            for r in sorted(pending):
+                if self.store.check([f"result/{r}"]):
+                    for item in json.loads(self.store.get(f"result/{r}")):
+                        run_dir = self.cfg.out / item["dir"]
+                        if item["state"] == RunState.DONE.value:
+                            schedule.mark_done(run_dir, item["fp"], item["text"])
+                        else:
+                            run_dir.mkdir(parents=True, exist_ok=True)
+                            atomic_write_text(run_dir / schedule.ERROR, item["text"])
+                    pending.discard(r)
+                    continue
+                beats = self.store.add(f"beat/{r}", 0)
+                if beats != seen[r][0]:
+                    seen[r] = (beats, time.monotonic())
+                elif time.monotonic() - seen[r][1] > self.options.lease_s:
+                    dead[r] = self.label(r)
+                    pending.discard(r)
+            if pending:
+                time.sleep(self.options.poll_s)
+        return dead
+
+
+FINISHED = "finished.json"
+
+
+def stopped_ranks(ctx: RunContext) -> dict[int, str]:
+    """Rank 0 of a shared folder, once every unit is finished: the ranks whose presence claim lapsed before they
+    wrote ``finished.json`` (rank -> name); waits up to a lease for ranks still finishing."""
+    pending, stopped = set(range(1, ctx.world)), {}
+    deadline = time.monotonic() + ctx.options.lease_s
+    while pending:
+        for r in sorted(pending):
+            folder = ctx.presence(r)
+            claim = read_claim(folder)
+            if (folder / FINISHED).is_file():
+                pending.discard(r)
+            elif not is_live(claim):
+                stopped[r] = str(claim["owner"]) if claim else f"rank {r}"
+                pending.discard(r)
+        if pending:
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(ctx.options.poll_s)
+    return stopped
+
+
+def finish_rank(ctx: RunContext, ran: Sequence[Unit]) -> dict[int, str]:
+    """After this rank's loop: ranks other than 0 report that they finished (and, when ``--out`` is not shared,
+    send their outcomes); rank 0 gathers and returns the ranks that stopped early (rank -> name)."""
+    if ctx.world == 1:
+        return {}
+    if ctx.rank != 0:
+        if ctx.exchange is not None:
+            ctx.exchange.send(ran)
+        else:
+            atomic_write_text(ctx.presence(ctx.rank) / FINISHED, json.dumps({"time": time.time()}))
+        return {}
+    return ctx.exchange.collect() if ctx.exchange is not None else stopped_ranks(ctx)
 
 
 # ------------------------------------------------------------------------------------------------- outputs
@@ -411,8 +764,31 @@ def provenance_columns(report: Report) -> dict[str, str]:
             "hf_flag_version": str(report.params.get("hf_flag_version") or "")}
 
 
-def save_dataset(reports: Sequence[Report], path: Path):
-    """All rows of all reports as one ``datasets.Dataset``, saved to ``path`` (replaced as a whole), each row with
+def swap_paths(a: Path, b: Path) -> bool:
+    """Exchange two paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``); ``False`` where that is not
+    available (another system, a file system without it), so the caller renames twice instead."""
+    import ctypes
+    import errno
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def save_dataset(reports: Sequence[Report], path: Path, tag: str):
+    """All rows of all reports as one ``datasets.Dataset``, saved to ``path`` and replaced as a whole.
+
+    The new dataset is written to ``.<name>.<tag>.tmp`` (``tag`` unique to the process) and swapped in; readers
+    see the old dataset or the new one.  The caller holds the output folder's lock (:func:`write_outputs`), so
+    the temporaries of a writer that was killed are removed here.  A write error names ``path``.  Each row carries
     its weights' provenance (:func:`provenance_columns`)."""
     import datasets
 
@@ -420,14 +796,26 @@ def save_dataset(reports: Sequence[Report], path: Path):
     per_row = [provenance_columns(rep) for rep in reports for _ in rep.rows]
     for column in provenance_columns(Report("", "")):
         ds = ds.add_column(column, [p[column] for p in per_row], feature=datasets.Value("string"))
-    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
-    for p in (tmp, old):
-        shutil.rmtree(p, ignore_errors=True)
-    ds.save_to_disk(str(tmp))
-    if path.exists():
-        path.rename(old)
-    tmp.rename(path)
-    shutil.rmtree(old, ignore_errors=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = path.with_name(f".{path.name}.{tag}.tmp")
+    try:
+        ds.save_to_disk(str(tmp))
+        if not path.exists():
+            tmp.rename(path)
+        elif swap_paths(tmp, path):
+            shutil.rmtree(tmp)  # now the old dataset
+        else:
+            old = path.with_name(f".{path.name}.{tag}.old.tmp")
+            path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old)
+    except OSError as exc:
+        if exc.errno is None:
+            raise
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return ds
 
 
@@ -464,8 +852,16 @@ def copy_plot(png: Path, folder: Path) -> Path:
     return dest
 
 
-def write_outputs(ctx: RunContext, units: list[Unit], states: dict[str, RunState]) -> list[ModelResult]:
-    """Everything rank 0 writes after the merge; returns one result per model."""
+def write_outputs(ctx: RunContext, units: list[Unit], states: dict[str, RunState],
+                  notes: Optional[dict[str, str]] = None) -> list[ModelResult]:
+    """Everything rank 0 writes after the merge, holding the output folder's lock (sweeps sharing the folder write
+    one after the other); returns one result per model.  ``notes``: slug -> why a model is missing."""
+    with locked(ctx.config.out / SWEEP_DIR):
+        return write_outputs_locked(ctx, units, states, notes or {})
+
+
+def write_outputs_locked(ctx: RunContext, units: list[Unit], states: dict[str, RunState],
+                         notes: dict[str, str]) -> list[ModelResult]:
     from hf_flag.harness.plots import save_plots_once
 
     cfg = ctx.config
@@ -474,11 +870,11 @@ def write_outputs(ctx: RunContext, units: list[Unit], states: dict[str, RunState
         state = states.get(u.slug, RunState.NEW)
         status = {RunState.DONE: "done", RunState.FAILED: "failed"}.get(state, "missing")
         report = Report.from_json((u.run_dir / schedule.REPORT).read_text()) if state is RunState.DONE else None
-        error = schedule.read_error(u.run_dir) if state is RunState.FAILED else (
-            "" if report else "no result before --merge-timeout (process died or still running); rerun to resume")
+        error = schedule.read_error(u.run_dir) if state is RunState.FAILED else "" if report else notes.get(
+            u.slug, "no result before --merge-timeout (process died or still running); rerun to resume")
         results.append(ModelResult(u, status, error, report))
     reports = [r.report for r in results if r.report is not None]
-    save_dataset(reports, cfg.out / "dataset")
+    save_dataset(reports, cfg.out / "dataset", ctx.tag)
     csv_text, md_text = summary_table(results)
     atomic_write_text(cfg.out / "summary.csv", csv_text)
     atomic_write_text(cfg.out / "summary.md", md_text)
@@ -578,28 +974,41 @@ def long_lived_frozen() -> Iterator[None]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``python -m hf_flag.harness.sweep`` / ``accelerate launch -m hf_flag.harness.sweep`` /
-    ``hf-flag sweep``."""
+    ``hf-flag sweep``.
+
+    Exit codes (:mod:`hf_flag.exits`): 0 every model done; 1 some failed or are missing (everything else is
+    written), or an internal error (one line; the traceback is saved under ``DIR/errors/``); 2 bad input, or a
+    folder that cannot be written (one line naming the path; finished work is kept); 130 Ctrl-C, 143 SIGTERM."""
+    exits.terminate_as_exception()
     try:
         cfg, args = parse_args(argv)
-        from accelerate import PartialState
+    except BaseException as exc:  # noqa: BLE001 - one line and an exit code
+        return exits.exit_code(exc, PROG)
+    try:
+        return run(cfg, args)
+    except BaseException as exc:  # noqa: BLE001 - one line and an exit code; the state on disk stays resumable
+        return exits.exit_code(exc, PROG, traceback_dir=cfg.out / "errors",
+                               resume_hint=f"finished models and layers are kept in {cfg.out}; rerun the same "
+                                           f"command to resume")
 
-        state = PartialState(cpu=cfg.device == "cpu")
-        check_out_dir(cfg.out)  # on every rank, so all of them stop together
-        check_out_dir(cfg.cards_dir, "--cards-dir")  # before any work, not after the analysis
-        ctx = RunContext(cfg, rank=state.process_index, world=state.num_processes,
-                         device=resolve_device(cfg.device, state.local_process_index))
-        rank, world = ctx.rank, ctx.world
-        configure_threads()  # this process's share of the cores (LOCAL_WORLD_SIZE, load)
-        if world == 1 and os.environ.get("ACCELERATE_USE_CPU") == "True":
-            print("hf-flag sweep: note: accelerate launch --cpu starts one process; for N CPU processes use "
-                  "accelerate launch --multi_gpu --num_processes N -m hf_flag.harness.sweep ... --device cpu",
-                  file=sys.stderr)
-    except ConfigError as exc:
-        print(f"hf-flag sweep: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+
+def run(cfg: SweepConfig, args: argparse.Namespace) -> int:
+    """The sweep of :func:`main` (exceptions propagate to it)."""
+    from accelerate import PartialState
+
+    options = Options.from_args(args)
+    state = PartialState(cpu=cfg.device == "cpu")
+    rank, world = state.process_index, state.num_processes
+    check_out_dir(cfg.out)  # on every rank, so all of them stop together
+    check_out_dir(cfg.cards_dir, "--cards-dir")  # before any work, not after the analysis
+    device = resolve_device(cfg.device, state.local_process_index)
+    configure_threads()  # this process's share of the cores (LOCAL_WORLD_SIZE, load)
+    if world == 1 and os.environ.get("ACCELERATE_USE_CPU") == "True":
+        print("hf-flag sweep: note: accelerate launch --cpu starts one process; for N CPU processes use "
+              "accelerate launch --multi_gpu --num_processes N -m hf_flag.harness.sweep ... --device cpu",
+              file=sys.stderr)
     units = model_units(cfg)
-    if world > 1:
-        state.wait_for_everyone()  # startup only: out dir exists, every process alive
+    run_id, shared = agree_on_run(state, cfg, options)  # startup only: every process alive
     if args.retry_failed:
         for u in units:  # every rank clears the same markers, then all agree before any work starts
             for marker in (u.run_dir / schedule.ERROR, *u.run_dir.glob(f"shards/*/{schedule.ERROR}")):
@@ -608,12 +1017,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             state.wait_for_everyone()
     if rank == 0 or not cfg.split_layers:  # this process draws plots: load matplotlib before the freeze
         importlib.import_module("hf_flag.harness.plots")
-    sweep = sweep_split if cfg.split_layers else sweep_models
-    with long_lived_frozen():
-        states = sweep(ctx, units)
-        if not ctx.is_main_process:
-            return EXIT_OK
-        results = write_outputs(ctx, units, states)
+    owner = Owner.this_process()
+    if world > 1:
+        owner = Owner.this_process(f"rank {rank} (pid {owner.pid} on {owner.host})")
+    with Claims(owner, options.lease_s) as claims:
+        exchange = None if shared else Exchange(cfg, options, run_id, rank, world, owner.label)
+        ctx = RunContext(cfg, rank=rank, world=world, device=device, options=options, claims=claims, run_id=run_id,
+                         shared=shared, exchange=exchange)
+        try:
+            if shared and world > 1:
+                claims.try_claim(ctx.presence(rank), rank=rank)
+            sweep = sweep_split if cfg.split_layers else sweep_models
+            with long_lived_frozen():
+                states, notes, dead = sweep(ctx, units)
+                if rank != 0:
+                    return EXIT_OK
+                results = write_outputs(ctx, units, states, notes)
+        finally:
+            if exchange is not None:
+                exchange.close()
+    shutil.rmtree(cfg.out / SWEEP_DIR / run_id, ignore_errors=True)
+    for _, label in sorted(dead.items()):
+        print(f"hf-flag sweep: {label} stopped before finishing" + (
+            "; other processes took its work over" if shared else "; its models are missing, rerun to resume"),
+            file=sys.stderr)
     if cfg.push_to_hub:
         target = cfg.push_to_hub if isinstance(cfg.push_to_hub, str) else ""
         try:

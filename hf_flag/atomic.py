@@ -17,13 +17,17 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], *, mode
     """Call ``write(tmp_path)`` on a temporary sibling of ``path``, then rename it over ``path``.
 
     The file gets permission bits ``mode`` (default: what ``open`` would give under the current umask).
-    Raises ``FileNotFoundError`` naming ``path`` when its folder does not exist (nothing is created).
+    Raises ``FileNotFoundError`` naming ``path`` when its folder does not exist (nothing is created); any other
+    ``OSError`` (full disk, read-only folder) is re-raised naming ``path``, with nothing left behind.
     """
     path = Path(path)
     if not path.parent.is_dir():
         raise FileNotFoundError(f"cannot write {str(path)!r}: folder {str(path.parent)!r} does not exist; create it "
                                 f"first or choose another output path")
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:  # read-only folder, no permission, full disk: name the file meant, not the temporary
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -36,6 +40,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], *, mode
             mode = 0o666 & ~umask
         os.chmod(tmp, mode)
         os.replace(tmp, path)
+    except OSError as exc:
+        if exc.errno is None:
+            raise
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -5,7 +5,8 @@ random baseline (``hf_flag.rows.table_metrics``); ``--json`` prints the report J
 writes ``DIR/<model-slug>/report.json`` and ``DIR/<model-slug>/rows.parquet`` atomically (temporary file + rename)
 and refuses, before any analysis, to overwrite a file that is not an hf-flag output or to give two models one
 folder.  User errors (a bad path, an unreadable checkpoint, an unknown architecture, bad arguments, a bad device)
-print one line ``hf-flag: error: ...`` on stderr and exit with code 2.
+print one line ``hf-flag: error: ...`` on stderr and exit with code 2; internal errors exit 1 with one line naming the
+file their traceback was saved to; Ctrl-C exits 130 (:mod:`hf_flag.exits`).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from typing import Mapping, Optional, Sequence
 import torch
 
 from hf_flag.analysis.api import analyze
+from hf_flag import exits
 from hf_flag.atomic import atomic_write
 from hf_flag.defaults import COMPOSITION_MODES, DIAGNOSTIC_NAMES, default_named_paths, model_slug
 from hf_flag.errors import HfFlagError
@@ -28,7 +30,6 @@ from hf_flag.report import baseline_key
 from hf_flag.rows import table_metrics
 from hf_flag.weights.sources import open_weights
 
-EXIT_USAGE = 2
 REPORT_FILE = "report.json"
 ROWS_FILE = "rows.parquet"
 
@@ -40,7 +41,7 @@ DISPATCH = {
 }
 
 
-class CliError(ValueError):
+class CliError(HfFlagError, ValueError):
     """A user error found by the command line itself (bad argument, missing default model, unsafe overwrite)."""
 
 
@@ -230,21 +231,17 @@ def run_dispatch(command: str, argv: Sequence[str]) -> int:
     return int(result or 0)
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    return (HfFlagError, OSError, ValueError)  # OSError: a path that cannot be read or written
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of ``hf-flag``; returns the exit code (0 success, 2 user error)."""
+    """Entry point of ``hf-flag``; returns the exit code (:mod:`hf_flag.exits`: 0 success, 1 internal error with
+    its traceback saved, 2 user error, 130 Ctrl-C), printing one line on stderr for anything but success."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    exits.terminate_as_exception()
     try:
         if argv and argv[0] in DISPATCH:
             return run_dispatch(argv[0], argv[1:])
         return run_analyze(build_parser().parse_args(argv))
-    except user_errors() as exc:
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"hf-flag: error: {message}", file=sys.stderr)
-        return EXIT_USAGE
+    except BaseException as exc:  # noqa: BLE001 - every outcome becomes one line and an exit code
+        return exits.exit_code(exc, "hf-flag")
 
 
 if __name__ == "__main__":

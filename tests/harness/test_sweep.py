@@ -13,17 +13,20 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import datasets
 import pytest
 import yaml
 
-from hf_flag.harness import schedule, sweep
+from hf_flag.harness import claims, schedule, sweep
+from hf_flag.harness.claims import Claims, Owner
 from hf_flag.harness.config import ConfigError, ModelSpec, load_config
 from hf_flag.report import Report
 
 REPO = Path(__file__).resolve().parents[2]
 UNKNOWN = "nobody-offline/not-a-cached-model"
+RANK_EXITS = REPO / "tests" / "harness" / "sweep_rank_exits.py"
 ARGS = ["--composition", "adjacent"]
 
 
@@ -33,17 +36,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_sweep(args: list[str], processes: int = 1) -> subprocess.CompletedProcess:
+def run_sweep(args: list[str], processes: int = 1, script: Optional[Path] = None,
+              **env_extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(REPO)}
+           "PYTHONPATH": str(REPO), **env_extra}
+    program = ["-m", "hf_flag.harness.sweep"] if script is None else [str(script)]
     if processes == 1:
-        cmd = [sys.executable, "-m", "hf_flag.harness.sweep", *args]
+        cmd = [sys.executable, *program, *args]
     else:
         # accelerate 1.15 runs ONE process for ``--cpu --num_processes N`` (multi-CPU needs mpirun); the torchrun
         # launcher behind --multi_gpu starts N processes, which PartialState(cpu=True) (--device cpu) joins over gloo
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(free_port()), "-m", "hf_flag.harness.sweep", *args]
+               "--main_process_port", str(free_port()), *program, *args]
         cmd += ["--device", "cpu"]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
@@ -121,14 +126,18 @@ def test_two_processes_equal_one(one_process, tiny_models, tmp_path):
     assert statuses(out) == statuses(one_process)
     assert rows(out) == rows(one_process)
     assert (out / "summary.csv").read_text() == (one_process / "summary.csv").read_text()
-    # largest first, round robin: the rank recorded in each started marker is the scheduled one
-    slugs = [p.name for p in sorted((out / "runs").iterdir())]
+    # largest first, round robin; a rank that runs out of work takes the others' from the end of their shares
+    slugs = [p.name for p in sorted((out / "runs").iterdir()) if not p.name.startswith(".")]
     ranks = {s: json.loads((out / "runs" / s / "started.json").read_text())["rank"] for s in slugs}
     units = sweep.model_units(sweep.parse_args([*model_list(tiny_models), "--out", str(out), *ARGS])[0])
     sizes = {u.slug: sweep.model_size(u.spec) for u in units}
     plan = schedule.assign_models(sizes, 2)
-    assert ranks == {s: r for r, part in enumerate(plan) for s in part}, (ranks, sizes, plan)
-    assert set(ranks.values()) == {0, 1}
+    assert sorted(ranks) == sorted(s for part in plan for s in part) and set(ranks.values()) <= {0, 1}
+    for r, part in enumerate(plan):
+        taken = [s for s in part if ranks[s] != r]
+        assert taken == part[len(part) - len(taken):], (ranks, plan)  # only a suffix of a share is taken over
+    assert [p.name for p in (out / ".sweep").iterdir()] == [claims.LOCK]  # the run's bookkeeping is gone
+    assert not list(out.rglob(claims.CLAIM))  # every claim was released
 
 
 @pytest.mark.slow
@@ -163,6 +172,45 @@ def test_rerun_after_death_runs_each_model_exactly_once(one_process, tiny_models
     assert [s for s in after if after[s] != before[s]] == ["local--llama"]  # only the dead one was redone
     assert errors == {p.parent.name: p.read_text() for p in (out / "runs").glob("*/error.json")}
     assert rows(out) == rows(one_process)  # every model once, nothing lost
+
+
+@pytest.mark.slow
+def test_rank_that_leaves_early_is_named_and_its_work_taken_over(one_process, tiny_models, tmp_path):
+    """Shared --out: rank 1 exits (status 0, so the launcher lets rank 0 run on) holding the claim of its first
+    model; rank 0 takes that claim over at once (same machine, dead pid), runs rank 1's share and names it."""
+    out = tmp_path / "out"
+    proc = run_sweep([*model_list(tiny_models), "--out", str(out), *ARGS], processes=2, script=RANK_EXITS,
+                     HF_FLAG_TEST_EXIT_RANK="1")
+    assert proc.returncode != 0, proc.stderr[-3000:]  # two models fail on purpose
+    named = [line for line in proc.stderr.splitlines() if "stopped before finishing" in line]
+    assert len(named) == 1 and "rank 1 (pid " in named[0] and "took its work over" in named[0], proc.stderr[-3000:]
+    assert statuses(out) == statuses(one_process) and rows(out) == rows(one_process)
+    ranks = {json.loads(p.read_text())["rank"] for p in (out / "runs").glob("*/started.json")}
+    assert ranks == {0}  # rank 0 ran everything, the model rank 1 held a claim on when it left included
+
+
+@pytest.mark.slow
+def test_unshared_out_results_travel_and_a_dead_rank_is_named_within_its_lease(one_process, tiny_models, tmp_path):
+    """--out-shared no: results reach rank 0 over the launcher's store; a rank that leaves is named once its
+    heartbeat has stood still for --lease-seconds, its models are named missing, and a rerun completes them."""
+    out = tmp_path / "out"
+    args = [*model_list(tiny_models), "--out", str(out), *ARGS, "--out-shared", "no", "--lease-seconds", "3"]
+    proc = run_sweep(args, processes=2)  # nobody leaves: rank 1's results travel over the store
+    assert proc.returncode != 0
+    assert statuses(out) == statuses(one_process) and rows(out) == rows(one_process)
+    out2 = tmp_path / "out2"
+    args2 = [*model_list(tiny_models), "--out", str(out2), *ARGS, "--out-shared", "no", "--lease-seconds", "3"]
+    proc = run_sweep(args2, processes=2, script=RANK_EXITS, HF_FLAG_TEST_EXIT_RANK="1")
+    named = [line for line in proc.stderr.splitlines() if "stopped before finishing" in line]
+    assert len(named) == 1 and "rank 1 (pid " in named[0] and "missing" in named[0], proc.stderr[-3000:]
+    units = sweep.model_units(sweep.parse_args(args2)[0])
+    plan = schedule.assign_models({u.slug: sweep.model_size(u.spec) for u in units}, 2)
+    got = statuses(out2)
+    assert {s for s, st in got.items() if st == "missing"} == set(plan[1])
+    notes = {m["slug"]: m["error"] for m in json.loads((out2 / "sweep.json").read_text())["models"]}
+    assert all("rank 1 (pid " in notes[s] for s in plan[1])
+    assert run_sweep(args2).returncode == 1  # the rerun (one process) completes rank 1's models
+    assert statuses(out2) == statuses(one_process) and rows(out2) == rows(one_process)
 
 
 def test_bad_inputs_exit_2_with_one_line(tiny_models, tmp_path, capsys):
@@ -279,19 +327,34 @@ def test_long_lived_frozen_hands_the_heap_back():
         gc.unfreeze()
 
 
-def test_merge_names_missing_models_after_timeout(tiny_models, tmp_path, monkeypatch):
-    """Rank 0 of a 2-process sweep whose rank 1 never reports: it merges its own and names the rest."""
-    cfg, _ = sweep.parse_args([str(tiny_models["gpt2"]), str(tiny_models["bert"]), "--out", str(tmp_path),
-                               "--diagnostics", "mlp", "--merge-timeout", "0.5"])
+def context(cfg, *, rank: int = 0, world: int = 1, **options) -> sweep.RunContext:
+    """The run context of one process of a sweep, without a launcher (claims renewed only inside ``with``)."""
+    mine = Claims(Owner.this_process(f"rank {rank} of the test"), options.get("lease_s", 60.0))
+    return sweep.RunContext(cfg, rank=rank, world=world, device="cpu", options=sweep.Options(**options),
+                            claims=mine, run_id="test-run")
+
+
+def test_rank_0_takes_over_work_of_an_absent_rank_and_names_held_work_missing(tiny_models, tmp_path):
+    """Rank 0 of a 2-process sweep whose rank 1 never starts: rank 0 runs rank 1's unclaimed model too and names
+    rank 1; a model held by a live process elsewhere that never finishes is named missing after --merge-timeout."""
+    models = [str(tiny_models[n]) for n in ("gpt2", "bert", "llama")]
+    cfg, _ = sweep.parse_args([*models, "--out", str(tmp_path), "--diagnostics", "mlp", "--merge-timeout", "0.5"])
     units = sweep.model_units(cfg)
-    ctx = sweep.RunContext(cfg, rank=0, world=2, device="cpu")
-    states = sweep.sweep_models(ctx, units)
-    results = sweep.write_outputs(ctx, units, states)
-    (mine,), (theirs,) = schedule.assign_models({u.slug: sweep.model_size(u.spec) for u in units}, 2)
-    assert {r.slug: r.status for r in results} == {mine: "done", theirs: "missing"}
-    missing = {m["slug"]: m for m in json.loads((tmp_path / "sweep.json").read_text())["models"]}[theirs]
+    held = next(u for u in units if u.slug == "local--llama")
+    held.run_dir.mkdir(parents=True)
+    (held.run_dir / claims.CLAIM).write_text(json.dumps({"token": "elsewhere", "owner": "pid 7 on elsewhere",
+                                                         "host": "elsewhere", "pid": 7, "expires": 4e9}))
+    ctx = context(cfg, world=2)
+    states, notes, dead = sweep.sweep_models(ctx, units)
+    assert dead == {1: "rank 1"} and notes == {}
+    results = sweep.write_outputs(ctx, units, states, notes=notes)
+    assert {r.slug: r.status for r in results} == {"local--gpt2": "done", "local--bert": "done",
+                                                         "local--llama": "missing"}
+    missing = {m["slug"]: m for m in json.loads((tmp_path / "sweep.json").read_text())["models"]}["local--llama"]
     assert "rerun to resume" in missing["error"]
-    assert {r["model"] for r in rows(tmp_path)} == {str(tiny_models[mine.removeprefix("local--")])}
+    assert {r["model"] for r in rows(tmp_path)} == {models[0], models[1]}
+    assert not (held.run_dir / schedule.STARTED).exists()  # the held model was never touched
+    assert json.loads((held.run_dir / claims.CLAIM).read_text())["token"] == "elsewhere"
 
 
 def test_retry_failed_reruns_only_failures(one_process, tiny_models, tmp_path):

@@ -1,0 +1,122 @@
+"""Exit codes and one-line messages (hf_flag/exits.py) of ``hf-flag`` and ``hf-flag sweep``, and the sweep's layer
+checkpoints: a run stopped part way resumes at its first unfinished layer and ends with the rows of one
+uninterrupted ``analyze``."""
+from __future__ import annotations
+
+import errno
+import json
+import tempfile
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pytest
+
+from hf_flag.harness import claims, schedule, sweep
+from hf_flag import cli, exits
+from hf_flag import analyze
+
+
+def one_stderr_line(capsys) -> str:
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("hf-flag")]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_internal_error_exits_1_with_the_traceback_saved(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+    def bug(args):
+        return {}["no such key"]
+
+    with mock.patch.object(cli, "run_analyze", bug):
+        assert cli.main(["analyze", "m"]) == exits.EXIT_INTERNAL
+    line = one_stderr_line(capsys)
+    assert line.startswith("hf-flag: internal error: KeyError: 'no such key'; traceback saved to ")
+    saved = Path(line.split("traceback saved to ")[1].split(" (")[0])
+    assert saved.parent == tmp_path and "Traceback" in saved.read_text() and "def bug" not in line
+    assert "return {}[\"no such key\"]" in saved.read_text()  # the full traceback, with the failing line
+
+
+@pytest.mark.parametrize("fault", [lambda: np.zeros(2).reshape(3),  # a ValueError from numpy: a bug of ours
+                                   lambda: int("not a number")])  # a ValueError in our own code, not a raise
+def test_value_errors_that_are_bugs_are_internal(fault, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with mock.patch.object(cli, "run_analyze", lambda args: fault()):
+        assert cli.main(["analyze", "m"]) == exits.EXIT_INTERNAL
+    assert "internal error: ValueError" in one_stderr_line(capsys)
+
+
+def test_user_errors_exit_2_with_one_line(tiny_models, capsys):
+    assert cli.main(["analyze", str(tiny_models["gpt2"]), "--layers", "7"]) == exits.EXIT_USAGE  # our raise
+    line = one_stderr_line(capsys)
+    assert line.startswith("hf-flag: error: layers=[7] is out of range")
+    assert cli.main(["analyze", str(tiny_models["broken"])]) == exits.EXIT_USAGE  # a WeightSourceError
+    assert "model.safetensors" in one_stderr_line(capsys)
+    full = OSError(errno.ENOSPC, "No space left on device", "/data/out/report.json")
+    with mock.patch.object(cli, "run_analyze", mock.Mock(side_effect=full)):
+        assert cli.main(["analyze", "m"]) == exits.EXIT_USAGE
+    assert one_stderr_line(capsys).startswith(
+        "hf-flag: error: cannot write /data/out/report.json: No space left on device; free space")
+
+
+def test_ctrl_c_exits_130_with_one_line(capsys):
+    with mock.patch.object(cli, "run_analyze", mock.Mock(side_effect=KeyboardInterrupt)):
+        assert cli.main(["analyze", "m"]) == exits.EXIT_INTERRUPTED
+    assert one_stderr_line(capsys) == "hf-flag: interrupted"
+
+
+def test_sweep_internal_error_saves_its_traceback_in_the_output_folder(tiny_models, tmp_path, capsys):
+    out = tmp_path / "out"
+    with mock.patch.object(sweep, "summary_table", mock.Mock(side_effect=TypeError("bad table"))):
+        assert sweep.main([str(tiny_models["gpt2"]), "--out", str(out), "--diagnostics", "mlp"]) == 1
+    line = one_stderr_line(capsys)
+    assert line.startswith("hf-flag sweep: internal error: TypeError: bad table; traceback saved to ")
+    saved = Path(line.split("traceback saved to ")[1].split(" (")[0])
+    assert saved.parent == out / "errors" and "summary_table" in saved.read_text()
+    assert schedule.run_state(out / "runs" / "local--gpt2", json.loads(
+        (out / "runs" / "local--gpt2" / schedule.DONE).read_text())["fingerprint"]) is schedule.RunState.DONE
+
+
+def test_ctrl_c_mid_model_resumes_at_the_first_unfinished_layer(tiny_models, tmp_path, capsys):
+    model = str(tiny_models["llama"])
+    out = tmp_path / "out"
+    args = [model, "--out", str(out), "--composition", "adjacent", "--checkpoint-layers", "1"]
+    calls: list[tuple[int, ...]] = []
+    real = sweep.analyze_layers
+
+    def interrupted_at_layer_2(spec, cfg, device, layers):
+        calls.append(tuple(layers))
+        if 2 in layers:
+            raise KeyboardInterrupt
+        return real(spec, cfg, device, layers)
+
+    with mock.patch.object(sweep, "analyze_layers", interrupted_at_layer_2):
+        assert sweep.main(args) == exits.EXIT_INTERRUPTED
+    line = one_stderr_line(capsys)
+    assert line == f"hf-flag sweep: interrupted; finished models and layers are kept in {out}; rerun the same " \
+                   f"command to resume"
+    assert calls == [(0,), (1,), (2,)]
+    assert sorted(p.name for p in (out / "runs" / "local--llama" / "layers").iterdir()) == ["0-0", "1-1"]
+    assert not list(out.rglob(claims.CLAIM))  # released on the way out
+    calls.clear()
+
+    def counted(spec, cfg, device, layers):
+        calls.append(tuple(layers))
+        return real(spec, cfg, device, layers)
+
+    with mock.patch.object(sweep, "analyze_layers", counted):
+        assert sweep.main(args) == exits.EXIT_OK
+    assert calls == [(2,)]  # layers 0 and 1 were read back, not analysed again
+    got = json.loads((out / "runs" / "local--llama" / schedule.REPORT).read_text())
+    want = analyze(model, composition="adjacent", name=model)
+    assert got["rows"] == json.loads(want.to_json())["rows"]  # the same rows, bit for bit, in the same order
+    assert got["summary"] == json.loads(want.to_json())["summary"]
+
+
+def test_layers_per_checkpoint():
+    mib = 2**20
+    assert sweep.layers_per_checkpoint(32, 13_000 * mib, None) == 2  # 406 MiB a layer: two per 512 MiB
+    assert sweep.layers_per_checkpoint(6, 90 * mib, None) >= 6  # a small model is one checkpoint
+    assert sweep.layers_per_checkpoint(6, 90 * mib, 1) == 1
+    assert sweep.layers_per_checkpoint(6, 90 * mib, 0) == 6
