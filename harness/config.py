@@ -7,12 +7,12 @@ YAML keys (all optional; command-line arguments override them, command-line mode
       - {path: ./my-model, name: me/my-model}
       - {path: Qwen/Qwen2.5-0.5B, revision: 060db6499f32faf8b98477b0a26969ef7d8b9987}
     out: results/sweep      # output folder
-    diagnostics: [mlp, vo]  # passed to hf_flag.analyze (null: all)
+    diagnostics: [mlp, vo]  # passed to hf_flag.analyze (null: all); "mlp, vo" and "mlp vo" work too
     composition: adjacent   # all | adjacent | none
     cheap: false
     device: cpu             # cpu | cuda | auto (cuda when available)
     split_layers: false     # split each model's layers across the processes
-    write_model_cards: false
+    write_model_cards: false  # also update README.md inside local model folders
     cards_dir: null         # where DIR/model_cards/<org>--<name>/README.md goes (default: OUT/model_cards)
     push_to_hub: null       # true: push the cards; a dataset repo id: the cards and the results dataset there
     create_pr: false        # open card pull requests even where the token could commit
@@ -20,7 +20,9 @@ YAML keys (all optional; command-line arguments override them, command-line mode
     max_disk: null          # GB: stream sharded Hub checkpoints shard by shard within this much disk
     merge_timeout: 86400    # seconds rank 0 waits for the other ranks' results
 
-A malformed file raises :class:`ConfigError` (a ``ValueError``) with one line naming the key and what to write.
+``output`` is accepted as another name for ``out``.  A commented example ships as ``examples/sweep.yaml``.
+A malformed file raises :class:`ConfigError` (a ``ValueError``) with one line naming the key and what to write; an
+unknown key is named with the closest known one and the list of known keys (:data:`CONFIG_KEYS`).
 """
 from __future__ import annotations
 
@@ -32,10 +34,16 @@ from typing import Any, Mapping, Optional, Sequence
 
 import yaml
 
-from hf_flag.defaults import COMPOSITION_MODES, DIAGNOSTIC_NAMES, default_named_paths, model_slug
+from hf_flag.defaults import COMPOSITION_MODES, DIAGNOSTIC_NAMES, default_named_paths, model_slug, parse_diagnostics
 
 DEVICES = ("cpu", "cuda", "auto")
 DEFAULT_MERGE_TIMEOUT = 24 * 3600.0
+
+
+#: every key a sweep config may hold (the module docstring says what each takes); ``output`` is ``out``'s alias
+CONFIG_KEYS = ("models", "out", "diagnostics", "composition", "cheap", "device", "split_layers", "write_model_cards",
+               "cards_dir", "push_to_hub", "create_pr", "allow_derived", "max_disk", "merge_timeout")
+KEY_ALIASES = {"output": "out"}
 
 
 class ConfigError(ValueError):
@@ -93,7 +101,8 @@ def parse_model(entry: Any, key: str) -> ModelSpec:
         fields = ("path", "name", "revision", "gguf_file")
         unknown = set(entry) - set(fields)
         if unknown:
-            raise ConfigError(f"config key {key!r}: unknown field {sorted(unknown)[0]!r}; use {', '.join(fields)}")
+            raise ConfigError(f"config key {key!r}: unknown field {sorted(unknown)[0]!r}; a model entry takes the "
+                              f"fields {', '.join(fields)}")
         path = entry.get("path")
         if not isinstance(path, str) or not path.strip():
             raise _type_error(f"{key}.path", "a non-empty string", path)
@@ -116,18 +125,21 @@ def _validate(key: str, value: Any) -> tuple[str, Any]:
     if key == "models":
         _check(key, value, isinstance(value, list) and bool(value), "a non-empty list")
         return "models", tuple(parse_model(v, f"models[{i}]") for i, v in enumerate(value))
-    if key in ("out", "output", "cards_dir"):
-        field_name = "cards_dir" if key == "cards_dir" else "out"
-        return field_name, Path(_check(key, value, isinstance(value, str) and bool(value.strip()), "a folder path"))
+    if key == "cards_dir" and value is None:
+        return key, None  # the default, OUT/model_cards
+    if KEY_ALIASES.get(key, key) in ("out", "cards_dir"):
+        folder = _check(key, value, isinstance(value, str) and bool(value.strip()), "a folder path")
+        return KEY_ALIASES.get(key, key), Path(folder)
     if key == "diagnostics":
         if value is None:
             return "diagnostics", None
-        if isinstance(value, str):
-            value = [value]
-        known = DIAGNOSTIC_NAMES
-        _check(key, value, isinstance(value, list) and bool(value) and all(v in known for v in value),
-               f"a list of diagnostic names from {', '.join(known)}")
-        return "diagnostics", tuple(value)
+        _check(key, value, isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str)
+                                                                                       for v in value)),
+               f"a list of diagnostic names from {', '.join(DIAGNOSTIC_NAMES)}")
+        try:
+            return "diagnostics", parse_diagnostics(value)
+        except ValueError as exc:
+            raise ConfigError(f"config key {key!r}: {exc}") from None
     if key == "composition":
         return key, _check(key, value, value in COMPOSITION_MODES, f"one of {', '.join(COMPOSITION_MODES)}")
     if key == "device":
@@ -144,9 +156,17 @@ def _validate(key: str, value: Any) -> tuple[str, Any]:
     if key == "merge_timeout":
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
         return key, float(_check(key, value, ok, "a positive number of seconds"))
-    raise ConfigError(f"config key {key!r} is unknown; known keys: models, out, diagnostics, composition, cheap, "
-                      f"device, split_layers, write_model_cards, cards_dir, push_to_hub, create_pr, allow_derived, "
-                      f"max_disk, merge_timeout")
+    raise unknown_key(key)
+
+
+def unknown_key(key: str) -> ConfigError:
+    """The one-line error for an unknown config key: the key, the closest known one if any, and all known keys."""
+    import difflib
+
+    close = difflib.get_close_matches(key, (*CONFIG_KEYS, *KEY_ALIASES), n=1)
+    hint = f"did you mean {KEY_ALIASES.get(close[0], close[0])!r}? " if close else ""
+    return ConfigError(f"config key {key!r} is unknown; {hint}known keys: {', '.join(CONFIG_KEYS)} "
+                       f"(see examples/sweep.yaml)")
 
 
 def parse_config(data: Any, *, source: str = "config") -> dict[str, Any]:
@@ -200,7 +220,8 @@ def build_config(file_values: Mapping[str, Any], cli_values: Mapping[str, Any],
     if "out" not in values:
         raise ConfigError("no output folder: give --out DIR or the config key 'out'")
     values["models"] = tuple(models)
-    values.setdefault("cards_dir", Path(values["out"]) / "model_cards")
+    if values.get("cards_dir") is None:
+        values["cards_dir"] = Path(values["out"]) / "model_cards"
     return replace(SweepConfig(models=(), out=Path(".")), **values)
 
 

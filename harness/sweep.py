@@ -116,15 +116,28 @@ class Unit:
 # ------------------------------------------------------------------------------------------------- arguments
 
 
+#: ``hf-flag sweep --help``'s description (the module docstring is for developers)
+DESCRIPTION = ("Analyse many models, in one process or several (accelerate launch), into DIR: a results dataset, "
+               "summary.csv / summary.md, plots and model cards; a rerun resumes, a failed model is recorded and "
+               "the others go on.")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hf-flag sweep", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="hf-flag sweep", description=DESCRIPTION)
     p.add_argument("models", nargs="*", metavar="MODEL",
-                   help="Hub ids (fetched through the HF cache) or local folders/files")
-    p.add_argument("--config", help="YAML sweep config (see harness/config.py)")
+                   help="local folders, .safetensors or .gguf files, or Hub ids (read from the Hugging Face cache, "
+                        "downloaded into it when missing unless HF_HUB_OFFLINE=1)")
+    p.add_argument("--config", help="YAML sweep config (see examples/sweep.yaml)")
     p.add_argument("--out", help="output folder")
-    p.add_argument("--diagnostics", nargs="+", help=f"subset of {' '.join(DIAGNOSTIC_NAMES)} (default: all)")
-    p.add_argument("--composition", choices=COMPOSITION_MODES)
-    p.add_argument("--cheap", action="store_true", default=None, help="pair rows' cheap values only")
+    p.add_argument("--diagnostics", nargs="+", metavar="NAME",
+                   help=f"which diagnostics to compute (default: all): any of {', '.join(DIAGNOSTIC_NAMES)}, "
+                        f"separated by commas or spaces")
+    p.add_argument("--composition", choices=COMPOSITION_MODES,
+                   help="Q/K/V composition scores with every later layer (all, the default), the next layer only "
+                        "(adjacent), or none")
+    p.add_argument("--cheap", action="store_true", default=None,
+                   help="commutator ratio (with its baseline) and imbalance only: fast; no flags, transport or "
+                        "head overlaps")
     p.add_argument("--device", choices=DEVICES, help="default cpu; auto = cuda when available")
     p.add_argument("--split-layers", action="store_true", default=None, dest="split_layers",
                    help="split each model's layers across the processes")
@@ -144,8 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-disk", type=float, metavar="GB", dest="max_disk",
                    help="stream sharded Hub checkpoints shard by shard, holding at most GB of shards on disk")
     p.add_argument("--revision", help="branch, tag or commit sha of the MODEL Hub ids (default: main)")
-    p.add_argument("--gguf-file", dest="gguf_file", help="which .gguf of a GGUF Hub repo (default: the finest "
-                                                          "storage, see hf_flag.weights.hub)")
+    p.add_argument("--gguf-file", dest="gguf_file",
+                   help="which .gguf of a GGUF Hub repo (default: the one with the finest storage)")
     p.add_argument("--default", action="store_true", help="add the embedded default models (MiniLM, SmolLM2)")
     p.add_argument("--merge-timeout", type=float, dest="merge_timeout",
                    help="seconds rank 0 waits for the other processes' results (default 86400)")
@@ -754,6 +767,24 @@ def summary_table(results: Sequence[ModelResult]) -> tuple[str, str]:
     return buf.getvalue(), "\n".join(md) + "\n"
 
 
+def terminal_summary(results: Sequence[ModelResult]) -> str:
+    """What ``hf-flag sweep`` prints at the end: one line per model, its status and each headline value beside its
+    random baseline (``value (baseline)``; ``-`` where the model has none), in fixed-width columns."""
+    from hf_flag.cli import format_value
+
+    metrics = headline_columns([r.report for r in results if r.report is not None])
+    rows = [["model", "status", *metrics]]
+    for res in results:
+        summary = res.report.summary if res.report is not None else {}
+        baselines = [summary.get(baseline_key(m)) for m in metrics]
+        rows.append([res.name, res.status, *[format_value(summary.get(m)) + ("" if b is None else
+                                                                              f" ({format_value(b)})")
+                                              for m, b in zip(metrics, baselines)]])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join(["headline means per model, each with its random baseline in parentheses:", *lines])
+
+
 def provenance_columns(report: Report) -> dict[str, str]:
     """Where a report's weights came from, as dataset columns: Hub id (or a local model's Hub name), commit sha,
     file format, storage dtypes / quantisation, hf-flag version ("" where unknown)."""
@@ -1050,6 +1081,7 @@ def run(cfg: SweepConfig, args: argparse.Namespace) -> int:
             print(f"hf-flag sweep: error: --push-to-hub {target}".rstrip() + f": {one_line(exc)}; the results are "
                   f"in {cfg.out} (push them again with the same command once the Hub is reachable)", file=sys.stderr)
             return EXIT_INCOMPLETE
+    print(terminal_summary(results), flush=True)
     bad = [r for r in results if r.status != "done"]
     for r in bad:
         print(f"hf-flag sweep: {r.name}: {r.status}: {r.error}", file=sys.stderr)

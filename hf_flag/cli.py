@@ -1,12 +1,13 @@
 """The ``hf-flag`` command line: ``analyze`` here, ``sweep`` / ``reproduce`` / ``register`` dispatched lazily.
 
 ``hf-flag analyze MODEL [MODEL ...]`` prints, per model, a table of every row kind's headline mean beside its
-random baseline (``hf_flag.rows.table_metrics``); ``--json`` prints the report JSON instead; ``--out DIR``
-writes ``DIR/<model-slug>/report.json`` and ``DIR/<model-slug>/rows.parquet`` atomically (temporary file + rename)
-and refuses, before any analysis, to overwrite a file that is not an hf-flag output or to give two models one
-folder.  User errors (a bad path, an unreadable checkpoint, an unknown architecture, bad arguments, a bad device)
-print one line ``hf-flag: error: ...`` on stderr and exit with code 2; internal errors exit 1 with one line naming the
-file their traceback was saved to; Ctrl-C exits 130 (:mod:`hf_flag.exits`).
+random baseline (``hf_flag.rows.table_metrics``); ``--json`` prints each report as one line of JSON instead (JSON
+Lines: one line per model); ``--out DIR`` writes ``DIR/<model-slug>/report.json`` and
+``DIR/<model-slug>/rows.parquet`` atomically (temporary file + rename) and refuses, before any analysis, to
+overwrite a file that is not an hf-flag output or to give two models one folder.  User errors (a bad path, an
+unreadable checkpoint, an unknown architecture, bad arguments, a bad device) print one line ``hf-flag: error: ...``
+on stderr and exit with code 2; internal errors exit 1 with one line naming the file their traceback was saved to;
+Ctrl-C exits 130 (:mod:`hf_flag.exits`).
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ import torch
 from hf_flag.analysis.api import analyze
 from hf_flag import exits
 from hf_flag.atomic import atomic_write
-from hf_flag.defaults import COMPOSITION_MODES, DIAGNOSTIC_NAMES, default_named_paths, model_slug
+from hf_flag.defaults import (COMPOSITION_MODES, DIAGNOSTIC_NAMES, default_named_paths, model_slug,
+                              parse_diagnostics)
 from hf_flag.errors import HfFlagError
 from hf_flag.report import baseline_key
 from hf_flag.rows import table_metrics
@@ -157,34 +159,59 @@ def write_outputs(report, out_dir: Path, slug: str) -> Path:
     return folder
 
 
+#: one line of ``hf-flag --help`` per dispatched subcommand
+SUBCOMMAND_HELP = {
+    "sweep": "analyse many models, in one or several processes, into a results dataset, summaries, plots and "
+             "model cards (hf-flag sweep --help)",
+    "reproduce": "rerun the experiments behind the paper's claims and write a reproduction report "
+                 "(hf-flag reproduce --help)",
+    "register": "make evaluate.load('flag_alignment') and evaluate.load('neural_collapse') work offline",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="hf-flag", description="Flag-variety alignment diagnostics from weights.")
+    parser = Parser(prog="hf-flag", description="Flag-variety alignment diagnostics read from a model's weights: "
+                                                "every value beside its random baseline.")
     sub = parser.add_subparsers(dest="command", required=True)
-    an = sub.add_parser("analyze", help="analyse checkpoints (folders, .safetensors, .gguf, Hub ids)")
-    an.add_argument("models", nargs="*", metavar="MODEL")
-    an.add_argument("--default", action="store_true", help="analyse the embedded MiniLM and SmolLM2 models")
-    an.add_argument("--out", type=Path, help="write DIR/<model-slug>/report.json and rows.parquet")
-    an.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    an = sub.add_parser("analyze", help="analyse checkpoints and print a summary table per model",
+                        description="Analyse checkpoints: per model, a table of each diagnostic's mean beside its "
+                                    "random baseline (or, with --json, the full report).")
+    an.add_argument("models", nargs="*", metavar="MODEL",
+                    help="a local folder, a .safetensors or .gguf file, or a Hub id (read from the Hugging Face "
+                         "cache, downloaded into it when missing unless HF_HUB_OFFLINE=1)")
+    an.add_argument("--default", action="store_true",
+                    help="add the embedded default models (all-MiniLM-L6-v2 and SmolLM2-135M-Instruct)")
+    an.add_argument("--out", type=Path, metavar="DIR", help="also write DIR/<model>/report.json and rows.parquet")
+    an.add_argument("--device", help="torch device, e.g. cpu or cuda:0 (default: cuda when available, else cpu)")
     an.add_argument("--dtype", choices=("float64", "float32"),
-                    help="compute precision (default: float32 for weights stored in float32 or coarser, float64 for "
-                         "float64 weights; float64 with --full)")
+                    help="precision of the analysis (default: float32 for weights stored in float32 or coarser, "
+                         "float64 for float64 weights; float64 with --full)")
     an.add_argument("--full", action="store_true",
-                    help="every singular vector of every weight (today's all-vectors analysis) instead of the "
-                         "leading subspaces the storage precision determines")
-    an.add_argument("--diagnostics", help=f"comma-separated subset of {','.join(DIAGNOSTIC_NAMES)}")
-    an.add_argument("--layers", type=layers_argument, help="block indices, e.g. 0,1,5-7")
+                    help="every singular vector of every weight (the all-vectors analysis) instead of the leading "
+                         "subspaces the storage precision determines (the default)")
+    an.add_argument("--diagnostics", nargs="+", metavar="NAME",
+                    help=f"which diagnostics to compute (default: all): any of {', '.join(DIAGNOSTIC_NAMES)}, "
+                         f"separated by commas or spaces")
+    an.add_argument("--layers", type=layers_argument, help="block indices to analyse, e.g. 0,1,5-7 (default: all)")
     an.add_argument("--composition", choices=COMPOSITION_MODES, default="auto",
-                    help="layer pairs scored: auto (all where the printed estimate is small, else adjacent)")
-    an.add_argument("--cheap", action="store_true", help="commutator ratio and imbalance only (no SVDs)")
-    an.add_argument("--allow-pickle", action="store_true", help="allow .bin/.pt checkpoints (weights_only)")
+                    help="Q/K/V composition scores of each head with the heads of every later layer (all), of the "
+                         "next layer only (adjacent, much faster on deep models), or none; auto (the default): all "
+                         "where the printed cost estimate is small, else adjacent")
+    an.add_argument("--cheap", action="store_true",
+                    help="commutator ratio (with its baseline) and imbalance only: fast; no flags, transport or "
+                         "head overlaps")
+    an.add_argument("--allow-pickle", action="store_true",
+                    help="allow .bin/.pt checkpoints (read with torch.load(weights_only=True)); only for files you "
+                         "trust")
     an.add_argument("--revision", help="branch, tag or commit sha of Hub ids (default: main)")
     an.add_argument("--max-disk", type=float, metavar="GB", dest="max_disk",
                     help="stream sharded Hub checkpoints shard by shard within GB of disk")
     an.add_argument("--gguf-file", dest="gguf_file",
                     help="which .gguf of a GGUF Hub repo (default: the finest storage)")
-    an.add_argument("--json", action="store_true", help="print the report JSON instead of the table")
-    for command, (module, func) in DISPATCH.items():  # listed for --help; main() hands their argv over verbatim
-        sub.add_parser(command, help=f"runs {module}.{func}(argv); see hf-flag {command} --help")
+    an.add_argument("--json", action="store_true",
+                    help="print each model's full report as one line of JSON (JSON Lines) instead of the table")
+    for command in DISPATCH:  # listed for --help; main() hands their arguments over verbatim
+        sub.add_parser(command, help=SUBCOMMAND_HELP[command])
     return parser
 
 
@@ -202,16 +229,21 @@ def run_analyze(args: argparse.Namespace) -> int:
         check_out(args.out, slugs)
     diagnostics = None
     if args.diagnostics:
-        diagnostics = {d.strip() for d in args.diagnostics.split(",") if d.strip()}
+        try:
+            diagnostics = set(parse_diagnostics(args.diagnostics))
+        except ValueError as exc:
+            raise CliError(f"--diagnostics: {exc}") from None
     for model in models:
         with open_weights(model, allow_pickle=args.allow_pickle, revision=args.revision, gguf_file=args.gguf_file,
                           max_disk_bytes=None if args.max_disk is None else int(args.max_disk * 1e9)) as source:
+            # labelled by its Hub id: a default model's, or a local folder's config _name_or_path when it is one
+            name = hub_ids.get(model) or (getattr(source, "provenance", None) or {}).get("hub_name")
             report = analyze(
                 source, device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None,
                 full=args.full, diagnostics=diagnostics,
-                layers=args.layers, cheap=args.cheap, composition=args.composition, progress=True,
+                layers=args.layers, cheap=args.cheap, composition=args.composition, progress=True, name=name,
             )
-        print(report.to_json() if args.json else format_table(report), flush=True)
+        print(report.to_json(indent=None) if args.json else format_table(report), flush=True)
         if args.out is not None:
             folder = write_outputs(report, args.out, slugs[model])
             print(f"hf-flag: wrote {folder}", file=sys.stderr)

@@ -9,7 +9,7 @@ import importlib.util
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 from hf_flag.errors import HfFlagError
 
@@ -91,3 +91,18 @@ def model_slug(path: str, name: Optional[str] = None, *, local_prefix: str = "")
     base = re.sub(r"\.(gguf|safetensors|bin|pt|pth)$", "", base, flags=re.IGNORECASE)
     slug = re.sub(r"[^a-z0-9._-]+", "-", base.lower()).strip("-.")
     return local_prefix + (slug or "model")
+
+
+def parse_diagnostics(values: Union[str, Sequence[str]]) -> tuple[str, ...]:
+    """Diagnostic names given as one string or several, separated by commas, spaces or both (``"mlp,vo"``,
+    ``["mlp", "vo"]``, ``["mlp,", "vo"]``) -> the names in order, each once.  ``ValueError`` naming an unknown name
+    and the known ones (:data:`DIAGNOSTIC_NAMES`); ``analyze`` and ``sweep`` take the same spellings."""
+    tokens = [values] if isinstance(values, str) else list(values)
+    names = [name for token in tokens for name in re.split(r"[\s,]+", str(token)) if name]
+    for name in names:
+        if name not in DIAGNOSTIC_NAMES:
+            raise ValueError(f"unknown diagnostic {name!r}; choose from {', '.join(DIAGNOSTIC_NAMES)} (separated by "
+                             f"commas or spaces; MODEL arguments go before --diagnostics)")
+    if not names:
+        raise ValueError(f"no diagnostic named; choose from {', '.join(DIAGNOSTIC_NAMES)}")
+    return tuple(dict.fromkeys(names))

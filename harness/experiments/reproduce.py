@@ -1,4 +1,9 @@
-"""``hf-flag reproduce [--quick] [--out DIR]``: run every claim's experiment and write ``DIR/reproduction.md``.
+"""``hf-flag reproduce [--quick] [--out DIR] [--overwrite]``: run every claim's experiment and write
+``DIR/reproduction.md`` (default ``DIR``: ``./hf-flag-reproduction``, a new folder).
+
+Regenerating the committed ``docs/reproduction.md`` (with its JSON and figures) is a maintainer's command:
+``hf-flag reproduce --out docs --overwrite`` (the full run; never ``--quick``).  Without ``--overwrite`` an
+existing report in ``DIR`` is refused before any work.
 
 Equivalent to ``python -m hf_flag.harness.experiments.reproduce``.  Seeded and deterministic (fixed seed, deterministic
 algorithms, fixed thread count); CPU by default.  Refuses to overwrite a ``reproduction.md`` it did not generate.
@@ -15,7 +20,7 @@ import torch
 
 from hf_flag.harness.experiments import commutator, neural_collapse, pretrained, resnet, weight_decay
 from hf_flag.harness.experiments.common import SEEDS, ClaimResult
-from hf_flag.harness.experiments.writer import OverwriteRefusedError, check_writable, write_report
+from hf_flag.harness.experiments.writer import REPORT_NAME, OverwriteRefusedError, check_writable, write_report
 
 #: (key, module): each module has ``run(cfg, *, threads, device) -> ClaimResult`` and a config class with ``quick()``.
 CLAIMS = (
@@ -27,10 +32,20 @@ CLAIMS = (
 )
 
 
+#: where a user's run writes by default: a new folder, never the committed docs/
+DEFAULT_OUT = Path("hf-flag-reproduction")
+DESCRIPTION = ("Rerun the seeded experiments behind the paper's claims and write DIR/reproduction.md (with its JSON "
+               "and figures): evidence for and against each claim.")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hf-flag reproduce", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="hf-flag reproduce", description=DESCRIPTION)
     p.add_argument("--quick", action="store_true", help="small configuration (under 3 minutes on 2 CPU cores)")
-    p.add_argument("--out", type=Path, default=Path("docs"), help="output folder (default: docs)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, metavar="DIR",
+                   help=f"output folder (default: ./{DEFAULT_OUT})")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the report already in DIR (maintainers regenerating the committed docs/: "
+                        "hf-flag reproduce --out docs --overwrite)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads, fixed for determinism (default 1)")
     p.add_argument("--device", default="cpu", help="torch device for the training runs (default cpu)")
     p.add_argument("--claims", default=",".join(k for k, _, _ in CLAIMS),
@@ -70,6 +85,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         check_writable(args.out)
     except (OverwriteRefusedError, RuntimeError) as err:
         print(f"hf-flag reproduce: {err}", file=sys.stderr)
+        return 2
+    existing = args.out / REPORT_NAME
+    if existing.exists() and not args.overwrite:  # a generated report: replaced only when asked to
+        print(f"hf-flag reproduce: {existing} exists; pass --overwrite to replace it (with its JSON and figures) "
+              f"or choose another --out", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
     results = run_claims(keys, quick=args.quick, threads=args.threads, device=device)

@@ -255,3 +255,33 @@ def level3_alignment(
         "level3_subspace_score": float(subspace),
         "kappa": float(commutator_ratio(Mr.T, W)),
     }
+
+
+def alignment_baselines(
+    classifier: torch.Tensor, class_means: torch.Tensor, *, global_mean: Optional[torch.Tensor] = None
+) -> dict[str, float]:
+    """Haar-null values of the classifier-vs-class-means keys: what W rotated by a Haar-random ``O`` in O(p)
+    (``W -> W O``, its spectrum kept, its alignment with ``M`` destroyed) gives (MATH.md §1, §3, §4, §5).
+
+    ``nc3_self_duality_baseline = 2`` (``E<W O, M^T> = 0`` as ``E O = 0``, both terms unit norm);
+    ``level2_subspace_error_baseline = 1 - max(rank W, rank M) / p`` (``baselines.overlap_baseline``);
+    ``level3_subspace_score_baseline = k / p`` and ``level3_basis_score_baseline = 1 / p`` with ``k = rank M``
+    (``baselines.transport_baselines``); ``level3_kappa_baseline`` = ``pairs.commutator_baseline`` of the pair
+    ``(M, W)`` (closed-form root mean square).  Means, except kappa's root mean square; exact, no sampling.
+    ``level2_max_angle``, ``nc3_self_duality_error`` and the feature-only keys (NC1, NC2, NC4) have no
+    closed-form Haar value here: their reference is the collapsed value (0; 1 for NC4).
+    """
+    from hf_flag.geometry.baselines import overlap_baseline, transport_baselines
+    from hf_flag.geometry.pairs import commutator_baseline
+
+    W, Mr = _centred_pair(classifier, class_means, global_mean, "alignment_baselines")
+    p = W.shape[1]
+    rank_m = _mean_span(Mr)[1].numel()
+    subspace, basis = transport_baselines(max(1, rank_m), p)
+    return {
+        "nc3_self_duality_baseline": 2.0,
+        "level2_subspace_error_baseline": 1.0 - overlap_baseline(orthonormal_basis(W.T).shape[-1], rank_m, p),
+        "level3_subspace_score_baseline": subspace,
+        "level3_basis_score_baseline": basis,
+        "level3_kappa_baseline": float(commutator_baseline(Mr.T, W)),
+    }

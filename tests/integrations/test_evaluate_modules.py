@@ -73,6 +73,7 @@ def test_bare_name_load_offline_in_fresh_process(tmp_path, tiny_checkpoint):
     proc = subprocess.run([sys.executable, "-c", CHILD, str(tiny_checkpoint)], env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "remotely" not in proc.stderr and "couldn't be found" not in proc.stderr, proc.stderr[-3000:]
     res = json.loads(proc.stdout.split("RESULT", 1)[1])
     assert res["blocked"]
     assert res["ours"] == res["evaluate_cache"] == str(home / "mods")
@@ -83,7 +84,7 @@ def test_bare_name_load_offline_in_fresh_process(tmp_path, tiny_checkpoint):
     expected = analyze(str(tiny_checkpoint), cheap=True).summary
     assert res["summary"] and res["headline"]
     _same(res["summary"], expected)
-    _same(res["headline"], {k: expected[k] for k in res["headline"]})
+    _same(res["headline"], {k: expected.get(k) for k in res["headline"]})  # cheap: baselines None
     feats = torch.tensor([[1.0, 0.5], [1.2, 0.4], [-1.0, 0.3], [-0.9, -0.2], [0.1, 2.0], [0.0, 1.7]],
                          dtype=torch.float64)
     ref = neural_collapse(feats, torch.tensor([0, 0, 1, 1, 2, 2]))
@@ -143,6 +144,25 @@ def test_unwritable_cache_warns_once_and_cli_fails(tmp_path, monkeypatch, capsys
         em.register_at_import()  # warned once already: silent
     assert register_main([]) == 1
     assert "cannot write" in capsys.readouterr().err
+
+
+def test_notice_filter_drops_only_our_modules_notice():
+    import logging
+
+    em.quiet_cached_module_notice()
+    logger = logging.getLogger(em.EVALUATE_LOADING_LOGGER)
+    assert logger.filters.count(em.NOTICE_FILTER) == 1
+    em.quiet_cached_module_notice()
+    assert logger.filters.count(em.NOTICE_FILTER) == 1  # idempotent
+
+    def passes(message: str) -> bool:
+        return bool(logger.filter(logging.LogRecord(logger.name, logging.WARNING, __file__, 0, message, None, None)))
+    notice = ("Using the latest cached version of the module from /c/evaluate_modules/metrics/{}/abc (last modified "
+              "on X) since it couldn't be found locally at {}, or remotely on the Hugging Face Hub.")
+    for name in MODULES:
+        assert not passes(notice.format(em.module_folder(name), em.module_folder(name)))
+    assert passes(notice.format("evaluate-metric--accuracy", "evaluate-metric--accuracy"))  # someone else's module
+    assert passes("Couldn't find flag_alignment: another warning stays")
 
 
 def test_register_main_prints_paths(tmp_path, monkeypatch, capsys):
@@ -308,3 +328,96 @@ def test_weight_only_mode(nc_module):
     assert out["nc2_classifier_norms_cv"] == pytest.approx(w_norms.std() / w_norms.mean(), rel=1e-12)
     with pytest.raises(ValueError, match="no input"):
         nc_module.compute()
+
+
+def test_flag_alignment_model_id_str_pathlike_or_list(flag_module, tiny_checkpoint, tmp_path, monkeypatch):
+    from hf_flag.analysis.api import analyze
+
+    expected = analyze(str(tiny_checkpoint), cheap=True)
+    for model_id in (str(tiny_checkpoint), tiny_checkpoint, [tiny_checkpoint], (str(tiny_checkpoint),)):
+        out = flag_module.compute(model_id=model_id, cheap=True)
+        assert out["model"] == expected.model, model_id
+        _same(out["summary"], expected.summary)
+    both = flag_module.compute(model_id=[tiny_checkpoint, str(tiny_checkpoint)], cheap=True)
+    assert both["model"] == [expected.model] * 2
+    flag_module.add_batch(model_id=tiny_checkpoint)
+    assert flag_module.compute(cheap=True)["model"] == expected.model
+    # a Hub id is one model, as evaluate's perplexity takes it (not split into characters): the error names it whole
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+    with pytest.raises(Exception, match="org/model"):
+        flag_module.compute(model_id="org/model", cheap=True)
+    with pytest.raises(ValueError, match="model_id=3 must be a path or Hub id"):
+        flag_module.compute(model_id=3)
+
+
+def test_flag_alignment_headline_values_beside_baselines(flag_module, tiny_checkpoint, tiny_llama):
+    from hf_flag.geometry.pairs import commutator_baseline
+
+    out = flag_module.compute(model_id=tiny_checkpoint)
+    values = [k for k in out if "/" in k and not k.endswith("_baseline")]
+    assert {"residual/commutator_ratio", "head_overlap_q/overlap", "cross_layer_overlap_q/overlap",
+            "composition_v/score", "mlp/commutator_ratio"} <= set(values)
+    assert all(isinstance(out[f"{k}_baseline"], float) for k in values)
+    # independent references: Haar overlap max(p, q)/d with full-rank heads (head_dim 8, d 32), composition
+    # 1/sqrt(d) (MATH.md §1, §6), the residual kappa baseline by geometry.pairs.commutator_baseline on the weights
+    d, head_dim = 32, 8
+    assert out["head_overlap_q/overlap_baseline"] == pytest.approx(head_dim / d, rel=1e-12)
+    assert out["cross_layer_overlap_q/overlap_baseline"] == pytest.approx(head_dim / d, rel=1e-12)
+    assert out["composition_v/score_baseline"] == pytest.approx(d ** -0.5, rel=1e-12)
+    mlp = [layer.mlp for layer in tiny_llama.model.layers]
+    residual = commutator_baseline(mlp[0].down_proj.weight.detach().double(), mlp[1].up_proj.weight.detach().double())
+    assert out["residual/commutator_ratio_baseline"] == pytest.approx(float(residual), rel=1e-9)
+    cheap = flag_module.compute(model_id=tiny_checkpoint, cheap=True)  # kappa and its closed-form baseline only
+    cheap_values = [k for k in cheap if "/" in k and not k.endswith("_baseline")]
+    assert cheap_values and set(cheap_values) < set(values)
+    for key in cheap_values:
+        assert cheap[key] == pytest.approx(out[key], rel=1e-9)
+        assert cheap[f"{key}_baseline"] == pytest.approx(out[f"{key}_baseline"], rel=1e-9)
+
+
+def _numpy_alignment(W: np.ndarray, Mr: np.ndarray) -> dict[str, float]:
+    """Numpy references (MATH.md §1, §3, §4, §5) of the baselined keys for classifier W (C, p), centred means Mr."""
+    C = W.shape[0]
+    QW = np.linalg.svd(W.T, full_matrices=False)[0]
+    UM = np.linalg.svd(Mr.T, full_matrices=False)[0][:, :C - 1]
+    k = C - 1
+    VW = np.linalg.svd(W, full_matrices=False)[2]  # right singular vectors of W_next = W, rows
+    T = VW[:k] @ UM[:, :k]
+    A, B = W.T @ W, Mr.T @ Mr
+    return {
+        "nc3_self_duality": np.linalg.norm(W.T / np.linalg.norm(W) - Mr.T / np.linalg.norm(Mr)) ** 2,
+        "level2_subspace_error": 1 - np.linalg.norm(QW.T @ UM) ** 2 / min(QW.shape[1], UM.shape[1]),
+        "level3_subspace_score": np.linalg.norm(T) ** 2 / k,
+        "level3_basis_score": (np.diag(T) ** 2).sum() / k,
+        "level3_kappa": np.linalg.norm(A @ B - B @ A) / (np.linalg.norm(A) * np.linalg.norm(B)),
+    }
+
+
+def test_neural_collapse_alignment_baselines_monte_carlo(nc_module):
+    from scipy.stats import ortho_group
+
+    C, p, draws = 4, 7, 3000
+    rng = np.random.default_rng(6)
+    M = rng.standard_normal((C, p)) * np.array([3.0, 1.0, 0.5, 0.2, 0.1, 0.1, 0.1])
+    W = M + 0.3 * rng.standard_normal((C, p))
+    out = nc_module.compute(classifier=W, class_means=M)
+    Mr = M - M.mean(0)
+    here = _numpy_alignment(W, Mr)
+    for key, value in here.items():
+        assert out[key] == pytest.approx(value, rel=1e-8, abs=1e-12), key
+    samples = {key: [] for key in here}
+    for O in ortho_group.rvs(p, size=draws, random_state=7):
+        for key, value in _numpy_alignment(W @ O, Mr).items():
+            samples[key].append(value)
+    for key, values in samples.items():
+        values = np.array(values)
+        if key == "level3_kappa":  # the closed form is the root mean square (MATH.md §3)
+            mc, se = np.sqrt((values ** 2).mean()), (values ** 2).std() / np.sqrt(draws) / (2 * np.sqrt((values ** 2).mean()))
+        else:
+            mc, se = values.mean(), values.std() / np.sqrt(draws)
+        assert out[f"{key}_baseline"] == pytest.approx(mc, abs=5 * se + 1e-12), key
+        assert abs(here[key] - mc) > 5 * se, key  # the aligned W is read against a baseline it differs from
+    features = M[np.repeat(np.arange(C), 3)] + 0.01 * rng.standard_normal((3 * C, p))
+    with_features = nc_module.compute(predictions=features, references=np.repeat(np.arange(C), 3), classifier=W)
+    assert {f"{k}_baseline" for k in here} <= set(with_features)
+    assert not any(k.endswith("_baseline") for k in nc_module.compute(classifier=W))  # weight-only NC2: none

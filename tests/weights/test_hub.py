@@ -156,7 +156,7 @@ def test_cli_analyze_hub_id_at_a_revision_reports_its_sha(hub, tmp_path, capsys)
     hub.add_repo(REPO, checkpoint_files(tmp_path, seed=1))
     assert main(["analyze", REPO, "--revision", first, "--diagnostics", "mlp", "--json"]) == 0
     printed = capsys.readouterr().out
-    report = json.loads(printed[printed.index("{\n"):])  # an imported library may print a line first
+    report = json.loads(printed.strip().splitlines()[-1])  # JSON Lines; an imported library may print a line first
     assert report["model"] == REPO and report["params"]["provenance"]["sha"] == first
     assert main(["analyze", REPO, "--revision", "main", "--diagnostics", "mlp"]) == 0
     table = capsys.readouterr().out

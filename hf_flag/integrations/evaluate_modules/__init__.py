@@ -5,8 +5,12 @@ that fails (no network, or ``HF_EVALUATE_OFFLINE=1``; evaluate ignores ``HF_HUB_
 dynamic modules cache, ``<HF_MODULES_CACHE>/evaluate_modules/metrics/evaluate-<type>--<name>/<64-hex hash>/<name>.py``
 (evaluate 0.4.x, ``CachedEvaluationModuleFactory``), choosing the most recently modified hash folder.
 :func:`register_evaluate_modules` writes a shim there that only imports our class, so the bare name resolves with
-no network and no monkeypatching.  ``import hf_flag`` calls it (a few ``stat`` calls when already current; set
-``HF_FLAG_NO_REGISTER=1`` to skip); ``hf-flag register`` calls it explicitly.  The paths
+no network and no monkeypatching.  That fallback logs "Using the latest cached version of the module ... since it
+couldn't be found locally ..., or remotely on the Hugging Face Hub" (``CachedEvaluationModuleFactory.get_module``),
+which for these shims is expected, not a problem: :func:`quiet_cached_module_notice` drops exactly that record, for
+these two modules only, from evaluate's ``evaluate.loading`` logger (a ``logging.Filter``; evaluate 0.4 has no way
+from a bare name to a local module that skips the Hub-then-cache lookup).  ``import hf_flag`` calls both (a few
+``stat`` calls when already current; set ``HF_FLAG_NO_REGISTER=1`` to skip the registration); ``hf-flag register`` calls it explicitly.  The paths
 :data:`FLAG_ALIGNMENT_PATH` and :data:`NEURAL_COLLAPSE_PATH` work with ``evaluate.load(path)`` everywhere.
 
 This file must stay import-cheap: it never imports ``evaluate``, ``datasets`` or ``torch``.
@@ -14,6 +18,7 @@ This file must stay import-cheap: it never imports ``evaluate``, ``datasets`` or
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import sys
 import warnings
@@ -21,7 +26,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 __all__ = ["FLAG_ALIGNMENT_PATH", "NEURAL_COLLAPSE_PATH", "MODULES", "hf_modules_cache", "register_evaluate_modules",
-           "register_main"]
+           "register_main", "quiet_cached_module_notice"]
 
 _HERE = Path(__file__).resolve().parent
 FLAG_ALIGNMENT_PATH = str(_HERE / "flag_alignment")
@@ -35,6 +40,30 @@ MODULES: dict[str, tuple[str, str]] = {
 _DYNAMIC_MODULES = "evaluate_modules"  # evaluate.config.MODULE_NAME_FOR_DYNAMIC_MODULES
 _NAMESPACE = "metrics"  # CachedEvaluationModuleFactory's default module_type folder
 _warned = False
+EVALUATE_LOADING_LOGGER = "evaluate.loading"  # evaluate.utils.logging.get_logger(__name__) in evaluate/loading.py
+
+
+def module_folder(name: str) -> str:
+    """The cache folder name evaluate gives the bare-name module ``name``: ``evaluate-<type>--<name>``."""
+    return f"evaluate-{MODULES[name][0]}--{name}"
+
+
+class CachedModuleNoticeFilter(logging.Filter):
+    """Drops evaluate's "couldn't be found ... remotely on the Hugging Face Hub" notice for hf-flag's shims only."""
+
+    folders = tuple(module_folder(name) for name in MODULES)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("couldn't be found locally" in message and any(f in message for f in self.folders))
+
+
+NOTICE_FILTER = CachedModuleNoticeFilter()
+
+
+def quiet_cached_module_notice() -> None:
+    """Install :class:`CachedModuleNoticeFilter` on evaluate's loading logger (idempotent; imports no evaluate)."""
+    logging.getLogger(EVALUATE_LOADING_LOGGER).addFilter(NOTICE_FILTER)
 
 
 def hf_modules_cache() -> Path:
@@ -113,8 +142,8 @@ def register_evaluate_modules(force: bool = False, modules_cache: Optional[os.Pa
     root = Path(modules_cache) if modules_cache is not None else hf_modules_cache()
     dynamic = root / _DYNAMIC_MODULES
     out: dict[str, str] = {}
-    for name, (module_type, cls) in MODULES.items():
-        module_dir = dynamic / _NAMESPACE / f"evaluate-{module_type}--{name}"
+    for name, (_, cls) in MODULES.items():
+        module_dir = dynamic / _NAMESPACE / module_folder(name)
         source = _shim_source(name, cls)
         shim = module_dir / hashlib.sha256(source.encode("utf-8")).hexdigest() / f"{name}.py"
         if not force and _is_current(shim, source):
@@ -128,8 +157,10 @@ def register_evaluate_modules(force: bool = False, modules_cache: Optional[os.Pa
 
 
 def register_at_import() -> None:
-    """What ``import hf_flag`` runs: register unless ``HF_FLAG_NO_REGISTER=1``; never raises, warns once."""
+    """What ``import hf_flag`` runs: quiet evaluate's cached-module notice for our shims, and register unless
+    ``HF_FLAG_NO_REGISTER=1``; never raises, warns once."""
     global _warned
+    quiet_cached_module_notice()
     if os.getenv("HF_FLAG_NO_REGISTER", "").upper() in ("1", "TRUE", "YES", "ON"):
         return
     try:
@@ -145,11 +176,16 @@ def register_at_import() -> None:
             )
 
 
+REGISTER_DESCRIPTION = ("Write two small files into evaluate's module cache so that evaluate.load('flag_alignment') "
+                        "and evaluate.load('neural_collapse') work offline (import hf_flag does it too); prints "
+                        "where. Set HF_EVALUATE_OFFLINE=1 to skip evaluate's Hub lookup.")
+
+
 def register_main(argv: Optional[Sequence[str]] = None) -> int:
     """``hf-flag register [--force]``: write the shims and print where; exit status 0 on success, 1 on failure."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="hf-flag register", description=register_main.__doc__)
+    parser = argparse.ArgumentParser(prog="hf-flag register", description=REGISTER_DESCRIPTION)
     parser.add_argument("--force", action="store_true", help="rewrite the shims even when they are current")
     args = parser.parse_args(list(argv) if argv is not None else None)
     try:

@@ -5,7 +5,8 @@ No mathematics here: every number is a value of :func:`hf_flag.analyze`'s :class
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+import os
+from typing import Any, Optional, Sequence, Union
 
 import datasets
 import evaluate
@@ -22,17 +23,19 @@ attention, the subspace overlap of heads and composition scores. Every value com
 
 _KWARGS_DESCRIPTION = """
 Args:
-    model_id (`list` of `str`): local folders, `.safetensors` / `.gguf` files, or Hub ids already in the local
-        HF cache (never downloaded).
+    model_id (`str`, `os.PathLike`, or a `list` of them): local folders, `.safetensors` / `.gguf` files, or Hub ids
+        already in the local HF cache (never downloaded); one string is one model, as in evaluate's perplexity.
     model (`torch.nn.Module`, optional, compute kwarg): an in-memory model, instead of (not with) `model_id`.
-    cheap (`bool`, default False): commutator ratio and imbalance only (no baselines, flags, transport).
+    cheap (`bool`, default False): commutator ratio (with its closed-form baseline) and imbalance only (no flags,
+        transport, head overlaps or composition).
     layers (`list` of `int`, optional): block indices to analyse (default all).
     diagnostics (`list` of `str`, optional): subset of "mlp", "vo", "residual", "heads", "composition".
     composition (`str`, default "all"): "all", "adjacent" or "none".
     device (`str`, optional): where to compute (default: the model's device, else CPU).
 Returns:
     One model: `"<kind>/<metric>"` headline scalars (e.g. `"mlp/commutator_ratio"`, `"vo/commutator_ratio"`,
-    `"head_overlap_o/overlap"` and their `_baseline`s), `"model"`, `"summary"` (every summary scalar) and
+    `"head_overlap_o/overlap"`), each beside its random baseline `"<kind>/<metric>_baseline"` (None
+    where the report has none), `"model"`, `"summary"` (every summary scalar) and
     `"per_layer"` (`{kind: [{"layer", "target_layer", "source", "target", <metric>: value, ...}]}`).
     Several models: the same keys, each holding a list in `model_id` order.
 Examples:
@@ -42,14 +45,36 @@ Examples:
 """
 
 
+ModelIds = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
+
+
+def model_id_list(model_id: ModelIds) -> list[str]:
+    """``model_id`` as a list of strings: one ``str`` / ``os.PathLike`` is one model (evaluate's perplexity takes a
+    single id), a list or tuple holds one per model; anything else is a one-line ``ValueError``."""
+    items = [model_id] if isinstance(model_id, (str, os.PathLike)) else model_id
+    if not isinstance(items, (list, tuple)) or not all(isinstance(x, (str, os.PathLike)) for x in items):
+        raise ValueError(f"flag_alignment: model_id={model_id!r} must be a path or Hub id (str or os.PathLike) or a "
+                         f"list of them")
+    return [os.fspath(x) for x in items]
+
+
+def headline_keys(summary: dict[str, float], headline: Sequence[str]) -> list[str]:
+    """The ``headline`` keys present in ``summary``, each followed by its baseline key (present or not)."""
+    from hf_flag.report import BASELINE_SUFFIX, baseline_key
+
+    keys = [k for k in headline if k in summary and not k.endswith(BASELINE_SUFFIX)]
+    return [name for k in keys for name in (k, baseline_key(k))]
+
+
 def report_output(report: Any, headline: Sequence[str]) -> dict[str, Any]:
-    """One report as the module's output: headline scalars flat, the full summary and per-layer rows nested."""
+    """One report as the module's output: headline scalars flat, each beside its baseline (``None`` where the
+    report has none), the full summary and per-layer rows nested."""
     per_layer: dict[str, list[dict[str, Any]]] = {}
     for row in report.rows:
         per_layer.setdefault(row.kind, []).append(
             {"layer": row.layer, "target_layer": row.target_layer, "source": row.source, "target": row.target,
              **row.values})
-    out: dict[str, Any] = {key: report.summary[key] for key in headline if key in report.summary}
+    out: dict[str, Any] = {key: report.summary.get(key) for key in headline_keys(report.summary, headline)}
     out.update({"model": report.model, "summary": dict(report.summary), "per_layer": per_layer})
     return out
 
@@ -79,10 +104,18 @@ class FlagAlignment(evaluate.Measurement):
     def compute(self, *, model: Any = None, **kwargs: Any) -> Optional[dict]:
         """``compute(model_id=[...])`` as every measurement, or ``compute(model=module)`` for an in-memory model."""
         if model is None:
+            if kwargs.get("model_id") is not None:
+                kwargs["model_id"] = model_id_list(kwargs["model_id"])
             return super().compute(**kwargs)
         if kwargs.get("model_id") is not None or has_pending_inputs(self):
             raise ValueError("flag_alignment: pass either model_id=[...] or model=<nn.Module>, not both")
         return self._compute(model_id=None, model=model, **kwargs)
+
+    def add_batch(self, **kwargs: Any) -> None:
+        """``add_batch(model_id=...)`` takes what :meth:`compute` takes (a str, an os.PathLike or a list)."""
+        if kwargs.get("model_id") is not None:
+            kwargs["model_id"] = model_id_list(kwargs["model_id"])
+        super().add_batch(**kwargs)
 
     def _compute(self, model_id: Optional[Sequence[str]] = None, model: Any = None, cheap: bool = False,
                  layers: Optional[Sequence[int]] = None, diagnostics: Optional[Sequence[str]] = None,

@@ -1,8 +1,8 @@
 """neural_collapse: NC1-NC4 and the Level-2 / Level-3 alignment as an ``evaluate`` metric (MATH.md §5).
 
 No mathematics here: the values are those of :mod:`hf_flag.geometry.collapse` (``neural_collapse``,
-``classifier_collapse``, ``class_means``, ``level2_alignment``, ``level3_alignment``); this module converts
-inputs and merges dicts.
+``classifier_collapse``, ``class_means``, ``level2_alignment``, ``level3_alignment``, and ``alignment_baselines``
+for the ``_baseline`` keys); this module converts inputs and merges dicts.
 """
 from __future__ import annotations
 
@@ -39,6 +39,10 @@ Returns:
     level3_basis_score, level3_subspace_score, level3_kappa.
     Weight-only mode (classifier, no predictions): nc2_classifier_*; with class_means also the level2_/level3_ keys
     and nc3_self_duality.
+    Baselines: nc3_self_duality, level2_subspace_error, level3_subspace_score, level3_basis_score and level3_kappa
+    come with `<key>_baseline`, their value for a classifier rotated at random (Haar) against the class means.
+    The other keys measure the features or the classifier alone; their reference is the collapsed value (0 for
+    NC1, NC2, nc3_self_duality_error and level2_max_angle; 1 for nc4_clf_ncc_agreement), not a random baseline.
 Examples:
     >>> import evaluate
     >>> nc = evaluate.load("neural_collapse")  # doctest: +SKIP
@@ -60,13 +64,15 @@ def _tensor(name: str, x: Any, dtype: torch.dtype) -> torch.Tensor:
 
 def alignment_values(classifier: torch.Tensor, class_means: torch.Tensor,
                      global_mean: Optional[torch.Tensor]) -> dict[str, float]:
-    """Level-2 and Level-3 values of ``collapse.level2_alignment`` / ``level3_alignment``, kappa as ``level3_kappa``."""
-    from hf_flag.geometry.collapse import level2_alignment, level3_alignment
+    """Level-2 and Level-3 values of ``collapse.level2_alignment`` / ``level3_alignment``, kappa as ``level3_kappa``,
+    with the Haar baselines of ``collapse.alignment_baselines``."""
+    from hf_flag.geometry.collapse import alignment_baselines, level2_alignment, level3_alignment
 
     out = dict(level2_alignment(classifier, class_means, global_mean=global_mean))
     level3 = level3_alignment(classifier, class_means, global_mean=global_mean)
     out["level3_kappa"] = level3.pop("kappa")
     out.update(level3)
+    out.update(alignment_baselines(classifier, class_means, global_mean=global_mean))
     return out
 
 

@@ -1,0 +1,67 @@
+"""The shipped example config (examples/sweep.yaml) and the config messages a new user meets (issue #15 item 4)."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from hf_flag.harness import config as config_module
+from hf_flag.harness import sweep
+from hf_flag.harness.config import CONFIG_KEYS, ConfigError, load_config, parse_config
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLE = REPO / "examples" / "sweep.yaml"
+
+
+def documented_keys(text: str) -> list[str]:
+    """Top-level keys of a YAML text, commented out or not (``key:`` or ``# key:`` at the start of a line)."""
+    return re.findall(r"^(?:# )?([a-z_]+):", text, flags=re.MULTILINE)
+
+
+def test_example_config_documents_every_key_and_loads():
+    text = EXAMPLE.read_text()
+    assert documented_keys(text) == list(CONFIG_KEYS)  # every key, in the docstring's order, none unknown
+    values = load_config(EXAMPLE)
+    assert set(values) == set(CONFIG_KEYS) - {"models"}  # models is commented out: MODEL args / --default add them
+    assert values["composition"] == "adjacent" and values["diagnostics"] is None and values["cards_dir"] is None
+    for line in text.splitlines():  # every active key explains itself on its line
+        if re.match(r"^[a-z_]+:", line):
+            assert "#" in line, line
+    docstring = config_module.__doc__.split("::", 1)[1]
+    assert [k for k in documented_keys(docstring.replace("\n    ", "\n")) if k not in ("path", "name")] == list(
+        CONFIG_KEYS)
+
+
+def test_example_config_runs_a_sweep(tmp_path, tiny_models):
+    out = tmp_path / "results"
+    assert sweep.main([str(tiny_models["gpt2"]), "--config", str(EXAMPLE), "--out", str(out), "--device", "cpu"]) == 0
+    reports = list(out.rglob("report.json"))
+    assert len(reports) == 1
+    params = json.loads(reports[0].read_text())["params"]
+    assert params["composition"] == "adjacent"  # from the example file
+    assert len(list((out / "model_cards").glob("*/README.md"))) == 1  # cards_dir: null -> OUT/model_cards
+
+
+@pytest.mark.parametrize("key, suggestion", [("compositon", "composition"), ("output_dir", "out"),
+                                             ("zzz", None), ("model", "models")])
+def test_unknown_key_names_it_the_closest_and_the_allowed_ones(key, suggestion):
+    with pytest.raises(ConfigError) as err:
+        parse_config({"out": "x", key: 1})
+    message = str(err.value)
+    assert "\n" not in message and f"config key {key!r} is unknown" in message
+    assert (f"did you mean {suggestion!r}" in message) if suggestion else "did you mean" not in message
+    assert message.endswith(f"known keys: {', '.join(CONFIG_KEYS)} (see examples/sweep.yaml)")
+
+
+def test_model_entry_unknown_field_names_the_allowed_fields():
+    with pytest.raises(ConfigError, match=r"models\[0\]'.*unknown field 'branch'.*fields path, name, revision, "
+                                          r"gguf_file$"):
+        parse_config({"models": [{"path": "a", "branch": "main"}]})
+
+
+def test_output_alias_and_null_cards_dir():
+    assert parse_config({"output": "o", "cards_dir": None}) == {"out": Path("o"), "cards_dir": None}
+    with pytest.raises(ConfigError, match="config key 'output': expected a folder path"):
+        parse_config({"output": 3})
