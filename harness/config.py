@@ -34,7 +34,8 @@ from typing import Any, Mapping, Optional, Sequence
 
 import yaml
 
-from hf_flag.defaults import COMPOSITION_MODES, DIAGNOSTIC_NAMES, default_named_paths, model_slug, parse_diagnostics
+from hf_flag.defaults import (COMPOSITION_MODES, DIAGNOSTIC_NAMES, default_hub_id, default_named_paths,
+                              model_slug, parse_diagnostics)
 
 DEVICES = ("cpu", "cuda", "auto")
 DEFAULT_MERGE_TIMEOUT = 24 * 3600.0
@@ -96,7 +97,7 @@ def _type_error(key: str, expected: str, value: Any) -> ConfigError:
 def parse_model(entry: Any, key: str) -> ModelSpec:
     """A ``models`` entry: a string, or a mapping ``{path: str, name: str (optional)}``."""
     if isinstance(entry, str) and entry.strip():
-        return ModelSpec(entry.strip())
+        return ModelSpec(entry.strip(), default_hub_id(entry.strip()))
     if isinstance(entry, Mapping):
         fields = ("path", "name", "revision", "gguf_file")
         unknown = set(entry) - set(fields)

@@ -82,7 +82,9 @@ from hf_flag import exits
 from hf_flag.analysis.api import analyze
 from hf_flag.atomic import atomic_write, atomic_write_bytes, atomic_write_text
 from hf_flag.defaults import COMPOSITION_MODES, DIAGNOSTIC_NAMES
+from hf_flag.errors import HfFlagError
 from hf_flag.exits import one_line
+from hf_flag.weights.hub import transport_errors
 from hf_flag.harness import schedule
 from hf_flag.harness.claims import CLAIM, DEFAULT_LEASE_S, Claims, Owner, is_live, locked, read_claim
 from hf_flag.harness.config import (DEVICES, ConfigError, ModelSpec, SweepConfig, build_config, default_model_specs,
@@ -1077,7 +1079,8 @@ def run(cfg: SweepConfig, args: argparse.Namespace) -> int:
         try:
             if push_results(cfg, results, dry_run=args.dry_run):
                 return EXIT_INCOMPLETE
-        except Exception as exc:  # noqa: BLE001 - network / token / permission: one line, results stay on disk
+        except (OSError, HfFlagError, *transport_errors()) as exc:  # Hub HTTP, token, permission, connection: one
+            # line, results stay on disk; anything else is a bug and keeps its traceback (hf_flag.exits)
             print(f"hf-flag sweep: error: --push-to-hub {target}".rstrip() + f": {one_line(exc)}; the results are "
                   f"in {cfg.out} (push them again with the same command once the Hub is reachable)", file=sys.stderr)
             return EXIT_INCOMPLETE

@@ -15,6 +15,7 @@ import argparse
 import importlib
 import json
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -25,8 +26,8 @@ import torch
 from hf_flag.analysis.api import analyze
 from hf_flag import exits
 from hf_flag.atomic import atomic_write
-from hf_flag.defaults import (COMPOSITION_MODES, DIAGNOSTIC_NAMES, default_named_paths, model_slug,
-                              parse_diagnostics)
+from hf_flag.defaults import (COMPOSITION_MODES, DIAGNOSTIC_NAMES, default_hub_id, default_named_paths,
+                              model_slug, parse_diagnostics)
 from hf_flag.errors import HfFlagError
 from hf_flag.report import baseline_key
 from hf_flag.rows import table_metrics
@@ -127,10 +128,16 @@ def is_hf_flag_output(path: Path) -> bool:
 
 
 def check_out(out_dir: Path, models: Mapping[str, str]) -> None:
-    """Before any analysis: ``--out`` is (or can become) a folder, each model (path -> its ``<slug>`` folder name)
-    gets its own folder, and no file there would replace one hf-flag did not write."""
+    """Before any analysis: ``--out`` is (or can become) a folder hf-flag can write, each model (path -> its
+    ``<slug>`` folder name) gets its own folder, and no file there would replace one hf-flag did not write."""
     if out_dir.exists() and not out_dir.is_dir():
         raise CliError(f"--out {out_dir} is a file, not a folder; choose a folder")
+    existing = out_dir.absolute()  # a folder that cannot be made or written fails now, not after the analysis
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        why = "not writable" if existing.is_dir() else "not a folder"
+        raise CliError(f"--out {out_dir} cannot be written ({existing} is {why}); choose a folder you can write")
     seen: dict[str, str] = {}
     for model, slug in models.items():
         if slug in seen:
@@ -224,7 +231,7 @@ def run_analyze(args: argparse.Namespace) -> int:
     if not models:
         raise CliError("analyze: give at least one MODEL, or --default")
     hub_ids = dict(named)  # default models are named (and their folders named) by their Hub ids
-    slugs = {model: model_slug(model, hub_ids.get(model)) for model in models}
+    slugs = {model: model_slug(model, hub_ids.get(model) or default_hub_id(model)) for model in models}
     if args.out is not None:
         check_out(args.out, slugs)
     diagnostics = None

@@ -68,6 +68,16 @@ def default_named_paths() -> list[tuple[str, str]]:
     return [(str(m.path()), m.hub_id) for m in DEFAULT_MODELS]
 
 
+def default_hub_id(path: str) -> Optional[str]:
+    """The Hub id of the embedded default model stored at ``path`` (given by its path instead of ``--default``),
+    else None: its config's ``_name_or_path`` names the model it was fine-tuned from, not the model itself."""
+    for model in DEFAULT_MODELS:
+        found = model.find()
+        if found is not None and Path(path).resolve() == found.resolve():
+            return model.hub_id
+    return None
+
+
 def default_model_paths() -> list[str]:
     """Local checkpoints of :data:`DEFAULT_MODELS`: the MiniLM folder and the SmolLM2 GGUF file."""
     return [path for path, _ in default_named_paths()]

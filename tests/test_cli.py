@@ -39,6 +39,10 @@ def test_table_json_and_outputs(tiny_checkpoint, tmp_path, capsys):
     mlp_line = next(line for line in out.splitlines() if line.split()[:1] == ["mlp"])
     assert cli.format_value(report.summary["mlp/commutator_ratio"]) in mlp_line
     assert cli.format_value(report.summary["mlp/commutator_ratio_baseline"]) in mlp_line
+    # the low-rank companion of kappa (MATH.md §3) is shown beside its baseline too
+    overlap_line = next(line for line in out.splitlines() if line.split()[:1] == ["range_overlap"])
+    assert cli.format_value(report.summary["mlp/range_overlap"]) in overlap_line
+    assert cli.format_value(report.summary["mlp/range_overlap_baseline"]) in overlap_line
     import pyarrow.parquet as pq
 
     table = pq.read_table(folder / "rows.parquet")
@@ -75,6 +79,14 @@ def test_refuses_to_overwrite_foreign_files(tiny_checkpoint, tmp_path, capsys, m
     no_analysis(monkeypatch)  # ... and it refuses before analysing
     code, _, err = run(["analyze", str(tiny_checkpoint), "--cheap", "--out", str(tmp_path)], capsys)
     assert_user_error(code, err, "not written by hf-flag", str(folder / "report.json"))
+
+
+def test_out_that_cannot_be_made_is_refused_before_analysing(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    no_analysis(monkeypatch)
+    (tmp_path / "notes").write_text("mine")
+    code, _, err = run(["analyze", str(tiny_checkpoint), "--out", str(tmp_path / "notes" / "out")], capsys)
+    assert_user_error(code, err, "--out", str(tmp_path / "notes" / "out"), "cannot be written")
+    assert (tmp_path / "notes").read_text() == "mine"
 
 
 def test_out_is_a_file_or_shared_by_two_models(tiny_checkpoint, tmp_path, capsys, monkeypatch):

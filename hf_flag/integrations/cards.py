@@ -523,8 +523,11 @@ def remote_card(repo_id: str, *, repo_type: str = "model") -> Optional[str]:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
 
+    from hf_flag.weights.hub import offline
+
     try:
-        path = hf_hub_download(repo_id, "README.md", repo_type=repo_type, force_download=True)
+        # online: the card as stored now, never a stale cached copy; offline (HF_HUB_OFFLINE): the cached copy
+        path = hf_hub_download(repo_id, "README.md", repo_type=repo_type, force_download=not offline())
     except EntryNotFoundError:
         return None
     return read_card(path)

@@ -174,7 +174,8 @@ def _cached_listing(repo_id: str, revision: Optional[str], *, reason: str) -> tu
     if sha is None or not folder.is_dir():
         at = f" at revision {revision!r}" if revision else ""
         raise WeightSourceError(f"Hub model {repo_id!r}{at} is not in the HF cache ({hf_cache_dir()}) and "
-                                f"{reason}; connect (or unset HF_HUB_OFFLINE) to download it, or pass a local folder")
+                                f"{reason}; {'unset HF_HUB_OFFLINE' if offline() else 'connect'} to download it, or "
+                                f"pass a local folder")
     return sha, {p.relative_to(folder).as_posix(): p.stat().st_size for p in folder.rglob("*") if p.is_file()}
 
 

@@ -27,6 +27,7 @@ from typing import Optional, Union
 
 from torch import nn
 
+from hf_flag.defaults import default_hub_id
 from hf_flag.errors import WeightSourceError
 from hf_flag.weights import hub
 from hf_flag.weights.hub import hf_cache_dir, hub_name
@@ -99,7 +100,9 @@ def open_weights(model_or_path: Union[str, os.PathLike, nn.Module, WeightSource]
             source = _open_file(target, allow_pickle=allow_pickle, name=text, config=read_config(snapshot.folder))
         source.provenance = snapshot.provenance(file_format(source))
         return source
-    source.provenance = {"source": "local", "format": file_format(source), "hub_name": hub_name(source.config),
+    # an embedded default model's config names the model it was fine-tuned from: its own Hub id comes first
+    source.provenance = {"source": "local", "format": file_format(source),
+                         "hub_name": default_hub_id(text) or hub_name(source.config),
                          **({"files": files} if files else {})}
     return source
 

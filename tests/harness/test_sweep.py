@@ -296,6 +296,10 @@ def test_default_models_are_named(minilm_path, smollm2_gguf, tmp_path):
         (smollm2_gguf.resolve(), "HuggingFaceTB/SmolLM2-135M-Instruct")]
     assert slugs(cfg.models) == ["sentence-transformers--all-MiniLM-L6-v2", "HuggingFaceTB--SmolLM2-135M-Instruct"]
     assert slugs([ModelSpec("/a/x"), ModelSpec("/b/x")])[0].startswith("local--x-")  # collisions disambiguated
+    # given by its path, an embedded model is still named by its Hub id, not by its config's _name_or_path (the
+    # model it was fine-tuned from: nreimers/MiniLM-L6-H384-uncased for all-MiniLM-L6-v2)
+    by_path, _ = sweep.parse_args([str(minilm_path), "--out", str(tmp_path)])
+    assert [s.name for s in by_path.models] == ["sentence-transformers/all-MiniLM-L6-v2"]
 
 
 def test_config_file_and_arguments_merge(tmp_path):

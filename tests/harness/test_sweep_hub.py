@@ -239,3 +239,26 @@ def test_max_disk_sweep_killed_and_resumed_never_refetches_finished_groups(hub, 
     got = report_of(out, "tiny-org--six")
     reference = analyze(local, diagnostics={"mlp", "vo", "residual"})
     assert same_rows(got, reference) and got.summary == reference.summary
+
+
+def test_offline_dry_run_reads_the_cached_card_and_a_push_bug_keeps_its_traceback(hub, hub_models, tmp_path,
+                                                                                  monkeypatch, capsys):
+    out = tmp_path / "out"
+    base = [LLAMA, "--out", str(out), "--diagnostics", "mlp"]
+    monkeypatch.setenv("HF_TOKEN", "hf_writer")
+    assert sweep.main([*base, "--push-to-hub", "--dry-run"]) == 0  # online: fetches the card into the cache
+    online = capsys.readouterr().out
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert sweep.main([*base, "--push-to-hub", "--dry-run"]) == 0  # offline: the cached card, the same diff
+    assert capsys.readouterr().out == online and "+<!-- hf-flag:start -->" in online and hub.received == []
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+
+    def broken(*args, **kwargs):
+        raise TypeError("a bug in the push code")
+
+    monkeypatch.setattr(cards, "push_card", broken)
+    assert sweep.main([*base, "--push-to-hub"]) == 1  # a bug: exit 1 with a pointer to its saved traceback
+    err = capsys.readouterr().err
+    [line] = [line for line in err.splitlines() if "TypeError" in line]
+    saved = Path(line.split("traceback saved to ")[1].split()[0])
+    assert "internal error" in line and "a bug in the push code" in saved.read_text()

@@ -221,6 +221,13 @@ def test_flag_alignment_model_id_equals_analyze(flag_module, tiny_checkpoint):
     assert "mlp/commutator_ratio" in out and "mlp/commutator_ratio_baseline" in out
 
 
+def test_flag_alignment_one_model_id_as_a_string(flag_module, tiny_checkpoint):
+    """``model_id="path"`` is one model (evaluate alone would split the string into characters)."""
+    one = flag_module.compute(model_id=str(tiny_checkpoint), layers=[0], cheap=True)
+    assert one == flag_module.compute(model_id=[str(tiny_checkpoint)], layers=[0], cheap=True)
+    assert "mlp/commutator_ratio" in one
+
+
 def test_flag_alignment_in_memory_model_and_several_ids(flag_module, tiny_llama, tiny_checkpoint):
     from hf_flag.analysis.api import analyze
 

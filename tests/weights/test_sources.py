@@ -15,6 +15,7 @@ from torch import nn
 from hf_flag.errors import HfFlagError, WeightSourceError
 from hf_flag.weights import safetensors_source
 from hf_flag.weights.gguf_source import gguf_name_table, quant_eps, reverse_permute
+from hf_flag.weights.hub import hub_name
 from hf_flag.weights.sources import (GGUFSource, ModuleSource, SafetensorsSource, TorchPickleSource, WeightSource,
                                      open_weights)
 
@@ -586,3 +587,16 @@ def test_pickle_files_with_the_same_tensor_are_refused(tmp_path):
     torch.save({"w": torch.ones(2)}, tmp_path / "b.pt")
     with pytest.raises(WeightSourceError, match="appears in both 'a.pt' and 'b.pt'"):
         open_weights(tmp_path, allow_pickle=True)
+
+
+@pytest.mark.pretrained
+def test_embedded_default_models_are_their_own_hub_name(minilm_path, smollm2_gguf, tiny_checkpoint):
+    """MiniLM's config names its base model (``_name_or_path``: nreimers/MiniLM-L6-H384-uncased); the provenance
+    names the model the weights are, as ``--default`` does, and other local models keep ``_name_or_path``."""
+    with open_weights(str(minilm_path)) as source:
+        assert source.config["_name_or_path"] == "nreimers/MiniLM-L6-H384-uncased"
+        assert source.provenance["hub_name"] == "sentence-transformers/all-MiniLM-L6-v2"
+    with open_weights(str(smollm2_gguf)) as source:
+        assert source.provenance["hub_name"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    with open_weights(str(tiny_checkpoint)) as source:
+        assert source.provenance["hub_name"] == hub_name(source.config)

@@ -24,10 +24,11 @@ attention, the subspace overlap of heads and composition scores. Every value com
 _KWARGS_DESCRIPTION = """
 Args:
     model_id (`str`, `os.PathLike`, or a `list` of them): local folders, `.safetensors` / `.gguf` files, or Hub ids
-        already in the local HF cache (never downloaded); one string is one model, as in evaluate's perplexity.
+        (fetched through the HF cache; only the local cache with `HF_HUB_OFFLINE=1`); one string is one model, as
+        in evaluate's perplexity.
     model (`torch.nn.Module`, optional, compute kwarg): an in-memory model, instead of (not with) `model_id`.
-    cheap (`bool`, default False): commutator ratio (with its closed-form baseline) and imbalance only (no flags,
-        transport, head overlaps or composition).
+    cheap (`bool`, default False): commutator ratio (with its random baseline) and imbalance only (no SVDs: no
+        range overlap, transport or flags).
     layers (`list` of `int`, optional): block indices to analyse (default all).
     diagnostics (`list` of `str`, optional): subset of "mlp", "vo", "residual", "heads", "composition".
     composition (`str`, default "all"): "all", "adjacent" or "none".
