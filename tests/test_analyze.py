@@ -86,7 +86,7 @@ OPTIONAL = ("intersection_dim", "intersection_dim_baseline", "intersection_soft"
 #: None in the default (windowed) report where the storage precision determines no common cut, no basis, or (GL
 #: kernel dimension) where whole spectra are needed (hf_flag.geometry.spectral)
 WINDOW_OPTIONAL = ("subspace_score", "subspace_score_baseline", "basis_score", "basis_score_baseline",
-                   "gl_kernel_dim")
+                   "gl_kernel_dim", "range_overlap", "range_overlap_baseline")
 
 
 def check_report(report, counts: dict[str, int]) -> None:

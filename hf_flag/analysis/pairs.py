@@ -149,7 +149,8 @@ def pair_window_values(W_l: torch.Tensor, W_next: torch.Tensor, *, storage_eps: 
     (``None`` when there is none; the basis score also ``None`` unless every cut up to it is determined); flags
     cut inside the windows.  The certificate: ``window_in`` / ``window_out`` (singular vectors used) and
     ``svd_residual_in`` / ``svd_residual_out`` (largest relative residual of the triplets used).  The GL kernel
-    dimension needs whole spectra: ``None`` here (``full=True`` computes it).  ``gram(which, side, dtype)``: the
+    dimension and ``range_overlap`` (with its baseline) need the whole ranges: ``None`` here (``full=True`` computes
+    them).  ``gram(which, side, dtype)``: the
     shared Gram of ``"l"`` or ``"next"`` (:func:`~hf_flag.geometry.pairs.weight_gram`), or ``None`` to compute it."""
     exact = gram_dtype(storage_eps, dtype)
     side_l, side_next = pair_gram_sides(W_l, W_next)
@@ -184,6 +185,7 @@ def pair_window_values(W_l: torch.Tensor, W_next: torch.Tensor, *, storage_eps: 
                   "imbalance_norm": float(g.imbalance_norm[i]), "relative_imbalance": float(g.relative_imbalance[i]),
                   "imbalance_diagonal_norm": float(diagonal[i]),
                   "commutator_ratio_baseline": float(g.commutator_haar_rms[i]), **scores, **flag_values(flag),
+                  "range_overlap": None, "range_overlap_baseline": None,
                   "gl_kernel_dim": None, "window_in": float(a), "window_out": float(b),
                   "svd_residual_in": float(cert_l[i]), "svd_residual_out": float(cert_n[i])}
         out.append((values, {"transport_k": k, **flag_details(flag)}))
