@@ -1,19 +1,22 @@
-"""Peak memory of ``hf_flag.analyze`` on a synthetic Llama-shaped safetensors checkpoint of >= 2 GB.
+"""Peak memory of ``hf_flag.analyze`` on a synthetic Llama-shaped safetensors checkpoint, against the largest block.
 
 The checkpoint (config.json + model.safetensors, float32 random weights, written tensor by tensor so the writer
 never holds it all) lives in a temporary folder that is deleted afterwards.  Each analysis runs in a fresh
 subprocess; the parent samples ``/proc/<pid>/status`` every 20 ms and the child reports its own ``VmHWM`` (peak
-resident set, file-backed pages included) at exit.  ``RssAnon`` (heap: tensors, rows) and ``RssFile`` (file-backed
-pages: shared libraries, and any mapped checkpoint pages) are reported separately, as their peaks over the samples.
-The safetensors source reads each tensor with ``os.preadv`` (no mapping), so ``RssFile`` stays at the libraries.
-Goal: peak RSS < 25% of the checkpoint size.
+resident set, file-backed pages included) at exit and its ``VmRSS`` after imports.  ``RssAnon`` (heap: tensors,
+rows) and ``RssFile`` (file-backed pages: shared libraries, and any mapped checkpoint pages) are reported
+separately, as their peaks over the samples.
 
-Runs: (1) ``layers=[0], composition="all"``: the full report of block 0 (SVDs, flags, baselines, head overlaps)
-plus composition from layer 0 to every later layer, which streams the attention of all layers through the
-composition cache (``analysis.transformer.COMPOSITION_CACHE_BYTES``); (2) ``cheap=True`` over all layers (reads every
-block once).  Default options otherwise.
+Goal (issue #11): peak RSS above the import cost <= 3 x the largest block (one transformer layer's 2-D weights)
+in the compute precision (float32 for these float32 weights; float64 with ``full=True``), composition included,
+on deep and on wide checkpoints (d >= 1024, d_ff = 4d).  Runs: (1) the default report of every layer
+(composition ``auto``); (2) the default report of block 0 with composition 0 -> every later layer; (3)
+``full=True`` of block 0 without composition (today's analysis, float64); (4) ``cheap=True`` over all layers.
+``--reader safe_open`` reads each tensor with the safetensors library (``safe_open`` opened per tensor, mapping
+released after each) instead of hf-flag's ``os.preadv`` reader, to compare their peaks.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_lazy_rss.py [--layers 88]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_lazy_rss.py --layers 24 --d 1024 --d-ff 4096 --heads 16 --kv-heads 4
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_lazy_rss.py --layers 24 --d 1024 --d-ff 4096 --heads 16 --kv-heads 4 --reader safe_open
 """
 from __future__ import annotations
 
@@ -29,8 +32,15 @@ from pathlib import Path
 import numpy as np
 
 CHILD = r"""
-import json, sys, time, torch
+import json, os, sys, time, torch
 from hf_flag.analysis.api import analyze
+if os.environ.get("HF_FLAG_BENCH_READER") == "safe_open":
+    from safetensors import safe_open
+    from hf_flag.weights.safetensors_source import SafetensorsSource
+    def read_with_safe_open(self, name):
+        with safe_open(str(self._entries[name].file), framework="pt") as f:
+            return f.get_tensor(name)
+    SafetensorsSource._read = read_with_safe_open
 def status():
     out = {}
     for line in open("/proc/self/status"):
@@ -85,10 +95,12 @@ def write_checkpoint(folder: Path, n_layers: int, d: int, d_ff: int, n_heads: in
     return (folder / "model.safetensors").stat().st_size
 
 
-def measure(path: Path, kwargs: dict) -> dict:
+def measure(path: Path, kwargs: dict, reader: str) -> dict:
     """Run one analysis in a subprocess; peak RssAnon / RssFile sampled from /proc/<pid>/status."""
+    import os
+
     proc = subprocess.Popen([sys.executable, "-c", CHILD, str(path), json.dumps(kwargs)], stdout=subprocess.PIPE,
-                            text=True)
+                            text=True, env={**os.environ, "HF_FLAG_BENCH_READER": reader})
     peaks = {"RssAnon": 0, "RssFile": 0, "VmRSS": 0}
     while proc.poll() is None:
         try:
@@ -107,33 +119,52 @@ def measure(path: Path, kwargs: dict) -> dict:
     return result
 
 
+def block_bytes(d: int, d_ff: int, n_heads: int, n_kv: int, itemsize: int) -> int:
+    """Bytes of one Llama block's 2-D weights (q, k, v, o, gate, up, down) at ``itemsize``."""
+    hd = d // n_heads
+    return (2 * n_heads * hd * d + 2 * n_kv * hd * d + 3 * d * d_ff) * itemsize
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=88, help="88 layers of d=768 -> 2.3 GB")
-    parser.add_argument("--d", type=int, default=768)
-    parser.add_argument("--d-ff", type=int, default=2048)
-    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--layers", type=int, default=24)
+    parser.add_argument("--d", type=int, default=1024)
+    parser.add_argument("--d-ff", type=int, default=4096)
+    parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--kv-heads", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--skip-cheap", action="store_true")
+    parser.add_argument("--reader", choices=("preadv", "safe_open"), default="preadv")
+    parser.add_argument("--runs", default="default,composition,full,cheap",
+                        help="comma-separated subset of default,composition,full,cheap,layer0,composition_only")
     args = parser.parse_args()
     mib = 2.0 ** 20
+    all_runs = {"default": ("default report, all layers (composition auto)", {}, 4),
+                "composition": ("default report of block 0 + composition 0 -> all", {"layers": [0],
+                                "composition": "all"}, 4),
+                "full": ("full=True of block 0, no composition (float64)", {"layers": [0], "composition": "none",
+                         "full": True}, 8),
+                "cheap": ("cheap, all layers", {"cheap": True}, 4),
+                "layer0": ("default report of block 0, no composition", {"layers": [0], "composition": "none"}, 4),
+                "composition_only": ("composition 0 -> all alone", {"layers": [0], "composition": "all",
+                                     "diagnostics": ["composition"]}, 4)}
     with tempfile.TemporaryDirectory(prefix="hf_flag_rss_") as tmp:
         folder = Path(tmp)
         start = time.perf_counter()
         size = write_checkpoint(folder, args.layers, args.d, args.d_ff, args.heads, args.kv_heads, args.vocab)
         print(f"checkpoint: {size / mib:.0f} MiB ({args.layers} layers, d={args.d}, d_ff={args.d_ff}, "
-              f"{args.heads} heads / {args.kv_heads} KV), written in {time.perf_counter() - start:.0f} s")
-        runs = [("full report of block 0 + composition 0 -> all", {"layers": [0], "composition": "all"})]
-        if not args.skip_cheap:
-            runs.append(("cheap, all layers", {"cheap": True}))
-        for label, kwargs in runs:
-            r = measure(folder, kwargs)
-            peak = r["after"]["VmHWM"]
-            print(f"{label}: {r['seconds']:.0f} s, {r['rows']} rows; peak RSS (VmHWM) {peak / mib:.0f} MiB = "
-                  f"{100 * peak / size:.1f}% of the checkpoint (goal < 25%); after imports {r['before']['VmRSS'] / mib:.0f}"
-                  f" MiB; sampled peaks RssAnon {r['sampled_peaks']['RssAnon'] / mib:.0f} MiB, RssFile "
-                  f"{r['sampled_peaks']['RssFile'] / mib:.0f} MiB")
+              f"{args.heads} heads / {args.kv_heads} KV), written in {time.perf_counter() - start:.0f} s; "
+              f"reader {args.reader}")
+        for key in args.runs.split(","):
+            label, kwargs, itemsize = all_runs[key]
+            block = block_bytes(args.d, args.d_ff, args.heads, args.kv_heads, itemsize)
+            r = measure(folder, kwargs, args.reader)
+            peak, base = r["after"]["VmHWM"], r["before"]["VmRSS"]
+            print(f"{label}: {r['seconds']:.0f} s, {r['rows']} rows; peak RSS (VmHWM) {peak / mib:.0f} MiB, "
+                  f"after imports {base / mib:.0f} MiB: above imports {(peak - base) / mib:.0f} MiB = "
+                  f"{(peak - base) / block:.2f} blocks of {block / mib:.0f} MiB ({itemsize * 8}-bit; goal <= 3), "
+                  f"{100 * peak / size:.1f}% of the checkpoint; sampled peaks RssAnon "
+                  f"{r['sampled_peaks']['RssAnon'] / mib:.0f} MiB, RssFile {r['sampled_peaks']['RssFile'] / mib:.0f} MiB",
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -92,6 +92,7 @@ from hf_flag.harness.config import (DEVICES, ConfigError, ModelSpec, SweepConfig
 from hf_flag.harness.schedule import RunState
 from hf_flag.report import Report, baseline_key, rows_to_dataset
 from hf_flag.rows import HEADLINE_METRICS, merge_shards
+from hf_flag.threads import configure_threads
 from hf_flag.weights.adapters import get_adapter
 from hf_flag.weights.sources import open_weights
 
@@ -348,7 +349,8 @@ def analyze_layers(spec: ModelSpec, cfg: SweepConfig, device: str, layers: Optio
     try:
         with open_source(spec, cfg.max_disk) as source:
             return analyze(source, device=device, diagnostics=cfg.diagnostics, layers=layers, cheap=cfg.cheap,
-                           composition=cfg.composition, name=spec.label, **cfg.analyze_kwargs)
+                           composition=cfg.composition, name=spec.label, progress=True,
+                           **cfg.analyze_kwargs)  # progress: a bar per layer with its ETA
     except Exception as exc:  # noqa: BLE001 - one model's failure must not stop the sweep
         raise AnalysisFailed(exc) from exc
 
@@ -1041,6 +1043,7 @@ def run(cfg: SweepConfig, args: argparse.Namespace) -> int:
     check_out_dir(cfg.out)  # on every rank, so all of them stop together
     check_out_dir(cfg.cards_dir, "--cards-dir")  # before any work, not after the analysis
     device = resolve_device(cfg.device, state.local_process_index)
+    configure_threads()  # this process's share of the cores (LOCAL_WORLD_SIZE, load)
     if world == 1 and os.environ.get("ACCELERATE_USE_CPU") == "True":
         print("hf-flag sweep: note: accelerate launch --cpu starts one process; for N CPU processes use "
               "accelerate launch --multi_gpu --num_processes N -m hf_flag.harness.sweep ... --device cpu",

@@ -190,16 +190,20 @@ def build_parser() -> argparse.ArgumentParser:
                     help="add the embedded default models (all-MiniLM-L6-v2 and SmolLM2-135M-Instruct)")
     an.add_argument("--out", type=Path, metavar="DIR", help="also write DIR/<model>/report.json and rows.parquet")
     an.add_argument("--device", help="torch device, e.g. cpu or cuda:0 (default: cuda when available, else cpu)")
-    an.add_argument("--dtype", choices=("float64", "float32"), default="float64",
-                    help="precision of the analysis (default float64; float32 halves the memory, with float32 "
-                         "round-off in every value)")
+    an.add_argument("--dtype", choices=("float64", "float32"),
+                    help="precision of the analysis (default: float32 for weights stored in float32 or coarser, "
+                         "float64 for float64 weights; float64 with --full)")
+    an.add_argument("--full", action="store_true",
+                    help="every singular vector of every weight (the all-vectors analysis) instead of the leading "
+                         "subspaces the storage precision determines (the default)")
     an.add_argument("--diagnostics", nargs="+", metavar="NAME",
                     help=f"which diagnostics to compute (default: all): any of {', '.join(DIAGNOSTIC_NAMES)}, "
                          f"separated by commas or spaces")
     an.add_argument("--layers", type=layers_argument, help="block indices to analyse, e.g. 0,1,5-7 (default: all)")
-    an.add_argument("--composition", choices=COMPOSITION_MODES, default="all",
-                    help="Q/K/V composition scores of each head with the heads of every later layer (all, the "
-                         "default), of the next layer only (adjacent, much faster on deep models), or none")
+    an.add_argument("--composition", choices=COMPOSITION_MODES, default="auto",
+                    help="Q/K/V composition scores of each head with the heads of every later layer (all), of the "
+                         "next layer only (adjacent, much faster on deep models), or none; auto (the default): all "
+                         "where the printed cost estimate is small, else adjacent")
     an.add_argument("--cheap", action="store_true",
                     help="commutator ratio (with its baseline) and imbalance only: fast; no flags, transport or "
                          "head overlaps")
@@ -222,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_analyze(args: argparse.Namespace) -> int:
+    from hf_flag.threads import configure_threads
+
+    configure_threads()
     named = list(default_named_paths()) if args.default else []
     models = list(args.models) + [path for path, _ in named]
     if not models:
@@ -247,7 +254,8 @@ def run_analyze(args: argparse.Namespace) -> int:
             # labelled by its Hub id: a default model's, or a local folder's config _name_or_path when it is one
             name = hub_ids.get(model) or (getattr(source, "provenance", None) or {}).get("hub_name")
             report = analyze(
-                source, device=args.device, dtype=getattr(torch, args.dtype), diagnostics=diagnostics,
+                source, device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None,
+                full=args.full, diagnostics=diagnostics,
                 layers=args.layers, cheap=args.cheap, composition=args.composition, progress=True, name=name,
             )
         print(report.to_json(indent=None) if args.json else format_table(report), flush=True)

@@ -13,8 +13,9 @@ from typing import Optional, Sequence, Union
 
 from hf_flag.errors import HfFlagError
 
-#: ``composition=`` of :func:`hf_flag.analyze`: every later layer, the next layer only, or no composition rows
-COMPOSITION_MODES = ("all", "adjacent", "none")
+#: ``composition=`` of :func:`hf_flag.analyze`: every later layer where the estimated cost is small, else the next
+#: layer only (``auto``); every later layer; the next layer only; or no composition rows
+COMPOSITION_MODES = ("auto", "all", "adjacent", "none")
 #: ``diagnostics=`` names of :func:`hf_flag.analyze` for transformers and for plain ``nn.Linear`` chains
 TRANSFORMER_DIAGNOSTICS = ("mlp", "vo", "residual", "heads", "composition")
 CHAIN_DIAGNOSTICS = ("linear_chain",)

@@ -83,6 +83,10 @@ RANGES = {  # metric -> closed interval every value must lie in
 
 
 OPTIONAL = ("intersection_dim", "intersection_dim_baseline", "intersection_soft")
+#: None in the default (windowed) report where the storage precision determines no common cut, no basis, or (GL
+#: kernel dimension) where whole spectra are needed (hf_flag.geometry.spectral)
+WINDOW_OPTIONAL = ("subspace_score", "subspace_score_baseline", "basis_score", "basis_score_baseline",
+                   "gl_kernel_dim", "range_overlap", "range_overlap_baseline")
 
 
 def check_report(report, counts: dict[str, int]) -> None:
@@ -91,6 +95,9 @@ def check_report(report, counts: dict[str, int]) -> None:
     assert set(report.kinds()) <= set(ROW_KINDS)
     for row in report.rows:
         for metric, value in row.values.items():
+            if value is None and metric in WINDOW_OPTIONAL:
+                assert not report.params.get("full", True), (row.kind, metric)
+                continue
             if value is None:  # no flag cut common to both sides below n (e.g. full-rank vo pairs), MATH.md §4
                 assert metric in OPTIONAL and row.details["intersection_cut"] is None, (row.kind, metric)
                 continue
@@ -113,7 +120,7 @@ def test_every_family_end_to_end(family):
     _, n_kv, gated = FAMILIES[family]
     report = analyze(build(family), device="cpu")
     check_report(report, expected_counts(n_kv, gated))
-    assert report.params["dtype"] == "float64" and report.params["composition"] == "all"
+    assert report.params["dtype"] == "float32" and report.params["composition"] == "all"  # float32 storage
     assert report.layout["n_heads"] == H and report.layout["n_kv_heads"] == n_kv
     for row in report.select(kind=HEAD_OVERLAP_KINDS["o"]):
         assert row.values["overlap_baseline"] == pytest.approx((D // H) / D)
@@ -367,7 +374,8 @@ def test_composition_streaming_under_a_tiny_cache_budget(monkeypatch):
     real_block = Adapter.block
     monkeypatch.setattr(Adapter, "block", lambda self, *a, **k: loads.append(a[2]) or real_block(self, *a, **k))
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**LLAMA_LIKE, "num_hidden_layers": 4}))
-    full = analyze(model, device="cpu", diagnostics={"composition"})
+    # full=True: the budget is COMPOSITION_CACHE_BYTES (the default report caps it at one block, issue #11)
+    full = analyze(model, device="cpu", diagnostics={"composition"}, composition="all", full=True)
     # packed-Gram path, composition alone (no per-layer pass): one chunk of sources 0..2 + destinations 1..3
     assert len(full.rows) == 3 * 6 * H * H and len(loads) == 3 + 3
     from hf_flag.geometry.composition import packed_gram_bytes
@@ -380,7 +388,7 @@ def test_composition_streaming_under_a_tiny_cache_budget(monkeypatch):
                                 (1, (1 + 1) + (1 + 2) + (1 + 3))):  # below 5 Grams: tiled trace form
         loads.clear()
         monkeypatch.setattr(module, "COMPOSITION_CACHE_BYTES", budget)
-        streamed = analyze(model, device="cpu", diagnostics={"composition"})
+        streamed = analyze(model, device="cpu", diagnostics={"composition"}, composition="all", full=True)
         assert len(loads) == chunk_loads, budget  # per chunk: its sources, then their destinations
         same_rows(streamed, full, rel=1e-12)
 
@@ -394,19 +402,28 @@ def test_nan_weights_name_tensor_and_layer(llama):
     assert issubclass(NonFiniteWeightsError, HfFlagError) and issubclass(NonFiniteWeightsError, ValueError)
 
 
-def test_bf16_storage_is_analysed_in_float64(tmp_path):
+def test_bf16_storage_precision_policy(tmp_path):
+    """bf16 storage: the default report computes in float32, ``full=True`` in float64 (issue #11 precision
+    policy); against the same bf16 numbers upcast exactly (float64 storage, float64 compute)."""
     model = build("llama", seed=5).to(torch.bfloat16)
     model.save_pretrained(tmp_path, safe_serialization=True)
-    report = analyze(tmp_path, device="cpu", composition="adjacent")
+    report = analyze(tmp_path, device="cpu", composition="adjacent", full=True)
+    default = analyze(tmp_path, device="cpu", composition="adjacent")
     assert report.params["storage_dtypes"] == ["bfloat16"]
     assert report.params["storage_eps"] == 2.0 ** -7 and report.params["dtype"] == "float64"
+    assert default.params["dtype"] == "float32"
     check_report(report, {**expected_counts(2, True), **{k: H * H for k in COMPOSITION_KINDS.values()}})
+    check_report(default, {**expected_counts(2, True), **{k: H * H for k in COMPOSITION_KINDS.values()}})
     # the same bf16 numbers upcast exactly (in memory, float64 storage) give the same values, tighter tolerance
-    upcast = analyze(build("llama", seed=5).to(torch.bfloat16).double(), device="cpu", composition="adjacent")
-    for a, b in zip(report.rows, upcast.rows):
+    upcast = analyze(build("llama", seed=5).to(torch.bfloat16).double(), device="cpu", composition="adjacent",
+                     full=True)
+    for a, b, c in zip(report.rows, upcast.rows, default.rows):
         if a.kind in PAIR_KINDS:
             assert a.values["commutator_ratio"] == pytest.approx(b.values["commutator_ratio"], rel=1e-10)
             assert a.values["flag_tau"] >= b.values["flag_tau"]  # bf16 eps sets a looser Wedin tolerance
+            # float32 compute: within the bf16 storage tolerance of the float64 value
+            assert c.values["commutator_ratio"] == pytest.approx(b.values["commutator_ratio"], abs=2.0 ** -7)
+            assert c.values["relative_imbalance"] == pytest.approx(b.values["relative_imbalance"], abs=2.0 ** -7)
 
 
 def test_residual_pair_takes_the_coarser_storage_of_its_two_blocks(tmp_path):
@@ -425,15 +442,15 @@ def test_residual_pair_takes_the_coarser_storage_of_its_two_blocks(tmp_path):
              if "lm_head" not in k}
     save_file(state, str(tmp_path / "model.safetensors"))
     model.config.save_pretrained(tmp_path)
-    report = analyze(tmp_path, device="cpu", diagnostics={"mlp", "residual"})
+    report = analyze(tmp_path, device="cpu", diagnostics={"mlp", "residual"})  # float32 compute: rel 1e-4
     rows = {(r.kind, r.layer): r.values for r in report.rows}
     down0 = state["model.layers.0.mlp.down_proj.weight"].double()
     up1 = state["model.layers.1.mlp.up_proj.weight"].double()
     up0 = state["model.layers.0.mlp.up_proj.weight"].double()
     assert rows[KIND_RESIDUAL, 0]["flag_tau"] == pytest.approx(
-        flag_relative_position(down0, up1, storage_eps=2.0 ** -7).tau, rel=1e-12)
+        flag_relative_position(down0, up1, storage_eps=2.0 ** -7).tau, rel=1e-4)
     assert rows[KIND_MLP, 0]["flag_tau"] == pytest.approx(
-        flag_relative_position(up0, down0, storage_eps=torch.finfo(torch.float32).eps).tau, rel=1e-12)
+        flag_relative_position(up0, down0, storage_eps=torch.finfo(torch.float32).eps).tau, rel=1e-4)
     assert rows[KIND_RESIDUAL, 0]["flag_tau"] > 10 * flag_relative_position(
         down0, up1, storage_eps=torch.finfo(torch.float32).eps).tau  # block 0's eps alone would give this
 
@@ -487,5 +504,6 @@ def test_smollm2_gguf_pretrained(smollm2_gguf):
     with open_weights(smollm2_gguf) as source:
         v = source.get("model.layers.0.self_attn.v_proj.weight", dtype=torch.float64)
         o = source.get("model.layers.0.self_attn.o_proj.weight", dtype=torch.float64)
+    # float32 compute for 4-bit storage (issue #11 policy: tolerance eps_s = 1/16; float32 gives ~1e-7)
     assert row_of(report, KIND_VO, 0, "head 4", "head 4").values["commutator_ratio"] == pytest.approx(
-        direct_kappa(v[64:128], o[:, 256:320]), rel=1e-9)
+        direct_kappa(v[64:128], o[:, 256:320]), rel=1e-5)

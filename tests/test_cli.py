@@ -29,7 +29,9 @@ def assert_user_error(code, err, *needles):
 
 
 def test_table_json_and_outputs(tiny_checkpoint, tmp_path, capsys):
-    code, out, err = run(["analyze", str(tiny_checkpoint), "--composition", "adjacent", "--out", str(tmp_path)], capsys)
+    # --full: range_overlap needs whole ranges (the default report's windows leave it None, issue #11)
+    code, out, err = run(["analyze", str(tiny_checkpoint), "--composition", "adjacent", "--full", "--out",
+                          str(tmp_path)], capsys)
     assert code == 0, err
     assert "commutator_ratio" in out and "baseline" in out and "composition_q" in out and "head_overlap_o" in out
     folder = tmp_path / model_slug(str(tiny_checkpoint))

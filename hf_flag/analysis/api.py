@@ -23,6 +23,12 @@ Row kinds (names in :mod:`hf_flag.rows`, which every other part of hf-flag impor
   Details: flag cuts, rank matrix, permutation (nonzero entries), is_permutation, transport k, activation.
   ``cheap=True`` gives the pair rows only, with the five cheap values and ``commutator_ratio_baseline`` (Gram
   factors, no SVD).
+  Default report (``full=False``, issue #11): transformer pair rows read the leading singular subspaces the storage
+  precision determines (``geometry.spectral``): transport scores at the largest cut determined on both sides
+  (``None`` where there is none; the basis score also needs every cut below it), flags cut inside the windows,
+  ``gl_kernel_dim`` ``None`` (it needs whole spectra), and the certificate ``window_in`` / ``window_out`` (leading
+  singular vectors used, at most ``geometry.spectral.K_MAX``) and ``svd_residual_in`` / ``svd_residual_out`` (the
+  partial SVD's largest relative residual over them).  ``full=True`` keeps the all-vectors analysis above.
 * head rows (§1, §6): ``"head_overlap_q/k/v"`` (read subspaces col(W_*^h) of one layer, h < h'),
   ``"head_overlap_o"`` (write subspaces row(W_O^h)), ``"cross_layer_overlap_q/k/v"`` (write row(W_O^h) of layer l
   vs read col(W_*^h') of layer l+1, every (h, h')).  Grouped-query attention: K and V are compared as the n_kv KV
@@ -62,6 +68,7 @@ from hf_flag.geometry.angles import RANK_CUT_RULE
 from hf_flag.geometry.baselines import COMMUTATOR_BASELINE_RULE
 from hf_flag.geometry.flags import FLAG_TAU_RULE, GL_KERNEL_RTOL
 from hf_flag.geometry.pairs import TRANSPORT_K_RULE
+from hf_flag.geometry.spectral import WINDOW_RULE
 from hf_flag.report import Report
 from hf_flag.rows import sort_rows, summarize
 from hf_flag.weights.sources import open_weights, provenance
@@ -69,26 +76,33 @@ from hf_flag.weights.sources import open_weights, provenance
 __all__ = ["analyze"]
 
 
-def analyze(model_or_path, *, device: Union[str, torch.device, None] = None, dtype: torch.dtype = torch.float64,
+def analyze(model_or_path, *, device: Union[str, torch.device, None] = None, dtype: Optional[torch.dtype] = None,
             diagnostics: Optional[Iterable[str]] = None, layers: Optional[Iterable[int]] = None, cheap: bool = False,
-            composition: str = "all", allow_pickle: bool = False, progress: bool = False,
-            name: Optional[str] = None) -> Report:
+            composition: str = "auto", allow_pickle: bool = False, progress: bool = False,
+            name: Optional[str] = None, full: bool = False) -> Report:
     """Weight-only alignment report of a model (MATH.md §1-§4, §6); see the module docstring for the row kinds.
 
     model_or_path: an ``nn.Module`` / ``PreTrainedModel`` (a plain chain of ``nn.Linear`` is detected and gives
     ``"linear_chain"`` rows), a local folder, ``.safetensors`` / shard index, ``.gguf``, or a cached Hub id.
     device: default the in-memory model's device, else ``cuda`` when available, else ``cpu``; the model itself
-    is never moved or cast (tensors are copied).  dtype: float64 (default) or float32 for the analysis.
+    is never moved or cast (tensors are copied).  dtype: float64 or float32 for the analysis; default the
+    precision policy (float32 for weights stored in float32 or coarser, float64 for float64; float64 with
+    ``full``).  full: today's all-vectors analysis (a thin SVD per weight: every singular vector, the GL kernel
+    dimension); default: transformer pair rows from the leading singular subspaces the storage precision
+    determines (``geometry.spectral``: windows ``window_in``/``window_out`` and residual certificates
+    ``svd_residual_in``/``svd_residual_out`` in each row).  Linear chains always use the full analysis.
     diagnostics: subset of ``{"mlp", "vo", "residual", "heads", "composition"}`` (transformers, default all) or
     ``{"linear_chain"}`` (MLP chains).  layers: block (chain: pair) indices whose rows to compute.
     cheap: only the pair rows' commutator ratio and imbalance norms (no SVD, flags, transport, head overlaps,
-    composition or baselines): for training callbacks.  composition: ``"all"``, ``"adjacent"`` or
-    ``"none"``.  allow_pickle: permit ``.bin`` / ``.pt`` checkpoints (``weights_only=True``).
+    composition or baselines): for training callbacks.  composition: ``"auto"`` (default: every later layer
+    where the estimated cost is small, ``analysis.heads.composition_estimate``, else adjacent layers; the
+    estimate is printed with ``progress`` and kept in ``params["composition_estimate"]``), ``"all"``,
+    ``"adjacent"`` or ``"none"``.  allow_pickle: permit ``.bin`` / ``.pt`` checkpoints (``weights_only=True``).
     Raises HfFlagError / ValueError (one line) for unreadable input, unknown architectures, bad options, and
     :class:`NonFiniteWeightsError` naming the tensor and layer when weights hold NaN/Inf.
     """
     start = time.perf_counter()
-    if dtype not in (torch.float64, torch.float32):
+    if dtype is not None and dtype not in (torch.float64, torch.float32):
         raise ValueError(f"dtype={dtype} is not supported; use torch.float64 (default) or torch.float32")
     if composition not in COMPOSITION_MODES:
         raise ValueError(f"composition={composition!r}; use one of {list(COMPOSITION_MODES)}")
@@ -99,28 +113,33 @@ def analyze(model_or_path, *, device: Union[str, torch.device, None] = None, dty
     source_provenance = provenance(source)
     try:
         if isinstance(model_or_path, nn.Module) and not source.config:
-            report, facts = analyze_chain(model_or_path, label, device=dev, dtype=dtype, diagnostics=diagnostics,
-                                          layers=layers, cheap=cheap)
+            report, facts = analyze_chain(model_or_path, label, device=dev, dtype=dtype or torch.float64,
+                                          diagnostics=diagnostics, layers=layers, cheap=cheap)
+            facts["dtype"] = dtype or torch.float64
         else:
             report, facts = transformer.analyze_transformer(
                 source, label, device=dev, dtype=dtype, diagnostics=diagnostics, layers=layers, cheap=cheap,
-                composition=composition, progress=progress)
+                composition=composition, progress=progress, full=full)
     finally:
         if source is not model_or_path:
             source.close()
     report.rows = sort_rows(report.rows)
     report.summary = summarize(report.rows)
     storage = facts.pop("storage")
+    dtype = facts.pop("dtype")
     report.params = {
         "hf_flag_version": __version__, "torch_version": torch.__version__, "provenance": source_provenance,
-        "dtype": str(dtype).removeprefix("torch."), "device": str(dev), "cheap": cheap, "composition": composition,
+        "dtype": str(dtype).removeprefix("torch."), "device": str(dev), "cheap": cheap,
+        "composition": (facts.get("composition_estimate") or {}).get("used", composition),
+        "composition_requested": composition, "full": full, "window_rule": None if full else WINDOW_RULE,
         **facts, "layers_requested": None if layers is None else sorted({int(i) for i in layers}),
         "storage_dtypes": sorted(storage), "storage_eps": max(storage.values(), default=0.0),
         "tolerances": {"flag_tau": f"per row (flag_tau): {FLAG_TAU_RULE}", "gl_kernel_rtol": GL_KERNEL_RTOL,
                        "rank_cut": RANK_CUT_RULE},
         "commutator_baseline": COMMUTATOR_BASELINE_RULE, "transport_k": TRANSPORT_K_RULE, "bias_augmented": True,
         "layer_norm_folded": False,
-        "embeddings_analysed": False, "composition_cache_bytes": transformer.COMPOSITION_CACHE_BYTES,
+        "embeddings_analysed": False,
+        "composition_cache_bytes": facts.get("composition_cache_bytes", transformer.COMPOSITION_CACHE_BYTES),
         "elapsed_s": time.perf_counter() - start,
     }
     return report

@@ -55,6 +55,30 @@ def composition_targets(n_layers: int, sources: Sequence[int], mode: str) -> dic
     return {l: list(range(l + 1, stop[l])) for l in sources}
 
 
+#: ``composition="auto"`` takes every later layer only when that costs at most this many multiply-adds of the
+#: scores (``layer pairs * 3 H^2 * d (d + 1) / 2``, about 1 s on one CPU core: SmolLM2-135M's 435 layer pairs,
+#: 1.8e10, took ~8 s) and yields at most :data:`AUTO_ALL_MAX_ROWS` rows; adjacent layers otherwise.  MiniLM
+#: (4.8e8) gets all pairs; SmolLM2-135M (1.8e10), GPT-2 small (8.4e9) and Llama-7B (1.3e13) adjacent ones
+AUTO_ALL_MAX_MACS = 2e9
+AUTO_ALL_MAX_ROWS = 50_000
+
+
+def composition_estimate(n_layers: int, n_heads: int, d_model: int, sources: Sequence[int]) -> dict:
+    """Cost of the composition pass from ``sources`` before it runs, for ``"all"`` and ``"adjacent"``: layer
+    pairs, rows (``3 H^2`` per layer pair) and multiply-adds of the scores (``3 H^2`` inner products of packed
+    ``d x d`` Grams per layer pair), and the mode ``"auto"`` picks: ``"all"`` when the *whole model's* all-pairs
+    pass is within :data:`AUTO_ALL_MAX_MACS` and :data:`AUTO_ALL_MAX_ROWS`, else ``"adjacent"`` (decided on the
+    whole model, so every layer shard of one model makes the same choice)."""
+    def cost(mode: str, layers: Sequence[int]) -> dict:
+        pairs = sum(len(t) for t in composition_targets(n_layers, layers, mode).values())
+        rows = 3 * n_heads * n_heads * pairs
+        return {"layer_pairs": pairs, "rows": rows, "macs": float(rows) * d_model * (d_model + 1) / 2}
+
+    whole = cost("all", range(n_layers))
+    small = whole["macs"] <= AUTO_ALL_MAX_MACS and whole["rows"] <= AUTO_ALL_MAX_ROWS
+    return {"all": cost("all", sources), "adjacent": cost("adjacent", sources), "auto": "all" if small else "adjacent"}
+
+
 def contiguous_runs(indices: Sequence[int]) -> list[tuple[int, int]]:
     """``[0, 1, 2, 5, 6]`` -> ``[(0, 3), (5, 7)]``: half-open runs of consecutive sorted indices."""
     runs: list[tuple[int, int]] = []

@@ -4,15 +4,18 @@ The row kinds and values are documented in :mod:`hf_flag.analysis.api`.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
 from hf_flag.geometry.angles import default_rtol, thin_svd
 from hf_flag.geometry.baselines import transport_baselines
 from hf_flag.geometry.flags import flag_position_from_svd, gl_kernel_dim_from_spectra
-from hf_flag.geometry.pairs import (augment, gram_diagnostics, imbalance_diagonal_norm, normalized_commutator_ratio,
-                                    pair_values_from_svd, transport_k, transport_scores_from_matrix)
+from hf_flag.geometry.pairs import (augment, gram_diagnostics, gram_pair_values, imbalance_diagonal_norm,
+                                    normalized_commutator_ratio, pair_gram_sides, pair_values_from_svd, transport_k,
+                                    transport_scores_from_matrix)
+from hf_flag.geometry.spectral import (K_MAX, PartialSVD, determined_cuts, gram_dtype, partial_svd, transport_window,
+                                       wedin_window)
 from hf_flag.report import Row
 
 #: a thin SVD ``(U, s, Vh)`` as returned by :func:`hf_flag.geometry.angles.thin_svd`
@@ -105,13 +108,21 @@ def pair_values(W_l: torch.Tensor, W_next: torch.Tensor, *, cheap: bool, storage
 
 def pair_rows(model: str, kind: str, ids: Sequence[tuple[int, int, str, str]], W_l: torch.Tensor,
               b_l: Optional[torch.Tensor], W_next: torch.Tensor, *, activation: str, cheap: bool,
-              storage_eps: float, svd_l: Optional[ThinSVD] = None, svd_next: Optional[ThinSVD] = None
-              ) -> list[Row]:
+              storage_eps: float, svd_l=None, svd_next=None, window: bool = False,
+              gram: Optional[Callable] = None) -> list[Row]:
     """Rows ``[W_l | b_l]`` -> ``W_next`` for a batch (leading dim) of pairs; ``ids``: (layer, target_layer,
-    source, target) per batch member; ``svd_l``, ``svd_next``: thin SVDs of ``[W_l | b_l]`` and ``W_next`` when
-    cached (:func:`weight_svd`).  See the module docstring for the values."""
-    out = pair_values(augment(W_l, b_l), W_next, cheap=cheap, storage_eps=storage_eps, svd_l=svd_l,
-                      svd_next=svd_next)
+    source, target) per batch member; ``svd_l``, ``svd_next``: SVDs of ``[W_l | b_l]`` and ``W_next`` when
+    cached (``weight_svd``: thin, or partial with ``window``).  ``window``: the default report's values on the
+    storage-precision windows (:func:`pair_window_values`), in the weights' dtype, with ``gram`` the pair's shared
+    Grams.  See :mod:`hf_flag.analysis.api` for the values."""
+    W_aug = augment(W_l, b_l)
+    if window and not cheap:
+        svd_l = window_svd(W_aug, storage_eps) if svd_l is None else svd_l
+        svd_next = window_svd(W_next, storage_eps) if svd_next is None else svd_next
+        out = pair_window_values(W_aug, W_next, storage_eps=storage_eps, dtype=W_l.dtype, svd_l=svd_l,
+                                 svd_next=svd_next, gram=gram)
+    else:
+        out = pair_values(W_aug, W_next, cheap=cheap, storage_eps=storage_eps, svd_l=svd_l, svd_next=svd_next)
     return [Row(model, kind, *i, values, {**details, "activation": activation}) for i, (values, details)
             in zip(ids, out)]
 
@@ -119,3 +130,69 @@ def pair_rows(model: str, kind: str, ids: Sequence[tuple[int, int, str, str]], W
 def single(bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """A single pair's bias with the batch dim of :func:`pair_rows` added."""
     return None if bias is None else bias[None]
+
+
+def window_svd(W: torch.Tensor, storage_eps: float) -> PartialSVD:
+    """Leading singular triplets of ``W`` (..., rows, cols) for the storage-precision window: ``K_MAX + 1`` of them
+    (one closes the last cut), in ``W``'s dtype (:func:`~hf_flag.geometry.spectral.partial_svd`)."""
+    return partial_svd(W, min(K_MAX + 1, min(W.shape[-2:])), dtype=W.dtype, storage_eps=storage_eps)
+
+
+def pair_window_values(W_l: torch.Tensor, W_next: torch.Tensor, *, storage_eps: float, dtype: torch.dtype,
+                       svd_l, svd_next, gram: Optional[Callable] = None) -> list[tuple[dict, dict]]:
+    """(values, details) of a batch of default-report pair rows (``W_l`` (B, n, k) bias-augmented, ``W_next``
+    (B, m, n)) from the leading windows of both weights (:mod:`hf_flag.geometry.spectral`, MATH.md §2-§4).
+
+    ``svd_l``, ``svd_next``: :class:`~hf_flag.geometry.spectral.PartialSVD` of the two weights.  Kappa, its Haar
+    RMS and the imbalance norms are exact (Gram factors, :func:`~hf_flag.geometry.pairs.gram_pair_values`, in
+    :func:`~hf_flag.geometry.spectral.gram_dtype`); transport scores on the largest cut determined on both sides
+    (``None`` when there is none; the basis score also ``None`` unless every cut up to it is determined); flags
+    cut inside the windows.  The certificate: ``window_in`` / ``window_out`` (singular vectors used) and
+    ``svd_residual_in`` / ``svd_residual_out`` (largest relative residual of the triplets used).  The GL kernel
+    dimension and ``range_overlap`` (with its baseline) need the whole ranges: ``None`` here (``full=True`` computes
+    them).  ``gram(which, side, dtype)``: the
+    shared Gram of ``"l"`` or ``"next"`` (:func:`~hf_flag.geometry.pairs.weight_gram`), or ``None`` to compute it."""
+    exact = gram_dtype(storage_eps, dtype)
+    side_l, side_next = pair_gram_sides(W_l, W_next)
+    shared = (gram("l", side_l, exact), gram("next", side_next, exact)) if gram is not None else (None, None)
+    g = gram_pair_values(W_l, W_next, dtype=exact, gram_l=shared[0], gram_next=shared[1])
+    diagonal = imbalance_diagonal_norm(W_l, W_next, dtype=exact)
+    n = W_l.shape[-2]
+    sides = [(p, wedin_window(p.s, storage_eps=storage_eps, exhausted=p.exhausted),
+              determined_cuts(p.s, storage_eps=storage_eps, exhausted=p.exhausted)) for p in (svd_l, svd_next)]
+    (_, w_l, det_l), (_, w_n, det_n) = sides
+    cert_l, cert_n = svd_l.certificate(w_l), svd_next.certificate(w_n)
+    T = svd_next.Vh @ svd_l.U
+    rank_rtol = (default_rtol(W_l.to(dtype)), default_rtol(W_next.to(dtype)))
+    out = []
+    for i in range(W_l.shape[0]):
+        a, b = int(w_l[i]), int(w_n[i])
+        k, basis_ok = transport_window(det_l[i], det_n[i], n)
+        scores = {"subspace_score": None, "subspace_score_baseline": None, "basis_score": None,
+                  "basis_score_baseline": None}
+        if k:
+            sub_base, basis_base = transport_baselines(k, n)
+            T_k = T[i, :k, :k].double()
+            scores.update(subspace_score=float(T_k.square().sum()) / k, subspace_score_baseline=sub_base)
+            if basis_ok:
+                scores.update(basis_score=float(torch.diagonal(T_k).square().sum()) / k,
+                              basis_score_baseline=basis_base)
+        flag = flag_position_from_svd(svd_l.U[i, :, :a], _closed(svd_l, i, a), svd_next.Vh[i, :b],
+                                      _closed(svd_next, i, b), n=n, rank_rtol=rank_rtol, storage_eps=storage_eps,
+                                      transport=T[i, :b, :a], truncated=True)
+        kappa = float(g.commutator_ratio[i])
+        values = {"commutator_ratio": kappa, "commutator_ratio_normalized": normalized_commutator_ratio(kappa),
+                  "imbalance_norm": float(g.imbalance_norm[i]), "relative_imbalance": float(g.relative_imbalance[i]),
+                  "imbalance_diagonal_norm": float(diagonal[i]),
+                  "commutator_ratio_baseline": float(g.commutator_haar_rms[i]), **scores, **flag_values(flag),
+                  "range_overlap": None, "range_overlap_baseline": None,
+                  "gl_kernel_dim": None, "window_in": float(a), "window_out": float(b),
+                  "svd_residual_in": float(cert_l[i]), "svd_residual_out": float(cert_n[i])}
+        out.append((values, {"transport_k": k, **flag_details(flag)}))
+    return out
+
+
+def _closed(svd, i: int, w: int) -> torch.Tensor:
+    """``sigma_1 .. sigma_{w+1}`` of batch member ``i`` (``sigma_{w+1} = 0`` past an exhausted spectrum)."""
+    s = svd.s[i, : w + 1]
+    return s if s.numel() == w + 1 else torch.cat([s, s.new_zeros(w + 1 - s.numel())])

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 from typing import Callable, Iterable, Optional, Sequence
 
+import math
+import sys
+
 import torch
 from tqdm.auto import tqdm
 
 from hf_flag.analysis.checks import check_choice, check_finite, check_layers, release_freed_memory
-from hf_flag.analysis.heads import composition_rows, head_spaces, kv_index, overlap_rows
-from hf_flag.analysis.pairs import ThinSVD, pair_rows, single
+from hf_flag.analysis.heads import composition_estimate, composition_rows, head_spaces, kv_index, overlap_rows
+from hf_flag.analysis.pairs import pair_rows, single, window_svd
 from hf_flag.defaults import TRANSFORMER_DIAGNOSTICS
 from hf_flag.geometry.angles import thin_svd
 from hf_flag.geometry.heads import head_bases
-from hf_flag.geometry.pairs import augment
+from hf_flag.geometry.pairs import augment, weight_gram
+from hf_flag.geometry.spectral import compute_dtype
 from hf_flag.report import Report, Row
 from hf_flag.rows import (COMPOSITION_KINDS, CROSS_LAYER_KINDS, HEAD_OVERLAP_KINDS, KIND_MLP, KIND_MLP_GATE,
                           KIND_RESIDUAL, KIND_VO)
@@ -38,15 +42,34 @@ def layer_bases(cache: dict, layer: int, attn) -> dict:
     return cache[key]
 
 
-def weight_svd(cache: dict, layer: int, name: str, W: torch.Tensor, bias: Optional[torch.Tensor] = None
-               ) -> ThinSVD:
-    """Thin SVD of the MLP weight ``[W | bias]`` of ``layer`` (batch dim 1), from ``cache`` (key
+def weight_svd(cache: dict, layer: int, name: str, W: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
+               storage_eps: Optional[float] = None):
+    """SVD of the MLP weight ``[W | bias]`` of ``layer`` (batch dim 1), from ``cache`` (key
     ``(layer, name, bias is not None)``) or computed once and stored there: ``mlp_out`` serves the mlp, mlp_gate
-    and residual pairs, ``mlp_in`` of layer l+1 its own mlp pair and layer l's residual pair (MATH.md §4)."""
+    and residual pairs, ``mlp_in`` of layer l+1 its own mlp pair and layer l's residual pair (MATH.md §4).
+    Thin and in float64 (``full=True``), or the window's partial SVD in the weights' dtype given ``storage_eps``
+    (:func:`~hf_flag.analysis.pairs.window_svd`)."""
     key = (layer, name, bias is not None)
     if key not in cache:
-        cache[key] = thin_svd(augment(W[None], single(bias)))
+        W_aug = augment(W[None], single(bias))
+        cache[key] = thin_svd(W_aug) if storage_eps is None else window_svd(W_aug, storage_eps)
     return cache[key]
+
+
+def pair_grams(cache: dict, left: tuple, right: tuple) -> Callable:
+    """``gram(which, side, dtype)`` for :func:`~hf_flag.analysis.pairs.pair_window_values`: the Gram of the pair's
+    ``"l"`` weight ``left = (layer, name, W, bias)`` or ``"next"`` weight ``right``, from ``cache`` (key
+    ``(layer, name, bias is not None, "gram", side, dtype)``) or computed once and stored there.  A Llama block's
+    ``W_down W_down^T`` serves its mlp, mlp_gate and residual pairs, ``W_up^T W_up`` its mlp pair and the previous
+    block's residual pair (MATH.md §3)."""
+    def gram(which: str, side: str, dtype: torch.dtype) -> torch.Tensor:
+        layer, name, W, bias = left if which == "l" else right
+        key = (layer, name, bias is not None, "gram", side, dtype)
+        if key not in cache:
+            cache[key] = weight_gram(augment(W[None], single(bias)), side, dtype=dtype)
+        return cache[key]
+
+    return gram
 
 
 def block_mlps(block) -> list[tuple[str, object]]:
@@ -57,28 +80,34 @@ def block_mlps(block) -> list[tuple[str, object]]:
 
 
 def layer_rows(model: str, layout, block, nxt, *, diagnostics: frozenset, cheap: bool,
-               cache: Optional[dict] = None) -> list[Row]:
+               cache: Optional[dict] = None, window: bool = False) -> list[Row]:
     """Every row whose ``layer`` is ``block.index``, composition excepted (``nxt``: block l+1, or ``None``).
 
     A pair's flag tolerance uses the coarser ``storage_eps`` of the blocks its weights come from (MATH.md §4).
-    ``cache``: head bases (:func:`layer_bases`) and weight SVDs (:func:`weight_svd`) shared across calls, keyed
-    ``(layer, ...)``; entries of layers before ``block.index`` are dropped."""
+    ``cache``: head bases (:func:`layer_bases`), weight SVDs (:func:`weight_svd`) and Grams (:func:`pair_grams`)
+    shared across calls, keyed ``(layer, ...)``; entries of layers before ``block.index`` are dropped.
+    ``window``: the default report's pair values on storage-precision windows (partial SVDs)."""
     cache = {} if cache is None else cache
     for old in [k for k in cache if k[0] < block.index]:
         del cache[old]
     l, mlp, attn = block.index, block.mlp, block.attention
-    svd = (lambda *args: weight_svd(cache, *args)) if not cheap else (lambda *args: None)
-    pair = dict(cheap=cheap, storage_eps=block.storage_eps)
+    eps = max(block.storage_eps, nxt.storage_eps) if nxt is not None else block.storage_eps
+    svd = (lambda *args: weight_svd(cache, *args, storage_eps=eps if window else None)) if not cheap else \
+        (lambda *args: None)
+    pair = dict(cheap=cheap, storage_eps=block.storage_eps, window=window)
     rows: list[Row] = []
     for unit, m in block_mlps(block) if "mlp" in diagnostics else ():
         out = svd(l, f"{unit}mlp.out", m.mlp_out)
+        down = (l, f"{unit}mlp.out", m.mlp_out, None)
         rows += pair_rows(model, KIND_MLP, [(l, l, f"{unit}mlp.in", f"{unit}mlp.out")], m.mlp_in[None],
                           single(m.b_in), m.mlp_out[None], activation=m.activation,
-                          svd_l=svd(l, f"{unit}mlp.in", m.mlp_in, m.b_in), svd_next=out, **pair)
+                          svd_l=svd(l, f"{unit}mlp.in", m.mlp_in, m.b_in), svd_next=out,
+                          gram=pair_grams(cache, (l, f"{unit}mlp.in", m.mlp_in, m.b_in), down), **pair)
         if m.mlp_gate is not None:
             rows += pair_rows(model, KIND_MLP_GATE, [(l, l, f"{unit}mlp.gate", f"{unit}mlp.out")], m.mlp_gate[None],
                               single(m.b_gate), m.mlp_out[None], activation=m.activation,
-                              svd_l=svd(l, f"{unit}mlp.gate", m.mlp_gate, m.b_gate), svd_next=out, **pair)
+                              svd_l=svd(l, f"{unit}mlp.gate", m.mlp_gate, m.b_gate), svd_next=out,
+                              gram=pair_grams(cache, (l, f"{unit}mlp.gate", m.mlp_gate, m.b_gate), down), **pair)
     if "vo" in diagnostics and attn is not None:
         kv = kv_index(layout, attn.W_V.device)
         W_v = attn.W_V.index_select(0, kv).transpose(-1, -2)  # (H, head_dim, d): nn.Linear layout
@@ -90,7 +119,9 @@ def layer_rows(model: str, layout, block, nxt, *, diagnostics: frozenset, cheap:
                           single(mlp.b_out), nxt.mlp.mlp_in[None], activation="identity",
                           svd_l=svd(l, "mlp.out", mlp.mlp_out, mlp.b_out),
                           svd_next=svd(l + 1, "mlp.in", nxt.mlp.mlp_in), cheap=cheap,
-                          storage_eps=max(block.storage_eps, nxt.storage_eps))
+                          storage_eps=max(block.storage_eps, nxt.storage_eps), window=window,
+                          gram=pair_grams(cache, (l, "mlp.out", mlp.mlp_out, mlp.b_out),
+                                          (l + 1, "mlp.in", nxt.mlp.mlp_in, None)))
     if "heads" in diagnostics and attn is not None and not cheap:
         here = layer_bases(cache, l, attn)
         for s in "qkvo":
@@ -105,7 +136,7 @@ def layer_rows(model: str, layout, block, nxt, *, diagnostics: frozenset, cheap:
 
 
 def per_layer_rows(model: str, layout, layers: Sequence[int], load: Callable, *, diagnostics: frozenset,
-                   cheap: bool, progress: bool) -> list[Row]:
+                   cheap: bool, progress: bool, window: bool = False) -> list[Row]:
     """:func:`layer_rows` of every layer in ``layers``, streaming blocks: ``load(i)`` reads block i; each block is
     read once, block l+1 serving layer l's cross-layer and residual rows and then its own."""
     rows: list[Row] = []
@@ -116,7 +147,8 @@ def per_layer_rows(model: str, layout, layers: Sequence[int], load: Callable, *,
         for i in layers:
             block = nxt if nxt is not None and nxt.index == i else load(i)
             nxt = load(i + 1) if need_next and i + 1 < layout.n_layers else None
-            rows += layer_rows(model, layout, block, nxt, diagnostics=diagnostics, cheap=cheap, cache=cache)
+            rows += layer_rows(model, layout, block, nxt, diagnostics=diagnostics, cheap=cheap, cache=cache,
+                               window=window)
             bar.update()
     return rows
 
@@ -126,10 +158,35 @@ def progress_bar(total: int, enabled: bool, desc: str):
     return tqdm(total=total, disable=not enabled, desc=desc, unit="layer", leave=False)
 
 
-def analyze_transformer(source, name: str, *, device: torch.device, dtype: torch.dtype,
+def model_compute_dtype(source, adapter, layout, layers: Sequence[int], requested: Optional[torch.dtype],
+                        full: bool) -> torch.dtype:
+    """The compute precision: ``requested``; else float64 for ``full`` (today's analysis); else the precision
+    policy (:func:`~hf_flag.geometry.spectral.compute_dtype`) of the finest storage among the analysed blocks'
+    tensors (float32 for float32, bf16, fp16 and quantised weights)."""
+    if requested is not None or full:
+        return requested or torch.float64
+    names = {n for i in layers for n in adapter.block_tensor_names(layout, i)}
+    return compute_dtype(min((source.storage_eps(n) for n in names), default=0.0))
+
+
+def composition_budget(source, adapter, layout, layers: Sequence[int], dtype: torch.dtype, full: bool) -> int:
+    """Memory budget of the composition pass: :data:`COMPOSITION_CACHE_BYTES` for ``full``; otherwise at most one
+    block (the largest analysed block's tensors in the compute ``dtype``), so that the default report's peak stays
+    within a few blocks whatever the depth (issue #11; ``benchmarks/bench_lazy_rss.py``)."""
+    if full:
+        return COMPOSITION_CACHE_BYTES
+    block = max((sum(math.prod(source.shape(n)) for n in adapter.block_tensor_names(layout, i)) for i in layers),
+                default=0)
+    return min(COMPOSITION_CACHE_BYTES, block * dtype.itemsize)
+
+
+def analyze_transformer(source, name: str, *, device: torch.device, dtype: Optional[torch.dtype],
                         diagnostics: Optional[Iterable[str]], layers: Optional[Iterable[int]], cheap: bool,
-                        composition: str, progress: bool) -> tuple[Report, dict]:
-    """Rows of a transformer read through its adapter, streaming blocks (see the module docstring)."""
+                        composition: str, progress: bool, full: bool = True) -> tuple[Report, dict]:
+    """Rows of a transformer read through its adapter, streaming blocks (see the module docstring).
+    ``dtype`` ``None``: :func:`model_compute_dtype`; ``composition="auto"``: all layer pairs where
+    :func:`~hf_flag.analysis.heads.composition_estimate` finds the cost small, adjacent ones otherwise (the
+    estimate is printed to stderr with ``progress``)."""
     keys = source.keys()
     adapter = get_adapter(source.config, keys)
     layout = adapter.layout(source.config, keys)
@@ -137,6 +194,7 @@ def analyze_transformer(source, name: str, *, device: torch.device, dtype: torch
     sel = check_layers(layers, layout.n_layers)
     storage: dict[str, float] = {}
     checked: set[tuple[int, bool]] = set()  # (layer, mlp read too) already checked for NaN/Inf
+    dtype = model_compute_dtype(source, adapter, layout, sel, dtype, full)
 
     def load(i: int, mlp: bool = True):
         block = adapter.block(source, layout, i, dtype=dtype, device=device, mlp=mlp)
@@ -149,11 +207,22 @@ def analyze_transformer(source, name: str, *, device: torch.device, dtype: torch
 
     rows: list[Row] = []
     if diag - {"composition"}:  # the per-layer pass (composition alone reads only attention, below)
-        rows += per_layer_rows(name, layout, sel, load, diagnostics=diag, cheap=cheap, progress=progress)
+        rows += per_layer_rows(name, layout, sel, load, diagnostics=diag, cheap=cheap, progress=progress,
+                               window=not full)
         release_freed_memory()
+    estimate, budget = None, composition_budget(source, adapter, layout, sel, dtype, full)
     if "composition" in diag and composition != "none" and not cheap:
+        estimate = composition_estimate(layout.n_layers, layout.n_heads, layout.d_model, sel)
+        chosen = estimate["auto"] if composition == "auto" else composition
+        if progress:
+            print(f"hf-flag: {name}: composition {chosen}" + (" (auto)" if composition == "auto" else "") +
+                  "; estimate: " + ", ".join(f"{m} {e['layer_pairs']} layer pairs, {e['rows']} rows, "
+                                             f"{e['macs']:.1e} multiply-adds" for m, e in estimate.items()
+                                             if m != "auto"), file=sys.stderr, flush=True)
+        estimate["used"] = composition = chosen
         rows += composition_rows(name, COMPOSITION_KINDS, layout, sel, composition,
                                  lambda i: load(i, mlp=False).attention,
-                                 budget_bytes=COMPOSITION_CACHE_BYTES, itemsize=dtype.itemsize)
+                                 budget_bytes=budget, itemsize=dtype.itemsize)
     report = Report(model=name, architecture=layout.architecture, layout=layout.to_dict(), rows=rows)
-    return report, {"diagnostics": sorted(diag), "layers": sel, "storage": storage}
+    return report, {"diagnostics": sorted(diag), "layers": sel, "storage": storage, "dtype": dtype,
+                    "composition_estimate": estimate, "composition_cache_bytes": budget}

@@ -124,11 +124,12 @@ def _numerical_rank(s: torch.Tensor, rtol: float, scale: Optional[float] = None)
 
 
 def flag_cuts(s: torch.Tensor, rank: int, *, storage_eps: float = FLOAT32_EPS, gap_ratio: float = GAP_RATIO,
-              max_tau: float = MAX_TAU, max_cuts: int = 64) -> tuple[list[int], list[float]]:
+              max_tau: float = MAX_TAU, max_cuts: int = 64, next_value: float = 0.0) -> tuple[list[int], list[float]]:
     """Significant cut positions of a descending spectrum ``s`` and their Wedin bounds (module docstring rule).
 
     Returns ascending cuts ``i`` (``1 <= i <= rank``) and ``wedin_i = 10 storage_eps sigma_1 / (sigma_i -
-    sigma_{i+1})`` for each (MATH.md §4), with ``sigma_{rank+1} = 0``.
+    sigma_{i+1})`` for each (MATH.md §4), with ``sigma_{rank+1} = next_value`` (0: the rank cut; the next
+    singular value when ``s[:rank]`` is a leading window of a longer spectrum).
     """
     if s.ndim != 1 or not 0 <= rank <= s.numel():
         raise ValueError(f"flag_cuts: s has shape {tuple(s.shape)} and rank={rank}; pass a 1-D spectrum and "
@@ -136,7 +137,7 @@ def flag_cuts(s: torch.Tensor, rank: int, *, storage_eps: float = FLOAT32_EPS, g
     if rank == 0:
         return [], []
     top = s[:rank].to(torch.float64)
-    below = torch.cat([top[1:], top.new_zeros(1)])
+    below = torch.cat([top[1:], top.new_full((1,), float(next_value))])
     wedin = 10.0 * storage_eps * top[0] / (top - below)
     ok = (top >= gap_ratio * below) & (wedin <= max_tau)
     candidates = [(float(wedin[i]), i + 1) for i in torch.nonzero(ok).flatten().tolist()]
@@ -207,7 +208,7 @@ def flag_position_from_svd(U: torch.Tensor, s_left: torch.Tensor, Vh: torch.Tens
                            n: int, rank_rtol: tuple[float, float], tau: Optional[float] = None,
                            storage_eps: float = FLOAT32_EPS, gap_ratio: float = GAP_RATIO,
                            max_tau: float = MAX_TAU, max_cuts: int = 64,
-                           transport: Optional[torch.Tensor] = None) -> FlagRelativePosition:
+                           transport: Optional[torch.Tensor] = None, truncated: bool = False) -> FlagRelativePosition:
     """:func:`flag_relative_position` from precomputed thin SVDs ``W_l = U diag(s_left) .``,
     ``W_next = . diag(s_right) Vh`` (MATH.md §4), for callers that reuse the factorisations; ``transport``:
     ``T = Vh U`` when the caller has formed it already (then the cosine matrix is not recomputed).
@@ -216,15 +217,18 @@ def flag_position_from_svd(U: torch.Tensor, s_left: torch.Tensor, Vh: torch.Tens
     hidden space R^n that contains both ``range W_l`` and ``row W_next`` (``n' <= n``): the rank and soft
     matrices are invariant under such a change of basis (MATH.md §4).  ``n`` is the true hidden dimension (last
     flag element, generic intersection); ``rank_rtol = (rtol_left, rtol_right)`` the MATH.md §1 rank cuts
-    (:func:`~hf_flag.geometry.angles.default_rtol` of the original weights).
+    (:func:`~hf_flag.geometry.angles.default_rtol` of the original weights).  ``truncated``: the factors are a
+    leading window (:func:`hf_flag.geometry.spectral.partial_svd`): ``s_left``, ``s_right`` hold one singular value
+    more than ``U``, ``Vh`` hold vectors, which closes the last cut; the flags are then cut inside the window only.
     """
     where = "flag_position_from_svd"
     for name, X in (("U", U), ("s_left", s_left), ("Vh", Vh), ("s_right", s_right)):
         if not isinstance(X, torch.Tensor) or X.ndim != (1 if name.startswith("s") else 2):
             raise ValueError(f"{where}: {name} must be a {'1-D' if name.startswith('s') else '2-D'} tensor "
                              f"(thin SVD factors of one pair); got {getattr(X, 'shape', type(X).__name__)}")
-    if U.shape[0] != Vh.shape[1] or U.shape[1] != s_left.numel() or Vh.shape[0] != s_right.numel() or \
-            not U.shape[0] <= n:
+    extra = int(truncated)
+    if U.shape[0] != Vh.shape[1] or U.shape[1] + extra != s_left.numel() or \
+            Vh.shape[0] + extra != s_right.numel() or not U.shape[0] <= n:
         raise ValueError(f"{where}: U {tuple(U.shape)}, s_left {tuple(s_left.shape)}, Vh {tuple(Vh.shape)}, "
                          f"s_right {tuple(s_right.shape)} and n={n} do not fit thin SVDs of W_l (n x k) and "
                          f"W_next (m x n); pass torch.linalg.svd(..., full_matrices=False) factors")
@@ -234,13 +238,23 @@ def flag_position_from_svd(U: torch.Tensor, s_left: torch.Tensor, Vh: torch.Tens
                          f"pass T = Vh @ U of shape {(Vh.shape[0], U.shape[1])} or None")
     options = _check_flag_options(where, storage_eps, gap_ratio, max_tau, max_cuts)
     return _position_from_svd(U.to(torch.float64), s_left, Vh.to(torch.float64), s_right, n=n,
-                              rank_rtol=rank_rtol, tau=tau, transport=transport, where=where, **options)
+                              rank_rtol=rank_rtol, tau=tau, transport=transport, truncated=truncated, where=where,
+                              **options)
+
+
+def _cut_rank(s: torch.Tensor, rtol: float, truncated: bool) -> tuple[int, float]:
+    """``(rank, sigma_{rank+1})`` for :func:`flag_cuts`: of the whole spectrum, or, ``truncated``, of its leading
+    window ``s[:-1]`` closed by the next value ``s[-1]`` (0 when the rank falls inside the window)."""
+    if not truncated:
+        return _numerical_rank(s, rtol), 0.0
+    rank = _numerical_rank(s[:-1], rtol, float(s[0]) if s.numel() else None)
+    return rank, (float(s[rank]) if rank == s.numel() - 1 else 0.0)
 
 
 def _position_from_svd(U: torch.Tensor, s_left: torch.Tensor, Vh: torch.Tensor, s_right: torch.Tensor, *, n: int,
                        rank_rtol: tuple[float, float], tau: Optional[float], storage_eps: float, gap_ratio: float,
                        max_tau: float, max_cuts: int, transport: Optional[torch.Tensor] = None,
-                       where: str) -> FlagRelativePosition:
+                       truncated: bool = False, where: str) -> FlagRelativePosition:
     """Body of :func:`flag_position_from_svd` (validated input; ``where`` names the caller in errors).
 
     Cost: one ``p x q`` cross matrix ``N = U_p^T V_q`` (or the caller's ``transport``); each cut pair then needs
@@ -249,8 +263,10 @@ def _position_from_svd(U: torch.Tensor, s_left: torch.Tensor, Vh: torch.Tensor, 
     min(i,j)`` window built from ``N`` and the R factors of at most two thin QRs (``n' x p``, ``n' x q``).
     """
     options = dict(storage_eps=storage_eps, gap_ratio=gap_ratio, max_tau=max_tau, max_cuts=max_cuts)
-    cuts_l, wedin_l = flag_cuts(s_left, _numerical_rank(s_left, rank_rtol[0]), **options)
-    cuts_r, wedin_r = flag_cuts(s_right, _numerical_rank(s_right, rank_rtol[1]), **options)
+    (rank_l, next_l), (rank_r, next_r) = _cut_rank(s_left, rank_rtol[0], truncated), \
+        _cut_rank(s_right, rank_rtol[1], truncated)
+    cuts_l, wedin_l = flag_cuts(s_left, rank_l, next_value=next_l, **options)
+    cuts_r, wedin_r = flag_cuts(s_right, rank_r, next_value=next_r, **options)
     cuts_l, cuts_r = [c for c in cuts_l if c < n], [c for c in cuts_r if c < n]
     if tau is None:
         tau = max([1e-6] + wedin_l[:len(cuts_l)] + wedin_r[:len(cuts_r)])

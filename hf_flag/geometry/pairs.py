@@ -501,3 +501,61 @@ def transport_scores_from_matrix(T: torch.Tensor, k: int) -> tuple[torch.Tensor,
     _check_window(k, T.shape[-1], T.shape[-2], where="transport_scores_from_matrix")
     T_k = T[..., :k, :k]
     return _fro2(T_k) / k, torch.diagonal(T_k, dim1=-2, dim2=-1).square().sum(-1) / k
+
+
+class GramPairValues(NamedTuple):
+    """Kappa, its Haar RMS and the imbalance norms of a pair from one set of Gram factors (MATH.md §2, §3)."""
+
+    commutator_ratio: torch.Tensor
+    commutator_haar_rms: torch.Tensor
+    imbalance_norm: torch.Tensor
+    relative_imbalance: torch.Tensor
+
+
+def pair_gram_sides(W_l: torch.Tensor, W_next: torch.Tensor) -> tuple[str, str]:
+    """Which Gram of each weight :func:`gram_pair_values` uses: ``("cols", "rows")`` (``G_Q = W_l^T W_l``,
+    ``G_P = W_next W_next^T``) when the hidden dim n is large, ``("rows", "cols")`` (``B = W_l W_l^T``,
+    ``A = W_next^T W_next``) when n is at most both outer dims (MATH.md §3)."""
+    return ("rows", "cols") if _hidden_is_small(W_l, W_next) else ("cols", "rows")
+
+
+def weight_gram(W: torch.Tensor, side: str, *, dtype: torch.dtype) -> torch.Tensor:
+    """``W W^T`` (``side="rows"``) or ``W^T W`` (``"cols"``) in ``dtype``, batched: a Gram that several pairs
+    share (a weight belongs to up to three pairs; :func:`gram_pair_values` takes it precomputed)."""
+    if side not in ("rows", "cols"):
+        raise ValueError(f"weight_gram: side must be 'rows' or 'cols'; got {side!r}")
+    check_matrix("W", W, where="weight_gram")
+    W = W.to(dtype)
+    return W @ W.mT if side == "rows" else W.mT @ W
+
+
+def gram_pair_values(W_l: torch.Tensor, W_next: torch.Tensor, *, dtype: torch.dtype,
+                     gram_l: Optional[torch.Tensor] = None, gram_next: Optional[torch.Tensor] = None
+                     ) -> GramPairValues:
+    """:func:`gram_diagnostics` plus :func:`commutator_baseline` from the same Grams, in ``dtype``, no SVD and no
+    ``n x n`` matrix unless n is at most both outer dims (MATH.md §2, §3); ``W_l`` already bias-augmented.
+
+    The exact values the windowed report keeps beside its leading singular subspaces
+    (:mod:`hf_flag.geometry.spectral`): the Haar RMS needs ``tr A = ||W_next||^2``, ``tr A^2 = ||G_P||^2``,
+    ``tr B = ||W_l||^2``, ``tr B^2 = ||G_Q||^2``, which the commutator's Gram factors already hold.  Kappa below
+    ``AUTO_FACTORED_BELOW`` and cancelling imbalances are recomputed by the factored float64 forms (as
+    :func:`commutator_ratio` ``method="auto"``).  ``gram_l``, ``gram_next``: the weights' Grams on the sides
+    :func:`pair_gram_sides` names (:func:`weight_gram`, in ``dtype``) when the caller shares them across pairs.
+    """
+    W_l, W_next = _prepare(W_l, W_next, None, dtype, "gram_pair_values")
+    n = W_l.shape[-2]
+    side_l, side_next = pair_gram_sides(W_l, W_next)
+    gram_l = weight_gram(W_l, side_l, dtype=dtype) if gram_l is None else gram_l.to(dtype)
+    gram_next = weight_gram(W_next, side_next, dtype=dtype) if gram_next is None else gram_next.to(dtype)
+    if side_l == "rows":  # hidden dim small: B = W_l W_l^T, A = W_next^T W_next (n x n)
+        A, B = gram_next, gram_l
+        a2, b2 = _fro2(A), _fro2(B)
+        d = torch.linalg.matrix_norm(A - B)
+        kappa = _kappa_direct(A, B)
+    else:
+        grams = (W_next @ W_l, gram_next, gram_l)  # (C, G_P, G_Q)
+        a2, b2 = _fro2(gram_next), _fro2(gram_l)
+        d, _, _ = _imbalance_from_norms(W_l, W_next, a2, b2, _fro2(grams[0]))
+        kappa = _kappa_auto(W_l, W_next, grams)
+    baseline = commutator_haar_rms(_fro2(W_next).double(), a2.double(), _fro2(W_l).double(), b2.double(), n)
+    return GramPairValues(kappa, baseline.to(kappa.dtype), d, _safe_ratio(d, a2.sqrt() + b2.sqrt()))

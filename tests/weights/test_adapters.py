@@ -526,7 +526,7 @@ def test_moe_analysis_gives_each_expert_the_rows_of_a_dense_mlp():
     from hf_flag.errors import NonFiniteWeightsError
 
     moe = build("mixtral")
-    rows = analyze(moe, device="cpu", diagnostics={"mlp"}).rows
+    rows = analyze(moe, device="cpu", diagnostics={"mlp"}, full=True).rows  # full: every value is a number
     assert {r.source for r in rows} == {f"expert {e} mlp.{p}" for e in range(3) for p in ("in", "gate")}
     for e in range(3):
         dense = build("llama")  # same sizes (LLAMA_LIKE): an expert's hidden size is intermediate_size
@@ -538,7 +538,8 @@ def test_moe_analysis_gives_each_expert_the_rows_of_a_dense_mlp():
                                   (layer.mlp.down_proj, experts.down_proj[e])):
                     linear.weight.copy_(w)
                     linear.bias = None  # the tiny Llama has mlp_bias; the experts have none
-        ref = {(r.kind, r.layer): r.values for r in analyze(dense, device="cpu", diagnostics={"mlp"}).rows}
+        ref = {(r.kind, r.layer): r.values for r in analyze(dense, device="cpu", diagnostics={"mlp"},
+                                                                full=True).rows}
         mine = [r for r in rows if r.source.startswith(f"expert {e} ")]
         assert len(mine) == len(ref) == 4
         for r in mine:

@@ -1,0 +1,106 @@
+"""The default report's windowed pair rows against the full analysis and dense references, on real weights
+(MiniLM: float32 storage; SmolLM2: Q4_1 storage) (MATH.md §2-§4; hf_flag.geometry.spectral; issue #11)."""
+import pytest
+import torch
+
+from hf_flag.analysis.api import analyze
+from hf_flag.geometry.pairs import transport_scores
+from hf_flag.geometry.spectral import K_MAX
+
+EXACT = ("commutator_ratio", "commutator_ratio_baseline", "imbalance_norm", "relative_imbalance",
+         "imbalance_diagonal_norm")
+CERTIFICATE = ("window_in", "window_out", "svd_residual_in", "svd_residual_out")
+
+
+def rows_by_key(report):
+    return {(r.kind, r.layer, r.source): r for r in report.rows}
+
+
+@pytest.mark.parametrize("which", ["minilm", "smollm2"])
+def test_window_rows_keep_the_exact_values_of_the_full_analysis(which, request):
+    path = request.getfixturevalue("minilm_path" if which == "minilm" else "smollm2_gguf")
+    kw = dict(layers=[0], diagnostics=["mlp", "vo", "residual"])
+    full, window = analyze(path, full=True, **kw), analyze(path, **kw)
+    assert full.params["dtype"] == "float64" and window.params["dtype"] == "float32"
+    assert full.params["full"] is True and window.params["window_rule"]
+    eps = 2.0 ** -4 if which == "smollm2" else torch.finfo(torch.float32).eps
+    tol = max(eps, 1e-6)  # float32 storage: Grams in float64, so float32 rounding only; Q4: the storage tolerance
+    f, w = rows_by_key(full), rows_by_key(window)
+    assert f.keys() == w.keys() and len(f) > 3
+    for key, row in f.items():
+        for metric in EXACT:
+            assert w[key].values[metric] == pytest.approx(row.values[metric], rel=tol, abs=tol), (key, metric)
+        assert all(m not in row.values for m in CERTIFICATE)
+        win = w[key].values
+        assert all(isinstance(win[m], float) for m in CERTIFICATE)
+        assert 0 <= win["window_in"] <= K_MAX and 0 <= win["window_out"] <= K_MAX
+        assert max(win["svd_residual_in"], win["svd_residual_out"]) <= max(eps / 100, 1e-4)
+    if which == "minilm":  # float32 storage determines the 64 leading vectors of every MLP weight
+        assert w[("mlp", 0, "mlp.in")].values["window_in"] == K_MAX
+    else:  # 4-bit storage determines at most a few leading directions
+        assert all(r.values["window_in"] <= 4 for r in window.rows if r.kind in ("mlp", "mlp_gate"))
+
+
+def test_minilm_window_transport_matches_a_dense_svd(minilm_path):
+    from safetensors.torch import load_file
+
+    t = load_file(str(minilm_path / "model.safetensors"))
+    prefix = next(k for k in t if k.endswith("layer.0.intermediate.dense.weight")).removesuffix(
+        "intermediate.dense.weight")
+    W_in = torch.cat([t[prefix + "intermediate.dense.weight"], t[prefix + "intermediate.dense.bias"][:, None]], 1)
+    W_out = t[prefix + "output.dense.weight"]
+    row = rows_by_key(analyze(minilm_path, layers=[0], diagnostics=["mlp"]))[("mlp", 0, "mlp.in")]
+    k = row.details["transport_k"]
+    assert 1 <= k <= K_MAX
+    subspace, basis = transport_scores(W_in.double(), W_out.double(), k)
+    # float32 singular vectors of float32-stored weights: the cosines agree to ~1e-6 (determined cuts)
+    assert row.values["subspace_score"] == pytest.approx(float(subspace), abs=1e-4)
+    if row.values["basis_score"] is not None:
+        assert row.values["basis_score"] == pytest.approx(float(basis), abs=1e-4)
+
+
+def test_each_mlp_weight_gram_is_computed_once(tiny_llama, monkeypatch):
+    """The default report shares Grams across pairs: per block ``W_down W_down^T`` (mlp, mlp_gate, residual),
+    ``W_up^T W_up`` (mlp, previous residual), ``W_gate^T W_gate`` (mlp_gate): 3 per layer; and the partial SVD
+    of each MLP weight once."""
+    import hf_flag.analysis.pairs as analysis_pairs
+    import hf_flag.analysis.transformer as transformer
+    import hf_flag.geometry.pairs as pairs
+
+    calls, real = [], pairs.weight_gram
+
+    def counting(W, side, *, dtype):
+        calls.append((tuple(W.shape), side))
+        return real(W, side, dtype=dtype)
+
+    svds, real_svd = [], analysis_pairs.window_svd
+
+    def counting_svd(W, storage_eps):
+        svds.append(tuple(W.shape))
+        return real_svd(W, storage_eps)
+
+    for module in (pairs, transformer):  # shared (transformer) and unshared (inside gram_pair_values) Grams
+        monkeypatch.setattr(module, "weight_gram", counting)
+    for module in (analysis_pairs, transformer):
+        monkeypatch.setattr(module, "window_svd", counting_svd)
+    report = analyze(tiny_llama, device="cpu", diagnostics={"mlp", "residual"})
+    assert len(report.rows) == 2 + 2 + 1  # mlp and mlp_gate per layer, one residual pair
+    mlp = [c for c in calls if 48 in c[0][1:]]  # d_ff = 48
+    assert sorted(mlp) == sorted([((1, 32, 48), "rows"), ((1, 48, 32), "cols"), ((1, 48, 32), "cols")] * 2)
+    assert len([s for s in svds if 48 in s[1:]]) == 3 * 2
+
+
+def test_composition_auto_picks_all_pairs_only_where_the_estimate_is_small():
+    """The estimate against hand counts (layer pairs, 3 H^2 rows each, 3 H^2 d(d+1)/2 multiply-adds each) and
+    the auto choice at MiniLM, SmolLM2-135M and Llama-7B shapes."""
+    from hf_flag.analysis.heads import composition_estimate
+
+    est = composition_estimate(6, 12, 384, list(range(6)))  # MiniLM
+    assert est["all"]["layer_pairs"] == 15 and est["adjacent"]["layer_pairs"] == 5
+    assert est["all"]["rows"] == 15 * 3 * 144 and est["all"]["macs"] == 15 * 3 * 144 * 384 * 385 / 2
+    assert est["auto"] == "all"
+    assert composition_estimate(30, 9, 576, list(range(30)))["auto"] == "adjacent"  # SmolLM2-135M
+    llama = composition_estimate(32, 32, 4096, list(range(32)))
+    assert llama["auto"] == "adjacent" and llama["adjacent"]["layer_pairs"] == 31
+    shard = composition_estimate(30, 9, 576, [29])  # a last-layer shard scores nothing, but decides as the model
+    assert shard["all"]["layer_pairs"] == 0 and shard["auto"] == "adjacent"
