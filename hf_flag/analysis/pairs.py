@@ -11,8 +11,8 @@ import torch
 from hf_flag.geometry.angles import default_rtol, thin_svd
 from hf_flag.geometry.baselines import transport_baselines
 from hf_flag.geometry.flags import flag_position_from_svd, gl_kernel_dim_from_spectra
-from hf_flag.geometry.pairs import (augment, gram_diagnostics, gram_pair_values, imbalance_diagonal_norm,
-                                    normalized_commutator_ratio, pair_gram_sides, pair_values_from_svd, transport_k,
+from hf_flag.geometry.pairs import (augment, commutator_reading_of_pairs, gram_diagnostics, gram_pair_values,
+                                    imbalance_diagonal_norm, normalized_commutator_ratio, pair_gram_sides, pair_values_from_svd, transport_k,
                                     transport_scores_from_matrix)
 from hf_flag.geometry.spectral import (K_MAX, PartialSVD, determined_cuts, gram_dtype, partial_svd, transport_window,
                                        wedin_window)
@@ -123,8 +123,11 @@ def pair_rows(model: str, kind: str, ids: Sequence[tuple[int, int, str, str]], W
                                  svd_next=svd_next, gram=gram)
     else:
         out = pair_values(W_aug, W_next, cheap=cheap, storage_eps=storage_eps, svd_l=svd_l, svd_next=svd_next)
-    return [Row(model, kind, *i, values, {**details, "activation": activation}) for i, (values, details)
-            in zip(ids, out)]
+    full_spectra = not window and not cheap and svd_l is not None and svd_next is not None
+    reads = commutator_reading_of_pairs(W_aug, W_next, s_l=svd_l[1] if full_spectra else None,
+                                        s_next=svd_next[1] if full_spectra else None)
+    return [Row(model, kind, *i, values, {**details, "activation": activation, "commutator_reading_holds": r})
+            for i, (values, details), r in zip(ids, out, reads)]
 
 
 def single(bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

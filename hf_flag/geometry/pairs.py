@@ -431,6 +431,31 @@ def commutator_reading_holds(rank_a: int, rank_b: int, n: int) -> bool:
     return max(rank_a, rank_b) == n
 
 
+def commutator_reading_of_pairs(W_l: torch.Tensor, W_next: torch.Tensor, *,
+                                s_l: Optional[torch.Tensor] = None, s_next: Optional[torch.Tensor] = None
+                                ) -> list[bool]:
+    """:func:`commutator_reading_holds` for each pair of a batch, ``W_l`` (..., n, k), ``W_next`` (..., m, n), with
+    the ranks counted at the MATH.md §1 cut (:func:`~hf_flag.geometry.angles.default_rtol`).
+
+    Only whether one of the two weights has rank ``n`` matters: a weight whose shorter side is below ``n`` cannot
+    (MLP pairs: ``n = d_ff`` above both ranks), so its rank is never computed; otherwise the rank comes from the
+    complete spectra ``s_l`` / ``s_next`` when given (a thin SVD's), else from singular values alone
+    (``torch.linalg.matrix_rank``, no vectors)."""
+    n = W_l.shape[-2]
+    batch = W_l.shape[:-2].numel()
+    holds = torch.zeros(batch, dtype=torch.bool)
+    for W, s in ((W_l, s_l), (W_next, s_next)):
+        if min(W.shape[-2:]) < n:
+            continue
+        rtol = default_rtol(W)
+        if s is None:
+            ranks = torch.linalg.matrix_rank(W.to(torch.promote_types(W.dtype, torch.float32)), rtol=rtol)
+        else:
+            ranks = (s > s[..., :1] * rtol).sum(-1)
+        holds |= (ranks.reshape(-1) == n).cpu()
+    return holds.tolist()
+
+
 def hidden_coordinates(W_l: torch.Tensor, W_next: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The pair in orthonormal coordinates of ``S = range [W_l | W_next^T]`` (MATH.md §4 invariance), float64.
 

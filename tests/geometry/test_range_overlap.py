@@ -150,3 +150,25 @@ def test_analysis_pair_rows_carry_range_overlap():
     (values, _), = pair_values(W_l[None], W_next[None], cheap=False, storage_eps=2.2e-16)
     assert values["range_overlap"] == pytest.approx(3 / 8, abs=1e-12)
     assert values["range_overlap_baseline"] == pytest.approx(8 / 40)
+
+
+def test_commutator_reading_of_pairs_counts_ranks_at_the_rank_cut():
+    from hf_flag.geometry.pairs import commutator_reading_of_pairs
+
+    g = torch.Generator().manual_seed(7)
+    n = 6
+    full = torch.randn(n, n, generator=g, dtype=torch.float64)
+    low = torch.randn(n, 3, generator=g, dtype=torch.float64) @ torch.randn(3, n, generator=g, dtype=torch.float64)
+    wide_low = torch.randn(n, 4, generator=g, dtype=torch.float64)  # shorter side 4 < n: never rank n
+    # batch: (W_l, W_next) = (full, low) holds through W_l; (low, low) does not; (wide_low, full) holds through W_next
+    W_l = torch.stack([full, low, torch.cat([wide_low, wide_low[:, :2]], 1)])
+    W_next = torch.stack([low, low, full])
+    assert commutator_reading_of_pairs(W_l, W_next) == [True, False, True]
+    # the same from complete spectra, and the predicate on the ranks they give
+    s_l, s_next = torch.linalg.svdvals(W_l), torch.linalg.svdvals(W_next)
+    assert commutator_reading_of_pairs(W_l, W_next, s_l=s_l, s_next=s_next) == [True, False, True]
+    assert [commutator_reading_holds(int(torch.linalg.matrix_rank(b)), int(torch.linalg.matrix_rank(a)), n)
+            for a, b in zip(W_next, W_l)] == [True, False, True]  # the third W_l: 6 columns but rank 4
+    # an MLP-shaped pair (n = d_ff above both ranks) never reads, without any rank computed
+    up, down = torch.randn(16, 4, dtype=torch.float64), torch.randn(4, 16, dtype=torch.float64)
+    assert commutator_reading_of_pairs(up, down) == [False]
