@@ -299,9 +299,9 @@ def test_one_thin_svd_per_mlp_weight(llama, monkeypatch):
     mlp, mlp_gate and residual pairs; block l+1's up serves block l's residual pair and its own mlp pair)."""
     import hf_flag.geometry.angles as angles
 
-    shapes, depth, real = [], [0], angles._thin_svd
+    shapes, depth, real = [], [0], angles.thin_svd_in_dtype
 
-    def counting(A: torch.Tensor):  # top-level calls only (_thin_svd recurses on the transpose of wide input)
+    def counting(A: torch.Tensor):  # top-level calls only (thin_svd_in_dtype recurses on the transpose of wide input)
         depth[0] += 1
         try:
             if depth[0] == 1:
@@ -310,7 +310,10 @@ def test_one_thin_svd_per_mlp_weight(llama, monkeypatch):
         finally:
             depth[0] -= 1
 
-    monkeypatch.setattr(angles, "_thin_svd", counting)
+    import hf_flag.geometry.spectral as spectral
+
+    for module in (angles, spectral):  # the full path (angles.thin_svd) and the windows' small-matrix route
+        monkeypatch.setattr(module, "thin_svd_in_dtype", counting)
     analyze(llama, device="cpu", diagnostics={"mlp", "residual"})
     mlp_weights = {(1, 48, D), (1, D, 48)}  # up/gate (d_ff x d) and down (d x d_ff), batch dim 1
     assert sum(shape in mlp_weights for shape in shapes) == 3 * L

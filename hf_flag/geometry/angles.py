@@ -32,6 +32,7 @@ __all__ = [
     "orthonormal_basis",
     "padded_orthonormal_basis",
     "thin_svd",
+    "thin_svd_in_dtype",
     "principal_angles",
     "projection_kernel",
     "subspace_overlap",
@@ -101,11 +102,11 @@ RANK_CUT_RULE = ("s > s_max * (max(shape) * eps_compute + eps_storage), eps_comp
 QR_FIRST_RATIO = 1.5
 
 
-def _thin_svd(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def thin_svd_in_dtype(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`thin_svd` without input validation or the float64 cast (computes in ``A``'s floating dtype)."""
     rows, cols = A.shape[-2], A.shape[-1]
     if cols >= QR_FIRST_RATIO * max(rows, 1):
-        V, s, Uh = _thin_svd(A.mT)
+        V, s, Uh = thin_svd_in_dtype(A.mT)
         return Uh.mT, s, V.mT
     if rows >= QR_FIRST_RATIO * max(cols, 1):
         Q, R = torch.linalg.qr(A)
@@ -126,7 +127,7 @@ def thin_svd(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     explicit Q), so :func:`padded_orthonormal_basis` keeps ``torch.linalg.svd``.  Batched over leading dims.
     """
     check_matrix("A", A, where="thin_svd")
-    return _thin_svd(A.to(torch.float64))
+    return thin_svd_in_dtype(A.to(torch.float64))
 
 
 def padded_orthonormal_basis(A: torch.Tensor, *, rtol: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:

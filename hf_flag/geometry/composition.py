@@ -18,7 +18,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from hf_flag.geometry.angles import check_dtype, check_matrix
-from hf_flag.geometry.pairs import _safe_ratio
+from hf_flag.geometry.pairs import safe_ratio
 
 __all__ = ["composition_scores", "CompositionGrams", "source_grams", "destination_grams", "scores_from_grams",
            "packed_gram_bytes"]
@@ -102,7 +102,7 @@ def composition_scores(
         for j in range(0, H2, td):
             M = W_O[i:i + ts, None] @ X[None, j:j + td]  # (ts, td, dh, dh')
             num2[i:i + ts, j:j + td] = ((G_V[i:i + ts, None] @ M) * (M @ G_Y[None, j:j + td])).sum(dim=(-2, -1))
-    return _safe_ratio(num2.clamp_min(0).sqrt(), (L2[:, None] * R2[None, :]).sqrt())
+    return safe_ratio(num2.clamp_min(0).sqrt(), (L2[:, None] * R2[None, :]).sqrt())
 
 
 class CompositionGrams(NamedTuple):
@@ -184,4 +184,4 @@ def scores_from_grams(source: CompositionGrams, destination: CompositionGrams) -
         raise ValueError(f"scores_from_grams: packed Grams of width {source.packed.shape[-1]} and "
                          f"{destination.packed.shape[-1]} come from different model dimensions d")
     num2 = source.packed @ destination.packed.mT
-    return _safe_ratio(num2.clamp_min(0).sqrt(), (source.norm2[:, None] * destination.norm2[None, :]).sqrt())
+    return safe_ratio(num2.clamp_min(0).sqrt(), (source.norm2[:, None] * destination.norm2[None, :]).sqrt())

@@ -29,7 +29,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from hf_flag.geometry.angles import _thin_svd, check_matrix, default_rtol, storage_eps as dtype_eps
+from hf_flag.geometry.angles import thin_svd_in_dtype, check_matrix, default_rtol, storage_eps as dtype_eps
 from hf_flag.geometry.baselines import intersection_baseline as _generic_intersection
 from hf_flag.geometry.pairs import hidden_coordinates
 
@@ -198,8 +198,8 @@ def flag_relative_position(W_l: torch.Tensor, W_next: torch.Tensor, *, tau: Opti
         storage_eps = max(FLOAT32_EPS, dtype_eps(W_l), dtype_eps(W_next))
     options = _check_flag_options(where, storage_eps, gap_ratio, max_tau, max_cuts)
     X, Y = hidden_coordinates(W_l, W_next)
-    U, s_left, _ = _thin_svd(X)
-    _, s_right, Vh = _thin_svd(Y)
+    U, s_left, _ = thin_svd_in_dtype(X)
+    _, s_right, Vh = thin_svd_in_dtype(Y)
     return _position_from_svd(U, s_left, Vh, s_right, n=W_l.shape[0], rank_rtol=(default_rtol(W_l),
                               default_rtol(W_next)), tau=tau, where=where, **options)
 

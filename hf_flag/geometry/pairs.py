@@ -19,7 +19,7 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
-from hf_flag.geometry.angles import (QR_FIRST_RATIO, _thin_svd, check_dtype, check_matrix, default_rtol,
+from hf_flag.geometry.angles import (QR_FIRST_RATIO, thin_svd_in_dtype, check_dtype, check_matrix, default_rtol,
                                      normalised_overlap)
 from hf_flag.geometry.baselines import commutator_haar_rms
 
@@ -97,7 +97,7 @@ def _small_gram(W: torch.Tensor) -> torch.Tensor:
     return W @ W.mT if W.shape[-2] <= W.shape[-1] else W.mT @ W
 
 
-def _safe_ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+def safe_ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     """``num / den`` with 0 where ``den == 0`` (the zero-matrix convention of the module docstring)."""
     return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(num))
 
@@ -182,7 +182,7 @@ def relative_imbalance(
 ) -> torch.Tensor:
     """``||D||_F / (||A||_F + ||B||_F)`` in [0, 1] (MATH.md §2); 0 when both sides are zero."""
     d, a, b = _imbalance_parts(*_prepare(W_l, W_next, bias_l, dtype, "relative_imbalance"))
-    return _safe_ratio(d, a + b)
+    return safe_ratio(d, a + b)
 
 
 def imbalance_diagonal_norm(
@@ -212,7 +212,7 @@ def _kappa_factored(W_l: torch.Tensor, W_next: torch.Tensor) -> torch.Tensor:
     """kappa from :func:`_commutator_factored`, all in float64."""
     W_l, W_next = W_l.double(), W_next.double()
     den = torch.linalg.matrix_norm(_small_gram(W_next)) * torch.linalg.matrix_norm(_small_gram(W_l))
-    return _safe_ratio(_commutator_factored(W_l, W_next), den)
+    return safe_ratio(_commutator_factored(W_l, W_next), den)
 
 
 def _hidden_is_small(W_l: torch.Tensor, W_next: torch.Tensor) -> bool:
@@ -230,7 +230,7 @@ def _kappa_direct(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     """kappa from the n x n ``A``, ``B``: ``||AB - BA||_F / (||A||_F ||B||_F)``; absolute error ~ eps, so no
     cancellation issue for tiny kappa (MATH.md §3)."""
     den = torch.linalg.matrix_norm(A) * torch.linalg.matrix_norm(B)
-    return _safe_ratio(torch.linalg.matrix_norm(A @ B - B @ A), den)
+    return safe_ratio(torch.linalg.matrix_norm(A @ B - B @ A), den)
 
 
 def _gram_factors(W_l: torch.Tensor, W_next: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -246,7 +246,7 @@ def _kappa_trace(C: torch.Tensor, G_P: torch.Tensor, G_Q: torch.Tensor) -> tuple
     small = C.mT @ C if C.shape[-1] <= C.shape[-2] else C @ C.mT
     num2 = 2.0 * ((G_P @ C) * (C @ G_Q)).sum(dim=(-2, -1)) - 2.0 * _fro2(small)
     den = torch.linalg.matrix_norm(G_P) * torch.linalg.matrix_norm(G_Q)
-    return _safe_ratio(num2.clamp_min(0).sqrt(), den), den
+    return safe_ratio(num2.clamp_min(0).sqrt(), den), den
 
 
 def commutator_ratio(
@@ -309,12 +309,12 @@ def gram_diagnostics(
         a, b = torch.linalg.matrix_norm(A), torch.linalg.matrix_norm(B)
         d = torch.linalg.matrix_norm(A - B)
         rms = commutator_haar_rms(_fro2(W_next), a.square(), _fro2(W_l), b.square(), n)
-        return GramDiagnostics(_kappa_direct(A, B), d, _safe_ratio(d, a + b), rms)
+        return GramDiagnostics(_kappa_direct(A, B), d, safe_ratio(d, a + b), rms)
     grams = _gram_factors(W_l, W_next)
     C, G_P, G_Q = grams
     d, a, b = _imbalance_from_norms(W_l, W_next, _fro2(G_P), _fro2(G_Q), _fro2(C))
     rms = commutator_haar_rms(_fro2(W_next), a.square(), _fro2(W_l), b.square(), n)
-    return GramDiagnostics(_kappa_auto(W_l, W_next, grams), d, _safe_ratio(d, a + b), rms)
+    return GramDiagnostics(_kappa_auto(W_l, W_next, grams), d, safe_ratio(d, a + b), rms)
 
 
 def commutator_baseline(
@@ -381,12 +381,12 @@ def pair_values_from_svd(
     a2, b2 = a_sq.square().sum(-1), b_sq.square().sum(-1)
     comm2 = 2.0 * _fro2(a_sq.unsqueeze(-1) * T * b_sq.unsqueeze(-2)) - 2.0 * s_product.pow(4).sum(-1)
     den = (a2 * b2).sqrt()
-    kappa = _safe_ratio(comm2.clamp_min(0).sqrt(), den)
+    kappa = safe_ratio(comm2.clamp_min(0).sqrt(), den)
     kappa = _refine((kappa < AUTO_FACTORED_BELOW) & (den > 0), kappa, _kappa_factored, W_l, W_next)
     d, a, b = _imbalance_from_norms(W_l, W_next, a2, b2, _fro2(M))
     baseline = commutator_haar_rms(a_sq.sum(-1), a2, b_sq.sum(-1), b2, W_l.shape[-2])
     overlap = range_overlap_from_svd(T, s_l, s_n, W_l.shape[-2], rtol=tuple(map(default_rtol, stored)))
-    return SpectralPairValues(kappa, baseline, d, _safe_ratio(d, a + b), T, s_product, *overlap)
+    return SpectralPairValues(kappa, baseline, d, safe_ratio(d, a + b), T, s_product, *overlap)
 
 
 def range_overlap_from_svd(T: torch.Tensor, s_l: torch.Tensor, s_next: torch.Tensor, n: int, *,
@@ -484,7 +484,7 @@ def transport_matrix(W_l: torch.Tensor, W_next: torch.Tensor, *, dtype: torch.dt
     are degenerate the individual vectors, hence the basis score, are not defined.
     """
     W_l, W_next = _prepare(W_l, W_next, None, dtype, "transport_matrix")
-    return _thin_svd(W_next)[2] @ _thin_svd(W_l)[0]
+    return thin_svd_in_dtype(W_next)[2] @ thin_svd_in_dtype(W_l)[0]
 
 
 def transport_scores(
@@ -496,7 +496,7 @@ def transport_scores(
     """
     W_l, W_next = _prepare(W_l, W_next, None, dtype, "transport_scores")
     _check_window(k, min(W_l.shape[-2:]), min(W_next.shape[-2:]), where="transport_scores")
-    return transport_scores_from_svd(_thin_svd(W_l)[0], _thin_svd(W_next)[2], k)
+    return transport_scores_from_svd(thin_svd_in_dtype(W_l)[0], thin_svd_in_dtype(W_next)[2], k)
 
 
 def _check_window(k: int, r_l: int, r_next: int, *, where: str) -> None:
@@ -583,4 +583,4 @@ def gram_pair_values(W_l: torch.Tensor, W_next: torch.Tensor, *, dtype: torch.dt
         d, _, _ = _imbalance_from_norms(W_l, W_next, a2, b2, _fro2(grams[0]))
         kappa = _kappa_auto(W_l, W_next, grams)
     baseline = commutator_haar_rms(_fro2(W_next).double(), a2.double(), _fro2(W_l).double(), b2.double(), n)
-    return GramPairValues(kappa, baseline.to(kappa.dtype), d, _safe_ratio(d, a2.sqrt() + b2.sqrt()))
+    return GramPairValues(kappa, baseline.to(kappa.dtype), d, safe_ratio(d, a2.sqrt() + b2.sqrt()))

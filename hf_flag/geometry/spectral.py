@@ -40,7 +40,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from hf_flag.geometry.angles import check_dtype, check_matrix
+from hf_flag.geometry.angles import check_dtype, check_matrix, thin_svd_in_dtype
 from hf_flag.geometry.flags import MAX_TAU
 
 __all__ = [
@@ -136,11 +136,9 @@ def _dense(A: torch.Tensor, k: int) -> PartialSVD:
     """The leading ``k`` triplets without Krylov: for at most half the spectrum, eigenvectors of the small Gram
     ``X X^T`` (``r x r``, ``r`` the smaller dim; leading triplets to relative accuracy ``eps s_1^2 / s_i^2``, the
     residuals certify it), otherwise a thin SVD (truncated)."""
-    from hf_flag.geometry.angles import _thin_svd
-
     small = min(A.shape[-2:])
     if 2 * k > small:
-        U, s, Vh = _thin_svd(A)
+        U, s, Vh = thin_svd_in_dtype(A)
         U, s, Vh = U[..., :k], s[..., :k], Vh[..., :k, :]
         return PartialSVD(U, s, Vh, residual_norms(A, U, s, Vh), k == small)
     wide = A.shape[-2] <= A.shape[-1]

@@ -98,6 +98,8 @@ def read_metric(report: Report, key: str) -> Reading:
         verdict = NOT_READ
         why = ("kappa does not read as alignment here: both weights are rank-deficient, so directions one writes "
                "into the other's kernel commute for free; read the range overlap instead"
+               + ("" if f"{kind}/range_overlap" in report.summary else
+                  " (computed by the full report: hf-flag analyze --full)")
                if kappa_reads(report, kind) is False else
                "this report does not record whether kappa reads as alignment for these pairs (it needs the "
                "weights' ranks), so it is shown, not interpreted")
