@@ -8,7 +8,7 @@ YAML keys (all optional; command-line arguments override them, command-line mode
       - {path: Qwen/Qwen2.5-0.5B, revision: 060db6499f32faf8b98477b0a26969ef7d8b9987}
     out: results/sweep      # output folder
     diagnostics: [mlp, vo]  # passed to hf_flag.analyze (null: all); "mlp, vo" and "mlp vo" work too
-    composition: adjacent   # all | adjacent | none
+    composition: adjacent   # auto (default) | all | adjacent | none
     cheap: false
     device: cpu             # cpu | cuda | auto (cuda when available)
     split_layers: false     # split each model's layers across the processes
@@ -71,7 +71,7 @@ class SweepConfig:
     models: tuple[ModelSpec, ...]
     out: Path
     diagnostics: Optional[tuple[str, ...]] = None
-    composition: str = "all"
+    composition: str = "auto"  # all layer pairs where the printed cost estimate is small, else adjacent
     cheap: bool = False
     device: str = "cpu"
     split_layers: bool = False

@@ -138,8 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"which diagnostics to compute (default: all): any of {', '.join(DIAGNOSTIC_NAMES)}, "
                         f"separated by commas or spaces")
     p.add_argument("--composition", choices=COMPOSITION_MODES,
-                   help="Q/K/V composition scores with every later layer (all, the default), the next layer only "
-                        "(adjacent), or none")
+                   help="Q/K/V composition scores with every later layer (all), the next layer only (adjacent), "
+                        "or none; auto (the default): all where the printed cost estimate is small, else adjacent")
     p.add_argument("--cheap", action="store_true", default=None,
                    help="commutator ratio (with its baseline) and imbalance only: fast; no flags, transport or "
                         "head overlaps")
