@@ -104,3 +104,20 @@ def test_composition_auto_picks_all_pairs_only_where_the_estimate_is_small():
     assert llama["auto"] == "adjacent" and llama["adjacent"]["layer_pairs"] == 31
     shard = composition_estimate(30, 9, 576, [29])  # a last-layer shard scores nothing, but decides as the model
     assert shard["all"]["layer_pairs"] == 0 and shard["auto"] == "adjacent"
+
+
+def test_window_report_range_overlap_on_mlp_pairs_equals_the_full_report(tiny_llama):
+    """The default report reads range_overlap (MATH.md §3) from Grams on the pairs where kappa does not read, and it
+    equals the full report's (singular-vector) value; on pairs whose kappa reads it is left to --full."""
+    window = analyze(tiny_llama, device="cpu", diagnostics={"mlp", "vo", "residual"})
+    full = analyze(tiny_llama, device="cpu", diagnostics={"mlp", "vo", "residual"}, full=True)
+    ref = {(r.kind, r.layer, r.source): r for r in full.rows}
+    for row in window.rows:
+        value = row.values["range_overlap"]
+        if row.kind in ("mlp", "mlp_gate"):
+            assert row.details["commutator_reading_holds"] is False
+            expected = ref[(row.kind, row.layer, row.source)].values
+            assert value == pytest.approx(expected["range_overlap"], abs=1e-5)
+            assert row.values["range_overlap_baseline"] == pytest.approx(expected["range_overlap_baseline"], abs=1e-12)
+        else:
+            assert value is None and row.details["commutator_reading_holds"] is True

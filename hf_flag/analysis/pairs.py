@@ -12,7 +12,8 @@ from hf_flag.geometry.angles import default_rtol, thin_svd
 from hf_flag.geometry.baselines import transport_baselines
 from hf_flag.geometry.flags import flag_position_from_svd, gl_kernel_dim_from_spectra
 from hf_flag.geometry.pairs import (augment, commutator_reading_of_pairs, gram_diagnostics, gram_pair_values,
-                                    imbalance_diagonal_norm, normalized_commutator_ratio, pair_gram_sides, pair_values_from_svd, transport_k,
+                                    imbalance_diagonal_norm, normalized_commutator_ratio, pair_gram_sides,
+                                    pair_values_from_svd, range_overlap_from_grams, transport_k,
                                     transport_scores_from_matrix)
 from hf_flag.geometry.spectral import (K_MAX, PartialSVD, determined_cuts, gram_dtype, partial_svd, transport_window,
                                        wedin_window)
@@ -152,8 +153,10 @@ def pair_window_values(W_l: torch.Tensor, W_next: torch.Tensor, *, storage_eps: 
     (``None`` when there is none; the basis score also ``None`` unless every cut up to it is determined); flags
     cut inside the windows.  The certificate: ``window_in`` / ``window_out`` (singular vectors used) and
     ``svd_residual_in`` / ``svd_residual_out`` (largest relative residual of the triplets used).  The GL kernel
-    dimension and ``range_overlap`` (with its baseline) need the whole ranges: ``None`` here (``full=True`` computes
-    them).  ``gram(which, side, dtype)``: the
+    dimension needs whole spectra: ``None`` here (``full=True`` computes it).  ``range_overlap`` (with its
+    baseline) comes from the shared Grams (:func:`~hf_flag.geometry.pairs.range_overlap_from_grams`) on the
+    low-rank pairs where kappa does not read (both weights' shorter sides below n: the MLP pairs); ``None`` on the
+    others, whose kappa reads (``full=True`` computes it everywhere).  ``gram(which, side, dtype)``: the
     shared Gram of ``"l"`` or ``"next"`` (:func:`~hf_flag.geometry.pairs.weight_gram`), or ``None`` to compute it."""
     exact = gram_dtype(storage_eps, dtype)
     side_l, side_next = pair_gram_sides(W_l, W_next)
@@ -167,6 +170,10 @@ def pair_window_values(W_l: torch.Tensor, W_next: torch.Tensor, *, storage_eps: 
     cert_l, cert_n = svd_l.certificate(w_l), svd_next.certificate(w_n)
     T = svd_next.Vh @ svd_l.U
     rank_rtol = (default_rtol(W_l.to(dtype)), default_rtol(W_next.to(dtype)))
+    overlap = [None] * W_l.shape[0], [None] * W_l.shape[0]
+    if max(min(W_l.shape[-2:]), min(W_next.shape[-2:])) < n:  # low-rank pairs, where kappa does not read (§3)
+        overlap = tuple(v.tolist() for v in range_overlap_from_grams(
+            W_l.to(exact), W_next.to(exact), rtol=rank_rtol, gram_l=shared[0], gram_next=shared[1]))
     out = []
     for i in range(W_l.shape[0]):
         a, b = int(w_l[i]), int(w_n[i])
@@ -188,7 +195,7 @@ def pair_window_values(W_l: torch.Tensor, W_next: torch.Tensor, *, storage_eps: 
                   "imbalance_norm": float(g.imbalance_norm[i]), "relative_imbalance": float(g.relative_imbalance[i]),
                   "imbalance_diagonal_norm": float(diagonal[i]),
                   "commutator_ratio_baseline": float(g.commutator_haar_rms[i]), **scores, **flag_values(flag),
-                  "range_overlap": None, "range_overlap_baseline": None,
+                  "range_overlap": overlap[0][i], "range_overlap_baseline": overlap[1][i],
                   "gl_kernel_dim": None, "window_in": float(a), "window_out": float(b),
                   "svd_residual_in": float(cert_l[i]), "svd_residual_out": float(cert_n[i])}
         out.append((values, {"transport_k": k, **flag_details(flag)}))

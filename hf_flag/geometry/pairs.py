@@ -410,6 +410,44 @@ def range_overlap_from_svd(T: torch.Tensor, s_l: torch.Tensor, s_next: torch.Ten
     return normalised_overlap(pk, r_l, r_n), baseline
 
 
+def range_overlap_from_grams(W_l: torch.Tensor, W_next: torch.Tensor, *, rtol: tuple[float, float],
+                             gram_l: Optional[torch.Tensor] = None, gram_next: Optional[torch.Tensor] = None
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`range_overlap_from_svd`'s ``(range_overlap, range_overlap_baseline)`` from Gram factors, without
+    singular vectors (MATH.md §3, §1), float64; ``W_l`` (..., n, k) bias-augmented, ``W_next`` (..., m, n).
+
+    ``||P_{col W_l} P_{row W_next}||_F^2 = tr(G_Q^+ C^T G_P^+ C)`` with ``C = W_next W_l``, ``G_Q = W_l^T W_l``,
+    ``G_P = W_next W_next^T`` when n is large (:func:`pair_gram_sides` ``("cols", "rows")``), and
+    ``tr(P_B P_A)`` with the projectors onto the ranges of ``B = W_l W_l^T`` and ``A = W_next^T W_next`` when n is
+    small.  Pseudo-inverses and projectors keep the eigenvalues above ``lambda_max max(rtol^2, size eps_Gram)``
+    (the §1 singular-value cut ``s > s_max rtol``, ``rtol = (rtol_l, rtol_next)``, as far as a Gram resolves it:
+    ``s > s_max sqrt(size eps_Gram)``, 7e-8 for float64 Grams of 24 x 24), whose counts are the ranks.  ``gram_l``, ``gram_next``:
+    the Grams :func:`pair_gram_sides` names, when shared (:func:`weight_gram`)."""
+    side_l, side_next = pair_gram_sides(W_l, W_next)
+    n = W_l.shape[-2]
+    g_l = weight_gram(W_l, side_l, dtype=torch.float64) if gram_l is None else gram_l
+    g_next = weight_gram(W_next, side_next, dtype=torch.float64) if gram_next is None else gram_next
+
+    def kept(G: torch.Tensor, rel: float, power: float) -> tuple[torch.Tensor, torch.Tensor]:
+        # a Gram's eigenvalues carry rounding of order size * eps(Gram dtype) * lambda_max: below that, no rank
+        floor = G.shape[-1] * torch.finfo(G.dtype).eps
+        lam, V = torch.linalg.eigh(G.double())
+        keep = lam > lam[..., -1:].clamp_min(0) * max(rel * rel, floor)
+        weight = torch.where(keep, lam.clamp_min(torch.finfo(lam.dtype).tiny) ** power, torch.zeros_like(lam))
+        return (V * weight.unsqueeze(-2)) @ V.mT, keep.sum(-1)
+
+    if side_l == "rows":  # n x n: B = W_l W_l^T, A = W_next^T W_next
+        (P_l, r_l), (P_next, r_next) = kept(g_l, rtol[0], 0.0), kept(g_next, rtol[1], 0.0)
+        pk = (P_l * P_next).sum((-2, -1))
+    else:
+        (Gq_pinv, r_l), (Gp_pinv, r_next) = kept(g_l, rtol[0], -1.0), kept(g_next, rtol[1], -1.0)
+        C = W_next.double() @ W_l.double()
+        pk = ((Gp_pinv @ C) * (C @ Gq_pinv)).sum((-2, -1))
+    baseline = torch.where(torch.minimum(r_l, r_next) > 0, torch.maximum(r_l, r_next).double() / n,
+                           torch.zeros_like(pk))
+    return normalised_overlap(pk, r_l, r_next), baseline
+
+
 def commutator_reading_holds(rank_a: int, rank_b: int, n: int) -> bool:
     """Whether ``kappa`` (and ``kappa / baseline``) reads as alignment for ``A = W_next^T W_next`` of rank
     ``rank_a`` and ``B = W_l W_l^T`` of rank ``rank_b`` in R^n (MATH.md §3, "When kappa reads as alignment").

@@ -72,7 +72,7 @@ DEFINITIONS = {
         "principal directions there. The commutator ratio measures how far they are from sharing one set of "
         "directions: 0 when they share it, larger when they disagree. The random baseline is the value the same "
         "weights would give with the hidden space randomly rotated. It reads as alignment only when one of the two "
-        "weights has full rank in that space; otherwise the range overlap (in the full report) is read.",
+        "weights has full rank in that space; otherwise the range overlap is read.",
         "3-commutator-obstruction"),
     "range_overlap": (
         "Range overlap",

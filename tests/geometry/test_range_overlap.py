@@ -172,3 +172,26 @@ def test_commutator_reading_of_pairs_counts_ranks_at_the_rank_cut():
     # an MLP-shaped pair (n = d_ff above both ranks) never reads, without any rank computed
     up, down = torch.randn(16, 4, dtype=torch.float64), torch.randn(4, 16, dtype=torch.float64)
     assert commutator_reading_of_pairs(up, down) == [False]
+
+
+@pytest.mark.parametrize("n, k, m", [(24, 5, 7), (6, 10, 9)])  # hidden dim large (C, G_P, G_Q) and small (A, B)
+def test_range_overlap_from_grams_equals_the_projector_form(n, k, m):
+    from hf_flag.geometry.angles import default_rtol
+    from hf_flag.geometry.pairs import range_overlap_from_grams
+
+    g = torch.Generator().manual_seed(11)
+
+    def low_rank(rows, cols, r):
+        return torch.randn(rows, r, generator=g, dtype=torch.float64) @ torch.randn(r, cols, generator=g,
+                                                                                   dtype=torch.float64)
+
+    W_l = torch.stack([low_rank(n, k, 3), torch.randn(n, k, generator=g, dtype=torch.float64)])
+    W_next = torch.stack([low_rank(m, n, 4), low_rank(m, n, 2)])
+    got, base = range_overlap_from_grams(W_l, W_next, rtol=(default_rtol(W_l), default_rtol(W_next)))
+    assert [float(b) for b in base] == [4 / n, max(min(n, k), 2) / n]  # ranks (3, 4) and (min(n, k), 2)
+    for i in range(2):  # dense reference: orthonormal bases of the two ranges at the same rank cut
+        Q_l = torch.linalg.svd(W_l[i], full_matrices=False)[0][:, :int(torch.linalg.matrix_rank(W_l[i]))]
+        Q_n = torch.linalg.svd(W_next[i].mT, full_matrices=False)[0][:, :int(torch.linalg.matrix_rank(W_next[i]))]
+        pk = float((Q_l.mT @ Q_n).square().sum())
+        assert float(got[i]) == pytest.approx(pk / min(Q_l.shape[1], Q_n.shape[1]), abs=1e-9)
+        assert float(base[i]) == pytest.approx(max(Q_l.shape[1], Q_n.shape[1]) / n, abs=1e-15)
