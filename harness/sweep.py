@@ -847,9 +847,13 @@ def save_dataset(reports: Sequence[Report], path: Path, tag: str):
         elif swap_paths(tmp, path):
             shutil.rmtree(tmp)  # now the old dataset
         else:
-            old = path.with_name(f".{path.name}.{tag}.old.tmp")
+            old = path.with_name(f".{path.name}.{tag}.old")  # not *.tmp: never swept as a stale temporary
             path.rename(old)
-            tmp.rename(path)
+            try:
+                tmp.rename(path)
+            except OSError:
+                old.rename(path)  # the second rename failed: the old dataset goes back, nothing is lost
+                raise
             shutil.rmtree(old)
     except OSError as exc:
         if exc.errno is None:

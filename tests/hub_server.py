@@ -193,7 +193,8 @@ class HubServer:
     def route(self, req, method: str, path: str, query: dict, body: bytes) -> None:
         m = re.fullmatch(r"/api/(models|datasets)/([^/]+/[^/]+)(?:/revision/(.+))?", path)
         if m and method == "GET":
-            return self.repo_info(req, m.group(1)[:-1], m.group(2), m.group(3) or "main")
+            return self.repo_info(req, m.group(1)[:-1], m.group(2), m.group(3) or "main",
+                                  blobs=query.get("blobs", ["false"])[0].lower() == "true")
         m = re.fullmatch(r"/(?:(datasets)/)?([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
         if m and method in ("GET", "HEAD"):
             return self.resolve(req, method, m.group(1)[:-1] if m.group(1) else "model", m.group(2), m.group(3),
@@ -213,7 +214,8 @@ class HubServer:
                                query.get("create_pr", ["0"])[0] == "1", body)
         self.error(req, 404, None, f"no route for {method} {path}")
 
-    def repo_info(self, req, repo_type: str, repo_id: str, rev: str) -> None:
+    def repo_info(self, req, repo_type: str, repo_id: str, rev: str, *, blobs: bool = False) -> None:
+        """As the Hub: file sizes only when asked (``?blobs=true``, huggingface_hub's ``files_metadata=True``)."""
         repo = self.find(repo_type, repo_id)
         if not self.check_read(req, repo):
             return
@@ -222,7 +224,8 @@ class HubServer:
             return
         files = repo.commits[sha]
         self.send(req, 200, {"id": repo_id, "sha": sha, "private": repo.private, "gated": repo.gated,
-                             "siblings": [{"rfilename": p, "size": len(b)} for p, b in sorted(files.items())]})
+                             "siblings": [{"rfilename": p, **({"size": len(b)} if blobs else {})}
+                                          for p, b in sorted(files.items())]})
 
     def resolve(self, req, method: str, repo_type: str, repo_id: str, rev: str, file: str) -> None:
         head = method == "HEAD"

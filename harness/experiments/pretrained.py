@@ -153,8 +153,9 @@ def by_layer_ratio(report: Report, kind: str, num: str, den: str) -> dict[int, f
 
 def over_layers(d: dict[int, float]) -> tuple[float, float]:
     """Mean and standard error over layers (NaN mean when empty)."""
-    m, sd = mean_sd(list(d.values()))
-    return m, (sd / math.sqrt(len(d)) if d else float("nan"))
+    finite = [v for v in d.values() if v is not None and math.isfinite(v)]
+    m, sd = mean_sd(finite)
+    return m, sd / math.sqrt(len(finite)) if finite else float("nan")  # NaN below two layers (mean_sd)
 
 
 def _avg(d: dict[int, float]) -> float:

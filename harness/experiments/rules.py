@@ -41,11 +41,12 @@ def judge(rules: Sequence[Rule], decide: Mapping[int, Callable[[], tuple[bool, s
 
 
 def mean_sd(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for one value; NaN for none)."""
+    """Mean and sample standard deviation of the finite values (NaN sd below two values, so no rule that needs a
+    spread passes on one value; NaN mean for none)."""
     xs = [float(v) for v in values if v is not None and math.isfinite(v)]
     if not xs:
         return float("nan"), float("nan")
-    return mean(xs), (stdev(xs) if len(xs) > 1 else 0.0)
+    return mean(xs), (stdev(xs) if len(xs) > 1 else float("nan"))
 
 
 def fmt_spread(values: Sequence[float], unit: str = "seeds") -> str:

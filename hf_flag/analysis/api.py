@@ -104,7 +104,8 @@ def analyze(model_or_path, *, device: Union[str, torch.device, None] = None, dty
     """
     start = time.perf_counter()
     if dtype is not None and dtype not in (torch.float64, torch.float32):
-        raise ValueError(f"dtype={dtype} is not supported; use torch.float64 (default) or torch.float32")
+        raise ValueError(f"dtype={dtype} is not supported; use torch.float32 or torch.float64, or leave it unset "
+                         f"(float32 for weights stored in float32 or coarser, float64 otherwise)")
     if composition not in COMPOSITION_MODES:
         raise ValueError(f"composition={composition!r}; use one of {list(COMPOSITION_MODES)}")
     layers = None if layers is None else list(layers)  # read twice (check_layers, params): not an iterator

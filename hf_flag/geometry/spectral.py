@@ -11,7 +11,7 @@ large columns, have ``||dW||_2 = 0.20-0.22 eps_s sigma_1`` (0.6-0.7 of the row/c
 is ~2.7x conservative.  By Wedin's theorem the top-``i`` singular subspace then turns by at most
 ``sin theta_i <~ ||dW|| / gap_i``, ``gap_i = sigma_i - sigma_{i+1}`` (MATH.md §4).  A subspace is *determined*
 when that bound is at most ``max_tau`` (0.1 rad, :data:`~hf_flag.geometry.flags.MAX_TAU`): bf16 needs
-``gap_i >= 0.045 sigma_1``, 4-bit ``>= 0.36 sigma_1``, float32 ``>= 6.9e-6 sigma_1``.  The window of a weight is
+``gap_i >= 0.045 sigma_1``, 4-bit ``>= 0.36 sigma_1``, float32 ``>= 6.9e-7 sigma_1``.  The window of a weight is
 the last cut ``i <= k_max`` that is determined (:func:`wedin_window`); beyond it the singular vectors cannot be
 told apart from storage noise, so they are not computed.  ``k_max`` (:data:`K_MAX`, 64) bounds the cost: for
 float32 weights almost every cut is determined and the window is the cap.  (The flag cuts of
@@ -29,8 +29,8 @@ certificate below ``eps_s`` makes the computation's error smaller than the stora
 Compute precision (:func:`compute_dtype`): float32 when the weights are stored in float32 or coarser, float64 when
 they are stored in float64 (or when asked).  Gram-factor traces (kappa and the imbalance norms, MATH.md §2-§3)
 subtract terms of size ``||A||^2 ||B||^2``: their absolute error on kappa is ``~ sqrt(eps_c)`` at worst, so
-:func:`gram_dtype` keeps them in float32 only where ``TRACE_CANCEL_FACTOR * eps_c <= eps_s^2`` (bf16, fp16,
-quantised storage) and in float64 otherwise (float32 storage).
+:func:`gram_dtype` keeps them in float32 only where ``TRACE_CANCEL_FACTOR * eps_c <= eps_s^2`` (bf16,
+quantised storage) and in float64 otherwise (fp16 and float32 storage).
 
 Everything is batched over leading dimensions and runs on the input's device; no I/O.
 """

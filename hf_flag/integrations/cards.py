@@ -210,10 +210,14 @@ def provenance_sentence(report: Report, model_name: str) -> str:
 
 
 def eval_results(report: Report, metrics: Optional[Sequence[str]] = None) -> list[EvalResult]:
-    """Headline scalars (and their baselines) as ``EvalResult`` s, marked with hf-flag as their source."""
+    """Headline scalars (and their baselines) as ``EvalResult`` s, marked with hf-flag as their source; a value
+    the rows say cannot be read (kappa of pairs where it does not read as alignment) is left out of the model-index."""
     sha = provenance(report).get("sha")
     out = []
     for key in headline_metrics(report, metrics):
+        kind, _, metric = key.partition("/")
+        if metric == "commutator_ratio" and readings.kappa_reads(report, kind) is False:
+            continue
         base_key = key + BASELINE_SUFFIX
         for k in (key, base_key) if _finite(report.summary.get(base_key)) else (key,):
             out.append(EvalResult(task_type=TASK_TYPE, task_name=TASK_NAME, dataset_type=DATASET_TYPE,

@@ -74,8 +74,9 @@ def z_score(values: list[float], baselines: list[Optional[float]]) -> Optional[f
     diffs = [v - b for v, b in zip(values, baselines)]
     mean = statistics.fmean(diffs)
     sd = statistics.stdev(diffs)
-    if sd == 0.0:
-        return 0.0 if mean == 0.0 else math.copysign(math.inf, mean)
+    if sd == 0.0:  # the same difference in every layer: a difference at rounding level is no difference
+        scale = max(1.0, *(abs(b) for b in baselines))
+        return 0.0 if abs(mean) <= 1e-12 * scale else math.copysign(math.inf, mean)
     return mean / (sd / math.sqrt(len(diffs)))
 
 

@@ -154,7 +154,7 @@ def _remote_listing(repo_id: str, revision: Optional[str]) -> tuple[str, dict[st
     from huggingface_hub import HfApi
 
     try:
-        info = HfApi().model_info(repo_id, revision=revision)
+        info = HfApi().model_info(repo_id, revision=revision, files_metadata=True)  # sizes: --max-disk
     except transport_errors():
         raise
     except Exception as exc:  # noqa: BLE001 - mapped to one line below, or re-raised (internal errors)

@@ -42,7 +42,7 @@ class StreamingHubSource(WeightSource):
             s = max(too_big, key=self.sizes.get)
             raise WeightSourceError(f"--max-disk {self.max_bytes / 1e9:.3g} GB is smaller than shard {s!r} of Hub "
                                     f"model {self.name!r} ({self.sizes[s] / 1e9:.3g} GB); raise --max-disk to at "
-                                    f"least two shards")
+                                    f"least that shard's size")
         api = HfApi()
         self._info: dict[str, tuple[str, str, tuple[int, ...]]] = {}  # tensor -> (shard, safetensors dtype, shape)
         for shard in self.shards:

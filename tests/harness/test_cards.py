@@ -215,3 +215,23 @@ def test_minilm_readme_round_trip(report, minilm_path, assert_card_preserved):
     assert_card_preserved(out, original)
     assert cards.update_card_text(out, report, model_name="sentence-transformers/all-MiniLM-L6-v2") == out
     assert front_matter(out)["datasets"] == front_matter(original)["datasets"]
+
+
+def test_model_index_leaves_out_kappa_where_it_does_not_read():
+    """A value the card does not read (kappa of rank-deficient MLP pairs, MATH.md §3) is not published as a
+    model-index metric; kappa of pairs where it reads is."""
+    from hf_flag.integrations.cards import eval_results
+    from hf_flag.report import Report, Row
+
+    def row(kind, layer, reads):
+        return Row("m", kind, layer, layer, "a", "b", {"commutator_ratio": 0.05 + 0.01 * layer,
+                                                       "commutator_ratio_baseline": 0.03},
+                   {"commutator_reading_holds": reads})
+
+    rows = [row("mlp", i, False) for i in range(3)] + [row("vo", i, True) for i in range(3)]
+    from hf_flag.rows import summarize
+
+    report = Report("m", "llama", rows=rows, summary=summarize(rows))
+    metrics = {r.metric_type for r in eval_results(report)}
+    assert "vo/commutator_ratio" in metrics and "vo/commutator_ratio_baseline" in metrics
+    assert not {m for m in metrics if m.startswith("mlp/")}

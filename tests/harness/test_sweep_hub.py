@@ -192,6 +192,10 @@ def test_max_disk_sweep_equals_the_full_copy_and_leaves_no_shard(hub, hub_models
     reference = analyze(local, composition="adjacent")
     assert same_rows(got, reference) and got.summary == reference.summary
     assert not list(hub.cache.rglob("*.safetensors"))  # streamed shards are gone from the cache
+    # a budget below the largest shard is refused up front: the sizes come from the Hub's file metadata
+    from hf_flag import cli
+
+    assert cli.main(["analyze", LLAMA, "--max-disk", repr(sizes[-1] / 2e9), "--cheap"]) == 2
 
 
 def test_max_disk_sweep_killed_and_resumed_never_refetches_finished_groups(hub, tmp_path):
