@@ -2,6 +2,7 @@
 memory policy are documented in :mod:`hf_flag.analysis.api`)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Sequence
 
 import math
@@ -79,76 +80,120 @@ def block_mlps(block) -> list[tuple[str, object]]:
     return dense + [(f"expert {e} ", m) for e, m in enumerate(block.experts)]
 
 
-def layer_rows(model: str, layout, block, nxt, *, diagnostics: frozenset, cheap: bool,
-               cache: Optional[dict] = None, window: bool = False) -> list[Row]:
-    """Every row whose ``layer`` is ``block.index``, composition excepted (``nxt``: block l+1, or ``None``).
+@dataclass
+class Carried:
+    """What layer l's rows with layer l+1 (residual pair, cross-layer overlaps) need once block l is released:
+    its down projection (raw, with its bias) and storage precision; its ``o`` head bases, window SVD and Gram
+    stay in the cache (keys ``(l, ...)``) until block l+1's rows are done."""
 
-    A pair's flag tolerance uses the coarser ``storage_eps`` of the blocks its weights come from (MATH.md §4).
+    index: int
+    storage_eps: float
+    mlp_out: Optional[torch.Tensor]  # None when the block has no (dense or shared) MLP
+    b_out: Optional[torch.Tensor]
+    heads: bool  # the block has attention: its o bases are cached
+
+
+def layer_rows(model: str, layout, block, *, prev: Optional[Carried], next_eps: Optional[float],
+               diagnostics: frozenset, cheap: bool, cache: dict, window: bool = False, own: bool = True
+               ) -> tuple[list[Row], Carried]:
+    """The rows of ``block`` (layer l; only with ``own``) and, given ``prev`` (layer l-1, carried), the rows from
+    layer l-1 to l; composition excepted.  Returns them and what layer l's rows with layer l+1 need
+    (:class:`Carried`).
+
+    ``block``'s tensors are released as soon as their last row is computed (attention after its head rows, the
+    gate after its pair, the rest but the down projection after the MLP pairs), so that at most one raw block
+    and one carried down projection are resident whatever the depth (issue #11, ``bench_lazy_rss.py``).
+    ``next_eps``: block l+1's storage precision when it has rows with layer l (``None`` otherwise): a weight's
+    window SVD is cached with the coarser precision of the layer pair it is first used in (MATH.md §4).
     ``cache``: head bases (:func:`layer_bases`), weight SVDs (:func:`weight_svd`) and Grams (:func:`pair_grams`)
-    shared across calls, keyed ``(layer, ...)``; entries of layers before ``block.index`` are dropped.
-    ``window``: the default report's pair values on storage-precision windows (partial SVDs)."""
-    cache = {} if cache is None else cache
-    for old in [k for k in cache if k[0] < block.index]:
-        del cache[old]
+    keyed ``(layer, ...)``; entries of layers before l are dropped once the rows from l-1 are done, and of
+    layer l's head bases only ``o`` is kept.  ``window``: the default report's pair values on storage-precision
+    windows (partial SVDs)."""
     l, mlp, attn = block.index, block.mlp, block.attention
-    eps = max(block.storage_eps, nxt.storage_eps) if nxt is not None else block.storage_eps
-    svd = (lambda *args: weight_svd(cache, *args, storage_eps=eps if window else None)) if not cheap else \
-        (lambda *args: None)
+    eps = block.storage_eps if next_eps is None else max(block.storage_eps, next_eps)
+    svd = (lambda *args, at=eps: weight_svd(cache, *args, storage_eps=at if window else None)) if not cheap else \
+        (lambda *args, at=eps: None)
     pair = dict(cheap=cheap, storage_eps=block.storage_eps, window=window)
     rows: list[Row] = []
-    for unit, m in block_mlps(block) if "mlp" in diagnostics else ():
-        out = svd(l, f"{unit}mlp.out", m.mlp_out)
-        down = (l, f"{unit}mlp.out", m.mlp_out, None)
-        rows += pair_rows(model, KIND_MLP, [(l, l, f"{unit}mlp.in", f"{unit}mlp.out")], m.mlp_in[None],
-                          single(m.b_in), m.mlp_out[None], activation=m.activation,
-                          svd_l=svd(l, f"{unit}mlp.in", m.mlp_in, m.b_in), svd_next=out,
-                          gram=pair_grams(cache, (l, f"{unit}mlp.in", m.mlp_in, m.b_in), down), **pair)
-        if m.mlp_gate is not None:
-            rows += pair_rows(model, KIND_MLP_GATE, [(l, l, f"{unit}mlp.gate", f"{unit}mlp.out")], m.mlp_gate[None],
-                              single(m.b_gate), m.mlp_out[None], activation=m.activation,
-                              svd_l=svd(l, f"{unit}mlp.gate", m.mlp_gate, m.b_gate), svd_next=out,
-                              gram=pair_grams(cache, (l, f"{unit}mlp.gate", m.mlp_gate, m.b_gate), down), **pair)
-    if "vo" in diagnostics and attn is not None:
+    heads = "heads" in diagnostics and not cheap
+    if heads and attn is not None:
+        here = layer_bases(cache, l, attn)
+        for s in "qkvo" if own else "":
+            rows += overlap_rows(model, HEAD_OVERLAP_KINDS[s], l, l, here[s], here[s], (HEAD_LABELS[s],) * 2,
+                                 upper=True)
+        if prev is not None and prev.heads:
+            o = cache[(prev.index, "heads")]["o"]
+            for s in "qkv":
+                rows += overlap_rows(model, CROSS_LAYER_KINDS[s], prev.index, l, o, here[s],
+                                     ("head", HEAD_LABELS[s]), upper=False)
+        cache[(l, "heads")] = {"o": here["o"]}  # q/k/v bases are not read again
+    if own and "vo" in diagnostics and attn is not None:
         kv = kv_index(layout, attn.W_V.device)
         W_v = attn.W_V.index_select(0, kv).transpose(-1, -2)  # (H, head_dim, d): nn.Linear layout
         b_v = None if attn.b_V is None else attn.b_V.index_select(0, kv)
         ids = [(l, l, f"head {h}", f"head {h}") for h in range(layout.n_heads)]
         rows += pair_rows(model, KIND_VO, ids, W_v, b_v, attn.W_O.transpose(-1, -2), activation="identity", **pair)
-    if "residual" in diagnostics and mlp is not None and nxt is not None and nxt.mlp is not None:
-        rows += pair_rows(model, KIND_RESIDUAL, [(l, l + 1, "mlp.out", "mlp.in")], mlp.mlp_out[None],
-                          single(mlp.b_out), nxt.mlp.mlp_in[None], activation="identity",
-                          svd_l=svd(l, "mlp.out", mlp.mlp_out, mlp.b_out),
-                          svd_next=svd(l + 1, "mlp.in", nxt.mlp.mlp_in), cheap=cheap,
-                          storage_eps=max(block.storage_eps, nxt.storage_eps), window=window,
-                          gram=pair_grams(cache, (l, "mlp.out", mlp.mlp_out, mlp.b_out),
-                                          (l + 1, "mlp.in", nxt.mlp.mlp_in, None)))
-    if "heads" in diagnostics and attn is not None and not cheap:
-        here = layer_bases(cache, l, attn)
-        for s in "qkvo":
-            rows += overlap_rows(model, HEAD_OVERLAP_KINDS[s], l, l, here[s], here[s], (HEAD_LABELS[s],) * 2,
-                                 upper=True)
-        if nxt is not None and nxt.attention is not None:
-            there = layer_bases(cache, l + 1, nxt.attention)
-            for s in "qkv":
-                rows += overlap_rows(model, CROSS_LAYER_KINDS[s], l, l + 1, here["o"], there[s],
-                                     ("head", HEAD_LABELS[s]), upper=False)
-    return rows
+        del W_v, b_v
+    block.attention = attn = None
+    units, mlp_rows = block_mlps(block), own and "mlp" in diagnostics
+    for unit, m in units:
+        if mlp_rows and m.mlp_gate is not None:
+            down = (l, f"{unit}mlp.out", m.mlp_out, None)
+            rows += pair_rows(model, KIND_MLP_GATE, [(l, l, f"{unit}mlp.gate", f"{unit}mlp.out")], m.mlp_gate[None],
+                              single(m.b_gate), m.mlp_out[None], activation=m.activation,
+                              svd_l=svd(l, f"{unit}mlp.gate", m.mlp_gate, m.b_gate),
+                              svd_next=svd(l, f"{unit}mlp.out", m.mlp_out),
+                              gram=pair_grams(cache, (l, f"{unit}mlp.gate", m.mlp_gate, m.b_gate), down), **pair)
+        m.mlp_gate = m.b_gate = None
+    if "residual" in diagnostics and prev is not None and prev.mlp_out is not None and mlp is not None:
+        p, at = prev.index, max(prev.storage_eps, block.storage_eps)
+        rows += pair_rows(model, KIND_RESIDUAL, [(p, l, "mlp.out", "mlp.in")], prev.mlp_out[None],
+                          single(prev.b_out), mlp.mlp_in[None], activation="identity",
+                          svd_l=svd(p, "mlp.out", prev.mlp_out, prev.b_out, at=at),
+                          svd_next=svd(l, "mlp.in", mlp.mlp_in, at=at), cheap=cheap, storage_eps=at, window=window,
+                          gram=pair_grams(cache, (p, "mlp.out", prev.mlp_out, prev.b_out),
+                                          (l, "mlp.in", mlp.mlp_in, None)))
+    if prev is not None:
+        prev.mlp_out = prev.b_out = None
+    for old in [k for k in cache if k[0] < l]:
+        del cache[old]
+    for unit, m in units if mlp_rows else ():
+        rows += pair_rows(model, KIND_MLP, [(l, l, f"{unit}mlp.in", f"{unit}mlp.out")], m.mlp_in[None],
+                          single(m.b_in), m.mlp_out[None], activation=m.activation,
+                          svd_l=svd(l, f"{unit}mlp.in", m.mlp_in, m.b_in), svd_next=svd(l, f"{unit}mlp.out", m.mlp_out),
+                          gram=pair_grams(cache, (l, f"{unit}mlp.in", m.mlp_in, m.b_in),
+                                          (l, f"{unit}mlp.out", m.mlp_out, None)), **pair)
+    for done in [k for k in cache if k[1] not in ("mlp.out", "heads")]:  # the rows with l+1 read only these
+        del cache[done]
+    carried = Carried(l, block.storage_eps, None if mlp is None else mlp.mlp_out, None if mlp is None else mlp.b_out,
+                      heads and (l, "heads") in cache)
+    block.mlp, block.experts, block.router = None, (), None
+    return rows, carried
 
 
-def per_layer_rows(model: str, layout, layers: Sequence[int], load: Callable, *, diagnostics: frozenset,
-                   cheap: bool, progress: bool, window: bool = False) -> list[Row]:
-    """:func:`layer_rows` of every layer in ``layers``, streaming blocks: ``load(i)`` reads block i; each block is
-    read once, block l+1 serving layer l's cross-layer and residual rows and then its own."""
+def per_layer_rows(model: str, layout, layers: Sequence[int], load: Callable, storage_eps: Callable, *,
+                   diagnostics: frozenset, cheap: bool, progress: bool, window: bool = False) -> list[Row]:
+    """:func:`layer_rows` of every layer in ``layers``, streaming blocks: ``load(i)`` reads block i,
+    ``storage_eps(i)`` its storage precision without reading it.  Each block is read once and released before
+    the next is read; layer l's rows with layer l+1 are computed with block l+1 (read for them alone when l+1 is
+    not in ``layers``) from what :class:`Carried` keeps of block l."""
     rows: list[Row] = []
     need_next = "residual" in diagnostics or ("heads" in diagnostics and not cheap)
     cache: dict = {}
+    chosen = set(layers)
     with progress_bar(len(layers), progress, model) as bar:
-        nxt = None
+        prev: Optional[Carried] = None
         for i in layers:
-            block = nxt if nxt is not None and nxt.index == i else load(i)
-            nxt = load(i + 1) if need_next and i + 1 < layout.n_layers else None
-            rows += layer_rows(model, layout, block, nxt, diagnostics=diagnostics, cheap=cheap, cache=cache,
-                               window=window)
+            has_next = need_next and i + 1 < layout.n_layers
+            own, prev = layer_rows(model, layout, load(i), prev=prev if prev is not None and prev.index == i - 1
+                                   else None, next_eps=storage_eps(i + 1) if has_next else None,
+                                   diagnostics=diagnostics, cheap=cheap, cache=cache, window=window)
+            rows += own
+            if has_next and i + 1 not in chosen:  # block i+1 read for layer i's rows with it only
+                rows += layer_rows(model, layout, load(i + 1), prev=prev, next_eps=None, diagnostics=diagnostics,
+                                   cheap=cheap, cache=cache, window=window, own=False)[0]
+            if not has_next:
+                prev = None
             bar.update()
     return rows
 
@@ -207,7 +252,8 @@ def analyze_transformer(source, name: str, *, device: torch.device, dtype: Optio
 
     rows: list[Row] = []
     if diag - {"composition"}:  # the per-layer pass (composition alone reads only attention, below)
-        rows += per_layer_rows(name, layout, sel, load, diagnostics=diag, cheap=cheap, progress=progress,
+        rows += per_layer_rows(name, layout, sel, load, lambda i: adapter.block_storage_eps(source, layout, i),
+                               diagnostics=diag, cheap=cheap, progress=progress,
                                window=not full)
         release_freed_memory()
     estimate, budget = None, composition_budget(source, adapter, layout, sel, dtype, full)

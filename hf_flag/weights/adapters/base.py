@@ -434,6 +434,13 @@ class Adapter:
                 mlp_weights = _mlp("gated", tensors, names, replace(layout, d_ff=d_shared), prefix="shared")
         elif mlp:
             mlp_weights = _mlp(layout.mlp_layout, tensors, names, layout)
-        storage_eps = max(source.storage_eps(n) for r, ns in read.items() if tensors[r].ndim >= 2 for n in ns)
-        return BlockWeights(index=i, attention=attention, mlp=mlp_weights, storage_eps=storage_eps, names=names,
+        return BlockWeights(index=i, attention=attention, mlp=mlp_weights,
+                            storage_eps=self.block_storage_eps(source, layout, i, mlp=mlp), names=names,
                             experts=experts, router=router)
+
+    def block_storage_eps(self, source: "WeightSource", layout: ModelLayout, i: int, *, mlp: bool = True) -> float:
+        """``BlockWeights.storage_eps`` of layer ``i`` without reading it: the coarsest ``source.storage_eps`` among
+        the 2-D weights (and per-expert tensors, stacked) :meth:`block` reads."""
+        layout = self._check(layout, i)
+        return max(source.storage_eps(n) for r, t in layout.tensors if _reads(r, mlp)
+                   for n in _expand(t, i, layout.n_experts) if len(source.shape(n)) + ("{e}" in t) >= 2)
