@@ -18,12 +18,26 @@ def block_tensors(block) -> list[torch.Tensor]:
     return tensors + ([] if block.router is None else [block.router])
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether ``t`` holds no NaN/Inf, from its minimum and maximum (NaN propagates through both): no
+    tensor-sized temporaries, unlike ``torch.isfinite(t).all()`` (a full ``abs`` copy and three boolean masks)."""
+    if t.numel() == 0 or not t.is_floating_point():
+        return True
+    return all(bool(torch.isfinite(v)) for v in torch.aminmax(t))
+
+
 def check_finite(block, source, names: Sequence[str], where: str) -> None:
     """Raise :class:`NonFiniteWeightsError` naming the checkpoint tensor (of ``names``) that holds NaN/Inf."""
-    if all(bool(torch.isfinite(t).all()) for t in block_tensors(block)):
+    if all(all_finite(t) for t in block_tensors(block)):
         return
-    bad = next((n for n in names if not bool(torch.isfinite(source.get(n)).all())), ", ".join(names))
+    bad = next((n for n in names if not all_finite(source.get(n))), ", ".join(names))
     raise NonFiniteWeightsError(f"{where}: tensor {bad!r} holds NaN/Inf values; repair or re-export the checkpoint")
+
+
+#: glibc's ``mallopt`` parameter number of ``M_MMAP_THRESHOLD`` (malloc.h)
+M_MMAP_THRESHOLD = -3
+#: allocations of at least this many bytes get their own mapping, unmapped when freed (:func:`bound_heap_growth`)
+MMAP_THRESHOLD_BYTES = 4 << 20
 
 
 def release_freed_memory() -> None:
@@ -33,18 +47,34 @@ def release_freed_memory() -> None:
     32 MiB) from the heap and keeps their pages after they are freed, so a long pass of tensor temporaries leaves
     ~100 MiB resident that no tensor uses; the analysis trims between passes and after each composition layer.
     """
-    trim = _malloc_trim()
+    trim = _libc_function("malloc_trim")
     if trim is not None:
         trim(0)
 
 
-@functools.lru_cache(maxsize=1)
-def _malloc_trim():
+def bound_heap_growth() -> None:
+    """Fix glibc's mmap threshold at :data:`MMAP_THRESHOLD_BYTES` for this process (``mallopt``; a no-op without
+    glibc), so that every tensor of 4 MiB or more is its own mapping, returned to the OS when it is freed.
+
+    glibc otherwise raises the threshold to the largest block freed so far (up to 32 MiB): after the first
+    16-32 MiB weight temporaries are freed, later ones come from the heap, whose freed pages stay resident and
+    fragment; on a d = 1024 checkpoint that held ~1.5 blocks more at the per-layer pass's peak than its live
+    tensors (``benchmarks/bench_lazy_rss.py``, BENCHMARKS.md "Memory").  Fixing it disables glibc's dynamic
+    adjustment for the rest of the process: allocations of 4-32 MiB then cost a mapping and its page faults
+    each (SmolLM2's default report: +0.4 s system time on 23 s; at 1 MiB it was +3 s; above 32 MiB glibc maps
+    anyway)."""
+    mallopt = _libc_function("mallopt")
+    if mallopt is not None:
+        mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+
+
+@functools.lru_cache(maxsize=None)
+def _libc_function(name: str):
     import ctypes
     import ctypes.util
 
-    name = ctypes.util.find_library("c")
-    return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    lib = ctypes.util.find_library("c")
+    return getattr(ctypes.CDLL(lib), name, None) if lib else None
 
 
 def resolve_device(device: Union[str, torch.device, None], model) -> torch.device:

@@ -11,7 +11,8 @@ import sys
 import torch
 from tqdm.auto import tqdm
 
-from hf_flag.analysis.checks import check_choice, check_finite, check_layers, release_freed_memory
+from hf_flag.analysis.checks import (bound_heap_growth, check_choice, check_finite, check_layers,
+                                    release_freed_memory)
 from hf_flag.analysis.heads import composition_estimate, composition_rows, head_spaces, kv_index, overlap_rows
 from hf_flag.analysis.pairs import pair_rows, single, window_svd
 from hf_flag.defaults import TRANSFORMER_DIAGNOSTICS
@@ -232,6 +233,7 @@ def analyze_transformer(source, name: str, *, device: torch.device, dtype: Optio
     ``dtype`` ``None``: :func:`model_compute_dtype`; ``composition="auto"``: all layer pairs where
     :func:`~hf_flag.analysis.heads.composition_estimate` finds the cost small, adjacent ones otherwise (the
     estimate is printed to stderr with ``progress``)."""
+    bound_heap_growth()
     keys = source.keys()
     adapter = get_adapter(source.config, keys)
     layout = adapter.layout(source.config, keys)
