@@ -115,6 +115,17 @@ def locked(folder: Path, create: bool = True) -> Iterator[None]:
         yield
 
 
+def clear_stale(folder: str | os.PathLike) -> None:
+    """Remove the claim on ``folder`` if it is no longer live (its holder died between recording the unit's outcome
+    and releasing its claim); a live claim and a folder without one are left alone."""
+    folder = Path(folder)
+    if not (folder / CLAIM).exists():
+        return
+    with locked(folder, create=False):
+        if not is_live(read_claim(folder)):
+            (folder / CLAIM).unlink(missing_ok=True)
+
+
 class Claims:
     """The claims of one process: take, renew (background thread), check and release them.
 

@@ -185,3 +185,17 @@ def test_a_folder_removed_with_its_claim_is_not_made_again(tmp_path):
         with claims.locked(unit, create=False):
             pass
     assert not unit.exists()
+
+
+def test_clear_stale_removes_only_a_dead_holders_claim(tmp_path):
+    unit = tmp_path / "unit"
+    write_claim(unit, host=socket.gethostname(), pid=os.getpid(), pid_start=claims.process_start(os.getpid()),
+                expires=time.time() + 3600)
+    claims.clear_stale(unit)
+    assert claims.read_claim(unit)["token"] == "t-other"  # its process (this one) runs: the claim stays
+    write_claim(unit, host=socket.gethostname(), pid=os.getpid(), pid_start="0", expires=time.time() + 3600)
+    claims.clear_stale(unit)
+    assert not (unit / claims.CLAIM).exists()  # same pid, another start time: its holder is gone
+    claims.clear_stale(unit)  # no claim: nothing to do
+    claims.clear_stale(tmp_path / "gone")  # no folder: nothing made
+    assert not (tmp_path / "gone").exists()
