@@ -22,12 +22,13 @@ naming the repo and what to do.  A download interrupted by a dropped connection 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 from hf_flag.errors import WeightSourceError
 
@@ -196,17 +197,61 @@ def _storage(repo_id: str) -> Path:
 
 
 def download(repo_id: str, sha: str, filename: str) -> str:
+    """Local path of ``filename`` of ``repo_id`` at commit ``sha``, fetched into the HF cache if needed."""
     from huggingface_hub import hf_hub_download
 
-    try:
+    with hub_errors(repo_id, sha, filename):
         return hf_hub_download(repo_id, filename, revision=sha, cache_dir=str(hf_cache_dir()),
                                local_files_only=offline())
+
+
+def safetensors_header(repo_id: str, sha: str, filename: str):
+    """The parsed header (``huggingface_hub.utils.SafetensorsFileMetadata``) of safetensors file ``filename`` of
+    ``repo_id`` at ``sha``, read with HTTP range requests (no download of the data)."""
+    from huggingface_hub import HfApi
+
+    with hub_errors(repo_id, sha, filename):
+        return HfApi().parse_safetensors_file_metadata(repo_id, filename, revision=sha)
+
+
+@contextlib.contextmanager
+def hub_errors(repo_id: str, sha: str, filename: str) -> Iterator[None]:
+    """Inside the block, a dropped connection and huggingface_hub's errors (401/403/404, gated, a bad safetensors
+    header) become one :class:`WeightSourceError` line naming the repo, the file and what to do; other exceptions
+    pass unchanged (internal errors keep their traceback)."""
+    try:
+        yield
     except transport_errors() as exc:
         raise WeightSourceError(f"download of {filename!r} from Hub model {repo_id!r} failed: the connection dropped "
                                 f"({_first_line(exc)}); rerun the same command to resume (finished files stay in the "
                                 f"HF cache)") from None
     except Exception as exc:  # noqa: BLE001
         raise _hub_error(repo_id, sha, exc, filename) from None
+
+
+def delete_cached_file(path: Path) -> None:
+    """Remove the snapshot entry ``path`` (a file of one cached commit) from the HF cache, and its blob only when no
+    other cached file links to it (another revision's snapshot, or another repo through huggingface_hub's shared
+    blob store): huggingface_hub's ``HFCacheInfo.delete_files``.  Clients older than that method keep blobs in the
+    repo's own ``blobs/`` only, so there the same rule is applied to the scanned revisions here."""
+    from huggingface_hub import scan_cache_dir
+
+    def entry(file: Path) -> tuple[Path, str]:  # the scan's paths are resolved folders, the caller's may not be
+        return file.parent.resolve(), file.name
+
+    info = scan_cache_dir(hf_cache_dir())
+    every = [f for repo in info.repos for rev in repo.revisions for f in rev.files]
+    mine = [f for f in every if entry(f.file_path) == entry(path)]
+    if not mine:  # the scan skipped its repo (a broken link in it: see info.warnings): keep the blob, to be safe
+        path.unlink(missing_ok=True)
+        return
+    if hasattr(info, "delete_files"):
+        info.delete_files(*mine).execute()
+        return
+    others = {f.blob_path for f in every if f not in mine}
+    path.unlink(missing_ok=True)
+    if mine[0].blob_path != path and mine[0].blob_path not in others:
+        mine[0].blob_path.unlink(missing_ok=True)
 
 
 def _hub_error(repo_id: str, revision: Optional[str], exc: Exception, filename: Optional[str] = None) -> Exception:
@@ -237,6 +282,9 @@ def _hub_error(repo_id: str, revision: Optional[str], exc: Exception, filename: 
                                  f"unset HF_HUB_OFFLINE to download it")
     if isinstance(exc, errors.HfHubHTTPError):
         return WeightSourceError(f"{what}: the Hub answered HTTP {status} ({_first_line(exc)}); retry later")
+    if isinstance(exc, errors.SafetensorsParsingError):
+        return WeightSourceError(f"{what}: the safetensors header of {filename!r} is not valid ({_first_line(exc)}); "
+                                 f"the repo's file is broken, pass a local folder instead")
     if isinstance(exc, OSError) and "Consistency check failed" in str(exc):
         return WeightSourceError(f"download of {filename!r} from {what} was cut short ({_first_line(exc)}); rerun "
                                  f"the same command")
