@@ -164,25 +164,34 @@ def _remote_listing(repo_id: str, revision: Optional[str]) -> tuple[str, dict[st
 
 
 def _cached_listing(repo_id: str, revision: Optional[str], *, reason: str) -> tuple[str, dict[str, Optional[int]]]:
-    """Commit sha and files of ``repo_id`` at ``revision`` in the local cache, or a one-line error."""
-    storage = _storage(repo_id)
-    rev = revision or "main"
-    sha = rev if re.fullmatch(r"[0-9a-f]{40}", rev) else None
-    ref = storage / "refs" / rev
-    if sha is None and ref.is_file():
-        sha = ref.read_text().strip()
-    folder = storage / "snapshots" / (sha or "")
-    if sha is None or not folder.is_dir():
+    """Commit sha and files of ``repo_id`` at ``revision`` in the local cache, or a one-line error.
+
+    huggingface_hub's ``snapshot_download(local_files_only=True)`` finds the snapshot (a branch or tag through the
+    cache's ``refs/``, a sha directly); ``allow_patterns=[]`` because only the folder is wanted here: the files the
+    analysis reads are checked one by one (:func:`download`), and huggingface_hub 2.x would otherwise refuse a
+    snapshot that lacks files hf-flag never reads (tokenizers) when it has the repo's file listing cached."""
+    from huggingface_hub import errors, snapshot_download
+
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision, cache_dir=str(hf_cache_dir()),
+                                        local_files_only=True, allow_patterns=[]))
+    except errors.LocalEntryNotFoundError:
         at = f" at revision {revision!r}" if revision else ""
         raise WeightSourceError(f"Hub model {repo_id!r}{at} is not in the HF cache ({hf_cache_dir()}) and "
                                 f"{reason}; {'unset HF_HUB_OFFLINE' if offline() else 'connect'} to download it, or "
-                                f"pass a local folder")
-    return sha, {p.relative_to(folder).as_posix(): p.stat().st_size for p in folder.rglob("*") if p.is_file()}
+                                f"pass a local folder") from None
+    return folder.name, {p.relative_to(folder).as_posix(): p.stat().st_size for p in folder.rglob("*") if p.is_file()}
 
 
 def _remember_ref(repo_id: str, revision: str, sha: str) -> None:
     """Record ``revision -> sha`` in the cache's ``refs/`` (huggingface_hub's cache layout), so an offline run finds
-    the branch or tag; files are fetched at the sha, for which huggingface_hub records no ref."""
+    the branch or tag; files are fetched at the sha, for which huggingface_hub records no ref.
+
+    Written here because huggingface_hub has no public call that records a ref for a sha already resolved: its
+    writer (``file_download._cache_commit_hash_for_specific_revision``) is private, ``hf_hub_download`` and
+    ``snapshot_download`` record one only when given the branch name (a second resolution, which could land on a
+    newer commit than the listing), and ``HfApi.resolve_revision`` (huggingface_hub >= 1.26) would be a second API
+    call per model, the listing needing ``files_metadata``."""
     from hf_flag.atomic import atomic_write_text
 
     ref = _storage(repo_id) / "refs" / revision

@@ -264,3 +264,35 @@ def test_cli_max_disk_shard_404_mid_stream_is_one_line_exit_2(hub, tmp_path, cap
     assert [line for line in err.splitlines() if line.startswith("hf-flag")] == [
         f"hf-flag: error: Hub model {REPO!r} lists {gone!r} but the Hub does not serve it (HTTP 404); retry later or "
         f"pass a local folder"]
+
+
+def test_offline_finds_a_tag_and_a_sha_read_online_before(hub, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    first = hub.add_repo(REPO, checkpoint_files(tmp_path, seed=0))
+    hub.repos[("model", REPO)].refs["v1"] = first
+    second = hub.add_repo(REPO, checkpoint_files(tmp_path, seed=1))
+    for revision in ("v1", None, first):
+        open_weights(REPO, revision=revision).close()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    before = len(hub.log)
+    for revision, sha in (("v1", first), (None, second), ("main", second), (first, first)):
+        with open_weights(REPO, revision=revision) as src:
+            assert provenance(src)["sha"] == sha, revision
+    assert len(hub.log) == before
+    with pytest.raises(WeightSourceError, match=r"^Hub model 'tiny-org/tiny-llama' at revision 'v2' is not in the HF "
+                                                r"cache .* HF_HUB_OFFLINE is set"):
+        open_weights(REPO, revision="v2")
+
+
+def test_unreachable_hub_reads_a_revision_cached_before(hub, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    sha = hub.add_repo(REPO, checkpoint_files(tmp_path))
+    open_weights(REPO).close()
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing answers there
+    with open_weights(REPO) as src:
+        assert provenance(src)["sha"] == sha
+    with pytest.raises(WeightSourceError, match=r"^Hub model 'tiny-org/other' is not in the HF cache .* the Hub is "
+                                                r"unreachable .*; connect to download it"):
+        open_weights("tiny-org/other")
