@@ -12,11 +12,14 @@ in the compute precision (float32 for these float32 weights; float64 with ``full
 on deep and on wide checkpoints (d >= 1024, d_ff = 4d).  Runs: (1) the default report of every layer
 (composition ``auto``); (2) the default report of block 0 with composition 0 -> every later layer; (3)
 ``full=True`` of block 0 without composition (today's analysis, float64); (4) ``cheap=True`` over all layers.
-``--reader safe_open`` reads each tensor with the safetensors library (``safe_open`` opened per tensor, mapping
-released after each) instead of hf-flag's ``os.preadv`` reader, to compare their peaks.
+``--readers`` runs each analysis with each reader, side by side: hf-flag's ``os.preadv`` reader (``preadv``), the
+safetensors library opened per tensor (``safe_open``: mapping released after each tensor) or per block
+(``safe_open_block``: one ``safe_open`` handle per transformer block, closed when the next block's first tensor
+is read), to compare peaks and CPU seconds.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_lazy_rss.py --layers 24 --d 1024 --d-ff 4096 --heads 16 --kv-heads 4
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_lazy_rss.py --layers 24 --d 1024 --d-ff 4096 --heads 16 --kv-heads 4 --reader safe_open
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_lazy_rss.py --layers 12 --vocab 8000 --runs layer0 \
+        --readers preadv,safe_open,safe_open_block
 """
 from __future__ import annotations
 
@@ -32,14 +35,26 @@ from pathlib import Path
 import numpy as np
 
 CHILD = r"""
-import json, os, sys, time, torch
+import json, os, re, sys, time, torch
 from hf_flag.analysis.api import analyze
-if os.environ.get("HF_FLAG_BENCH_READER") == "safe_open":
+READER = os.environ.get("HF_FLAG_BENCH_READER", "preadv")
+if READER != "preadv":
     from safetensors import safe_open
     from hf_flag.weights.safetensors_source import SafetensorsSource
+    handles = {}
     def read_with_safe_open(self, name):
-        with safe_open(str(self._entries[name].file), framework="pt") as f:
-            return f.get_tensor(name)
+        file = str(self._entries[name].file)
+        if READER == "safe_open":  # opened per tensor
+            with safe_open(file, framework="pt") as f:
+                return f.get_tensor(name)
+        layer = re.search(r"layers\.(\d+)\.", name)  # safe_open_block: one handle per block, closed at the next
+        key = (file, layer.group(1) if layer else name)
+        if key not in handles:
+            for h in handles.values():
+                h.__exit__(None, None, None)
+            handles.clear()
+            handles[key] = safe_open(file, framework="pt").__enter__()
+        return handles[key].get_tensor(name)
     SafetensorsSource._read = read_with_safe_open
 def status():
     out = {}
@@ -50,10 +65,10 @@ def status():
     return out
 before = status()
 kwargs = json.loads(sys.argv[2])
-start = time.perf_counter()
+start, cpu = time.perf_counter(), time.process_time()
 report = analyze(sys.argv[1], device="cpu", **kwargs)
 print(json.dumps({"before": before, "after": status(), "seconds": time.perf_counter() - start,
-                  "rows": len(report.rows)}))
+                  "cpu": time.process_time() - cpu, "rows": len(report.rows)}))
 """
 
 
@@ -133,7 +148,8 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--kv-heads", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--reader", choices=("preadv", "safe_open"), default="preadv")
+    parser.add_argument("--readers", default="preadv",
+                        help="comma-separated subset of preadv,safe_open,safe_open_block; each run with each")
     parser.add_argument("--runs", default="default,composition,full,cheap",
                         help="comma-separated subset of default,composition,full,cheap,layer0,composition_only")
     args = parser.parse_args()
@@ -151,20 +167,24 @@ def main() -> None:
         folder = Path(tmp)
         start = time.perf_counter()
         size = write_checkpoint(folder, args.layers, args.d, args.d_ff, args.heads, args.kv_heads, args.vocab)
+        readers = args.readers.split(",")
+        unknown = set(readers) - {"preadv", "safe_open", "safe_open_block"}
+        if unknown:
+            raise SystemExit(f"--readers: unknown {sorted(unknown)}; use preadv, safe_open, safe_open_block")
         print(f"checkpoint: {size / mib:.0f} MiB ({args.layers} layers, d={args.d}, d_ff={args.d_ff}, "
-              f"{args.heads} heads / {args.kv_heads} KV), written in {time.perf_counter() - start:.0f} s; "
-              f"reader {args.reader}")
+              f"{args.heads} heads / {args.kv_heads} KV), written in {time.perf_counter() - start:.0f} s", flush=True)
         for key in args.runs.split(","):
             label, kwargs, itemsize = all_runs[key]
             block = block_bytes(args.d, args.d_ff, args.heads, args.kv_heads, itemsize)
-            r = measure(folder, kwargs, args.reader)
-            peak, base = r["after"]["VmHWM"], r["before"]["VmRSS"]
-            print(f"{label}: {r['seconds']:.0f} s, {r['rows']} rows; peak RSS (VmHWM) {peak / mib:.0f} MiB, "
-                  f"after imports {base / mib:.0f} MiB: above imports {(peak - base) / mib:.0f} MiB = "
-                  f"{(peak - base) / block:.2f} blocks of {block / mib:.0f} MiB ({itemsize * 8}-bit; goal <= 3), "
-                  f"{100 * peak / size:.1f}% of the checkpoint; sampled peaks RssAnon "
-                  f"{r['sampled_peaks']['RssAnon'] / mib:.0f} MiB, RssFile {r['sampled_peaks']['RssFile'] / mib:.0f} MiB",
-                  flush=True)
+            for reader in readers:
+                r = measure(folder, kwargs, reader)
+                peak, base = r["after"]["VmHWM"], r["before"]["VmRSS"]
+                print(f"{label} [{reader}]: CPU {r['cpu']:.1f} s (wall {r['seconds']:.0f} s), {r['rows']} rows; "
+                      f"peak RSS (VmHWM) {peak / mib:.0f} MiB, after imports {base / mib:.0f} MiB: above imports "
+                      f"{(peak - base) / mib:.0f} MiB = {(peak - base) / block:.2f} blocks of {block / mib:.0f} MiB "
+                      f"({itemsize * 8}-bit; goal <= 3), {100 * peak / size:.1f}% of the checkpoint; sampled peaks "
+                      f"RssAnon {r['sampled_peaks']['RssAnon'] / mib:.0f} MiB, "
+                      f"RssFile {r['sampled_peaks']['RssFile'] / mib:.0f} MiB", flush=True)
 
 
 if __name__ == "__main__":
