@@ -28,7 +28,7 @@ from hf_flag import exits
 from hf_flag.atomic import atomic_write
 from hf_flag.defaults import (COMPOSITION_MODES, DIAGNOSTIC_NAMES, default_hub_id, default_named_paths,
                               model_slug, parse_diagnostics)
-from hf_flag.errors import HfFlagError
+from hf_flag.errors import InputError
 from hf_flag.report import baseline_key
 from hf_flag.rows import table_metrics
 from hf_flag.weights.sources import open_weights
@@ -44,7 +44,7 @@ DISPATCH = {
 }
 
 
-class CliError(HfFlagError, ValueError):
+class CliError(InputError):
     """A user error found by the command line itself (bad argument, missing default model, unsafe overwrite)."""
 
 

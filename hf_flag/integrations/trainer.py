@@ -54,6 +54,7 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ExportableState
 
+from hf_flag.errors import InputError
 from hf_flag.geometry.dynamics import (GATED_LINEAR, fit_decay_rate, imbalance_law_scope, predicted_decay_curve,
                                        predicted_decay_rate)
 from hf_flag.rows import KIND_MLP, KIND_RESIDUAL, KIND_VO, sort_rows, summarize
@@ -299,7 +300,7 @@ class FlagAlignmentCallback(TrainerCallback, ExportableState):
     def __init__(self, every_n_steps: int = 50, diagnostics: Optional[Sequence[str]] = None, on_evaluate: bool = True,
                  layers: Optional[Sequence[int]] = None, composition: str = "none", trainer: Any = None) -> None:
         if not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise ValueError(f"FlagAlignmentCallback: every_n_steps={every_n_steps!r} must be an int >= 1")
+            raise InputError(f"FlagAlignmentCallback: every_n_steps={every_n_steps!r} must be an int >= 1")
         self.every_n_steps = every_n_steps
         self.diagnostics = list(diagnostics) if diagnostics is not None else None
         self.on_evaluate_enabled = on_evaluate
