@@ -17,10 +17,10 @@ as alignment"; ``hf_flag.geometry.pairs.commutator_reading_holds``): rows whose 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 from hf_flag.geometry.stats import difference_z, sample_sd
-from hf_flag.report import Report, baseline_key
+from hf_flag.report import Report, Row, baseline_key
 from hf_flag.rows import summarize
 
 Z_THRESHOLD = 3.0
@@ -75,7 +75,12 @@ def z_score(values: list[float], baselines: list[Optional[float]]) -> Optional[f
 
 def kappa_reads(report: Report, kind: str) -> Optional[bool]:
     """Whether every ``kind`` row records that kappa reads as alignment (``None``: the rows do not say)."""
-    flags = [r.details.get(KAPPA_READS) for r in report.select(kind=kind)]
+    return kappa_reads_in_rows(report.select(kind=kind))
+
+
+def kappa_reads_in_rows(rows: Sequence[Row]) -> Optional[bool]:
+    """Whether every row of ``rows`` records that kappa reads as alignment (``None``: none, or one does not say)."""
+    flags = [r.details.get(KAPPA_READS) for r in rows]
     if not flags or any(f is None for f in flags):
         return None
     return all(bool(f) for f in flags)
