@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-from hf_flag.errors import HfFlagError, InputError
+from hf_flag.errors import InputError
 
 #: ``composition=`` of :func:`hf_flag.analyze`: every later layer where the estimated cost is small, else the next
 #: layer only (``auto``); every later layer; the next layer only; or no composition rows
@@ -22,7 +22,7 @@ CHAIN_DIAGNOSTICS = ("linear_chain",)
 DIAGNOSTIC_NAMES = TRANSFORMER_DIAGNOSTICS + CHAIN_DIAGNOSTICS
 
 
-class DefaultModelMissingError(HfFlagError, ValueError):
+class DefaultModelMissingError(InputError):
     """An embedded default model's package is not installed (the message says which ``pip install`` to run)."""
 
 

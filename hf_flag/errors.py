@@ -10,7 +10,7 @@ about it.
 """
 from __future__ import annotations
 
-__all__ = ["HfFlagError", "InputError", "WeightSourceError", "UnsupportedArchitectureError",
+__all__ = ["HfFlagError", "InputError", "MissingFolderError", "WeightSourceError", "UnsupportedArchitectureError",
            "NonFiniteWeightsError"]
 
 
@@ -21,6 +21,10 @@ class HfFlagError(Exception):
 class InputError(HfFlagError, ValueError):
     """A value the user gave is invalid: a command-line option, a config key, an argument of a public function
     (``analyze``'s ``layers``/``device``/``dtype``, an adapter spec); the message names it and what to give."""
+
+
+class MissingFolderError(HfFlagError, FileNotFoundError):
+    """The folder a file is to be written into does not exist (nothing is created); the message names both."""
 
 
 class WeightSourceError(HfFlagError, ValueError):

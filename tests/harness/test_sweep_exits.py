@@ -77,6 +77,16 @@ def test_user_errors_are_input_errors_and_still_value_errors():
     assert exits.user_message(ConfigError("config key 'out': give a folder")) == "config key 'out': give a folder"
 
 
+def test_a_missing_output_folder_is_a_user_error(tmp_path, capsys):
+    from hf_flag.atomic import atomic_write_text
+
+    target = tmp_path / "absent" / "report.json"
+    with mock.patch.object(cli, "run_analyze", lambda args: atomic_write_text(target, "{}")):
+        assert cli.main(["analyze", "m"]) == exits.EXIT_USAGE
+    assert one_stderr_line(capsys).startswith(f"hf-flag: error: cannot write {str(target)!r}: folder ")
+    assert not target.parent.exists()
+
+
 def test_user_errors_exit_2_with_one_line(tiny_models, capsys):
     assert cli.main(["analyze", str(tiny_models["gpt2"]), "--layers", "7"]) == exits.EXIT_USAGE  # our raise
     line = one_stderr_line(capsys)
