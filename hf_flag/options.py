@@ -27,11 +27,11 @@ def add_model_options(parser: argparse.ArgumentParser, *, config_file: bool = Fa
     parser.add_argument("--default", action="store_true",
                         help="add the embedded default models (all-MiniLM-L6-v2 and SmolLM2-135M-Instruct)")
     parser.add_argument("--name", metavar="ORG/NAME",
-                        help="the Hub name of the one MODEL given, for labels, output folders and cards (default: "
-                             "its Hub id, or a local folder's config _name_or_path, which for a fine-tuned copy "
-                             "names its base model)")
+                        help="the Hub name of the one MODEL given, for labels and output folders (and, in a "
+                             "sweep, its model card; default: its Hub id, or a local folder's config _name_or_path, "
+                             "which for a fine-tuned copy names its base model)")
     parser.add_argument("--revision", help="branch, tag or commit sha of the MODEL Hub ids (default: main)")
-    parser.add_argument("--gguf-file", dest="gguf_file",
+    parser.add_argument("--gguf-file", dest="gguf_file", metavar="FILE",
                         help="which .gguf of a GGUF Hub repo (default: the one with the finest storage)")
     parser.add_argument("--max-disk", type=float, metavar="GB", dest="max_disk",
                         help="stream sharded Hub checkpoints shard by shard, holding at most GB of shards on disk")
