@@ -86,7 +86,8 @@ from hf_flag.exits import one_line
 from hf_flag.options import add_model_options
 from hf_flag.weights.hub import transport_errors
 from hf_flag.harness import schedule
-from hf_flag.harness.claims import CLAIM, DEFAULT_LEASE_S, Claims, Owner, is_live, locked, read_claim
+from hf_flag.harness.claims import (CLAIM, DEFAULT_LEASE_S, Claims, Owner, clear_stale, is_live, locked,
+                                    read_claim)
 from hf_flag.harness.config import (DEVICES, ConfigError, ModelSpec, SweepConfig, build_config, default_model_specs,
                                     load_config, parse_config, parse_model, slugs)
 from hf_flag.harness.schedule import RunState
@@ -463,6 +464,7 @@ def claim_and_run(ctx: RunContext, units: Sequence[Unit], run: Callable[[Unit], 
         ran = False
         for unit in list(pending):
             if finished(schedule.run_state(unit.run_dir, unit.fp)):
+                clear_stale(unit.run_dir)  # a holder killed after recording the outcome, before releasing
                 pending.remove(unit)
                 on_finished(unit)
                 continue
