@@ -103,7 +103,9 @@ def layer_rows(model: str, layout, block, *, prev: Optional[Carried], next_eps: 
 
     ``block``'s tensors are released as soon as their last row is computed (attention after its head rows, the
     gate after its pair, the rest but the down projection after the MLP pairs), so that at most one raw block
-    and one carried down projection are resident whatever the depth (issue #11, ``bench_lazy_rss.py``).
+    and one carried down projection are resident whatever the depth (issue #11, ``bench_lazy_rss.py``); the
+    residual pair from l-1 comes first among the MLP pairs, so the carried down projection and its cached
+    Gram are released before the gate pair, and the gate's cache entries go after its pair.
     ``next_eps``: block l+1's storage precision when it has rows with layer l (``None`` otherwise): a weight's
     window SVD is cached with the coarser precision of the layer pair it is first used in (MATH.md §4).
     ``cache``: head bases (:func:`layer_bases`), weight SVDs (:func:`weight_svd`) and Grams (:func:`pair_grams`)
@@ -137,14 +139,7 @@ def layer_rows(model: str, layout, block, *, prev: Optional[Carried], next_eps: 
         del W_v, b_v
     block.attention = attn = None
     units, mlp_rows = block_mlps(block), own and "mlp" in diagnostics
-    for unit, m in units:
-        if mlp_rows and m.mlp_gate is not None:
-            down = (l, f"{unit}mlp.out", m.mlp_out, None)
-            rows += pair_rows(model, KIND_MLP_GATE, [(l, l, f"{unit}mlp.gate", f"{unit}mlp.out")], m.mlp_gate[None],
-                              single(m.b_gate), m.mlp_out[None], activation=m.activation,
-                              svd_l=svd(l, f"{unit}mlp.gate", m.mlp_gate, m.b_gate),
-                              svd_next=svd(l, f"{unit}mlp.out", m.mlp_out),
-                              gram=pair_grams(cache, (l, f"{unit}mlp.gate", m.mlp_gate, m.b_gate), down), **pair)
+    for _, m in units if not mlp_rows else ():  # no gate pair: the gates go before the residual pair
         m.mlp_gate = m.b_gate = None
     if "residual" in diagnostics and prev is not None and prev.mlp_out is not None and mlp is not None:
         p, at = prev.index, max(prev.storage_eps, block.storage_eps)
@@ -158,6 +153,17 @@ def layer_rows(model: str, layout, block, *, prev: Optional[Carried], next_eps: 
         prev.mlp_out = prev.b_out = None
     for old in [k for k in cache if k[0] < l]:
         del cache[old]
+    for unit, m in units:
+        if mlp_rows and m.mlp_gate is not None:
+            down = (l, f"{unit}mlp.out", m.mlp_out, None)
+            rows += pair_rows(model, KIND_MLP_GATE, [(l, l, f"{unit}mlp.gate", f"{unit}mlp.out")], m.mlp_gate[None],
+                              single(m.b_gate), m.mlp_out[None], activation=m.activation,
+                              svd_l=svd(l, f"{unit}mlp.gate", m.mlp_gate, m.b_gate),
+                              svd_next=svd(l, f"{unit}mlp.out", m.mlp_out),
+                              gram=pair_grams(cache, (l, f"{unit}mlp.gate", m.mlp_gate, m.b_gate), down), **pair)
+            for done in [k for k in cache if k[:2] == (l, f"{unit}mlp.gate")]:
+                del cache[done]
+        m.mlp_gate = m.b_gate = None
     for unit, m in units if mlp_rows else ():
         rows += pair_rows(model, KIND_MLP, [(l, l, f"{unit}mlp.in", f"{unit}mlp.out")], m.mlp_in[None],
                           single(m.b_in), m.mlp_out[None], activation=m.activation,
