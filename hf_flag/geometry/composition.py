@@ -5,8 +5,8 @@ taken from the destination head.  Heads use the ``x @ W`` convention of ``hf_fla
 are scored as given: unlike TransformerLens, no LayerNorm folding and no centring is done here (an adapter or
 the caller may fold first).  Haar baseline: ``E[score^2] = 1/d`` (``baselines.composition_baseline``).
 
-Two exact routes to the same score: :func:`composition_scores` (one layer pair, cost ``H H' d dh^2``, memory
-``O(d dh)`` per tile) and :func:`source_grams` / :func:`destination_grams` / :func:`scores_from_grams` (packed
+Two exact routes to the same score: :func:`composition_scores` (one layer pair, cost ``H H' d dh^2`` in one
+matmul, memory about ``d x d`` per tile) and :func:`source_grams` / :func:`destination_grams` / :func:`scores_from_grams` (packed
 ``d x d`` Grams built once per layer, ``H d^2 dh``, then ``H H' d^2 / 2`` per layer pair: cheaper when every layer
 meets many others, as in all-pairs composition, at ``d^2 / 2`` floats per head).
 """
@@ -70,10 +70,13 @@ def composition_scores(
     * ``kind="v"``: pass the destination's ``W_V`` as ``W_Q`` and ``W_O.transpose(-1, -2)`` as ``W_K``, so
       ``R = W_V W_O`` of the destination head.
 
-    Exact trace form, never d x d: ``||L R||_F^2 = ||W_V M Y^T||_F^2 = tr(G_V M G_Y M^T)`` with ``M = W_O X``
-    (dh x dh'), ``G_V = W_V^T W_V``, ``G_Y = Y^T Y``; ``||L||_F^2 = tr(G_V W_O W_O^T)``,
-    ``||R||_F^2 = tr(X^T X G_Y)``.  Head pairs are processed ``tile_size`` at a time (default ``d // dh'``),
-    so the working memory is O(d x dh) per tile.  A zero head scores 0.
+    Exact, never d x d: with the thin QR factors ``W_V[h] = Q R_h`` and ``Y[g] = Q' R'_g`` (orthonormal ``Q``,
+    ``Q'`` drop out of Frobenius norms), ``||L_h R_g||_F = ||R_h W_O[h] X[g] R'_g^T||_F = ||P_h Z_g||_F`` with
+    ``P_h = R_h W_O[h]`` (dh x d) and ``Z_g = X[g] R'_g^T`` (d x dh'); ``||L_h||_F = ||P_h||_F`` and
+    ``||R_g||_F = ||Z_g||_F``.  Every head pair's ``P_h Z_g`` comes from one ``(H dh) x d x (H' dh')`` matmul,
+    ``tile_size`` head pairs at a time (default ``d^2 / (dh dh')``, so a tile holds about ``d x d`` numbers).
+    ``dtype``: the precision to compute in (float32 for the default report of coarse storage, §4's precision
+    policy; the score is a ratio of sums of squares, no cancellation).  A zero head scores 0.
     """
     _check_source(W_V, W_O)
     H, d, dh = W_V.shape
@@ -85,24 +88,22 @@ def composition_scores(
     X, Y = X.to(device=dev, dtype=dtype), Y.to(device=dev, dtype=dtype)
     H2, dh2 = X.shape[0], X.shape[2]
     if tile_size is None:
-        tile_size = max(1, d // dh2)
-    if not isinstance(tile_size, int) or tile_size < 1:
+        tile_size = max(1, d * d // max(1, dh * dh2))
+    if isinstance(tile_size, bool) or not isinstance(tile_size, int) or tile_size < 1:
         raise ValueError(f"composition_scores: tile_size must be a positive int (head pairs per tile); "
                          f"got {tile_size!r}")
 
-    G_V = W_V.mT @ W_V  # (H, dh, dh)
-    G_Y = Y.mT @ Y  # (H', dh', dh')
-    L2 = (G_V * (W_O @ W_O.mT)).sum(dim=(-2, -1))  # (H,) ; G symmetric so tr(G P) = sum(G * P)
-    R2 = ((X.mT @ X) * G_Y).sum(dim=(-2, -1))  # (H',)
-
-    td = min(H2, tile_size)
-    ts = max(1, tile_size // td)
+    P = torch.linalg.qr(W_V, mode="r").R @ W_O  # (H, r, d), r = min(d, dh)
+    Z = X @ torch.linalg.qr(Y, mode="r").R.mT  # (H', d, r')
+    L2, R2 = P.square().sum(dim=(-2, -1)), Z.square().sum(dim=(-2, -1))
+    r, r2 = P.shape[1], Z.shape[2]
+    Z_all = Z.permute(1, 0, 2).reshape(d, H2 * r2)
+    ts = max(1, tile_size // H2)  # source heads per tile (all destination heads at once)
     num2 = torch.empty(H, H2, dtype=dtype, device=dev)
     for i in range(0, H, ts):
-        for j in range(0, H2, td):
-            M = W_O[i:i + ts, None] @ X[None, j:j + td]  # (ts, td, dh, dh')
-            num2[i:i + ts, j:j + td] = ((G_V[i:i + ts, None] @ M) * (M @ G_Y[None, j:j + td])).sum(dim=(-2, -1))
-    return safe_ratio(num2.clamp_min(0).sqrt(), (L2[:, None] * R2[None, :]).sqrt())
+        N = P[i:i + ts].reshape(-1, d) @ Z_all  # (ts r, H' r'): block (h, g) is P_h Z_g
+        num2[i:i + ts] = N.reshape(-1, r, H2, r2).square().sum(dim=(1, 3))
+    return safe_ratio(num2.sqrt(), (L2[:, None] * R2[None, :]).sqrt())
 
 
 class CompositionGrams(NamedTuple):
