@@ -85,6 +85,10 @@ def _skip_or_read(buf: Any, offs: int, vtype: int) -> tuple[Any, int]:
         offs += 12
         if item in _SCALAR_FORMATS:
             return None, offs + count * struct.calcsize(_SCALAR_FORMATS[item])
+        if item == _STRING:  # e.g. the tokenizer's vocabulary: step over each string without decoding it
+            for _ in range(count):
+                offs += 8 + struct.unpack_from("<Q", buf, offs)[0]
+            return None, offs
         for _ in range(count):
             _, offs = _skip_or_read(buf, offs, item)
         return None, offs
