@@ -26,22 +26,21 @@ class HeadBases(NamedTuple):
 def head_bases(X: torch.Tensor, *, dtype: torch.dtype = torch.float64) -> HeadBases:
     """Orthonormal bases of the column spaces of ``X: (H, d, r)``, in ``dtype``, with the MATH.md §1 rank cut
     ``s > s_max default_rtol(X)`` (of ``X`` cast to ``dtype`` when that is coarser; columns beyond a head's rank
-    are zero).  Compute once per layer and tensor;
-    reuse for within-layer and cross-layer overlaps.
+    are zero).  Compute once per layer and tensor; reuse for within-layer and cross-layer overlaps.
 
-    One batched thin QR ``X = Q R`` and the singular values of the small ``R`` (those of ``X``): a head of full
+    ``dtype`` float64 (``full=True``): the left singular vectors of one batched SVD of ``X``.  float32 (the default
+    report of coarse storage, MATH.md §4's precision policy; the cut is then at least ``6.9e-5 s_max`` for
+    d = 576, far above float32's resolution of a singular value, ``~1e-7 s_max``): one batched thin QR
+    ``X = Q R`` and the singular values of the small ``R`` (those of ``X``), at half the cost; a head of full
     column rank keeps ``Q`` (the same subspace as its left singular vectors, so every overlap is the same up to
-    rounding, at half the cost of an SVD of ``X``); a rank-deficient head keeps ``Q U_R`` over its kept
-    directions (``R = U_R S V_R^T``).  ``dtype``: float64 (``full=True``) or float32 (the default report of
-    coarse storage, MATH.md §4's precision policy: the cut is at least ``6.9e-5 s_max`` for d = 576, far above
-    float32's resolution of a singular value, ``~1e-7 s_max``)."""
+    rounding), a rank-deficient one ``Q U_R`` over its kept directions (``R = U_R S V_R^T``)."""
     check_matrix("X", X, where="head_bases")
     check_dtype(dtype, where="head_bases")
     if X.ndim != 3:
         raise ValueError(f"head_bases: X has shape {tuple(X.shape)}; pass (heads, d, r)")
     stored, X = X, X.to(dtype)
     rtol = max(default_rtol(stored), default_rtol(X))  # the storage's cut, or the compute precision's if coarser
-    if X.shape[1] < X.shape[2]:  # more columns than dimensions: R is not square, take the SVD of X itself
+    if dtype == torch.float64 or X.shape[1] < X.shape[2]:  # (more columns than dimensions: R is not square)
         U, s, _ = torch.linalg.svd(X, full_matrices=False)
     else:
         Q, R = torch.linalg.qr(X)
