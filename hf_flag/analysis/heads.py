@@ -169,7 +169,8 @@ def tiled_composition_rows(model: str, kinds: dict[str, str], layout, sources: S
     one layer); each source layer is read once per chunk holding one of its destinations, so memory is one chunk
     plus one source layer and the expanded heads of a group of destinations (a quarter of the budget).  Scores
     are computed in the dtype the attention is read in (the analysis dtype: float32 for the default report of
-    coarse storage, MATH.md §4's precision policy), at least float32."""
+    coarse storage, MATH.md §4's precision policy), at least float32; kinds k and v multiply each destination
+    KV head once (``shared``), not once per query head."""
     dests = sorted({t for ts in targets.values() for t in ts})
     per_layer = 2 * (layout.n_heads + layout.n_kv_heads) * layout.d_model * layout.head_dim * itemsize
     chunk = max(1, budget_bytes // per_layer)
@@ -185,10 +186,14 @@ def tiled_composition_rows(model: str, kinds: dict[str, str], layout, sources: S
             src = expand_kv(cache[l] if l in cache else load_attention(l), layout)
             dtype = torch.promote_types(src["V"].dtype, torch.float32)
             for g in range(0, len(ts), group):
-                dst = [expand_kv(cache[t], layout) for t in ts[g:g + group]]
-                dst = {r: torch.cat([d[r] for d in dst]) for r in "QKVO"}  # heads of `group` destination layers
-                for s, (X, Y) in destination_reads(dst).items():  # in the analysis dtype (the blocks')
-                    scores = composition_scores(src["V"], src["O"], X, Y, kind=s, dtype=dtype).tolist()
+                attn = [cache[t] for t in ts[g:g + group]]  # `group` destination layers, KV heads unexpanded
+                Q, O = (torch.cat([getattr(a, r) for a in attn]) for r in ("W_Q", "W_O"))
+                K, V = (torch.cat([getattr(a, r) for a in attn]) for r in ("W_K", "W_V"))
+                kv = torch.cat([kv_index(layout, K.device) + j * layout.n_kv_heads for j in range(len(attn))])
+                reads = {"q": ((Q, K[kv]), None), "k": ((Q, K), kv), "v": ((V, O.mT), kv)}
+                for s, ((X, Y), shared) in reads.items():  # in the analysis dtype (the blocks')
+                    scores = composition_scores(src["V"], src["O"], X, Y, kind=s, dtype=dtype,
+                                                shared=shared).tolist()
                     yield from (Row(model, kinds[s], l, ts[g + j // H], f"head {h}", f"head {j % H}",
                                     {"score": sc, "score_baseline": base})
                                 for h, row in enumerate(scores) for j, sc in enumerate(row))

@@ -55,9 +55,25 @@ def _check_destination(W_Q: torch.Tensor, W_K: torch.Tensor, kind: str, d: Optio
                          f"W_O_dst.transpose(-1, -2) as W_K)")
 
 
+def _check_shared(W_Q: torch.Tensor, W_K: torch.Tensor, kind: str, d: int, shared: torch.Tensor) -> None:
+    """Grouped destination heads: the shared tensor (``W_K`` for ``kind="k"``, ``W_Q`` for ``"v"``) holds KV heads,
+    ``shared[g]`` names destination head g's."""
+    if kind not in ("k", "v"):
+        raise ValueError(f"composition_scores: shared KV heads apply to kind 'k' or 'v' (the projection they share); "
+                         f"got kind={kind!r}")
+    X, Y = (W_K, W_Q) if kind == "k" else (W_Q, W_K)
+    _heads("W_Q", W_Q, d, None)
+    _heads("W_K", W_K, W_Q.shape[1], W_Q.shape[2])
+    if not isinstance(shared, torch.Tensor) or shared.dtype != torch.int64 or shared.ndim != 1 or \
+            shared.numel() != Y.shape[0] or (shared.numel() and not 0 <= int(shared.min()) <= int(shared.max())
+                                             < X.shape[0]):
+        raise ValueError(f"composition_scores: shared must be an int64 tensor of {Y.shape[0]} KV head indices in "
+                         f"[0, {X.shape[0]}) (one per destination head); got {shared!r}")
+
+
 def composition_scores(
     W_V: torch.Tensor, W_O: torch.Tensor, W_Q: torch.Tensor, W_K: torch.Tensor, *, kind: str,
-    tile_size: Optional[int] = None, dtype: torch.dtype = torch.float64,
+    tile_size: Optional[int] = None, dtype: torch.dtype = torch.float64, shared: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """All ``(H, H')`` composition scores from source heads to destination heads (MATH.md §6).
 
@@ -77,16 +93,22 @@ def composition_scores(
     ``tile_size`` head pairs at a time (default ``d^2 / (dh dh')``, so a tile holds about ``d x d`` numbers).
     ``dtype``: the precision to compute in (float32 for the default report of coarse storage, §4's precision
     policy; the score is a ratio of sums of squares, no cancellation).  A zero head scores 0.
+    ``shared`` (grouped-query attention, ``kind`` "k" or "v"): ``W_K`` (kind "k") or ``W_Q`` (kind "v": the
+    destination's ``W_V``) holds the KV heads unexpanded and destination head g uses KV head ``shared[g]``; the
+    matmul then runs over the KV heads (``P_h X_c``), each destination head's ``R'_g^T`` applied after.
     """
     _check_source(W_V, W_O)
     H, d, dh = W_V.shape
-    _check_destination(W_Q, W_K, kind, d)
+    if shared is None:
+        _check_destination(W_Q, W_K, kind, d)
+    else:
+        _check_shared(W_Q, W_K, kind, d, shared)
     check_dtype(dtype, where="composition_scores")
     dev = W_V.device
     W_V, W_O = W_V.to(dtype), W_O.to(device=dev, dtype=dtype)
     X, Y = (W_Q, W_K) if kind != "k" else (W_K, W_Q)
     X, Y = X.to(device=dev, dtype=dtype), Y.to(device=dev, dtype=dtype)
-    H2, dh2 = X.shape[0], X.shape[2]
+    H2, dh2 = Y.shape[0], Y.shape[2]
     if tile_size is None:
         tile_size = max(1, d * d // max(1, dh * dh2))
     if isinstance(tile_size, bool) or not isinstance(tile_size, int) or tile_size < 1:
@@ -94,15 +116,25 @@ def composition_scores(
                          f"got {tile_size!r}")
 
     P = torch.linalg.qr(W_V, mode="r").R @ W_O  # (H, r, d), r = min(d, dh)
-    Z = X @ torch.linalg.qr(Y, mode="r").R.mT  # (H', d, r')
-    L2, R2 = P.square().sum(dim=(-2, -1)), Z.square().sum(dim=(-2, -1))
-    r, r2 = P.shape[1], Z.shape[2]
-    Z_all = Z.permute(1, 0, 2).reshape(d, H2 * r2)
+    R_Y = torch.linalg.qr(Y, mode="r").R  # (H', r', dh')
+    X_g = X if shared is None else X[shared.to(dev)]  # (H', d, dh'): destination head g's X
+    L2 = P.square().sum(dim=(-2, -1))
+    R2 = ((R_Y @ (X_g.mT @ X_g)) * R_Y).sum(dim=(-2, -1))  # ||X_g R'_g^T||^2 = tr(R' X^T X R'^T)
+    r, r2 = P.shape[1], R_Y.shape[1]
     ts = max(1, tile_size // H2)  # source heads per tile (all destination heads at once)
     num2 = torch.empty(H, H2, dtype=dtype, device=dev)
+    if shared is None:
+        Z_all = (X @ R_Y.mT).permute(1, 0, 2).reshape(d, H2 * r2)  # Z_g = X_g R'_g^T side by side
+    else:
+        X_all = X.permute(1, 0, 2).reshape(d, X.shape[0] * dh2)  # the KV heads side by side
     for i in range(0, H, ts):
-        N = P[i:i + ts].reshape(-1, d) @ Z_all  # (ts r, H' r'): block (h, g) is P_h Z_g
-        num2[i:i + ts] = N.reshape(-1, r, H2, r2).square().sum(dim=(1, 3))
+        if shared is None:
+            N = P[i:i + ts].reshape(-1, d) @ Z_all  # (ts r, H' r'): block (h, g) is P_h Z_g
+            N = N.reshape(-1, r, H2, r2)
+        else:  # (ts r, n_kv dh'): block (h, c) is P_h X_c; then P_h X_{shared[g]} R'_g^T
+            N = (P[i:i + ts].reshape(-1, d) @ X_all).reshape(-1, r, X.shape[0], dh2)[:, :, shared.to(dev)]
+            N = torch.einsum("hagc,gbc->hagb", N, R_Y)
+        num2[i:i + ts] = N.square().sum(dim=(1, 3))
     return safe_ratio(num2.sqrt(), (L2[:, None] * R2[None, :]).sqrt())
 
 
