@@ -355,13 +355,16 @@ def product_rank(M: torch.Tensor, scale: torch.Tensor, *, rtol: float = PRODUCT_
                  gram: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Number of singular values of ``M`` (..., p, q) above ``rtol * scale`` (``scale`` (...)), batched.
 
-    Full rank ``min(p, q)`` is certified without singular values where a Cholesky factorisation of the smaller
-    Gram ``G`` (``M^T M`` or ``M M^T``, pass it as ``gram`` when formed already) shifted down by
-    ``(rtol scale)^2 + delta`` succeeds: then ``sigma_min(M)^2 > (rtol scale)^2``, with
-    ``delta = 2 (r + 1) (r + c) eps ||M||_F^2`` (``r`` the Gram's order, ``c`` the contracted dim) above the
-    rounding of forming ``G`` (``c eps ||M||_F^2``) and of the factorisation (``r (r + 1) eps ||G||``, Higham
-    Thm. 10.7).  Elsewhere (a kernel, or a smallest singular value within ``delta`` of the cut) the singular
-    values decide (``torch.linalg.svdvals``), so the count is always the one they give."""
+    Full rank ``r = min(p, q)`` is certified without singular values where a Cholesky factorisation of the
+    smaller Gram ``G`` (``M^T M`` or ``M M^T``, pass it as ``gram`` when formed already) shifted down by
+    ``tau = (rtol scale)^2 + delta`` completes: then ``sigma_min(M)^2 > (rtol scale)^2``.  ``delta = 2 (r + c + 2)
+    eps ||M||_F^2`` (``c = max(p, q)``) is twice the rounding of the three steps in the 2-norm: forming ``G``
+    (``|dG| <= gamma_c |M|^T |M|``, so ``||dG|| <= c eps ||M||_F^2``), the shift (``eps ||M||_F^2``), and the
+    factorisation (``R^T R = G - tau I + E`` with ``|E| <= gamma_(r+1) |R|^T |R|``, Higham Thm. 10.3, so
+    ``||E|| <= (r + 1) eps ||R||_F^2 ~ (r + 1) eps tr G``); ``R^T R`` is positive semi-definite, hence
+    ``lambda_min(M^T M) >= tau - delta / 2``.  Elsewhere (a kernel, or a smallest singular value below
+    ``~sqrt(delta)``, ``7e-7 ||M||_F`` at r = c = 576) the singular values decide (``torch.linalg.svdvals``), so the
+    count is always the one they give."""
     p, q = M.shape[-2:]
     if min(p, q) == 0:
         return torch.zeros(M.shape[:-2], dtype=torch.int64, device=M.device)
@@ -369,7 +372,7 @@ def product_rank(M: torch.Tensor, scale: torch.Tensor, *, rtol: float = PRODUCT_
         gram = M.mT @ M if q <= p else M @ M.mT
     r, c = min(p, q), max(p, q)
     cut2 = (rtol * scale).square()
-    delta = 2.0 * (r + 1) * (r + c) * torch.finfo(M.dtype).eps * _fro2(M)
+    delta = 2.0 * (r + c + 2) * torch.finfo(M.dtype).eps * _fro2(M)
     eye = torch.eye(r, dtype=M.dtype, device=M.device)
     info = torch.linalg.cholesky_ex(gram - (cut2 + delta)[..., None, None] * eye).info
     rank = torch.full(info.shape, r, dtype=torch.int64, device=M.device)
