@@ -24,7 +24,8 @@ start = time.process_time()
 n = len(parse_gguf(path)[1]) if sys.argv[1] == "parse_gguf" else len(gguf.GGUFReader(str(path)).tensors)
 cpu = time.process_time() - start
 grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
-print(f"{sys.argv[1]:<10} CPU {cpu:.3f} s, peak RSS +{grown:.1f} MiB, {n} tensors, file {path.stat().st_size / 2**20:.0f} MiB")
+size = path.stat().st_size / 2**20
+print(f"{sys.argv[1]:<10} CPU {cpu:.3f} s, peak RSS +{grown:.1f} MiB, {n} tensors, file {size:.0f} MiB")
 '''
 
 

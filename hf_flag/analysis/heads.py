@@ -102,7 +102,8 @@ def composition_rows(model: str, kinds: dict[str, str], layout, sources: Sequenc
 
     When ``budget_bytes`` holds the packed ``d x d`` Grams of five head sets (:func:`gram_composition_rows`), each
     source layer's Grams are built once (a destination's once per chunk of sources) and every layer pair costs one
-    matmul; otherwise (very wide models) the tiled trace form runs per layer pair (:func:`tiled_composition_rows`).
+    matmul; otherwise (very wide models) the tiled QR-reduced form runs per layer pair
+    (:func:`tiled_composition_rows`).
     Both are exact."""
     targets = composition_targets(layout.n_layers, sources, mode)
     gram = packed_gram_bytes(layout.n_heads, layout.d_model)  # the Grams are float64 whatever the analysis dtype
@@ -162,8 +163,8 @@ def gram_composition_rows(model: str, kinds: dict[str, str], layout, sources: Se
 def tiled_composition_rows(model: str, kinds: dict[str, str], layout, sources: Sequence[int],
                            targets: dict[int, list[int]], load_attention: Callable, *, budget_bytes: int,
                            itemsize: int) -> Iterator[Row]:
-    """Composition rows by the tiled trace form (``geometry.composition.composition_scores``), for models whose
-    packed Grams do not fit the budget.
+    """Composition rows by the tiled QR-reduced form (``geometry.composition.composition_scores``), for models
+    whose packed Grams do not fit the budget.
 
     Destination layers' attention (KV heads unexpanded) is cached in chunks of at most ``budget_bytes`` (at least
     one layer); each source layer is read once per chunk holding one of its destinations, so memory is one chunk

@@ -1,4 +1,4 @@
-"""Q-, K- and V-composition scores between attention heads, by the tiled trace form (MATH.md §6).
+"""Q-, K- and V-composition scores between attention heads, tiled (MATH.md §6).
 
 Elhage et al. (2021): ``score = ||L R||_F / (||L||_F ||R||_F)`` with ``L = W_V W_O`` of the source head and ``R``
 taken from the destination head.  Heads use the ``x @ W`` convention of ``hf_flag.weights.blocks``.  The weights
@@ -6,9 +6,10 @@ are scored as given: unlike TransformerLens, no LayerNorm folding and no centrin
 the caller may fold first).  Haar baseline: ``E[score^2] = 1/d`` (``baselines.composition_baseline``).
 
 Two exact routes to the same score: :func:`composition_scores` (one layer pair, cost ``H H' d dh^2`` in one
-matmul, memory about ``d x d`` per tile) and :func:`source_grams` / :func:`destination_grams` / :func:`scores_from_grams` (packed
-``d x d`` Grams built once per layer, ``H d^2 dh``, then ``H H' d^2 / 2`` per layer pair: cheaper when every layer
-meets many others, as in all-pairs composition, at ``d^2 / 2`` floats per head).
+matmul after thin QRs of the heads, memory about ``d x d`` per tile) and :func:`source_grams` /
+:func:`destination_grams` / :func:`scores_from_grams` (packed ``d x d`` Grams built once per layer, ``H d^2 dh``,
+then ``H H' d^2 / 2`` per layer pair: cheaper when every layer meets many others, as in all-pairs composition, at
+``d^2 / 2`` floats per head).
 """
 from __future__ import annotations
 
