@@ -53,7 +53,7 @@ temporaries do not stay resident.
 Composition keeps at most :data:`COMPOSITION_CACHE_BYTES`: packed ``d x d`` Grams
 of a chunk of source layers (each destination layer re-read once per chunk, attention tensors only; with
 ``diagnostics={"composition"}`` there is no per-layer pass), or, when five head sets of packed
-Grams exceed it (very wide models), the tiled trace form over cached destination attention.  Each layer is
+Grams exceed it (very wide models), the tiled QR-reduced form over cached destination attention.  Each layer is
 checked for NaN/Inf once (at its first read): :class:`NonFiniteWeightsError` names the tensor and the layer.
 """
 from __future__ import annotations
