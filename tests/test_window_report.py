@@ -79,7 +79,7 @@ def test_each_mlp_weight_gram_is_computed_once(tiny_llama, monkeypatch):
         svds.append(tuple(W.shape))
         return real_svd(W, storage_eps)
 
-    for module in (pairs, transformer):  # shared (transformer) and unshared (inside gram_pair_values) Grams
+    for module in (pairs, analysis_pairs):  # shared (analysis.pairs.PairGrams) and unshared (gram_pair_values) Grams
         monkeypatch.setattr(module, "weight_gram", counting)
     for module in (analysis_pairs, transformer):
         monkeypatch.setattr(module, "window_svd", counting_svd)
