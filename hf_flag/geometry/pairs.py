@@ -228,10 +228,11 @@ def _hidden_grams(W_l: torch.Tensor, W_next: torch.Tensor) -> tuple[torch.Tensor
 
 
 def _kappa_direct(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """kappa from the n x n ``A``, ``B``: ``||AB - BA||_F / (||A||_F ||B||_F)``; absolute error ~ eps, so no
-    cancellation issue for tiny kappa (MATH.md §3)."""
+    """kappa from the n x n symmetric ``A``, ``B``: ``||AB - BA||_F / (||A||_F ||B||_F)`` with ``BA = (AB)^T`` (one
+    product); absolute error ~ eps, so no cancellation issue for tiny kappa (MATH.md §3)."""
     den = torch.linalg.matrix_norm(A) * torch.linalg.matrix_norm(B)
-    return safe_ratio(torch.linalg.matrix_norm(A @ B - B @ A), den)
+    AB = A @ B
+    return safe_ratio(torch.linalg.matrix_norm(AB - AB.mT), den)
 
 
 def _gram_factors(W_l: torch.Tensor, W_next: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -467,6 +468,21 @@ def gram_cut(G: torch.Tensor, rtol: float, *, top: Optional[torch.Tensor] = None
     return GramCut(full, factor)
 
 
+def _full_rank(cut: GramCut) -> torch.Tensor:
+    """The ranks of Grams that are full at the cut: their size, shape ``cut.full.shape``."""
+    return torch.full(cut.full.shape, cut.factor.shape[-1], device=cut.factor.device)
+
+
+def _kept_eigenvectors(G: torch.Tensor, rtol: float, whiten: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(F, rank)`` with ``F F^T`` the projector onto the eigenvectors of ``G`` above the cut
+    (:func:`gram_cut_level`), or with ``whiten`` its pseudo-inverse ``G^+`` at the cut (columns scaled by
+    ``lambda^{-1/2}``; discarded columns zero).  Eigendecomposition in the Gram's own dtype."""
+    lam, V = torch.linalg.eigh(G)
+    keep = lam > lam[..., -1:].clamp_min(0) * gram_cut_level(G, rtol)
+    weight = lam.clamp_min(torch.finfo(lam.dtype).tiny).rsqrt() if whiten else torch.ones_like(lam)
+    return V * torch.where(keep, weight, torch.zeros_like(lam)).unsqueeze(-2), keep.sum(-1)
+
+
 def range_overlap_from_grams(W_l: torch.Tensor, W_next: torch.Tensor, *, rtol: tuple[float, float],
                              gram_l: Optional[torch.Tensor] = None, gram_next: Optional[torch.Tensor] = None,
                              product: Optional[torch.Tensor] = None,
@@ -481,9 +497,10 @@ def range_overlap_from_grams(W_l: torch.Tensor, W_next: torch.Tensor, *, rtol: t
     small.  Pseudo-inverses and projectors keep the eigenvalues above ``lambda_max max(rtol^2, size eps_Gram)``
     (:func:`gram_cut_level`: the §1 singular-value cut ``s > s_max rtol``, ``rtol = (rtol_l, rtol_next)``, as far
     as a Gram resolves it: ``s > s_max sqrt(size eps_Gram)``, 7e-8 for float64 Grams of 24 x 24), whose counts are
-    the ranks.  Where both Grams have full rank at the cut (:func:`gram_cut`; the common case) the trace is
-    ``||L_P^{-1} C L_Q^{-T}||_F^2`` with their Cholesky factors (two triangular solves) and the projectors are the
-    identity; otherwise eigendecompositions.  ``gram_l``, ``gram_next``: the Grams :func:`pair_gram_sides` names,
+    the ranks.  The trace is ``||F_P^T C F_Q||_F^2`` with ``G^+ = F F^T``: where a Gram has full rank at the cut
+    (:func:`gram_cut`; the common case) ``F = L^{-T}`` from its Cholesky factor (a triangular solve), otherwise its
+    eigenvectors above the cut scaled by ``lambda^{-1/2}``; where both ``B`` and ``A`` have full rank their
+    projectors are the identity.  ``gram_l``, ``gram_next``: the Grams :func:`pair_gram_sides` names,
     when shared (:func:`weight_gram`); ``product``: ``C`` when shared (:func:`pair_product`); ``cuts``: their
     :func:`gram_cut` at ``rtol`` when shared."""
     side_l, side_next = pair_gram_sides(W_l, W_next)
@@ -492,30 +509,26 @@ def range_overlap_from_grams(W_l: torch.Tensor, W_next: torch.Tensor, *, rtol: t
     g_next = weight_gram(W_next, side_next, dtype=torch.float64) if gram_next is None else gram_next
     cut_l = gram_cut(g_l, rtol[0]) if cuts[0] is None else cuts[0]
     cut_next = gram_cut(g_next, rtol[1]) if cuts[1] is None else cuts[1]
-    if cut_l.factor is not None and cut_next.factor is not None:  # both full rank at the cut
-        r_l = torch.full(cut_l.full.shape, g_l.shape[-1], device=g_l.device)
-        r_next = torch.full(cut_next.full.shape, g_next.shape[-1], device=g_l.device)
-        if side_l == "rows":  # P_B = P_A = I_n
+    if side_l == "rows":  # n x n: B = W_l W_l^T, A = W_next^T W_next; tr(P_B P_A)
+        if cut_l.factor is not None and cut_next.factor is not None:  # P_B = P_A = I_n
+            r_l = r_next = torch.full(cut_l.full.shape, n, device=g_l.device)
             pk = r_l.double()
         else:
-            C = pair_product(W_l, W_next, g_next.dtype) if product is None else product.to(g_next.dtype)
-            X = torch.linalg.solve_triangular(cut_next.factor, C, upper=False)  # L_P^{-1} C
-            X = torch.linalg.solve_triangular(cut_l.factor.mT, X, upper=True, left=False)  # ... L_Q^{-T}
-            pk = X.square().sum((-2, -1), dtype=torch.float64)
-    else:
-        def kept(G: torch.Tensor, rel: float, power: float) -> tuple[torch.Tensor, torch.Tensor]:
-            lam, V = torch.linalg.eigh(G)  # in the Gram's own dtype (float32 Grams of coarse storage)
-            keep = lam > lam[..., -1:].clamp_min(0) * gram_cut_level(G, rel)
-            weight = torch.where(keep, lam.clamp_min(torch.finfo(lam.dtype).tiny) ** power, torch.zeros_like(lam))
-            return (V * weight.unsqueeze(-2)) @ V.mT, keep.sum(-1)
-
-        if side_l == "rows":  # n x n: B = W_l W_l^T, A = W_next^T W_next
-            (P_l, r_l), (P_next, r_next) = kept(g_l, rtol[0], 0.0), kept(g_next, rtol[1], 0.0)
-            pk = (P_l * P_next).sum((-2, -1), dtype=torch.float64)
+            (F_l, r_l), (F_next, r_next) = _kept_eigenvectors(g_l, rtol[0]), _kept_eigenvectors(g_next, rtol[1])
+            pk = (F_l.mT @ F_next).square().sum((-2, -1), dtype=torch.float64)
+    else:  # tr(G_Q^+ C^T G_P^+ C) = ||F_P^T C F_Q||_F^2 with G^+ = F F^T (Cholesky: F = L^{-T}, else eigenvectors)
+        C = pair_product(W_l, W_next, g_next.dtype) if product is None else product.to(g_next.dtype)
+        if cut_next.factor is not None:
+            X, r_next = torch.linalg.solve_triangular(cut_next.factor, C, upper=False), _full_rank(cut_next)
         else:
-            (Gq_pinv, r_l), (Gp_pinv, r_next) = kept(g_l, rtol[0], -1.0), kept(g_next, rtol[1], -1.0)
-            C = pair_product(W_l, W_next, Gp_pinv.dtype) if product is None else product.to(Gp_pinv.dtype)
-            pk = ((Gp_pinv @ C) * (C @ Gq_pinv)).sum((-2, -1), dtype=torch.float64)
+            F, r_next = _kept_eigenvectors(g_next, rtol[1], whiten=True)
+            X = F.mT @ C
+        if cut_l.factor is not None:
+            X, r_l = torch.linalg.solve_triangular(cut_l.factor.mT, X, upper=True, left=False), _full_rank(cut_l)
+        else:
+            F, r_l = _kept_eigenvectors(g_l, rtol[0], whiten=True)
+            X = X @ F
+        pk = X.square().sum((-2, -1), dtype=torch.float64)
     baseline = torch.where(torch.minimum(r_l, r_next) > 0, torch.maximum(r_l, r_next).double() / n,
                            torch.zeros_like(pk))
     return normalised_overlap(pk, r_l, r_next), baseline

@@ -141,7 +141,7 @@ def test_range_overlap_cholesky_route_equals_eigh_route_and_thin_svd(dtype):
     assert float(ref[1]) > 1.5 * float(ref_base[1])  # the aligned member is far from the Haar value
 
 
-def test_range_overlap_falls_back_to_eigh_on_rank_deficient_grams():
+def test_range_overlap_takes_eigenvectors_for_a_rank_deficient_gram():
     n, k, m = 60, 16, 18
     W_l = with_spectrum(n, k, [4.0, 3.0, 2.0, 1.0] * 3, seed=10)[None]  # rank 12 of 16
     W_next = with_spectrum(m, n, torch.linspace(2, 1, m, dtype=F64), seed=11)[None]
@@ -150,6 +150,9 @@ def test_range_overlap_falls_back_to_eigh_on_rank_deficient_grams():
     (U, s_l, _), (_, s_n, Vh) = thin_svd(W_l), thin_svd(W_next)
     ref, ref_base = range_overlap_from_svd(Vh @ U, s_l, s_n, n, rtol=rtol)
     got, base = range_overlap_from_grams(W_l, W_next, rtol=rtol)
+    # mixed route: W_l's Gram is rank deficient (eigenvectors), W_next's full (Cholesky)
+    assert gram_cut(weight_gram(W_l, "cols", dtype=F64), rtol[0]).factor is None
+    assert gram_cut(weight_gram(W_next, "rows", dtype=F64), rtol[1]).factor is not None
     assert float(ref_base) == 18 / 60
     assert torch.allclose(got, ref, atol=1e-10) and torch.equal(base, ref_base)
 
