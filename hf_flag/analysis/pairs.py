@@ -215,8 +215,8 @@ def pair_window_values(W_l: torch.Tensor, W_next: torch.Tensor, *, storage_eps: 
         cut_l = gram.cut("l", side_l, exact, rank_rtol[0], tops[0])
         cut_next = gram.cut("next", side_next, exact, rank_rtol[1], tops[1])
         overlap = tuple(v.tolist() for v in range_overlap_from_grams(
-            W_l.to(exact), W_next.to(exact), rtol=rank_rtol, gram_l=shared[0], gram_next=shared[1],
-            product=product, cuts=(cut_l, cut_next)))
+            W_l, W_next, rtol=rank_rtol, gram_l=shared[0], gram_next=shared[1], product=product,
+            cuts=(cut_l, cut_next)))
         reads = commutator_reading_of_pairs(W_l, W_next, storage_eps=storage_eps)  # no rank n: nothing computed
     elif side_l == "rows":  # n small: the shared Grams are the hidden-side B = W_l W_l^T, A = W_next^T W_next
         cut_l = gram.cut("l", side_l, exact, rank_rtol[0], tops[0])
