@@ -14,11 +14,11 @@ from tqdm.auto import tqdm
 from hf_flag.analysis.checks import (bound_heap_growth, check_choice, check_finite, check_layers,
                                     release_freed_memory)
 from hf_flag.analysis.heads import composition_estimate, composition_rows, head_spaces, kv_index, overlap_rows
-from hf_flag.analysis.pairs import pair_rows, single, window_svd
+from hf_flag.analysis.pairs import PairGrams, pair_rows, single, window_svd
 from hf_flag.defaults import TRANSFORMER_DIAGNOSTICS
 from hf_flag.geometry.angles import thin_svd
 from hf_flag.geometry.heads import head_bases
-from hf_flag.geometry.pairs import augment, weight_gram
+from hf_flag.geometry.pairs import augment
 from hf_flag.geometry.spectral import compute_dtype
 from hf_flag.report import Report, Row
 from hf_flag.rows import (COMPOSITION_KINDS, CROSS_LAYER_KINDS, HEAD_OVERLAP_KINDS, KIND_MLP, KIND_MLP_GATE,
@@ -59,20 +59,19 @@ def weight_svd(cache: dict, layer: int, name: str, W: torch.Tensor, bias: Option
     return cache[key]
 
 
-def pair_grams(cache: dict, left: tuple, right: tuple) -> Callable:
-    """``gram(which, side, dtype)`` for :func:`~hf_flag.analysis.pairs.pair_window_values`: the Gram of the pair's
-    ``"l"`` weight ``left = (layer, name, W, bias)`` or ``"next"`` weight ``right``, from ``cache`` (key
-    ``(layer, name, bias is not None, "gram", side, dtype)``) or computed once and stored there.  A Llama block's
-    ``W_down W_down^T`` serves its mlp, mlp_gate and residual pairs, ``W_up^T W_up`` its mlp pair and the previous
-    block's residual pair (MATH.md §3)."""
-    def gram(which: str, side: str, dtype: torch.dtype) -> torch.Tensor:
-        layer, name, W, bias = left if which == "l" else right
-        key = (layer, name, bias is not None, "gram", side, dtype)
-        if key not in cache:
-            cache[key] = weight_gram(augment(W[None], single(bias)), side, dtype=dtype)
-        return cache[key]
+def pair_grams(cache: dict, left: tuple, right: tuple) -> PairGrams:
+    """The shared Grams and rank cuts (:class:`~hf_flag.analysis.pairs.PairGrams`) of a pair whose ``"l"`` weight is
+    ``left = (layer, name, W, bias)`` and ``"next"`` weight ``right``, stored in ``cache`` under keys
+    ``(layer, name, bias is not None, "gram", side, dtype)`` and ``(..., "cut", side, dtype, rtol)``.  A Llama
+    block's ``W_down W_down^T`` and its Cholesky factor serve its mlp, mlp_gate and residual pairs,
+    ``W_up^T W_up`` its mlp pair and the previous block's residual pair (MATH.md §3)."""
+    def weight(side: tuple) -> Callable[[], torch.Tensor]:
+        _, _, W, bias = side
+        return lambda: augment(W[None], single(bias))
 
-    return gram
+    keys = {which: (layer, name, bias is not None) for which, (layer, name, _, bias) in (("l", left),
+                                                                                          ("next", right))}
+    return PairGrams(cache, keys, {"l": weight(left), "next": weight(right)})
 
 
 def block_mlps(block) -> list[tuple[str, object]]:
