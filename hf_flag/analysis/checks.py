@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from hf_flag.errors import NonFiniteWeightsError
+from hf_flag.geometry.angles import all_finite
 
 
 def block_tensors(block) -> list[torch.Tensor]:
@@ -20,7 +21,7 @@ def block_tensors(block) -> list[torch.Tensor]:
 
 def check_finite(block, source, names: Sequence[str], where: str) -> None:
     """Raise :class:`NonFiniteWeightsError` naming the checkpoint tensor (of ``names``) that holds NaN/Inf."""
-    if all(bool(torch.isfinite(t).all()) for t in block_tensors(block)):
+    if all(all_finite(t) for t in block_tensors(block)):
         return
     bad = next((n for n in names if not bool(torch.isfinite(source.get(n)).all())), ", ".join(names))
     raise NonFiniteWeightsError(f"{where}: tensor {bad!r} holds NaN/Inf values; repair or re-export the checkpoint")

@@ -12,12 +12,12 @@ from tqdm.auto import tqdm
 
 from hf_flag.analysis.checks import check_choice, check_finite, check_layers, release_freed_memory
 from hf_flag.analysis.heads import composition_estimate, composition_rows, head_spaces, kv_index, overlap_rows
-from hf_flag.analysis.pairs import pair_rows, single, window_svd
+from hf_flag.analysis.pairs import pair_rows, single, small_gram_side, window_svd
 from hf_flag.defaults import TRANSFORMER_DIAGNOSTICS
 from hf_flag.geometry.angles import thin_svd
 from hf_flag.geometry.heads import head_bases
 from hf_flag.geometry.pairs import augment, weight_gram
-from hf_flag.geometry.spectral import compute_dtype
+from hf_flag.geometry.spectral import compute_dtype, gram_dtype
 from hf_flag.report import Report, Row
 from hf_flag.rows import (COMPOSITION_KINDS, CROSS_LAYER_KINDS, HEAD_OVERLAP_KINDS, KIND_MLP, KIND_MLP_GATE,
                           KIND_RESIDUAL, KIND_VO)
@@ -48,26 +48,34 @@ def weight_svd(cache: dict, layer: int, name: str, W: torch.Tensor, bias: Option
     ``(layer, name, bias is not None)``) or computed once and stored there: ``mlp_out`` serves the mlp, mlp_gate
     and residual pairs, ``mlp_in`` of layer l+1 its own mlp pair and layer l's residual pair (MATH.md §4).
     Thin and in float64 (``full=True``), or the window's partial SVD in the weights' dtype given ``storage_eps``
-    (:func:`~hf_flag.analysis.pairs.window_svd`)."""
+    (:func:`~hf_flag.analysis.pairs.window_svd`) on the small Gram it shares with kappa (:func:`cached_gram`)."""
     key = (layer, name, bias is not None)
     if key not in cache:
         W_aug = augment(W[None], single(bias))
-        cache[key] = thin_svd(W_aug) if storage_eps is None else window_svd(W_aug, storage_eps)
+        cache[key] = thin_svd(W_aug) if storage_eps is None else window_svd(
+            W_aug, storage_eps, gram=cached_gram(cache, (layer, name, W, bias), small_gram_side(W_aug),
+                                                 gram_dtype(storage_eps, W.dtype)))
+    return cache[key]
+
+
+def cached_gram(cache: dict, weight: tuple, side: str, dtype: torch.dtype) -> torch.Tensor:
+    """The Gram (:func:`~hf_flag.geometry.pairs.weight_gram`) of ``weight = (layer, name, W, bias)`` on ``side``
+    in ``dtype``, from ``cache`` (key ``(layer, name, bias is not None, "gram", side, dtype)``) or computed once and
+    stored there."""
+    layer, name, W, bias = weight
+    key = (layer, name, bias is not None, "gram", side, dtype)
+    if key not in cache:
+        cache[key] = weight_gram(augment(W[None], single(bias)), side, dtype=dtype)
     return cache[key]
 
 
 def pair_grams(cache: dict, left: tuple, right: tuple) -> Callable:
     """``gram(which, side, dtype)`` for :func:`~hf_flag.analysis.pairs.pair_window_values`: the Gram of the pair's
-    ``"l"`` weight ``left = (layer, name, W, bias)`` or ``"next"`` weight ``right``, from ``cache`` (key
-    ``(layer, name, bias is not None, "gram", side, dtype)``) or computed once and stored there.  A Llama block's
-    ``W_down W_down^T`` serves its mlp, mlp_gate and residual pairs, ``W_up^T W_up`` its mlp pair and the previous
-    block's residual pair (MATH.md §3)."""
+    ``"l"`` weight ``left = (layer, name, W, bias)`` or ``"next"`` weight ``right`` (:func:`cached_gram`).  A Llama
+    block's ``W_down W_down^T`` serves its mlp, mlp_gate and residual pairs and its window (:func:`weight_svd`),
+    ``W_up^T W_up`` its mlp pair, the previous block's residual pair and its window (MATH.md §3)."""
     def gram(which: str, side: str, dtype: torch.dtype) -> torch.Tensor:
-        layer, name, W, bias = left if which == "l" else right
-        key = (layer, name, bias is not None, "gram", side, dtype)
-        if key not in cache:
-            cache[key] = weight_gram(augment(W[None], single(bias)), side, dtype=dtype)
-        return cache[key]
+        return cached_gram(cache, left if which == "l" else right, side, dtype)
 
     return gram
 
@@ -91,7 +99,9 @@ def layer_rows(model: str, layout, block, nxt, *, diagnostics: frozenset, cheap:
     for old in [k for k in cache if k[0] < block.index]:
         del cache[old]
     l, mlp, attn = block.index, block.mlp, block.attention
-    eps = max(block.storage_eps, nxt.storage_eps) if nxt is not None else block.storage_eps
+    # a cached weight's windows are read at its block's storage_eps (mlp pairs) and at the coarser of two blocks'
+    # (residual pair): its window SVD takes the finest, so its triplets cover every window read
+    eps = min(block.storage_eps, nxt.storage_eps) if nxt is not None else block.storage_eps
     svd = (lambda *args: weight_svd(cache, *args, storage_eps=eps if window else None)) if not cheap else \
         (lambda *args: None)
     pair = dict(cheap=cheap, storage_eps=block.storage_eps, window=window)
