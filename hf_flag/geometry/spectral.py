@@ -247,8 +247,9 @@ def partial_svd(A: torch.Tensor, k: int, *, dtype: torch.dtype, rtol: Optional[f
     residual at most ``rtol`` and triplet ``w + 1`` is accurate to a tenth of the gap closing the window
     (:meth:`PartialSVD.gap_known`).
 
-    Routes, by the smaller dimension ``r``: more than half the spectrum (``2 k > r``), a truncated thin SVD;
-    ``r <= DENSE_GRAM_MAX`` (or a Krylov basis that would pass ``r / 2``), eigenvectors of the small Gram
+    Routes, by the smaller dimension ``r``: the whole spectrum (``k = r``), a thin SVD; ``r <= DENSE_GRAM_MAX``,
+    a Krylov block (``k + max(MIN_OVERSAMPLE, k // 4)`` columns) above ``r / 4``, or a Krylov basis that would pass
+    ``r / 2``, eigenvectors of the small Gram
     ``G = X X^T`` (``X`` = ``A`` or ``A^T``, whichever is ``r x c``; leading triplets to relative accuracy
     ``eps s_1^2 / s_i^2``, the certificate says how close); otherwise block Krylov on ``G``, in blocks of
     ``k + max(MIN_OVERSAMPLE, k // 4)`` columns up to :data:`MAX_BLOCKS` blocks (the residuals say how far it got).
@@ -271,10 +272,9 @@ def partial_svd(A: torch.Tensor, k: int, *, dtype: torch.dtype, rtol: Optional[f
             raise ValueError(f"partial_svd: gram has shape {tuple(gram.shape)}; pass the small Gram "
                              f"{'A A^T' if wide else 'A^T A'} of shape {tuple(X.shape[:-1] + X.shape[-2:-1])}")
         gram = gram.to(dtype)
-    if 2 * k > small:  # more than half the spectrum: a thin SVD, truncated
+    if k == small:  # the whole spectrum (its rank cut too): a thin SVD, which resolves the smallest values
         U, s, Vh = thin_svd_in_dtype(A)
-        U, s, Vh = U[..., :k], s[..., :k], Vh[..., :k, :]
-        return PartialSVD(U, s, Vh, residual_norms(A, U, s, Vh), k == small)
+        return PartialSVD(U, s, Vh, residual_norms(A, U, s, Vh), True)
     tol = rtol if rtol is not None else default_residual_rtol(storage_eps or 0.0, dtype, tuple(A.shape[-2:]))
 
     def windows(s: torch.Tensor) -> torch.Tensor:

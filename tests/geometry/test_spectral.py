@@ -311,13 +311,15 @@ def test_shared_grams_give_the_same_pair_values():
 
 
 @pytest.mark.parametrize("dtype", [F64, F32])
-def test_partial_svd_small_gram_route_matches_the_thin_svd(dtype):
-    """k = 65 of a 600 x 200 matrix (the Krylov basis would pass half of 200): eigenvectors of the 200 x 200 Gram;
-    leading values, subspaces at the separated cuts and the certificate against the dense thin SVD."""
-    s = torch.cat([torch.tensor([30.0, 20.0, 12.0, 8.0], dtype=F64), torch.linspace(3, 0.5, 196, dtype=F64)])
-    A = with_spectrum(600, 200, s, seed=8)
+@pytest.mark.parametrize("small", [200, 120])
+def test_partial_svd_small_gram_route_matches_the_thin_svd(dtype, small):
+    """k = 65 of a 600 x 200 matrix (the Krylov basis would pass half of 200) or of a 600 x 120 one (more than half
+    the spectrum, not all of it): eigenvectors of the small Gram; leading values, subspaces at the separated cuts
+    and the certificate against the dense thin SVD."""
+    s = torch.cat([torch.tensor([30.0, 20.0, 12.0, 8.0], dtype=F64), torch.linspace(3, 0.5, small - 4, dtype=F64)])
+    A = with_spectrum(600, small, s, seed=8)
     p = partial_svd(A.to(dtype), 65, dtype=dtype)
-    assert not p.exhausted and p.U.shape == (600, 65) and p.Vh.shape == (65, 200)
+    assert not p.exhausted and p.U.shape == (600, 65) and p.Vh.shape == (65, small)
     eps = torch.finfo(dtype).eps
     assert torch.max((p.s.double() - s[:65]).abs()) <= 100 * eps * s[0]
     U, _, Vh = thin_svd(A)
