@@ -4,9 +4,10 @@ A *claim* on a folder (a unit's run folder, or a rank's presence folder) is the 
 
     {"token": <unique per process>, "owner": "<label>", "host": ..., "pid": ..., "pid_start": ..., "expires": <unix s>}
 
-It is read and replaced only while holding an exclusive ``fcntl.flock`` on ``.claim.lock`` beside it (on Linux NFS
-clients ``flock`` is carried by the server's byte-range locks, so processes on several machines exclude each other
-when the folder is shared), and written atomically (:func:`hf_flag.atomic.atomic_write_text`: a temporary name
+It is read and replaced only while holding an exclusive :class:`filelock.FileLock` on ``.claim.lock`` beside it
+(``flock`` on POSIX, where Linux NFS clients carry it by the server's byte-range locks, so processes on several
+machines exclude each other when the folder is shared; ``msvcrt.locking`` on Windows; filelock's soft lock, an
+exclusively created file, where neither exists), and written atomically (:func:`hf_flag.atomic.atomic_write_text`: a temporary name
 unique to the writing process, then ``os.replace``).
 
 A claim is *live* while its lease has not expired and, when it was taken on this machine, while the process that
@@ -20,7 +21,7 @@ writes a result.
 from __future__ import annotations
 
 import contextlib
-import fcntl
+import errno
 import json
 import os
 import socket
@@ -31,6 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+import psutil
+from filelock import FileLock
+
 from hf_flag.atomic import atomic_write_text
 
 CLAIM, LOCK = "claim.json", ".claim.lock"
@@ -39,26 +43,26 @@ DEFAULT_LEASE_S = 120.0
 
 
 def process_start(pid: int) -> Optional[str]:
-    """Start time of process ``pid`` in clock ticks since boot (``/proc/<pid>/stat`` field 22), ``None`` if it is
-    not running or the platform has no ``/proc``.  With the pid it names one process, even after pid reuse."""
+    """Start time of process ``pid``, ``None`` if it is not running: in clock ticks since boot on Linux
+    (``/proc/<pid>/stat`` field 22), else psutil's creation time.  With the pid it names one process, even after
+    pid reuse."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
-        return None
+        if Path("/proc/self/stat").exists():
+            return None
+        try:
+            return repr(psutil.Process(pid).create_time())
+        except psutil.Error:
+            return None
     return stat[stat.rindex(")") + 2:].split()[19]  # fields after "(comm)": state is field 3, starttime field 22
 
 
 def pid_running(pid: int, start: Optional[str]) -> bool:
     """Whether the process ``pid`` that started at ``start`` (see :func:`process_start`) is still running here."""
-    if start is not None and Path("/proc/self/stat").exists():
+    if start is not None:
         return process_start(pid) == start
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # running, owned by another user
-        return True
-    return True
+    return psutil.pid_exists(pid)  # not os.kill(pid, 0): on Windows that sends CTRL_C_EVENT
 
 
 @dataclass(frozen=True)
@@ -100,16 +104,26 @@ def is_live(claim: Optional[dict[str, Any]], now: Optional[float] = None) -> boo
 
 @contextlib.contextmanager
 def locked(folder: Path, create: bool = True) -> Iterator[None]:
-    """Exclusive ``flock`` on ``folder/.claim.lock`` for the block; ``create``: make the folder and the lock file
-    if needed (else ``FileNotFoundError`` when the folder is gone)."""
+    """Exclusive lock of ``folder/.claim.lock`` for the block (other processes and other threads wait); ``create``:
+    make the folder if needed (else ``FileNotFoundError`` when the folder is gone, as for a finished run whose
+    bookkeeping was removed)."""
     if create:
         folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / LOCK, os.O_RDWR | (os.O_CREAT if create else 0), 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    elif not folder.is_dir():  # FileLock would make the folder again
+        raise FileNotFoundError(errno.ENOENT, "claim folder is gone", str(folder))
+    with FileLock(folder / LOCK):  # a fresh instance per block: threads of one process exclude each other too
         yield
-    finally:
-        os.close(fd)  # closing the descriptor releases the lock
+
+
+def clear_stale(folder: str | os.PathLike) -> None:
+    """Remove the claim on ``folder`` if it is no longer live (its holder died between recording the unit's outcome
+    and releasing its claim); a live claim and a folder without one are left alone."""
+    folder = Path(folder)
+    if not (folder / CLAIM).exists():
+        return
+    with locked(folder, create=False):
+        if not is_live(read_claim(folder)):
+            (folder / CLAIM).unlink(missing_ok=True)
 
 
 class Claims:

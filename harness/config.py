@@ -21,8 +21,9 @@ YAML keys (all optional; command-line arguments override them, command-line mode
     merge_timeout: 86400    # seconds rank 0 waits for the other ranks' results
 
 ``output`` is accepted as another name for ``out``.  A commented example ships as ``examples/sweep.yaml``.
-A malformed file raises :class:`ConfigError` (a ``ValueError``) with one line naming the key and what to write; an
-unknown key is named with the closest known one and the list of known keys (:data:`CONFIG_KEYS`).
+A malformed file raises :class:`ConfigError` (an ``hf_flag.errors.InputError``, so also a ``ValueError``) with one
+line naming the key and what to write; an unknown key is named with the closest known one and the list of known
+keys (:data:`CONFIG_KEYS`).
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import yaml
 
+from hf_flag.errors import InputError
 from hf_flag.defaults import (COMPOSITION_MODES, DIAGNOSTIC_NAMES, default_hub_id, default_named_paths,
                               model_slug, parse_diagnostics)
 
@@ -47,7 +49,7 @@ CONFIG_KEYS = ("models", "out", "diagnostics", "composition", "cheap", "device",
 KEY_ALIASES = {"output": "out"}
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A sweep configuration (YAML file or arguments) is malformed; the message names the key."""
 
 

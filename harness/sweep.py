@@ -81,12 +81,13 @@ from tqdm.auto import tqdm
 from hf_flag import exits
 from hf_flag.analysis.api import analyze
 from hf_flag.atomic import atomic_write, atomic_write_bytes, atomic_write_text
-from hf_flag.defaults import COMPOSITION_MODES, DIAGNOSTIC_NAMES
 from hf_flag.errors import HfFlagError
 from hf_flag.exits import one_line
+from hf_flag.options import add_model_options
 from hf_flag.weights.hub import transport_errors
 from hf_flag.harness import schedule
-from hf_flag.harness.claims import CLAIM, DEFAULT_LEASE_S, Claims, Owner, is_live, locked, read_claim
+from hf_flag.harness.claims import (CLAIM, DEFAULT_LEASE_S, Claims, Owner, clear_stale, is_live, locked,
+                                    read_claim)
 from hf_flag.harness.config import (DEVICES, ConfigError, ModelSpec, SweepConfig, build_config, default_model_specs,
                                     load_config, parse_config, parse_model, slugs)
 from hf_flag.harness.schedule import RunState
@@ -126,23 +127,9 @@ DESCRIPTION = ("Analyse many models, in one process or several (accelerate launc
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hf-flag sweep", description=DESCRIPTION)
-    p.add_argument("models", nargs="*", metavar="MODEL",
-                   help="local folders, .safetensors or .gguf files, or Hub ids (read from the Hugging Face cache, "
-                        "downloaded into it when missing unless HF_HUB_OFFLINE=1)")
-    p.add_argument("--name", metavar="ORG/NAME",
-                   help="the Hub name of the one MODEL given, for labels, folders and its card (default: its Hub id, "
-                        "or a local folder's config _name_or_path, which for a fine-tuned copy names its base model)")
+    add_model_options(p, config_file=True)
     p.add_argument("--config", help="YAML sweep config (see examples/sweep.yaml)")
     p.add_argument("--out", help="output folder")
-    p.add_argument("--diagnostics", nargs="+", metavar="NAME",
-                   help=f"which diagnostics to compute (default: all): any of {', '.join(DIAGNOSTIC_NAMES)}, "
-                        f"separated by commas or spaces")
-    p.add_argument("--composition", choices=COMPOSITION_MODES,
-                   help="Q/K/V composition scores with every later layer (all), the next layer only (adjacent), "
-                        "or none; auto (the default): all where the printed cost estimate is small, else adjacent")
-    p.add_argument("--cheap", action="store_true", default=None,
-                   help="commutator ratio (with its baseline) and imbalance only: fast; no flags, transport or "
-                        "head overlaps")
     p.add_argument("--device", choices=DEVICES, help="default cpu; auto = cuda when available")
     p.add_argument("--split-layers", action="store_true", default=None, dest="split_layers",
                    help="split each model's layers across the processes")
@@ -159,12 +146,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --push-to-hub: also push cards computed from derived weights (GGUF, local copies)")
     p.add_argument("--dry-run", action="store_true", dest="dry_run",
                    help="with --push-to-hub: print each card's diff and what would be pushed; push nothing")
-    p.add_argument("--max-disk", type=float, metavar="GB", dest="max_disk",
-                   help="stream sharded Hub checkpoints shard by shard, holding at most GB of shards on disk")
-    p.add_argument("--revision", help="branch, tag or commit sha of the MODEL Hub ids (default: main)")
-    p.add_argument("--gguf-file", dest="gguf_file",
-                   help="which .gguf of a GGUF Hub repo (default: the one with the finest storage)")
-    p.add_argument("--default", action="store_true", help="add the embedded default models (MiniLM, SmolLM2)")
     p.add_argument("--merge-timeout", type=float, dest="merge_timeout",
                    help="seconds rank 0 waits for the other processes' results (default 86400)")
     p.add_argument("--retry-failed", action="store_true", help="rerun models that failed in an earlier run")
@@ -483,6 +464,7 @@ def claim_and_run(ctx: RunContext, units: Sequence[Unit], run: Callable[[Unit], 
         ran = False
         for unit in list(pending):
             if finished(schedule.run_state(unit.run_dir, unit.fp)):
+                clear_stale(unit.run_dir)  # a holder killed after recording the outcome, before releasing
                 pending.remove(unit)
                 on_finished(unit)
                 continue

@@ -10,6 +10,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Optional
 
+from hf_flag.errors import MissingFolderError
+
 __all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text"]
 
 
@@ -17,12 +19,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], *, mode
     """Call ``write(tmp_path)`` on a temporary sibling of ``path``, then rename it over ``path``.
 
     The file gets permission bits ``mode`` (default: what ``open`` would give under the current umask).
-    Raises ``FileNotFoundError`` naming ``path`` when its folder does not exist (nothing is created); any other
-    ``OSError`` (full disk, read-only folder) is re-raised naming ``path``, with nothing left behind.
+    Raises :class:`~hf_flag.errors.MissingFolderError` (a ``FileNotFoundError``) naming ``path`` when its folder does
+    not exist (nothing is created); any other ``OSError`` (full disk, read-only folder) is re-raised naming ``path``,
+    with nothing left behind.
     """
     path = Path(path)
     if not path.parent.is_dir():
-        raise FileNotFoundError(f"cannot write {str(path)!r}: folder {str(path.parent)!r} does not exist; create it "
+        raise MissingFolderError(f"cannot write {str(path)!r}: folder {str(path.parent)!r} does not exist; create it "
                                 f"first or choose another output path")
     try:
         fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

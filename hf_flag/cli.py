@@ -26,9 +26,9 @@ import torch
 from hf_flag.analysis.api import analyze
 from hf_flag import exits
 from hf_flag.atomic import atomic_write
-from hf_flag.defaults import (COMPOSITION_MODES, DIAGNOSTIC_NAMES, default_hub_id, default_named_paths,
-                              model_slug, parse_diagnostics)
-from hf_flag.errors import HfFlagError
+from hf_flag.defaults import default_hub_id, default_named_paths, model_slug, parse_diagnostics
+from hf_flag.errors import InputError
+from hf_flag.options import add_model_options
 from hf_flag.report import baseline_key
 from hf_flag.rows import table_metrics
 from hf_flag.weights.sources import open_weights
@@ -44,7 +44,7 @@ DISPATCH = {
 }
 
 
-class CliError(HfFlagError, ValueError):
+class CliError(InputError):
     """A user error found by the command line itself (bad argument, missing default model, unsafe overwrite)."""
 
 
@@ -183,11 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     an = sub.add_parser("analyze", help="analyse checkpoints and print a summary table per model",
                         description="Analyse checkpoints: per model, a table of each diagnostic's mean beside its "
                                     "random baseline (or, with --json, the full report).")
-    an.add_argument("models", nargs="*", metavar="MODEL",
-                    help="a local folder, a .safetensors or .gguf file, or a Hub id (read from the Hugging Face "
-                         "cache, downloaded into it when missing unless HF_HUB_OFFLINE=1)")
-    an.add_argument("--default", action="store_true",
-                    help="add the embedded default models (all-MiniLM-L6-v2 and SmolLM2-135M-Instruct)")
+    add_model_options(an)
     an.add_argument("--out", type=Path, metavar="DIR", help="also write DIR/<model>/report.json and rows.parquet")
     an.add_argument("--device", help="torch device, e.g. cpu or cuda:0 (default: cuda when available, else cpu)")
     an.add_argument("--dtype", choices=("float64", "float32"),
@@ -196,28 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--full", action="store_true",
                     help="every singular vector of every weight (the all-vectors analysis) instead of the leading "
                          "subspaces the storage precision determines (the default)")
-    an.add_argument("--diagnostics", nargs="+", metavar="NAME",
-                    help=f"which diagnostics to compute (default: all): any of {', '.join(DIAGNOSTIC_NAMES)}, "
-                         f"separated by commas or spaces")
     an.add_argument("--layers", type=layers_argument, help="block indices to analyse, e.g. 0,1,5-7 (default: all)")
-    an.add_argument("--composition", choices=COMPOSITION_MODES, default="auto",
-                    help="Q/K/V composition scores of each head with the heads of every later layer (all), of the "
-                         "next layer only (adjacent, much faster on deep models), or none; auto (the default): all "
-                         "where the printed cost estimate is small, else adjacent")
-    an.add_argument("--cheap", action="store_true",
-                    help="commutator ratio (with its baseline) and imbalance only: fast; no flags, transport or "
-                         "head overlaps")
     an.add_argument("--allow-pickle", action="store_true",
                     help="allow .bin/.pt checkpoints (read with torch.load(weights_only=True)); only for files you "
                          "trust")
-    an.add_argument("--name", metavar="ORG/NAME",
-                    help="the model's Hub name, for labels and output folders (one MODEL only; default: its Hub id, "
-                         "or a local folder's config _name_or_path, which for a fine-tuned copy names its base model)")
-    an.add_argument("--revision", help="branch, tag or commit sha of Hub ids (default: main)")
-    an.add_argument("--max-disk", type=float, metavar="GB", dest="max_disk",
-                    help="stream sharded Hub checkpoints shard by shard within GB of disk")
-    an.add_argument("--gguf-file", dest="gguf_file",
-                    help="which .gguf of a GGUF Hub repo (default: the finest storage)")
     an.add_argument("--json", action="store_true",
                     help="print each model's full report as one line of JSON (JSON Lines) instead of the table")
     for command in DISPATCH:  # listed for --help; main() hands their arguments over verbatim

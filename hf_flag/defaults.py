@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-from hf_flag.errors import HfFlagError
+from hf_flag.errors import InputError
 
 #: ``composition=`` of :func:`hf_flag.analyze`: every later layer where the estimated cost is small, else the next
 #: layer only (``auto``); every later layer; the next layer only; or no composition rows
@@ -22,7 +22,7 @@ CHAIN_DIAGNOSTICS = ("linear_chain",)
 DIAGNOSTIC_NAMES = TRANSFORMER_DIAGNOSTICS + CHAIN_DIAGNOSTICS
 
 
-class DefaultModelMissingError(HfFlagError, ValueError):
+class DefaultModelMissingError(InputError):
     """An embedded default model's package is not installed (the message says which ``pip install`` to run)."""
 
 
@@ -111,8 +111,8 @@ def parse_diagnostics(values: Union[str, Sequence[str]]) -> tuple[str, ...]:
     names = [name for token in tokens for name in re.split(r"[\s,]+", str(token)) if name]
     for name in names:
         if name not in DIAGNOSTIC_NAMES:
-            raise ValueError(f"unknown diagnostic {name!r}; choose from {', '.join(DIAGNOSTIC_NAMES)} (separated by "
+            raise InputError(f"unknown diagnostic {name!r}; choose from {', '.join(DIAGNOSTIC_NAMES)} (separated by "
                              f"commas or spaces; MODEL arguments go before --diagnostics)")
     if not names:
-        raise ValueError(f"no diagnostic named; choose from {', '.join(DIAGNOSTIC_NAMES)}")
+        raise InputError(f"no diagnostic named; choose from {', '.join(DIAGNOSTIC_NAMES)}")
     return tuple(dict.fromkeys(names))

@@ -11,16 +11,16 @@ code   meaning
 130    interrupted (Ctrl-C); 143 terminated (SIGTERM): one line; finished work is kept, a rerun resumes
 =====  ===========================================================================================================
 
-A *user error* is an :class:`~hf_flag.errors.HfFlagError`, or a ``ValueError`` / ``OSError`` raised by a ``raise``
-statement in hf-flag's own code (its message was written for users), or an ``OSError`` that names a path (a file
-that cannot be read or written).  Any other exception, a ``ValueError`` from inside torch or a ``TypeError`` in
-hf-flag included, is internal.
+A *user error* is an :class:`~hf_flag.errors.HfFlagError` (input validation raises
+:class:`~hf_flag.errors.InputError` or a more specific subclass: options, config keys, weights sources, adapters,
+analysis checks), or an ``OSError`` that names a path (a file that cannot be read or written).  Any other exception
+is internal: a plain ``ValueError`` included, wherever it is raised (a geometry invariant check deep in a run, numpy,
+torch), and a ``TypeError`` in hf-flag.
 """
 from __future__ import annotations
 
 import datetime
 import errno
-import linecache
 import os
 import signal
 import sys
@@ -35,8 +35,6 @@ from hf_flag.errors import HfFlagError
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 #: errno values that mean "this folder cannot take the write" (the user frees space or picks another folder)
 WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM})
-#: the folders of hf-flag's own code (a ``raise`` there is a deliberate, user-facing message)
-OWN_CODE = tuple(str(Path(p).resolve()) + os.sep for p in (Path(__file__).parent, Path(__file__).parents[1] / "harness"))
 
 
 class Terminated(BaseException):
@@ -61,17 +59,6 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
-def raised_by_own_code(exc: BaseException) -> bool:
-    """Whether the innermost frame of ``exc`` is a ``raise`` statement in hf-flag's own code."""
-    tb = exc.__traceback__
-    if tb is None:
-        return False
-    while tb.tb_next is not None:
-        tb = tb.tb_next
-    filename = str(Path(tb.tb_frame.f_code.co_filename).resolve())
-    return filename.startswith(OWN_CODE) and linecache.getline(filename, tb.tb_lineno).lstrip().startswith("raise")
-
-
 def write_error_message(exc: OSError) -> Optional[str]:
     """One line for an ``OSError`` that means a folder cannot take a write (``None`` for other errors)."""
     if exc.errno not in WRITE_ERRNOS:
@@ -89,7 +76,7 @@ def user_message(exc: BaseException) -> Optional[str]:
             return message
         if exc.filename:
             return f"{exc.filename}: {exc.strerror or one_line(exc)}"
-    if isinstance(exc, HfFlagError) or (isinstance(exc, (ValueError, OSError)) and raised_by_own_code(exc)):
+    if isinstance(exc, HfFlagError):
         lines = str(exc).strip().splitlines()
         return lines[0] if lines else type(exc).__name__
     return None

@@ -17,7 +17,9 @@ huggingface_hub's own code: ``hf_api.py``, ``file_download.py``, ``_commit_api.p
 
 Fault injection (downloads only, not closed-range header reads): ``drop_after[(repo, path)] = n`` sends ``n`` body
 bytes of the next GET of that file and closes the connection (once); ``stall_after[(repo, path)] = n`` sends ``n`` bytes and then blocks until the test releases
-``stall_release`` (a process killed meanwhile leaves a half-downloaded file).  ``log`` records every request.
+``stall_release`` (a process killed meanwhile leaves a half-downloaded file); a file in ``missing_downloads``
+(``(repo, path)``) answers 404 ``EntryNotFound`` to downloads while its header reads still succeed (a file gone from
+the Hub mid-stream).  ``log`` records every request.
 """
 from __future__ import annotations
 
@@ -75,6 +77,7 @@ class HubServer:
         self.received: list[Received] = []
         self.drop_after: dict[tuple[str, str], int] = {}
         self.stall_after: dict[tuple[str, str], int] = {}
+        self.missing_downloads: set[tuple[str, str]] = set()
         self.stalled = threading.Event()
         self.stall_release = threading.Event()
         self.lock = threading.Lock()
@@ -236,7 +239,8 @@ class HubServer:
         if sha is None:
             return
         data = repo.commits[sha].get(file)
-        if data is None:
+        closed_range = bool(re.fullmatch(r"bytes=\d+-\d+", req.headers.get("Range") or ""))
+        if data is None or ((repo_id, file) in self.missing_downloads and not closed_range):
             return self.error(req, 404, "EntryNotFound", f"{file} does not exist", head, {"X-Repo-Commit": sha})
         headers = {"X-Repo-Commit": sha, "ETag": f'"{hashlib.sha256(data).hexdigest()}"',
                    "Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}

@@ -220,17 +220,20 @@ def test_llama_values_from_raw_parameters(llama, llama_report):
     up1 = p["model.layers.1.mlp.up_proj.weight"]
     assert row_of(llama_report, KIND_RESIDUAL, 0, "mlp.out", "mlp.in").values["commutator_ratio"] == \
         pytest.approx(direct_kappa(down, up1), rel=1e-9)
+    # head rows are computed in the analysis dtype, float32 for float32 storage (issue #11 precision policy): they
+    # agree with float64 to float32's rounding, a few 1e-8 relative (the kappa values above come from float64 Grams)
+    f32 = 1e-6
     # head_overlap_o: write subspaces = column blocks of o_proj
     O = o[0].numpy()
     row = row_of(llama_report, HEAD_OVERLAP_KINDS["o"], 0, "head 1", "head 2")
-    assert row.values["overlap"] == pytest.approx(np_overlap(O[:, dh:2 * dh], O[:, 2 * dh:3 * dh]), rel=1e-9)
+    assert row.values["overlap"] == pytest.approx(np_overlap(O[:, dh:2 * dh], O[:, 2 * dh:3 * dh]), rel=f32)
     # head_overlap_k compares KV heads (2 of them): read subspace col(W_K) = rows of k_proj, transposed
     K = k[0].numpy()
     row = row_of(llama_report, HEAD_OVERLAP_KINDS["k"], 0, "kv_head 0", "kv_head 1")
-    assert row.values["overlap"] == pytest.approx(np_overlap(K[:dh].T, K[dh:].T), rel=1e-9)
+    assert row.values["overlap"] == pytest.approx(np_overlap(K[:dh].T, K[dh:].T), rel=f32)
     # cross-layer: write of layer-0 head 3 vs read of layer-1 query head 1
     row = row_of(llama_report, CROSS_LAYER_KINDS["q"], 0, "head 3", "head 1")
-    assert row.values["overlap"] == pytest.approx(np_overlap(O[:, 3 * dh:], q[1][dh:2 * dh].T.numpy()), rel=1e-9)
+    assert row.values["overlap"] == pytest.approx(np_overlap(O[:, 3 * dh:], q[1][dh:2 * dh].T.numpy()), rel=f32)
     # composition: naive ||W_V W_O W_Q W_K^T|| / (||W_V W_O|| ||W_Q W_K^T||), d x d matrices
     for h, g in ((0, 0), (2, 3)):
         L_ = v[0][kv_of(h) * dh:(kv_of(h) + 1) * dh].T @ o[0][:, h * dh:(h + 1) * dh].T  # W_V W_O (d x d)
@@ -240,7 +243,7 @@ def test_llama_values_from_raw_parameters(llama, llama_report):
             want = float(torch.linalg.norm(L_ @ R) / (torch.linalg.norm(L_) * torch.linalg.norm(R)))
             row = next(r for r in llama_report.select(kind=COMPOSITION_KINDS[kind], layer=0)
                        if (r.target_layer, r.source, r.target) == (1, f"head {h}", f"head {g}"))
-            assert row.values["score"] == pytest.approx(want, rel=1e-9)
+            assert row.values["score"] == pytest.approx(want, rel=f32)
 
 
 def test_gpt2_conv1d_values_from_raw_parameters():
@@ -257,7 +260,7 @@ def test_gpt2_conv1d_values_from_raw_parameters():
     assert row.values["commutator_ratio"] == pytest.approx(direct_kappa(W_v, c_proj[h * dh:(h + 1) * dh].T), rel=1e-9)
     rows_o = c_proj.numpy()
     row = row_of(report, HEAD_OVERLAP_KINDS["o"], 0, "head 0", "head 3")
-    assert row.values["overlap"] == pytest.approx(np_overlap(rows_o[:dh].T, rows_o[3 * dh:].T), rel=1e-9)
+    assert row.values["overlap"] == pytest.approx(np_overlap(rows_o[:dh].T, rows_o[3 * dh:].T), rel=1e-6)  # float32
     mlp = model.transformer.h[0].mlp
     W_in = torch.cat([mlp.c_fc.weight.T, mlp.c_fc.bias[:, None]], 1).detach().double()
     assert row_of(report, KIND_MLP, 0, "mlp.in", "mlp.out").values["commutator_ratio"] == pytest.approx(

@@ -94,3 +94,19 @@ def test_json_with_several_models_is_json_lines(tiny_checkpoint, tiny_llama, cap
     for line in lines:
         report = Report.from_dict(json.loads(line))
         assert report.summary == pytest.approx(expected.summary, rel=1e-12)
+
+
+def test_options_shared_by_analyze_and_sweep_are_defined_once():
+    """MODEL, --default, --name, --revision, --gguf-file, --max-disk, --diagnostics, --composition, --cheap mean the
+    same in both commands: same spelling, type, choices and help text (hf_flag.options); only the defaults differ
+    where the sweep lets its config file decide."""
+    analyze_parser = next(a for a in cli.build_parser()._actions if a.dest == "command").choices["analyze"]
+    ours = {a.dest: a for a in analyze_parser._actions}
+    theirs = {a.dest: a for a in sweep.build_parser()._actions}
+    shared = ("models", "default", "name", "revision", "gguf_file", "max_disk", "diagnostics", "composition", "cheap")
+    for dest in shared:
+        a, b = ours[dest], theirs[dest]
+        assert (a.option_strings, a.help, a.type, a.choices, a.metavar, a.nargs) == \
+               (b.option_strings, b.help, b.type, b.choices, b.metavar, b.nargs), dest
+    assert (ours["composition"].default, ours["cheap"].default) == ("auto", False)
+    assert (theirs["composition"].default, theirs["cheap"].default) == (None, None)  # the config file decides

@@ -15,17 +15,17 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from statistics import mean
 from typing import Optional
 
 import torch
 from matplotlib.figure import Figure
 
 from hf_flag.harness.experiments.common import ClaimResult, fmt, markdown_table
-from hf_flag.harness.experiments.rules import Rule, judge, mean_sd
+from hf_flag.harness.experiments.rules import Rule, judge
 from hf_flag.analysis.api import analyze
 from hf_flag.defaults import DEFAULT_MODELS
 from hf_flag.geometry.pairs import commutator_baseline, commutator_ratio, commutator_reading_holds
+from hf_flag.geometry.stats import mean, mean_and_standard_error
 from hf_flag.report import Report
 
 ZSCORE_STRUCTURE = 3.0  # head overlaps "differ from random": mean z-score of the write overlaps above 3
@@ -152,10 +152,9 @@ def by_layer_ratio(report: Report, kind: str, num: str, den: str) -> dict[int, f
 
 
 def over_layers(d: dict[int, float]) -> tuple[float, float]:
-    """Mean and standard error over layers (NaN mean when empty)."""
-    finite = [v for v in d.values() if v is not None and math.isfinite(v)]
-    m, sd = mean_sd(finite)
-    return m, sd / math.sqrt(len(finite)) if finite else float("nan")  # NaN below two layers (mean_sd)
+    """Mean and standard error over layers of the finite values (``hf_flag.geometry.stats``, MATH.md §8: NaN mean
+    when empty, NaN standard error below two layers)."""
+    return mean_and_standard_error(d.values())
 
 
 def _avg(d: dict[int, float]) -> float:

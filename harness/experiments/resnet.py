@@ -21,7 +21,8 @@ from matplotlib.figure import Figure
 
 from hf_flag.harness.experiments import digits
 from hf_flag.harness.experiments.common import FLAG_TAU, SEEDS, ClaimResult, fmt, markdown_table
-from hf_flag.harness.experiments.rules import Rule, fmt_spread, judge, mean_sd
+from hf_flag.geometry.stats import mean_and_sd
+from hf_flag.harness.experiments.rules import Rule, fmt_spread, judge
 from hf_flag.geometry.baselines import transport_baselines
 from hf_flag.geometry.dynamics import fit_decay_rate, predicted_decay_rate
 
@@ -123,7 +124,7 @@ def run(cfg: ResNetConfig, *, threads: int = 1, device: Optional[torch.device] =
     blocks = sorted({r["block"] for r in rows})
     gains = {b: [end[(s, b, wd_hi)]["subspace_end"] - end[(s, b, 0.0)]["subspace_end"] for s in cfg.seeds]
              for b in blocks}
-    hi = {b: mean_sd([end[(s, b, wd_hi)]["subspace_end"] for s in cfg.seeds]) for b in blocks}
+    hi = {b: mean_and_sd([end[(s, b, wd_hi)]["subspace_end"] for s in cfg.seeds]) for b in blocks}
     base = rows[0]["subspace_baseline"]
 
     def v2() -> tuple[bool, str]:

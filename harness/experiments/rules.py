@@ -7,12 +7,12 @@ outcome in the report.  A rule's text is never edited once a report used it: a c
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from statistics import mean, stdev
 from typing import Callable, Mapping, Sequence
 
-__all__ = ["Rule", "judge", "mean_sd", "fmt_spread"]
+from hf_flag.geometry.stats import mean_and_sd
+
+__all__ = ["Rule", "judge", "fmt_spread"]
 
 
 @dataclass(frozen=True)
@@ -40,18 +40,10 @@ def judge(rules: Sequence[Rule], decide: Mapping[int, Callable[[], tuple[bool, s
     return ("supported" if outcomes[-1]["supported"] else "not supported"), outcomes
 
 
-def mean_sd(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation of the finite values (NaN sd below two values, so no rule that needs a
-    spread passes on one value; NaN mean for none)."""
-    xs = [float(v) for v in values if v is not None and math.isfinite(v)]
-    if not xs:
-        return float("nan"), float("nan")
-    return mean(xs), (stdev(xs) if len(xs) > 1 else float("nan"))
-
-
 def fmt_spread(values: Sequence[float], unit: str = "seeds") -> str:
-    """``mean ± sd (n unit)`` with 3 significant digits."""
+    """``mean ± sd (n unit)`` of the finite values (``hf_flag.geometry.stats.mean_and_sd``: NaN sd below two) with 3
+    significant digits; ``n`` counts every value given."""
     from hf_flag.harness.experiments.common import fmt
 
-    m, s = mean_sd(values)
+    m, s = mean_and_sd(values)
     return f"{fmt(m)} ± {fmt(s)} ({len(values)} {unit})"

@@ -28,7 +28,8 @@ from hf_flag.harness.experiments.common import (
     mlp_pairs,
     train_teacher_mlp,
 )
-from hf_flag.harness.experiments.rules import Rule, fmt_spread, judge, mean_sd
+from hf_flag.geometry.stats import mean_and_sd
+from hf_flag.harness.experiments.rules import Rule, fmt_spread, judge
 from hf_flag.geometry.pairs import augment, transport_k
 from hf_flag.geometry.baselines import transport_baselines
 from hf_flag.geometry.dynamics import fit_decay_rate, predicted_decay_rate
@@ -128,12 +129,12 @@ def _figure(rows: list[dict], cfg: WeightDecayConfig) -> Figure:
     ax.xaxis.get_offset_text().set_x(1.05)
     ax.legend(fontsize=6.5, loc="upper left")
     for act in cfg.activations:
-        spread = [mean_sd([r["subspace_end"] for r in rows if r["optimizer"] == "sgd" and r["activation"] == act
+        spread = [mean_and_sd([r["subspace_end"] for r in rows if r["optimizer"] == "sgd" and r["activation"] == act
                            and r["weight_decay"] == wd]) for wd in cfg.weight_decays]
         ax2.errorbar(cfg.weight_decays, [m for m, _ in spread], yerr=[s for _, s in spread], color=colors[act],
                      marker="o", capsize=3, label=f"{act}: end of training (mean ± sd over seeds)")
-    start = mean_sd([r["subspace_start"] for r in rows])[0]
-    base = mean_sd([r["subspace_baseline"] for r in rows])[0]
+    start = mean_and_sd([r["subspace_start"] for r in rows])[0]
+    base = mean_and_sd([r["subspace_baseline"] for r in rows])[0]
     ax2.axhline(start, color="grey", ls="--", lw=1, label="at initialisation")
     ax2.axhline(base, color="k", ls=":", lw=1, label="Haar value k/n (mean over pairs)")
     ax2.set_xlabel("weight decay (full-batch GD)")
@@ -158,9 +159,9 @@ def alignment_checks(rows: list[dict], cfg: WeightDecayConfig) -> dict[str, dict
         sgd = [r for r in rows if r["optimizer"] == "sgd" and r["activation"] == act]
         end = {(r["seed"], r["weight_decay"]): r["subspace_end"] for r in sgd}
         per_seed = [end[(s, wd_hi)] - end[(s, 0.0)] for s in cfg.seeds]
-        means = [mean_sd([end[(s, wd)] for s in cfg.seeds])[0] for wd in cfg.weight_decays]
-        hi_mean, hi_sd = mean_sd([end[(s, wd_hi)] for s in cfg.seeds])
-        base = mean_sd([r["subspace_baseline"] for r in sgd])[0]
+        means = [mean_and_sd([end[(s, wd)] for s in cfg.seeds])[0] for wd in cfg.weight_decays]
+        hi_mean, hi_sd = mean_and_sd([end[(s, wd_hi)] for s in cfg.seeds])
+        base = mean_and_sd([r["subspace_baseline"] for r in sgd])[0]
         out[act] = {"gain_per_seed": per_seed, "means_by_wd": means, "end_mean": hi_mean, "end_sd": hi_sd,
                     "baseline": base, "every_seed_gains": all(g > 0 for g in per_seed),
                     "rises_with_wd": all(a < b for a, b in zip(means, means[1:])),

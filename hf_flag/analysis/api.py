@@ -49,7 +49,7 @@ layer l-1's cross-layer rows), as is each MLP weight's thin SVD (shared by the p
 Composition keeps at most :data:`COMPOSITION_CACHE_BYTES`: packed ``d x d`` Grams
 of a chunk of source layers (each destination layer re-read once per chunk, attention tensors only; with
 ``diagnostics={"composition"}`` there is no per-layer pass), or, when five head sets of packed
-Grams exceed it (very wide models), the tiled trace form over cached destination attention.  Each layer is
+Grams exceed it (very wide models), the tiled QR-reduced form over cached destination attention.  Each layer is
 checked for NaN/Inf once (at its first read): :class:`NonFiniteWeightsError` names the tensor and the layer.
 """
 from __future__ import annotations
@@ -65,6 +65,7 @@ from hf_flag.analysis import transformer
 from hf_flag.analysis.chain import analyze_chain
 from hf_flag.analysis.checks import resolve_device
 from hf_flag.defaults import COMPOSITION_MODES
+from hf_flag.errors import InputError
 from hf_flag.geometry.angles import RANK_CUT_RULE
 from hf_flag.geometry.baselines import COMMUTATOR_BASELINE_RULE
 from hf_flag.geometry.flags import FLAG_TAU_RULE, GL_KERNEL_RTOL
@@ -104,10 +105,10 @@ def analyze(model_or_path, *, device: Union[str, torch.device, None] = None, dty
     """
     start = time.perf_counter()
     if dtype is not None and dtype not in (torch.float64, torch.float32):
-        raise ValueError(f"dtype={dtype} is not supported; use torch.float32 or torch.float64, or leave it unset "
+        raise InputError(f"dtype={dtype} is not supported; use torch.float32 or torch.float64, or leave it unset "
                          f"(float32 for weights stored in float32 or coarser, float64 otherwise)")
     if composition not in COMPOSITION_MODES:
-        raise ValueError(f"composition={composition!r}; use one of {list(COMPOSITION_MODES)}")
+        raise InputError(f"composition={composition!r}; use one of {list(COMPOSITION_MODES)}")
     layers = None if layers is None else list(layers)  # read twice (check_layers, params): not an iterator
     dev = resolve_device(device, model_or_path)
     source = open_weights(model_or_path, allow_pickle=allow_pickle)

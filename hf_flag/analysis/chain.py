@@ -9,7 +9,7 @@ from torch import nn
 from hf_flag.analysis.checks import check_choice, check_layers
 from hf_flag.analysis.pairs import pair_rows, single
 from hf_flag.defaults import CHAIN_DIAGNOSTICS
-from hf_flag.errors import NonFiniteWeightsError
+from hf_flag.errors import InputError, NonFiniteWeightsError
 from hf_flag.report import Report, Row
 from hf_flag.rows import KIND_LINEAR_CHAIN
 from hf_flag.weights.adapters.mlp import linear_chain
@@ -22,7 +22,7 @@ def analyze_chain(module: nn.Module, name: str, *, device: torch.device, dtype: 
     diag = check_choice("diagnostics", diagnostics, CHAIN_DIAGNOSTICS)
     chain = linear_chain(module, dtype=dtype, device=device)
     if len(chain) < 2:
-        raise ValueError(f"model {name!r} has {len(chain)} nn.Linear layer(s); a linear chain needs at least 2")
+        raise InputError(f"model {name!r} has {len(chain)} nn.Linear layer(s); a linear chain needs at least 2")
     sel = check_layers(layers, len(chain) - 1)
     rows: list[Row] = []
     for i in sel:

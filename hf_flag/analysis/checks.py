@@ -8,7 +8,7 @@ from typing import Iterable, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from hf_flag.errors import NonFiniteWeightsError
+from hf_flag.errors import InputError, NonFiniteWeightsError
 from hf_flag.geometry.angles import all_finite
 
 
@@ -55,11 +55,11 @@ def resolve_device(device: Union[str, torch.device, None], model) -> torch.devic
         try:
             dev = torch.device(device)
         except (RuntimeError, TypeError) as exc:
-            raise ValueError(f"device={device!r} is not a torch device; use 'cpu', 'cuda' or 'cuda:N'") from exc
+            raise InputError(f"device={device!r} is not a torch device; use 'cpu', 'cuda' or 'cuda:N'") from exc
         if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device={device!r}: CUDA is not available here; use device='cpu'")
+            raise InputError(f"device={device!r}: CUDA is not available here; use device='cpu'")
         if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"device={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+            raise InputError(f"device={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s); "
                              f"use 'cuda:0'..'cuda:{torch.cuda.device_count() - 1}'")
         return dev
     if isinstance(model, nn.Module):
@@ -73,7 +73,7 @@ def check_choice(name: str, given: Optional[Iterable[str]], allowed: Sequence[st
     """``given`` (default: all of ``allowed``) as a frozenset, or ValueError naming what is allowed."""
     chosen = frozenset(allowed if given is None else ([given] if isinstance(given, str) else given))
     if not chosen or not chosen <= set(allowed):
-        raise ValueError(f"{name}={sorted(chosen)} is not a non-empty subset of {list(allowed)} for this model")
+        raise InputError(f"{name}={sorted(chosen)} is not a non-empty subset of {list(allowed)} for this model")
     return chosen
 
 
@@ -84,8 +84,8 @@ def check_layers(layers: Optional[Iterable[int]], n: int) -> list[int]:
     try:
         chosen = sorted({int(i) for i in layers})
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"layers={layers!r}: give integer layer indices, e.g. [0, 1]") from exc
+        raise InputError(f"layers={layers!r}: give integer layer indices, e.g. [0, 1]") from exc
     bad = [i for i in chosen if not 0 <= i < n]
     if bad or not chosen:
-        raise ValueError(f"layers={bad or chosen} is out of range: this model has {n} layers/pairs, use 0..{n - 1}")
+        raise InputError(f"layers={bad or chosen} is out of range: this model has {n} layers/pairs, use 0..{n - 1}")
     return chosen

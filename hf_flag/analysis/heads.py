@@ -102,7 +102,8 @@ def composition_rows(model: str, kinds: dict[str, str], layout, sources: Sequenc
 
     When ``budget_bytes`` holds the packed ``d x d`` Grams of five head sets (:func:`gram_composition_rows`), each
     source layer's Grams are built once (a destination's once per chunk of sources) and every layer pair costs one
-    matmul; otherwise (very wide models) the tiled trace form runs per layer pair (:func:`tiled_composition_rows`).
+    matmul; otherwise (very wide models) the tiled QR-reduced form runs per layer pair
+    (:func:`tiled_composition_rows`).
     Both are exact."""
     targets = composition_targets(layout.n_layers, sources, mode)
     gram = packed_gram_bytes(layout.n_heads, layout.d_model)  # the Grams are float64 whatever the analysis dtype
@@ -162,12 +163,15 @@ def gram_composition_rows(model: str, kinds: dict[str, str], layout, sources: Se
 def tiled_composition_rows(model: str, kinds: dict[str, str], layout, sources: Sequence[int],
                            targets: dict[int, list[int]], load_attention: Callable, *, budget_bytes: int,
                            itemsize: int) -> Iterator[Row]:
-    """Composition rows by the tiled trace form (``geometry.composition.composition_scores``), for models whose
-    packed Grams do not fit the budget.
+    """Composition rows by the tiled QR-reduced form (``geometry.composition.composition_scores``), for models
+    whose packed Grams do not fit the budget.
 
     Destination layers' attention (KV heads unexpanded) is cached in chunks of at most ``budget_bytes`` (at least
     one layer); each source layer is read once per chunk holding one of its destinations, so memory is one chunk
-    plus one source layer and the expanded heads of a group of destinations (a quarter of the budget)."""
+    plus one source layer and the expanded heads of a group of destinations (a quarter of the budget).  Scores
+    are computed in the dtype the attention is read in (the analysis dtype: float32 for the default report of
+    coarse storage, MATH.md §4's precision policy), at least float32; kinds k and v multiply each destination
+    KV head once (``shared``), not once per query head."""
     dests = sorted({t for ts in targets.values() for t in ts})
     per_layer = 2 * (layout.n_heads + layout.n_kv_heads) * layout.d_model * layout.head_dim * itemsize
     chunk = max(1, budget_bytes // per_layer)
@@ -181,11 +185,16 @@ def tiled_composition_rows(model: str, kinds: dict[str, str], layout, sources: S
             if not ts:
                 continue
             src = expand_kv(cache[l] if l in cache else load_attention(l), layout)
+            dtype = torch.promote_types(src["V"].dtype, torch.float32)
             for g in range(0, len(ts), group):
-                dst = [expand_kv(cache[t], layout) for t in ts[g:g + group]]
-                dst = {r: torch.cat([d[r] for d in dst]) for r in "QKVO"}  # heads of `group` destination layers
-                for s, (X, Y) in destination_reads(dst).items():
-                    scores = composition_scores(src["V"], src["O"], X, Y, kind=s).tolist()
+                attn = [cache[t] for t in ts[g:g + group]]  # `group` destination layers, KV heads unexpanded
+                Q, O = (torch.cat([getattr(a, r) for a in attn]) for r in ("W_Q", "W_O"))
+                K, V = (torch.cat([getattr(a, r) for a in attn]) for r in ("W_K", "W_V"))
+                kv = torch.cat([kv_index(layout, K.device) + j * layout.n_kv_heads for j in range(len(attn))])
+                reads = {"q": ((Q, K[kv]), None), "k": ((Q, K), kv), "v": ((V, O.mT), kv)}
+                for s, ((X, Y), shared) in reads.items():  # in the analysis dtype (the blocks')
+                    scores = composition_scores(src["V"], src["O"], X, Y, kind=s, dtype=dtype,
+                                                shared=shared).tolist()
                     yield from (Row(model, kinds[s], l, ts[g + j // H], f"head {h}", f"head {j % H}",
                                     {"score": sc, "score_baseline": base})
                                 for h, row in enumerate(scores) for j, sc in enumerate(row))

@@ -10,7 +10,7 @@ import torch
 
 from hf_flag.geometry.angles import default_rtol, thin_svd
 from hf_flag.geometry.baselines import transport_baselines
-from hf_flag.geometry.flags import flag_position_from_svd, gl_kernel_dim_from_spectra
+from hf_flag.geometry.flags import flag_position_from_svd, gl_kernel_dim_from_product_rank
 from hf_flag.geometry.pairs import (augment, commutator_reading_of_pairs, gram_diagnostics, gram_pair_values,
                                     imbalance_diagonal_norm, normalized_commutator_ratio, pair_gram_sides,
                                     pair_values_from_svd, range_overlap_from_grams, transport_k,
@@ -51,8 +51,8 @@ def pair_geometry_values(W_l: torch.Tensor, W_next: torch.Tensor, *, storage_eps
     One thin SVD per weight (``svd_l``, ``svd_next``: pass them when the weight belongs to several pairs, e.g.
     ``mlp_out`` in the mlp, mlp_gate and residual pairs) serves everything:
     :func:`~hf_flag.geometry.pairs.pair_values_from_svd` gives kappa, its closed-form Haar RMS, the imbalance
-    norms, the transport matrix and the product's spectrum (MATH.md §2-§4); transport scores, flags and the GL
-    kernel dimension read those (§4).  ``||diag D||`` comes from the weights' row and column norms (§2)."""
+    norms (``||diag D||`` from the weights' row and column norms), the transport matrix and the product's rank
+    (MATH.md §2-§4); transport scores, flags and the GL kernel dimension read those (§4)."""
     svd_l = thin_svd(W_l) if svd_l is None else svd_l
     svd_next = thin_svd(W_next) if svd_next is None else svd_next
     v = pair_values_from_svd(W_l, W_next, svd_l, svd_next)
@@ -60,7 +60,6 @@ def pair_geometry_values(W_l: torch.Tensor, W_next: torch.Tensor, *, storage_eps
     n, k = W_l.shape[-2], transport_k(W_l.shape[-2], W_l.shape[-1], W_next.shape[-2])
     sub_base, basis_base = transport_baselines(k, n)
     subspace, basis = transport_scores_from_matrix(v.transport, k)
-    diagonal = imbalance_diagonal_norm(W_l, W_next)
     rank_rtol = (default_rtol(W_l), default_rtol(W_next))
     out = []
     for i in range(W_l.shape[0]):
@@ -69,14 +68,13 @@ def pair_geometry_values(W_l: torch.Tensor, W_next: torch.Tensor, *, storage_eps
         kappa = float(v.commutator_ratio[i])
         values = {"commutator_ratio": kappa, "commutator_ratio_normalized": normalized_commutator_ratio(kappa),
                   "imbalance_norm": float(v.imbalance_norm[i]), "relative_imbalance": float(v.relative_imbalance[i]),
-                  "imbalance_diagonal_norm": float(diagonal[i]),
+                  "imbalance_diagonal_norm": float(v.imbalance_diagonal_norm[i]),
                   "commutator_ratio_baseline": float(v.commutator_haar_rms[i]),
                   "range_overlap": float(v.range_overlap[i]),
                   "range_overlap_baseline": float(v.range_overlap_baseline[i]),
                   "subspace_score": float(subspace[i]), "subspace_score_baseline": sub_base,
                   "basis_score": float(basis[i]), "basis_score_baseline": basis_base, **flag_values(flag),
-                  "gl_kernel_dim": float(gl_kernel_dim_from_spectra(s_l[i], s_next[i],
-                                                                    v.product_singular_values[i]))}
+                  "gl_kernel_dim": float(gl_kernel_dim_from_product_rank(s_l[i], int(v.product_rank[i])))}
         out.append((values, {"transport_k": k, **flag_details(flag)}))
     return out
 
@@ -123,6 +121,9 @@ def pair_rows(model: str, kind: str, ids: Sequence[tuple[int, int, str, str]], W
         out = pair_window_values(W_aug, W_next, storage_eps=storage_eps, dtype=W_l.dtype, svd_l=svd_l,
                                  svd_next=svd_next, gram=gram)
     else:
+        if not cheap:  # full: one thin SVD per weight serves the values and the reading's ranks below
+            svd_l = thin_svd(W_aug) if svd_l is None else svd_l
+            svd_next = thin_svd(W_next) if svd_next is None else svd_next
         out = pair_values(W_aug, W_next, cheap=cheap, storage_eps=storage_eps, svd_l=svd_l, svd_next=svd_next)
     full_spectra = not window and not cheap and svd_l is not None and svd_next is not None
     reads = commutator_reading_of_pairs(W_aug, W_next, s_l=svd_l[1] if full_spectra else None,

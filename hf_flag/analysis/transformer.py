@@ -33,12 +33,13 @@ HEAD_LABELS = {"q": "head", "k": "kv_head", "v": "kv_head", "o": "head"}
 
 
 def layer_bases(cache: dict, layer: int, attn) -> dict:
-    """Head bases (``geometry.heads.head_bases``) of ``layer``'s q/k/v/o spaces, from ``cache`` (key
-    ``(layer, "heads")``) or computed once and stored there: layer l+1's bases serve its cross-layer rows and then
-    its own."""
+    """Head bases (``geometry.heads.head_bases``, in the analysis dtype) of ``layer``'s q/k/v/o spaces, from
+    ``cache`` (key ``(layer, "heads")``) or computed once and stored there: layer l+1's bases serve its cross-layer
+    rows and then its own."""
     key = (layer, "heads")
     if key not in cache:
-        cache[key] = {s: head_bases(X) for s, X in head_spaces(attn).items()}
+        cache[key] = {s: head_bases(X, dtype=torch.promote_types(X.dtype, torch.float32))
+                      for s, X in head_spaces(attn).items()}
     return cache[key]
 
 

@@ -1,14 +1,15 @@
-"""Q-, K- and V-composition scores between attention heads, by the tiled trace form (MATH.md §6).
+"""Q-, K- and V-composition scores between attention heads, tiled (MATH.md §6).
 
 Elhage et al. (2021): ``score = ||L R||_F / (||L||_F ||R||_F)`` with ``L = W_V W_O`` of the source head and ``R``
 taken from the destination head.  Heads use the ``x @ W`` convention of ``hf_flag.weights.blocks``.  The weights
 are scored as given: unlike TransformerLens, no LayerNorm folding and no centring is done here (an adapter or
 the caller may fold first).  Haar baseline: ``E[score^2] = 1/d`` (``baselines.composition_baseline``).
 
-Two exact routes to the same score: :func:`composition_scores` (one layer pair, cost ``H H' d dh^2``, memory
-``O(d dh)`` per tile) and :func:`source_grams` / :func:`destination_grams` / :func:`scores_from_grams` (packed
-``d x d`` Grams built once per layer, ``H d^2 dh``, then ``H H' d^2 / 2`` per layer pair: cheaper when every layer
-meets many others, as in all-pairs composition, at ``d^2 / 2`` floats per head).
+Two exact routes to the same score: :func:`composition_scores` (one layer pair, cost ``H H' d dh^2`` in one
+matmul after thin QRs of the heads, memory about ``d x d`` per tile) and :func:`source_grams` /
+:func:`destination_grams` / :func:`scores_from_grams` (packed ``d x d`` Grams built once per layer, ``H d^2 dh``,
+then ``H H' d^2 / 2`` per layer pair: cheaper when every layer meets many others, as in all-pairs composition, at
+``d^2 / 2`` floats per head).
 """
 from __future__ import annotations
 
@@ -55,9 +56,25 @@ def _check_destination(W_Q: torch.Tensor, W_K: torch.Tensor, kind: str, d: Optio
                          f"W_O_dst.transpose(-1, -2) as W_K)")
 
 
+def _check_shared(W_Q: torch.Tensor, W_K: torch.Tensor, kind: str, d: int, shared: torch.Tensor) -> None:
+    """Grouped destination heads: the shared tensor (``W_K`` for ``kind="k"``, ``W_Q`` for ``"v"``) holds KV heads,
+    ``shared[g]`` names destination head g's."""
+    if kind not in ("k", "v"):
+        raise ValueError(f"composition_scores: shared KV heads apply to kind 'k' or 'v' (the projection they share); "
+                         f"got kind={kind!r}")
+    X, Y = (W_K, W_Q) if kind == "k" else (W_Q, W_K)
+    _heads("W_Q", W_Q, d, None)
+    _heads("W_K", W_K, W_Q.shape[1], W_Q.shape[2])
+    if not isinstance(shared, torch.Tensor) or shared.dtype != torch.int64 or shared.ndim != 1 or \
+            shared.numel() != Y.shape[0] or (shared.numel() and not 0 <= int(shared.min()) <= int(shared.max())
+                                             < X.shape[0]):
+        raise ValueError(f"composition_scores: shared must be an int64 tensor of {Y.shape[0]} KV head indices in "
+                         f"[0, {X.shape[0]}) (one per destination head); got {shared!r}")
+
+
 def composition_scores(
     W_V: torch.Tensor, W_O: torch.Tensor, W_Q: torch.Tensor, W_K: torch.Tensor, *, kind: str,
-    tile_size: Optional[int] = None, dtype: torch.dtype = torch.float64,
+    tile_size: Optional[int] = None, dtype: torch.dtype = torch.float64, shared: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """All ``(H, H')`` composition scores from source heads to destination heads (MATH.md §6).
 
@@ -70,39 +87,56 @@ def composition_scores(
     * ``kind="v"``: pass the destination's ``W_V`` as ``W_Q`` and ``W_O.transpose(-1, -2)`` as ``W_K``, so
       ``R = W_V W_O`` of the destination head.
 
-    Exact trace form, never d x d: ``||L R||_F^2 = ||W_V M Y^T||_F^2 = tr(G_V M G_Y M^T)`` with ``M = W_O X``
-    (dh x dh'), ``G_V = W_V^T W_V``, ``G_Y = Y^T Y``; ``||L||_F^2 = tr(G_V W_O W_O^T)``,
-    ``||R||_F^2 = tr(X^T X G_Y)``.  Head pairs are processed ``tile_size`` at a time (default ``d // dh'``),
-    so the working memory is O(d x dh) per tile.  A zero head scores 0.
+    Exact, never d x d: with the thin QR factors ``W_V[h] = Q R_h`` and ``Y[g] = Q' R'_g`` (orthonormal ``Q``,
+    ``Q'`` drop out of Frobenius norms), ``||L_h R_g||_F = ||R_h W_O[h] X[g] R'_g^T||_F = ||P_h Z_g||_F`` with
+    ``P_h = R_h W_O[h]`` (dh x d) and ``Z_g = X[g] R'_g^T`` (d x dh'); ``||L_h||_F = ||P_h||_F`` and
+    ``||R_g||_F = ||Z_g||_F``.  Every head pair's ``P_h Z_g`` comes from one ``(H dh) x d x (H' dh')`` matmul,
+    ``tile_size`` head pairs at a time (default ``d^2 / (dh dh')``, so a tile holds about ``d x d`` numbers).
+    ``dtype``: the precision to compute in (float32 for the default report of coarse storage, §4's precision
+    policy; the score is a ratio of sums of squares, no cancellation).  A zero head scores 0.
+    ``shared`` (grouped-query attention, ``kind`` "k" or "v"): ``W_K`` (kind "k") or ``W_Q`` (kind "v": the
+    destination's ``W_V``) holds the KV heads unexpanded and destination head g uses KV head ``shared[g]``; the
+    matmul then runs over the KV heads (``P_h X_c``), each destination head's ``R'_g^T`` applied after.
     """
     _check_source(W_V, W_O)
     H, d, dh = W_V.shape
-    _check_destination(W_Q, W_K, kind, d)
+    if shared is None:
+        _check_destination(W_Q, W_K, kind, d)
+    else:
+        _check_shared(W_Q, W_K, kind, d, shared)
     check_dtype(dtype, where="composition_scores")
     dev = W_V.device
     W_V, W_O = W_V.to(dtype), W_O.to(device=dev, dtype=dtype)
     X, Y = (W_Q, W_K) if kind != "k" else (W_K, W_Q)
     X, Y = X.to(device=dev, dtype=dtype), Y.to(device=dev, dtype=dtype)
-    H2, dh2 = X.shape[0], X.shape[2]
+    H2, dh2 = Y.shape[0], Y.shape[2]
     if tile_size is None:
-        tile_size = max(1, d // dh2)
-    if not isinstance(tile_size, int) or tile_size < 1:
+        tile_size = max(1, d * d // max(1, dh * dh2))
+    if isinstance(tile_size, bool) or not isinstance(tile_size, int) or tile_size < 1:
         raise ValueError(f"composition_scores: tile_size must be a positive int (head pairs per tile); "
                          f"got {tile_size!r}")
 
-    G_V = W_V.mT @ W_V  # (H, dh, dh)
-    G_Y = Y.mT @ Y  # (H', dh', dh')
-    L2 = (G_V * (W_O @ W_O.mT)).sum(dim=(-2, -1))  # (H,) ; G symmetric so tr(G P) = sum(G * P)
-    R2 = ((X.mT @ X) * G_Y).sum(dim=(-2, -1))  # (H',)
-
-    td = min(H2, tile_size)
-    ts = max(1, tile_size // td)
+    P = torch.linalg.qr(W_V, mode="r").R @ W_O  # (H, r, d), r = min(d, dh)
+    R_Y = torch.linalg.qr(Y, mode="r").R  # (H', r', dh')
+    X_g = X if shared is None else X[shared.to(dev)]  # (H', d, dh'): destination head g's X
+    L2 = P.square().sum(dim=(-2, -1))
+    R2 = ((R_Y @ (X_g.mT @ X_g)) * R_Y).sum(dim=(-2, -1))  # ||X_g R'_g^T||^2 = tr(R' X^T X R'^T)
+    r, r2 = P.shape[1], R_Y.shape[1]
+    ts = max(1, tile_size // H2)  # source heads per tile (all destination heads at once)
     num2 = torch.empty(H, H2, dtype=dtype, device=dev)
+    if shared is None:
+        Z_all = (X @ R_Y.mT).permute(1, 0, 2).reshape(d, H2 * r2)  # Z_g = X_g R'_g^T side by side
+    else:
+        X_all = X.permute(1, 0, 2).reshape(d, X.shape[0] * dh2)  # the KV heads side by side
     for i in range(0, H, ts):
-        for j in range(0, H2, td):
-            M = W_O[i:i + ts, None] @ X[None, j:j + td]  # (ts, td, dh, dh')
-            num2[i:i + ts, j:j + td] = ((G_V[i:i + ts, None] @ M) * (M @ G_Y[None, j:j + td])).sum(dim=(-2, -1))
-    return safe_ratio(num2.clamp_min(0).sqrt(), (L2[:, None] * R2[None, :]).sqrt())
+        if shared is None:
+            N = P[i:i + ts].reshape(-1, d) @ Z_all  # (ts r, H' r'): block (h, g) is P_h Z_g
+            N = N.reshape(-1, r, H2, r2)
+        else:  # (ts r, n_kv dh'): block (h, c) is P_h X_c; then P_h X_{shared[g]} R'_g^T
+            N = (P[i:i + ts].reshape(-1, d) @ X_all).reshape(-1, r, X.shape[0], dh2)[:, :, shared.to(dev)]
+            N = torch.einsum("hagc,gbc->hagb", N, R_Y)
+        num2[i:i + ts] = N.square().sum(dim=(1, 3))
+    return safe_ratio(num2.sqrt(), (L2[:, None] * R2[None, :]).sqrt())
 
 
 class CompositionGrams(NamedTuple):

@@ -31,7 +31,7 @@ import torch
 
 from hf_flag.geometry.angles import thin_svd_in_dtype, check_matrix, default_rtol, storage_eps as dtype_eps
 from hf_flag.geometry.baselines import intersection_baseline as _generic_intersection
-from hf_flag.geometry.pairs import hidden_coordinates
+from hf_flag.geometry.pairs import PRODUCT_RANK_RTOL, hidden_coordinates
 
 __all__ = [
     "FlagRelativePosition",
@@ -43,6 +43,7 @@ __all__ = [
     "permutation_from_rank_matrix",
     "gl_invariant_kernel_dim",
     "gl_kernel_dim_from_spectra",
+    "gl_kernel_dim_from_product_rank",
     "identity_agreement",
 ]
 
@@ -50,7 +51,7 @@ FLOAT32_EPS = torch.finfo(torch.float32).eps
 GAP_RATIO = 1.25  # default relative gap sigma_i / sigma_{i+1} for a cut
 MAX_TAU = 0.1  # default largest Wedin angle bound (radians) a cut may have
 #: relative tolerance of the rank counts of the GL-invariant kernel dimension (MATH.md §4)
-GL_KERNEL_RTOL = 1e-8
+GL_KERNEL_RTOL = PRODUCT_RANK_RTOL
 #: the per-row flag tolerance rule (:func:`flag_cuts`), as reported in ``Report.params``
 FLAG_TAU_RULE = "max(1e-6, 10 eps_storage sigma_1 / gap_k), MATH.md §4"
 SOFT_SKIP_MARGIN = 1e-8  # far above the rounding error of a window's sum cos^2, so the skip is never wrong
@@ -380,6 +381,17 @@ def gl_kernel_dim_from_spectra(s_l: torch.Tensor, s_next: torch.Tensor, s_produc
             raise ValueError(f"{where}: {name} must be a 1-D tensor of singular values; got "
                              f"{getattr(x, 'shape', type(x).__name__)}")
     return _gl_kernel_dim(s_l, s_next, s_product, _check_float(where, "rtol", rtol, 0.0, 1.0))
+
+
+def gl_kernel_dim_from_product_rank(s_l: torch.Tensor, product_rank: int, *, rtol: float = GL_KERNEL_RTOL) -> int:
+    """:func:`gl_invariant_kernel_dim` from the descending singular values of ``W_l`` and the rank of
+    ``W_next W_l`` counted at the same cut (``rtol sigma_1(W_l) sigma_1(W_next)``:
+    :func:`~hf_flag.geometry.pairs.pair_values_from_svd`'s ``product_rank``, MATH.md §4)."""
+    if not isinstance(s_l, torch.Tensor) or s_l.ndim != 1:
+        raise ValueError(f"gl_kernel_dim_from_product_rank: s_l must be a 1-D tensor of singular values; got "
+                         f"{getattr(s_l, 'shape', type(s_l).__name__)}")
+    return _numerical_rank(s_l, _check_float("gl_kernel_dim_from_product_rank", "rtol", rtol, 0.0, 1.0)) - \
+        int(product_rank)
 
 
 def _gl_kernel_dim(s_l: torch.Tensor, s_next: torch.Tensor, s_product: torch.Tensor, rtol: float) -> int:

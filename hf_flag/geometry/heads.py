@@ -10,26 +10,48 @@ from typing import NamedTuple
 
 import torch
 
-from hf_flag.geometry.angles import check_matrix, normalised_overlap, padded_orthonormal_basis
+from hf_flag.geometry.angles import check_dtype, check_matrix, default_rtol, normalised_overlap
 from hf_flag.geometry.baselines import overlap_baseline
 
 __all__ = ["head_overlap_matrix", "head_overlap_baseline", "HeadBases", "head_bases", "overlap_from_bases"]
 
 
 class HeadBases(NamedTuple):
-    """Zero-padded float64 orthonormal bases ``Q`` (H, d, r) of per-head column spaces and their ranks ``(H,)``."""
+    """Zero-padded orthonormal bases ``Q`` (H, d, r) of per-head column spaces and their ranks ``(H,)``."""
 
     Q: torch.Tensor
     rank: torch.Tensor
 
 
-def head_bases(X: torch.Tensor) -> HeadBases:
-    """One batched float64 SVD of ``X: (H, d, r)`` with the MATH.md §1 rank cut (columns beyond a head's rank are
-    zeroed).  Compute once per layer and tensor; reuse for within-layer and cross-layer overlaps."""
+def head_bases(X: torch.Tensor, *, dtype: torch.dtype = torch.float64) -> HeadBases:
+    """Orthonormal bases of the column spaces of ``X: (H, d, r)``, in ``dtype``, with the MATH.md §1 rank cut
+    ``s > s_max default_rtol(X)`` (of ``X`` cast to ``dtype`` when that is coarser; columns beyond a head's rank
+    are zero).  Compute once per layer and tensor; reuse for within-layer and cross-layer overlaps.
+
+    ``dtype`` float64 (``full=True``): the left singular vectors of one batched SVD of ``X``.  float32 (the default
+    report of coarse storage, MATH.md §4's precision policy; the cut is then at least ``6.9e-5 s_max`` for
+    d = 576, far above float32's resolution of a singular value, ``~1e-7 s_max``): one batched thin QR
+    ``X = Q R`` and the singular values of the small ``R`` (those of ``X``), at half the cost; a head of full
+    column rank keeps ``Q`` (the same subspace as its left singular vectors, so every overlap is the same up to
+    rounding), a rank-deficient one ``Q U_R`` over its kept directions (``R = U_R S V_R^T``)."""
     check_matrix("X", X, where="head_bases")
+    check_dtype(dtype, where="head_bases")
     if X.ndim != 3:
         raise ValueError(f"head_bases: X has shape {tuple(X.shape)}; pass (heads, d, r)")
-    return HeadBases(*padded_orthonormal_basis(X))
+    stored, X = X, X.to(dtype)
+    rtol = max(default_rtol(stored), default_rtol(X))  # the storage's cut, or the compute precision's if coarser
+    if dtype == torch.float64 or X.shape[1] < X.shape[2]:  # (more columns than dimensions: R is not square)
+        U, s, _ = torch.linalg.svd(X, full_matrices=False)
+    else:
+        Q, R = torch.linalg.qr(X)
+        s = torch.linalg.svdvals(R)
+        U = None
+    keep = s > s[..., :1] * rtol
+    if U is None and bool(keep.all()):
+        return HeadBases(Q, keep.sum(-1))
+    if U is None:
+        U = Q @ torch.linalg.svd(R)[0]
+    return HeadBases(U * keep.unsqueeze(-2), keep.sum(-1))
 
 
 def overlap_from_bases(X: HeadBases, Y: HeadBases) -> torch.Tensor:
@@ -48,8 +70,8 @@ def head_overlap_matrix(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
     """Normalised overlaps ``ov[h, g] = ||Q_{X_h}^T Q_{Y_g}||_F^2 / min(rank X_h, rank Y_g)`` (MATH.md §1, §6).
 
     ``X: (H, d, r)``, ``Y: (H', d, r')`` hold one column space per head; returns float64 ``(H, H')`` in [0, 1].
-    Each head is orthonormalised by a batched float64 SVD with the MATH.md §1 rank cut; columns beyond a head's
-    rank are zeroed, so rank-deficient heads are normalised by their true rank (a zero head has overlap 0).
+    Each head is orthonormalised in float64 with the MATH.md §1 rank cut (:func:`head_bases`); columns beyond a
+    head's rank are zeroed, so rank-deficient heads are normalised by their true rank (a zero head has overlap 0).
     All pairs come from one ``(H r) x (H' r')`` matmul (:func:`head_bases` + :func:`overlap_from_bases`, which
     callers comparing one layer's heads several times should use directly).  Baseline: :func:`head_overlap_baseline`.
     """

@@ -339,32 +339,72 @@ class SpectralPairValues(NamedTuple):
     commutator_haar_rms: torch.Tensor
     imbalance_norm: torch.Tensor
     relative_imbalance: torch.Tensor
+    imbalance_diagonal_norm: torch.Tensor
     transport: torch.Tensor
-    product_singular_values: torch.Tensor
+    product_rank: torch.Tensor
     range_overlap: torch.Tensor
     range_overlap_baseline: torch.Tensor
+
+
+#: :func:`pair_values_from_svd`'s ``product_rank`` counts the singular values of ``W_next W_l`` above this times
+#: ``sigma_1(W_l) sigma_1(W_next)`` (the GL-invariant kernel dimension's cut, MATH.md §4)
+PRODUCT_RANK_RTOL = 1e-8
+
+
+def product_rank(M: torch.Tensor, scale: torch.Tensor, *, rtol: float = PRODUCT_RANK_RTOL,
+                 gram: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Number of singular values of ``M`` (..., p, q) above ``rtol * scale`` (``scale`` (...)), batched.
+
+    Full rank ``r = min(p, q)`` is certified without singular values where a Cholesky factorisation of the
+    smaller Gram ``G`` (``M^T M`` or ``M M^T``, pass it as ``gram`` when formed already) shifted down by
+    ``tau = (rtol scale)^2 + delta`` completes: then ``sigma_min(M)^2 > (rtol scale)^2``.  ``delta = 2 (r + c + 2)
+    eps ||M||_F^2`` (``c = max(p, q)``) is twice the rounding of the three steps in the 2-norm: forming ``G``
+    (``|dG| <= gamma_c |M|^T |M|``, so ``||dG|| <= c eps ||M||_F^2``), the shift (``eps ||M||_F^2``), and the
+    factorisation (``R^T R = G - tau I + E`` with ``|E| <= gamma_(r+1) |R|^T |R|``, Higham Thm. 10.3, so
+    ``||E|| <= (r + 1) eps ||R||_F^2 ~ (r + 1) eps tr G``); ``R^T R`` is positive semi-definite, hence
+    ``lambda_min(M^T M) >= tau - delta / 2``.  Elsewhere (a kernel, or a smallest singular value below
+    ``~sqrt(delta)``, ``7e-7 ||M||_F`` at r = c = 576) the singular values decide (``torch.linalg.svdvals``), so the
+    count is always the one they give."""
+    p, q = M.shape[-2:]
+    if min(p, q) == 0:
+        return torch.zeros(M.shape[:-2], dtype=torch.int64, device=M.device)
+    if gram is None:
+        gram = M.mT @ M if q <= p else M @ M.mT
+    r, c = min(p, q), max(p, q)
+    cut2 = (rtol * scale).square()
+    delta = 2.0 * (r + c + 2) * torch.finfo(M.dtype).eps * _fro2(M)
+    eye = torch.eye(r, dtype=M.dtype, device=M.device)
+    info = torch.linalg.cholesky_ex(gram - (cut2 + delta)[..., None, None] * eye).info
+    rank = torch.full(info.shape, r, dtype=torch.int64, device=M.device)
+    if bool((info != 0).any()):
+        uncertain = info != 0
+        s = torch.linalg.svdvals(M[uncertain])
+        rank[uncertain] = (s > (rtol * scale[uncertain]).unsqueeze(-1)).sum(-1)
+    return rank
 
 
 def pair_values_from_svd(
     W_l: torch.Tensor, W_next: torch.Tensor, svd_l: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     svd_next: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
 ) -> SpectralPairValues:
-    """Commutator ratio (``method="auto"``) and its Haar RMS, ``||D||_F``, relative imbalance, the transport matrix
-    and the singular values of ``W_next W_l`` from the thin SVDs of both weights, with no product over the hidden
-    dim n beyond ``T`` itself (MATH.md §2-§4).
+    """Commutator ratio (``method="auto"``) and its Haar RMS, ``||D||_F``, relative imbalance, ``||diag D||``, the
+    transport matrix and the rank of ``W_next W_l`` from the thin SVDs of both weights, with no product over the
+    hidden dim n beyond ``T`` itself (MATH.md §2-§4).
 
     ``svd_l = (U_l, s_l, Vh_l)`` of ``W_l`` (..., n, k) and ``svd_next = (U_n, s_n, Vh_n)`` of ``W_next``
     (..., m, n), float64 (:func:`~hf_flag.geometry.angles.thin_svd`; callers reuse one SVD per weight across the
     pairs it belongs to).  With ``T = Vh_n U_l`` (r_n x r_l, MATH.md §4) and ``M = S_n T S_l`` (so
     ``W_next W_l = U_n M Vh_l``): ``||A||^2 = sum s_n^4``, ``||B||^2 = sum s_l^4``, ``tr(AB) = ||M||^2``,
-    ``tr(A^2 B^2) = ||S_n^2 T S_l^2||^2`` and ``tr(ABAB) = ||M M^T||^2 = sum sigma(M)^4``, hence
-    ``||[A,B]||^2 = 2 ||S_n^2 T S_l^2||^2 - 2 sum sigma(M)^4`` (MATH.md §3) and
+    ``tr(A^2 B^2) = ||S_n^2 T S_l^2||^2`` and ``tr(ABAB) = ||M^T M||^2`` (the smaller Gram of ``M``), hence
+    ``||[A,B]||^2 = 2 ||S_n^2 T S_l^2||^2 - 2 ||M^T M||^2`` (MATH.md §3) and
     ``||D||^2 = ||A||^2 + ||B||^2 - 2 ||M||^2`` (§2).  Where those subtractions cancel (kappa below
     ``AUTO_FACTORED_BELOW``, ``||D||^2`` below ``IMBALANCE_FACTORED_BELOW`` of its scale) the value is recomputed
-    from ``W_l``, ``W_next`` by the factored float64 forms, as in :func:`commutator_ratio`.  ``sigma(M)`` are the
-    singular values of ``W_next W_l`` (backward error ``eps ||W_next|| ||W_l||``, as for the product formed
-    explicitly).  The Haar RMS is :func:`~hf_flag.geometry.baselines.commutator_haar_rms` of the four traces.
-    ``range_overlap`` and its Haar value: :func:`range_overlap_from_svd` on the same ``T`` (MATH.md §3).
+    from ``W_l``, ``W_next`` by the factored float64 forms, as in :func:`commutator_ratio`.  ``product_rank``:
+    the rank of ``W_next W_l`` (= that of ``M``) at :data:`PRODUCT_RANK_RTOL` (:func:`product_rank`: certified by
+    a Cholesky factorisation of the same Gram, singular values only where that cannot decide).  The Haar RMS is
+    :func:`~hf_flag.geometry.baselines.commutator_haar_rms` of the four traces; ``||diag D||`` as
+    :func:`imbalance_diagonal_norm`.  ``range_overlap`` and its Haar value: :func:`range_overlap_from_svd` on the
+    same ``T`` (MATH.md §3).
     """
     stored = (W_l, W_next)
     W_l, W_next = _prepare(W_l, W_next, None, torch.float64, "pair_values_from_svd")
@@ -377,16 +417,19 @@ def pair_values_from_svd(
     T = Vh_n @ U_l
     a_sq, b_sq = s_n.square(), s_l.square()
     M = s_n.unsqueeze(-1) * T * s_l.unsqueeze(-2)
-    s_product = torch.linalg.svdvals(M)
+    gram = _small_gram(M)
     a2, b2 = a_sq.square().sum(-1), b_sq.square().sum(-1)
-    comm2 = 2.0 * _fro2(a_sq.unsqueeze(-1) * T * b_sq.unsqueeze(-2)) - 2.0 * s_product.pow(4).sum(-1)
+    comm2 = 2.0 * _fro2(a_sq.unsqueeze(-1) * T * b_sq.unsqueeze(-2)) - 2.0 * _fro2(gram)
     den = (a2 * b2).sqrt()
     kappa = safe_ratio(comm2.clamp_min(0).sqrt(), den)
     kappa = _refine((kappa < AUTO_FACTORED_BELOW) & (den > 0), kappa, _kappa_factored, W_l, W_next)
     d, a, b = _imbalance_from_norms(W_l, W_next, a2, b2, _fro2(M))
     baseline = commutator_haar_rms(a_sq.sum(-1), a2, b_sq.sum(-1), b2, W_l.shape[-2])
     overlap = range_overlap_from_svd(T, s_l, s_n, W_l.shape[-2], rtol=tuple(map(default_rtol, stored)))
-    return SpectralPairValues(kappa, baseline, d, safe_ratio(d, a + b), T, s_product, *overlap)
+    scale = s_l[..., 0] * s_n[..., 0] if min(s_l.shape[-1], s_n.shape[-1]) else _fro2(M)  # (0 x 0 M: rank 0)
+    diagonal = torch.linalg.vector_norm(W_next.square().sum(-2) - W_l.square().sum(-1), dim=-1)
+    return SpectralPairValues(kappa, baseline, d, safe_ratio(d, a + b), diagonal, T,
+                              product_rank(M, scale, gram=gram), *overlap)
 
 
 def range_overlap_from_svd(T: torch.Tensor, s_l: torch.Tensor, s_next: torch.Tensor, n: int, *,

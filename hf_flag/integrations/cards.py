@@ -44,6 +44,7 @@ import yaml
 from huggingface_hub import EvalResult, ModelCardData
 from huggingface_hub.repocard_data import eval_results_to_model_index, model_index_to_eval_results
 
+from hf_flag.errors import InputError
 from hf_flag.integrations import readings
 from hf_flag.report import BASELINE_SUFFIX, Report
 from hf_flag.rows import HEADLINE_METRICS, KIND_LABELS
@@ -110,11 +111,11 @@ VERDICT_TEXT = {readings.ABOVE: "above random", readings.BELOW: "below random",
                 readings.RANDOM: "not distinguishable from random at this spread"}
 
 
-class CardFormatError(ValueError):
+class CardFormatError(InputError):
     """A card cannot be edited safely (e.g. a flow-style ``model-index: [...]``); the message says what to change."""
 
 
-class DerivedWeightsError(ValueError):
+class DerivedWeightsError(InputError):
     """A card computed from derived weights would be pushed to the original repo without ``allow_derived``."""
 
 

@@ -5,9 +5,9 @@ and its figure show the same per-layer means (``summarize``'s, as in ``Report.su
 
 Verdict rule (fixed here, before any run it judges; the card states it): with ``d_l = value_l - baseline_l`` the
 per-layer differences over ``L`` layers, ``z = mean(d) / (sd(d) / sqrt(L))`` (``sd`` with ``L - 1`` degrees of
-freedom).  The value is *above* (*below*) random when ``L >= MIN_LAYERS`` and ``z >= Z_THRESHOLD``
-(``<= -Z_THRESHOLD``); *at the random level* when ``|z| < Z_THRESHOLD``; *undetermined* with fewer layers or no
-baseline.  Equal differences in every layer (``sd = 0``) give ``z = +-inf`` (or 0 when they are all 0).  This is
+freedom; computed by ``hf_flag.geometry.stats.difference_z``, MATH.md §8).  The value is *above* (*below*) random
+when ``L >= MIN_LAYERS`` and ``z >= Z_THRESHOLD`` (``<= -Z_THRESHOLD``); *at the random level* when
+``|z| < Z_THRESHOLD``; *undetermined* with fewer layers or no baseline.  Equal differences in every layer (``sd = 0``) give ``z = +-inf`` (or 0 when they are all 0).  This is
 a rule of reading, not a significance test: layers are not independent samples.
 
 The commutator ratio kappa reads as alignment only where the pair's ranks allow it (MATH.md §3, "When kappa reads
@@ -16,12 +16,11 @@ as alignment"; ``hf_flag.geometry.pairs.commutator_reading_holds``): rows whose 
 """
 from __future__ import annotations
 
-import math
-import statistics
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
-from hf_flag.report import Report, baseline_key
+from hf_flag.geometry.stats import difference_z, sample_sd
+from hf_flag.report import Report, Row, baseline_key
 from hf_flag.rows import summarize
 
 Z_THRESHOLD = 3.0
@@ -50,7 +49,7 @@ class Reading:
         """``(sd, min, max)`` of the per-layer means (``None`` below two layers)."""
         if len(self.values) < 2:
             return None
-        return statistics.stdev(self.values), min(self.values), max(self.values)
+        return sample_sd(self.values), min(self.values), max(self.values)
 
 
 def layer_series(report: Report, kind: str, metric: str) -> tuple[list[int], list[float], list[Optional[float]]]:
@@ -71,18 +70,17 @@ def z_score(values: list[float], baselines: list[Optional[float]]) -> Optional[f
     """The rule's ``z`` (module docstring); ``None`` when a baseline is missing or there are fewer than 2 layers."""
     if len(values) < 2 or any(b is None for b in baselines):
         return None
-    diffs = [v - b for v, b in zip(values, baselines)]
-    mean = statistics.fmean(diffs)
-    sd = statistics.stdev(diffs)
-    if sd == 0.0:  # the same difference in every layer: a difference at rounding level is no difference
-        scale = max(1.0, *(abs(b) for b in baselines))
-        return 0.0 if abs(mean) <= 1e-12 * scale else math.copysign(math.inf, mean)
-    return mean / (sd / math.sqrt(len(diffs)))
+    return difference_z(values, baselines)
 
 
 def kappa_reads(report: Report, kind: str) -> Optional[bool]:
     """Whether every ``kind`` row records that kappa reads as alignment (``None``: the rows do not say)."""
-    flags = [r.details.get(KAPPA_READS) for r in report.select(kind=kind)]
+    return kappa_reads_in_rows(report.select(kind=kind))
+
+
+def kappa_reads_in_rows(rows: Sequence[Row]) -> Optional[bool]:
+    """Whether every row of ``rows`` records that kappa reads as alignment (``None``: none, or one does not say)."""
+    flags = [r.details.get(KAPPA_READS) for r in rows]
     if not flags or any(f is None for f in flags):
         return None
     return all(bool(f) for f in flags)

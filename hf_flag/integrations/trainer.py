@@ -5,7 +5,14 @@ on the parameters the optimizer decays (below) and logs through ``Trainer.log`` 
 every reporting integration: TensorBoard, W&B, ...), each value beside its baseline:
 
 - ``flag/<kind>/commutator_ratio`` beside ``flag/<kind>/commutator_ratio_baseline`` (kappa's Haar RMS, MATH.md §3),
-  mean over the pair rows of each kind (``mlp``, ``mlp_gate``, ``vo``, ``residual``, ``linear_chain``);
+  mean over the pair rows of each kind (``mlp``, ``mlp_gate``, ``vo``, ``residual``, ``linear_chain``), with
+  ``flag/<kind>/commutator_reading_holds`` (a bool, logged with every kappa): whether kappa reads as alignment for
+  every pair of that kind (MATH.md §3 "When kappa reads as alignment":
+  :func:`~hf_flag.geometry.pairs.commutator_reading_holds`, as the model cards read it).  Where it is ``False``
+  (the MLP pairs of a transformer: both weights rank-deficient in the d_ff hidden space) kappa and its baseline
+  are logged for continuity but do not measure alignment: small kappa there can mean ranges that miss each other.
+  The range overlap that reads there instead (``range_overlap``, as on the cards) needs more than the callback's
+  cheap analysis: ``hf-flag analyze`` (or ``hf_flag.analyze``) computes it on a saved checkpoint;
 - the imbalance decay law (MATH.md §2), per pair kind and only on the pairs it governs
   (:func:`~hf_flag.geometry.dynamics.imbalance_law_scope`: ``||D||_F`` of linear pairs, ``||diag D||`` of pairs
   with the per-unit rescaling symmetry: ReLU-like and the up projection of gated MLPs; never the residual pairs,
@@ -54,8 +61,10 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ExportableState
 
+from hf_flag.errors import InputError
 from hf_flag.geometry.dynamics import (GATED_LINEAR, fit_decay_rate, imbalance_law_scope, predicted_decay_curve,
                                        predicted_decay_rate)
+from hf_flag.integrations.readings import KAPPA_READS, kappa_reads_in_rows
 from hf_flag.rows import KIND_MLP, KIND_RESIDUAL, KIND_VO, sort_rows, summarize
 
 __all__ = ["FlagAlignmentCallback", "OptimizerLaw", "optimizer_hyperparameters", "decayed_view", "gathered_copies",
@@ -273,14 +282,20 @@ def law_series(rows: Sequence[Any], layout: dict) -> tuple[dict[str, float], dic
     return {k: math.fsum(v) / len(v) for k, v in sums.items()}, ungoverned
 
 
-def logged_summary(summary: dict[str, float]) -> dict[str, float]:
-    """``flag/<kind>/commutator_ratio`` beside ``flag/<kind>/commutator_ratio_baseline`` (kinds with both)."""
-    out = {}
+def logged_summary(rows: Sequence[Any]) -> dict[str, Any]:
+    """``flag/<kind>/commutator_ratio`` beside ``flag/<kind>/commutator_ratio_baseline`` (kinds with both), each
+    with ``flag/<kind>/commutator_reading_holds`` (a bool: whether kappa reads as alignment for every pair of the
+    kind, MATH.md §3; left out when the rows do not record it)."""
+    summary = summarize(rows)
+    out: dict[str, Any] = {}
     for key, value in summary.items():
         kind, _, metric = key.partition("/")
         base = summary.get(f"{kind}/commutator_ratio_baseline")
         if metric == "commutator_ratio" and base is not None and math.isfinite(value) and math.isfinite(base):
             out[f"flag/{key}"], out[f"flag/{key}_baseline"] = float(value), float(base)
+            reads = kappa_reads_in_rows([r for r in rows if r.kind == kind])
+            if reads is not None:
+                out[f"flag/{kind}/{KAPPA_READS}"] = reads
     return out
 
 
@@ -299,7 +314,7 @@ class FlagAlignmentCallback(TrainerCallback, ExportableState):
     def __init__(self, every_n_steps: int = 50, diagnostics: Optional[Sequence[str]] = None, on_evaluate: bool = True,
                  layers: Optional[Sequence[int]] = None, composition: str = "none", trainer: Any = None) -> None:
         if not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise ValueError(f"FlagAlignmentCallback: every_n_steps={every_n_steps!r} must be an int >= 1")
+            raise InputError(f"FlagAlignmentCallback: every_n_steps={every_n_steps!r} must be an int >= 1")
         self.every_n_steps = every_n_steps
         self.diagnostics = list(diagnostics) if diagnostics is not None else None
         self.on_evaluate_enabled = on_evaluate
@@ -446,7 +461,7 @@ class FlagAlignmentCallback(TrainerCallback, ExportableState):
         self.last_step = step  # on every rank: an evaluation at a measured step must not gather again on one only
         if not compute:
             return {}
-        logs: dict[str, Any] = logged_summary(summarize(rows))
+        logs: dict[str, Any] = logged_summary(rows)
         self.lr_history.append([step, hyper.lr])
         mean_lr = math.fsum(p[1] for p in self.lr_history) / len(self.lr_history)
         rate, law = predicted_decay_rate(hyper.name, mean_lr, hyper.weight_decay, hyper.momentum,

@@ -46,6 +46,11 @@ GENERIC_CONFIG_KEYS = {
 _FLOAT_TYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 _NUMPY_FLOATS = {"F32": np.float32, "F16": np.float16, "F64": np.float64}
 _QUANT_BITS = re.compile(r"^I?Q(\d)")
+#: block layouts dequantised here in torch (block of 32 values: float16 scale ``d``, for Q4_1 a float16 minimum
+#: ``m``, then the quants), with gguf-py's arithmetic (float32 ``d * q (+ m)``, bitwise equal to
+#: ``gguf.quants.dequantize``; tests/weights/test_sources.py): gguf-py splits every tensor into row groups and
+#: dequantises them one at a time, 1.6x slower on SmolLM2's Q4_1 tensors (BENCHMARKS.md); other types go to gguf-py
+_TORCH_BLOCKS = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
 FP4_TYPES = ("MXFP4", "NVFP4")
 
 
@@ -80,6 +85,10 @@ def _skip_or_read(buf: Any, offs: int, vtype: int) -> tuple[Any, int]:
         offs += 12
         if item in _SCALAR_FORMATS:
             return None, offs + count * struct.calcsize(_SCALAR_FORMATS[item])
+        if item == _STRING:  # e.g. the tokenizer's vocabulary: step over each string without decoding it
+            for _ in range(count):
+                offs += 8 + struct.unpack_from("<Q", buf, offs)[0]
+            return None, offs
         for _ in range(count):
             _, offs = _skip_or_read(buf, offs, item)
         return None, offs
@@ -124,6 +133,20 @@ def parse_gguf(path: Path) -> tuple[dict[str, Any], dict[str, _TensorInfo]]:
             raise ValueError(f"tensor {name!r} is duplicated or extends past the end of the file")
         tensors[name] = info
     return meta, tensors
+
+
+def dequantize_blocks(raw: bytes, type_name: str) -> torch.Tensor:
+    """Float32 values of the Q4_0, Q4_1 or Q8_0 blocks in ``raw`` (flat, in storage order), as gguf-py's
+    ``dequantize`` computes them (ggml's block layouts: 4-bit quants low nibbles first, then high nibbles)."""
+    blocks = torch.frombuffer(bytearray(raw), dtype=torch.uint8).reshape(-1, _TORCH_BLOCKS[type_name])
+    d = blocks[:, :2].contiguous().view(torch.float16).float()
+    if type_name == "Q8_0":
+        return (d * blocks[:, 2:].contiguous().view(torch.int8).float()).reshape(-1)
+    qs = blocks[:, 4:] if type_name == "Q4_1" else blocks[:, 2:]
+    q = torch.cat([qs & 15, qs >> 4], dim=1)
+    if type_name == "Q4_0":
+        return (d * (q.to(torch.int8) - 8).float()).reshape(-1)
+    return (d * q.float() + blocks[:, 2:4].contiguous().view(torch.float16).float()).reshape(-1)
 
 
 def reverse_permute(weight: Any, n_head: int) -> Any:
@@ -382,6 +405,8 @@ class GGUFSource(WeightSource):
         stored = self._stored_shape(name)
         if kind in _NUMPY_FLOATS:  # F16 is widened to float32 as transformers' loader does; F64 stays float64
             array = np.frombuffer(raw, dtype=_NUMPY_FLOATS[kind]).astype(np.float64 if kind == "F64" else np.float32)
+        elif kind in _TORCH_BLOCKS:
+            array = dequantize_blocks(raw, kind).numpy()
         else:
             data = np.frombuffer(raw, dtype=np.uint8).reshape(quant_shape_to_byte_shape(stored, t.tensor_type))
             try:

@@ -22,12 +22,13 @@ naming the repo and what to do.  A download interrupted by a dropped connection 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 from hf_flag.errors import WeightSourceError
 
@@ -163,25 +164,34 @@ def _remote_listing(repo_id: str, revision: Optional[str]) -> tuple[str, dict[st
 
 
 def _cached_listing(repo_id: str, revision: Optional[str], *, reason: str) -> tuple[str, dict[str, Optional[int]]]:
-    """Commit sha and files of ``repo_id`` at ``revision`` in the local cache, or a one-line error."""
-    storage = _storage(repo_id)
-    rev = revision or "main"
-    sha = rev if re.fullmatch(r"[0-9a-f]{40}", rev) else None
-    ref = storage / "refs" / rev
-    if sha is None and ref.is_file():
-        sha = ref.read_text().strip()
-    folder = storage / "snapshots" / (sha or "")
-    if sha is None or not folder.is_dir():
+    """Commit sha and files of ``repo_id`` at ``revision`` in the local cache, or a one-line error.
+
+    huggingface_hub's ``snapshot_download(local_files_only=True)`` finds the snapshot (a branch or tag through the
+    cache's ``refs/``, a sha directly); ``allow_patterns=[]`` because only the folder is wanted here: the files the
+    analysis reads are checked one by one (:func:`download`), and huggingface_hub 2.x would otherwise refuse a
+    snapshot that lacks files hf-flag never reads (tokenizers) when it has the repo's file listing cached."""
+    from huggingface_hub import errors, snapshot_download
+
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision, cache_dir=str(hf_cache_dir()),
+                                        local_files_only=True, allow_patterns=[]))
+    except errors.LocalEntryNotFoundError:
         at = f" at revision {revision!r}" if revision else ""
         raise WeightSourceError(f"Hub model {repo_id!r}{at} is not in the HF cache ({hf_cache_dir()}) and "
                                 f"{reason}; {'unset HF_HUB_OFFLINE' if offline() else 'connect'} to download it, or "
-                                f"pass a local folder")
-    return sha, {p.relative_to(folder).as_posix(): p.stat().st_size for p in folder.rglob("*") if p.is_file()}
+                                f"pass a local folder") from None
+    return folder.name, {p.relative_to(folder).as_posix(): p.stat().st_size for p in folder.rglob("*") if p.is_file()}
 
 
 def _remember_ref(repo_id: str, revision: str, sha: str) -> None:
     """Record ``revision -> sha`` in the cache's ``refs/`` (huggingface_hub's cache layout), so an offline run finds
-    the branch or tag; files are fetched at the sha, for which huggingface_hub records no ref."""
+    the branch or tag; files are fetched at the sha, for which huggingface_hub records no ref.
+
+    Written here because huggingface_hub has no public call that records a ref for a sha already resolved: its
+    writer (``file_download._cache_commit_hash_for_specific_revision``) is private, ``hf_hub_download`` and
+    ``snapshot_download`` record one only when given the branch name (a second resolution, which could land on a
+    newer commit than the listing), and ``HfApi.resolve_revision`` (huggingface_hub >= 1.26) would be a second API
+    call per model, the listing needing ``files_metadata``."""
     from hf_flag.atomic import atomic_write_text
 
     ref = _storage(repo_id) / "refs" / revision
@@ -196,17 +206,61 @@ def _storage(repo_id: str) -> Path:
 
 
 def download(repo_id: str, sha: str, filename: str) -> str:
+    """Local path of ``filename`` of ``repo_id`` at commit ``sha``, fetched into the HF cache if needed."""
     from huggingface_hub import hf_hub_download
 
-    try:
+    with hub_errors(repo_id, sha, filename):
         return hf_hub_download(repo_id, filename, revision=sha, cache_dir=str(hf_cache_dir()),
                                local_files_only=offline())
+
+
+def safetensors_header(repo_id: str, sha: str, filename: str):
+    """The parsed header (``huggingface_hub.utils.SafetensorsFileMetadata``) of safetensors file ``filename`` of
+    ``repo_id`` at ``sha``, read with HTTP range requests (no download of the data)."""
+    from huggingface_hub import HfApi
+
+    with hub_errors(repo_id, sha, filename):
+        return HfApi().parse_safetensors_file_metadata(repo_id, filename, revision=sha)
+
+
+@contextlib.contextmanager
+def hub_errors(repo_id: str, sha: str, filename: str) -> Iterator[None]:
+    """Inside the block, a dropped connection and huggingface_hub's errors (401/403/404, gated, a bad safetensors
+    header) become one :class:`WeightSourceError` line naming the repo, the file and what to do; other exceptions
+    pass unchanged (internal errors keep their traceback)."""
+    try:
+        yield
     except transport_errors() as exc:
         raise WeightSourceError(f"download of {filename!r} from Hub model {repo_id!r} failed: the connection dropped "
                                 f"({_first_line(exc)}); rerun the same command to resume (finished files stay in the "
                                 f"HF cache)") from None
     except Exception as exc:  # noqa: BLE001
         raise _hub_error(repo_id, sha, exc, filename) from None
+
+
+def delete_cached_file(path: Path) -> None:
+    """Remove the snapshot entry ``path`` (a file of one cached commit) from the HF cache, and its blob only when no
+    other cached file links to it (another revision's snapshot, or another repo through huggingface_hub's shared
+    blob store): huggingface_hub's ``HFCacheInfo.delete_files``.  Clients older than that method keep blobs in the
+    repo's own ``blobs/`` only, so there the same rule is applied to the scanned revisions here."""
+    from huggingface_hub import scan_cache_dir
+
+    def entry(file: Path) -> tuple[Path, str]:  # the scan's paths are resolved folders, the caller's may not be
+        return file.parent.resolve(), file.name
+
+    info = scan_cache_dir(hf_cache_dir())
+    every = [f for repo in info.repos for rev in repo.revisions for f in rev.files]
+    mine = [f for f in every if entry(f.file_path) == entry(path)]
+    if not mine:  # the scan skipped its repo (a broken link in it: see info.warnings): keep the blob, to be safe
+        path.unlink(missing_ok=True)
+        return
+    if hasattr(info, "delete_files"):
+        info.delete_files(*mine).execute()
+        return
+    others = {f.blob_path for f in every if f not in mine}
+    path.unlink(missing_ok=True)
+    if mine[0].blob_path != path and mine[0].blob_path not in others:
+        mine[0].blob_path.unlink(missing_ok=True)
 
 
 def _hub_error(repo_id: str, revision: Optional[str], exc: Exception, filename: Optional[str] = None) -> Exception:
@@ -237,6 +291,9 @@ def _hub_error(repo_id: str, revision: Optional[str], exc: Exception, filename: 
                                  f"unset HF_HUB_OFFLINE to download it")
     if isinstance(exc, errors.HfHubHTTPError):
         return WeightSourceError(f"{what}: the Hub answered HTTP {status} ({_first_line(exc)}); retry later")
+    if isinstance(exc, errors.SafetensorsParsingError):
+        return WeightSourceError(f"{what}: the safetensors header of {filename!r} is not valid ({_first_line(exc)}); "
+                                 f"the repo's file is broken, pass a local folder instead")
     if isinstance(exc, OSError) and "Consistency check failed" in str(exc):
         return WeightSourceError(f"download of {filename!r} from {what} was cut short ({_first_line(exc)}); rerun "
                                  f"the same command")

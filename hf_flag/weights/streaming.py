@@ -1,18 +1,19 @@
 """``--max-disk``: a sharded Hub checkpoint read shard by shard, holding at most ``max_bytes`` of its shards on disk.
 
 Tensor names, shapes and storage dtypes come from the shards' safetensors headers, read with HTTP range requests
-(``HfApi.parse_safetensors_file_metadata``), so the adapter and the analysis see the whole model before any shard is
-downloaded.  Reading a tensor fetches its shard into huggingface_hub's cache (``hf_hub_download`` at the pinned
-commit); when the shards this source fetched would exceed ``max_bytes``, the least recently read ones are evicted
-(their cache blob and snapshot link deleted) first.  A shard that was already in the cache before is read in place
-and never deleted.  Values are read from the same bytes as a full local copy, so results are identical; an evicted
+(:func:`hub.safetensors_header`, errors mapped to one line like every Hub call), so the adapter and the analysis see
+the whole model before any shard is downloaded.  Reading a tensor fetches its shard into huggingface_hub's cache
+(``hf_hub_download`` at the pinned commit); when the shards this source fetched would exceed ``max_bytes``, the
+least recently read ones are evicted first.  Eviction goes through huggingface_hub's cache manager
+(``scan_cache_dir`` and ``HFCacheInfo.delete_files``): this commit's snapshot link is removed, and its blob only when
+no other cached file (another revision's snapshot, another repo sharing it) links to it.  A shard that was already
+in this snapshot before is read in place and never deleted.  Values are read from the same bytes as a full local copy, so results are identical; an evicted
 shard that is read again is fetched again (the analysis reads blocks in layer order, and shards hold consecutive
 layers, so with room for two shards the per-layer pass fetches each shard once).  :meth:`close` evicts every
 shard this source fetched.
 """
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
 from pathlib import Path
 from typing import Optional
@@ -29,8 +30,6 @@ class StreamingHubSource(WeightSource):
     """A Hub model's sharded safetensors, fetched one shard at a time within ``max_bytes`` (module docstring)."""
 
     def __init__(self, snapshot: hub.HubSnapshot, *, config: dict, max_bytes: int, sizes: dict[str, int]) -> None:
-        from huggingface_hub import HfApi
-
         self.name = snapshot.repo_id
         self.config = dict(config)
         self.snapshot = snapshot
@@ -43,10 +42,9 @@ class StreamingHubSource(WeightSource):
             raise WeightSourceError(f"--max-disk {self.max_bytes / 1e9:.3g} GB is smaller than shard {s!r} of Hub "
                                     f"model {self.name!r} ({self.sizes[s] / 1e9:.3g} GB); raise --max-disk to at "
                                     f"least that shard's size")
-        api = HfApi()
         self._info: dict[str, tuple[str, str, tuple[int, ...]]] = {}  # tensor -> (shard, safetensors dtype, shape)
         for shard in self.shards:
-            meta = api.parse_safetensors_file_metadata(snapshot.repo_id, shard, revision=snapshot.sha)
+            meta = hub.safetensors_header(snapshot.repo_id, snapshot.sha, shard)
             for tensor, info in sorted(meta.tensors.items(), key=lambda kv: kv[1].data_offsets[0]):
                 self._info[tensor] = (shard, info.dtype, tuple(info.shape))
         self._open: OrderedDict[str, SafetensorsSource] = OrderedDict()  # least recently read first
@@ -102,11 +100,7 @@ class StreamingHubSource(WeightSource):
 
     def _evict(self, shard: str) -> None:
         self._open.pop(shard).close()
-        link = self.snapshot.folder / shard
-        blob = Path(os.path.realpath(link))
-        link.unlink(missing_ok=True)
-        if blob != link:
-            blob.unlink(missing_ok=True)
+        hub.delete_cached_file(self.snapshot.folder / shard)
         self._fetched.discard(shard)
         self.held_bytes -= self.sizes[shard]
 

@@ -164,3 +164,25 @@ def test_packed_grams_zero_head_and_bad_inputs():
     with pytest.raises(ValueError, match="different model dimensions"):
         scores_from_grams(source_grams(W_V, W_O), destination_grams(_heads(3, 10, 3, g), _heads(3, 10, 3, g),
                                                                     kind="q"))
+
+
+@pytest.mark.parametrize("tile_size", [None, 1, 5])
+def test_shared_kv_heads_equal_the_expanded_heads_and_the_naive_formula(tile_size):
+    """Grouped-query destination (4 query heads on 2 KV heads): kinds k and v with the KV projection passed
+    unexpanded (``shared``) give the scores of the expanded heads and of the d x d formula (MATH.md §6)."""
+    g = torch.Generator().manual_seed(4)
+    H, H2, n_kv, d, dh = 3, 4, 2, 24, 5
+    W_V, W_O = _heads(H, d, dh, g), _heads(H, d, dh, g).mT
+    Q, K, V, O = _heads(H2, d, dh, g), _heads(n_kv, d, dh, g), _heads(n_kv, d, dh, g), _heads(H2, d, dh, g).mT
+    kv = torch.tensor([0, 0, 1, 1])
+    L = W_V @ W_O
+    cases = {"k": ((Q, K), (Q, K[kv]), _naive(L, K[kv] @ Q.mT)),
+             "v": ((V, O.mT), (V[kv], O.mT), _naive(L, V[kv] @ O))}
+    for kind, (grouped, expanded, naive) in cases.items():
+        got = composition_scores(W_V, W_O, *grouped, kind=kind, shared=kv, tile_size=tile_size)
+        assert torch.allclose(got, composition_scores(W_V, W_O, *expanded, kind=kind), rtol=1e-12, atol=0)
+        assert torch.allclose(got, naive, rtol=1e-10, atol=0), kind
+    with pytest.raises(ValueError, match="kind 'k' or 'v'"):
+        composition_scores(W_V, W_O, Q, K[kv], kind="q", shared=kv)
+    with pytest.raises(ValueError, match="KV head indices"):
+        composition_scores(W_V, W_O, Q, K, kind="k", shared=torch.tensor([0, 1, 2, 0]))

@@ -16,7 +16,7 @@ import torch
 
 from hf_flag.geometry.angles import projection_kernel, subspace_overlap, thin_svd
 from hf_flag.geometry.baselines import (composition_baseline, intersection_baseline, overlap_baseline,
-                                        transport_baselines)
+                                        projection_kernel_moments, transport_baselines)
 from hf_flag.geometry.collapse import level2_alignment
 from hf_flag.geometry.flags import flag_relative_position
 from hf_flag.geometry.heads import head_overlap_baseline
@@ -113,7 +113,7 @@ SAMPLERS = {
 #: the code's own baseline for each documented row (None: no function, the formula is the reference)
 CODE = {
     "overlap": lambda d: overlap_baseline(d["p"], d["q"], d["n"]),
-    "projection_kernel": lambda d: overlap_baseline(d["p"], d["q"], d["n"]) * min(d["p"], d["q"]),
+    "projection_kernel": lambda d: projection_kernel_moments(d["p"], d["q"], d["n"])[0],
     "head_overlap": lambda d: head_overlap_baseline(d["r"], d["r2"], d["d"]),
     "subspace_score": lambda d: transport_baselines(d["k"], d["n"])[0],
     "basis_score": lambda d: transport_baselines(d["k"], d["n"])[1],
@@ -150,3 +150,15 @@ def test_no_level2_baseline_written_with_c_minus_1():
     for path in paths:
         text = path.read_text(encoding="utf-8")
         assert not re.search(r"1 - 9/64|1 - \(C ?- ?1\) ?/ ?p", text.replace("not 1 - (C-1)/p", "")), path
+
+
+def test_projection_kernel_variance_matches_monte_carlo():
+    """The code's Var[PK] (the overlap z-score's spread) against the sample variance of the same Haar draws, within
+    5 standard errors of a sample variance (sqrt((m4 - var^2) / N))."""
+    _, dims = _table()["projection_kernel"]
+    samples = _projection_kernel(dims["p"], dims["q"], dims["n"]).to(torch.float64)
+    centred = samples - samples.mean()
+    var, m4 = centred.square().mean().item(), centred.pow(4).mean().item()
+    se = math.sqrt((m4 - var * var) / samples.numel())
+    stated = projection_kernel_moments(dims["p"], dims["q"], dims["n"])[1]
+    assert abs(var - stated) <= 5 * se, (var, stated, se)

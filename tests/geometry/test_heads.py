@@ -110,3 +110,32 @@ def test_bases_reused_across_comparisons_equal_head_overlap_matrix() -> None:
         overlap_from_bases(bx, head_bases(_rand(2, 21, 5, seed=9)))
     with pytest.raises(ValueError, match=r"\(20, 3\)"):
         head_bases(X[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_head_bases_overlaps_against_scipy_subspace_angles(dtype) -> None:
+    """head_bases (thin QR, SVD of R only for rank-deficient heads) against scipy.linalg.subspace_angles, an
+    independent SVD-based reference: sum cos^2 / min(rank) for full-rank, rank-deficient, zero and wide heads, in
+    float64 (1e-12) and in the default report's float32 (its rounding, 1e-5)."""
+    import numpy as np
+    import scipy.linalg
+
+    from hf_flag.geometry.heads import head_bases, overlap_from_bases
+
+    X = _rand(4, 40, 6, seed=20)
+    X[1, :, 5] = X[1, :, 0] - 2 * X[1, :, 2]  # rank 5
+    X[2] = 0.0  # dead head
+    Y = torch.cat([X[:2, :, :4] @ _rand(4, 4, seed=21), _rand(2, 40, 4, seed=22)])  # Y[0], Y[1] inside X[0], X[1]
+    bx, by = head_bases(X, dtype=dtype), head_bases(Y, dtype=dtype)
+    assert bx.Q.dtype == dtype and bx.rank.tolist() == [6, 5, 0, 6] and by.rank.tolist() == [4, 4, 4, 4]
+    ov = overlap_from_bases(bx, by).double()
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for h in range(4):
+        for g in range(4):
+            rank = min(int(bx.rank[h]), int(by.rank[g]))
+            ref = 0.0 if rank == 0 else float(np.sum(np.cos(scipy.linalg.subspace_angles(
+                X[h].numpy(), Y[g].numpy())) ** 2)) / rank
+            assert abs(ov[h, g].item() - ref) < tol, (h, g)
+    assert abs(ov[0, 0].item() - 1.0) < tol and abs(ov[1, 1].item() - 1.0) < tol
+    wide = _rand(2, 5, 8, seed=23)  # more columns than dimensions: the whole R^5
+    assert head_bases(wide, dtype=dtype).rank.tolist() == [5, 5]

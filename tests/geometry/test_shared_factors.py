@@ -13,6 +13,7 @@ from hf_flag.geometry.flags import (
     flag_position_from_svd,
     flag_relative_position,
     gl_invariant_kernel_dim,
+    gl_kernel_dim_from_product_rank,
     gl_kernel_dim_from_spectra,
     rank_matrix_from_permutation,
 )
@@ -24,6 +25,8 @@ from hf_flag.geometry.pairs import (
     imbalance,
     imbalance_diagonal_norm,
     pair_values_from_svd,
+    PRODUCT_RANK_RTOL,
+    product_rank,
     transport_scores,
     transport_scores_from_svd,
 )
@@ -147,6 +150,9 @@ def test_gl_kernel_dim_from_spectra_matches_the_direct_count():
     direct = gl_invariant_kernel_dim(W_l, W_next)
     assert direct == 2
     assert gl_kernel_dim_from_spectra(svals(W_l), svals(W_next), svals(W_next @ W_l)) == 2
+    rank = pair_values_from_svd(W_l, W_next, thin_svd(W_l), thin_svd(W_next)).product_rank
+    assert gl_kernel_dim_from_product_rank(svals(W_l), int(rank)) == 2  # the product's kernel: svdvals decide
+    assert pair_geometry_values(W_l[None], W_next[None], storage_eps=1e-7)[0][0]["gl_kernel_dim"] == 2.0
     with pytest.raises(ValueError, match="1-D"):
         gl_kernel_dim_from_spectra(svals(W_l), W_next, svals(W_next @ W_l))
 
@@ -189,11 +195,35 @@ def test_pair_values_from_svd_equal_dense_n_by_n_forms():
     assert torch.allclose(v.commutator_ratio, norm(A @ B - B @ A) / (norm(A) * norm(B)), rtol=1e-12, atol=0)
     assert torch.allclose(v.imbalance_norm, norm(A - B), rtol=1e-12, atol=0)
     assert torch.allclose(v.relative_imbalance, norm(A - B) / (norm(A) + norm(B)), rtol=1e-12, atol=0)
-    assert torch.allclose(v.product_singular_values, torch.linalg.svdvals(W_next @ W_l), rtol=1e-12, atol=1e-12)
+    s_c = torch.linalg.svdvals(W_next @ W_l)
+    cut = PRODUCT_RANK_RTOL * torch.linalg.matrix_norm(W_l, ord=2) * torch.linalg.matrix_norm(W_next, ord=2)
+    assert v.product_rank.tolist() == (s_c > cut[:, None]).sum(-1).tolist()
+    diag = torch.diagonal(A - B, dim1=-2, dim2=-1)
+    assert torch.allclose(v.imbalance_diagonal_norm, torch.linalg.vector_norm(diag, dim=-1), rtol=1e-12, atol=0)
     T = torch.linalg.svd(W_next, full_matrices=False).Vh @ torch.linalg.svd(W_l, full_matrices=False).U
     assert torch.allclose(v.transport.abs(), T.abs(), atol=1e-10)  # singular vectors up to sign
     with pytest.raises(ValueError, match="not thin SVDs"):
         pair_values_from_svd(W_l, W_next, thin_svd(W_next), thin_svd(W_l))
+
+
+def test_product_rank_certificate_agrees_with_singular_values(monkeypatch):
+    """product_rank: full rank certified by a shifted Cholesky without singular values; a kernel, a smallest
+    singular value just above or just below the cut, and a zero matrix go to svdvals; every count equals the one
+    the singular values give (MATH.md §4, the GL kernel dimension's cut)."""
+    U, V = torch.linalg.qr(_rand(12, 12, seed=30)).Q, torch.linalg.qr(_rand(9, 9, seed=31)).Q
+    cases = {"full": torch.logspace(0, -3, 9, dtype=F64), "kernel": torch.cat([torch.ones(6, dtype=F64),
+             torch.zeros(3, dtype=F64)]), "above": torch.tensor([1.0] * 8 + [1.5e-8], dtype=F64),
+             "below": torch.tensor([1.0] * 8 + [0.5e-8], dtype=F64), "zero": torch.zeros(9, dtype=F64)}
+    M = torch.stack([U[:, :9] * s @ V.T for s in cases.values()])  # (5, 12, 9), sigma_1 = 1 except "zero"
+    scale = torch.ones(5, dtype=F64)
+    calls = []
+    real = torch.linalg.svdvals
+    monkeypatch.setattr(torch.linalg, "svdvals", lambda X: calls.append(X.shape[0]) or real(X))
+    rank = product_rank(M, scale, rtol=PRODUCT_RANK_RTOL)
+    assert rank.tolist() == [(real(m) > PRODUCT_RANK_RTOL).sum().item() for m in M] == [9, 6, 9, 8, 0]
+    assert calls == [4]  # only the full-rank member was certified; the other four went to singular values
+    calls.clear()
+    assert product_rank(M[:1], scale[:1]).tolist() == [9] and calls == []
 
 
 def test_pair_values_from_svd_tiny_kappa_uses_the_factored_form():

@@ -131,3 +131,71 @@ def test_renewal_keeps_the_claim_and_a_lost_claim_is_noticed(tmp_path):
 def test_lease_must_be_positive():
     with pytest.raises(ValueError, match="lease_s"):
         Claims(Owner.this_process(), lease_s=0)
+
+
+NO_FCNTL_RACE = """
+import multiprocessing, sys, warnings
+sys.modules["fcntl"] = None  # a platform without fcntl (Windows): importing it raises ImportError
+warnings.simplefilter("ignore")  # filelock says it falls back to its soft lock
+from hf_flag.harness.claims import Claims, Owner
+
+def claim(folder, queue, release):
+    owner = Owner.this_process()
+    with Claims(owner, lease_s=60) as mine:
+        queue.put((owner.token, mine.try_claim(folder)))
+        release.wait(120)
+
+if __name__ == "__main__":
+    ctx = multiprocessing.get_context("spawn")
+    queue, release = ctx.Queue(), ctx.Event()
+    procs = [ctx.Process(target=claim, args=(sys.argv[1], queue, release)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=120) for _ in procs]
+    release.set()
+    for p in procs:
+        p.join(timeout=60)
+    winners = [token for token, other in results if other is None]
+    losers_saw = {other["token"] for token, other in results if other is not None}
+    print(len(winners), losers_saw == set(winners))
+"""
+
+
+def test_claims_exclude_each_other_without_fcntl(tmp_path):
+    """Claims lock through filelock, so they work (and still exclude racing processes) where fcntl does not exist."""
+    script = tmp_path / "race.py"
+    script.write_text(NO_FCNTL_RACE)
+    out = subprocess.run([sys.executable, str(script), str(tmp_path / "unit")], cwd=REPO, capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["1", "True"]
+    assert not (tmp_path / "unit" / claims.CLAIM).exists()  # the winner released it on leaving
+
+
+def test_a_folder_removed_with_its_claim_is_not_made_again(tmp_path):
+    unit = tmp_path / "unit"
+    me = Claims(Owner.this_process(), lease_s=60)
+    assert me.try_claim(unit) is None
+    for p in unit.iterdir():
+        p.unlink()
+    unit.rmdir()  # a finished run's bookkeeping removed
+    me.release(unit)
+    assert not unit.exists()
+    with pytest.raises(FileNotFoundError):
+        with claims.locked(unit, create=False):
+            pass
+    assert not unit.exists()
+
+
+def test_clear_stale_removes_only_a_dead_holders_claim(tmp_path):
+    unit = tmp_path / "unit"
+    write_claim(unit, host=socket.gethostname(), pid=os.getpid(), pid_start=claims.process_start(os.getpid()),
+                expires=time.time() + 3600)
+    claims.clear_stale(unit)
+    assert claims.read_claim(unit)["token"] == "t-other"  # its process (this one) runs: the claim stays
+    write_claim(unit, host=socket.gethostname(), pid=os.getpid(), pid_start="0", expires=time.time() + 3600)
+    claims.clear_stale(unit)
+    assert not (unit / claims.CLAIM).exists()  # same pid, another start time: its holder is gone
+    claims.clear_stale(unit)  # no claim: nothing to do
+    claims.clear_stale(tmp_path / "gone")  # no folder: nothing made
+    assert not (tmp_path / "gone").exists()

@@ -47,6 +47,46 @@ def test_value_errors_that_are_bugs_are_internal(fault, tmp_path, capsys, monkey
     assert "internal error: ValueError" in one_stderr_line(capsys)
 
 
+def test_a_geometry_invariant_failing_during_a_run_is_internal(tiny_models, tmp_path, capsys, monkeypatch):
+    """A ``ValueError`` raised by a ``raise`` statement of hf_flag.geometry deep in a run (here overlap_baseline's
+    dimension check, fed dimensions no checked input can produce) is a bug: exit 1, traceback saved, not exit 2."""
+    from hf_flag.analysis import heads
+    from hf_flag.geometry import baselines
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(heads, "overlap_baseline", lambda p, q, n: baselines.overlap_baseline(p, n + 1, n))
+    code = cli.main(["analyze", str(tiny_models["gpt2"]), "--diagnostics", "heads", "--composition", "none"])
+    line = one_stderr_line(capsys)
+    assert code == exits.EXIT_INTERNAL, line
+    assert line.startswith("hf-flag: internal error: ValueError: overlap_baseline: q=") and "traceback saved" in line
+    saved = Path(line.split("traceback saved to ")[1].split(" (")[0])
+    assert saved.parent == tmp_path and 'raise ValueError(f"{where}: {name}=' in saved.read_text()
+
+
+def test_user_errors_are_input_errors_and_still_value_errors():
+    from hf_flag.errors import HfFlagError, InputError
+    from hf_flag.harness.config import ConfigError
+    from hf_flag.integrations.cards import CardFormatError
+
+    for error in (cli.CliError, ConfigError, CardFormatError):
+        assert issubclass(error, InputError)
+    assert issubclass(InputError, HfFlagError) and issubclass(InputError, ValueError)
+    with pytest.raises(ValueError):  # library callers catching ValueError keep working
+        analyze(mock.Mock(), layers=[0])
+    assert exits.user_message(ValueError("a message written for users, but not an input error")) is None
+    assert exits.user_message(ConfigError("config key 'out': give a folder")) == "config key 'out': give a folder"
+
+
+def test_a_missing_output_folder_is_a_user_error(tmp_path, capsys):
+    from hf_flag.atomic import atomic_write_text
+
+    target = tmp_path / "absent" / "report.json"
+    with mock.patch.object(cli, "run_analyze", lambda args: atomic_write_text(target, "{}")):
+        assert cli.main(["analyze", "m"]) == exits.EXIT_USAGE
+    assert one_stderr_line(capsys).startswith(f"hf-flag: error: cannot write {str(target)!r}: folder ")
+    assert not target.parent.exists()
+
+
 def test_user_errors_exit_2_with_one_line(tiny_models, capsys):
     assert cli.main(["analyze", str(tiny_models["gpt2"]), "--layers", "7"]) == exits.EXIT_USAGE  # our raise
     line = one_stderr_line(capsys)

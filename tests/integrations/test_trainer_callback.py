@@ -17,7 +17,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E4
 
 from hf_flag.analysis.api import analyze  # noqa: E402
 from hf_flag.geometry.dynamics import fit_decay_rate, predicted_decay_rate  # noqa: E402
-from hf_flag.geometry.pairs import commutator_baseline  # noqa: E402
+from hf_flag.geometry.pairs import commutator_baseline, commutator_reading_holds  # noqa: E402
+from hf_flag.integrations import readings  # noqa: E402
 from hf_flag.integrations.trainer import (  # noqa: E402
     FlagAlignmentCallback, OptimizerLaw, decayed_view, optimizer_hyperparameters, sharding_kind)
 
@@ -96,6 +97,8 @@ def test_keys_in_log_history_and_tensorboard(tmp_path, monkeypatch):
     expected = float(sum(commutator_baseline(a, b) for a, b in zip(W, W[1:]))) / 2
     assert flag_entries(trainer, "flag/linear_chain/commutator_ratio_baseline")[-1][1] == pytest.approx(expected,
                                                                                                        rel=1e-9)
+    # 8 -> 16 -> 16 -> 4: each pair has a full-rank factor in its hidden space, so kappa reads (MATH.md §3)
+    assert [v for _, v in flag_entries(trainer, "flag/linear_chain/commutator_reading_holds")] == [True] * 5
     series = "flag/law/linear_chain/imbalance_diagonal_norm"  # ReLU: the law governs diag D only
     assert [s for s, _ in flag_entries(trainer, series)] == [0, 10, 15, 20, 30]
     assert [s for s, _ in flag_entries(trainer, f"{series}_predicted")] == [0, 10, 15, 20, 30]
@@ -375,6 +378,19 @@ def test_transformer_model_keys(tmp_path):
     for kind in ("mlp", "mlp_gate", "vo", "residual"):
         for key in (f"{kind}/commutator_ratio", f"{kind}/commutator_ratio_baseline"):
             assert last[f"flag/{key}"] == pytest.approx(expected[key], rel=1e-9), key
+    # whether kappa reads there (MATH.md §3), logged beside it: from the ranks (n = d_ff with ranks d: no; n =
+    # head_dim or d with a full-rank factor: yes), and as the card reads it
+    layout = analyze(model, cheap=True, composition="none").layout
+    ranks = {"mlp": (layout["d_model"], layout["d_model"], layout["d_ff"]),
+             "mlp_gate": (layout["d_model"], layout["d_model"], layout["d_ff"]),
+             "vo": (layout["head_dim"], layout["head_dim"], layout["head_dim"]),
+             "residual": (layout["d_model"], layout["d_model"], layout["d_model"])}
+    for kind, (rank_a, rank_b, n) in ranks.items():
+        flag = last[f"flag/{kind}/commutator_reading_holds"]
+        assert flag is commutator_reading_holds(min(rank_a, n), min(rank_b, n), n), kind
+        assert flag is readings.kappa_reads(analyze(model, cheap=True, composition="none"), kind), kind
+    assert [last[f"flag/{k}/commutator_reading_holds"] for k in ("mlp", "mlp_gate", "vo", "residual")] == \
+           [False, False, True, True]
     assert last["flag/law/mlp/imbalance_diagonal_norm"] == pytest.approx(expected["mlp/imbalance_diagonal_norm"],
                                                                         rel=1e-9)  # Llama has no biases
     stem = "flag/law/mlp/imbalance_diagonal_norm"

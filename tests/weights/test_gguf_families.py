@@ -23,7 +23,7 @@ from gguf.quants import dequantize, quantize
 
 from hf_flag.weights.adapters import get_adapter
 from hf_flag.weights.adapters.table import ARCHITECTURES
-from hf_flag.weights.gguf_source import GGUFSource, quant_eps
+from hf_flag.weights.gguf_source import GGUFSource
 from hf_flag.weights.sources import open_weights
 
 from tests.weights.test_adapters import ATOL, FAMILIES, RTOL, T, build, mlp_from_weights, module_and_heads
@@ -45,6 +45,28 @@ QUANTS = {
 #: GGUF_CONFIG_MAPPING entry drops attention.key_length, so a head_dim other than hidden / heads does not load),
 #: qwen2_moe (its mapping has no expert_feed_forward_length, so moe_intermediate_size keeps the class default).
 TRANSFORMERS_LOADS = {"llama", "mistral", "qwen2", "gemma2", "gemma3_text", "stablelm", "falcon", "phi3"}
+
+
+#: storage precision per GGUF type, written down from the formats (not read from hf_flag): a float type's unit
+#: roundoff 2^-p (p stored mantissa bits: F32 23, F16 10, BF16 7); a b-bit block quantisation puts 2^b levels on a
+#: block's range [-amax, amax] (Q4_0: d (q - 8), q in 0..15, d = amax / 8; Q8_0: d q, d = amax / 127; Q4_1 / Q5_1: min
+#: + d q over [min, max]), so it rounds to within a step ~ 2 amax / 2^b, eps = 2^-b relative to the block maximum,
+#: with b the type's bits per weight (K-quants and IQ types by the digit in their name, IQ1: 1); the 4-bit floats
+#: (MXFP4, NVFP4: e2m1 times a block scale) have one mantissa bit, 2^-1; ternary TQ types hold {-1, 0, 1} times a
+#: scale, no precision finer than the weights' own scale, 1.
+GGUF_EPS = {
+    "F32": 2.0 ** -23, "F16": 2.0 ** -10, "BF16": 2.0 ** -7,
+    "Q8_0": 2.0 ** -8, "Q5_0": 2.0 ** -5, "Q5_1": 2.0 ** -5, "Q4_0": 2.0 ** -4, "Q4_1": 2.0 ** -4,
+    "Q6_K": 2.0 ** -6, "Q5_K": 2.0 ** -5, "Q4_K": 2.0 ** -4, "Q3_K": 2.0 ** -3, "Q2_K": 2.0 ** -2,
+    "IQ4_NL": 2.0 ** -4, "IQ4_XS": 2.0 ** -4, "IQ3_XXS": 2.0 ** -3, "IQ3_S": 2.0 ** -3, "IQ2_XXS": 2.0 ** -2,
+    "IQ2_XS": 2.0 ** -2, "IQ2_S": 2.0 ** -2, "IQ1_S": 2.0 ** -1, "IQ1_M": 2.0 ** -1,
+    "MXFP4": 2.0 ** -1, "NVFP4": 2.0 ** -1, "TQ1_0": 1.0, "TQ2_0": 1.0,
+}
+
+
+def expected_eps(storage_dtype: str) -> float:
+    """:data:`GGUF_EPS` of a tensor's ``storage_dtype`` (float types are named as torch names them)."""
+    return GGUF_EPS[{"float32": "F32", "float16": "F16", "bfloat16": "BF16"}.get(storage_dtype, storage_dtype)]
 
 
 def fused_expert(name: str) -> tuple[str, int]:
@@ -216,7 +238,9 @@ def test_gguf_family_reads_back(tmp_path, built, family, qtype):
                     fused, half = fused_expert(name)
                     original = state[fused].double().chunk(2, dim=1)[half]
                 # a wrong reordering would be off by O(max |w|); rounding stays within ~ eps relative to the max
-                tol = 2 * src.storage_eps(name) * original.abs().max().item()
+                eps = expected_eps(src.storage_dtype(name))
+                assert src.storage_eps(name) == eps, name
+                tol = 2 * eps * original.abs().max().item()
                 assert got.shape == original.shape and (got - original).abs().max().item() <= tol, name
         assert any(t == qtype or (qtype in ("F32", "F16", "BF16") and t == {"F16": "float16", "BF16": "bfloat16",
                                                                         "F32": "float32"}[qtype]) for t in types)
@@ -305,8 +329,8 @@ def test_gguf_report_equals_safetensors_report(tmp_path, built, family, qtype):
                                                                                       full=True)
     types = gguf.params["storage_dtypes"]
     assert qtype in types or {"F16": "float16", "BF16": "bfloat16"}.get(qtype) in types
-    eps = gguf.params["storage_eps"]
-    assert eps == max(quant_eps({"float32": "F32", "float16": "F16", "bfloat16": "BF16"}.get(t, t)) for t in types)
+    eps = max(expected_eps(t) for t in types)
+    assert gguf.params["storage_eps"] == eps
     assert len(gguf.rows) == len(st.rows) > 0
     compared = 0
     for a, b in zip(gguf.rows, st.rows):
@@ -369,9 +393,7 @@ def test_every_dequantisable_type_reads_back_in_one_mixed_file(tmp_path):
             hf = f"model.layers.{j}.mlp.up_proj.weight"
             expected = torch.from_numpy(dequantize(raw[name], GGMLQuantizationType[name]).astype(np.float32))
             torch.testing.assert_close(src.get(hf), expected, rtol=0, atol=0, equal_nan=True)
-            assert src.storage_dtype(hf) == name and src.storage_eps(hf) == quant_eps(name)
-        assert {src.storage_eps(f"model.layers.{j}.mlp.up_proj.weight") for j in range(len(dequant_only))} >= {
-            2.0 ** -2, 2.0 ** -4, 2.0 ** -6, 0.5}  # IQ2, Q4_K, Q6_K, NVFP4: one precision per tensor
+            assert src.storage_dtype(hf) == name and src.storage_eps(hf) == GGUF_EPS[name]  # one precision per tensor
         with pytest.raises(WeightSourceError, match=r"'model\.layers\.\d+\.mlp\.up_proj\.weight'.*Q8_K.*cannot "
                                                     r"dequantise") as err:
             src.get(f"model.layers.{len(dequant_only)}.mlp.up_proj.weight")
@@ -403,7 +425,8 @@ def test_quantisable_types_round_trip_within_their_precision(tmp_path):
             assert torch.equal(got, torch.from_numpy(expected.astype(np.float32))), name
             block_max = np.abs(w).reshape(-1, 32).max(axis=1).repeat(32).reshape(w.shape)
             err = np.abs(got.numpy() - w) / block_max
-            assert err.max() <= 2 * src.storage_eps(hf), (name, err.max(), src.storage_eps(hf))
+            assert src.storage_eps(hf) == GGUF_EPS[name], name
+            assert err.max() <= 2 * GGUF_EPS[name], (name, err.max(), GGUF_EPS[name])
 
 
 def _minimal_gguf(path, arch: str, tensors: dict) -> None:

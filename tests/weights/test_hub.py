@@ -192,3 +192,107 @@ def test_max_disk_streams_shard_by_shard_with_values_of_the_full_copy(hub, tmp_p
                 and not h.get("Range", "").startswith("bytes=8-")]) == len(fetches)
     with pytest.raises(WeightSourceError, match=r"^--max-disk 1e-06 GB is smaller than shard .* raise --max-disk"):
         open_weights(REPO, max_disk_bytes=1000)
+
+
+def blob_links(hub, sha: str) -> dict[str, bytes]:
+    """Every file of the cached snapshot ``sha`` of REPO, read through its link."""
+    folder = hub.cache / f"models--{REPO.replace('/', '--')}" / "snapshots" / sha
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_max_disk_eviction_keeps_blobs_another_revision_links_to(hub, tmp_path):
+    files = checkpoint_files(tmp_path)
+    old = hub.add_repo(REPO, files, branch="old")
+    config = json.loads(files["config.json"])
+    new = hub.add_repo(REPO, {**files, "config.json": json.dumps({**config, "note": "v2"}).encode()})
+    assert old != new  # two commits sharing every shard's bytes (the same blobs in the cache)
+    shards = hub_module.shard_names(tmp_path / "ckpt-0" / "model.safetensors.index.json")
+    open_weights(REPO, revision="old").close()  # the old revision, fully cached
+    blobs = hub.cache / f"models--{REPO.replace('/', '--')}" / "blobs"
+    before = sorted(p.name for p in blobs.iterdir())
+    budget = 2 * max(len(files[s]) for s in shards)
+    with open_weights(REPO, max_disk_bytes=budget) as src:
+        assert provenance(src)["sha"] == new
+        for key in src.keys():
+            src.get(key)
+        assert src.fetches  # the new revision's shards went through the streaming cache (linked, then evicted)
+    assert {n: b for n, b in blob_links(hub, old).items() if n in shards} == {s: files[s] for s in shards}
+    assert not [n for n in blob_links(hub, new) if n in shards]  # the streamed revision's links are gone
+    assert sorted(p.name for p in blobs.iterdir()) == sorted({*before, *[  # only the new config's blob was added
+        p.name for p in blobs.iterdir() if p.read_bytes() == json.dumps({**config, "note": "v2"}).encode()]})
+
+
+def test_max_disk_eviction_deletes_a_blob_only_this_revision_links_to(hub, tmp_path):
+    files = checkpoint_files(tmp_path)
+    hub.add_repo(REPO, files)
+    shards = hub_module.shard_names(tmp_path / "ckpt-0" / "model.safetensors.index.json")
+    with open_weights(REPO, max_disk_bytes=2 * max(len(files[s]) for s in shards)) as src:
+        for key in src.keys():
+            src.get(key)
+    blobs = hub.cache / f"models--{REPO.replace('/', '--')}" / "blobs"
+    assert not [p for p in blobs.iterdir() if p.read_bytes() in {files[s] for s in shards}]
+
+
+def test_max_disk_eviction_without_delete_files_keeps_shared_blobs(hub, tmp_path, monkeypatch):
+    """huggingface_hub before HFCacheInfo.delete_files: the same rule from the scan."""
+    from huggingface_hub.utils import _cache_manager
+
+    monkeypatch.delattr(_cache_manager.HFCacheInfo, "delete_files")
+    test_max_disk_eviction_keeps_blobs_another_revision_links_to(hub, tmp_path)
+
+
+def streamed_repo_missing_a_shard(hub, tmp_path, *, headers_too: bool) -> tuple[str, float]:
+    """REPO whose one block shard the Hub stopped serving (its header too, or only its downloads); returns that
+    shard and a --max-disk budget in GB that streams."""
+    files = checkpoint_files(tmp_path)
+    shards = hub_module.shard_names(tmp_path / "ckpt-0" / "model.safetensors.index.json")
+    gone = shards[len(shards) // 2]
+    hub.add_repo(REPO, {n: b for n, b in files.items() if n != gone} if headers_too else files)
+    if not headers_too:
+        hub.missing_downloads.add((REPO, gone))
+    return gone, 2 * max(len(files[s]) for s in shards) / 1e9
+
+
+@pytest.mark.parametrize("headers_too", [True, False], ids=["header-read", "download"])
+def test_cli_max_disk_shard_404_mid_stream_is_one_line_exit_2(hub, tmp_path, capsys, headers_too):
+    from hf_flag.cli import main
+
+    gone, budget = streamed_repo_missing_a_shard(hub, tmp_path, headers_too=headers_too)
+    assert main(["analyze", REPO, "--max-disk", repr(budget), "--diagnostics", "mlp"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert [line for line in err.splitlines() if line.startswith("hf-flag")] == [
+        f"hf-flag: error: Hub model {REPO!r} lists {gone!r} but the Hub does not serve it (HTTP 404); retry later or "
+        f"pass a local folder"]
+
+
+def test_offline_finds_a_tag_and_a_sha_read_online_before(hub, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    first = hub.add_repo(REPO, checkpoint_files(tmp_path, seed=0))
+    hub.repos[("model", REPO)].refs["v1"] = first
+    second = hub.add_repo(REPO, checkpoint_files(tmp_path, seed=1))
+    for revision in ("v1", None, first):
+        open_weights(REPO, revision=revision).close()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    before = len(hub.log)
+    for revision, sha in (("v1", first), (None, second), ("main", second), (first, first)):
+        with open_weights(REPO, revision=revision) as src:
+            assert provenance(src)["sha"] == sha, revision
+    assert len(hub.log) == before
+    with pytest.raises(WeightSourceError, match=r"^Hub model 'tiny-org/tiny-llama' at revision 'v2' is not in the HF "
+                                                r"cache .* HF_HUB_OFFLINE is set"):
+        open_weights(REPO, revision="v2")
+
+
+def test_unreachable_hub_reads_a_revision_cached_before(hub, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    sha = hub.add_repo(REPO, checkpoint_files(tmp_path))
+    open_weights(REPO).close()
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing answers there
+    with open_weights(REPO) as src:
+        assert provenance(src)["sha"] == sha
+    with pytest.raises(WeightSourceError, match=r"^Hub model 'tiny-org/other' is not in the HF cache .* the Hub is "
+                                                r"unreachable .*; connect to download it"):
+        open_weights("tiny-org/other")

@@ -445,6 +445,27 @@ def test_gguf_matches_transformers_loader(smollm2_gguf):
         src.get(q)
 
 
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q8_0"])
+def test_torch_dequantize_equals_gguf_py(type_name):
+    """hf-flag's torch dequantisation of the block types it handles itself is bitwise gguf-py's ``dequantize``
+    (the reference), on random blocks quantised by gguf-py, including zero blocks and both nibble halves."""
+    import numpy as np
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quantize
+
+    from hf_flag.weights.gguf_source import dequantize_blocks
+
+    rng = np.random.default_rng(0)
+    values = (rng.standard_normal((64, 256)) * rng.uniform(0.01, 10.0, (64, 1))).astype(np.float32)
+    values[3] = 0.0
+    qtype = GGMLQuantizationType[type_name]
+    data = quantize(values, qtype)
+    expected = np.asarray(dequantize(data, qtype), dtype=np.float32).reshape(-1)
+    got = dequantize_blocks(data.tobytes(), type_name).numpy()
+    assert got.dtype == np.float32 and np.array_equal(got, expected)
+    assert np.abs(got - values.reshape(-1)).max() <= np.abs(values).max() / 8  # and it is the data, roughly
+
+
 def test_parse_gguf_agrees_with_gguf_reader(smollm2_gguf):
     """Our one-pass header parser against gguf-py's GGUFReader: every scalar/string metadata value, and each
     tensor's type, dims and absolute data offset (arrays, e.g. the tokenizer, are skipped by design)."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Optional, Union
 
-from hf_flag.errors import UnsupportedArchitectureError
+from hf_flag.errors import InputError, UnsupportedArchitectureError
 from hf_flag.weights.adapters.base import REGISTER_HINT, Adapter, AdapterSpec, CheckpointLayout, GGUFLayout, config_dict
 from hf_flag.weights.adapters.table import ARCHITECTURES, LLAMA
 
@@ -29,14 +29,14 @@ def register_adapter(model_type: str, adapter: Union[Adapter, AdapterSpec], *, o
     Re-registering a model_type raises ValueError unless ``overwrite=True``.  Returns the registered adapter.
     """
     if not isinstance(model_type, str) or not model_type:
-        raise ValueError(f"model_type {model_type!r} must be a non-empty string, as in config.json's model_type")
+        raise InputError(f"model_type {model_type!r} must be a non-empty string, as in config.json's model_type")
     if isinstance(adapter, AdapterSpec):
         adapter = Adapter(adapter)
     if not all(callable(getattr(adapter, m, None)) for m in ("layout", "block", "block_tensor_names")):
-        raise ValueError(f"adapter {adapter!r} for {model_type!r} lacks layout/block/block_tensor_names; pass an "
+        raise InputError(f"adapter {adapter!r} for {model_type!r} lacks layout/block/block_tensor_names; pass an "
                          f"Adapter or AdapterSpec")
     if model_type in _REGISTRY and not overwrite and _REGISTRY[model_type] != adapter:
-        raise ValueError(f"model_type {model_type!r} already has the {_REGISTRY[model_type].name!r} adapter; pass "
+        raise InputError(f"model_type {model_type!r} already has the {_REGISTRY[model_type].name!r} adapter; pass "
                          f"overwrite=True to replace it")
     _REGISTRY[model_type] = adapter
     return adapter

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Optional
 
 import torch
 
-from hf_flag.errors import UnsupportedArchitectureError
+from hf_flag.errors import InputError, UnsupportedArchitectureError
 from hf_flag.weights.blocks import AttentionWeights, BlockWeights, MLPWeights, ModelLayout
 
 if TYPE_CHECKING:
@@ -120,13 +120,13 @@ class AdapterSpec:
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_LAYOUTS:
-            raise ValueError(f"AdapterSpec {self.name!r}: attention={self.attention!r}; use one of "
+            raise InputError(f"AdapterSpec {self.name!r}: attention={self.attention!r}; use one of "
                              f"{sorted(ATTENTION_LAYOUTS)}")
         if self.mlp not in MLP_LAYOUTS:
-            raise ValueError(f"AdapterSpec {self.name!r}: mlp={self.mlp!r}; use one of {sorted(MLP_LAYOUTS)}")
+            raise InputError(f"AdapterSpec {self.name!r}: mlp={self.mlp!r}; use one of {sorted(MLP_LAYOUTS)}")
         missing = [r for r in ATTENTION_LAYOUTS[self.attention] + MLP_LAYOUTS[self.mlp] if r not in self.tensors]
         if missing:
-            raise ValueError(f"AdapterSpec {self.name!r}: tensors has no entry for roles {missing}; add their "
+            raise InputError(f"AdapterSpec {self.name!r}: tensors has no entry for roles {missing}; add their "
                              f"per-layer names")
 
     def roles(self) -> dict[str, str]:
@@ -157,7 +157,7 @@ def config_dict(config: Any) -> dict:
         return dict(config.to_dict())
     if isinstance(config, Mapping):
         return dict(config)
-    raise ValueError(f"config of type {type(config).__name__} is not a dict or PretrainedConfig; pass "
+    raise InputError(f"config of type {type(config).__name__} is not a dict or PretrainedConfig; pass "
                      f"source.config or model.config")
 
 
@@ -168,7 +168,7 @@ def config_value(config: Mapping, field_name: str) -> Any:
 
 def _positive_int(config: Mapping, field_name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"config {field_name} (keys {list(_CONFIG_KEYS[field_name])}) is {value!r}; the checkpoint "
+        raise InputError(f"config {field_name} (keys {list(_CONFIG_KEYS[field_name])}) is {value!r}; the checkpoint "
                          f"config must give a positive integer")
     return value
 
@@ -189,7 +189,7 @@ def _expand(template: str, i: int, n_experts: int) -> list[str]:
 
 def _expect_shape(name: str, tensor: torch.Tensor, shape: tuple[int, ...], layout: ModelLayout) -> None:
     if tuple(tensor.shape) != shape:
-        raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {shape} for {layout.model_type} "
+        raise InputError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {shape} for {layout.model_type} "
                          f"(d_model={layout.d_model}, n_heads={layout.n_heads}, n_kv_heads={layout.n_kv_heads}, "
                          f"head_dim={layout.head_dim}, d_ff={layout.d_ff}); check the config against the checkpoint")
 
@@ -360,12 +360,12 @@ class Adapter:
             head_dim = config_value(config, "head_dim")
         if head_dim is None:
             if d_model % n_heads:
-                raise ValueError(f"config hidden size {d_model} is not divisible by {n_heads} heads; set head_dim "
+                raise InputError(f"config hidden size {d_model} is not divisible by {n_heads} heads; set head_dim "
                                  f"in the config")
             head_dim = d_model // n_heads
         head_dim = _positive_int(config, "head_dim", head_dim)
         if n_heads % n_kv:
-            raise ValueError(f"config num_attention_heads={n_heads} is not a multiple of num_key_value_heads={n_kv}; "
+            raise InputError(f"config num_attention_heads={n_heads} is not a multiple of num_key_value_heads={n_kv}; "
                              f"fix the config")
         n_experts = 0
         if spec.mlp == "moe":
@@ -375,11 +375,11 @@ class Adapter:
             d_ff = _positive_int(config, "d_ff", config_value(config, "d_ff") or 4 * d_model)  # GPT-2: n_inner=None
         activation = config_value(config, "activation")
         if not isinstance(activation, str):
-            raise ValueError(f"config has no activation name (keys {list(_CONFIG_KEYS['activation'])}); add "
+            raise InputError(f"config has no activation name (keys {list(_CONFIG_KEYS['activation'])}); add "
                              f"hidden_act to the config")
         last = base.format(i=n_layers - 1) + next(iter(spec.tensors.values()))
         if last not in keys:
-            raise ValueError(f"config says {n_layers} layers but the checkpoint has no tensor {last!r}; check "
+            raise InputError(f"config says {n_layers} layers but the checkpoint has no tensor {last!r}; check "
                              f"num_hidden_layers against the checkpoint")
         templates = [(r, base + rel) for r, rel in spec.tensors.items()]
         templates += [(r, base + rel) for r, rel in spec.optional.items() if (base + rel).format(i=0, e=0) in keys]
@@ -401,10 +401,10 @@ class Adapter:
 
     def _check(self, layout: ModelLayout, i: int) -> CheckpointLayout:
         if not isinstance(layout, CheckpointLayout) or not layout.tensors:
-            raise ValueError(f"layout of type {type(layout).__name__} carries no tensor names; build it with "
+            raise InputError(f"layout of type {type(layout).__name__} carries no tensor names; build it with "
                              f"adapter.layout(source.config, source.keys())")
         if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < layout.n_layers:
-            raise ValueError(f"layer index {i!r} is out of range for a {layout.n_layers}-layer model; use "
+            raise InputError(f"layer index {i!r} is out of range for a {layout.n_layers}-layer model; use "
                              f"0..{layout.n_layers - 1}")
         return layout
 

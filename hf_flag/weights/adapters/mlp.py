@@ -16,6 +16,7 @@ from typing import Any, Iterator, Optional, Union
 import torch
 from torch import nn
 
+from hf_flag.errors import InputError
 from hf_flag.weights.blocks import LinearLayer
 from hf_flag.weights.weight_source import dtype_name
 
@@ -48,10 +49,10 @@ def _leaves(module: nn.Module, prefix: str, ordered: bool) -> Iterator[tuple[str
 
 def _check_chain(layers: list[LinearLayer]) -> list[LinearLayer]:
     if not layers:
-        raise ValueError("linear_chain found no 2-D Linear weights; pass an nn.Sequential of nn.Linear layers")
+        raise InputError("linear_chain found no 2-D Linear weights; pass an nn.Sequential of nn.Linear layers")
     for a, b in zip(layers, layers[1:]):
         if a.weight.shape[0] != b.weight.shape[1]:
-            raise ValueError(f"layers {a.name!r} (out {a.weight.shape[0]}) and {b.name!r} (in {b.weight.shape[1]}) "
+            raise InputError(f"layers {a.name!r} (out {a.weight.shape[0]}) and {b.name!r} (in {b.weight.shape[1]}) "
                              f"do not chain; linear_chain needs consecutive Linear layers with matching sizes")
     return layers
 
@@ -112,6 +113,6 @@ def linear_chain(source_or_module: Union[nn.Module, Any], *, dtype: Optional[tor
     if isinstance(module, nn.Module):
         return _module_chain(module, dtype, device)
     if not all(callable(getattr(source_or_module, m, None)) for m in ("keys", "shape", "get")):
-        raise ValueError(f"linear_chain got a {type(source_or_module).__name__}; pass an nn.Module or "
+        raise InputError(f"linear_chain got a {type(source_or_module).__name__}; pass an nn.Module or "
                          f"hf_flag.weights.sources.open_weights(...) of one")
     return _source_chain(source_or_module, dtype, device)

@@ -11,6 +11,7 @@ from typing import Any, Optional, Sequence, Union
 import datasets
 import evaluate
 
+from hf_flag.errors import InputError
 from hf_flag.integrations.evaluate_modules._common import CITATION, has_pending_inputs
 
 _DESCRIPTION = """\
@@ -54,7 +55,7 @@ def model_id_list(model_id: ModelIds) -> list[str]:
     single id), a list or tuple holds one per model; anything else is a one-line ``ValueError``."""
     items = [model_id] if isinstance(model_id, (str, os.PathLike)) else model_id
     if not isinstance(items, (list, tuple)) or not all(isinstance(x, (str, os.PathLike)) for x in items):
-        raise ValueError(f"flag_alignment: model_id={model_id!r} must be a path or Hub id (str or os.PathLike) or a "
+        raise InputError(f"flag_alignment: model_id={model_id!r} must be a path or Hub id (str or os.PathLike) or a "
                          f"list of them")
     return [os.fspath(x) for x in items]
 
@@ -109,7 +110,7 @@ class FlagAlignment(evaluate.Measurement):
                 kwargs["model_id"] = model_id_list(kwargs["model_id"])
             return super().compute(**kwargs)
         if kwargs.get("model_id") is not None or has_pending_inputs(self):
-            raise ValueError("flag_alignment: pass either model_id=[...] or model=<nn.Module>, not both")
+            raise InputError("flag_alignment: pass either model_id=[...] or model=<nn.Module>, not both")
         return self._compute(model_id=None, model=model, **kwargs)
 
     def add_batch(self, **kwargs: Any) -> None:
@@ -126,7 +127,7 @@ class FlagAlignment(evaluate.Measurement):
 
         targets = list(model_id or []) + ([model] if model is not None else [])
         if not targets:
-            raise ValueError("flag_alignment: no model given; pass model_id=['path or cached Hub id'] or model=...")
+            raise InputError("flag_alignment: no model given; pass model_id=['path or cached Hub id'] or model=...")
         reports = [analyze(t, device=device, cheap=cheap, layers=layers, diagnostics=diagnostics,
                            composition=composition) for t in targets]
         return merge_outputs([report_output(r, HEADLINE_METRICS) for r in reports])

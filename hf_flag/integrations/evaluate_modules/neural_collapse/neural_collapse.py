@@ -13,6 +13,7 @@ import evaluate
 import numpy as np
 import torch
 
+from hf_flag.errors import InputError
 from hf_flag.integrations.evaluate_modules._common import CITATION, has_pending_inputs
 
 _DESCRIPTION = """\
@@ -58,7 +59,7 @@ def _tensor(name: str, x: Any, dtype: torch.dtype) -> torch.Tensor:
     try:
         return torch.as_tensor(np.asarray(x), dtype=dtype)
     except (TypeError, ValueError, RuntimeError) as err:
-        raise ValueError(f"neural_collapse: {name} must be an array of numbers ({err}); pass a list, numpy array "
+        raise InputError(f"neural_collapse: {name} must be an array of numbers ({err}); pass a list, numpy array "
                          f"or tensor") from None
 
 
@@ -94,7 +95,7 @@ class NeuralCollapse(evaluate.Metric):
         """Feature mode as every metric; ``compute(classifier=W[, class_means=M])`` alone is the weight-only mode."""
         if predictions is None and references is None and not has_pending_inputs(self):
             if kwargs.get("classifier") is None:
-                raise ValueError("neural_collapse: no input; pass predictions (features) and references (labels), "
+                raise InputError("neural_collapse: no input; pass predictions (features) and references (labels), "
                                  "or classifier=W for the weight-only mode")
             return self._compute(predictions=None, references=None, **kwargs)
         return super().compute(predictions=predictions, references=references, **kwargs)
@@ -107,14 +108,14 @@ class NeuralCollapse(evaluate.Metric):
         W = None if classifier is None else _tensor("classifier", classifier, torch.float64)
         if predictions is None:
             if class_means is None and global_mean is not None:
-                raise ValueError("neural_collapse: global_mean needs class_means in the weight-only mode")
+                raise InputError("neural_collapse: global_mean needs class_means in the weight-only mode")
             out = dict(classifier_collapse(W))
             if class_means is not None:
                 gm = None if global_mean is None else _tensor("global_mean", global_mean, torch.float64)
                 out.update(alignment_values(W, _tensor("class_means", class_means, torch.float64), gm))
             return out
         if class_means is not None or global_mean is not None:
-            raise ValueError("neural_collapse: class_means/global_mean are for the weight-only mode; with features "
+            raise InputError("neural_collapse: class_means/global_mean are for the weight-only mode; with features "
                              "they are computed from predictions and references")
         H = _tensor("predictions", predictions, torch.float64)
         labels = _tensor("references", references, torch.int64)

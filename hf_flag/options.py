@@ -1,0 +1,48 @@
+"""Command-line options that ``hf-flag analyze`` and ``hf-flag sweep`` share, defined once with one help text each.
+
+Ground floor (imports only :mod:`hf_flag.defaults`): the CLI (:mod:`hf_flag.cli`) and the sweep
+(``hf_flag.harness.sweep``) both call :func:`add_model_options`, so the two commands cannot drift apart in what these
+options mean.  The sweep merges its arguments with a config file, so there every option defaults to ``None`` (not
+given: the config file or the config default decides); ``analyze`` has no config file and gets the defaults here.
+"""
+from __future__ import annotations
+
+import argparse
+
+from hf_flag.defaults import COMPOSITION_MODES, DIAGNOSTIC_NAMES
+
+__all__ = ["add_model_options"]
+
+
+def add_model_options(parser: argparse.ArgumentParser, *, config_file: bool = False) -> None:
+    """Add ``MODEL ...``, ``--default``, ``--name``, ``--revision``, ``--gguf-file``, ``--max-disk``,
+    ``--diagnostics``, ``--composition`` and ``--cheap`` to ``parser``.
+
+    ``config_file``: the command also reads a config file, so ``--composition`` and ``--cheap`` default to ``None``
+    (not given) instead of ``"auto"`` / ``False``.
+    """
+    parser.add_argument("models", nargs="*", metavar="MODEL",
+                        help="local folders, .safetensors or .gguf files, or Hub ids (read from the Hugging Face "
+                             "cache, downloaded into it when missing unless HF_HUB_OFFLINE=1)")
+    parser.add_argument("--default", action="store_true",
+                        help="add the embedded default models (all-MiniLM-L6-v2 and SmolLM2-135M-Instruct)")
+    parser.add_argument("--name", metavar="ORG/NAME",
+                        help="the Hub name of the one MODEL given, for labels and output folders (and, in a "
+                             "sweep, its model card; default: its Hub id, or a local folder's config _name_or_path, "
+                             "which for a fine-tuned copy names its base model)")
+    parser.add_argument("--revision", help="branch, tag or commit sha of the MODEL Hub ids (default: main)")
+    parser.add_argument("--gguf-file", dest="gguf_file", metavar="FILE",
+                        help="which .gguf of a GGUF Hub repo (default: the one with the finest storage)")
+    parser.add_argument("--max-disk", type=float, metavar="GB", dest="max_disk",
+                        help="stream sharded Hub checkpoints shard by shard, holding at most GB of shards on disk")
+    parser.add_argument("--diagnostics", nargs="+", metavar="NAME",
+                        help=f"which diagnostics to compute (default: all): any of {', '.join(DIAGNOSTIC_NAMES)}, "
+                             f"separated by commas or spaces")
+    parser.add_argument("--composition", choices=COMPOSITION_MODES,
+                        default=None if config_file else "auto",
+                        help="Q/K/V composition scores of each head with the heads of every later layer (all), of "
+                             "the next layer only (adjacent, much faster on deep models), or none; auto (the "
+                             "default): all where the printed cost estimate is small, else adjacent")
+    parser.add_argument("--cheap", action="store_true", default=None if config_file else False,
+                        help="commutator ratio (with its baseline) and imbalance only: fast; no flags, transport or "
+                             "head overlaps")
