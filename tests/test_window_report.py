@@ -79,14 +79,25 @@ def test_each_mlp_weight_gram_is_computed_once(tiny_llama, monkeypatch):
         svds.append((tuple(W.shape), gram is not None))
         return real_svd(W, storage_eps, gram=gram)
 
-    for module in (pairs, transformer):  # shared (transformer) and unshared (inside gram_pair_values) Grams
+    for module in (pairs, analysis_pairs):  # shared (analysis.pairs.PairGrams) and unshared (gram_pair_values) Grams
         monkeypatch.setattr(module, "weight_gram", counting)
+    cuts, real_cut = [], analysis_pairs.gram_cut
+
+    def counting_cut(G, rtol, *, top=None):
+        cuts.append(tuple(G.shape))
+        return real_cut(G, rtol, top=top)
+
     for module in (analysis_pairs, transformer):
         monkeypatch.setattr(module, "window_svd", counting_svd)
+    monkeypatch.setattr(analysis_pairs, "gram_cut", counting_cut)
     report = analyze(tiny_llama, device="cpu", diagnostics={"mlp", "residual"})
     assert len(report.rows) == 2 + 2 + 1  # mlp and mlp_gate per layer, one residual pair
     mlp = [c for c in calls if 48 in c[0][1:]]  # d_ff = 48
     assert sorted(mlp) == sorted([((1, 32, 48), "rows"), ((1, 48, 32), "cols"), ((1, 48, 32), "cols")] * 2)
+    # the rank cuts (and Cholesky factors) of those Grams, once each: W_down W_down^T serves the mlp and mlp_gate
+    # range_overlap and the residual pair's reading (full rank: W_up's side is not needed for it)
+    assert cuts == [(1, 32, 32)] * 6
+    assert [r.details["commutator_reading_holds"] for r in report.rows if r.kind == "residual"] == [True]
     # each MLP weight's window SVD runs once, on the small Gram kappa's pairs share (no fourth Gram per block)
     assert sorted(s for s in svds if 48 in s[0][1:]) == sorted([((1, 32, 48), True), ((1, 48, 32), True),
                                                                 ((1, 48, 32), True)] * 2)

@@ -11,10 +11,10 @@ import torch
 from hf_flag.geometry.angles import default_rtol, thin_svd
 from hf_flag.geometry.baselines import transport_baselines
 from hf_flag.geometry.flags import flag_position_from_svd, gl_kernel_dim_from_product_rank
-from hf_flag.geometry.pairs import (augment, commutator_reading_of_pairs, gram_diagnostics, gram_pair_values,
-                                    imbalance_diagonal_norm, normalized_commutator_ratio, pair_gram_sides,
-                                    pair_values_from_svd, range_overlap_from_grams, transport_k,
-                                    transport_scores_from_matrix)
+from hf_flag.geometry.pairs import (GramCut, augment, commutator_reading_of_pairs, gram_cut, gram_diagnostics,
+                                    gram_pair_values, imbalance_diagonal_norm, normalized_commutator_ratio,
+                                    pair_gram_sides, pair_product, pair_values_from_svd, range_overlap_from_grams,
+                                    transport_k, transport_scores_from_matrix, weight_gram)
 from hf_flag.geometry.spectral import (K_MAX, PartialSVD, determined_cuts, gram_dtype, partial_svd, transport_window,
                                        wedin_window)
 from hf_flag.report import Row
@@ -105,28 +105,61 @@ def pair_values(W_l: torch.Tensor, W_next: torch.Tensor, *, cheap: bool, storage
     return pair_geometry_values(W_l, W_next, storage_eps=storage_eps, svd_l=svd_l, svd_next=svd_next)
 
 
+class PairGrams:
+    """The Grams of a pair's two weights (:func:`~hf_flag.geometry.pairs.weight_gram`) and their rank cuts with
+    Cholesky factors (:func:`~hf_flag.geometry.pairs.gram_cut`), from ``cache`` or computed once and stored there
+    (MATH.md §1, §3): key ``keys[which] + ("gram", side, dtype)`` resp. ``+ ("cut", side, dtype, rtol)``, ``which``
+    ``"l"`` or ``"next"``; ``weights[which]()`` gives that weight (bias-augmented, batched) when it is needed."""
+
+    def __init__(self, cache: dict, keys: dict[str, tuple], weights: dict[str, Callable[[], torch.Tensor]]):
+        self.cache, self.keys, self.weights = cache, keys, weights
+
+    @classmethod
+    def unshared(cls, W_l: torch.Tensor, W_next: torch.Tensor) -> "PairGrams":
+        """Grams of one pair ``W_l``, ``W_next`` (bias-augmented, batched) that no other pair shares."""
+        return cls({}, {"l": ("l",), "next": ("next",)}, {"l": lambda: W_l, "next": lambda: W_next})
+
+    def gram(self, which: str, side: str, dtype: torch.dtype) -> torch.Tensor:
+        key = self.keys[which] + ("gram", side, dtype)
+        if key not in self.cache:
+            self.cache[key] = weight_gram(self.weights[which](), side, dtype=dtype)
+        return self.cache[key]
+
+    def cut(self, which: str, side: str, dtype: torch.dtype, rtol: float, top: Optional[torch.Tensor]) -> GramCut:
+        """:func:`~hf_flag.geometry.pairs.gram_cut` of :meth:`gram` at ``rtol``, ``top`` the weight's
+        ``sigma_1`` when known."""
+        key = self.keys[which] + ("cut", side, dtype, rtol)
+        if key not in self.cache:
+            self.cache[key] = gram_cut(self.gram(which, side, dtype), rtol, top=top)
+        return self.cache[key]
+
+
 def pair_rows(model: str, kind: str, ids: Sequence[tuple[int, int, str, str]], W_l: torch.Tensor,
               b_l: Optional[torch.Tensor], W_next: torch.Tensor, *, activation: str, cheap: bool,
               storage_eps: float, svd_l=None, svd_next=None, window: bool = False,
-              gram: Optional[Callable] = None) -> list[Row]:
+              gram: Optional[PairGrams] = None) -> list[Row]:
     """Rows ``[W_l | b_l]`` -> ``W_next`` for a batch (leading dim) of pairs; ``ids``: (layer, target_layer,
     source, target) per batch member; ``svd_l``, ``svd_next``: SVDs of ``[W_l | b_l]`` and ``W_next`` when
     cached (``weight_svd``: thin, or partial with ``window``).  ``window``: the default report's values on the
     storage-precision windows (:func:`pair_window_values`), in the weights' dtype, with ``gram`` the pair's shared
-    Grams.  See :mod:`hf_flag.analysis.api` for the values."""
+    Grams.  Whether kappa reads (``commutator_reading_holds``,
+    :func:`~hf_flag.geometry.pairs.commutator_reading_of_pairs`) is decided at the rank cut of the storage
+    precision ``storage_eps``.  See :mod:`hf_flag.analysis.api` for the values."""
     W_aug = augment(W_l, b_l)
     if window and not cheap:
         svd_l = window_svd(W_aug, storage_eps) if svd_l is None else svd_l
         svd_next = window_svd(W_next, storage_eps) if svd_next is None else svd_next
         out = pair_window_values(W_aug, W_next, storage_eps=storage_eps, dtype=W_l.dtype, svd_l=svd_l,
                                  svd_next=svd_next, gram=gram)
-    else:
-        if not cheap:  # full: one thin SVD per weight serves the values and the reading's ranks below
-            svd_l = thin_svd(W_aug) if svd_l is None else svd_l
-            svd_next = thin_svd(W_next) if svd_next is None else svd_next
-        out = pair_values(W_aug, W_next, cheap=cheap, storage_eps=storage_eps, svd_l=svd_l, svd_next=svd_next)
-    full_spectra = not window and not cheap and svd_l is not None and svd_next is not None
-    reads = commutator_reading_of_pairs(W_aug, W_next, s_l=svd_l[1] if full_spectra else None,
+        return [Row(model, kind, *i, values, {**details, "activation": activation}) for i, (values, details) in
+                zip(ids, out)]
+    if not cheap:  # full: one thin SVD per weight serves the values and the reading's ranks below
+        svd_l = thin_svd(W_aug) if svd_l is None else svd_l
+        svd_next = thin_svd(W_next) if svd_next is None else svd_next
+    out = pair_values(W_aug, W_next, cheap=cheap, storage_eps=storage_eps, svd_l=svd_l, svd_next=svd_next)
+    full_spectra = not cheap and svd_l is not None and svd_next is not None
+    reads = commutator_reading_of_pairs(W_aug, W_next, storage_eps=storage_eps,
+                                        s_l=svd_l[1] if full_spectra else None,
                                         s_next=svd_next[1] if full_spectra else None)
     return [Row(model, kind, *i, values, {**details, "activation": activation, "commutator_reading_holds": r})
             for i, (values, details), r in zip(ids, out, reads)]
@@ -153,7 +186,7 @@ def small_gram_side(W: torch.Tensor) -> str:
 
 
 def pair_window_values(W_l: torch.Tensor, W_next: torch.Tensor, *, storage_eps: float, dtype: torch.dtype,
-                       svd_l, svd_next, gram: Optional[Callable] = None) -> list[tuple[dict, dict]]:
+                       svd_l, svd_next, gram: Optional[PairGrams] = None) -> list[tuple[dict, dict]]:
     """(values, details) of a batch of default-report pair rows (``W_l`` (B, n, k) bias-augmented, ``W_next``
     (B, m, n)) from the leading windows of both weights (:mod:`hf_flag.geometry.spectral`, MATH.md §2-§4).
 
@@ -166,24 +199,42 @@ def pair_window_values(W_l: torch.Tensor, W_next: torch.Tensor, *, storage_eps: 
     dimension needs whole spectra: ``None`` here (``full=True`` computes it).  ``range_overlap`` (with its
     baseline) comes from the shared Grams (:func:`~hf_flag.geometry.pairs.range_overlap_from_grams`) on the
     low-rank pairs where kappa does not read (both weights' shorter sides below n: the MLP pairs); ``None`` on the
-    others, whose kappa reads (``full=True`` computes it everywhere).  ``gram(which, side, dtype)``: the
-    shared Gram of ``"l"`` or ``"next"`` (:func:`~hf_flag.geometry.pairs.weight_gram`), or ``None`` to compute it."""
+    others, whose kappa reads (``full=True`` computes it everywhere).  Rank cuts (range_overlap, flags, the reading
+    ``commutator_reading_holds`` in the details) at the storage precision (MATH.md §1,
+    :func:`~hf_flag.geometry.angles.default_rtol` with ``storage_eps``); the Grams' cuts
+    (:func:`~hf_flag.geometry.pairs.gram_cut`) take ``lambda_max = sigma_1^2`` from the partial SVDs.  ``gram``:
+    the pair's shared Grams and cuts (:class:`PairGrams`), or ``None`` to compute them here."""
     exact = gram_dtype(storage_eps, dtype)
     side_l, side_next = pair_gram_sides(W_l, W_next)
-    shared = (gram("l", side_l, exact), gram("next", side_next, exact)) if gram is not None else (None, None)
-    g = gram_pair_values(W_l, W_next, dtype=exact, gram_l=shared[0], gram_next=shared[1])
+    gram = PairGrams.unshared(W_l, W_next) if gram is None else gram
+    shared = (gram.gram("l", side_l, exact), gram.gram("next", side_next, exact))
+    product = pair_product(W_l, W_next, exact) if side_l == "cols" else None  # C = W_next W_l when n is large
+    g = gram_pair_values(W_l, W_next, dtype=exact, gram_l=shared[0], gram_next=shared[1], product=product)
     diagonal = imbalance_diagonal_norm(W_l, W_next, dtype=exact)
     n = W_l.shape[-2]
+    rank_rtol = (default_rtol(W_l, storage_eps), default_rtol(W_next, storage_eps))
+    tops = (svd_l.s[..., 0], svd_next.s[..., 0])
     sides = [(p, wedin_window(p.s, storage_eps=storage_eps, exhausted=p.exhausted),
               determined_cuts(p.s, storage_eps=storage_eps, exhausted=p.exhausted)) for p in (svd_l, svd_next)]
     (_, w_l, det_l), (_, w_n, det_n) = sides
     cert_l, cert_n = svd_l.certificate(w_l), svd_next.certificate(w_n)
     T = svd_next.Vh @ svd_l.U
-    rank_rtol = (default_rtol(W_l.to(dtype)), default_rtol(W_next.to(dtype)))
     overlap = [None] * W_l.shape[0], [None] * W_l.shape[0]
+    cut_next = None
     if max(min(W_l.shape[-2:]), min(W_next.shape[-2:])) < n:  # low-rank pairs, where kappa does not read (§3)
+        cut_l = gram.cut("l", side_l, exact, rank_rtol[0], tops[0])
+        cut_next = gram.cut("next", side_next, exact, rank_rtol[1], tops[1])
         overlap = tuple(v.tolist() for v in range_overlap_from_grams(
-            W_l.to(exact), W_next.to(exact), rtol=rank_rtol, gram_l=shared[0], gram_next=shared[1]))
+            W_l, W_next, rtol=rank_rtol, gram_l=shared[0], gram_next=shared[1], product=product,
+            cuts=(cut_l, cut_next)))
+        reads = commutator_reading_of_pairs(W_l, W_next, storage_eps=storage_eps)  # no rank n: nothing computed
+    elif side_l == "rows":  # n small: the shared Grams are the hidden-side B = W_l W_l^T, A = W_next^T W_next
+        cut_l = gram.cut("l", side_l, exact, rank_rtol[0], tops[0])
+        if not bool(cut_l.full.all()):
+            cut_next = gram.cut("next", side_next, exact, rank_rtol[1], tops[1])
+        reads = commutator_reading_of_pairs(W_l, W_next, storage_eps=storage_eps, cuts=(cut_l, cut_next))
+    else:
+        reads = commutator_reading_of_pairs(W_l, W_next, storage_eps=storage_eps)
     out = []
     for i in range(W_l.shape[0]):
         a, b = int(w_l[i]), int(w_n[i])
@@ -208,7 +259,7 @@ def pair_window_values(W_l: torch.Tensor, W_next: torch.Tensor, *, storage_eps: 
                   "range_overlap": overlap[0][i], "range_overlap_baseline": overlap[1][i],
                   "gl_kernel_dim": None, "window_in": float(a), "window_out": float(b),
                   "svd_residual_in": float(cert_l[i]), "svd_residual_out": float(cert_n[i])}
-        out.append((values, {"transport_k": k, **flag_details(flag)}))
+        out.append((values, {"transport_k": k, **flag_details(flag), "commutator_reading_holds": reads[i]}))
     return out
 
 

@@ -12,11 +12,11 @@ from tqdm.auto import tqdm
 
 from hf_flag.analysis.checks import check_choice, check_finite, check_layers, release_freed_memory
 from hf_flag.analysis.heads import composition_estimate, composition_rows, head_spaces, kv_index, overlap_rows
-from hf_flag.analysis.pairs import pair_rows, single, small_gram_side, window_svd
+from hf_flag.analysis.pairs import PairGrams, pair_rows, single, small_gram_side, window_svd
 from hf_flag.defaults import TRANSFORMER_DIAGNOSTICS
 from hf_flag.geometry.angles import thin_svd
 from hf_flag.geometry.heads import head_bases
-from hf_flag.geometry.pairs import augment, weight_gram
+from hf_flag.geometry.pairs import augment
 from hf_flag.geometry.spectral import compute_dtype, gram_dtype
 from hf_flag.report import Report, Row
 from hf_flag.rows import (COMPOSITION_KINDS, CROSS_LAYER_KINDS, HEAD_OVERLAP_KINDS, KIND_MLP, KIND_MLP_GATE,
@@ -49,36 +49,34 @@ def weight_svd(cache: dict, layer: int, name: str, W: torch.Tensor, bias: Option
     ``(layer, name, bias is not None)``) or computed once and stored there: ``mlp_out`` serves the mlp, mlp_gate
     and residual pairs, ``mlp_in`` of layer l+1 its own mlp pair and layer l's residual pair (MATH.md §4).
     Thin and in float64 (``full=True``), or the window's partial SVD in the weights' dtype given ``storage_eps``
-    (:func:`~hf_flag.analysis.pairs.window_svd`) on the small Gram it shares with kappa (:func:`cached_gram`)."""
+    (:func:`~hf_flag.analysis.pairs.window_svd`) on the weight's small Gram, cached under the key its pairs'
+    :func:`pair_grams` read (so kappa's Gram factors and the window share one Gram)."""
     key = (layer, name, bias is not None)
     if key not in cache:
         W_aug = augment(W[None], single(bias))
-        cache[key] = thin_svd(W_aug) if storage_eps is None else window_svd(
-            W_aug, storage_eps, gram=cached_gram(cache, (layer, name, W, bias), small_gram_side(W_aug),
-                                                 gram_dtype(storage_eps, W.dtype)))
+        if storage_eps is None:
+            cache[key] = thin_svd(W_aug)
+        else:
+            grams = PairGrams(cache, {"l": key}, {"l": lambda: W_aug})
+            gram = grams.gram("l", small_gram_side(W_aug), gram_dtype(storage_eps, W.dtype))
+            cache[key] = window_svd(W_aug, storage_eps, gram=gram)
     return cache[key]
 
 
-def cached_gram(cache: dict, weight: tuple, side: str, dtype: torch.dtype) -> torch.Tensor:
-    """The Gram (:func:`~hf_flag.geometry.pairs.weight_gram`) of ``weight = (layer, name, W, bias)`` on ``side``
-    in ``dtype``, from ``cache`` (key ``(layer, name, bias is not None, "gram", side, dtype)``) or computed once and
-    stored there."""
-    layer, name, W, bias = weight
-    key = (layer, name, bias is not None, "gram", side, dtype)
-    if key not in cache:
-        cache[key] = weight_gram(augment(W[None], single(bias)), side, dtype=dtype)
-    return cache[key]
+def pair_grams(cache: dict, left: tuple, right: tuple) -> PairGrams:
+    """The shared Grams and rank cuts (:class:`~hf_flag.analysis.pairs.PairGrams`) of a pair whose ``"l"`` weight is
+    ``left = (layer, name, W, bias)`` and ``"next"`` weight ``right``, stored in ``cache`` under keys
+    ``(layer, name, bias is not None, "gram", side, dtype)`` and ``(..., "cut", side, dtype, rtol)``.  A Llama
+    block's ``W_down W_down^T`` and its Cholesky factor serve its mlp, mlp_gate and residual pairs and its window
+    (:func:`weight_svd`), ``W_up^T W_up`` its mlp pair, the previous block's residual pair and its window
+    (MATH.md §3)."""
+    def weight(side: tuple) -> Callable[[], torch.Tensor]:
+        _, _, W, bias = side
+        return lambda: augment(W[None], single(bias))
 
-
-def pair_grams(cache: dict, left: tuple, right: tuple) -> Callable:
-    """``gram(which, side, dtype)`` for :func:`~hf_flag.analysis.pairs.pair_window_values`: the Gram of the pair's
-    ``"l"`` weight ``left = (layer, name, W, bias)`` or ``"next"`` weight ``right`` (:func:`cached_gram`).  A Llama
-    block's ``W_down W_down^T`` serves its mlp, mlp_gate and residual pairs and its window (:func:`weight_svd`),
-    ``W_up^T W_up`` its mlp pair, the previous block's residual pair and its window (MATH.md §3)."""
-    def gram(which: str, side: str, dtype: torch.dtype) -> torch.Tensor:
-        return cached_gram(cache, left if which == "l" else right, side, dtype)
-
-    return gram
+    keys = {which: (layer, name, bias is not None) for which, (layer, name, _, bias) in (("l", left),
+                                                                                          ("next", right))}
+    return PairGrams(cache, keys, {"l": weight(left), "next": weight(right)})
 
 
 def block_mlps(block) -> list[tuple[str, object]]:

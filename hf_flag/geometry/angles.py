@@ -91,15 +91,17 @@ def storage_eps(A: torch.Tensor) -> float:
     return torch.finfo(A.dtype if A.is_floating_point() else torch.float64).eps
 
 
-def default_rtol(A: torch.Tensor) -> float:
+def default_rtol(A: torch.Tensor, eps_storage: Optional[float] = None) -> float:
     """MATH.md §1 rank cut relative to ``s_max``: ``max(shape) * eps_compute + eps_storage``.
 
-    ``eps_storage`` = :func:`storage_eps` of ``A``; ``eps_compute`` = the epsilon of ``A``'s dtype promoted to at
-    least float32 (the backward error of an SVD at that precision, the LAPACK/numpy convention ``max(shape) eps``).
+    ``eps_storage`` = the given storage precision (weights loaded into a finer compute dtype: pass the epsilon of
+    the dtype they were stored in), else :func:`storage_eps` of ``A``; ``eps_compute`` = the epsilon of the storage
+    dtype promoted to at least float32 (the backward error of an SVD at that precision, the LAPACK/numpy convention
+    ``max(shape) eps``).
     For float32 and float64 input this is the classical cut plus one ulp; for bf16/fp16 input it is one storage
     ulp of ``s_max`` plus the float32 term, instead of ``max(shape) * eps_storage`` (>= 1 for bf16 above 128 rows,
     which cut every direction)."""
-    eps = storage_eps(A)
+    eps = storage_eps(A) if eps_storage is None else eps_storage
     return max(A.shape[-2], A.shape[-1]) * min(eps, torch.finfo(torch.float32).eps) + eps
 
 

@@ -14,8 +14,9 @@ Zero matrices: a zero side commutes with and balances against anything trivially
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, Iterator, NamedTuple, Optional
 
 import torch
 
@@ -227,10 +228,11 @@ def _hidden_grams(W_l: torch.Tensor, W_next: torch.Tensor) -> tuple[torch.Tensor
 
 
 def _kappa_direct(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """kappa from the n x n ``A``, ``B``: ``||AB - BA||_F / (||A||_F ||B||_F)``; absolute error ~ eps, so no
-    cancellation issue for tiny kappa (MATH.md §3)."""
+    """kappa from the n x n symmetric ``A``, ``B``: ``||AB - BA||_F / (||A||_F ||B||_F)`` with ``BA = (AB)^T`` (one
+    product); absolute error ~ eps, so no cancellation issue for tiny kappa (MATH.md §3)."""
     den = torch.linalg.matrix_norm(A) * torch.linalg.matrix_norm(B)
-    return safe_ratio(torch.linalg.matrix_norm(A @ B - B @ A), den)
+    AB = A @ B
+    return safe_ratio(torch.linalg.matrix_norm(AB - AB.mT), den)
 
 
 def _gram_factors(W_l: torch.Tensor, W_next: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -453,8 +455,81 @@ def range_overlap_from_svd(T: torch.Tensor, s_l: torch.Tensor, s_next: torch.Ten
     return normalised_overlap(pk, r_l, r_n), baseline
 
 
+class GramCut(NamedTuple):
+    """A Gram ``G`` (..., r, r) at the rank cut (:func:`gram_cut`, MATH.md §1, §3): ``full`` (bool, (...,)) whether
+    every eigenvalue is above the cut (rank ``r``); ``factor`` the lower Cholesky factor of ``G`` when ``full`` holds
+    for every batch member (else ``None``)."""
+
+    full: torch.Tensor
+    factor: Optional[torch.Tensor]
+
+
+def gram_cut_level(G: torch.Tensor, rtol: float) -> float:
+    """The eigenvalue cut of a Gram relative to ``lambda_max``: ``max(rtol^2, size eps_Gram)``, the §1 singular-value
+    cut ``s > s_max rtol`` as far as a Gram in its dtype resolves it (its eigenvalues carry rounding of order
+    ``size eps_Gram lambda_max``; MATH.md §3)."""
+    return max(rtol * rtol, G.shape[-1] * torch.finfo(G.dtype).eps)
+
+
+def _positive_definite(G: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Whether ``G - shift I`` is positive definite, per batch member (a Cholesky succeeds: ``info == 0``)."""
+    eye = torch.eye(G.shape[-1], dtype=G.dtype, device=G.device)
+    return torch.linalg.cholesky_ex(G - shift[..., None, None] * eye).info == 0
+
+
+def gram_cut(G: torch.Tensor, rtol: float, *, top: Optional[torch.Tensor] = None) -> GramCut:
+    """Whether the PSD Gram ``G = W W^T`` (or ``W^T W``, (..., r, r)) has rank ``r`` at the MATH.md §1 cut
+    ``s > s_max rtol`` of ``W``, and its Cholesky factor where it does (MATH.md §3), without an eigendecomposition.
+
+    Every eigenvalue exceeds ``tau = lambda_max c`` (``c`` = :func:`gram_cut_level`) iff ``G - tau I`` is positive
+    definite: one Cholesky.  ``lambda_max = top^2`` with ``top`` the largest singular value of ``W`` (e.g. a partial
+    SVD's ``s[..., 0]``, shape (...,)).  Without it, ``lambda_max`` is bracketed: ``||G||_F >= lambda_max`` (a
+    success at that shift proves full rank) and a Rayleigh quotient of two power steps ``<= lambda_max`` (a failure
+    there proves a deficit); the members these leave undecided take the eigenvalues (``eigvalsh``).  A zero ``G``
+    has rank 0."""
+    c = gram_cut_level(G, rtol)
+    if top is not None:
+        full = _positive_definite(G, top.to(G.dtype).square() * c)
+    else:
+        upper = torch.linalg.matrix_norm(G)
+        x = G.diagonal(dim1=-2, dim2=-1).unsqueeze(-1)  # a start with a component on the top eigenvector
+        for _ in range(2):
+            x = G @ x
+        lower = ((x.mT @ G @ x) / (x.mT @ x).clamp_min(torch.finfo(G.dtype).tiny)).reshape(upper.shape)
+        lower = lower * (1 - G.shape[-1] * torch.finfo(G.dtype).eps)  # a Rayleigh quotient rounded up stays below
+        full = _positive_definite(G, upper * c)
+        undecided = ~full & _positive_definite(G, lower * c)
+        if bool(undecided.any()):
+            lam = torch.linalg.eigvalsh(G[undecided])
+            full = full.clone()
+            full[undecided] = lam[..., 0] > lam[..., -1].clamp_min(0) * c
+    factor = None
+    if full.numel() and bool(full.all()):
+        factor, info = torch.linalg.cholesky_ex(G)
+        if bool((info != 0).any()):  # cannot happen for a G - tau I > 0 with tau >= 0; stay on the safe side
+            factor = None
+    return GramCut(full, factor)
+
+
+def _full_rank(cut: GramCut) -> torch.Tensor:
+    """The ranks of Grams that are full at the cut: their size, shape ``cut.full.shape``."""
+    return torch.full(cut.full.shape, cut.factor.shape[-1], device=cut.factor.device)
+
+
+def _kept_eigenvectors(G: torch.Tensor, rtol: float, whiten: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(F, rank)`` with ``F F^T`` the projector onto the eigenvectors of ``G`` above the cut
+    (:func:`gram_cut_level`), or with ``whiten`` its pseudo-inverse ``G^+`` at the cut (columns scaled by
+    ``lambda^{-1/2}``; discarded columns zero).  Eigendecomposition in the Gram's own dtype."""
+    lam, V = torch.linalg.eigh(G)
+    keep = lam > lam[..., -1:].clamp_min(0) * gram_cut_level(G, rtol)
+    weight = lam.clamp_min(torch.finfo(lam.dtype).tiny).rsqrt() if whiten else torch.ones_like(lam)
+    return V * torch.where(keep, weight, torch.zeros_like(lam)).unsqueeze(-2), keep.sum(-1)
+
+
 def range_overlap_from_grams(W_l: torch.Tensor, W_next: torch.Tensor, *, rtol: tuple[float, float],
-                             gram_l: Optional[torch.Tensor] = None, gram_next: Optional[torch.Tensor] = None
+                             gram_l: Optional[torch.Tensor] = None, gram_next: Optional[torch.Tensor] = None,
+                             product: Optional[torch.Tensor] = None,
+                             cuts: tuple[Optional[GramCut], Optional[GramCut]] = (None, None)
                              ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`range_overlap_from_svd`'s ``(range_overlap, range_overlap_baseline)`` from Gram factors, without
     singular vectors (MATH.md §3, §1), in the Grams' dtype; ``W_l`` (..., n, k) bias-augmented, ``W_next`` (..., m, n).
@@ -463,30 +538,40 @@ def range_overlap_from_grams(W_l: torch.Tensor, W_next: torch.Tensor, *, rtol: t
     ``G_P = W_next W_next^T`` when n is large (:func:`pair_gram_sides` ``("cols", "rows")``), and
     ``tr(P_B P_A)`` with the projectors onto the ranges of ``B = W_l W_l^T`` and ``A = W_next^T W_next`` when n is
     small.  Pseudo-inverses and projectors keep the eigenvalues above ``lambda_max max(rtol^2, size eps_Gram)``
-    (the §1 singular-value cut ``s > s_max rtol``, ``rtol = (rtol_l, rtol_next)``, as far as a Gram resolves it:
-    ``s > s_max sqrt(size eps_Gram)``, 7e-8 for float64 Grams of 24 x 24), whose counts are the ranks.  ``gram_l``, ``gram_next``:
-    the Grams :func:`pair_gram_sides` names, when shared (:func:`weight_gram`)."""
+    (:func:`gram_cut_level`: the §1 singular-value cut ``s > s_max rtol``, ``rtol = (rtol_l, rtol_next)``, as far
+    as a Gram resolves it: ``s > s_max sqrt(size eps_Gram)``, 7e-8 for float64 Grams of 24 x 24), whose counts are
+    the ranks.  The trace is ``||F_P^T C F_Q||_F^2`` with ``G^+ = F F^T``: where a Gram has full rank at the cut
+    (:func:`gram_cut`; the common case) ``F = L^{-T}`` from its Cholesky factor (a triangular solve), otherwise its
+    eigenvectors above the cut scaled by ``lambda^{-1/2}``; where both ``B`` and ``A`` have full rank their
+    projectors are the identity.  ``gram_l``, ``gram_next``: the Grams :func:`pair_gram_sides` names,
+    when shared (:func:`weight_gram`); ``product``: ``C`` when shared (:func:`pair_product`); ``cuts``: their
+    :func:`gram_cut` at ``rtol`` when shared."""
     side_l, side_next = pair_gram_sides(W_l, W_next)
     n = W_l.shape[-2]
     g_l = weight_gram(W_l, side_l, dtype=torch.float64) if gram_l is None else gram_l
     g_next = weight_gram(W_next, side_next, dtype=torch.float64) if gram_next is None else gram_next
-
-    def kept(G: torch.Tensor, rel: float, power: float) -> tuple[torch.Tensor, torch.Tensor]:
-        # a Gram's eigenvalues carry rounding of order size * eps(Gram dtype) * lambda_max: below that, no rank
-        # (so the eigendecomposition runs in the Gram's own dtype: float32 Grams of coarse storage, 2-3x faster)
-        floor = G.shape[-1] * torch.finfo(G.dtype).eps
-        lam, V = torch.linalg.eigh(G)
-        keep = lam > lam[..., -1:].clamp_min(0) * max(rel * rel, floor)
-        weight = torch.where(keep, lam.clamp_min(torch.finfo(lam.dtype).tiny) ** power, torch.zeros_like(lam))
-        return (V * weight.unsqueeze(-2)) @ V.mT, keep.sum(-1)
-
-    if side_l == "rows":  # n x n: B = W_l W_l^T, A = W_next^T W_next
-        (P_l, r_l), (P_next, r_next) = kept(g_l, rtol[0], 0.0), kept(g_next, rtol[1], 0.0)
-        pk = (P_l * P_next).sum((-2, -1), dtype=torch.float64)
-    else:
-        (Gq_pinv, r_l), (Gp_pinv, r_next) = kept(g_l, rtol[0], -1.0), kept(g_next, rtol[1], -1.0)
-        C = W_next.to(Gp_pinv.dtype) @ W_l.to(Gp_pinv.dtype)
-        pk = ((Gp_pinv @ C) * (C @ Gq_pinv)).sum((-2, -1), dtype=torch.float64)
+    cut_l = gram_cut(g_l, rtol[0]) if cuts[0] is None else cuts[0]
+    cut_next = gram_cut(g_next, rtol[1]) if cuts[1] is None else cuts[1]
+    if side_l == "rows":  # n x n: B = W_l W_l^T, A = W_next^T W_next; tr(P_B P_A)
+        if cut_l.factor is not None and cut_next.factor is not None:  # P_B = P_A = I_n
+            r_l = r_next = torch.full(cut_l.full.shape, n, device=g_l.device)
+            pk = r_l.double()
+        else:
+            (F_l, r_l), (F_next, r_next) = _kept_eigenvectors(g_l, rtol[0]), _kept_eigenvectors(g_next, rtol[1])
+            pk = (F_l.mT @ F_next).square().sum((-2, -1), dtype=torch.float64)
+    else:  # tr(G_Q^+ C^T G_P^+ C) = ||F_P^T C F_Q||_F^2 with G^+ = F F^T (Cholesky: F = L^{-T}, else eigenvectors)
+        C = pair_product(W_l, W_next, g_next.dtype) if product is None else product.to(g_next.dtype)
+        if cut_next.factor is not None:
+            X, r_next = torch.linalg.solve_triangular(cut_next.factor, C, upper=False), _full_rank(cut_next)
+        else:
+            F, r_next = _kept_eigenvectors(g_next, rtol[1], whiten=True)
+            X = F.mT @ C
+        if cut_l.factor is not None:
+            X, r_l = torch.linalg.solve_triangular(cut_l.factor.mT, X, upper=True, left=False), _full_rank(cut_l)
+        else:
+            F, r_l = _kept_eigenvectors(g_l, rtol[0], whiten=True)
+            X = X @ F
+        pk = X.square().sum((-2, -1), dtype=torch.float64)
     baseline = torch.where(torch.minimum(r_l, r_next) > 0, torch.maximum(r_l, r_next).double() / n,
                            torch.zeros_like(pk))
     return normalised_overlap(pk, r_l, r_next), baseline
@@ -513,28 +598,33 @@ def commutator_reading_holds(rank_a: int, rank_b: int, n: int) -> bool:
     return max(rank_a, rank_b) == n
 
 
-def commutator_reading_of_pairs(W_l: torch.Tensor, W_next: torch.Tensor, *,
-                                s_l: Optional[torch.Tensor] = None, s_next: Optional[torch.Tensor] = None
-                                ) -> list[bool]:
+def commutator_reading_of_pairs(W_l: torch.Tensor, W_next: torch.Tensor, *, storage_eps: Optional[float] = None,
+                                s_l: Optional[torch.Tensor] = None, s_next: Optional[torch.Tensor] = None,
+                                cuts: tuple[Optional[GramCut], Optional[GramCut]] = (None, None)) -> list[bool]:
     """:func:`commutator_reading_holds` for each pair of a batch, ``W_l`` (..., n, k), ``W_next`` (..., m, n), with
-    the ranks counted at the MATH.md §1 cut (:func:`~hf_flag.geometry.angles.default_rtol`).
+    the ranks counted at the MATH.md §1 cut (:func:`~hf_flag.geometry.angles.default_rtol` with the storage
+    precision ``storage_eps`` of the weights, default their dtype's).
 
     Only whether one of the two weights has rank ``n`` matters: a weight whose shorter side is below ``n`` cannot
     (MLP pairs: ``n = d_ff`` above both ranks), so its rank is never computed; otherwise the rank comes from the
-    complete spectra ``s_l`` / ``s_next`` when given (a thin SVD's), else from singular values alone
-    (``torch.linalg.matrix_rank``, no vectors)."""
+    complete spectra ``s_l`` / ``s_next`` when given (a thin SVD's), else from the weight's hidden-side Gram
+    (``B = W_l W_l^T``, ``A = W_next^T W_next``, n x n) at the cut (:func:`gram_cut`): ``cuts`` when shared (the
+    n x n Grams :func:`gram_pair_values` forms when n is small), else formed here in the weight's dtype (at least
+    float32)."""
     n = W_l.shape[-2]
     batch = W_l.shape[:-2].numel()
     holds = torch.zeros(batch, dtype=torch.bool)
-    for W, s in ((W_l, s_l), (W_next, s_next)):
-        if min(W.shape[-2:]) < n:
+    for W, s, cut, side in ((W_l, s_l, cuts[0], "rows"), (W_next, s_next, cuts[1], "cols")):
+        if min(W.shape[-2:]) < n or bool(holds.all()):  # cannot have rank n, or already decided
             continue
-        rtol = default_rtol(W)
-        if s is None:
-            ranks = torch.linalg.matrix_rank(W.to(torch.promote_types(W.dtype, torch.float32)), rtol=rtol)
+        rtol = default_rtol(W, storage_eps)
+        if s is not None:
+            full = (s > s[..., :1] * rtol).sum(-1) == n
+        elif cut is not None:
+            full = cut.full
         else:
-            ranks = (s > s[..., :1] * rtol).sum(-1)
-        holds |= (ranks.reshape(-1) == n).cpu()
+            full = gram_cut(weight_gram(W, side, dtype=torch.promote_types(W.dtype, torch.float32)), rtol).full
+        holds |= full.reshape(-1).cpu()
     return holds.tolist()
 
 
@@ -626,19 +716,63 @@ def pair_gram_sides(W_l: torch.Tensor, W_next: torch.Tensor) -> tuple[str, str]:
     return ("rows", "cols") if _hidden_is_small(W_l, W_next) else ("cols", "rows")
 
 
+def bf16_exact(X: torch.Tensor) -> bool:
+    """Whether the float32 tensor ``X`` holds only bf16 numbers (the low 16 bits of every entry are zero: weights
+    stored in bf16), checked a slice at a time (no full-size copy)."""
+    if X.dtype != torch.float32:
+        return False
+    rows = max(1, 2 ** 22 // max(1, X.shape[-1]))
+    return not any(bool(part.view(torch.int32).bitwise_and(0xFFFF).any())
+                   for M in X.reshape(-1, *X.shape[-2:]) for part in M.split(rows))
+
+
+@contextlib.contextmanager
+def storage_exact_matmul(*factors: torch.Tensor) -> Iterator[bool]:
+    """Float32 CPU matmuls on bf16 inputs with float32 accumulation (oneDNN, ``torch.backends.mkldnn.matmul.
+    fp32_precision = "bf16"``) while inside, when every factor is a float32 CPU tensor of bf16 numbers
+    (:func:`bf16_exact`: bf16-stored weights, never a derived matrix): the products of two bf16 numbers are exact
+    in float32, so only the accumulation rounds, as in a float32 matmul (measured relative error 2.6e-7 against
+    1.7e-7 at 4096 x 11008 x 4096), at half the cost on CPUs with bf16 dot products.  Otherwise (derived or
+    float64 factors, other devices, a torch without the setting) nothing changes.  Yields whether the setting is
+    on; restores it on exit."""
+    matmul = getattr(torch.backends.mkldnn, "matmul", None)
+    use = (matmul is not None and hasattr(matmul, "fp32_precision") and torch.backends.mkldnn.is_available()
+           and all(F.device.type == "cpu" and bf16_exact(F) for F in factors))
+    if not use:
+        yield False
+        return
+    before = matmul.fp32_precision
+    matmul.fp32_precision = "bf16"
+    try:
+        yield True
+    finally:
+        matmul.fp32_precision = before
+
+
 def weight_gram(W: torch.Tensor, side: str, *, dtype: torch.dtype) -> torch.Tensor:
     """``W W^T`` (``side="rows"``) or ``W^T W`` (``"cols"``) in ``dtype``, batched: a Gram that several pairs
-    share (a weight belongs to up to three pairs; :func:`gram_pair_values` takes it precomputed)."""
+    share (a weight belongs to up to three pairs; :func:`gram_pair_values` takes it precomputed).  A float32 Gram
+    of bf16-stored weights takes the storage-exact product (:func:`storage_exact_matmul`)."""
     if side not in ("rows", "cols"):
         raise ValueError(f"weight_gram: side must be 'rows' or 'cols'; got {side!r}")
     check_matrix("W", W, where="weight_gram")
     W = W.to(dtype)
-    return W @ W.mT if side == "rows" else W.mT @ W
+    with storage_exact_matmul(W):
+        return W @ W.mT if side == "rows" else W.mT @ W
+
+
+def pair_product(W_l: torch.Tensor, W_next: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``C = W_next W_l`` (..., m, k) in ``dtype``, the product :func:`gram_pair_values` and
+    :func:`range_overlap_from_grams` share (MATH.md §3); storage-exact for bf16-stored float32 weights
+    (:func:`storage_exact_matmul`)."""
+    W_l, W_next = W_l.to(dtype), W_next.to(dtype)
+    with storage_exact_matmul(W_l, W_next):
+        return W_next @ W_l
 
 
 def gram_pair_values(W_l: torch.Tensor, W_next: torch.Tensor, *, dtype: torch.dtype,
-                     gram_l: Optional[torch.Tensor] = None, gram_next: Optional[torch.Tensor] = None
-                     ) -> GramPairValues:
+                     gram_l: Optional[torch.Tensor] = None, gram_next: Optional[torch.Tensor] = None,
+                     product: Optional[torch.Tensor] = None) -> GramPairValues:
     """:func:`gram_diagnostics` plus :func:`commutator_baseline` from the same Grams, in ``dtype``, no SVD and no
     ``n x n`` matrix unless n is at most both outer dims (MATH.md §2, §3); ``W_l`` already bias-augmented.
 
@@ -647,7 +781,8 @@ def gram_pair_values(W_l: torch.Tensor, W_next: torch.Tensor, *, dtype: torch.dt
     ``tr B = ||W_l||^2``, ``tr B^2 = ||G_Q||^2``, which the commutator's Gram factors already hold.  Kappa below
     ``AUTO_FACTORED_BELOW`` and cancelling imbalances are recomputed by the factored float64 forms (as
     :func:`commutator_ratio` ``method="auto"``).  ``gram_l``, ``gram_next``: the weights' Grams on the sides
-    :func:`pair_gram_sides` names (:func:`weight_gram`, in ``dtype``) when the caller shares them across pairs.
+    :func:`pair_gram_sides` names (:func:`weight_gram`, in ``dtype``) when the caller shares them across pairs;
+    ``product``: ``C = W_next W_l`` (:func:`pair_product`) when shared (used when n is large).
     """
     W_l, W_next = _prepare(W_l, W_next, None, dtype, "gram_pair_values")
     n = W_l.shape[-2]
@@ -660,7 +795,8 @@ def gram_pair_values(W_l: torch.Tensor, W_next: torch.Tensor, *, dtype: torch.dt
         d = torch.linalg.matrix_norm(A - B)
         kappa = _kappa_direct(A, B)
     else:
-        grams = (W_next @ W_l, gram_next, gram_l)  # (C, G_P, G_Q)
+        C = pair_product(W_l, W_next, dtype) if product is None else product.to(dtype)
+        grams = (C, gram_next, gram_l)  # (C, G_P, G_Q)
         a2, b2 = _fro2(gram_next), _fro2(gram_l)
         d, _, _ = _imbalance_from_norms(W_l, W_next, a2, b2, _fro2(grams[0]))
         kappa = _kappa_auto(W_l, W_next, grams)
