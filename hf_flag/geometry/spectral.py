@@ -54,9 +54,9 @@ from hf_flag.geometry.angles import check_dtype, check_matrix, thin_svd_in_dtype
 from hf_flag.geometry.flags import MAX_TAU
 
 __all__ = [
-    "K_MAX", "WEDIN_FACTOR", "WINDOW_RULE", "TRACE_CANCEL_FACTOR", "PartialSVD", "compute_dtype", "gram_dtype", "partial_svd",
-    "residual_norms", "wedin_bounds", "determined_cuts", "wedin_window", "transport_window",
-    "default_residual_rtol",
+    "K_MAX", "WEDIN_FACTOR", "WINDOW_RULE", "TRACE_CANCEL_FACTOR", "DENSE_GRAM_MAX", "PartialSVD", "compute_dtype",
+    "gram_dtype", "partial_svd", "residual_norms", "window_certificate", "window_gap_known", "wedin_bounds",
+    "determined_cuts", "wedin_window", "transport_window", "default_residual_rtol",
 ]
 
 #: largest window (leading singular vectors per weight) the default report computes
