@@ -62,7 +62,7 @@ def test_minilm_window_transport_matches_a_dense_svd(minilm_path):
 def test_each_mlp_weight_gram_is_computed_once(tiny_llama, monkeypatch):
     """The default report shares Grams across pairs: per block ``W_down W_down^T`` (mlp, mlp_gate, residual),
     ``W_up^T W_up`` (mlp, previous residual), ``W_gate^T W_gate`` (mlp_gate): 3 per layer; and the partial SVD
-    of each MLP weight once."""
+    of each MLP weight once, on that shared Gram."""
     import hf_flag.analysis.pairs as analysis_pairs
     import hf_flag.analysis.transformer as transformer
     import hf_flag.geometry.pairs as pairs
@@ -75,9 +75,9 @@ def test_each_mlp_weight_gram_is_computed_once(tiny_llama, monkeypatch):
 
     svds, real_svd = [], analysis_pairs.window_svd
 
-    def counting_svd(W, storage_eps):
-        svds.append(tuple(W.shape))
-        return real_svd(W, storage_eps)
+    def counting_svd(W, storage_eps, gram=None):
+        svds.append((tuple(W.shape), gram is not None))
+        return real_svd(W, storage_eps, gram=gram)
 
     for module in (pairs, analysis_pairs):  # shared (analysis.pairs.PairGrams) and unshared (gram_pair_values) Grams
         monkeypatch.setattr(module, "weight_gram", counting)
@@ -98,7 +98,9 @@ def test_each_mlp_weight_gram_is_computed_once(tiny_llama, monkeypatch):
     # range_overlap and the residual pair's reading (full rank: W_up's side is not needed for it)
     assert cuts == [(1, 32, 32)] * 6
     assert [r.details["commutator_reading_holds"] for r in report.rows if r.kind == "residual"] == [True]
-    assert len([s for s in svds if 48 in s[1:]]) == 3 * 2
+    # each MLP weight's window SVD runs once, on the small Gram kappa's pairs share (no fourth Gram per block)
+    assert sorted(s for s in svds if 48 in s[0][1:]) == sorted([((1, 32, 48), True), ((1, 48, 32), True),
+                                                                ((1, 48, 32), True)] * 2)
 
 
 def test_composition_auto_picks_all_pairs_only_where_the_estimate_is_small():

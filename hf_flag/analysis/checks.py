@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from hf_flag.errors import InputError, NonFiniteWeightsError
+from hf_flag.geometry.angles import all_finite
 
 
 def block_tensors(block) -> list[torch.Tensor]:

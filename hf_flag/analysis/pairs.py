@@ -170,10 +170,19 @@ def single(bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if bias is None else bias[None]
 
 
-def window_svd(W: torch.Tensor, storage_eps: float) -> PartialSVD:
-    """Leading singular triplets of ``W`` (..., rows, cols) for the storage-precision window: ``K_MAX + 1`` of them
-    (one closes the last cut), in ``W``'s dtype (:func:`~hf_flag.geometry.spectral.partial_svd`)."""
-    return partial_svd(W, min(K_MAX + 1, min(W.shape[-2:])), dtype=W.dtype, storage_eps=storage_eps)
+def window_svd(W: torch.Tensor, storage_eps: float, gram: Optional[torch.Tensor] = None) -> PartialSVD:
+    """The storage-precision window of ``W`` (..., rows, cols), in ``W``'s dtype
+    (:func:`~hf_flag.geometry.spectral.partial_svd`): ``K_MAX + 1`` leading singular values (one closes the last
+    cut), the window's triplets with vectors and residuals.  ``gram``: ``W``'s small Gram (``W W^T`` when
+    ``rows <= cols``, else ``W^T W``; :func:`~hf_flag.geometry.pairs.weight_gram`) when it is shared with kappa's
+    Gram factors."""
+    return partial_svd(W, min(K_MAX + 1, min(W.shape[-2:])), dtype=W.dtype, storage_eps=storage_eps, gram=gram)
+
+
+def small_gram_side(W: torch.Tensor) -> str:
+    """The side (:func:`~hf_flag.geometry.pairs.weight_gram`) of ``W``'s small Gram, the one
+    :func:`window_svd` takes: ``"rows"`` when ``rows <= cols``, else ``"cols"``."""
+    return "rows" if W.shape[-2] <= W.shape[-1] else "cols"
 
 
 def pair_window_values(W_l: torch.Tensor, W_next: torch.Tensor, *, storage_eps: float, dtype: torch.dtype,

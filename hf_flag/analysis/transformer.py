@@ -14,12 +14,12 @@ from tqdm.auto import tqdm
 from hf_flag.analysis.checks import (bound_heap_growth, check_choice, check_finite, check_layers,
                                     release_freed_memory)
 from hf_flag.analysis.heads import composition_estimate, composition_rows, head_spaces, kv_index, overlap_rows
-from hf_flag.analysis.pairs import PairGrams, pair_rows, single, window_svd
+from hf_flag.analysis.pairs import PairGrams, pair_rows, single, small_gram_side, window_svd
 from hf_flag.defaults import TRANSFORMER_DIAGNOSTICS
 from hf_flag.geometry.angles import thin_svd
 from hf_flag.geometry.heads import head_bases
 from hf_flag.geometry.pairs import augment
-from hf_flag.geometry.spectral import compute_dtype
+from hf_flag.geometry.spectral import compute_dtype, gram_dtype
 from hf_flag.report import Report, Row
 from hf_flag.rows import (COMPOSITION_KINDS, CROSS_LAYER_KINDS, HEAD_OVERLAP_KINDS, KIND_MLP, KIND_MLP_GATE,
                           KIND_RESIDUAL, KIND_VO)
@@ -51,11 +51,17 @@ def weight_svd(cache: dict, layer: int, name: str, W: torch.Tensor, bias: Option
     ``(layer, name, bias is not None)``) or computed once and stored there: ``mlp_out`` serves the mlp, mlp_gate
     and residual pairs, ``mlp_in`` of layer l+1 its own mlp pair and layer l's residual pair (MATH.md §4).
     Thin and in float64 (``full=True``), or the window's partial SVD in the weights' dtype given ``storage_eps``
-    (:func:`~hf_flag.analysis.pairs.window_svd`)."""
+    (:func:`~hf_flag.analysis.pairs.window_svd`) on the weight's small Gram, cached under the key its pairs'
+    :func:`pair_grams` read (so kappa's Gram factors and the window share one Gram)."""
     key = (layer, name, bias is not None)
     if key not in cache:
         W_aug = augment(W[None], single(bias))
-        cache[key] = thin_svd(W_aug) if storage_eps is None else window_svd(W_aug, storage_eps)
+        if storage_eps is None:
+            cache[key] = thin_svd(W_aug)
+        else:
+            grams = PairGrams(cache, {"l": key}, {"l": lambda: W_aug})
+            gram = grams.gram("l", small_gram_side(W_aug), gram_dtype(storage_eps, W.dtype))
+            cache[key] = window_svd(W_aug, storage_eps, gram=gram)
     return cache[key]
 
 
@@ -63,8 +69,9 @@ def pair_grams(cache: dict, left: tuple, right: tuple) -> PairGrams:
     """The shared Grams and rank cuts (:class:`~hf_flag.analysis.pairs.PairGrams`) of a pair whose ``"l"`` weight is
     ``left = (layer, name, W, bias)`` and ``"next"`` weight ``right``, stored in ``cache`` under keys
     ``(layer, name, bias is not None, "gram", side, dtype)`` and ``(..., "cut", side, dtype, rtol)``.  A Llama
-    block's ``W_down W_down^T`` and its Cholesky factor serve its mlp, mlp_gate and residual pairs,
-    ``W_up^T W_up`` its mlp pair and the previous block's residual pair (MATH.md §3)."""
+    block's ``W_down W_down^T`` and its Cholesky factor serve its mlp, mlp_gate and residual pairs and its window
+    (:func:`weight_svd`), ``W_up^T W_up`` its mlp pair, the previous block's residual pair and its window
+    (MATH.md §3)."""
     def weight(side: tuple) -> Callable[[], torch.Tensor]:
         _, _, W, bias = side
         return lambda: augment(W[None], single(bias))
@@ -107,13 +114,15 @@ def layer_rows(model: str, layout, block, *, prev: Optional[Carried], next_eps: 
     residual pair from l-1 comes first among the MLP pairs, so the carried down projection and its cached
     Gram are released before the gate pair, and the gate's cache entries go after its pair.
     ``next_eps``: block l+1's storage precision when it has rows with layer l (``None`` otherwise): a weight's
-    window SVD is cached with the coarser precision of the layer pair it is first used in (MATH.md §4).
+    window SVD is cached at the finest precision of the blocks whose pairs read it (MATH.md §4).
     ``cache``: head bases (:func:`layer_bases`), weight SVDs (:func:`weight_svd`) and Grams (:func:`pair_grams`)
     keyed ``(layer, ...)``; entries of layers before l are dropped once the rows from l-1 are done, and of
     layer l's head bases only ``o`` is kept.  ``window``: the default report's pair values on storage-precision
     windows (partial SVDs)."""
     l, mlp, attn = block.index, block.mlp, block.attention
-    eps = block.storage_eps if next_eps is None else max(block.storage_eps, next_eps)
+    # a cached weight's windows are read at its block's storage_eps (mlp pairs) and at the coarser of two blocks'
+    # (residual pair): its window SVD takes the finest, so its triplets cover every window read
+    eps = block.storage_eps if next_eps is None else min(block.storage_eps, next_eps)
     svd = (lambda *args, at=eps: weight_svd(cache, *args, storage_eps=at if window else None)) if not cheap else \
         (lambda *args, at=eps: None)
     pair = dict(cheap=cheap, storage_eps=block.storage_eps, window=window)
@@ -142,11 +151,12 @@ def layer_rows(model: str, layout, block, *, prev: Optional[Carried], next_eps: 
     for _, m in units if not mlp_rows else ():  # no gate pair: the gates go before the residual pair
         m.mlp_gate = m.b_gate = None
     if "residual" in diagnostics and prev is not None and prev.mlp_out is not None and mlp is not None:
-        p, at = prev.index, max(prev.storage_eps, block.storage_eps)
+        p, finest = prev.index, min(prev.storage_eps, block.storage_eps)
         rows += pair_rows(model, KIND_RESIDUAL, [(p, l, "mlp.out", "mlp.in")], prev.mlp_out[None],
                           single(prev.b_out), mlp.mlp_in[None], activation="identity",
-                          svd_l=svd(p, "mlp.out", prev.mlp_out, prev.b_out, at=at),
-                          svd_next=svd(l, "mlp.in", mlp.mlp_in, at=at), cheap=cheap, storage_eps=at, window=window,
+                          svd_l=svd(p, "mlp.out", prev.mlp_out, prev.b_out, at=finest),
+                          svd_next=svd(l, "mlp.in", mlp.mlp_in, at=finest), cheap=cheap,
+                          storage_eps=max(prev.storage_eps, block.storage_eps), window=window,
                           gram=pair_grams(cache, (p, "mlp.out", prev.mlp_out, prev.b_out),
                                           (l, "mlp.in", mlp.mlp_in, None)))
     if prev is not None:

@@ -24,6 +24,7 @@ import torch
 
 __all__ = [
     "check_matrix",
+    "all_finite",
     "check_dtype",
     "default_rtol",
     "storage_eps",
@@ -50,8 +51,15 @@ def check_matrix(name: str, A: torch.Tensor, *, where: str) -> None:
         raise ValueError(f"{where}: {name} has shape {tuple(A.shape)}; pass a matrix (..., n, columns)")
     if A.is_complex():
         raise ValueError(f"{where}: {name} is complex ({A.dtype}); pass a real tensor")
-    if A.is_floating_point() and not bool(torch.isfinite(A).all()):
+    if A.is_floating_point() and not all_finite(A):
         raise ValueError(f"{where}: {name} of shape {tuple(A.shape)} contains NaN or Inf; clean the weights first")
+
+
+def all_finite(A: torch.Tensor) -> bool:
+    """Whether every entry of the floating tensor ``A`` is finite.  A finite sum proves it (NaN and Inf propagate
+    through addition; Inf + -Inf is NaN), at the cost of one read; only a sum that is not finite (a NaN or Inf
+    entry, or an overflow of finite entries) is settled by the entrywise check."""
+    return bool(torch.isfinite(A.sum())) or bool(torch.isfinite(A).all())
 
 
 def check_dtype(dtype: object, *, where: str) -> None:

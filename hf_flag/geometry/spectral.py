@@ -18,13 +18,23 @@ float32 weights almost every cut is determined and the window is the cap.  (The 
 :mod:`hf_flag.geometry.flags` keep their own, stricter constant 10 and a relative-gap rule: inside a window they
 are today's cuts.)
 
-Partial SVD.  :func:`partial_svd` computes the leading ``k`` triplets by a randomized block Krylov method
-(Musco & Musco 2015; Halko, Martinsson & Tropp 2011 §4): a Gaussian start block, Krylov blocks ``(A A^T)^j A Omega``
-with full reorthogonalisation, Rayleigh-Ritz on the Krylov basis.  It stops when every returned triplet's residual
-``sqrt(||A v_i - s_i u_i||^2 + ||A^T u_i - s_i v_i||^2)`` is at most ``rtol * s_1``; the largest such residual,
-relative to ``s_1``, is returned as the certificate.  With residual ``r`` a computed top-``i`` subspace is within
+Partial SVD.  :func:`partial_svd` computes the leading ``k`` singular values and the leading triplets' vectors
+on the small side's Gram ``G = X X^T`` (``X`` = ``A`` or ``A^T``, whichever is ``r x c`` with ``r <= c``): for
+``r <= DENSE_GRAM_MAX`` its eigendecomposition, above it a randomized block Krylov method (Musco & Musco 2015;
+Halko, Martinsson & Tropp 2011 §4): a Gaussian start block, Krylov blocks ``G^j Omega`` with full
+reorthogonalisation, Rayleigh-Ritz on the Krylov basis.  ``G`` is taken precomputed when the caller has it (the
+report shares each weight's small Gram with kappa's Gram factors), else applied as ``X (X^T .)``.  The other
+side's vectors ``v_i = X^T u_i / s_i`` and each triplet's residual
+``sqrt(||A v_i - s_i u_i||^2 + ||A^T u_i - s_i v_i||^2)``, relative to ``s_1``, are computed against ``A`` itself
+(the certificate) and only for the triplets a window reads: the window needs the leading values to place its
+cuts, but its vectors only up to the window (``w <= 2`` for 4-bit storage, a few to ~20 for bf16) plus the one
+closing it.  The Krylov iteration stops when the window's triplets have residual at most ``rtol`` and the closing
+one is accurate to a tenth of the closing gap.  With residual ``r`` a computed top-``i`` subspace is within
 ``sin theta <= r / gap_i`` of the exact one (Davis-Kahan / Wedin), the same form as the storage bound above, so a
-certificate below ``eps_s`` makes the computation's error smaller than the storage's.
+certificate below ``eps_s`` makes the computation's error smaller than the storage's.  Working on ``G`` squares
+the condition (leading triplets to relative accuracy ``eps s_1^2 / s_i^2``): harmless inside the windows of coarse
+storage, whose cuts have ``gap_i >= 0.045 sigma_1`` (bf16), and in every case the certificate, computed against
+``A``, says how close the triplets are.
 
 Compute precision (:func:`compute_dtype`): float32 when the weights are stored in float32 or coarser, float64 when
 they are stored in float64 (or when asked).  Gram-factor traces (kappa and the imbalance norms, MATH.md §2-§3)
@@ -36,7 +46,7 @@ Everything is batched over leading dimensions and runs on the input's device; no
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
@@ -44,9 +54,9 @@ from hf_flag.geometry.angles import check_dtype, check_matrix, thin_svd_in_dtype
 from hf_flag.geometry.flags import MAX_TAU
 
 __all__ = [
-    "K_MAX", "WEDIN_FACTOR", "WINDOW_RULE", "TRACE_CANCEL_FACTOR", "PartialSVD", "compute_dtype", "gram_dtype", "partial_svd",
-    "residual_norms", "wedin_bounds", "determined_cuts", "wedin_window", "transport_window",
-    "default_residual_rtol",
+    "K_MAX", "WEDIN_FACTOR", "WINDOW_RULE", "TRACE_CANCEL_FACTOR", "DENSE_GRAM_MAX", "PartialSVD", "compute_dtype",
+    "gram_dtype", "partial_svd", "residual_norms", "window_certificate", "window_gap_known", "wedin_bounds",
+    "determined_cuts", "wedin_window", "transport_window", "default_residual_rtol",
 ]
 
 #: largest window (leading singular vectors per weight) the default report computes
@@ -59,6 +69,8 @@ TRACE_CANCEL_FACTOR = 64.0
 MIN_OVERSAMPLE = 8
 #: Krylov basis size limit, in blocks; past it (or past half the small dimension) a dense thin SVD is cheaper
 MAX_BLOCKS = 12
+#: largest smaller dimension ``r`` whose Gram ``r x r`` is diagonalised whole (``eigh``) rather than by Krylov
+DENSE_GRAM_MAX = 1024
 
 FLOAT32_EPS = torch.finfo(torch.float32).eps
 #: the default report's window rule, as reported in ``Report.params``
@@ -67,11 +79,12 @@ WINDOW_RULE = ("last cut i <= k_max = 64 with (1/sqrt 3) eps_storage sigma_1 / (
 
 
 class PartialSVD(NamedTuple):
-    """Leading singular triplets ``A ~ U diag(s) Vh`` and their residuals.
-
-    ``U (..., rows, k)``, descending ``s (..., k)``, ``Vh (..., k, cols)``; ``residuals (..., k)``: each triplet's
-    ``sqrt(||A v_i - s_i u_i||^2 + ||A^T u_i - s_i v_i||^2)`` relative to ``s_1`` (0 for a zero matrix);
-    ``exhausted``: the triplets are the whole spectrum (``k = min(rows, cols)``), so ``sigma_{k+1} = 0``.
+    """Leading singular values ``s (..., k)``, descending, and the first ``m <= k`` triplets with their vectors
+    ``A ~ U diag(s[..., :m]) Vh``: ``U (..., rows, m)``, ``Vh (..., m, cols)``, ``residuals (..., m)`` each
+    triplet's ``sqrt(||A v_i - s_i u_i||^2 + ||A^T u_i - s_i v_i||^2)`` relative to ``s_1`` (0 for a zero
+    matrix).  ``m = k`` unless :func:`partial_svd` was given ``storage_eps``: then the triplets a storage-precision
+    window reads (the window's and the one closing it, :meth:`certificate`, :meth:`gap_known`).  ``exhausted``: the
+    values are the whole spectrum (``k = min(rows, cols)``), so ``sigma_{k+1} = 0``.
     """
 
     U: torch.Tensor
@@ -83,17 +96,37 @@ class PartialSVD(NamedTuple):
     def certificate(self, window: torch.Tensor) -> torch.Tensor:
         """The largest relative residual among the triplets a ``window`` uses (the first ``max(window, 1)``),
         shape ``window.shape``."""
-        k = self.s.shape[-1]
-        used = torch.arange(1, k + 1, device=self.s.device) <= window.to(self.s.device).clamp_min(1).unsqueeze(-1)
-        return torch.where(used, self.residuals, torch.zeros_like(self.residuals)).amax(-1)
+        self._check_vectors(window)
+        return window_certificate(self.residuals, window)
 
     def gap_known(self, window: torch.Tensor) -> torch.Tensor:
         """Whether the gap ``s_w - s_{w+1}`` that closes each ``window`` is known to 10%: the residual of triplet
         ``w + 1`` (which bounds the error of ``s_{w+1}``, relative to ``s_1``) is at most a tenth of it."""
-        w = window.to(self.s.device).clamp(max=self.s.shape[-1] - 1).unsqueeze(-1)
-        gap = (self.s.gather(-1, (w - 1).clamp_min(0)) - self.s.gather(-1, w)).squeeze(-1) / \
-            self.s[..., 0].clamp_min(torch.finfo(self.s.dtype).tiny)
-        return (window == 0) | (self.residuals.gather(-1, w).squeeze(-1) <= 0.1 * gap)
+        self._check_vectors(window)
+        return window_gap_known(self.s, self.residuals, window)
+
+    def _check_vectors(self, window: torch.Tensor) -> None:
+        m = self.residuals.shape[-1]
+        needed = int(window.max()) + 1 if window.numel() else 0
+        if not self.exhausted and needed > m:
+            raise ValueError(f"PartialSVD: a window of {needed - 1} needs {needed} triplets with vectors; this one "
+                             f"has {m} (computed for a coarser storage precision: pass partial_svd the finest "
+                             f"storage_eps the weight's windows are read with)")
+
+
+def window_certificate(residuals: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+    """:meth:`PartialSVD.certificate` of triplet ``residuals (..., m)``."""
+    used = torch.arange(1, residuals.shape[-1] + 1, device=residuals.device) <= \
+        window.to(residuals.device).clamp_min(1).unsqueeze(-1)
+    return torch.where(used, residuals, torch.zeros_like(residuals)).amax(-1)
+
+
+def window_gap_known(s: torch.Tensor, residuals: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+    """:meth:`PartialSVD.gap_known` of values ``s (..., k)`` whose first ``m`` triplets have ``residuals``."""
+    w = window.to(s.device).clamp(max=min(s.shape[-1], residuals.shape[-1]) - 1).unsqueeze(-1)
+    gap = (s.gather(-1, (w - 1).clamp_min(0)) - s.gather(-1, w)).squeeze(-1) / \
+        s[..., 0].clamp_min(torch.finfo(s.dtype).tiny)
+    return (window == 0) | (residuals.gather(-1, w).squeeze(-1) <= 0.1 * gap)
 
 
 def compute_dtype(storage_eps: float, requested: Optional[torch.dtype] = None) -> torch.dtype:
@@ -123,69 +156,107 @@ def default_residual_rtol(storage_eps: float, dtype: torch.dtype, shape: tuple[i
 
 def residual_norms(A: torch.Tensor, U: torch.Tensor, s: torch.Tensor, Vh: torch.Tensor) -> torch.Tensor:
     """Per triplet ``sqrt(||A v_i - s_i u_i||^2 + ||A^T u_i - s_i v_i||^2)`` relative to ``s_1`` (0 where
-    ``s_1 = 0``), shape (..., k), in ``A``'s dtype."""
-    right = A @ Vh.mT - U * s.unsqueeze(-2)
-    left = A.mT @ U - Vh.mT * s.unsqueeze(-2)
-    absolute = (right.square().sum(-2) + left.square().sum(-2)).sqrt()
-    top = s[..., :1]
+    ``s_1 = 0``), shape (..., m), in ``A``'s dtype; ``s (..., k)`` with ``k >= m`` (``s_1`` from it)."""
+    m = U.shape[-1]
+    return _relative(_residual_pair(A @ Vh.mT, A.mT @ U, U, s[..., :m], Vh), s[..., :1])
+
+
+def _residual_pair(AV: torch.Tensor, AtU: torch.Tensor, U: torch.Tensor, s: torch.Tensor, Vh: torch.Tensor
+                   ) -> torch.Tensor:
+    """``sqrt(||A v_i - s_i u_i||^2 + ||A^T u_i - s_i v_i||^2)`` from the products ``A V`` and ``A^T U``."""
+    right = AV - U * s.unsqueeze(-2)
+    left = AtU - Vh.mT * s.unsqueeze(-2)
+    return (right.square().sum(-2) + left.square().sum(-2)).sqrt()
+
+
+def _relative(absolute: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    """``absolute / top`` (``top (..., 1)``, ``s_1``), 0 where ``top = 0``."""
     return torch.where(top > 0, absolute / torch.where(top > 0, top, torch.ones_like(top)),
                        torch.zeros_like(absolute))
 
 
-def _dense(A: torch.Tensor, k: int) -> PartialSVD:
-    """The leading ``k`` triplets without Krylov: for at most half the spectrum, eigenvectors of the small Gram
-    ``X X^T`` (``r x r``, ``r`` the smaller dim; leading triplets to relative accuracy ``eps s_1^2 / s_i^2``, the
-    residuals certify it), otherwise a thin SVD (truncated)."""
-    small = min(A.shape[-2:])
-    if 2 * k > small:
-        U, s, Vh = thin_svd_in_dtype(A)
-        U, s, Vh = U[..., :k], s[..., :k], Vh[..., :k, :]
-        return PartialSVD(U, s, Vh, residual_norms(A, U, s, Vh), k == small)
-    wide = A.shape[-2] <= A.shape[-1]
-    X = A if wide else A.mT
-    evals, evecs = torch.linalg.eigh(X @ X.mT)
-    U, s = evecs[..., -k:].flip(-1), evals[..., -k:].flip(-1).clamp_min(0).sqrt()
-    inv = torch.where(s > 0, 1.0 / torch.where(s > 0, s, torch.ones_like(s)), torch.zeros_like(s))
-    Vh = (U.mT @ X) * inv.unsqueeze(-1)
-    if not wide:
-        U, Vh = Vh.mT, U.mT
-    return PartialSVD(U, s, Vh, residual_norms(A, U, s, Vh), False)
+def _inverse(s: torch.Tensor) -> torch.Tensor:
+    """``1 / s`` where ``s > 0``, else 0."""
+    return torch.where(s > 0, 1.0 / torch.where(s > 0, s, torch.ones_like(s)), torch.zeros_like(s))
 
 
-def _rayleigh_ritz(basis: torch.Tensor, B: torch.Tensor, gram: torch.Tensor, k: int
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Leading ``k`` Ritz triplets of ``X (..., r, c)`` on the orthonormal ``basis (..., r, L)``, from
-    ``B = basis^T X`` and its Gram ``B B^T`` (eigenvectors; the leading triplets' relative accuracy
-    ``eps s_1^2 / s_i^2``).  ``X^T U = V S`` holds by construction, so only ``X V - U S`` carries residual."""
-    evals, evecs = torch.linalg.eigh(gram)
-    evals, evecs = evals.flip(-1)[..., :k], evecs.flip(-1)[..., :k]
-    s = evals.clamp_min(0).sqrt()
-    inv = torch.where(s > 0, 1.0 / torch.where(s > 0, s, torch.ones_like(s)), torch.zeros_like(s))
-    return basis @ evecs, s, (evecs.mT @ B) * inv.unsqueeze(-1)
+def _times_thin(M: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    """``M @ Y`` for a ``Y`` of few columns, formed as ``(Y^T M^T)^T``: CPU BLAS streams the large operand as the
+    right factor several times faster (measured 2-13x at 11008 x 4096 with 5-65 columns, one thread)."""
+    return (Y.mT @ M.mT).mT
 
 
-def _right_residuals(X: torch.Tensor, U: torch.Tensor, s: torch.Tensor, Vh: torch.Tensor) -> torch.Tensor:
-    """``||X v_i - s_i u_i|| / s_1`` (the Rayleigh-Ritz residual; the left one vanishes by construction)."""
-    absolute = (X @ Vh.mT - U * s.unsqueeze(-2)).square().sum(-2).sqrt()
-    top = s[..., :1]
-    return torch.where(top > 0, absolute / torch.where(top > 0, top, torch.ones_like(top)),
-                       torch.zeros_like(absolute))
+def _window_triplets(X: torch.Tensor, U: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The other side's vectors ``Vh = diag(1/s) U^T X`` of the small side's ``U (..., r, m)`` and the triplets'
+    residuals against ``X`` itself (both sides, the certificate; the left one vanishes unless ``s_i = 0``)."""
+    m = U.shape[-1]
+    XtU = _times_thin(X.mT, U)
+    Vh = XtU.mT * _inverse(s[..., :m]).unsqueeze(-1)
+    return Vh, _relative(_residual_pair(_times_thin(X, Vh.mT), XtU, U, s[..., :m], Vh), s[..., :1])
+
+
+def _block_krylov(X: torch.Tensor, gram: Optional[torch.Tensor], k: int, block: int, done: Callable,
+                  seed: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """Leading ``k`` Ritz pairs ``(U (..., r, k), s (..., k))`` of ``G = X X^T`` (``X (..., r, c)``, ``r <= c``)
+    by randomized block Krylov with full reorthogonalisation and Rayleigh-Ritz (module docstring), iterating on
+    ``gram`` (``G``, ``r x r``) when given, else on ``X (X^T .)``; ``None`` once the basis would pass half of
+    ``r`` (the dense route is then cheaper).  ``P = G basis`` is kept: its last block is the next Krylov block,
+    and it gives each Ritz pair's residual ``||G u - s^2 u|| / s = ||X v - s u||`` (``v = X^T u / s``; the left
+    residual vanishes) without touching ``X``.  Stops when ``done(s, residuals)`` (relative to ``s_1``) holds for
+    every batch member, or at :data:`MAX_BLOCKS` blocks."""
+    r = X.shape[-2]
+    apply = (lambda Y: gram @ Y) if gram is not None else (lambda Y: _times_thin(X, _times_thin(X.mT, Y)))  # noqa: E731
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    start = gram if gram is not None else X  # a Gaussian block through G (or X): it spans X's leading range
+    omega = torch.randn(*X.shape[:-2], start.shape[-1], block, generator=g, dtype=X.dtype).to(X.device)
+    basis = torch.linalg.qr(start @ omega).Q
+    P = apply(basis)
+    H = basis.mT @ P  # Rayleigh quotient basis^T G basis, grown one block at a time
+    while True:
+        evals, evecs = torch.linalg.eigh(H)
+        theta, Z = evals.flip(-1)[..., :k], evecs.flip(-1)[..., :k]
+        s = theta.clamp_min(0).sqrt()
+        U = basis @ Z
+        absolute = (P @ Z - U * theta.unsqueeze(-2)).square().sum(-2).sqrt() * _inverse(s)
+        if done(s, _relative(absolute, s[..., :1])) or basis.shape[-1] >= MAX_BLOCKS * block:
+            return U, s
+        if 2 * (basis.shape[-1] + block) > r:
+            return None
+        Y = P[..., -block:]  # G times the newest block: the next Krylov block
+        for _ in range(2):  # full reorthogonalisation; twice is enough (Giraud et al. 2005)
+            Y = Y - basis @ (basis.mT @ Y)
+        current = torch.linalg.qr(Y).Q
+        P_current = apply(current)
+        cross = current.mT @ P  # current^T G basis
+        H = torch.cat([torch.cat([H, cross.mT], dim=-1), torch.cat([cross, current.mT @ P_current], dim=-1)],
+                      dim=-2)
+        basis, P = torch.cat([basis, current], dim=-1), torch.cat([P, P_current], dim=-1)
 
 
 def partial_svd(A: torch.Tensor, k: int, *, dtype: torch.dtype, rtol: Optional[float] = None,
                 storage_eps: Optional[float] = None, k_max: int = K_MAX, max_tau: float = MAX_TAU,
-                seed: int = 0) -> PartialSVD:
-    """The ``k`` leading singular triplets of ``A (..., rows, cols)`` in ``dtype`` on ``A``'s device, with their
-    residuals (module docstring: randomized block Krylov with Rayleigh-Ritz).
+                seed: int = 0, gram: Optional[torch.Tensor] = None) -> PartialSVD:
+    """The ``k`` leading singular values of ``A (..., rows, cols)`` in ``dtype`` on ``A``'s device, and the
+    leading triplets with their vectors and residuals (module docstring: randomized block Krylov with
+    Rayleigh-Ritz).
 
-    Stops when the triplets that matter have relative residual at most ``rtol`` (default
-    :func:`default_residual_rtol`): all ``k``, or, given ``storage_eps``, the first ``w`` where ``w`` is the
-    current :func:`wedin_window` of the Ritz values (the triplets beyond it are not read) and triplet ``w + 1``
-    is accurate to a tenth of the gap that closes the window (:meth:`PartialSVD.gap_known`).  The Krylov basis grows
-    by one block of ``k + max(MIN_OVERSAMPLE, k // 4)`` columns at a time, up to :data:`MAX_BLOCKS` blocks (then
-    the residuals say how far it got).  When the basis would reach half the smaller dimension, the small Gram's
-    eigenvectors (or, for more than half the spectrum, a truncated thin SVD) are taken instead: cheaper there.  Deterministic for a given ``seed``.  Batched: one basis per
-    batch member, same ``k``.
+    Without ``storage_eps``: all ``k`` triplets, stopping when each has relative residual at most ``rtol``
+    (default :func:`default_residual_rtol`).  Given ``storage_eps``: the values decide each batch member's
+    :func:`wedin_window` ``w``; vectors and residual certificates are computed for the first ``max(w) + 1``
+    triplets only (the window's and the one closing it), and the iteration stops once those of the window have
+    residual at most ``rtol`` and triplet ``w + 1`` is accurate to a tenth of the gap closing the window
+    (:meth:`PartialSVD.gap_known`).
+
+    Routes, by the smaller dimension ``r``: the whole spectrum (``k = r``), a thin SVD; ``r <= DENSE_GRAM_MAX``,
+    a Krylov block (``k + max(MIN_OVERSAMPLE, k // 4)`` columns) above ``r / 4``, or a Krylov basis that would pass
+    ``r / 2``, eigenvectors of the small Gram
+    ``G = X X^T`` (``X`` = ``A`` or ``A^T``, whichever is ``r x c``; leading triplets to relative accuracy
+    ``eps s_1^2 / s_i^2``, the certificate says how close); otherwise block Krylov on ``G``, in blocks of
+    ``k + max(MIN_OVERSAMPLE, k // 4)`` columns up to :data:`MAX_BLOCKS` blocks (the residuals say how far it got).
+    ``gram``: ``G`` precomputed (``A A^T`` when ``rows <= cols``, else ``A^T A``; any dtype, e.g. shared with
+    the Gram factors of kappa): then no product with ``A`` is formed before the window's vectors, and the Krylov
+    blocks cost ``r^2`` instead of ``2 r c`` per column.  Deterministic for a given ``seed``.  Batched: one basis
+    per batch member, same ``k``.
     """
     check_matrix("A", A, where="partial_svd")
     check_dtype(dtype, where="partial_svd")
@@ -193,39 +264,37 @@ def partial_svd(A: torch.Tensor, k: int, *, dtype: torch.dtype, rtol: Optional[f
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= small:
         raise ValueError(f"partial_svd: k={k!r} must be an int in [1, {small}] for A of shape {tuple(A.shape)}")
     A = A.to(dtype)
-    tol = rtol if rtol is not None else default_residual_rtol(storage_eps or 0.0, dtype, tuple(A.shape[-2:]))
-    block = k + max(MIN_OVERSAMPLE, k // 4)
-    if 4 * block > small:
-        return _dense(A, k)
     wide = A.shape[-2] <= A.shape[-1]
-    X = A if wide else A.mT  # (..., r, c) with r <= c: the Krylov basis lives in R^r
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    omega = torch.randn(*X.shape[:-2], X.shape[-1], block, generator=g, dtype=dtype).to(X.device)
-    basis = current = torch.linalg.qr(X @ omega).Q
-    B = rows = current.mT @ X  # B = basis^T X, grown one block of rows at a time
-    gram = B @ B.mT
-    while True:
-        Y = X @ rows.mT  # (X X^T) current: the next Krylov block
-        for _ in range(2):  # full reorthogonalisation; twice is enough (Giraud et al. 2005)
-            Y = Y - basis @ (basis.mT @ Y)
-        current = torch.linalg.qr(Y).Q
-        rows = current.mT @ X
-        cross = rows @ B.mT
-        gram = torch.cat([torch.cat([gram, cross.mT], dim=-1), torch.cat([cross, rows @ rows.mT], dim=-1)], dim=-2)
-        basis, B = torch.cat([basis, current], dim=-1), torch.cat([B, rows], dim=-2)
-        U, s, Vh = _rayleigh_ritz(basis, B, gram, k)
-        residuals = _right_residuals(X, U, s, Vh)
+    X = A if wide else A.mT  # (..., r, c) with r <= c: Grams and Krylov bases live in R^r
+    if gram is not None:
+        check_matrix("gram", gram, where="partial_svd")
+        if gram.shape != X.shape[:-1] + X.shape[-2:-1]:
+            raise ValueError(f"partial_svd: gram has shape {tuple(gram.shape)}; pass the small Gram "
+                             f"{'A A^T' if wide else 'A^T A'} of shape {tuple(X.shape[:-1] + X.shape[-2:-1])}")
+        gram = gram.to(dtype)
+    if k == small:  # the whole spectrum (its rank cut too): a thin SVD, which resolves the smallest values
+        U, s, Vh = thin_svd_in_dtype(A)
+        return PartialSVD(U, s, Vh, residual_norms(A, U, s, Vh), True)
+    tol = rtol if rtol is not None else default_residual_rtol(storage_eps or 0.0, dtype, tuple(A.shape[-2:]))
+
+    def windows(s: torch.Tensor) -> torch.Tensor:
+        return wedin_window(s, storage_eps=storage_eps, exhausted=False, k_max=k_max, max_tau=max_tau)
+
+    def done(s: torch.Tensor, residuals: torch.Tensor) -> bool:
         if storage_eps is None:
-            done = residuals.amax(-1) <= tol
-        else:
-            window = wedin_window(s, storage_eps=storage_eps, exhausted=False, k_max=k_max, max_tau=max_tau)
-            found = PartialSVD(U, s, Vh, residuals, False)
-            done = (found.certificate(window) <= tol) & found.gap_known(window)
-        if bool(done.all()) or basis.shape[-1] >= MAX_BLOCKS * block:
-            break
-        if 2 * (basis.shape[-1] + block) > small:
-            return _dense(A, k)
-    residuals = residual_norms(X, U, s, Vh)  # the certificate: both sides, recomputed once
+            return bool((residuals.amax(-1) <= tol).all())
+        w = windows(s)
+        return bool(((window_certificate(residuals, w) <= tol) & window_gap_known(s, residuals, w)).all())
+
+    block = k + max(MIN_OVERSAMPLE, k // 4)
+    ritz = _block_krylov(X, gram, k, block, done, seed) if small > DENSE_GRAM_MAX and 4 * block <= small else None
+    if ritz is None:  # the small Gram's eigenvectors
+        evals, evecs = torch.linalg.eigh(gram if gram is not None else X @ X.mT)
+        ritz = evecs[..., -k:].flip(-1), evals[..., -k:].flip(-1).clamp_min(0).sqrt()
+    U, s = ritz
+    m = k if storage_eps is None else min(k, int(windows(s).max()) + 1 if s.numel() else 1)
+    U = U[..., :m]
+    Vh, residuals = _window_triplets(X, U, s)
     if not wide:
         U, Vh = Vh.mT, U.mT
     return PartialSVD(U, s, Vh, residuals, False)

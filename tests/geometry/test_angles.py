@@ -9,6 +9,8 @@ import scipy.linalg
 import torch
 
 from hf_flag.geometry.angles import (
+    all_finite,
+    check_matrix,
     chordal_distance,
     geodesic_distance,
     orthonormal_basis,
@@ -169,6 +171,30 @@ def test_bad_inputs_raise_value_error_naming_the_input() -> None:
         principal_angles(torch.ones(5), A)
     with pytest.raises(ValueError, match="do not broadcast"):
         projection_kernel(_rand(2, 5, 2), _rand(3, 5, 2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_finiteness_by_one_sum_agrees_with_the_entrywise_check(dtype: torch.dtype) -> None:
+    """all_finite (a finite sum proves every entry finite) against torch.isfinite(x).all() entry by entry: one
+    NaN, +Inf, -Inf, +Inf with -Inf (whose sum is NaN), and finite entries whose sum overflows (the fallback
+    to the entrywise check must accept them); check_matrix's one-line error on every non-finite case."""
+    big = torch.finfo(dtype).max
+    cases = {"finite": _rand(40, 30, seed=3).to(dtype), "overflowing sum": torch.full((6, 5), big, dtype=dtype)}
+    for name, values in (("nan", [float("nan")]), ("+inf", [float("inf")]), ("-inf", [float("-inf")]),
+                         ("+inf and -inf", [float("inf"), float("-inf")])):
+        x = _rand(40, 30, seed=4).to(dtype)
+        x.view(-1)[[7, 901][: len(values)]] = torch.tensor(values, dtype=dtype)
+        cases[name] = x
+    assert not bool(torch.isfinite(cases["overflowing sum"].sum()))  # the fallback is exercised
+    for name, x in cases.items():
+        expected = bool(torch.isfinite(x).all())
+        assert all_finite(x) == expected, name
+        if expected:
+            check_matrix("W", x, where="test")
+        else:
+            with pytest.raises(ValueError, match=r"^test: W of shape \(40, 30\) contains NaN or Inf; clean the "
+                                                 r"weights first$"):
+                check_matrix("W", x, where="test")
 
 
 def test_float32_input_gives_float64_angles_and_dtype_rank_cut() -> None:

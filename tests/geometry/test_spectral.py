@@ -311,13 +311,15 @@ def test_shared_grams_give_the_same_pair_values():
 
 
 @pytest.mark.parametrize("dtype", [F64, F32])
-def test_partial_svd_small_gram_route_matches_the_thin_svd(dtype):
-    """k = 65 of a 600 x 200 matrix (the Krylov basis would pass half of 200): eigenvectors of the 200 x 200 Gram;
-    leading values, subspaces at the separated cuts and the certificate against the dense thin SVD."""
-    s = torch.cat([torch.tensor([30.0, 20.0, 12.0, 8.0], dtype=F64), torch.linspace(3, 0.5, 196, dtype=F64)])
-    A = with_spectrum(600, 200, s, seed=8)
+@pytest.mark.parametrize("small", [200, 120])
+def test_partial_svd_small_gram_route_matches_the_thin_svd(dtype, small):
+    """k = 65 of a 600 x 200 matrix (the Krylov basis would pass half of 200) or of a 600 x 120 one (more than half
+    the spectrum, not all of it): eigenvectors of the small Gram; leading values, subspaces at the separated cuts
+    and the certificate against the dense thin SVD."""
+    s = torch.cat([torch.tensor([30.0, 20.0, 12.0, 8.0], dtype=F64), torch.linspace(3, 0.5, small - 4, dtype=F64)])
+    A = with_spectrum(600, small, s, seed=8)
     p = partial_svd(A.to(dtype), 65, dtype=dtype)
-    assert not p.exhausted and p.U.shape == (600, 65) and p.Vh.shape == (65, 200)
+    assert not p.exhausted and p.U.shape == (600, 65) and p.Vh.shape == (65, small)
     eps = torch.finfo(dtype).eps
     assert torch.max((p.s.double() - s[:65]).abs()) <= 100 * eps * s[0]
     U, _, Vh = thin_svd(A)
@@ -327,3 +329,127 @@ def test_partial_svd_small_gram_route_matches_the_thin_svd(dtype):
     again = residuals_by_hand(A, p.U.double(), p.s.double(), p.Vh.double())
     assert torch.allclose(again[:4], p.residuals[:4].double(), atol=50 * eps)
     assert float(p.residuals[:4].max()) <= 1e3 * eps
+
+
+def reference_window(A: torch.Tensor, storage_eps: float):
+    """Float64 thin SVD of ``A`` (2-D) and the window its exact leading values give (the old code's rule on exact
+    values): the independent reference of the routes below."""
+    U, s, Vh = thin_svd(A.double())
+    return U, s, Vh, int(wedin_window(s[: K_MAX + 1], storage_eps=storage_eps, exhausted=False))
+
+
+SPIKES = [40.0, 30.0, 22.0, 16.0, 11.0, 7.0]
+
+
+@pytest.mark.parametrize("route", ["dense", "krylov"])
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("dtype", [F64, F32])
+@pytest.mark.parametrize("storage_eps,window", [(torch.finfo(torch.float16).eps, 6), (2.0 ** -4, 0)])
+def test_window_triplets_match_the_float64_svd(monkeypatch, route, shared, dtype, storage_eps, window):
+    """Six separated spikes over a Gaussian bulk: fp16 storage determines the cuts between them and into the bulk
+    (window 6), 4-bit storage none (window 0).  Each route (the small Gram's eigenvectors; block Krylov on X or on
+    the shared Gram), in float64 and float32: the window of the float64 SVD, vectors for its w + 1 triplets only,
+    values within their residuals, each determined top-i subspace within ``residual / gap_i`` of the exact one (the
+    certificate bounds the true error), and the certificate equal to the residuals recomputed by hand."""
+    import hf_flag.geometry.spectral as spectral
+
+    if route == "krylov":  # 500 is below the dense threshold: lower it so the Krylov route runs at this size
+        monkeypatch.setattr(spectral, "DENSE_GRAM_MAX", 100)
+    for rows, cols in ((1300, 500), (500, 1300)):
+        A = spiked_bulk(rows, cols, SPIKES, seed=rows)
+        U_ref, s_ref, Vh_ref, w_ref = reference_window(A, storage_eps)
+        assert w_ref == window
+        X = A.to(dtype)
+        gram = (X @ X.mT if rows <= cols else X.mT @ X) if shared else None
+        p = partial_svd(X, K_MAX + 1, dtype=dtype, storage_eps=storage_eps, gram=gram)
+        assert p.s.shape == (K_MAX + 1,) and p.U.shape == (rows, window + 1) and p.Vh.shape == (window + 1, cols)
+        w = int(wedin_window(p.s, storage_eps=storage_eps, exhausted=False))
+        assert w == window
+        eps = torch.finfo(dtype).eps
+        again = residuals_by_hand(A, p.U.double(), p.s[: w + 1].double(), p.Vh.double())
+        assert torch.allclose(again, p.residuals.double(), atol=50 * eps)
+        cert = float(p.certificate(torch.tensor(w)))
+        assert cert <= max(storage_eps / 100, 4 * math.sqrt(cols) * eps)
+        assert bool(p.gap_known(torch.tensor(w)))
+        s1 = float(s_ref[0])
+        bound = (p.residuals.double() + 50 * eps) * s1  # |s_i - sigma_i| <= residual_i (Weyl on the Jordan form)
+        assert torch.all((p.s[: w + 1].double() - s_ref[: w + 1]).abs() <= bound)
+        for i in range(1, w + 1):  # Wedin: sin theta_i <= residual / gap_i
+            gap = float(s_ref[i - 1] - s_ref[i])
+            limit = 2 * (cert + 50 * eps) * s1 / gap
+            assert top_subspace_sin(p.U[:, :i], U_ref[:, :i]) <= limit
+            assert top_subspace_sin(p.Vh[:i].mT, Vh_ref[:i].mT) <= limit
+
+
+@pytest.mark.parametrize("route", ["dense", "krylov"])
+def test_partial_svd_with_the_shared_gram_equals_it_without(monkeypatch, route):
+    """The same window, values and window subspaces with ``gram`` as without (the Krylov route iterates on the
+    Gram instead of ``X (X^T .)``; the dense route diagonalises the given Gram), batched over two members whose
+    windows differ (6 and 1: both get 7 triplets)."""
+    import hf_flag.geometry.spectral as spectral
+    from hf_flag.analysis.pairs import small_gram_side, window_svd
+    from hf_flag.geometry.pairs import weight_gram
+
+    if route == "krylov":
+        monkeypatch.setattr(spectral, "DENSE_GRAM_MAX", 100)
+    eps = torch.finfo(torch.float16).eps
+    A = torch.stack([spiked_bulk(400, 1000, SPIKES, seed=4), spiked_bulk(400, 1000, [40.0], seed=3)])
+    assert small_gram_side(A) == "rows" and small_gram_side(A.mT) == "cols"
+    alone = window_svd(A, eps)
+    shared = window_svd(A, eps, gram=weight_gram(A, small_gram_side(A), dtype=F64))
+    for p in (alone, shared):
+        assert wedin_window(p.s, storage_eps=eps, exhausted=False).tolist() == [6, 1]
+        assert p.U.shape == (2, 400, 7) and p.residuals.shape == (2, 7)
+    for i, w in enumerate((6, 1)):  # values of the window and the one closing it; the window's subspaces
+        assert torch.allclose(alone.s[i, : w + 1], shared.s[i, : w + 1], rtol=0, atol=1e-6 * 40)
+        assert top_subspace_sin(alone.U[i, :, :w], shared.U[i, :, :w]) <= 1e-6
+        assert top_subspace_sin(alone.Vh[i, :w].mT, shared.Vh[i, :w].mT) <= 1e-6
+
+
+def test_certificate_refuses_a_window_past_the_computed_vectors():
+    """Vectors computed for 4-bit storage (window 0: one triplet) cannot serve the fp16 window (6): a clear error,
+    not a silently shorter window; a float64 SVD without ``storage_eps`` keeps all ``k`` triplets."""
+    A = spiked_bulk(300, 700, SPIKES, seed=5)
+    p = partial_svd(A, K_MAX + 1, dtype=F64, storage_eps=2.0 ** -4)
+    assert p.U.shape == (300, 1)
+    w = wedin_window(p.s, storage_eps=torch.finfo(torch.float16).eps, exhausted=False)
+    assert int(w) == 6
+    with pytest.raises(ValueError, match="a window of 6 needs 7 triplets with vectors; this one has 1"):
+        p.certificate(w)
+    assert partial_svd(A, K_MAX + 1, dtype=F64).U.shape == (300, K_MAX + 1)
+
+
+def test_partial_svd_refuses_a_gram_of_the_wrong_side_or_with_nan():
+    A = spiked_bulk(300, 200, SPIKES, seed=6)
+    with pytest.raises(ValueError, match=r"partial_svd: gram has shape \(300, 300\); pass the small Gram A\^T A "
+                                         r"of shape \(200, 200\)"):
+        partial_svd(A, 10, dtype=F64, gram=A @ A.T)
+    bad = A.T @ A
+    bad[3, 4] = float("nan")
+    with pytest.raises(ValueError, match="partial_svd: gram of shape .* contains NaN or Inf"):
+        partial_svd(A, 10, dtype=F64, gram=bad)
+
+
+def test_smollm2_windows_equal_the_float64_svd_windows(smollm2_gguf):
+    """Real Q4_1 weights (SmolLM2-135M, three layers' MLP): the default report's windows (float32, on the Gram
+    shared with kappa) equal those of the exact float64 spectra, and their certificates are below the tolerance."""
+    from hf_flag.analysis.pairs import small_gram_side, window_svd
+    from hf_flag.geometry.pairs import weight_gram
+    from hf_flag.weights.adapters import get_adapter
+    from hf_flag.weights.sources import open_weights
+
+    source = open_weights(str(smollm2_gguf))
+    adapter = get_adapter(source.config, source.keys())
+    layout = adapter.layout(source.config, source.keys())
+    windows = []
+    for i in (0, 15, 29):
+        block = adapter.block(source, layout, i, dtype=F32, device=torch.device("cpu"))
+        eps = block.storage_eps
+        assert eps == 2.0 ** -4
+        for W in (block.mlp.mlp_in, block.mlp.mlp_gate, block.mlp.mlp_out):
+            p = window_svd(W[None], eps, gram=weight_gram(W[None], small_gram_side(W), dtype=F32))
+            w = wedin_window(p.s, storage_eps=eps, exhausted=False)
+            assert int(w) == reference_window(W, eps)[3]
+            assert float(p.certificate(w)) <= eps / 100 and bool(p.gap_known(w).all())
+            windows.append(int(w))
+    assert set(windows) == {0, 1}  # both kinds occur: some weights have a determined leading cut
