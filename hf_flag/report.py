@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Iterable, Optional
 
 BASELINE_SUFFIX = "_baseline"
@@ -42,11 +42,19 @@ class Row:
     values: dict[str, Optional[float]] = field(default_factory=dict)  # scalars only
     details: dict[str, Any] = field(default_factory=dict)  # non-scalar facts (permutation, rank matrix, cuts)
 
+    def as_dict(self) -> dict[str, Any]:
+        """The row's fields as a dict, ``values`` and ``details`` as they are (no copy: ``dataclasses.asdict``
+        deep-copies every nested dict, 70% of writing a 13 661-row report)."""
+        return {f.name: getattr(self, f.name) for f in ROW_FIELDS}
+
     def flat(self) -> dict[str, Any]:
-        out = {k: v for k, v in asdict(self).items() if k not in ("values", "details")}
+        out = {k: v for k, v in self.as_dict().items() if k not in ("values", "details")}
         out.update(self.values)
         out["details"] = json.dumps(to_jsonable(self.details), sort_keys=True)
         return out
+
+
+ROW_FIELDS = fields(Row)
 
 
 def to_jsonable(x: Any) -> Any:
@@ -85,7 +93,7 @@ class Report:
                 "layout": self.layout,
                 "params": self.params,
                 "summary": self.summary,
-                "rows": [asdict(r) for r in self.rows],
+                "rows": [r.as_dict() for r in self.rows],
             }
         )
 

@@ -75,9 +75,9 @@ def test_each_mlp_weight_gram_is_computed_once(tiny_llama, monkeypatch):
 
     svds, real_svd = [], analysis_pairs.window_svd
 
-    def counting_svd(W, storage_eps, gram=None):
+    def counting_svd(W, storage_eps, gram=None, gram_eigh=None):
         svds.append((tuple(W.shape), gram is not None))
-        return real_svd(W, storage_eps, gram=gram)
+        return real_svd(W, storage_eps, gram=gram, gram_eigh=gram_eigh)
 
     for module in (pairs, analysis_pairs):  # shared (analysis.pairs.PairGrams) and unshared (gram_pair_values) Grams
         monkeypatch.setattr(module, "weight_gram", counting)
@@ -101,6 +101,46 @@ def test_each_mlp_weight_gram_is_computed_once(tiny_llama, monkeypatch):
     # each MLP weight's window SVD runs once, on the small Gram kappa's pairs share (no fourth Gram per block)
     assert sorted(s for s in svds if 48 in s[0][1:]) == sorted([((1, 32, 48), True), ((1, 48, 32), True),
                                                                 ((1, 48, 32), True)] * 2)
+
+
+def test_each_small_gram_is_diagonalised_once_for_the_window_and_range_overlap(monkeypatch):
+    """Where a window SVD diagonalises an MLP weight's small Gram (``K_MAX + 1 < r <= DENSE_GRAM_MAX``) and that
+    Gram is not full at the rank cut, range_overlap's kept eigenvectors reuse that eigendecomposition: one ``eigh``
+    per MLP weight, and the same values as when range_overlap diagonalises the Gram itself."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import hf_flag.analysis.pairs as analysis_pairs
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=80, intermediate_size=160, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:  # rank 70 < d = 80: W^T W is not full at any cut
+            mlp = layer.mlp
+            mlp.up_proj.weight.copy_(torch.randn(160, 70) @ torch.randn(70, 80) / 80)
+            mlp.gate_proj.weight.copy_(torch.randn(160, 70) @ torch.randn(70, 80) / 80)
+    model = model.to(torch.bfloat16)
+    real = torch.linalg.eigh
+    shapes = []
+
+    def counting(G, *args, **kwargs):
+        shapes.append(tuple(G.shape))
+        return real(G, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "eigh", counting)
+    shared = analyze(model, device="cpu", diagnostics={"mlp"})
+    assert shapes.count((1, 80, 80)) == 3 * 2  # up, gate, down per layer, once each
+    monkeypatch.setattr(analysis_pairs.PairGrams, "cached_eigh", lambda self, *args: None)
+    alone = analyze(model, device="cpu", diagnostics={"mlp"})
+    # again the 6 windows, and each pair's range_overlap diagonalises its rank-deficient up/gate Gram once more
+    # (W_down is full at the cut: its Cholesky factor serves)
+    assert shapes.count((1, 80, 80)) == 3 * 2 + 3 * 2 + 2 * 2
+    for a, b in zip(shared.rows, alone.rows):
+        assert a.values["range_overlap"] == pytest.approx(b.values["range_overlap"], rel=1e-6)
+        assert a.values["range_overlap"] < 1  # the ranks are cut: 70 of 80 directions kept
+    ranks = {r.values["range_overlap_baseline"] for r in shared.rows}
+    assert ranks == {80 / 160}  # max(r_l, r_next) / n with r_next = rank W_down = 80 > 70
 
 
 def test_composition_auto_picks_all_pairs_only_where_the_estimate_is_small():

@@ -125,6 +125,18 @@ class PairGrams:
             self.cache[key] = weight_gram(self.weights[which](), side, dtype=dtype)
         return self.cache[key]
 
+    def eigh(self, which: str, side: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``torch.linalg.eigh`` of :meth:`gram`, cached: a window SVD on the small Gram
+        (:func:`~hf_flag.geometry.spectral.partial_svd`) and range_overlap's kept eigenvectors share it."""
+        key = self.keys[which] + ("eigh", side, dtype)
+        if key not in self.cache:
+            self.cache[key] = torch.linalg.eigh(self.gram(which, side, dtype))
+        return self.cache[key]
+
+    def cached_eigh(self, which: str, side: str, dtype: torch.dtype) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """:meth:`eigh` when it is already in the cache, else ``None``."""
+        return self.cache.get(self.keys[which] + ("eigh", side, dtype))
+
     def cut(self, which: str, side: str, dtype: torch.dtype, rtol: float, top: Optional[torch.Tensor]) -> GramCut:
         """:func:`~hf_flag.geometry.pairs.gram_cut` of :meth:`gram` at ``rtol``, ``top`` the weight's
         ``sigma_1`` when known."""
@@ -170,13 +182,15 @@ def single(bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if bias is None else bias[None]
 
 
-def window_svd(W: torch.Tensor, storage_eps: float, gram: Optional[torch.Tensor] = None) -> PartialSVD:
+def window_svd(W: torch.Tensor, storage_eps: float, gram: Optional[torch.Tensor] = None,
+               gram_eigh: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> PartialSVD:
     """The storage-precision window of ``W`` (..., rows, cols), in ``W``'s dtype
     (:func:`~hf_flag.geometry.spectral.partial_svd`): ``K_MAX + 1`` leading singular values (one closes the last
     cut), the window's triplets with vectors and residuals.  ``gram``: ``W``'s small Gram (``W W^T`` when
     ``rows <= cols``, else ``W^T W``; :func:`~hf_flag.geometry.pairs.weight_gram`) when it is shared with kappa's
-    Gram factors."""
-    return partial_svd(W, min(K_MAX + 1, min(W.shape[-2:])), dtype=W.dtype, storage_eps=storage_eps, gram=gram)
+    Gram factors; ``gram_eigh``: its eigendecomposition, when shared with range_overlap."""
+    return partial_svd(W, min(K_MAX + 1, min(W.shape[-2:])), dtype=W.dtype, storage_eps=storage_eps, gram=gram,
+                       gram_eigh=gram_eigh)
 
 
 def small_gram_side(W: torch.Tensor) -> str:
@@ -226,7 +240,8 @@ def pair_window_values(W_l: torch.Tensor, W_next: torch.Tensor, *, storage_eps: 
         cut_next = gram.cut("next", side_next, exact, rank_rtol[1], tops[1])
         overlap = tuple(v.tolist() for v in range_overlap_from_grams(
             W_l, W_next, rtol=rank_rtol, gram_l=shared[0], gram_next=shared[1], product=product,
-            cuts=(cut_l, cut_next)))
+            cuts=(cut_l, cut_next), eighs=(gram.cached_eigh("l", side_l, exact),
+                                           gram.cached_eigh("next", side_next, exact))))
         reads = commutator_reading_of_pairs(W_l, W_next, storage_eps=storage_eps)  # no rank n: nothing computed
     elif side_l == "rows":  # n small: the shared Grams are the hidden-side B = W_l W_l^T, A = W_next^T W_next
         cut_l = gram.cut("l", side_l, exact, rank_rtol[0], tops[0])

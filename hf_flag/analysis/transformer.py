@@ -19,7 +19,7 @@ from hf_flag.defaults import TRANSFORMER_DIAGNOSTICS
 from hf_flag.geometry.angles import thin_svd
 from hf_flag.geometry.heads import head_bases
 from hf_flag.geometry.pairs import augment
-from hf_flag.geometry.spectral import compute_dtype, gram_dtype
+from hf_flag.geometry.spectral import DENSE_GRAM_MAX, K_MAX, compute_dtype, gram_dtype
 from hf_flag.report import Report, Row
 from hf_flag.rows import (COMPOSITION_KINDS, CROSS_LAYER_KINDS, HEAD_OVERLAP_KINDS, KIND_MLP, KIND_MLP_GATE,
                           KIND_RESIDUAL, KIND_VO)
@@ -60,8 +60,10 @@ def weight_svd(cache: dict, layer: int, name: str, W: torch.Tensor, bias: Option
             cache[key] = thin_svd(W_aug)
         else:
             grams = PairGrams(cache, {"l": key}, {"l": lambda: W_aug})
-            gram = grams.gram("l", small_gram_side(W_aug), gram_dtype(storage_eps, W.dtype))
-            cache[key] = window_svd(W_aug, storage_eps, gram=gram)
+            side, dtype = small_gram_side(W_aug), gram_dtype(storage_eps, W.dtype)
+            dense = dtype == W.dtype and K_MAX + 1 < min(W_aug.shape[-2:]) <= DENSE_GRAM_MAX  # partial_svd's eigh route
+            eigh = grams.eigh("l", side, dtype) if dense else None
+            cache[key] = window_svd(W_aug, storage_eps, gram=grams.gram("l", side, dtype), gram_eigh=eigh)
     return cache[key]
 
 

@@ -516,11 +516,13 @@ def _full_rank(cut: GramCut) -> torch.Tensor:
     return torch.full(cut.full.shape, cut.factor.shape[-1], device=cut.factor.device)
 
 
-def _kept_eigenvectors(G: torch.Tensor, rtol: float, whiten: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def _kept_eigenvectors(G: torch.Tensor, rtol: float, whiten: bool = False,
+                       eigh: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(F, rank)`` with ``F F^T`` the projector onto the eigenvectors of ``G`` above the cut
     (:func:`gram_cut_level`), or with ``whiten`` its pseudo-inverse ``G^+`` at the cut (columns scaled by
-    ``lambda^{-1/2}``; discarded columns zero).  Eigendecomposition in the Gram's own dtype."""
-    lam, V = torch.linalg.eigh(G)
+    ``lambda^{-1/2}``; discarded columns zero).  Eigendecomposition in the Gram's own dtype, or ``eigh``
+    (``torch.linalg.eigh(G)``) when precomputed."""
+    lam, V = torch.linalg.eigh(G) if eigh is None else eigh
     keep = lam > lam[..., -1:].clamp_min(0) * gram_cut_level(G, rtol)
     weight = lam.clamp_min(torch.finfo(lam.dtype).tiny).rsqrt() if whiten else torch.ones_like(lam)
     return V * torch.where(keep, weight, torch.zeros_like(lam)).unsqueeze(-2), keep.sum(-1)
@@ -529,7 +531,8 @@ def _kept_eigenvectors(G: torch.Tensor, rtol: float, whiten: bool = False) -> tu
 def range_overlap_from_grams(W_l: torch.Tensor, W_next: torch.Tensor, *, rtol: tuple[float, float],
                              gram_l: Optional[torch.Tensor] = None, gram_next: Optional[torch.Tensor] = None,
                              product: Optional[torch.Tensor] = None,
-                             cuts: tuple[Optional[GramCut], Optional[GramCut]] = (None, None)
+                             cuts: tuple[Optional[GramCut], Optional[GramCut]] = (None, None),
+                             eighs: tuple[Optional[tuple], Optional[tuple]] = (None, None)
                              ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`range_overlap_from_svd`'s ``(range_overlap, range_overlap_baseline)`` from Gram factors, without
     singular vectors (MATH.md §3, §1), in the Grams' dtype; ``W_l`` (..., n, k) bias-augmented, ``W_next`` (..., m, n).
@@ -545,7 +548,8 @@ def range_overlap_from_grams(W_l: torch.Tensor, W_next: torch.Tensor, *, rtol: t
     eigenvectors above the cut scaled by ``lambda^{-1/2}``; where both ``B`` and ``A`` have full rank their
     projectors are the identity.  ``gram_l``, ``gram_next``: the Grams :func:`pair_gram_sides` names,
     when shared (:func:`weight_gram`); ``product``: ``C`` when shared (:func:`pair_product`); ``cuts``: their
-    :func:`gram_cut` at ``rtol`` when shared."""
+    :func:`gram_cut` at ``rtol`` when shared; ``eighs``: their ``torch.linalg.eigh`` when already computed (e.g.
+    by a window SVD on the same Gram), used where a Gram is not full at the cut."""
     side_l, side_next = pair_gram_sides(W_l, W_next)
     n = W_l.shape[-2]
     g_l = weight_gram(W_l, side_l, dtype=torch.float64) if gram_l is None else gram_l
@@ -557,19 +561,20 @@ def range_overlap_from_grams(W_l: torch.Tensor, W_next: torch.Tensor, *, rtol: t
             r_l = r_next = torch.full(cut_l.full.shape, n, device=g_l.device)
             pk = r_l.double()
         else:
-            (F_l, r_l), (F_next, r_next) = _kept_eigenvectors(g_l, rtol[0]), _kept_eigenvectors(g_next, rtol[1])
+            (F_l, r_l), (F_next, r_next) = (_kept_eigenvectors(g_l, rtol[0], eigh=eighs[0]),
+                                            _kept_eigenvectors(g_next, rtol[1], eigh=eighs[1]))
             pk = (F_l.mT @ F_next).square().sum((-2, -1), dtype=torch.float64)
     else:  # tr(G_Q^+ C^T G_P^+ C) = ||F_P^T C F_Q||_F^2 with G^+ = F F^T (Cholesky: F = L^{-T}, else eigenvectors)
         C = pair_product(W_l, W_next, g_next.dtype) if product is None else product.to(g_next.dtype)
         if cut_next.factor is not None:
             X, r_next = torch.linalg.solve_triangular(cut_next.factor, C, upper=False), _full_rank(cut_next)
         else:
-            F, r_next = _kept_eigenvectors(g_next, rtol[1], whiten=True)
+            F, r_next = _kept_eigenvectors(g_next, rtol[1], whiten=True, eigh=eighs[1])
             X = F.mT @ C
         if cut_l.factor is not None:
             X, r_l = torch.linalg.solve_triangular(cut_l.factor.mT, X, upper=True, left=False), _full_rank(cut_l)
         else:
-            F, r_l = _kept_eigenvectors(g_l, rtol[0], whiten=True)
+            F, r_l = _kept_eigenvectors(g_l, rtol[0], whiten=True, eigh=eighs[0])
             X = X @ F
         pk = X.square().sum((-2, -1), dtype=torch.float64)
     baseline = torch.where(torch.minimum(r_l, r_next) > 0, torch.maximum(r_l, r_next).double() / n,

@@ -235,7 +235,8 @@ def _block_krylov(X: torch.Tensor, gram: Optional[torch.Tensor], k: int, block: 
 
 def partial_svd(A: torch.Tensor, k: int, *, dtype: torch.dtype, rtol: Optional[float] = None,
                 storage_eps: Optional[float] = None, k_max: int = K_MAX, max_tau: float = MAX_TAU,
-                seed: int = 0, gram: Optional[torch.Tensor] = None) -> PartialSVD:
+                seed: int = 0, gram: Optional[torch.Tensor] = None,
+                gram_eigh: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> PartialSVD:
     """The ``k`` leading singular values of ``A (..., rows, cols)`` in ``dtype`` on ``A``'s device, and the
     leading triplets with their vectors and residuals (module docstring: randomized block Krylov with
     Rayleigh-Ritz).
@@ -255,8 +256,9 @@ def partial_svd(A: torch.Tensor, k: int, *, dtype: torch.dtype, rtol: Optional[f
     ``k + max(MIN_OVERSAMPLE, k // 4)`` columns up to :data:`MAX_BLOCKS` blocks (the residuals say how far it got).
     ``gram``: ``G`` precomputed (``A A^T`` when ``rows <= cols``, else ``A^T A``; any dtype, e.g. shared with
     the Gram factors of kappa): then no product with ``A`` is formed before the window's vectors, and the Krylov
-    blocks cost ``r^2`` instead of ``2 r c`` per column.  Deterministic for a given ``seed``.  Batched: one basis
-    per batch member, same ``k``.
+    blocks cost ``r^2`` instead of ``2 r c`` per column.  ``gram_eigh``: ``torch.linalg.eigh(G)`` precomputed
+    (the report shares it with range_overlap's kept eigenvectors, MATH.md §3), used where the route is the small
+    Gram's eigenvectors.  Deterministic for a given ``seed``.  Batched: one basis per batch member, same ``k``.
     """
     check_matrix("A", A, where="partial_svd")
     check_dtype(dtype, where="partial_svd")
@@ -289,7 +291,9 @@ def partial_svd(A: torch.Tensor, k: int, *, dtype: torch.dtype, rtol: Optional[f
     block = k + max(MIN_OVERSAMPLE, k // 4)
     ritz = _block_krylov(X, gram, k, block, done, seed) if small > DENSE_GRAM_MAX and 4 * block <= small else None
     if ritz is None:  # the small Gram's eigenvectors
-        evals, evecs = torch.linalg.eigh(gram if gram is not None else X @ X.mT)
+        evals, evecs = (gram_eigh if gram_eigh is not None else
+                        torch.linalg.eigh(gram if gram is not None else X @ X.mT))
+        evals, evecs = evals.to(dtype), evecs.to(dtype)
         ritz = evecs[..., -k:].flip(-1), evals[..., -k:].flip(-1).clamp_min(0).sqrt()
     U, s = ritz
     m = k if storage_eps is None else min(k, int(windows(s).max()) + 1 if s.numel() else 1)

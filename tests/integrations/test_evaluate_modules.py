@@ -221,6 +221,23 @@ def test_flag_alignment_model_id_equals_analyze(flag_module, tiny_checkpoint):
     assert "mlp/commutator_ratio" in out and "mlp/commutator_ratio_baseline" in out
 
 
+def test_flag_alignment_says_where_kappa_reads(flag_module, tiny_checkpoint, tiny_llama):
+    """Kappa reads as alignment only where one weight of the pair has rank n (MATH.md §3): not on the MLP pairs
+    (n = d_ff above both ranks), on the vo and residual pairs of the tiny Llama (full-rank weights)."""
+    from hf_flag.geometry.pairs import commutator_reading_holds
+
+    out = flag_module.compute(model_id=str(tiny_checkpoint), diagnostics=["mlp", "vo", "residual"])
+    mlp = tiny_llama.model.layers[0].mlp
+    d_ff, d = mlp.up_proj.weight.shape
+    expected_mlp = commutator_reading_holds(int(torch.linalg.matrix_rank(mlp.down_proj.weight.double())),
+                                            int(torch.linalg.matrix_rank(mlp.up_proj.weight.double())), d_ff)
+    assert out["commutator_reading_holds"] == {"mlp": expected_mlp, "mlp_gate": expected_mlp, "vo": True,
+                                               "residual": True}
+    assert expected_mlp is False
+    assert all(r["commutator_reading_holds"] is False for r in out["per_layer"]["mlp"])
+    assert all(r["commutator_reading_holds"] is True for r in out["per_layer"]["residual"])
+
+
 def test_flag_alignment_one_model_id_as_a_string(flag_module, tiny_checkpoint):
     """``model_id="path"`` is one model (evaluate alone would split the string into characters)."""
     one = flag_module.compute(model_id=str(tiny_checkpoint), layers=[0], cheap=True)

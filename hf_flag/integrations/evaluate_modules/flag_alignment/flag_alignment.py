@@ -37,8 +37,11 @@ Args:
 Returns:
     One model: `"<kind>/<metric>"` headline scalars (e.g. `"mlp/commutator_ratio"`, `"vo/commutator_ratio"`,
     `"head_overlap_o/overlap"`), each beside its random baseline `"<kind>/<metric>_baseline"` (None
-    where the report has none), `"model"`, `"summary"` (every summary scalar) and
-    `"per_layer"` (`{kind: [{"layer", "target_layer", "source", "target", <metric>: value, ...}]}`).
+    where the report has none), `"model"`, `"summary"` (every summary scalar),
+    `"commutator_reading_holds"` (`{pair kind: bool}`: whether kappa reads as alignment on every row of that
+    kind, MATH.md §3; where it is False, e.g. MLP pairs, read `"<kind>/range_overlap"` instead) and
+    `"per_layer"` (`{kind: [{"layer", "target_layer", "source", "target", <metric>: value, ...,
+    "commutator_reading_holds": bool}]}`).
     Several models: the same keys, each holding a list in `model_id` order.
 Examples:
     >>> import evaluate
@@ -71,13 +74,18 @@ def headline_keys(summary: dict[str, float], headline: Sequence[str]) -> list[st
 def report_output(report: Any, headline: Sequence[str]) -> dict[str, Any]:
     """One report as the module's output: headline scalars flat, each beside its baseline (``None`` where the
     report has none), the full summary and per-layer rows nested."""
+    from hf_flag.integrations.readings import KAPPA_READS, kappa_reads
+
     per_layer: dict[str, list[dict[str, Any]]] = {}
     for row in report.rows:
+        reads = {KAPPA_READS: row.details[KAPPA_READS]} if KAPPA_READS in row.details else {}
         per_layer.setdefault(row.kind, []).append(
             {"layer": row.layer, "target_layer": row.target_layer, "source": row.source, "target": row.target,
-             **row.values})
+             **row.values, **reads})
     out: dict[str, Any] = {key: report.summary.get(key) for key in headline_keys(report.summary, headline)}
-    out.update({"model": report.model, "summary": dict(report.summary), "per_layer": per_layer})
+    reading = {kind: kappa_reads(report, kind) for kind in per_layer if any(KAPPA_READS in r for r in per_layer[kind])}
+    out.update({"model": report.model, "summary": dict(report.summary), KAPPA_READS: reading,
+                "per_layer": per_layer})
     return out
 
 
