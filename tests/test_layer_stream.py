@@ -93,3 +93,18 @@ def test_all_finite_matches_isfinite(dtype):
                 assert all_finite(y) == bool(torch.isfinite(y).all()) is False
                 assert not all_finite(y.reshape(-1, 1).mT)
     assert all_finite(torch.empty(0, 3, dtype=dtype))
+
+
+def test_mmap_threshold_is_fixed_only_for_weights_read_from_files(tiny_llama, tiny_checkpoint, monkeypatch):
+    """The process-wide glibc setting (``checks.bound_heap_growth``) is made for file-backed analyses (the
+    streamed checkpoints the memory bound is about), never for an in-memory model such as the Trainer
+    callback's, whose process the setting would otherwise outlive."""
+    import hf_flag.analysis.transformer as transformer
+    from hf_flag.analysis.api import analyze
+
+    calls = []
+    monkeypatch.setattr(transformer, "bound_heap_growth", lambda: calls.append(1))
+    analyze(tiny_llama, device="cpu", cheap=True)
+    assert calls == []
+    analyze(str(tiny_checkpoint), device="cpu", cheap=True)
+    assert calls == [1]

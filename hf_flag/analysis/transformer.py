@@ -24,6 +24,7 @@ from hf_flag.report import Report, Row
 from hf_flag.rows import (COMPOSITION_KINDS, CROSS_LAYER_KINDS, HEAD_OVERLAP_KINDS, KIND_MLP, KIND_MLP_GATE,
                           KIND_RESIDUAL, KIND_VO)
 from hf_flag.weights.adapters import get_adapter
+from hf_flag.weights.module_source import ModuleSource
 
 #: memory budget (bytes) of the composition pass: packed Grams of a chunk of source layers plus one destination
 #: layer's (``analysis.heads.gram_composition_rows``), or cached attention for the tiled fallback.  256 MiB holds
@@ -250,8 +251,10 @@ def analyze_transformer(source, name: str, *, device: torch.device, dtype: Optio
     """Rows of a transformer read through its adapter, streaming blocks (see the module docstring).
     ``dtype`` ``None``: :func:`model_compute_dtype`; ``composition="auto"``: all layer pairs where
     :func:`~hf_flag.analysis.heads.composition_estimate` finds the cost small, adjacent ones otherwise (the
-    estimate is printed to stderr with ``progress``)."""
-    bound_heap_growth()
+    estimate is printed to stderr with ``progress``).  Weights read from files (not an in-memory module, e.g. the
+    Trainer callback's) fix the process's mmap threshold first (:func:`~hf_flag.analysis.checks.bound_heap_growth`)."""
+    if not isinstance(source, ModuleSource):
+        bound_heap_growth()
     keys = source.keys()
     adapter = get_adapter(source.config, keys)
     layout = adapter.layout(source.config, keys)
