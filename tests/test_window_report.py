@@ -174,3 +174,32 @@ def test_window_report_range_overlap_on_mlp_pairs_equals_the_full_report(tiny_ll
             assert row.values["range_overlap_baseline"] == pytest.approx(expected["range_overlap_baseline"], abs=1e-12)
         else:
             assert value is None and row.details["commutator_reading_holds"] is True
+
+
+def test_range_overlap_is_reported_where_a_residual_pair_kappa_does_not_read():
+    """A residual pair whose two weights are both below rank n = d (MATH.md §3: kappa does not read) gets the
+    range overlap in the default report, equal to the float64 thin-SVD form (``range_overlap_from_svd``); a
+    residual pair with a full-rank weight keeps ``None`` (kappa reads there)."""
+    from tests.conftest import make_tiny_llama
+
+    from hf_flag.geometry.pairs import range_overlap_from_svd
+
+    model = make_tiny_llama(seed=3)
+    torch.manual_seed(3)
+    with torch.no_grad():  # rank 28 < d = 32 for layer 0's down projection and layer 1's up projection
+        model.model.layers[0].mlp.down_proj.weight.copy_(torch.randn(32, 28) @ torch.randn(28, 48) / 8)
+        model.model.layers[1].mlp.up_proj.weight.copy_(torch.randn(48, 28) @ torch.randn(28, 32) / 8)
+    report = analyze(model, device="cpu", diagnostics={"residual"})
+    (row,) = report.select(kind="residual")
+    assert row.details["commutator_reading_holds"] is False
+    W_l = model.model.layers[0].mlp.down_proj.weight.detach().double()
+    W_next = model.model.layers[1].mlp.up_proj.weight.detach().double()
+    U, s_l, _ = torch.linalg.svd(W_l, full_matrices=False)
+    _, s_next, Vh = torch.linalg.svd(W_next, full_matrices=False)
+    overlap, baseline = range_overlap_from_svd(Vh @ U, s_l, s_next, 32, rtol=(1e-6, 1e-6))
+    assert row.values["range_overlap"] == pytest.approx(float(overlap), rel=1e-5, abs=1e-6)
+    assert row.values["range_overlap_baseline"] == pytest.approx(float(baseline), rel=1e-12)
+    assert float(baseline) == 28 / 32
+    full_rank = analyze(make_tiny_llama(seed=3), device="cpu", diagnostics={"residual"}).select(kind="residual")
+    assert full_rank[0].details["commutator_reading_holds"] is True
+    assert full_rank[0].values["range_overlap"] is None

@@ -27,7 +27,8 @@ Row kinds (names in :mod:`hf_flag.rows`, which every other part of hf-flag impor
   precision determines (``geometry.spectral``): transport scores at the largest cut determined on both sides
   (``None`` where there is none; the basis score also needs every cut below it), flags cut inside the windows,
   ``gl_kernel_dim`` ``None`` (it needs whole spectra), ``range_overlap`` from the Grams on the pairs where kappa
-  does not read (MLP pairs; ``None`` on the others), and the certificate ``window_in`` / ``window_out`` (leading
+  does not read (MLP pairs, and residual or vo pairs whose weights are both below rank n at the storage cut;
+  ``None`` where kappa reads), and the certificate ``window_in`` / ``window_out`` (leading
   singular vectors used, at most ``geometry.spectral.K_MAX``) and ``svd_residual_in`` / ``svd_residual_out`` (the
   partial SVD's largest relative residual over them).  ``full=True`` keeps the all-vectors analysis above.
 * head rows (§1, §6): ``"head_overlap_q/k/v"`` (read subspaces col(W_*^h) of one layer, h < h'),

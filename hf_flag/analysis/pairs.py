@@ -212,8 +212,9 @@ def pair_window_values(W_l: torch.Tensor, W_next: torch.Tensor, *, storage_eps: 
     ``svd_residual_in`` / ``svd_residual_out`` (largest relative residual of the triplets used).  The GL kernel
     dimension needs whole spectra: ``None`` here (``full=True`` computes it).  ``range_overlap`` (with its
     baseline) comes from the shared Grams (:func:`~hf_flag.geometry.pairs.range_overlap_from_grams`) on the
-    low-rank pairs where kappa does not read (both weights' shorter sides below n: the MLP pairs); ``None`` on the
-    others, whose kappa reads (``full=True`` computes it everywhere).  Rank cuts (range_overlap, flags, the reading
+    pairs where kappa does not read: the low-rank pairs (both weights' shorter sides below n: the MLP pairs) and
+    the pairs with n small whose two weights are both below rank n at the storage cut; ``None`` where kappa reads
+    (``full=True`` computes it everywhere).  Rank cuts (range_overlap, flags, the reading
     ``commutator_reading_holds`` in the details) at the storage precision (MATH.md §1,
     :func:`~hf_flag.geometry.angles.default_rtol` with ``storage_eps``); the Grams' cuts
     (:func:`~hf_flag.geometry.pairs.gram_cut`) take ``lambda_max = sigma_1^2`` from the partial SVDs.  ``gram``:
@@ -248,6 +249,14 @@ def pair_window_values(W_l: torch.Tensor, W_next: torch.Tensor, *, storage_eps: 
         if not bool(cut_l.full.all()):
             cut_next = gram.cut("next", side_next, exact, rank_rtol[1], tops[1])
         reads = commutator_reading_of_pairs(W_l, W_next, storage_eps=storage_eps, cuts=(cut_l, cut_next))
+        if not all(reads):  # both weights below rank n at the storage cut: the range overlap reads instead (§3)
+            cut_next = gram.cut("next", side_next, exact, rank_rtol[1], tops[1]) if cut_next is None else cut_next
+            eighs = tuple(None if bool(cut.full.all()) else gram.eigh(which, side, exact)
+                          for cut, which, side in ((cut_l, "l", side_l), (cut_next, "next", side_next)))
+            both = tuple(v.tolist() for v in range_overlap_from_grams(
+                W_l, W_next, rtol=rank_rtol, gram_l=shared[0], gram_next=shared[1], cuts=(cut_l, cut_next),
+                eighs=eighs))
+            overlap = tuple([None if r else v for v, r in zip(column, reads)] for column in both)
     else:
         reads = commutator_reading_of_pairs(W_l, W_next, storage_eps=storage_eps)
     out = []
