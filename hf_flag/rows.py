@@ -45,6 +45,7 @@ HEADLINE_METRICS = (
     "mlp/commutator_ratio", "mlp/commutator_ratio_baseline", "mlp/range_overlap", "mlp/range_overlap_baseline",
     "mlp/subspace_score", "mlp/subspace_score_baseline", "mlp_gate/commutator_ratio", "mlp_gate/range_overlap",
     "vo/commutator_ratio", "vo/commutator_ratio_baseline", "residual/commutator_ratio",
+    "residual/range_overlap", "residual/range_overlap_baseline",
     "linear_chain/commutator_ratio", "linear_chain/commutator_ratio_baseline",
     "head_overlap_o/overlap", "head_overlap_o/overlap_baseline", "head_overlap_q/overlap",
     "cross_layer_overlap_q/overlap", "composition_q/score", "composition_q/score_baseline", "composition_v/score",
