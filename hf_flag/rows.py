@@ -40,6 +40,10 @@ KIND_LABELS = {
     COMPOSITION_KINDS["v"]: "V-composition",
 }
 
+#: the pair rows' ``details`` key saying whether kappa reads as alignment there (MATH.md §3,
+#: ``geometry.pairs.commutator_reading_holds``)
+KAPPA_READS = "commutator_reading_holds"
+
 #: ordered ``kind/metric`` summary keys for model cards and tables (present ones only are shown)
 HEADLINE_METRICS = (
     "mlp/commutator_ratio", "mlp/commutator_ratio_baseline", "mlp/range_overlap", "mlp/range_overlap_baseline",

@@ -332,9 +332,10 @@ def test_cheap_values_equal_full_values_and_leave_model_alone(llama_report):
                for r in cheap.rows)
     for n, t in model.state_dict().items():
         assert (t.dtype, t.device) == before[n][:2] and torch.equal(t, before[n][2])
-    # bf16 weights are analysed in float64: the same numbers as their exact float64 upcast
+    # bf16 weights: Grams in float32 (the precision policy, geometry.spectral.gram_dtype), so the numbers of their
+    # exact float64 upcast within float32 rounding (1e-5 relative; the storage tolerance is eps_bf16 = 2^-8)
     upcast = analyze(copy.deepcopy(model).double(), device="cpu", cheap=True)
-    same_rows(cheap, upcast, rel=1e-10)
+    same_rows(cheap, upcast, rel=1e-5)
     # cheap (Gram factors) vs full (thin SVDs): two algorithms for the same six values
     cheap64 = analyze(build("llama"), device="cpu", cheap=True)
     full = {(r.kind, r.layer, r.source): r for r in llama_report.rows}

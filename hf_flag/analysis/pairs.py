@@ -11,13 +11,14 @@ import torch
 from hf_flag.geometry.angles import default_rtol, thin_svd
 from hf_flag.geometry.baselines import transport_baselines
 from hf_flag.geometry.flags import flag_position_from_svd, gl_kernel_dim_from_product_rank
-from hf_flag.geometry.pairs import (GramCut, augment, commutator_reading_of_pairs, gram_cut, gram_diagnostics,
+from hf_flag.geometry.pairs import (GramCut, augment, commutator_reading_of_pairs, gram_cut,
                                     gram_pair_values, imbalance_diagonal_norm, normalized_commutator_ratio,
                                     pair_gram_sides, pair_product, pair_values_from_svd, range_overlap_from_grams,
                                     transport_k, transport_scores_from_matrix, weight_gram)
 from hf_flag.geometry.spectral import (K_MAX, PartialSVD, determined_cuts, gram_dtype, partial_svd, transport_window,
                                        wedin_window)
 from hf_flag.report import Row
+from hf_flag.rows import KAPPA_READS
 
 #: a thin SVD ``(U, s, Vh)`` as returned by :func:`hf_flag.geometry.angles.thin_svd`
 ThinSVD = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -46,7 +47,7 @@ def pair_geometry_values(W_l: torch.Tensor, W_next: torch.Tensor, *, storage_eps
                          svd_l: Optional[ThinSVD] = None, svd_next: Optional[ThinSVD] = None
                          ) -> list[tuple[dict, dict]]:
     """(values, details) of a batch of full pair rows (``W_l`` (B, n, k) bias-augmented, ``W_next`` (B, m, n)):
-    every value of :func:`pair_values` with ``cheap=False``.
+    every value of a full pair row.
 
     One thin SVD per weight (``svd_l``, ``svd_next``: pass them when the weight belongs to several pairs, e.g.
     ``mlp_out`` in the mlp, mlp_gate and residual pairs) serves everything:
@@ -79,30 +80,34 @@ def pair_geometry_values(W_l: torch.Tensor, W_next: torch.Tensor, *, storage_eps
     return out
 
 
-def gram_values(W_l: torch.Tensor, W_next: torch.Tensor) -> list[dict]:
-    """Per batch member: kappa, sqrt(2) kappa, kappa's Haar RMS, ||D||, relative imbalance and ||diag D|| from one
-    set of Gram factors of ``(W_l, W_next)`` (no SVD; MATH.md §2, §3)."""
-    g = gram_diagnostics(W_l, W_next)
+def gram_values(W_l: torch.Tensor, W_next: torch.Tensor, *, storage_eps: float,
+                gram: Optional["PairGrams"] = None) -> list[tuple[dict, dict]]:
+    """(values, details) per batch member of the cheap rows: kappa, sqrt(2) kappa, kappa's Haar RMS, ||D||,
+    relative imbalance and ||diag D|| from one set of Gram factors of ``(W_l, W_next)`` (no SVD; MATH.md §2, §3),
+    in :func:`~hf_flag.geometry.spectral.gram_dtype` of the storage precision (the default report's policy: float32
+    Grams of bf16 or quantised weights, float64 otherwise), from the pair's shared Grams ``gram``
+    (:class:`PairGrams`) when given; details: whether kappa reads (``commutator_reading_holds``) at the storage
+    cut, from the same Grams' rank cuts (:func:`~hf_flag.geometry.pairs.gram_cut`)."""
+    exact = gram_dtype(storage_eps, W_l.dtype)
+    side_l, side_next = pair_gram_sides(W_l, W_next)
+    gram = PairGrams.unshared(W_l, W_next) if gram is None else gram
+    product = pair_product(W_l, W_next, exact) if side_l == "cols" else None  # C = W_next W_l when n is large
+    g = gram_pair_values(W_l, W_next, dtype=exact, gram_l=gram.gram("l", side_l, exact),
+                         gram_next=gram.gram("next", side_next, exact), product=product)
+    cuts: tuple[Optional[GramCut], Optional[GramCut]] = (None, None)
+    if side_l == "rows":  # n small: the shared Grams are the hidden-side B and A whose ranks decide the reading
+        rtol = (default_rtol(W_l, storage_eps), default_rtol(W_next, storage_eps))
+        cuts = (gram.cut("l", side_l, exact, rtol[0], None), gram.cut("next", side_next, exact, rtol[1], None))
+    reads = commutator_reading_of_pairs(W_l, W_next, storage_eps=storage_eps, cuts=cuts)
     columns = {
         "commutator_ratio": g.commutator_ratio,
         "commutator_ratio_normalized": normalized_commutator_ratio(g.commutator_ratio),
         "commutator_ratio_baseline": g.commutator_haar_rms, "imbalance_norm": g.imbalance_norm,
         "relative_imbalance": g.relative_imbalance,
-        "imbalance_diagonal_norm": imbalance_diagonal_norm(W_l, W_next),
+        "imbalance_diagonal_norm": imbalance_diagonal_norm(W_l, W_next, dtype=exact),
     }
-    return [{m: float(col[i]) for m, col in columns.items()} for i in range(W_l.shape[0])]
-
-
-def pair_values(W_l: torch.Tensor, W_next: torch.Tensor, *, cheap: bool, storage_eps: float,
-                svd_l: Optional[ThinSVD] = None, svd_next: Optional[ThinSVD] = None) -> list[tuple[dict, dict]]:
-    """(values, details) of a batch of pair rows, ``W_l`` (B, n, k) already bias-augmented, ``W_next`` (B, m, n).
-
-    MATH.md §2 (imbalance), §3 (commutator ratio and its Haar RMS), §4 (transport, flags).  ``cheap``: Gram
-    factors only (kappa and the imbalance norms, no SVD); otherwise :func:`pair_geometry_values` (reusing the
-    thin SVDs ``svd_l``, ``svd_next`` when given)."""
-    if cheap:
-        return [(r, {}) for r in gram_values(W_l, W_next)]
-    return pair_geometry_values(W_l, W_next, storage_eps=storage_eps, svd_l=svd_l, svd_next=svd_next)
+    return [({m: float(col[i]) for m, col in columns.items()}, {KAPPA_READS: reads[i]})
+            for i in range(W_l.shape[0])]
 
 
 class PairGrams:
@@ -165,15 +170,15 @@ def pair_rows(model: str, kind: str, ids: Sequence[tuple[int, int, str, str]], W
                                  svd_next=svd_next, gram=gram)
         return [Row(model, kind, *i, values, {**details, "activation": activation}) for i, (values, details) in
                 zip(ids, out)]
-    if not cheap:  # full: one thin SVD per weight serves the values and the reading's ranks below
-        svd_l = thin_svd(W_aug) if svd_l is None else svd_l
-        svd_next = thin_svd(W_next) if svd_next is None else svd_next
-    out = pair_values(W_aug, W_next, cheap=cheap, storage_eps=storage_eps, svd_l=svd_l, svd_next=svd_next)
-    full_spectra = not cheap and svd_l is not None and svd_next is not None
-    reads = commutator_reading_of_pairs(W_aug, W_next, storage_eps=storage_eps,
-                                        s_l=svd_l[1] if full_spectra else None,
-                                        s_next=svd_next[1] if full_spectra else None)
-    return [Row(model, kind, *i, values, {**details, "activation": activation, "commutator_reading_holds": r})
+    if cheap:
+        return [Row(model, kind, *i, values, {**details, "activation": activation}) for i, (values, details) in
+                zip(ids, gram_values(W_aug, W_next, storage_eps=storage_eps, gram=gram))]
+    # full: one thin SVD per weight serves the values and the reading's ranks
+    svd_l = thin_svd(W_aug) if svd_l is None else svd_l
+    svd_next = thin_svd(W_next) if svd_next is None else svd_next
+    out = pair_geometry_values(W_aug, W_next, storage_eps=storage_eps, svd_l=svd_l, svd_next=svd_next)
+    reads = commutator_reading_of_pairs(W_aug, W_next, storage_eps=storage_eps, s_l=svd_l[1], s_next=svd_next[1])
+    return [Row(model, kind, *i, values, {**details, "activation": activation, KAPPA_READS: r})
             for i, (values, details), r in zip(ids, out, reads)]
 
 
@@ -283,7 +288,7 @@ def pair_window_values(W_l: torch.Tensor, W_next: torch.Tensor, *, storage_eps: 
                   "range_overlap": overlap[0][i], "range_overlap_baseline": overlap[1][i],
                   "gl_kernel_dim": None, "window_in": float(a), "window_out": float(b),
                   "svd_residual_in": float(cert_l[i]), "svd_residual_out": float(cert_n[i])}
-        out.append((values, {"transport_k": k, **flag_details(flag), "commutator_reading_holds": reads[i]}))
+        out.append((values, {"transport_k": k, **flag_details(flag), KAPPA_READS: reads[i]}))
     return out
 
 

@@ -305,18 +305,8 @@ def gram_diagnostics(
     (:func:`commutator_baseline`) from the same traces.
     """
     W_l, W_next = _prepare(W_l, W_next, bias_l, dtype, "gram_diagnostics")
-    n = W_l.shape[-2]
-    if _hidden_is_small(W_l, W_next):
-        A, B = _hidden_grams(W_l, W_next)
-        a, b = torch.linalg.matrix_norm(A), torch.linalg.matrix_norm(B)
-        d = torch.linalg.matrix_norm(A - B)
-        rms = commutator_haar_rms(_fro2(W_next), a.square(), _fro2(W_l), b.square(), n)
-        return GramDiagnostics(_kappa_direct(A, B), d, safe_ratio(d, a + b), rms)
-    grams = _gram_factors(W_l, W_next)
-    C, G_P, G_Q = grams
-    d, a, b = _imbalance_from_norms(W_l, W_next, _fro2(G_P), _fro2(G_Q), _fro2(C))
-    rms = commutator_haar_rms(_fro2(W_next), a.square(), _fro2(W_l), b.square(), n)
-    return GramDiagnostics(_kappa_auto(W_l, W_next, grams), d, safe_ratio(d, a + b), rms)
+    g = gram_pair_values(W_l, W_next, dtype=dtype)
+    return GramDiagnostics(g.commutator_ratio, g.imbalance_norm, g.relative_imbalance, g.commutator_haar_rms)
 
 
 def commutator_baseline(

@@ -21,12 +21,11 @@ from typing import Optional, Sequence
 
 from hf_flag.geometry.stats import difference_z, sample_sd
 from hf_flag.report import Report, Row, baseline_key
-from hf_flag.rows import summarize
+from hf_flag.rows import KAPPA_READS, summarize
 
 Z_THRESHOLD = 3.0
 MIN_LAYERS = 3
 #: row ``details`` key, set by the analysis from ``geometry.pairs.commutator_reading_holds``
-KAPPA_READS = "commutator_reading_holds"
 ABOVE, BELOW, RANDOM, UNDETERMINED, NOT_READ = "above", "below", "random", "undetermined", "not read"
 
 

@@ -144,10 +144,10 @@ def test_reading_holds_rejects_bad_ranks():
 
 
 def test_analysis_pair_rows_carry_range_overlap():
-    from hf_flag.analysis.pairs import pair_values
+    from hf_flag.analysis.pairs import pair_geometry_values
 
     W_l, W_next = _pair_with_angles(40, 8, [0.0] * 3 + [math.pi / 2] * 5, seed=4)
-    (values, _), = pair_values(W_l[None], W_next[None], cheap=False, storage_eps=2.2e-16)
+    (values, _), = pair_geometry_values(W_l[None], W_next[None], storage_eps=2.2e-16)
     assert values["range_overlap"] == pytest.approx(3 / 8, abs=1e-12)
     assert values["range_overlap_baseline"] == pytest.approx(8 / 40)
 
