@@ -94,8 +94,12 @@ def read_metric(report: Report, key: str) -> Reading:
     why = ""
     if metric == "commutator_ratio" and kappa_reads(report, kind) is not True:
         verdict = NOT_READ
-        why = ("kappa does not read as alignment here: both weights are rank-deficient, so directions one writes "
-               "into the other's kernel commute for free; read the range overlap instead"
+        rows = report.select(kind=kind)
+        unread = sum(r.details.get(KAPPA_READS) is False for r in rows)
+        where = "here" if unread == len(rows) else f"in {unread} of {len(rows)} pairs"
+        why = (f"kappa does not read as alignment {where}: both weights have rank below the hidden "
+               "dimension n (at the storage precision), so directions one writes into the other's kernel commute "
+               "for free; read the range overlap instead"
                + ("" if f"{kind}/range_overlap" in report.summary else
                   " (computed by the full report: hf-flag analyze --full)")
                if kappa_reads(report, kind) is False else

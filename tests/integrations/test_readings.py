@@ -53,6 +53,10 @@ def test_kappa_is_read_only_where_the_rows_say_it_reads():
     assert "range overlap" in readings.read_metric(
         pair_report(values, base, metric="commutator_ratio", details={readings.KAPPA_READS: False}),
         "mlp/commutator_ratio").why
+    mixed = pair_report(values, base, metric="commutator_ratio", details={readings.KAPPA_READS: True})
+    mixed.rows[1].details = {readings.KAPPA_READS: False}  # one layer of three does not read: none is read
+    r = readings.read_metric(mixed, "mlp/commutator_ratio")
+    assert r.verdict == readings.NOT_READ and "in 1 of 3 pairs" in r.why
 
 
 def test_layer_series_means_per_layer():
