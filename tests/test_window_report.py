@@ -203,3 +203,29 @@ def test_range_overlap_is_reported_where_a_residual_pair_kappa_does_not_read():
     full_rank = analyze(make_tiny_llama(seed=3), device="cpu", diagnostics={"residual"}).select(kind="residual")
     assert full_rank[0].details["commutator_reading_holds"] is True
     assert full_rank[0].values["range_overlap"] is None
+
+
+def test_full_and_default_reports_cut_ranks_at_the_same_storage_precision():
+    """bf16 weights of rank 12 plus rounding-level noise (n = 32): at the MATH.md §1 storage cut both weights have
+    rank 12, so kappa does not read and range_overlap reads the two 12-dim ranges.  The full report (float64
+    upcast) must cut at the storage precision too: at float64's cut the noise would count as rank 32 and the
+    overlap would be a trivial 1 against a baseline of 1."""
+    from hf_flag.analysis.pairs import pair_rows
+
+    torch.manual_seed(0)
+
+    def low_rank(a: int, b: int) -> torch.Tensor:
+        return (torch.randn(a, 12) @ torch.randn(12, b) / 12 + 1e-4 * torch.randn(a, b)).bfloat16()
+
+    W_l, W_next = low_rank(32, 64), low_rank(64, 32)
+    eps = torch.finfo(torch.bfloat16).eps
+    rows = {}
+    for full, dtype in ((True, torch.float64), (False, torch.float32)):
+        (rows[full],) = pair_rows("x", "residual", [(0, 1, "a", "b")], W_l.to(dtype)[None], None,
+                                  W_next.to(dtype)[None], activation="identity", cheap=False, storage_eps=eps,
+                                  window=not full)
+    for row in rows.values():
+        assert row.details["commutator_reading_holds"] is False
+        assert row.values["range_overlap_baseline"] == pytest.approx(12 / 32)
+    assert rows[True].values["range_overlap"] == pytest.approx(rows[False].values["range_overlap"], rel=1e-5)
+    assert rows[True].values["range_overlap"] < 0.9

@@ -53,15 +53,16 @@ def pair_geometry_values(W_l: torch.Tensor, W_next: torch.Tensor, *, storage_eps
     ``mlp_out`` in the mlp, mlp_gate and residual pairs) serves everything:
     :func:`~hf_flag.geometry.pairs.pair_values_from_svd` gives kappa, its closed-form Haar RMS, the imbalance
     norms (``||diag D||`` from the weights' row and column norms), the transport matrix and the product's rank
-    (MATH.md §2-§4); transport scores, flags and the GL kernel dimension read those (§4)."""
+    (MATH.md §2-§4); transport scores, flags and the GL kernel dimension read those (§4).  Rank cuts (flags,
+    range_overlap) at the MATH.md §1 cut of the storage precision ``storage_eps``, as the reading's."""
     svd_l = thin_svd(W_l) if svd_l is None else svd_l
     svd_next = thin_svd(W_next) if svd_next is None else svd_next
-    v = pair_values_from_svd(W_l, W_next, svd_l, svd_next)
+    v = pair_values_from_svd(W_l, W_next, svd_l, svd_next, storage_eps=storage_eps)
     (U, s_l, _), (_, s_next, Vh) = svd_l, svd_next
     n, k = W_l.shape[-2], transport_k(W_l.shape[-2], W_l.shape[-1], W_next.shape[-2])
     sub_base, basis_base = transport_baselines(k, n)
     subspace, basis = transport_scores_from_matrix(v.transport, k)
-    rank_rtol = (default_rtol(W_l), default_rtol(W_next))
+    rank_rtol = (default_rtol(W_l, storage_eps), default_rtol(W_next, storage_eps))  # §1 cut of the storage
     out = []
     for i in range(W_l.shape[0]):
         flag = flag_position_from_svd(U[i], s_l[i], Vh[i], s_next[i], n=n, rank_rtol=rank_rtol,

@@ -377,7 +377,7 @@ def product_rank(M: torch.Tensor, scale: torch.Tensor, *, rtol: float = PRODUCT_
 
 def pair_values_from_svd(
     W_l: torch.Tensor, W_next: torch.Tensor, svd_l: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-    svd_next: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    svd_next: tuple[torch.Tensor, torch.Tensor, torch.Tensor], *, storage_eps: Optional[float] = None,
 ) -> SpectralPairValues:
     """Commutator ratio (``method="auto"``) and its Haar RMS, ``||D||_F``, relative imbalance, ``||diag D||``, the
     transport matrix and the rank of ``W_next W_l`` from the thin SVDs of both weights, with no product over the
@@ -396,7 +396,8 @@ def pair_values_from_svd(
     a Cholesky factorisation of the same Gram, singular values only where that cannot decide).  The Haar RMS is
     :func:`~hf_flag.geometry.baselines.commutator_haar_rms` of the four traces; ``||diag D||`` as
     :func:`imbalance_diagonal_norm`.  ``range_overlap`` and its Haar value: :func:`range_overlap_from_svd` on the
-    same ``T`` (MATH.md §3).
+    same ``T`` (MATH.md §3), ranks at the §1 cut of the storage precision ``storage_eps`` (default: the dtype the
+    weights are passed in; pass the stored precision when they were upcast, as the full report does).
     """
     stored = (W_l, W_next)
     W_l, W_next = _prepare(W_l, W_next, None, torch.float64, "pair_values_from_svd")
@@ -417,7 +418,8 @@ def pair_values_from_svd(
     kappa = _refine((kappa < AUTO_FACTORED_BELOW) & (den > 0), kappa, _kappa_factored, W_l, W_next)
     d, a, b = _imbalance_from_norms(W_l, W_next, a2, b2, _fro2(M))
     baseline = commutator_haar_rms(a_sq.sum(-1), a2, b_sq.sum(-1), b2, W_l.shape[-2])
-    overlap = range_overlap_from_svd(T, s_l, s_n, W_l.shape[-2], rtol=tuple(map(default_rtol, stored)))
+    rtol = (default_rtol(stored[0], storage_eps), default_rtol(stored[1], storage_eps))
+    overlap = range_overlap_from_svd(T, s_l, s_n, W_l.shape[-2], rtol=rtol)
     scale = s_l[..., 0] * s_n[..., 0] if min(s_l.shape[-1], s_n.shape[-1]) else _fro2(M)  # (0 x 0 M: rank 0)
     diagonal = torch.linalg.vector_norm(W_next.square().sum(-2) - W_l.square().sum(-1), dim=-1)
     return SpectralPairValues(kappa, baseline, d, safe_ratio(d, a + b), diagonal, T,
