@@ -143,13 +143,24 @@ class PairGrams:
         """:meth:`eigh` when it is already in the cache, else ``None``."""
         return self.cache.get(self.keys[which] + ("eigh", side, dtype))
 
-    def cut(self, which: str, side: str, dtype: torch.dtype, rtol: float, top: Optional[torch.Tensor]) -> GramCut:
-        """:func:`~hf_flag.geometry.pairs.gram_cut` of :meth:`gram` at ``rtol``, ``top`` the weight's
-        ``sigma_1`` when known."""
-        key = self.keys[which] + ("cut", side, dtype, rtol)
+    def decided(self, which: str, side: str, dtype: torch.dtype, rtol: float, top: Optional[torch.Tensor]
+                ) -> tuple[GramCut, torch.Tensor]:
+        """``(cut, G)``: :func:`~hf_flag.geometry.pairs.gram_cut` of :meth:`gram` at ``rtol`` (``top`` the
+        weight's ``sigma_1`` when known), and the Gram it was decided on: the float64 Gram where ``dtype`` leaves
+        it unresolved (as :func:`~hf_flag.geometry.pairs.resolved_gram_cut`)."""
+        key = self.keys[which] + ("cut", side, dtype, rtol, top is None)
         if key not in self.cache:
-            self.cache[key] = gram_cut(self.gram(which, side, dtype), rtol, top=top)
+            G = self.gram(which, side, dtype)
+            cut = gram_cut(G, rtol, top=top)
+            if not cut.resolved:  # decided again on the float64 Gram (the weight is read only then)
+                G = weight_gram(self.weights[which](), side, dtype=torch.float64)
+                cut = gram_cut(G, rtol, top=top)
+            self.cache[key] = cut, G
         return self.cache[key]
+
+    def cut(self, which: str, side: str, dtype: torch.dtype, rtol: float, top: Optional[torch.Tensor]) -> GramCut:
+        """The cut of :meth:`decided`."""
+        return self.decided(which, side, dtype, rtol, top)[0]
 
 
 def pair_rows(model: str, kind: str, ids: Sequence[tuple[int, int, str, str]], W_l: torch.Tensor,
@@ -243,10 +254,10 @@ def pair_window_values(W_l: torch.Tensor, W_next: torch.Tensor, *, storage_eps: 
     overlap = [None] * W_l.shape[0], [None] * W_l.shape[0]
     cut_next = None
     if max(min(W_l.shape[-2:]), min(W_next.shape[-2:])) < n:  # low-rank pairs, where kappa does not read (§3)
-        cut_l = gram.cut("l", side_l, exact, rank_rtol[0], tops[0])
-        cut_next = gram.cut("next", side_next, exact, rank_rtol[1], tops[1])
+        cut_l, g_l = gram.decided("l", side_l, exact, rank_rtol[0], tops[0])
+        cut_next, g_next = gram.decided("next", side_next, exact, rank_rtol[1], tops[1])
         overlap = tuple(v.tolist() for v in range_overlap_from_grams(
-            W_l, W_next, rtol=rank_rtol, gram_l=shared[0], gram_next=shared[1], product=product,
+            W_l, W_next, rtol=rank_rtol, gram_l=g_l, gram_next=g_next, product=product,
             cuts=(cut_l, cut_next), eighs=(gram.cached_eigh("l", side_l, exact),
                                            gram.cached_eigh("next", side_next, exact))))
         reads = commutator_reading_of_pairs(W_l, W_next, storage_eps=storage_eps)  # no rank n: nothing computed
@@ -256,12 +267,12 @@ def pair_window_values(W_l: torch.Tensor, W_next: torch.Tensor, *, storage_eps: 
             cut_next = gram.cut("next", side_next, exact, rank_rtol[1], tops[1])
         reads = commutator_reading_of_pairs(W_l, W_next, storage_eps=storage_eps, cuts=(cut_l, cut_next))
         if not all(reads):  # both weights below rank n at the storage cut: the range overlap reads instead (§3)
-            cut_next = gram.cut("next", side_next, exact, rank_rtol[1], tops[1]) if cut_next is None else cut_next
-            eighs = tuple(None if bool(cut.full.all()) else gram.eigh(which, side, exact)
-                          for cut, which, side in ((cut_l, "l", side_l), (cut_next, "next", side_next)))
+            (cut_l, g_l), (cut_next, g_next) = (gram.decided("l", side_l, exact, rank_rtol[0], tops[0]),
+                                                gram.decided("next", side_next, exact, rank_rtol[1], tops[1]))
+            eighs = tuple(None if bool(cut.full.all()) or G.dtype != exact else gram.eigh(which, side, exact)
+                          for cut, G, which, side in ((cut_l, g_l, "l", side_l), (cut_next, g_next, "next", side_next)))
             both = tuple(v.tolist() for v in range_overlap_from_grams(
-                W_l, W_next, rtol=rank_rtol, gram_l=shared[0], gram_next=shared[1], cuts=(cut_l, cut_next),
-                eighs=eighs))
+                W_l, W_next, rtol=rank_rtol, gram_l=g_l, gram_next=g_next, cuts=(cut_l, cut_next), eighs=eighs))
             overlap = tuple([None if r else v for v, r in zip(column, reads)] for column in both)
     else:
         reads = commutator_reading_of_pairs(W_l, W_next, storage_eps=storage_eps)

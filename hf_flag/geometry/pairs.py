@@ -454,6 +454,15 @@ class GramCut(NamedTuple):
 
     full: torch.Tensor
     factor: Optional[torch.Tensor]
+    resolved: bool = True
+
+
+def gram_resolves(G: torch.Tensor, rtol: float) -> bool:
+    """Whether a Gram in its dtype resolves the §1 cut ``s > s_max rtol``: its eigenvalues' rounding
+    ``size eps_Gram lambda_max`` is at most the cut ``rtol^2 lambda_max`` (a float32 Gram of bf16 weights does not
+    above ``size ~ 520``; then :func:`gram_cut` decides only what it can prove and :func:`resolved_gram_cut` asks a
+    float64 Gram for the rest)."""
+    return G.shape[-1] * torch.finfo(G.dtype).eps <= rtol * rtol
 
 
 def gram_cut_level(G: torch.Tensor, rtol: float) -> float:
@@ -478,8 +487,11 @@ def gram_cut(G: torch.Tensor, rtol: float, *, top: Optional[torch.Tensor] = None
     SVD's ``s[..., 0]``, shape (...,)).  Without it, ``lambda_max`` is bracketed: ``||G||_F >= lambda_max`` (a
     success at that shift proves full rank) and a Rayleigh quotient of two power steps ``<= lambda_max`` (a failure
     there proves a deficit); the members these leave undecided take the eigenvalues (``eigvalsh``).  A zero ``G``
-    has rank 0."""
-    c = gram_cut_level(G, rtol)
+    has rank 0.  Where the Gram's dtype does not resolve the cut (:func:`gram_resolves`), ``full`` is decided at
+    ``c = rtol^2 + size eps_Gram`` (so a success proves full rank at the cut) and ``resolved`` is False unless every
+    member is full: the members below are undecided at this precision (:func:`resolved_gram_cut`)."""
+    resolves = gram_resolves(G, rtol)
+    c = gram_cut_level(G, rtol) if resolves else rtol * rtol + G.shape[-1] * torch.finfo(G.dtype).eps
     if top is not None:
         full = _positive_definite(G, top.to(G.dtype).square() * c)
     else:
@@ -500,7 +512,20 @@ def gram_cut(G: torch.Tensor, rtol: float, *, top: Optional[torch.Tensor] = None
         factor, info = torch.linalg.cholesky_ex(G)
         if bool((info != 0).any()):  # cannot happen for a G - tau I > 0 with tau >= 0; stay on the safe side
             factor = None
-    return GramCut(full, factor)
+    return GramCut(full, factor, resolves or bool(full.all()))
+
+
+def resolved_gram_cut(W: torch.Tensor, side: str, rtol: float, *, gram: torch.Tensor,
+                      top: Optional[torch.Tensor] = None) -> tuple[GramCut, torch.Tensor]:
+    """``(cut, G)``: :func:`gram_cut` of ``W``'s Gram ``gram`` (:func:`weight_gram` on ``side``), decided again on
+    the float64 Gram when ``gram``'s dtype leaves it unresolved (``cut.resolved`` False: a float32 Gram of wide bf16
+    weights with a singular value near the cut); ``G`` is the Gram the cut was decided on (for the eigenvectors
+    and Cholesky factors read with it, MATH.md §1, §3)."""
+    cut = gram_cut(gram, rtol, top=top)
+    if cut.resolved:
+        return cut, gram
+    G = weight_gram(W, side, dtype=torch.float64)
+    return gram_cut(G, rtol, top=top), G
 
 
 def _full_rank(cut: GramCut) -> torch.Tensor:
@@ -540,14 +565,22 @@ def range_overlap_from_grams(W_l: torch.Tensor, W_next: torch.Tensor, *, rtol: t
     eigenvectors above the cut scaled by ``lambda^{-1/2}``; where both ``B`` and ``A`` have full rank their
     projectors are the identity.  ``gram_l``, ``gram_next``: the Grams :func:`pair_gram_sides` names,
     when shared (:func:`weight_gram`); ``product``: ``C`` when shared (:func:`pair_product`); ``cuts``: their
-    :func:`gram_cut` at ``rtol`` when shared; ``eighs``: their ``torch.linalg.eigh`` when already computed (e.g.
+    :func:`gram_cut` at ``rtol`` when shared, with ``gram_l`` / ``gram_next`` the Grams they were decided on
+    (:func:`resolved_gram_cut`); ``eighs``: their ``torch.linalg.eigh`` when already computed (e.g.
     by a window SVD on the same Gram), used where a Gram is not full at the cut."""
     side_l, side_next = pair_gram_sides(W_l, W_next)
     n = W_l.shape[-2]
     g_l = weight_gram(W_l, side_l, dtype=torch.float64) if gram_l is None else gram_l
     g_next = weight_gram(W_next, side_next, dtype=torch.float64) if gram_next is None else gram_next
-    cut_l = gram_cut(g_l, rtol[0]) if cuts[0] is None else cuts[0]
-    cut_next = gram_cut(g_next, rtol[1]) if cuts[1] is None else cuts[1]
+    if cuts[0] is None:
+        cut_l, g_l = resolved_gram_cut(W_l, side_l, rtol[0], gram=g_l)
+    else:
+        cut_l = cuts[0]
+    if cuts[1] is None:
+        cut_next, g_next = resolved_gram_cut(W_next, side_next, rtol[1], gram=g_next)
+    else:
+        cut_next = cuts[1]
+    eighs = tuple(e if e is not None and e[0].dtype == g.dtype else None for e, g in zip(eighs, (g_l, g_next)))
     if side_l == "rows":  # n x n: B = W_l W_l^T, A = W_next^T W_next; tr(P_B P_A)
         if cut_l.factor is not None and cut_next.factor is not None:  # P_B = P_A = I_n
             r_l = r_next = torch.full(cut_l.full.shape, n, device=g_l.device)
@@ -555,7 +588,8 @@ def range_overlap_from_grams(W_l: torch.Tensor, W_next: torch.Tensor, *, rtol: t
         else:
             (F_l, r_l), (F_next, r_next) = (_kept_eigenvectors(g_l, rtol[0], eigh=eighs[0]),
                                             _kept_eigenvectors(g_next, rtol[1], eigh=eighs[1]))
-            pk = (F_l.mT @ F_next).square().sum((-2, -1), dtype=torch.float64)
+            wide = torch.promote_types(F_l.dtype, F_next.dtype)
+            pk = (F_l.to(wide).mT @ F_next.to(wide)).square().sum((-2, -1), dtype=torch.float64)
     else:  # tr(G_Q^+ C^T G_P^+ C) = ||F_P^T C F_Q||_F^2 with G^+ = F F^T (Cholesky: F = L^{-T}, else eigenvectors)
         C = pair_product(W_l, W_next, g_next.dtype) if product is None else product.to(g_next.dtype)
         if cut_next.factor is not None:
@@ -563,6 +597,7 @@ def range_overlap_from_grams(W_l: torch.Tensor, W_next: torch.Tensor, *, rtol: t
         else:
             F, r_next = _kept_eigenvectors(g_next, rtol[1], whiten=True, eigh=eighs[1])
             X = F.mT @ C
+        X = X.to(g_l.dtype)  # the two Grams' dtypes differ where one cut was decided in float64
         if cut_l.factor is not None:
             X, r_l = torch.linalg.solve_triangular(cut_l.factor.mT, X, upper=True, left=False), _full_rank(cut_l)
         else:
@@ -620,7 +655,8 @@ def commutator_reading_of_pairs(W_l: torch.Tensor, W_next: torch.Tensor, *, stor
         elif cut is not None:
             full = cut.full
         else:
-            full = gram_cut(weight_gram(W, side, dtype=torch.promote_types(W.dtype, torch.float32)), rtol).full
+            G = weight_gram(W, side, dtype=torch.promote_types(W.dtype, torch.float32))
+            full = resolved_gram_cut(W, side, rtol, gram=G)[0].full
         holds |= full.reshape(-1).cpu()
     return holds.tolist()
 

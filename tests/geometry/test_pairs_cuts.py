@@ -228,3 +228,31 @@ def test_default_report_values_with_storage_exact_products_match_float64(kappa_s
         assert v32[key] == pytest.approx(v64[key], rel=BF16_EPS), key
     assert v64["range_overlap_baseline"] == 96 / 400 and v64["range_overlap"] > 0.99  # balanced: shared ranges
     assert d32["commutator_reading_holds"] is d64["commutator_reading_holds"] is False
+
+
+def test_a_float32_gram_that_cannot_resolve_the_cut_hands_it_to_float64():
+    """bf16 weight, n = 1024, sigma_min / sigma_max = 0.010 above the §1 cut rtol = 0.0079 (full rank there): a
+    float32 Gram's rounding (n eps32 = 1.2e-4 of lambda_max) exceeds the cut rtol^2 = 6.2e-5, so ``gram_cut``
+    leaves it unresolved instead of calling the weight rank-deficient, and ``resolved_gram_cut`` decides it on
+    the float64 Gram, as the thin SVD does."""
+    from hf_flag.geometry.angles import default_rtol
+    from hf_flag.geometry.pairs import gram_cut, gram_resolves, resolved_gram_cut
+
+    torch.manual_seed(0)
+    n, k = 1024, 1100
+    U = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64)).Q
+    V = torch.linalg.qr(torch.randn(k, n, dtype=torch.float64)).Q
+    W = ((U * torch.linspace(1, 0.01, n, dtype=torch.float64)) @ V.T).to(torch.bfloat16).float()[None]
+    eps = torch.finfo(torch.bfloat16).eps
+    rtol = default_rtol(W, eps)
+    s = torch.linalg.svdvals(W.double())
+    assert float(s[0, -1] / s[0, 0]) > rtol  # full rank at the cut (the reference)
+    G32 = weight_gram(W, "rows", dtype=torch.float32)
+    assert not gram_resolves(G32, rtol)
+    assert not gram_cut(G32, rtol, top=s[:, 0]).resolved
+    cut, G = resolved_gram_cut(W, "rows", rtol, gram=G32, top=s[:, 0])
+    assert G.dtype == torch.float64 and cut.resolved and cut.full.tolist() == [True]
+    W_next = (torch.randn(k, 10) @ torch.randn(10, n))[None]  # rank 10: W_l decides the reading
+    assert commutator_reading_of_pairs(W, W_next, storage_eps=eps) == [True]
+    assert commutator_reading_of_pairs(W, W_next, storage_eps=eps, s_l=s,
+                                       s_next=torch.linalg.svdvals(W_next.double())) == [True]
