@@ -2,6 +2,9 @@
 
 * ``commutator_ratio.png``: commutator ratio kappa by layer (MATH.md §3), **one panel per pair kind** (MLP, gated
   MLP, attention value -> output, residual, linear chain), each with its random baseline drawn dashed and labelled;
+  a panel where kappa does not read as alignment (MATH.md §3) says so in its title and points to the range overlap;
+* ``range_overlap.png``: the range overlap by layer (MATH.md §3), the measure that reads on those pairs, with its
+  Haar baseline;
 * ``intersection_dim.png``: flag intersection dimension by layer (MATH.md §4), one panel per pair kind, its generic
   baseline dashed and labelled, the transport windows (``window_in`` / ``window_out``: singular vectors used) drawn
   where the rows have them, and layers without a value named with the reason (the two flags share no cut below
@@ -26,7 +29,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from hf_flag.atomic import atomic_write
-from hf_flag.integrations.readings import layer_series
+from hf_flag.integrations.readings import kappa_reads, kappa_unread_where, layer_series
 from hf_flag.report import Report, baseline_key
 from hf_flag.rows import HEAD_OVERLAP_KINDS, KIND_LABELS, PAIR_KINDS, summarize
 
@@ -34,13 +37,19 @@ from hf_flag.rows import HEAD_OVERLAP_KINDS, KIND_LABELS, PAIR_KINDS, summarize
 BY_LAYER_PLOTS = {
     "commutator_ratio": ("Commutator ratio by layer", "commutator_ratio",
                          "commutator ratio kappa\n(0 = shared eigenbasis)"),
+    "range_overlap": ("Range overlap by layer", "range_overlap",
+                      "range overlap\n(1 = one range holds the other)"),
     "intersection_dim": ("Intersection dimension by layer", "intersection_dim",
                          "shared flag directions\n(intersection dimension)"),
 }
+#: metrics read on the storage-precision windows: their panels draw ``window_in`` / ``window_out`` (kappa and the
+#: range overlap are exact, from Grams: a window beside them would suggest otherwise)
+WINDOWED_METRICS = frozenset({"intersection_dim"})
 #: why a pair row has no value of a metric (shown in the panel instead of a silent gap)
 MISSING_WHY = {"intersection_dim": "the two flags share no cut below\n"
                                    "the hidden dimension (no clear singular-value gap)",
-               "commutator_ratio": "not computed for these rows"}
+               "commutator_ratio": "not computed for these rows",
+               "range_overlap": "kappa reads there (full-rank pairs)"}
 WINDOW_KEYS = ("window_in", "window_out")
 HEAD_OVERLAP_KIND = HEAD_OVERLAP_KINDS["o"]
 HEAD_OVERLAP_CAPTION = "Head write-subspace overlap per layer"
@@ -135,6 +144,15 @@ def window_series(report: Report, kind: str) -> dict[str, tuple[list[int], list[
     return out
 
 
+def kappa_caveat(report: Report, kind: str, metric: str) -> str:
+    """A kappa panel's title suffix where kappa does not read as alignment (MATH.md §3: both weights below rank
+    n, :func:`hf_flag.integrations.readings.kappa_reads`), pointing to the range overlap; ``""`` otherwise."""
+    if metric != "commutator_ratio" or kappa_reads(report, kind) is not False:
+        return ""
+    where = kappa_unread_where(report, kind)
+    return f"\nkappa does not read as alignment{' ' + where if where else ''} (ranks below n): read the range overlap"
+
+
 def figure_by_layer(report: Report, metric: str, kinds: Sequence[str] = PAIR_KINDS, title: Optional[str] = None,
                     ylabel: Optional[str] = None) -> Optional[Figure]:
     """``metric`` by layer, one panel per pair kind with rows: values, the random baseline dashed and labelled,
@@ -147,12 +165,13 @@ def figure_by_layer(report: Report, metric: str, kinds: Sequence[str] = PAIR_KIN
     height = 2.3 * len(panels) + 0.9
     fig = Figure(figsize=(8.6, height))
     axes = fig.subplots(len(panels), 1, squeeze=False)[:, 0]
-    with_windows = any(window_series(report, k) for k in panels)  # a second y axis needs room on the right
+    windowed = metric in WINDOWED_METRICS
+    with_windows = windowed and any(window_series(report, k) for k in panels)  # a second y axis needs room
     fig.subplots_adjust(left=0.12, right=0.64 if with_windows else 0.72, bottom=0.55 / height, top=1 - 0.8 / height,
                         hspace=0.8)
     for ax, kind in zip(axes, panels):
         layers, values, baselines = series[kind]
-        ax.set_title(KIND_LABELS.get(kind, kind), fontsize=9)
+        ax.set_title(KIND_LABELS.get(kind, kind) + kappa_caveat(report, kind, metric), fontsize=9)
         all_layers = sorted({r.layer for r in report.select(kind=kind)})
         ax.set_xlim(all_layers[0] - 0.5, all_layers[-1] + 0.5)
         missing = missing_layers(report, kind, metric, layers)
@@ -177,7 +196,7 @@ def figure_by_layer(report: Report, metric: str, kinds: Sequence[str] = PAIR_KIN
             same = np.isfinite(bs).any() and bool(np.all(ys[np.isfinite(ys)] == bs[np.isfinite(ys)]))
             ax.plot(all_layers, ys, marker="o", markersize=3.5, linewidth=1.2, color="C0", zorder=3,
                     label="value (layer mean)" + ("\n(= baseline at every layer)" if same else ""))
-        windows = window_series(report, kind)
+        windows = window_series(report, kind) if windowed else {}
         if windows:
             twin = ax.twinx()
             for (key, (wl, wv)), style in zip(windows.items(), (":", "-.")):

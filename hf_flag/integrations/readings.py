@@ -85,6 +85,14 @@ def kappa_reads_in_rows(rows: Sequence[Row]) -> Optional[bool]:
     return all(bool(f) for f in flags)
 
 
+def kappa_unread_where(report: Report, kind: str) -> str:
+    """``"in N of M pairs"`` where kappa does not read as alignment on only some of the ``kind`` rows (MATH.md §3),
+    ``""`` where it reads on none or on all of them."""
+    rows = report.select(kind=kind)
+    unread = sum(r.details.get(KAPPA_READS) is False for r in rows)
+    return f"in {unread} of {len(rows)} pairs" if 0 < unread < len(rows) else ""
+
+
 def read_metric(report: Report, key: str) -> Reading:
     """``key`` (``"kind/metric"``, present in ``report.summary``) read by the module's rule."""
     kind, _, metric = key.partition("/")
@@ -94,10 +102,7 @@ def read_metric(report: Report, key: str) -> Reading:
     why = ""
     if metric == "commutator_ratio" and kappa_reads(report, kind) is not True:
         verdict = NOT_READ
-        rows = report.select(kind=kind)
-        unread = sum(r.details.get(KAPPA_READS) is False for r in rows)
-        where = "here" if unread == len(rows) else f"in {unread} of {len(rows)} pairs"
-        why = (f"kappa does not read as alignment {where}: both weights have rank below the hidden "
+        why = (f"kappa does not read as alignment {kappa_unread_where(report, kind) or 'here'}: both weights have rank below the hidden "
                "dimension n (at the storage precision), so directions one writes into the other's kernel commute "
                "for free; read the range overlap instead"
                + ("" if f"{kind}/range_overlap" in report.summary else

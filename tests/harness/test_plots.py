@@ -126,3 +126,33 @@ def test_save_plots_once_reuses_plots_made_for_the_same_key(report, tmp_path):
     next(iter(first.values())).unlink()
     assert set(plots.save_plots_once(report, tmp_path, "fp2")) == set(first)  # a missing file: redrawn
     assert all(p.is_file() for p in first.values())
+
+
+def test_kappa_panels_say_where_kappa_does_not_read_and_the_range_overlap_is_plotted(tmp_path):
+    """MATH.md §3: kappa reads as alignment only where a weight has rank n. A panel whose rows record that it
+    does not read says so (with the count when only some pairs do not), no window is drawn beside the exact kappa,
+    and range_overlap.png plots the measure that reads there, beside its Haar baseline."""
+    rows = [Row("m", "mlp", layer, layer, "a", "b",
+                {"commutator_ratio": 0.03, "commutator_ratio_baseline": 0.028, "range_overlap": 0.4 + 0.1 * layer,
+                 "range_overlap_baseline": 0.375, "window_in": 1.0, "window_out": 0.0},
+                {"commutator_reading_holds": False}) for layer in range(3)]
+    rows += [Row("m", "residual", layer, layer + 1, "a", "b",
+                  {"commutator_ratio": 0.02, "commutator_ratio_baseline": 0.025},
+                  {"commutator_reading_holds": layer != 1}) for layer in range(3)]
+    rows += [Row("m", "vo", 0, 0, "h", "h", {"commutator_ratio": 0.02, "commutator_ratio_baseline": 0.025},
+                 {"commutator_reading_holds": True})]
+    report = Report("m", "llama", rows=rows)
+    fig = plots.figure_by_layer(report, "commutator_ratio")
+    titles = {ax.get_title().split("\n")[0]: ax.get_title() for ax in fig.axes if ax.get_title()}
+    assert titles[KIND_LABELS["mlp"]].endswith("kappa does not read as alignment (ranks below n): "
+                                              "read the range overlap")
+    assert "in 1 of 3 pairs" in titles[KIND_LABELS["residual"]]
+    assert titles[KIND_LABELS["vo"]] == KIND_LABELS["vo"]
+    assert all(ax.get_title() for ax in fig.axes)  # no window axis beside kappa
+    written = plots.save_plots(report, tmp_path / "plots")
+    assert "Range overlap by layer" in written
+    overlap = plots.figure_by_layer(report, "range_overlap")
+    [panel] = [ax for ax in overlap.axes if ax.get_title() == KIND_LABELS["mlp"]]
+    assert list(lines_of(panel)["value (layer mean)"].get_ydata()) == pytest.approx([0.4, 0.5, 0.6])
+    assert list(lines_of(panel)["random baseline"].get_ydata()) == pytest.approx([0.375] * 3)
+

@@ -109,11 +109,11 @@ def test_summary_plots_and_cards(one_process, tiny_models):
     md = (one_process / "summary.md").read_text()
     assert md.count("\n") == 2 + 5 and f"{report.summary['mlp/commutator_ratio']:.3g} (" in md
     pngs = sorted(p.name for p in (one_process / "plots" / "local--llama").glob("*.png"))
-    assert pngs == ["commutator_ratio.png", "head_overlap_o.png", "intersection_dim.png"]
+    assert pngs == ["commutator_ratio.png", "head_overlap_o.png", "intersection_dim.png", "range_overlap.png"]
     card = one_process / "model_cards" / "local--llama" / "README.md"
     text = card.read_text()
     links = [line[line.index("](") + 2:-1] for line in text.splitlines() if line.startswith("![")]
-    assert len(links) == 3 and all((card.parent / link).resolve().is_file() for link in links)
+    assert len(links) == len(pngs) and all((card.parent / link).resolve().is_file() for link in links)
     assert "- MLP: " in text and "hf_flag:" in text
     assert not (tiny_models["llama"] / "README.md").exists()  # local folders untouched without the flag
 
