@@ -177,24 +177,35 @@ def tiled_composition_rows(model: str, kinds: dict[str, str], layout, sources: S
     chunk = max(1, budget_bytes // per_layer)
     group = max(1, budget_bytes // (16 * layout.n_heads * layout.d_model * layout.head_dim * itemsize))
     base = composition_baseline(layout.d_model)
-    H = layout.n_heads
     for start in range(0, len(dests), chunk):
         cache = {t: load_attention(t) for t in dests[start:start + chunk]}
         for l in sources:
             ts = [t for t in targets[l] if t in cache]
-            if not ts:
-                continue
-            src = expand_kv(cache[l] if l in cache else load_attention(l), layout)
-            dtype = torch.promote_types(src["V"].dtype, torch.float32)
-            for g in range(0, len(ts), group):
-                attn = [cache[t] for t in ts[g:g + group]]  # `group` destination layers, KV heads unexpanded
-                Q, O = (torch.cat([getattr(a, r) for a in attn]) for r in ("W_Q", "W_O"))
-                K, V = (torch.cat([getattr(a, r) for a in attn]) for r in ("W_K", "W_V"))
-                kv = torch.cat([kv_index(layout, K.device) + j * layout.n_kv_heads for j in range(len(attn))])
-                reads = {"q": ((Q, K[kv]), None), "k": ((Q, K), kv), "v": ((V, O.mT), kv)}
-                for s, ((X, Y), shared) in reads.items():  # in the analysis dtype (the blocks')
-                    scores = composition_scores(src["V"], src["O"], X, Y, kind=s, dtype=dtype,
-                                                shared=shared).tolist()
-                    yield from (Row(model, kinds[s], l, ts[g + j // H], f"head {h}", f"head {j % H}",
-                                    {"score": sc, "score_baseline": base})
-                                for h, row in enumerate(scores) for j, sc in enumerate(row))
+            if ts:
+                yield from _tiled_source_rows(model, kinds, layout, l, ts, cache, load_attention, group=group,
+                                              baseline=base)
+        del cache  # before the next chunk is read: one chunk resident at a time
+
+
+def _tiled_source_rows(model: str, kinds: dict[str, str], layout, l: int, ts: list[int], cache: dict,
+                       load_attention: Callable, *, group: int, baseline: float) -> Iterator[Row]:
+    """:func:`tiled_composition_rows` from source layer ``l`` to its destinations ``ts`` (cached in ``cache``);
+    its temporaries (the source's heads, a group's concatenated destination heads) are released when it ends,
+    before the next source layer is read."""
+    H = layout.n_heads
+    src = expand_kv(cache[l] if l in cache else load_attention(l), layout)
+    dtype = torch.promote_types(src["V"].dtype, torch.float32)
+    for g in range(0, len(ts), group):
+        attn = [cache[t] for t in ts[g:g + group]]  # `group` destination layers, KV heads unexpanded
+        Q, O = (torch.cat([getattr(a, r) for a in attn]) for r in ("W_Q", "W_O"))
+        K, V = (torch.cat([getattr(a, r) for a in attn]) for r in ("W_K", "W_V"))
+        kv = torch.cat([kv_index(layout, K.device) + j * layout.n_kv_heads for j in range(len(attn))])
+        reads = {"q": ((Q, K[kv]), None), "k": ((Q, K), kv), "v": ((V, O.mT), kv)}
+        del attn, Q, O, K, V  # held by reads only: each kind's pair released after its scores
+        for s in "qkv":
+            (X, Y), shared = reads.pop(s)
+            scores = composition_scores(src["V"], src["O"], X, Y, kind=s, dtype=dtype, shared=shared).tolist()
+            del X, Y
+            yield from (Row(model, kinds[s], l, ts[g + j // H], f"head {h}", f"head {j % H}",
+                            {"score": sc, "score_baseline": baseline})
+                        for h, row in enumerate(scores) for j, sc in enumerate(row))

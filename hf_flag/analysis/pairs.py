@@ -11,10 +11,10 @@ import torch
 from hf_flag.geometry.angles import default_rtol, thin_svd
 from hf_flag.geometry.baselines import transport_baselines
 from hf_flag.geometry.flags import flag_position_from_svd, gl_kernel_dim_from_product_rank
-from hf_flag.geometry.pairs import (GramCut, augment, commutator_reading_of_pairs, gram_cut,
-                                    gram_pair_values, imbalance_diagonal_norm, normalized_commutator_ratio,
+from hf_flag.geometry.pairs import (GramCut, WeightNorms, augment, commutator_reading_of_pairs, gram_cut,
+                                    gram_pair_values, imbalance_diagonal_from_norms, normalized_commutator_ratio,
                                     pair_gram_sides, pair_product, pair_values_from_svd, range_overlap_from_grams,
-                                    transport_k, transport_scores_from_matrix, weight_gram)
+                                    transport_k, transport_scores_from_matrix, weight_gram, weight_norms)
 from hf_flag.geometry.spectral import (K_MAX, PartialSVD, determined_cuts, gram_dtype, partial_svd, transport_window,
                                        wedin_window)
 from hf_flag.report import Row
@@ -93,8 +93,9 @@ def gram_values(W_l: torch.Tensor, W_next: torch.Tensor, *, storage_eps: float,
     side_l, side_next = pair_gram_sides(W_l, W_next)
     gram = PairGrams.unshared(W_l, W_next) if gram is None else gram
     product = pair_product(W_l, W_next, exact) if side_l == "cols" else None  # C = W_next W_l when n is large
+    norms = (gram.norms("l", exact), gram.norms("next", exact))
     g = gram_pair_values(W_l, W_next, dtype=exact, gram_l=gram.gram("l", side_l, exact),
-                         gram_next=gram.gram("next", side_next, exact), product=product)
+                         gram_next=gram.gram("next", side_next, exact), product=product, norms=norms)
     cuts: tuple[Optional[GramCut], Optional[GramCut]] = (None, None)
     if side_l == "rows":  # n small: the shared Grams are the hidden-side B and A whose ranks decide the reading
         rtol = (default_rtol(W_l, storage_eps), default_rtol(W_next, storage_eps))
@@ -105,7 +106,7 @@ def gram_values(W_l: torch.Tensor, W_next: torch.Tensor, *, storage_eps: float,
         "commutator_ratio_normalized": normalized_commutator_ratio(g.commutator_ratio),
         "commutator_ratio_baseline": g.commutator_haar_rms, "imbalance_norm": g.imbalance_norm,
         "relative_imbalance": g.relative_imbalance,
-        "imbalance_diagonal_norm": imbalance_diagonal_norm(W_l, W_next, dtype=exact),
+        "imbalance_diagonal_norm": imbalance_diagonal_from_norms(*norms),
     }
     return [({m: float(col[i]) for m, col in columns.items()}, {KAPPA_READS: reads[i]})
             for i in range(W_l.shape[0])]
@@ -129,6 +130,15 @@ class PairGrams:
         key = self.keys[which] + ("gram", side, dtype)
         if key not in self.cache:
             self.cache[key] = weight_gram(self.weights[which](), side, dtype=dtype)
+        return self.cache[key]
+
+    def norms(self, which: str, dtype: torch.dtype) -> WeightNorms:
+        """The weight's squared row, column and Frobenius norms in ``dtype``
+        (:func:`~hf_flag.geometry.pairs.weight_norms`), cached: kappa's Haar RMS and ``||diag D||`` of every pair
+        the weight belongs to read them."""
+        key = self.keys[which] + ("norms", dtype)
+        if key not in self.cache:
+            self.cache[key] = weight_norms(self.weights[which](), dtype)
         return self.cache[key]
 
     def eigh(self, which: str, side: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -241,8 +251,10 @@ def pair_window_values(W_l: torch.Tensor, W_next: torch.Tensor, *, storage_eps: 
     gram = PairGrams.unshared(W_l, W_next) if gram is None else gram
     shared = (gram.gram("l", side_l, exact), gram.gram("next", side_next, exact))
     product = pair_product(W_l, W_next, exact) if side_l == "cols" else None  # C = W_next W_l when n is large
-    g = gram_pair_values(W_l, W_next, dtype=exact, gram_l=shared[0], gram_next=shared[1], product=product)
-    diagonal = imbalance_diagonal_norm(W_l, W_next, dtype=exact)
+    norms = (gram.norms("l", exact), gram.norms("next", exact))
+    g = gram_pair_values(W_l, W_next, dtype=exact, gram_l=shared[0], gram_next=shared[1], product=product,
+                         norms=norms)
+    diagonal = imbalance_diagonal_from_norms(*norms)
     n = W_l.shape[-2]
     rank_rtol = (default_rtol(W_l, storage_eps), default_rtol(W_next, storage_eps))
     tops = (svd_l.s[..., 0], svd_next.s[..., 0])

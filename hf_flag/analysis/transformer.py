@@ -114,8 +114,9 @@ def layer_rows(model: str, layout, block, *, prev: Optional[Carried], next_eps: 
     ``block``'s tensors are released as soon as their last row is computed (attention after its head rows, the
     gate after its pair, the rest but the down projection after the MLP pairs), so that at most one raw block
     and one carried down projection are resident whatever the depth (issue #11, ``bench_lazy_rss.py``); the
-    residual pair from l-1 comes first among the MLP pairs, so the carried down projection and its cached
-    Gram are released before the gate pair, and the gate's cache entries go after its pair.
+    residual pair from l-1 comes first (before block l's head and vo rows), so the carried down projection and
+    its cached Gram and window are released before block l's own rows, and the gate's cache entries go after
+    its pair.
     ``next_eps``: block l+1's storage precision when it has rows with layer l (``None`` otherwise): a weight's
     window SVD is cached at the finest precision of the blocks whose pairs read it (MATH.md §4).
     ``cache``: head bases (:func:`layer_bases`), weight SVDs (:func:`weight_svd`) and Grams (:func:`pair_grams`)
@@ -130,26 +131,6 @@ def layer_rows(model: str, layout, block, *, prev: Optional[Carried], next_eps: 
         (lambda *args, at=eps: None)
     pair = dict(cheap=cheap, storage_eps=block.storage_eps, window=window)
     rows: list[Row] = []
-    heads = "heads" in diagnostics and not cheap
-    if heads and attn is not None:
-        here = layer_bases(cache, l, attn)
-        for s in "qkvo" if own else "":
-            rows += overlap_rows(model, HEAD_OVERLAP_KINDS[s], l, l, here[s], here[s], (HEAD_LABELS[s],) * 2,
-                                 upper=True)
-        if prev is not None and prev.heads:
-            o = cache[(prev.index, "heads")]["o"]
-            for s in "qkv":
-                rows += overlap_rows(model, CROSS_LAYER_KINDS[s], prev.index, l, o, here[s],
-                                     ("head", HEAD_LABELS[s]), upper=False)
-        cache[(l, "heads")] = {"o": here["o"]}  # q/k/v bases are not read again
-    if own and "vo" in diagnostics and attn is not None:
-        kv = kv_index(layout, attn.W_V.device)
-        W_v = attn.W_V.index_select(0, kv).transpose(-1, -2)  # (H, head_dim, d): nn.Linear layout
-        b_v = None if attn.b_V is None else attn.b_V.index_select(0, kv)
-        ids = [(l, l, f"head {h}", f"head {h}") for h in range(layout.n_heads)]
-        rows += pair_rows(model, KIND_VO, ids, W_v, b_v, attn.W_O.transpose(-1, -2), activation="identity", **pair)
-        del W_v, b_v
-    block.attention = attn = None
     units, mlp_rows = block_mlps(block), own and "mlp" in diagnostics
     for _, m in units if not mlp_rows else ():  # no gate pair: the gates go before the residual pair
         m.mlp_gate = m.b_gate = None
@@ -164,6 +145,30 @@ def layer_rows(model: str, layout, block, *, prev: Optional[Carried], next_eps: 
                                           (l, "mlp.in", mlp.mlp_in, None)))
     if prev is not None:
         prev.mlp_out = prev.b_out = None
+    for old in [k for k in cache if k[0] < l and k[1] != "heads"]:  # layer l-1's o bases: for the head rows
+        del cache[old]
+    heads = "heads" in diagnostics and not cheap
+    if heads and attn is not None:
+        here = layer_bases(cache, l, attn)
+        for s in "qkvo" if own else "":
+            rows += overlap_rows(model, HEAD_OVERLAP_KINDS[s], l, l, here[s], here[s], (HEAD_LABELS[s],) * 2,
+                                 upper=True)
+        if prev is not None and prev.heads:
+            o = cache[(prev.index, "heads")]["o"]
+            for s in "qkv":
+                rows += overlap_rows(model, CROSS_LAYER_KINDS[s], prev.index, l, o, here[s],
+                                     ("head", HEAD_LABELS[s]), upper=False)
+            del o
+        cache[(l, "heads")] = {"o": here["o"]}  # q/k/v bases are not read again
+        del here
+    if own and "vo" in diagnostics and attn is not None:
+        kv = kv_index(layout, attn.W_V.device)
+        W_v = attn.W_V.index_select(0, kv).transpose(-1, -2)  # (H, head_dim, d): nn.Linear layout
+        b_v = None if attn.b_V is None else attn.b_V.index_select(0, kv)
+        ids = [(l, l, f"head {h}", f"head {h}") for h in range(layout.n_heads)]
+        rows += pair_rows(model, KIND_VO, ids, W_v, b_v, attn.W_O.transpose(-1, -2), activation="identity", **pair)
+        del W_v, b_v
+    block.attention = attn = None
     for old in [k for k in cache if k[0] < l]:
         del cache[old]
     for unit, m in units:

@@ -61,10 +61,9 @@ def _shape(W: object) -> object:
     return tuple(W.shape) if isinstance(W, torch.Tensor) else type(W).__name__
 
 
-def _prepare(
-    W_l: torch.Tensor, W_next: torch.Tensor, bias_l: Optional[torch.Tensor], dtype: torch.dtype, where: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validate a pair and return ``([W_l | b_l], W_next)`` in ``dtype`` on ``W_l``'s device (MATH.md §2)."""
+def _check_pair(W_l: torch.Tensor, W_next: torch.Tensor, dtype: torch.dtype, where: str) -> None:
+    """Raise ``ValueError`` unless ``W_l`` (..., n, k) and ``W_next`` (..., m, n) are a finite real pair sharing n and
+    the batch dims, and ``dtype`` is a precision to compute in (:func:`_prepare` without converting anything)."""
     check_matrix("W_l", W_l, where=where)
     check_matrix("W_next", W_next, where=where)
     check_dtype(dtype, where=where)
@@ -75,6 +74,13 @@ def _prepare(
         )
     if W_l.shape[:-2] != W_next.shape[:-2]:
         raise ValueError(f"{where}: batch dims differ: W_l {tuple(W_l.shape)} vs W_next {tuple(W_next.shape)}")
+
+
+def _prepare(
+    W_l: torch.Tensor, W_next: torch.Tensor, bias_l: Optional[torch.Tensor], dtype: torch.dtype, where: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate a pair and return ``([W_l | b_l], W_next)`` in ``dtype`` on ``W_l``'s device (MATH.md §2)."""
+    _check_pair(W_l, W_next, dtype, where)
     W_l = W_l.to(dtype)
     W_next = W_next.to(device=W_l.device, dtype=dtype)
     if bias_l is not None:
@@ -194,8 +200,17 @@ def imbalance_diagonal_norm(
 
     The part of the imbalance that weight decay drives to zero even in ReLU nets (``diag E = 0``).
     """
-    W_l, W_next = _prepare(W_l, W_next, bias_l, dtype, "imbalance_diagonal_norm")
-    return torch.linalg.vector_norm(W_next.square().sum(-2) - W_l.square().sum(-1), dim=-1)
+    if bias_l is None:
+        _check_pair(W_l, W_next, dtype, "imbalance_diagonal_norm")
+    else:  # [W_l | b_l]: one copy
+        W_l, W_next = _prepare(W_l, W_next, bias_l, dtype, "imbalance_diagonal_norm")
+    return imbalance_diagonal_from_norms(weight_norms(W_l, dtype), weight_norms(W_next.to(W_l.device), dtype))
+
+
+def imbalance_diagonal_from_norms(norms_l: "WeightNorms", norms_next: "WeightNorms") -> torch.Tensor:
+    """``||diag D||_2 = ||col norms^2 of W_next - row norms^2 of W_l||`` from the pair's :func:`weight_norms`
+    (MATH.md §2)."""
+    return torch.linalg.vector_norm(norms_next.cols - norms_l.rows, dim=-1)
 
 
 def _commutator_factored(W_l: torch.Tensor, W_next: torch.Tensor) -> torch.Tensor:
@@ -246,7 +261,11 @@ def _kappa_trace(C: torch.Tensor, G_P: torch.Tensor, G_Q: torch.Tensor) -> tuple
     ``||A||_F = ||G_P||_F`` and ``||B||_F = ||G_Q||_F`` reuse the same Grams (:func:`_gram_factors`).
     """
     small = C.mT @ C if C.shape[-1] <= C.shape[-2] else C @ C.mT
-    num2 = 2.0 * ((G_P @ C) * (C @ G_Q)).sum(dim=(-2, -1)) - 2.0 * _fro2(small)
+    small2 = small.square_().sum(dim=(-2, -1))  # in place: two m x k temporaries at a time, not four
+    del small
+    left = G_P @ C
+    num2 = 2.0 * left.mul_(C @ G_Q).sum(dim=(-2, -1)) - 2.0 * small2
+    del left
     den = torch.linalg.matrix_norm(G_P) * torch.linalg.matrix_norm(G_Q)
     return safe_ratio(num2.clamp_min(0).sqrt(), den), den
 
@@ -782,30 +801,89 @@ def storage_exact_matmul(*factors: torch.Tensor) -> Iterator[bool]:
         matmul.fp32_precision = before
 
 
+#: at most this many bytes of a weight are converted to another dtype at a time (:func:`weight_gram`,
+#: :func:`weight_norms`, :func:`pair_product`; e.g. a float32 weight's float64 Gram), so that no full-size converted
+#: copy exists beside the weight: the default report's peak memory (issue #11 item 4, ``bench_lazy_rss.py``)
+CONVERT_CHUNK_BYTES = 4 << 20
+
+
+def _slices(W: torch.Tensor, dim: int, dtype: torch.dtype) -> list[slice]:
+    """Index ranges along ``dim`` (-2 rows, -1 columns) of ``W`` whose slices, converted to ``dtype``, hold at most
+    :data:`CONVERT_CHUNK_BYTES` each (at least one row or column; one range when ``W`` is empty)."""
+    size = W.shape[dim]
+    step = max(1, CONVERT_CHUNK_BYTES // max(1, W.numel() // max(1, size) * dtype.itemsize))
+    return [slice(i, min(i + step, size)) for i in range(0, max(size, 1), step)]
+
+
+def _take(W: torch.Tensor, dim: int, index: slice) -> torch.Tensor:
+    """The slice ``index`` of ``W`` along ``dim`` (-2 or -1), a view."""
+    return W[..., index, :] if dim == -2 else W[..., index]
+
+
 def weight_gram(W: torch.Tensor, side: str, *, dtype: torch.dtype) -> torch.Tensor:
     """``W W^T`` (``side="rows"``) or ``W^T W`` (``"cols"``) in ``dtype``, batched: a Gram that several pairs
     share (a weight belongs to up to three pairs; :func:`gram_pair_values` takes it precomputed).  A float32 Gram
-    of bf16-stored weights takes the storage-exact product (:func:`storage_exact_matmul`)."""
+    of bf16-stored weights takes the storage-exact product (:func:`storage_exact_matmul`).  A weight in another
+    dtype is converted a slice of the contracted dim at a time (:data:`CONVERT_CHUNK_BYTES`), the slices' Grams
+    summed: no converted copy of the whole weight (the sum's rounding differs from one product's by a few ulp of
+    ``dtype``)."""
     if side not in ("rows", "cols"):
         raise ValueError(f"weight_gram: side must be 'rows' or 'cols'; got {side!r}")
     check_matrix("W", W, where="weight_gram")
-    W = W.to(dtype)
-    with storage_exact_matmul(W):
-        return W @ W.mT if side == "rows" else W.mT @ W
+    G = None
+    contracted = -1 if side == "rows" else -2
+    for index in _slices(W, contracted, dtype) if W.dtype != dtype else (slice(None),):
+        X = _take(W, contracted, index).to(dtype)
+        with storage_exact_matmul(X):
+            P = X @ X.mT if side == "rows" else X.mT @ X
+        G = P if G is None else G.add_(P)
+        del X, P
+    return G
+
+
+class WeightNorms(NamedTuple):
+    """Squared norms of a weight ``W`` (..., r, c) in one dtype (:func:`weight_norms`, MATH.md §2)."""
+
+    rows: torch.Tensor  # (..., r): ||W[i, :]||^2
+    cols: torch.Tensor  # (..., c): ||W[:, j]||^2
+    fro2: torch.Tensor  # (...): ||W||_F^2 (the sum of ``rows``)
+
+
+def weight_norms(W: torch.Tensor, dtype: torch.dtype) -> WeightNorms:
+    """:class:`WeightNorms` of ``W`` in ``dtype``, from slices of at most :data:`CONVERT_CHUNK_BYTES` (rows by
+    row slices, columns by column slices: each norm summed as from the whole converted weight), never a
+    weight-sized temporary: ``tr A = ||W_next||_F^2``, ``tr B = ||W_l||_F^2`` (kappa's Haar RMS, MATH.md §3) and
+    ``diag D`` (:func:`imbalance_diagonal_from_norms`, §2) read them."""
+    check_matrix("W", W, where="weight_norms")
+    rows = torch.cat([_take(W, -2, i).to(dtype).square().sum(-1) for i in _slices(W, -2, dtype)], dim=-1)
+    cols = torch.cat([_take(W, -1, i).to(dtype).square().sum(-2) for i in _slices(W, -1, dtype)], dim=-1)
+    return WeightNorms(rows, cols, rows.sum(-1))
 
 
 def pair_product(W_l: torch.Tensor, W_next: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``C = W_next W_l`` (..., m, k) in ``dtype``, the product :func:`gram_pair_values` and
     :func:`range_overlap_from_grams` share (MATH.md §3); storage-exact for bf16-stored float32 weights
-    (:func:`storage_exact_matmul`)."""
-    W_l, W_next = W_l.to(dtype), W_next.to(dtype)
-    with storage_exact_matmul(W_l, W_next):
-        return W_next @ W_l
+    (:func:`storage_exact_matmul`).  Weights in another dtype are converted a slice of the hidden dim n at a time
+    (:data:`CONVERT_CHUNK_BYTES` per weight), the slices' products summed, as in :func:`weight_gram`."""
+    if W_l.dtype == dtype and W_next.dtype == dtype:
+        indices = [slice(None)]
+    else:
+        wider = W_l if W_l.numel() >= W_next.numel() else W_next
+        indices = _slices(wider, -2 if wider is W_l else -1, dtype)
+    C = None
+    for index in indices:
+        L, N = _take(W_l, -2, index).to(dtype), _take(W_next, -1, index).to(dtype)
+        with storage_exact_matmul(L, N):
+            P = N @ L
+        C = P if C is None else C.add_(P)
+        del L, N, P
+    return C
 
 
 def gram_pair_values(W_l: torch.Tensor, W_next: torch.Tensor, *, dtype: torch.dtype,
                      gram_l: Optional[torch.Tensor] = None, gram_next: Optional[torch.Tensor] = None,
-                     product: Optional[torch.Tensor] = None) -> GramPairValues:
+                     product: Optional[torch.Tensor] = None,
+                     norms: tuple[Optional[WeightNorms], Optional[WeightNorms]] = (None, None)) -> GramPairValues:
     """:func:`gram_diagnostics` plus :func:`commutator_baseline` from the same Grams, in ``dtype``, no SVD and no
     ``n x n`` matrix unless n is at most both outer dims (MATH.md §2, §3); ``W_l`` already bias-augmented.
 
@@ -815,23 +893,27 @@ def gram_pair_values(W_l: torch.Tensor, W_next: torch.Tensor, *, dtype: torch.dt
     ``AUTO_FACTORED_BELOW`` and cancelling imbalances are recomputed by the factored float64 forms (as
     :func:`commutator_ratio` ``method="auto"``).  ``gram_l``, ``gram_next``: the weights' Grams on the sides
     :func:`pair_gram_sides` names (:func:`weight_gram`, in ``dtype``) when the caller shares them across pairs;
-    ``product``: ``C = W_next W_l`` (:func:`pair_product`) when shared (used when n is large).
+    ``product``: ``C = W_next W_l`` (:func:`pair_product`) when shared (used when n is large); ``norms``: the
+    weights' :func:`weight_norms` in ``dtype`` when shared.  The weights are never converted whole (each of those
+    converts a slice at a time).
     """
-    W_l, W_next = _prepare(W_l, W_next, None, dtype, "gram_pair_values")
+    _check_pair(W_l, W_next, dtype, "gram_pair_values")
+    W_next = W_next.to(W_l.device)
     n = W_l.shape[-2]
     side_l, side_next = pair_gram_sides(W_l, W_next)
     gram_l = weight_gram(W_l, side_l, dtype=dtype) if gram_l is None else gram_l.to(dtype)
     gram_next = weight_gram(W_next, side_next, dtype=dtype) if gram_next is None else gram_next.to(dtype)
+    norms_l, norms_next = (weight_norms(W, dtype) if v is None else v for W, v in zip((W_l, W_next), norms))
     if side_l == "rows":  # hidden dim small: B = W_l W_l^T, A = W_next^T W_next (n x n)
         A, B = gram_next, gram_l
         a2, b2 = _fro2(A), _fro2(B)
         d = torch.linalg.matrix_norm(A - B)
         kappa = _kappa_direct(A, B)
-    else:
+    else:  # the factored forms (_refine) read the weights in float64 themselves
         C = pair_product(W_l, W_next, dtype) if product is None else product.to(dtype)
         grams = (C, gram_next, gram_l)  # (C, G_P, G_Q)
         a2, b2 = _fro2(gram_next), _fro2(gram_l)
         d, _, _ = _imbalance_from_norms(W_l, W_next, a2, b2, _fro2(grams[0]))
         kappa = _kappa_auto(W_l, W_next, grams)
-    baseline = commutator_haar_rms(_fro2(W_next).double(), a2.double(), _fro2(W_l).double(), b2.double(), n)
+    baseline = commutator_haar_rms(norms_next.fro2.double(), a2.double(), norms_l.fro2.double(), b2.double(), n)
     return GramPairValues(kappa, baseline.to(kappa.dtype), d, safe_ratio(d, a2.sqrt() + b2.sqrt()))
