@@ -850,13 +850,18 @@ class WeightNorms(NamedTuple):
 
 
 def weight_norms(W: torch.Tensor, dtype: torch.dtype) -> WeightNorms:
-    """:class:`WeightNorms` of ``W`` in ``dtype``, from slices of at most :data:`CONVERT_CHUNK_BYTES` (rows by
-    row slices, columns by column slices: each norm summed as from the whole converted weight), never a
-    weight-sized temporary: ``tr A = ||W_next||_F^2``, ``tr B = ||W_l||_F^2`` (kappa's Haar RMS, MATH.md §3) and
-    ``diag D`` (:func:`imbalance_diagonal_from_norms`, §2) read them."""
+    """:class:`WeightNorms` of ``W`` in ``dtype``, one pass over row slices of at most :data:`CONVERT_CHUNK_BYTES`
+    (each row's norm summed whole, the columns' summed slice by slice), never a weight-sized temporary:
+    ``tr A = ||W_next||_F^2``, ``tr B = ||W_l||_F^2`` (kappa's Haar RMS, MATH.md §3) and ``diag D``
+    (:func:`imbalance_diagonal_from_norms`, §2) read them."""
     check_matrix("W", W, where="weight_norms")
-    rows = torch.cat([_take(W, -2, i).to(dtype).square().sum(-1) for i in _slices(W, -2, dtype)], dim=-1)
-    cols = torch.cat([_take(W, -1, i).to(dtype).square().sum(-2) for i in _slices(W, -1, dtype)], dim=-1)
+    rows, cols = [], None
+    for index in _slices(W, -2, dtype):
+        squares = _take(W, -2, index).to(dtype).square()
+        rows.append(squares.sum(-1))
+        cols = squares.sum(-2) if cols is None else cols.add_(squares.sum(-2))
+        del squares
+    rows = torch.cat(rows, dim=-1)
     return WeightNorms(rows, cols, rows.sum(-1))
 
 

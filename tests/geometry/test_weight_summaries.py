@@ -4,8 +4,8 @@ converted copy of a weight during the default report's pair values.
 
 Tolerances: a float32 weight's float64 Gram or product summed over slices differs from one product only in the
 rounding of the float64 sums (the entries' products are exact in float64), a few ulp of float64 (checked at
-``1e-14`` of the scale); row and column norms are each summed whole (rows are bit-identical, columns may round
-differently, the reduction's grouping depends on the slice's width)."""
+``1e-14`` of the scale); row norms are each summed whole (bit-identical), column norms slice by slice (a few
+ulp)."""
 from __future__ import annotations
 
 import pytest
