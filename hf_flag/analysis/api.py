@@ -48,7 +48,9 @@ reads only its own blocks, block l+1 and, for composition, later layers' attenti
 block at a time: layer l's rows with layer l+1 are computed once block l+1 is read, from what block l carries (its
 down projection, that weight's SVD and Gram, its ``o`` head bases), and each block's tensors are released after
 their last row.  Each layer's head bases are computed once (shared by its within-layer rows and layer l-1's
-cross-layer rows), as is each MLP weight's SVD (shared by the pairs it belongs to).  An analysis of weights read
+cross-layer rows), as is each MLP weight's SVD (shared by the pairs it belongs to), Gram and squared norms; a
+weight whose Grams run in a wider dtype (float32 weights, float64 Grams) is converted a slice at a time
+(``geometry.pairs.CONVERT_CHUNK_BYTES``), never whole.  An analysis of weights read
 from files fixes glibc's mmap threshold at 4 MiB for the process (``analysis.checks.bound_heap_growth``), so freed
 weight-sized temporaries do not stay resident; an in-memory model (e.g. the Trainer callback's) leaves it alone.
 Composition keeps at most :data:`COMPOSITION_CACHE_BYTES`: packed ``d x d`` Grams

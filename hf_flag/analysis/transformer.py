@@ -112,11 +112,12 @@ def layer_rows(model: str, layout, block, *, prev: Optional[Carried], next_eps: 
     (:class:`Carried`).
 
     ``block``'s tensors are released as soon as their last row is computed (attention after its head rows, the
-    gate after its pair, the rest but the down projection after the MLP pairs), so that at most one raw block
+    up projection after the mlp pair, the gate after its pair), so that at most one raw block
     and one carried down projection are resident whatever the depth (issue #11, ``bench_lazy_rss.py``); the
     residual pair from l-1 comes first (before block l's head and vo rows), so the carried down projection and
-    its cached Gram and window are released before block l's own rows, and the gate's cache entries go after
-    its pair.
+    its cached Gram and window are released before block l's own rows; the mlp pair comes before the gate pair
+    (each weight's cache entries go after its last pair); the carried down projection's rank cut keeps its flags,
+    not its Cholesky factor (read only where the cut is not full, where there is none).
     ``next_eps``: block l+1's storage precision when it has rows with layer l (``None`` otherwise): a weight's
     window SVD is cached at the finest precision of the blocks whose pairs read it (MATH.md §4).
     ``cache``: head bases (:func:`layer_bases`), weight SVDs (:func:`weight_svd`) and Grams (:func:`pair_grams`)
@@ -171,8 +172,16 @@ def layer_rows(model: str, layout, block, *, prev: Optional[Carried], next_eps: 
     block.attention = attn = None
     for old in [k for k in cache if k[0] < l]:
         del cache[old]
-    for unit, m in units:
-        if mlp_rows and m.mlp_gate is not None:
+    for unit, m in units if mlp_rows else ():  # the mlp pair first: its up projection goes before the gate pair
+        rows += pair_rows(model, KIND_MLP, [(l, l, f"{unit}mlp.in", f"{unit}mlp.out")], m.mlp_in[None],
+                          single(m.b_in), m.mlp_out[None], activation=m.activation,
+                          svd_l=svd(l, f"{unit}mlp.in", m.mlp_in, m.b_in), svd_next=svd(l, f"{unit}mlp.out", m.mlp_out),
+                          gram=pair_grams(cache, (l, f"{unit}mlp.in", m.mlp_in, m.b_in),
+                                          (l, f"{unit}mlp.out", m.mlp_out, None)), **pair)
+        for done in [k for k in cache if k[:2] == (l, f"{unit}mlp.in")]:
+            del cache[done]
+        m.mlp_in = m.b_in = None  # read by no later row (the residual pair from l-1 came first)
+        if m.mlp_gate is not None:
             down = (l, f"{unit}mlp.out", m.mlp_out, None)
             rows += pair_rows(model, KIND_MLP_GATE, [(l, l, f"{unit}mlp.gate", f"{unit}mlp.out")], m.mlp_gate[None],
                               single(m.b_gate), m.mlp_out[None], activation=m.activation,
@@ -182,14 +191,11 @@ def layer_rows(model: str, layout, block, *, prev: Optional[Carried], next_eps: 
             for done in [k for k in cache if k[:2] == (l, f"{unit}mlp.gate")]:
                 del cache[done]
         m.mlp_gate = m.b_gate = None
-    for unit, m in units if mlp_rows else ():
-        rows += pair_rows(model, KIND_MLP, [(l, l, f"{unit}mlp.in", f"{unit}mlp.out")], m.mlp_in[None],
-                          single(m.b_in), m.mlp_out[None], activation=m.activation,
-                          svd_l=svd(l, f"{unit}mlp.in", m.mlp_in, m.b_in), svd_next=svd(l, f"{unit}mlp.out", m.mlp_out),
-                          gram=pair_grams(cache, (l, f"{unit}mlp.in", m.mlp_in, m.b_in),
-                                          (l, f"{unit}mlp.out", m.mlp_out, None)), **pair)
     for done in [k for k in cache if k[1] not in ("mlp.out", "heads")]:  # the rows with l+1 read only these
         del cache[done]
+    for key in [k for k in cache if k[3:4] == ("cut",)]:  # the residual pair reads a factor only where none is
+        cut, G = cache[key]  # (a cut not full at every member; pair_window_values), so it is not carried
+        cache[key] = cut._replace(factor=None), G
     carried = Carried(l, block.storage_eps, None if mlp is None else mlp.mlp_out, None if mlp is None else mlp.b_out,
                       heads and (l, "heads") in cache)
     block.mlp, block.experts, block.router = None, (), None
