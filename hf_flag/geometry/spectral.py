@@ -56,7 +56,8 @@ from hf_flag.geometry.flags import MAX_TAU
 __all__ = [
     "K_MAX", "WEDIN_FACTOR", "WINDOW_RULE", "TRACE_CANCEL_FACTOR", "DENSE_GRAM_MAX", "PartialSVD", "compute_dtype",
     "gram_dtype", "partial_svd", "residual_norms", "window_certificate", "window_gap_known", "wedin_bounds",
-    "determined_cuts", "wedin_window", "transport_window", "default_residual_rtol",
+    "determined_cuts", "wedin_window", "transport_window", "default_residual_rtol", "computation_bounds",
+    "read_cuts", "certified_partial_svd", "last_cut", "transport_tolerances", "soft_tolerance",
 ]
 
 #: largest window (leading singular vectors per weight) the default report computes
@@ -74,8 +75,11 @@ DENSE_GRAM_MAX = 1024
 
 FLOAT32_EPS = torch.finfo(torch.float32).eps
 #: the default report's window rule, as reported in ``Report.params``
-WINDOW_RULE = ("last cut i <= k_max = 64 with (1/sqrt 3) eps_storage sigma_1 / (sigma_i - sigma_{i+1}) <= 0.1 "
-               "(Wedin, MATH.md §4); partial SVD by randomized block Krylov, residual certified per weight")
+WINDOW_RULE = ("cut i <= k_max = 64 read where both the storage bound (1/sqrt 3) eps_storage sigma_1 / "
+               "(sigma_i - sigma_{i+1}) and the computation's bound ||residuals_1..i||_F / (gap_i - "
+               "residual_{i+1}) are <= 0.1 rad (Wedin, MATH.md §4), the partial SVD recomputed in float64 where "
+               "only the computation's fails; window = last cut read; partial SVD on the small Gram "
+               "(eigh or randomized block Krylov), residual certified per weight")
 
 
 class PartialSVD(NamedTuple):
@@ -104,6 +108,16 @@ class PartialSVD(NamedTuple):
         ``w + 1`` (which bounds the error of ``s_{w+1}``, relative to ``s_1``) is at most a tenth of it."""
         self._check_vectors(window)
         return window_gap_known(self.s, self.residuals, window)
+
+    def computation_bounds(self) -> torch.Tensor:
+        """:func:`computation_bounds` of these values and residuals: per cut, how far the computed top-``i``
+        subspaces can be from the exact ones of the matrix as stored."""
+        return computation_bounds(self.s, self.residuals, exhausted=self.exhausted)
+
+    def read_cuts(self, *, storage_eps: float, k_max: int = K_MAX, max_tau: float = MAX_TAU) -> torch.Tensor:
+        """:func:`read_cuts` of this partial SVD."""
+        return read_cuts(self.s, self.residuals, storage_eps=storage_eps, exhausted=self.exhausted, k_max=k_max,
+                         max_tau=max_tau)
 
     def _check_vectors(self, window: torch.Tensor) -> None:
         m = self.residuals.shape[-1]
@@ -335,10 +349,15 @@ def wedin_window(s: torch.Tensor, *, storage_eps: float, exhausted: bool, k_max:
     unless ``exhausted`` (the whole spectrum: then ``sigma_{j+1} = 0`` decides the rank cut too).  A zero
     spectrum has window 0.
     """
-    ok = determined_cuts(s, storage_eps=storage_eps, exhausted=exhausted, k_max=k_max, max_tau=max_tau)
-    positions = torch.arange(1, ok.shape[-1] + 1, device=s.device)
-    return torch.where(ok, positions, torch.zeros_like(positions)).amax(-1) if ok.shape[-1] else \
-        torch.zeros(s.shape[:-1], dtype=torch.int64, device=s.device)
+    return last_cut(determined_cuts(s, storage_eps=storage_eps, exhausted=exhausted, k_max=k_max, max_tau=max_tau))
+
+
+def last_cut(cuts: torch.Tensor) -> torch.Tensor:
+    """The last cut ``i`` (1-based) where the bool mask ``cuts (..., c)`` holds, 0 where none does (int64,
+    ``cuts.shape[:-1]``): the window of :func:`determined_cuts` (:func:`wedin_window`) or :func:`read_cuts`."""
+    positions = torch.arange(1, cuts.shape[-1] + 1, device=cuts.device)
+    return torch.where(cuts, positions, torch.zeros_like(positions)).amax(-1) if cuts.shape[-1] else \
+        torch.zeros(cuts.shape[:-1], dtype=torch.int64, device=cuts.device)
 
 
 def transport_window(determined_l: torch.Tensor, determined_next: torch.Tensor, n: int) -> tuple[int, bool]:
@@ -351,3 +370,84 @@ def transport_window(determined_l: torch.Tensor, determined_next: torch.Tensor, 
     both = both[: (n + 1) // 2].cpu()
     k = int(torch.nonzero(both).max()) + 1 if bool(both.any()) else 0
     return k, bool(both[:k].all()) if k else False
+
+
+def computation_bounds(s: torch.Tensor, residuals: torch.Tensor, *, exhausted: bool) -> torch.Tensor:
+    """Wedin's bound on the computation's error at each cut (MATH.md §4): ``||sin Theta_i||_F`` between the
+    computed and the exact top-``i`` singular subspaces (both sides) of the matrix the triplets were computed from,
+    ``sqrt(r_1^2 + .. + r_i^2) / (gap_i - r_{i+1})``, all relative to ``s_1``: ``r_j`` the triplets' residuals
+    (:func:`residual_norms`; their sum of squares is ``||A V - U S||_F^2 + ||A^T U - V S||_F^2``), ``gap_i =
+    s_i - s_{i+1}`` the computed gap and ``r_{i+1}`` the most the next exact value can lie above the computed one.
+    Same cuts as :func:`wedin_bounds` (``s (..., k)``; cut ``k`` too when ``exhausted``, closed by
+    ``sigma_{k+1} = 0``); ``inf`` where a residual the bound needs was not computed (``residuals (..., m)``,
+    ``m <= k``) or the gap does not exceed ``r_{i+1}``.  float64.
+    The storage bound says how far the stored weights' subspaces are from the trained ones; this one how far the
+    computed subspaces are from the stored weights': a cut is read only where both are small (:func:`read_cuts`)."""
+    s64, r64 = s.to(torch.float64), residuals.to(torch.float64)
+    cuts = s.shape[-1] if exhausted else s.shape[-1] - 1
+    rel = _relative(s64, s64[..., :1])
+    below = torch.cat([rel[..., 1:], torch.zeros_like(rel[..., :1])], dim=-1) if exhausted else rel[..., 1:]
+    gap = rel[..., :cuts] - below[..., :cuts]
+    m = r64.shape[-1]
+    known = torch.cat([r64[..., : cuts + 1], r64.new_full(r64.shape[:-1] + (max(0, cuts + 1 - m),), float("inf"))],
+                      dim=-1)
+    if exhausted:  # sigma_{k+1} = 0 exactly: nothing can lie above it
+        known[..., cuts] = 0.0
+    inf = torch.full_like(gap, float("inf"))
+    frobenius = known[..., :cuts].square().cumsum(-1).sqrt()
+    delta = gap - known[..., 1: cuts + 1]
+    return torch.where(delta > 0, frobenius / torch.where(delta > 0, delta, torch.ones_like(delta)), inf)
+
+
+def read_cuts(s: torch.Tensor, residuals: torch.Tensor, *, storage_eps: float, exhausted: bool,
+              k_max: int = K_MAX, max_tau: float = MAX_TAU) -> torch.Tensor:
+    """The cuts the default report reads (bool, (..., min(k_max, cuts))): determined at the storage precision
+    (:func:`determined_cuts`) and computed to within the same angle tolerance (:func:`computation_bounds` at most
+    ``max_tau``).  A cut the storage determines but the computation does not is not read; where that happens
+    in float32, :func:`certified_partial_svd` recomputes in float64 first (MATH.md §4)."""
+    storage = determined_cuts(s, storage_eps=storage_eps, exhausted=exhausted, k_max=k_max, max_tau=max_tau)
+    bounds = computation_bounds(s, residuals, exhausted=exhausted)[..., : storage.shape[-1]]
+    return storage & (bounds.to(storage.device) <= max_tau)
+
+
+def certified_partial_svd(A: torch.Tensor, k: int, *, dtype: torch.dtype, storage_eps: float,
+                          gram: Optional[torch.Tensor] = None,
+                          gram_eigh: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> PartialSVD:
+    """:func:`partial_svd` with ``storage_eps`` (the window's triplets), recomputed in float64 when some cut the
+    storage precision determines is not computed to ``MAX_TAU`` (:func:`read_cuts`): a float32 computation's
+    residuals (~1e-6 s_1 at best) exceed small gaps that float32 storage still determines (down to
+    ``6.9e-7 s_1``; e.g. MiniLM layer 4 head 9's ``W_O``: gap ``4.4e-6 s_1`` at its transport cut, float32
+    bound 0.34 rad).  The whole batch is recomputed; ``gram`` / ``gram_eigh`` are reused there only when they
+    are float64.  Cuts that float64 does not resolve either are left unread by :func:`read_cuts`."""
+    p = partial_svd(A, k, dtype=dtype, storage_eps=storage_eps, gram=gram, gram_eigh=gram_eigh)
+    storage = determined_cuts(p.s, storage_eps=storage_eps, exhausted=p.exhausted)
+    if dtype == torch.float64 or not bool((storage & ~p.read_cuts(storage_eps=storage_eps)).any()):
+        return p
+    f64 = torch.float64
+    return partial_svd(A, k, dtype=f64, storage_eps=storage_eps,
+                       gram=gram if gram is not None and gram.dtype == f64 else None,
+                       gram_eigh=gram_eigh if gram_eigh is not None and gram_eigh[0].dtype == f64 else None)
+
+
+def transport_tolerances(bounds_l: torch.Tensor, bounds_next: torch.Tensor, k: int) -> tuple[float, float]:
+    """How far the transport scores at cut ``k`` (MATH.md §4) can be from those of exact singular vectors of the
+    stored weights, given the computation's bounds (:func:`computation_bounds`, 1-D, cut ``i`` at index
+    ``i - 1``) of ``W_l`` (left vectors) and ``W_next`` (right vectors): ``(subspace, basis)``.
+
+    Subspace score ``(1/k) tr(P_V P_U)``: ``|tr(dP P)| <= ||dP||_F sqrt(k)`` and ``||dP||_F = sqrt 2
+    ||sin Theta||_F``, so ``sqrt(2/k) (theta_l(k) + theta_next(k))``.  Basis score ``(1/k) sum_j (u_j.v_j)^2``:
+    ``u_j u_j^T = P_j - P_{j-1}``, so ``(sqrt 2 / k) sum_{j<=k} (theta_l(j) + theta_l(j-1) + theta_next(j) +
+    theta_next(j-1))`` with ``theta(0) = 0``; ``inf`` where a bound is."""
+    if k < 1:
+        raise ValueError(f"transport_tolerances: k={k} must be at least 1")
+    theta = (bounds_l[:k].to(torch.float64).cpu() + bounds_next[:k].to(torch.float64).cpu())
+    subspace = (2.0 / k) ** 0.5 * float(theta[k - 1])
+    basis = 2.0 ** 0.5 / k * float(theta.sum() + theta[: k - 1].sum())
+    return subspace, basis
+
+
+def soft_tolerance(bounds_l: torch.Tensor, bounds_next: torch.Tensor, cut: int) -> float:
+    """How far ``sum cos^2`` of the principal angles between ``span(u_1..u_cut)`` and ``span(v_1..v_cut)``
+    (``tr(P_V P_U)``, the flags' soft count at a common cut, MATH.md §4) can be from the exact vectors' value:
+    ``sqrt(2 cut) (theta_l(cut) + theta_next(cut))`` (as :func:`transport_tolerances`, not divided by ``cut``)."""
+    return (2.0 * cut) ** 0.5 * (float(bounds_l[cut - 1]) + float(bounds_next[cut - 1]))
