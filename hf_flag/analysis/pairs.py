@@ -223,10 +223,14 @@ def pair_window_values(W_l: torch.Tensor, W_next: torch.Tensor, *, storage_eps: 
 
     ``svd_l``, ``svd_next``: :class:`~hf_flag.geometry.spectral.PartialSVD` of the two weights.  Kappa, its Haar
     RMS and the imbalance norms are exact (Gram factors, :func:`~hf_flag.geometry.pairs.gram_pair_values`, in
-    :func:`~hf_flag.geometry.spectral.gram_dtype`); transport scores on the largest cut determined on both sides
-    (``None`` when there is none; the basis score also ``None`` unless every cut up to it is determined); flags
-    cut inside the windows.  The certificate: ``window_in`` / ``window_out`` (singular vectors used) and
-    ``svd_residual_in`` / ``svd_residual_out`` (largest relative residual of the triplets used).  The GL kernel
+    :func:`~hf_flag.geometry.spectral.gram_dtype`); transport scores on the largest cut read on both sides
+    (:func:`~hf_flag.geometry.spectral.read_cuts`: determined by the storage and resolved by the computation;
+    ``None`` when there is none; the basis score also ``None`` unless every cut up to it is read); flags cut inside
+    the windows (the last cut read); details ``tolerance``: per windowed value, its bound from exact singular
+    vectors' value (:func:`~hf_flag.geometry.spectral.transport_tolerances`,
+    :func:`~hf_flag.geometry.spectral.soft_tolerance`).  The certificate: ``window_in`` / ``window_out``
+    (singular vectors used) and ``svd_residual_in`` / ``svd_residual_out`` (largest relative residual of the
+    triplets used).  The GL kernel
     dimension needs whole spectra: ``None`` here (``full=True`` computes it).  ``range_overlap`` (with its
     baseline) comes from the shared Grams (:func:`~hf_flag.geometry.pairs.range_overlap_from_grams`) on the
     pairs where kappa does not read: the low-rank pairs (both weights' shorter sides below n: the MLP pairs) and

@@ -12,8 +12,9 @@ is ~2.7x conservative.  By Wedin's theorem the top-``i`` singular subspace then 
 ``sin theta_i <~ ||dW|| / gap_i``, ``gap_i = sigma_i - sigma_{i+1}`` (MATH.md §4).  A subspace is *determined*
 when that bound is at most ``max_tau`` (0.1 rad, :data:`~hf_flag.geometry.flags.MAX_TAU`): bf16 needs
 ``gap_i >= 0.045 sigma_1``, 4-bit ``>= 0.36 sigma_1``, float32 ``>= 6.9e-7 sigma_1``.  The window of a weight is
-the last cut ``i <= k_max`` that is determined (:func:`wedin_window`); beyond it the singular vectors cannot be
-told apart from storage noise, so they are not computed.  ``k_max`` (:data:`K_MAX`, 64) bounds the cost: for
+the last cut ``i <= k_max`` that is determined (:func:`wedin_window`; the report then keeps only the cuts the
+computation resolves too, below); beyond it the singular vectors cannot be told apart from storage noise, so
+they are not computed.  ``k_max`` (:data:`K_MAX`, 64) bounds the cost: for
 float32 weights almost every cut is determined and the window is the cap.  (The flag cuts of
 :mod:`hf_flag.geometry.flags` keep their own, stricter constant 10 and a relative-gap rule: inside a window they
 are today's cuts.)
@@ -29,12 +30,25 @@ side's vectors ``v_i = X^T u_i / s_i`` and each triplet's residual
 (the certificate) and only for the triplets a window reads: the window needs the leading values to place its
 cuts, but its vectors only up to the window (``w <= 2`` for 4-bit storage, a few to ~20 for bf16) plus the one
 closing it.  The Krylov iteration stops when the window's triplets have residual at most ``rtol`` and the closing
-one is accurate to a tenth of the closing gap.  With residual ``r`` a computed top-``i`` subspace is within
-``sin theta <= r / gap_i`` of the exact one (Davis-Kahan / Wedin), the same form as the storage bound above, so a
-certificate below ``eps_s`` makes the computation's error smaller than the storage's.  Working on ``G`` squares
+one is accurate to a tenth of the closing gap.  With residuals ``r_j`` a computed top-``i`` subspace is within
+``||sin Theta||_F <= sqrt(r_1^2 + .. + r_i^2) / (gap_i - r_{i+1})`` of the exact one of the stored matrix
+(Wedin; :func:`computation_bounds`), the same form as the storage bound above.  Working on ``G`` squares
 the condition (leading triplets to relative accuracy ``eps s_1^2 / s_i^2``): harmless inside the windows of coarse
 storage, whose cuts have ``gap_i >= 0.045 sigma_1`` (bf16), and in every case the certificate, computed against
 ``A``, says how close the triplets are.
+
+Which cuts are read (:func:`read_cuts`).  The storage bound says how far the stored weights' subspaces are from
+the trained ones, the computation's bound how far the computed ones are from the stored weights': a cut is read
+only where *both* are at most ``max_tau``.  For bf16 and quantised storage the stopping residual ``eps_s / 100``
+keeps the computation's bound at ``sqrt(i) / 57`` of the storage's or less at every determined cut; float32
+storage determines gaps down to ``6.9e-7 s_1``, below what float32 residuals (``~1e-6 s_1``; fp16 at large
+shapes, where the residual floor ``4 sqrt(max shape) eps_32`` exceeds ``eps_s / 100``, comes close) resolve
+(MiniLM layer 4 head 9's ``W_O``: gap ``4.4e-6 s_1`` at transport cut 16, bound 0.34 rad, subspace score off by
+1.4e-4), so :func:`certified_partial_svd` recomputes such a weight in float64; a cut float64 does not resolve
+either stays unread (the transport cut falls to the largest cut read on both sides, or ``None``).  The window is
+the last cut read; transport scores read the largest cut read on both sides and flags are cut inside the windows.
+Each windowed value's distance from the exact singular vectors' value follows from the bounds at its cuts
+(:func:`transport_tolerances`, :func:`soft_tolerance`; reported per row).
 
 Compute precision (:func:`compute_dtype`): float32 when the weights are stored in float32 or coarser, float64 when
 they are stored in float64 (or when asked).  Gram-factor traces (kappa and the imbalance norms, MATH.md §2-§3)
@@ -54,7 +68,8 @@ from hf_flag.geometry.angles import check_dtype, check_matrix, thin_svd_in_dtype
 from hf_flag.geometry.flags import MAX_TAU
 
 __all__ = [
-    "K_MAX", "WEDIN_FACTOR", "WINDOW_RULE", "TRACE_CANCEL_FACTOR", "DENSE_GRAM_MAX", "PartialSVD", "compute_dtype",
+    "K_MAX", "WEDIN_FACTOR", "WINDOW_RULE", "WINDOW_TOLERANCE_RULE", "TRACE_CANCEL_FACTOR", "DENSE_GRAM_MAX",
+    "PartialSVD", "compute_dtype",
     "gram_dtype", "partial_svd", "residual_norms", "window_certificate", "window_gap_known", "wedin_bounds",
     "determined_cuts", "wedin_window", "transport_window", "default_residual_rtol", "computation_bounds",
     "read_cuts", "certified_partial_svd", "last_cut", "transport_tolerances", "soft_tolerance",
@@ -80,6 +95,10 @@ WINDOW_RULE = ("cut i <= k_max = 64 read where both the storage bound (1/sqrt 3)
                "residual_{i+1}) are <= 0.1 rad (Wedin, MATH.md §4), the partial SVD recomputed in float64 where "
                "only the computation's fails; window = last cut read; partial SVD on the small Gram "
                "(eigh or randomized block Krylov), residual certified per weight")
+
+#: what the default report's per-row ``tolerance`` (details) bounds, as reported in ``Report.params``
+WINDOW_TOLERANCE_RULE = ("per row (details tolerance): |value - value of exact singular vectors of the stored "
+                         "weights| <= bound from the computation's Wedin bounds at the cuts read (MATH.md §4)")
 
 
 class PartialSVD(NamedTuple):
@@ -362,7 +381,8 @@ def last_cut(cuts: torch.Tensor) -> torch.Tensor:
 
 def transport_window(determined_l: torch.Tensor, determined_next: torch.Tensor, n: int) -> tuple[int, bool]:
     """``(k, basis_determined)`` of a pair's transport scores on windows (MATH.md §4): ``k`` the largest cut
-    ``<= ceil(n / 2)`` determined on both sides (1-D masks of :func:`determined_cuts`), 0 if none, so the
+    ``<= ceil(n / 2)`` read on both sides (1-D masks of :func:`read_cuts`, or :func:`determined_cuts` for the
+    storage alone), 0 if none, so the
     subspace score ``(1/k) ||T_k||^2`` compares two determined top-k subspaces; ``basis_determined``: every
     cut ``1..k`` is determined on both sides, so each pair of singular vectors ``u_i``, ``v_i`` the basis score
     reads is (otherwise the basis score is not determined by the stored weights)."""
