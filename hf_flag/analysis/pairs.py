@@ -251,9 +251,10 @@ def pair_window_values(W_l: torch.Tensor, W_next: torch.Tensor, *, storage_eps: 
     rank_rtol = (default_rtol(W_l, storage_eps), default_rtol(W_next, storage_eps))
     tops = (svd_l.s[..., 0], svd_next.s[..., 0])
     # cuts read: determined by the storage and computed to the same angle (MATH.md §4, spectral.read_cuts)
-    det_l, det_n = (p.read_cuts(storage_eps=storage_eps) for p in (svd_l, svd_next))
-    w_l, w_n = last_cut(det_l), last_cut(det_n)
     bounds_l, bounds_n = svd_l.computation_bounds(), svd_next.computation_bounds()
+    det_l, det_n = (p.read_cuts(storage_eps=storage_eps, bounds=b)
+                    for p, b in ((svd_l, bounds_l), (svd_next, bounds_n)))
+    w_l, w_n = last_cut(det_l), last_cut(det_n)
     cert_l, cert_n = svd_l.certificate(w_l), svd_next.certificate(w_n)
     T = svd_next.Vh.to(torch.float64) @ svd_l.U.to(torch.float64)  # one side may have been recomputed in float64
     overlap = [None] * W_l.shape[0], [None] * W_l.shape[0]

@@ -133,10 +133,11 @@ class PartialSVD(NamedTuple):
         subspaces can be from the exact ones of the matrix as stored."""
         return computation_bounds(self.s, self.residuals, exhausted=self.exhausted)
 
-    def read_cuts(self, *, storage_eps: float, k_max: int = K_MAX, max_tau: float = MAX_TAU) -> torch.Tensor:
-        """:func:`read_cuts` of this partial SVD."""
+    def read_cuts(self, *, storage_eps: float, k_max: int = K_MAX, max_tau: float = MAX_TAU,
+                  bounds: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """:func:`read_cuts` of this partial SVD (``bounds``: its :meth:`computation_bounds` when computed)."""
         return read_cuts(self.s, self.residuals, storage_eps=storage_eps, exhausted=self.exhausted, k_max=k_max,
-                         max_tau=max_tau)
+                         max_tau=max_tau, bounds=bounds)
 
     def _check_vectors(self, window: torch.Tensor) -> None:
         m = self.residuals.shape[-1]
@@ -420,14 +421,15 @@ def computation_bounds(s: torch.Tensor, residuals: torch.Tensor, *, exhausted: b
 
 
 def read_cuts(s: torch.Tensor, residuals: torch.Tensor, *, storage_eps: float, exhausted: bool,
-              k_max: int = K_MAX, max_tau: float = MAX_TAU) -> torch.Tensor:
+              k_max: int = K_MAX, max_tau: float = MAX_TAU, bounds: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The cuts the default report reads (bool, (..., min(k_max, cuts))): determined at the storage precision
     (:func:`determined_cuts`) and computed to within the same angle tolerance (:func:`computation_bounds` at most
-    ``max_tau``).  A cut the storage determines but the computation does not is not read; where that happens
-    in float32, :func:`certified_partial_svd` recomputes in float64 first (MATH.md §4)."""
+    ``max_tau``; ``bounds``: those, when already computed).  A cut the storage determines but the computation does
+    not is not read; where that happens in float32, :func:`certified_partial_svd` recomputes in float64 first
+    (MATH.md §4)."""
     storage = determined_cuts(s, storage_eps=storage_eps, exhausted=exhausted, k_max=k_max, max_tau=max_tau)
-    bounds = computation_bounds(s, residuals, exhausted=exhausted)[..., : storage.shape[-1]]
-    return storage & (bounds.to(storage.device) <= max_tau)
+    bounds = computation_bounds(s, residuals, exhausted=exhausted) if bounds is None else bounds
+    return storage & (bounds[..., : storage.shape[-1]].to(storage.device) <= max_tau)
 
 
 def certified_partial_svd(A: torch.Tensor, k: int, *, dtype: torch.dtype, storage_eps: float,
@@ -440,8 +442,10 @@ def certified_partial_svd(A: torch.Tensor, k: int, *, dtype: torch.dtype, storag
     bound 0.34 rad).  The whole batch is recomputed; ``gram`` / ``gram_eigh`` are reused there only when they
     are float64.  Cuts that float64 does not resolve either are left unread by :func:`read_cuts`."""
     p = partial_svd(A, k, dtype=dtype, storage_eps=storage_eps, gram=gram, gram_eigh=gram_eigh)
+    if dtype == torch.float64:
+        return p
     storage = determined_cuts(p.s, storage_eps=storage_eps, exhausted=p.exhausted)
-    if dtype == torch.float64 or not bool((storage & ~p.read_cuts(storage_eps=storage_eps)).any()):
+    if not bool((storage & (p.computation_bounds()[..., : storage.shape[-1]] > MAX_TAU)).any()):
         return p
     f64 = torch.float64
     return partial_svd(A, k, dtype=f64, storage_eps=storage_eps,
