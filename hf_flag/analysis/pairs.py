@@ -9,8 +9,8 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from hf_flag.geometry.angles import default_rtol, thin_svd
-from hf_flag.geometry.baselines import transport_baselines
-from hf_flag.geometry.flags import flag_position_from_svd, gl_kernel_dim_from_product_rank
+from hf_flag.geometry.baselines import intersection_soft_baseline, transport_baselines
+from hf_flag.geometry.flags import flag_position_from_svd, gl_kernel_dim_from_product_rank, gl_kernel_dim_generic
 from hf_flag.geometry.pairs import (GramCut, augment, commutator_reading_of_pairs, gram_cut,
                                     gram_pair_values, imbalance_diagonal_norm, normalized_commutator_ratio,
                                     pair_gram_sides, pair_product, pair_values_from_svd, range_overlap_from_grams,
@@ -35,12 +35,15 @@ def flag_details(flag) -> dict:
 
 
 def flag_values(flag) -> dict[str, Optional[float]]:
-    """Scalar values of a flag relative position at its largest common cut (``None`` when there is none)."""
+    """Scalar values of a flag relative position at its largest common cut ``c`` (``None`` when there is none),
+    the soft count beside its Haar mean ``c^2 / n`` (MATH.md §1, §4)."""
     c = flag.intersection_cut
     soft = None if c is None else float(flag.soft_matrix[flag.cuts_left.index(c), flag.cuts_right.index(c)])
     return {"intersection_dim": None if c is None else float(flag.intersection_dim),
             "intersection_dim_baseline": None if c is None else float(flag.intersection_baseline),
-            "intersection_soft": soft, "flag_tau": float(flag.tau)}
+            "intersection_soft": soft,
+            "intersection_soft_baseline": None if c is None else intersection_soft_baseline(c, c, flag.n),
+            "flag_tau": float(flag.tau)}
 
 
 def pair_geometry_values(W_l: torch.Tensor, W_next: torch.Tensor, *, storage_eps: float,
@@ -68,15 +71,21 @@ def pair_geometry_values(W_l: torch.Tensor, W_next: torch.Tensor, *, storage_eps
         flag = flag_position_from_svd(U[i], s_l[i], Vh[i], s_next[i], n=n, rank_rtol=rank_rtol,
                                       storage_eps=storage_eps, transport=v.transport[i])
         kappa = float(v.commutator_ratio[i])
+        base = float(v.commutator_haar_rms[i])
         values = {"commutator_ratio": kappa, "commutator_ratio_normalized": normalized_commutator_ratio(kappa),
-                  "imbalance_norm": float(v.imbalance_norm[i]), "relative_imbalance": float(v.relative_imbalance[i]),
+                  "commutator_ratio_normalized_baseline": normalized_commutator_ratio(base),
+                  "imbalance_norm": float(v.imbalance_norm[i]),
+                  "imbalance_norm_baseline": float(v.imbalance_haar_rms[i]),
+                  "relative_imbalance": float(v.relative_imbalance[i]),
+                  "relative_imbalance_baseline": float(v.relative_imbalance_haar_rms[i]),
                   "imbalance_diagonal_norm": float(v.imbalance_diagonal_norm[i]),
-                  "commutator_ratio_baseline": float(v.commutator_haar_rms[i]),
+                  "commutator_ratio_baseline": base,
                   "range_overlap": float(v.range_overlap[i]),
                   "range_overlap_baseline": float(v.range_overlap_baseline[i]),
                   "subspace_score": float(subspace[i]), "subspace_score_baseline": sub_base,
                   "basis_score": float(basis[i]), "basis_score_baseline": basis_base, **flag_values(flag),
-                  "gl_kernel_dim": float(gl_kernel_dim_from_product_rank(s_l[i], int(v.product_rank[i])))}
+                  "gl_kernel_dim": float(gl_kernel_dim_from_product_rank(s_l[i], int(v.product_rank[i]))),
+                  "gl_kernel_dim_baseline": float(gl_kernel_dim_generic(s_l[i], s_next[i], n))}
         out.append((values, {"transport_k": k, **flag_details(flag)}))
     return out
 
@@ -103,8 +112,10 @@ def gram_values(W_l: torch.Tensor, W_next: torch.Tensor, *, storage_eps: float,
     columns = {
         "commutator_ratio": g.commutator_ratio,
         "commutator_ratio_normalized": normalized_commutator_ratio(g.commutator_ratio),
+        "commutator_ratio_normalized_baseline": normalized_commutator_ratio(g.commutator_haar_rms),
         "commutator_ratio_baseline": g.commutator_haar_rms, "imbalance_norm": g.imbalance_norm,
-        "relative_imbalance": g.relative_imbalance,
+        "imbalance_norm_baseline": g.imbalance_haar_rms, "relative_imbalance": g.relative_imbalance,
+        "relative_imbalance_baseline": g.relative_imbalance_haar_rms,
         "imbalance_diagonal_norm": imbalance_diagonal_norm(W_l, W_next, dtype=exact),
     }
     return [({m: float(col[i]) for m, col in columns.items()}, {KAPPA_READS: reads[i]})
@@ -292,13 +303,17 @@ def pair_window_values(W_l: torch.Tensor, W_next: torch.Tensor, *, storage_eps: 
         flag = flag_position_from_svd(svd_l.U[i, :, :a], _closed(svd_l, i, a), svd_next.Vh[i, :b],
                                       _closed(svd_next, i, b), n=n, rank_rtol=rank_rtol, storage_eps=storage_eps,
                                       transport=T[i, :b, :a], truncated=True)
-        kappa = float(g.commutator_ratio[i])
+        kappa, base = float(g.commutator_ratio[i]), float(g.commutator_haar_rms[i])
         values = {"commutator_ratio": kappa, "commutator_ratio_normalized": normalized_commutator_ratio(kappa),
-                  "imbalance_norm": float(g.imbalance_norm[i]), "relative_imbalance": float(g.relative_imbalance[i]),
+                  "commutator_ratio_normalized_baseline": normalized_commutator_ratio(base),
+                  "imbalance_norm": float(g.imbalance_norm[i]),
+                  "imbalance_norm_baseline": float(g.imbalance_haar_rms[i]),
+                  "relative_imbalance": float(g.relative_imbalance[i]),
+                  "relative_imbalance_baseline": float(g.relative_imbalance_haar_rms[i]),
                   "imbalance_diagonal_norm": float(diagonal[i]),
-                  "commutator_ratio_baseline": float(g.commutator_haar_rms[i]), **scores, **flag_values(flag),
+                  "commutator_ratio_baseline": base, **scores, **flag_values(flag),
                   "range_overlap": overlap[0][i], "range_overlap_baseline": overlap[1][i],
-                  "gl_kernel_dim": None, "window_in": float(a), "window_out": float(b),
+                  "gl_kernel_dim": None, "gl_kernel_dim_baseline": None, "window_in": float(a), "window_out": float(b),
                   "svd_residual_in": float(cert_l[i]), "svd_residual_out": float(cert_n[i])}
         out.append((values, {"transport_k": k, **flag_details(flag), KAPPA_READS: reads[i]}))
     return out
