@@ -241,7 +241,8 @@ def pair_window_values(W_l: torch.Tensor, W_next: torch.Tensor, *, storage_eps: 
     dimension needs whole spectra: ``None`` here (``full=True`` computes it).  ``range_overlap`` (with its
     baseline) comes from the shared Grams (:func:`~hf_flag.geometry.pairs.range_overlap_from_grams`) on the
     pairs where kappa does not read: the low-rank pairs (both weights' shorter sides below n: the MLP pairs) and
-    the pairs with n small whose two weights are both below rank n at the storage cut; ``None`` where kappa reads
+    every other pair whose two weights are both below rank n at the storage cut (n small, or one weight's shorter
+    side n and that weight rank-deficient); ``None`` where kappa reads
     (``full=True`` computes it everywhere).  Rank cuts (range_overlap, flags, the reading
     ``commutator_reading_holds`` in the details) at the storage precision (MATH.md §1,
     :func:`~hf_flag.geometry.angles.default_rtol` with ``storage_eps``); the Grams' cuts
@@ -262,17 +263,9 @@ def pair_window_values(W_l: torch.Tensor, W_next: torch.Tensor, *, storage_eps: 
     (_, w_l, det_l), (_, w_n, det_n) = sides
     cert_l, cert_n = svd_l.certificate(w_l), svd_next.certificate(w_n)
     T = svd_next.Vh @ svd_l.U
-    overlap = [None] * W_l.shape[0], [None] * W_l.shape[0]
+    both: Optional[tuple[list, list]] = None  # (range_overlap, baseline) where some pair is not read by kappa
     cut_next = None
-    if max(min(W_l.shape[-2:]), min(W_next.shape[-2:])) < n:  # low-rank pairs, where kappa does not read (§3)
-        cut_l, g_l = gram.decided("l", side_l, exact, rank_rtol[0], tops[0])
-        cut_next, g_next = gram.decided("next", side_next, exact, rank_rtol[1], tops[1])
-        overlap = tuple(v.tolist() for v in range_overlap_from_grams(
-            W_l, W_next, rtol=rank_rtol, gram_l=g_l, gram_next=g_next, product=product,
-            cuts=(cut_l, cut_next), eighs=(gram.cached_eigh("l", side_l, exact),
-                                           gram.cached_eigh("next", side_next, exact))))
-        reads = commutator_reading_of_pairs(W_l, W_next, storage_eps=storage_eps)  # no rank n: nothing computed
-    elif side_l == "rows":  # n small: the shared Grams are the hidden-side B = W_l W_l^T, A = W_next^T W_next
+    if side_l == "rows":  # n small: the shared Grams are the hidden-side B = W_l W_l^T, A = W_next^T W_next
         cut_l = gram.cut("l", side_l, exact, rank_rtol[0], tops[0])
         if not bool(cut_l.full.all()):
             cut_next = gram.cut("next", side_next, exact, rank_rtol[1], tops[1])
@@ -284,9 +277,19 @@ def pair_window_values(W_l: torch.Tensor, W_next: torch.Tensor, *, storage_eps: 
                           for cut, G, which, side in ((cut_l, g_l, "l", side_l), (cut_next, g_next, "next", side_next)))
             both = tuple(v.tolist() for v in range_overlap_from_grams(
                 W_l, W_next, rtol=rank_rtol, gram_l=g_l, gram_next=g_next, cuts=(cut_l, cut_next), eighs=eighs))
-            overlap = tuple([None if r else v for v, r in zip(column, reads)] for column in both)
-    else:
+    else:  # n large (above an outer dim): the shared Grams are G_Q = W_l^T W_l and G_P = W_next W_next^T
+        # Only a weight whose shorter side is n can have rank n (none in the low-rank pairs, the MLP pairs: nothing
+        # is computed for them); where neither has it, kappa does not read and the range overlap does (§3).
         reads = commutator_reading_of_pairs(W_l, W_next, storage_eps=storage_eps)
+        if not all(reads):
+            cut_l, g_l = gram.decided("l", side_l, exact, rank_rtol[0], tops[0])
+            cut_next, g_next = gram.decided("next", side_next, exact, rank_rtol[1], tops[1])
+            both = tuple(v.tolist() for v in range_overlap_from_grams(
+                W_l, W_next, rtol=rank_rtol, gram_l=g_l, gram_next=g_next, product=product,
+                cuts=(cut_l, cut_next), eighs=(gram.cached_eigh("l", side_l, exact),
+                                               gram.cached_eigh("next", side_next, exact))))
+    overlap = tuple([None if r or both is None else v for v, r in zip(column, reads)]
+                    for column in (both or ([None] * len(reads), [None] * len(reads))))
     out = []
     for i in range(W_l.shape[0]):
         a, b = int(w_l[i]), int(w_n[i])
