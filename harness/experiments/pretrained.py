@@ -97,8 +97,8 @@ def vo_per_group(path: Path, layers: list[int], device: torch.device) -> dict[st
             W_next = W_O.permute(0, 1, 3, 2).reshape(n_kv, -1, layout.head_dim)  # (n_kv, group d, head_dim)
             kappa = commutator_ratio(W_l, W_next, bias_l=attn.b_V)
             base = commutator_baseline(W_l, W_next, bias_l=attn.b_V)
-            out["kappa"][i], out["baseline"][i] = float(kappa.mean()), float(base.mean())
-            out["ratio"][i] = float((kappa / base).mean())
+            out["kappa"][i], out["baseline"][i] = mean(kappa.tolist()), mean(base.tolist())  # over groups, §8
+            out["ratio"][i] = mean((kappa / base).tolist())
         return out
     finally:
         source.close()

@@ -62,6 +62,12 @@ def test_linear_commutator_ends_below_nonlinear(quick_data):
     # all nets start from the same weights, and an untrained net is as aligned as a random rotation
     assert runs["relu"]["kappa"][0] == runs["linear"]["kappa"][0]
     assert runs["linear"]["baseline_start"] == pytest.approx(lin[0], rel=0.5)
+    # means over a net's pairs through hf_flag.geometry.stats (MATH.md §8): the correctly rounded mean, the old
+    # sum / len up to rounding
+    from hf_flag.geometry import stats
+    for r in data["runs"]:
+        assert r["kappa"][-1] == stats.mean(r["kappa_pairs_end"])
+        assert r["kappa"][-1] == pytest.approx(sum(r["kappa_pairs_end"]) / len(r["kappa_pairs_end"]), rel=1e-15)
 
 
 def test_resnet_block_diagonal_decay(quick_data):
