@@ -288,9 +288,9 @@ def run(cfg: PretrainedConfig, *, threads: int = 1, device: Optional[torch.devic
                     "; ".join(f"{n}: (a) {yes(a)} (z {fmt(z[n][0])} ± {fmt(z[n][1])} SE), (b) {yes(b)} (V->O per KV "
                               f"group {fmt(vo[n][0])} ± {fmt(vo[n][1])} SE)" for n, (a, b) in v2.items())),
         3: lambda: (all(a and b for a, b in v3.values()),
-                    "; ".join(f"{n}: (a) {yes(a)} (z {fmt(z[n][0])} ± {fmt(z[n][1])} SE), (b) {yes(b)} (kappa reads in "
-                              f"{groups[n][0]}/{groups[n][1]} V->O KV groups; their kappa / Haar RMS {fmt(vo3[n][0])} ± "
-                              f"{fmt(vo3[n][1])} SE)" for n, (a, b) in v3.items()))})
+                    "; ".join(f"{n}: (a) {yes(a)} (z {fmt(z[n][0])} ± {fmt(z[n][1])} SE), (b) {yes(b)} (kappa "
+                              f"reads in {groups[n][0]}/{groups[n][1]} V->O KV groups; their kappa / Haar RMS "
+                              f"{fmt(vo3[n][0])} ± {fmt(vo3[n][1])} SE)" for n, (a, b) in v3.items()))})
 
     def headline(n: str, s: dict) -> str:
         o = s["heads"]["head_overlap_o"]
@@ -299,8 +299,8 @@ def run(cfg: PretrainedConfig, *, threads: int = 1, device: Optional[torch.devic
         return (f"{n}: write-overlap {fmt(_avg(o['overlap']))} vs Haar {fmt(_avg(o['overlap_baseline']))} (z "
                 f"{fmt(z[n][0])} ± {fmt(z[n][1])} SE over {len(o['overlap'])} layers, min "
                 f"{fmt(min(o['overlap_zscore'].values()))}); V->O per KV group kappa / Haar RMS {fmt(vo3[n][0])} ± "
-                f"{fmt(vo3[n][1])} SE (kappa reads in {groups[n][0]}/{groups[n][1]} groups); others, each pair with the "
-                f"measure whose reading holds there: {others}")
+                f"{fmt(vo3[n][1])} SE (kappa reads in {groups[n][0]}/{groups[n][1]} groups); others, each pair with "
+                f"the measure whose reading holds there: {others}")
 
     evidence = "; ".join(headline(n, s) for n, s in studies.items())
     sections = []
@@ -360,7 +360,8 @@ because the pair has full rank in its head_dim hidden space (MATH.md §3). The o
 with the measure whose reading holds: the residual pair (n = d, full rank: kappa) crosses LayerNorm and the next
 attention sublayer, and the MLP pairs (n = d_ff, ranks d: kappa does not read; range_overlap does) have a
 nonlinearity (since rule v3 each pair is read by the measure whose reading holds at the storage-precision rank cut,
-not by its kind's generic ranks: a residual pair whose two weights are below rank d there is read by range_overlap), so no law predicts how they should compare with V->O: they enter no verdict. Caveats: these models were
+not by its kind's generic ranks: a residual pair whose two weights are below rank d there is read by
+range_overlap), so no law predicts how they should compare with V->O: they enter no verdict. Caveats: these models were
 trained with AdamW, for which there is no closed-form balancing law (MATH.md §2), so the V->O prediction is
 qualitative; and the head-overlap z-scores are against a Haar null (isotropic random subspaces), which is weak for
 residual streams that are strongly anisotropic (a few outlier dimensions carry much of the variance): any two heads

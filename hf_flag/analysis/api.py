@@ -29,9 +29,9 @@ Row kinds (names in :mod:`hf_flag.rows`, which every other part of hf-flag impor
   Default report (``full=False``, issue #11): transformer pair rows read the leading singular subspaces the storage
   precision determines (``geometry.spectral``): transport scores at the largest cut determined on both sides
   (``None`` where there is none; the basis score also needs every cut below it), flags cut inside the windows,
-  ``gl_kernel_dim`` and its baseline ``None`` (they need whole spectra), ``range_overlap`` from the Grams on the pairs where kappa
-  does not read (MLP pairs, and residual or vo pairs whose weights are both below rank n at the storage cut;
-  ``None`` where kappa reads), and the certificate ``window_in`` / ``window_out`` (leading
+  ``gl_kernel_dim`` and its baseline ``None`` (they need whole spectra), ``range_overlap`` from the Grams on the
+  pairs where kappa does not read (MLP pairs, and every other pair whose weights are both below rank n at the
+  storage cut; ``None`` where kappa reads), and the certificate ``window_in`` / ``window_out`` (leading
   singular vectors used, at most ``geometry.spectral.K_MAX``) and ``svd_residual_in`` / ``svd_residual_out`` (the
   partial SVD's largest relative residual over them).  ``full=True`` keeps the all-vectors analysis above.
 * head rows (§1, §6): ``"head_overlap_q/k/v"`` (read subspaces col(W_*^h) of one layer, h < h'),

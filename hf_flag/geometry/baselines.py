@@ -1,4 +1,4 @@
-"""Random (Haar) baselines for the subspace and pair diagnostics, with variances and z-scores (MATH.md §1-§4, §6, §7).
+"""Random (Haar) baselines of the subspace and pair diagnostics, variances and z-scores (MATH.md §1-§4, §6, §7).
 
 An overlap without its null value is not interpretable (MATH.md §1): every metric is reported beside the value it
 takes for Haar-random subspaces of the same dimensions.  The commutator ratio's Haar value is the closed-form root

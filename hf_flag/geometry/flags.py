@@ -396,8 +396,8 @@ def gl_kernel_dim_from_product_rank(s_l: torch.Tensor, product_rank: int, *, rto
 
 
 def gl_kernel_dim_generic(s_l: torch.Tensor, s_next: torch.Tensor, n: int, *, rtol: float = GL_KERNEL_RTOL) -> int:
-    """The GL kernel dimension's Haar value (MATH.md §4, §7): :func:`~hf_flag.geometry.baselines.gl_kernel_dim_baseline`
-    ``max(0, rank W_l - rank W_next)`` with both ranks counted as :func:`gl_invariant_kernel_dim` counts them
+    """The GL kernel dimension's Haar value (MATH.md §4, §7):
+    :func:`~hf_flag.geometry.baselines.gl_kernel_dim_baseline` ``max(0, rank W_l - rank W_next)`` with both ranks counted as :func:`gl_invariant_kernel_dim` counts them
     (singular values above ``rtol sigma_1`` of each weight), from their descending singular values."""
     where = "gl_kernel_dim_generic"
     for name, x in (("s_l", s_l), ("s_next", s_next)):

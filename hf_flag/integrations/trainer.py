@@ -273,7 +273,7 @@ class LawSeries(NamedTuple):
     """What :func:`law_series` reads from one measurement's rows."""
 
     values: dict[str, float]  # "<kind>/<metric>" -> mean over the rows the law governs (MATH.md §2)
-    baselines: dict[str, float]  # the same keys -> mean of the metric's Haar baseline over those rows (where it has one)
+    baselines: dict[str, float]  # same keys -> mean of the metric's Haar baseline over those rows (where it has one)
     ungoverned: dict[str, str]  # kind -> why the law does not govern the other rows of that kind
 
 

@@ -114,15 +114,17 @@ def test_intersection_soft_baseline_by_monte_carlo() -> None:
     # aligned flags (W_next = W_l^T reads the directions W_l writes, in order): the soft count is c, above c^2 / n
     values, details = pair_geometry_values(W_l[None], W_l.T[None], storage_eps=EPS64)[0]
     c = details["intersection_cut"]
-    assert values["intersection_soft"] == pytest.approx(c, rel=1e-9) and values["intersection_soft_baseline"] == c * c / n
+    assert values["intersection_soft"] == pytest.approx(c, rel=1e-9)
+    assert values["intersection_soft_baseline"] == c * c / n
 
 
 def test_intersection_soft_baseline_in_the_default_report() -> None:
     """The windowed flags report the same c^2 / n at their own common cut (MATH.md §4 window)."""
     n = 12
     W_l, W_next = flag_pair(n, 14, 13, [16.0, 8.0, 4.0, 2.0, 1.0, 0.5] * 2, [9.0, 3.0, 1.0] * 4, seed=21)
-    values, details = pair_window_values(W_l[None], W_next[None], storage_eps=EPS64, dtype=F64,
-                                         svd_l=window_svd(W_l[None], EPS64), svd_next=window_svd(W_next[None], EPS64))[0]
+    svd_l, svd_next = window_svd(W_l[None], EPS64), window_svd(W_next[None], EPS64)
+    values, details = pair_window_values(W_l[None], W_next[None], storage_eps=EPS64, dtype=F64, svd_l=svd_l,
+                                         svd_next=svd_next)[0]
     c = details["intersection_cut"]
     assert c is not None and values["intersection_soft_baseline"] == pytest.approx(c * c / n, rel=1e-15)
     assert values["gl_kernel_dim"] is None and values["gl_kernel_dim_baseline"] is None  # whole spectra needed
