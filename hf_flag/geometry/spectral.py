@@ -66,6 +66,7 @@ import torch
 
 from hf_flag.geometry.angles import check_dtype, check_matrix, thin_svd_in_dtype
 from hf_flag.geometry.flags import MAX_TAU
+from hf_flag.geometry.pairs import CONVERT_CHUNK_BYTES
 
 __all__ = [
     "K_MAX", "WEDIN_FACTOR", "WINDOW_RULE", "WINDOW_TOLERANCE_RULE", "TRACE_CANCEL_FACTOR", "DENSE_GRAM_MAX",
@@ -216,8 +217,13 @@ def _inverse(s: torch.Tensor) -> torch.Tensor:
 
 def _times_thin(M: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
     """``M @ Y`` for a ``Y`` of few columns, formed as ``(Y^T M^T)^T``: CPU BLAS streams the large operand as the
-    right factor several times faster (measured 2-13x at 11008 x 4096 with 5-65 columns, one thread)."""
-    return (Y.mT @ M.mT).mT
+    right factor several times faster (measured 2-13x at 11008 x 4096 with 5-65 columns, one thread).  An ``M``
+    in a narrower dtype than ``Y`` (a float32 weight in a float64 recomputation, :func:`certified_partial_svd`)
+    is converted a slice of its rows at a time (``geometry.pairs.CONVERT_CHUNK_BYTES``), never whole."""
+    if M.dtype == Y.dtype:
+        return (Y.mT @ M.mT).mT
+    rows = max(1, CONVERT_CHUNK_BYTES // max(1, M[..., :1, :].numel() * Y.dtype.itemsize))
+    return torch.cat([(Y.mT @ part.to(Y.dtype).mT).mT for part in M.split(rows, dim=-2)], dim=-2)
 
 
 def _window_triplets(X: torch.Tensor, U: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -242,7 +248,7 @@ def _block_krylov(X: torch.Tensor, gram: Optional[torch.Tensor], k: int, block: 
     apply = (lambda Y: gram @ Y) if gram is not None else (lambda Y: _times_thin(X, _times_thin(X.mT, Y)))  # noqa: E731
     g = torch.Generator(device="cpu").manual_seed(seed)
     start = gram if gram is not None else X  # a Gaussian block through G (or X): it spans X's leading range
-    omega = torch.randn(*X.shape[:-2], start.shape[-1], block, generator=g, dtype=X.dtype).to(X.device)
+    omega = torch.randn(*X.shape[:-2], start.shape[-1], block, generator=g, dtype=start.dtype).to(X.device)
     basis = torch.linalg.qr(start @ omega).Q
     P = apply(basis)
     H = basis.mT @ P  # Rayleigh quotient basis^T G basis, grown one block at a time
@@ -299,7 +305,8 @@ def partial_svd(A: torch.Tensor, k: int, *, dtype: torch.dtype, rtol: Optional[f
     small = min(A.shape[-2:])
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= small:
         raise ValueError(f"partial_svd: k={k!r} must be an int in [1, {small}] for A of shape {tuple(A.shape)}")
-    A = A.to(dtype)
+    if gram is None or k == small:  # with the Gram, A is read only by thin products (_times_thin converts slices)
+        A = A.to(dtype)
     wide = A.shape[-2] <= A.shape[-1]
     X = A if wide else A.mT  # (..., r, c) with r <= c: Grams and Krylov bases live in R^r
     if gram is not None:
