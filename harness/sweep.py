@@ -49,9 +49,11 @@ pull request with ``--create-pr``; cards computed from derived weights only with
 beside it; ``--push-to-hub REPO_ID`` also uploads the results dataset to dataset repo ``REPO_ID``; ``--dry-run``
 prints each card's diff and pushes nothing.  The token is huggingface_hub's own (``HF_TOKEN`` or the stored
 login): it is never read, written or logged.
-Exit status (:mod:`hf_flag.exits`): 0 all models done; 1 some failed or missing (everything else is still written),
-or an internal error (traceback saved under ``DIR/errors/``); 2 bad input or a folder that cannot be written (full
-disk, read-only: one line naming the path); 130 Ctrl-C and 143 SIGTERM (one line; a rerun resumes).
+Exit status (:mod:`hf_flag.exits`, :data:`EXIT_STATUS`): 0 all models done; 1 an internal error (traceback saved
+under ``DIR/errors/``, or in the ``error.json`` of a model whose analysis hit it); 2 bad input or a folder that cannot
+be written (full disk, read-only: one line naming the path); 3 finished incomplete: some models failed on their
+input or are missing, or the push failed (everything else is still written); 130 Ctrl-C and 143 SIGTERM (one line;
+a rerun resumes).
 docs/RELIABILITY.md lists these promises and the tests that show them.
 """
 from __future__ import annotations
@@ -82,8 +84,8 @@ from hf_flag import exits
 from hf_flag.analysis.api import analyze
 from hf_flag.atomic import atomic_write, atomic_write_bytes, atomic_write_text
 from hf_flag.errors import HfFlagError
-from hf_flag.exits import one_line
-from hf_flag.options import add_model_options
+from hf_flag.exits import EXIT_INCOMPLETE, EXIT_INTERNAL, EXIT_OK, one_line
+from hf_flag.options import OneLineParser, add_model_options
 from hf_flag.weights.hub import transport_errors
 from hf_flag.harness import schedule
 from hf_flag.harness.claims import (CLAIM, DEFAULT_LEASE_S, Claims, Owner, clear_stale, is_live, locked,
@@ -97,7 +99,6 @@ from hf_flag.threads import configure_threads
 from hf_flag.weights.adapters import get_adapter
 from hf_flag.weights.sources import open_weights
 
-EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE = 0, 1, 2
 PROG = "hf-flag sweep"
 #: bookkeeping folder inside ``--out``: the outputs lock, each run's rank presence claims and sharing probe
 SWEEP_DIR = ".sweep"
@@ -123,10 +124,16 @@ class Unit:
 DESCRIPTION = ("Analyse many models, in one process or several (accelerate launch), into DIR: a results dataset, "
                "summary.csv / summary.md, plots and model cards; a rerun resumes, a failed model is recorded and "
                "the others go on.")
+#: ``hf-flag sweep --help``'s epilog: the exit codes (:mod:`hf_flag.exits`)
+EXIT_STATUS = ("exit status: 0 every model done; 1 an internal error (a bug: its traceback is saved, please report "
+               "it); 2 bad input or an output folder that cannot be written (one line naming it); 3 finished "
+               "incomplete: some models failed on their input (unsupported or corrupt weights, a Hub id that cannot "
+               "be fetched) or are missing, or the push failed; everything else is written and a rerun resumes; "
+               "130 Ctrl-C, 143 SIGTERM.")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hf-flag sweep", description=DESCRIPTION)
+    p = OneLineParser(prog="hf-flag sweep", description=DESCRIPTION, epilog=EXIT_STATUS)
     add_model_options(p, config_file=True)
     p.add_argument("--config", help="YAML sweep config (see examples/sweep.yaml)")
     p.add_argument("--out", help="output folder")
@@ -322,6 +329,7 @@ class AnalysisFailed(Exception):
     def __init__(self, cause: Exception):
         super().__init__(one_line(cause))
         self.traceback = "".join(traceback.format_exception(cause, limit=8))
+        self.internal = exits.is_internal(cause)
 
 
 def analyze_layers(spec: ModelSpec, cfg: SweepConfig, device: str, layers: Optional[Sequence[int]]) -> Report:
@@ -406,7 +414,7 @@ def run_unit(ctx: RunContext, unit: Unit, *, size: int = 0) -> RunState:
     except AnalysisFailed as exc:
         if still_mine(ctx, unit.run_dir):
             schedule.mark_failed(unit.run_dir, unit.fp, str(exc), model=unit.spec.label, rank=ctx.rank,
-                                 traceback=exc.traceback)
+                                 traceback=exc.traceback, internal=exc.internal)
         return RunState.FAILED
     if unit.layers is None:
         try:
@@ -532,7 +540,8 @@ def merge_model(unit: Unit, parts: Sequence[Unit]) -> None:
         failed = [s for s, st in zip(parts, states) if st is RunState.FAILED]
         if failed:
             schedule.mark_failed(unit.run_dir, unit.fp, schedule.read_error(failed[0].run_dir),
-                                 model=unit.spec.label, shard=list(failed[0].layers))
+                                 model=unit.spec.label, shard=list(failed[0].layers),
+                                 internal=schedule.failed_internally(failed[0].run_dir))
         elif all(st is RunState.DONE for st in states):
             reports = [Report.from_json((s.run_dir / schedule.REPORT).read_text()) for s in parts]
             schedule.mark_done(unit.run_dir, unit.fp, merge_shards(reports).to_json())
@@ -553,7 +562,8 @@ def sweep_split(ctx: RunContext, units: list[Unit]) -> Outcome:
         except Exception as exc:  # noqa: BLE001 - recorded as the model's failure
             if rank == 0:
                 with locked(unit.run_dir):
-                    schedule.mark_failed(unit.run_dir, unit.fp, one_line(exc), model=unit.spec.label)
+                    schedule.mark_failed(unit.run_dir, unit.fp, one_line(exc), model=unit.spec.label,
+                                         internal=exits.is_internal(exc))
     plan = [[parts[k] for parts in shards.values() if k < len(parts)] for k in range(ctx.world)]
     mine = preference(plan, rank) if ctx.shared else plan[rank]
     n_layers = {slug: sum(len(s.layers) for s in parts) for slug, parts in shards.items()}
@@ -1003,9 +1013,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``python -m hf_flag.harness.sweep`` / ``accelerate launch -m hf_flag.harness.sweep`` /
     ``hf-flag sweep``.
 
-    Exit codes (:mod:`hf_flag.exits`): 0 every model done; 1 some failed or are missing (everything else is
-    written), or an internal error (one line; the traceback is saved under ``DIR/errors/``); 2 bad input, or a
-    folder that cannot be written (one line naming the path; finished work is kept); 130 Ctrl-C, 143 SIGTERM."""
+    Exit codes: module docstring (:data:`EXIT_STATUS`)."""
     exits.terminate_as_exception()
     try:
         cfg, args = parse_args(argv)
@@ -1084,6 +1092,11 @@ def run(cfg: SweepConfig, args: argparse.Namespace) -> int:
         print(f"hf-flag sweep: {r.name}: {r.status}: {r.error}", file=sys.stderr)
     print(f"hf-flag sweep: {len(results) - len(bad)}/{len(results)} models done; results in {cfg.out}",
           file=sys.stderr)
+    internal = [r for r in bad if r.status == "failed" and schedule.failed_internally(r.unit.run_dir)]
+    if internal:
+        print(f"hf-flag sweep: {len(internal)} of them hit an internal error (a bug; its traceback is in "
+              f"{internal[0].unit.run_dir / schedule.ERROR}, please report it)", file=sys.stderr)
+        return EXIT_INTERNAL
     return EXIT_INCOMPLETE if bad else EXIT_OK
 
 

@@ -28,7 +28,7 @@ from hf_flag import exits
 from hf_flag.atomic import atomic_write
 from hf_flag.defaults import default_hub_id, default_named_paths, model_slug, parse_diagnostics
 from hf_flag.errors import InputError
-from hf_flag.options import add_model_options
+from hf_flag.options import OneLineParser, add_model_options
 from hf_flag.report import baseline_key
 from hf_flag.rows import table_metrics
 from hf_flag.weights.sources import open_weights
@@ -48,11 +48,10 @@ class CliError(InputError):
     """A user error found by the command line itself (bad argument, missing default model, unsafe overwrite)."""
 
 
-class Parser(argparse.ArgumentParser):
+class Parser(OneLineParser):
     """An ``ArgumentParser`` whose errors are :class:`CliError` (one line, exit 2) instead of usage + exit."""
 
-    def error(self, message: str):
-        raise CliError(f"{message} (see {self.prog} --help)")
+    error_type = CliError
 
 
 def parse_layers(text: str) -> list[int]:

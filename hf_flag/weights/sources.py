@@ -59,6 +59,14 @@ def open_weights(model_or_path: Union[str, os.PathLike, nn.Module, WeightSource]
     checkpoint, a Hub id that cannot be fetched (one line naming the repo and the remedy), or pickle files without
     ``allow_pickle=True``.
     """
+    if max_disk_bytes is not None and max_disk_bytes <= 0:
+        raise WeightSourceError(f"max_disk_bytes {max_disk_bytes} is not positive; give the bytes of checkpoint shards "
+                                f"to hold on disk (--max-disk GB > 0), or None to download whole")
+    local = not isinstance(model_or_path, (str, os.PathLike)) or Path(model_or_path).expanduser().exists()
+    if gguf_file is not None and local:
+        what = repr(os.fspath(model_or_path)) if isinstance(model_or_path, (str, os.PathLike)) else "a torch module"
+        raise WeightSourceError(f"--gguf-file {gguf_file!r} selects a file of a GGUF Hub repo, but model {what} is not "
+                                f"a Hub id; pass the local .gguf file's path as the model instead")
     if isinstance(model_or_path, WeightSource):
         return model_or_path
     if isinstance(model_or_path, nn.Module):

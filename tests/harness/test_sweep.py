@@ -69,7 +69,7 @@ def statuses(out: Path) -> dict[str, str]:
 def one_process(tiny_models, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("sweep1") / "out"
     proc = run_sweep([*model_list(tiny_models), "--out", str(out), *ARGS])
-    assert proc.returncode == 1, proc.stderr[-3000:]  # two models fail on purpose
+    assert proc.returncode == 3, proc.stderr[-3000:]  # two models fail on purpose
     return out
 
 
@@ -167,7 +167,7 @@ def test_rerun_after_death_runs_each_model_exactly_once(one_process, tiny_models
     before = {p.parent.name: p.read_text() for p in (out / "runs").glob("*/started.json")}
     errors = {p.parent.name: p.read_text() for p in (out / "runs").glob("*/error.json")}
     proc = run_sweep([*model_list(tiny_models), "--out", str(out), *ARGS])
-    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.returncode == 3, proc.stderr[-3000:]
     after = {p.parent.name: p.read_text() for p in (out / "runs").glob("*/started.json")}
     assert [s for s in after if after[s] != before[s]] == ["local--llama"]  # only the dead one was redone
     assert errors == {p.parent.name: p.read_text() for p in (out / "runs").glob("*/error.json")}
@@ -209,7 +209,7 @@ def test_unshared_out_results_travel_and_a_dead_rank_is_named_within_its_lease(o
     assert {s for s, st in got.items() if st == "missing"} == set(plan[1])
     notes = {m["slug"]: m["error"] for m in json.loads((out2 / "sweep.json").read_text())["models"]}
     assert all("rank 1 (pid " in notes[s] for s in plan[1])
-    assert run_sweep(args2).returncode == 1  # the rerun (one process) completes rank 1's models
+    assert run_sweep(args2).returncode == 3  # the rerun (one process) completes rank 1's models
     assert statuses(out2) == statuses(one_process) and rows(out2) == rows(one_process)
 
 
@@ -245,7 +245,7 @@ def test_bad_inputs_exit_2_with_one_line(tiny_models, tmp_path, capsys):
 def test_failed_push_is_one_line_and_keeps_the_results(tiny_models, tmp_path, capsys):
     out = tmp_path / "out"
     args = [str(tiny_models["gpt2"]), "--out", str(out), "--diagnostics", "mlp", "--push-to-hub", "me/results"]
-    assert sweep.main(args) == 1  # the session is offline (HF_HUB_OFFLINE=1): the push cannot reach the Hub
+    assert sweep.main(args) == 3  # the session is offline (HF_HUB_OFFLINE=1): the push cannot reach the Hub
     err = [line for line in capsys.readouterr().err.splitlines() if "hf-flag sweep" in line]  # not tqdm's bar
     assert len(err) == 1 and "--push-to-hub me/results" in err[0] and "OfflineModeIsEnabled" in err[0]
     assert statuses(out) == {"local--gpt2": "done"} and rows(out)  # everything was written before the push
@@ -366,8 +366,8 @@ def test_retry_failed_reruns_only_failures(one_process, tiny_models, tmp_path):
     shutil.copytree(one_process, out)
     started = {p.parent.name: p.read_text() for p in (out / "runs").glob("*/started.json")}
     args = [*model_list(tiny_models), "--out", str(out), *ARGS]
-    assert sweep.main(args) == 1  # failures are final for unchanged inputs: nothing reruns
+    assert sweep.main(args) == 3  # failures are final for unchanged inputs: nothing reruns
     assert started == {p.parent.name: p.read_text() for p in (out / "runs").glob("*/started.json")}
-    assert sweep.main([*args, "--retry-failed"]) == 1
+    assert sweep.main([*args, "--retry-failed"]) == 3
     changed = {p.parent.name for p in (out / "runs").glob("*/started.json") if p.read_text() != started[p.parent.name]}
     assert changed == {"local--broken", UNKNOWN.replace("/", "--")}

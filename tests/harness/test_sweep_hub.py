@@ -148,7 +148,7 @@ def test_derived_weights_are_not_pushed_to_the_original_repo(hub, hub_models, tm
     config = tmp_path / "sweep.yaml"
     config.write_text(yaml.safe_dump({"models": [{"path": str(hub_models[LLAMA][0]), "name": LLAMA}],
                                       "out": str(tmp_path / "out"), "diagnostics": ["mlp"]}))
-    assert sweep.main(["--config", str(config), "--push-to-hub"]) == 1
+    assert sweep.main(["--config", str(config), "--push-to-hub"]) == 3  # incomplete: a card not pushed
     err = [line for line in capsys.readouterr().err.splitlines() if "card not pushed" in line]
     assert len(err) == 1 and "derived copy" in err[0] and "--allow-derived" in err[0] and hub.received == []
     assert sweep.main(["--config", str(config), "--push-to-hub", "--allow-derived"]) == 0
