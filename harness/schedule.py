@@ -148,6 +148,13 @@ def read_error(run_dir: str | os.PathLike) -> str:
     return "" if data is None else str(data.get("error", ""))
 
 
+def finished_runs(runs_dir: str | os.PathLike) -> list[Path]:
+    """The model run folders ``runs_dir/<slug>`` holding a finished result (``done.json`` beside ``report.json``),
+    whatever parameters it was computed with, sorted by slug."""
+    return sorted(p.parent for p in Path(runs_dir).glob(f"*/{DONE}")
+                  if _read_json(p) is not None and (p.parent / REPORT).is_file())
+
+
 def failed_internally(run_dir: str | os.PathLike) -> bool:
     """Whether the failure recorded in ``run_dir`` is an internal error (``internal`` of :func:`mark_failed`; a
     record without it, from an older hf-flag, counts as internal)."""

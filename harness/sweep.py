@@ -28,6 +28,11 @@ stopped early, and writes (holding the folder's lock, so concurrent sweeps write
 
 * ``DIR/dataset``: ``datasets.Dataset.save_to_disk`` of every row of every model (``datasets.load_from_disk``);
 * ``DIR/summary.csv`` and ``DIR/summary.md``: one line per model, headline metrics beside their baselines;
+* the dataset, the summaries and ``sweep.json`` cover every model of the folder: this sweep's (done, failed or
+  missing) and every other model with a finished result in ``DIR/runs/<slug>/`` (earlier sweeps into the same
+  ``DIR``, computed with their own parameters); cards and plots are written for this sweep's models only.  They are
+  replaced only when ``DIR/sweep.json`` says hf-flag wrote them (:func:`check_outputs_ours`): a ``summary.*`` or
+  ``dataset/`` that hf-flag did not write stops the sweep with one line before any work;
 * ``DIR/plots/<slug>/*.png`` (:mod:`hf_flag.harness.plots`; split models are drawn here) and
   ``DIR/model_cards/<slug>/README.md``
   (:mod:`hf_flag.integrations.cards`); ``--write-model-cards`` also updates local model folders' README.md;
@@ -889,10 +894,57 @@ def copy_plot(png: Path, folder: Path) -> Path:
     return dest
 
 
+#: what the sweep writes into ``DIR`` and replaces as a whole on every run (:func:`check_outputs_ours`)
+OUTPUTS = ("dataset", "summary.csv", "summary.md")
+#: ``DIR/sweep.json``, the manifest; its ``written_by`` marks the outputs beside it as hf-flag's
+MANIFEST, WRITTEN_BY = "sweep.json", "hf-flag sweep"
+
+
+def check_outputs_ours(out: Path) -> None:
+    """``ConfigError`` (exit 2, one line) when ``out`` holds an output of :data:`OUTPUTS` or a ``sweep.json`` that
+    hf-flag did not write: only a ``sweep.json`` with ``written_by`` (or, from hf-flag before it, a ``models`` list)
+    vouches for the outputs beside it.  Nothing is read or written besides."""
+    manifest = out / MANIFEST
+    try:
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        data = None
+    except (OSError, ValueError):
+        data = "unreadable"
+    ours = isinstance(data, dict) and (data.get("written_by") == WRITTEN_BY or isinstance(data.get("models"), list))
+    if ours:
+        return
+    foreign = ([manifest] if data is not None else []) + [out / p for p in OUTPUTS if (out / p).exists()]
+    if foreign:
+        raise ConfigError(f"--out {out}: {foreign[0]} exists and was not written by hf-flag sweep (no hf-flag "
+                          f"{MANIFEST} beside it), and the sweep would replace it; move it away or choose another "
+                          f"--out")
+
+
+def folder_results(out: Path, units: Sequence[Unit]) -> list[ModelResult]:
+    """The models of ``out`` that ``units`` do not cover but that have a finished result in ``out/runs`` (earlier
+    sweeps into the same folder), each labelled by its report's model name."""
+    mine = {u.slug for u in units}
+    results = []
+    for run_dir in schedule.finished_runs(out / "runs"):
+        if run_dir.name in mine:
+            continue
+        report = Report.from_json((run_dir / schedule.REPORT).read_text())
+        unit = Unit(ModelSpec(report.model or run_dir.name), run_dir.name, run_dir, "")
+        results.append(ModelResult(unit, "done", "", report))
+    return results
+
+
+def write_manifest(out: Path, results: Sequence[ModelResult]) -> None:
+    schedule.atomic_write_json(out / MANIFEST, {"written_by": WRITTEN_BY,
+                                                "models": [r.manifest_entry() for r in results]})
+
+
 def write_outputs(ctx: RunContext, units: list[Unit], states: dict[str, RunState],
                   notes: Optional[dict[str, str]] = None) -> list[ModelResult]:
     """Everything rank 0 writes after the merge, holding the output folder's lock (sweeps sharing the folder write
-    one after the other); returns one result per model.  ``notes``: slug -> why a model is missing."""
+    one after the other); returns one result per model of ``units``.  The dataset, summaries and manifest also
+    cover the folder's other finished models (module docstring).  ``notes``: slug -> why a model is missing."""
     with locked(ctx.config.out / SWEEP_DIR):
         return write_outputs_locked(ctx, units, states, notes or {})
 
@@ -910,9 +962,12 @@ def write_outputs_locked(ctx: RunContext, units: list[Unit], states: dict[str, R
         error = schedule.read_error(u.run_dir) if state is RunState.FAILED else "" if report else notes.get(
             u.slug, "no result before --merge-timeout (process died or still running); rerun to resume")
         results.append(ModelResult(u, status, error, report))
-    reports = [r.report for r in results if r.report is not None]
+    check_outputs_ours(cfg.out)  # again under the lock: nothing appeared since the start
+    folder = results + folder_results(cfg.out, units)
+    write_manifest(cfg.out, folder)  # first: the outputs below are never on disk without it
+    reports = [r.report for r in folder if r.report is not None]
     save_dataset(reports, cfg.out / "dataset", ctx.tag)
-    csv_text, md_text = summary_table(results)
+    csv_text, md_text = summary_table(folder)
     atomic_write_text(cfg.out / "summary.csv", csv_text)
     atomic_write_text(cfg.out / "summary.md", md_text)
     for i, res in enumerate(results):
@@ -924,8 +979,7 @@ def write_outputs_locked(ctx: RunContext, units: list[Unit], states: dict[str, R
         except Exception as exc:  # a card or plot problem is reported, not fatal
             results[i] = res = replace(res, error=f"card/plots: {one_line(exc)}")
             print(f"hf-flag sweep: {res.name}: {res.error}", file=sys.stderr)
-    manifest = {"models": [r.manifest_entry() for r in results]}
-    schedule.atomic_write_json(cfg.out / "sweep.json", manifest)
+    write_manifest(cfg.out, results + folder[len(results):])  # with the card errors
     return results
 
 
@@ -1035,6 +1089,7 @@ def run(cfg: SweepConfig, args: argparse.Namespace) -> int:
     state = PartialState(cpu=cfg.device == "cpu")
     rank, world = state.process_index, state.num_processes
     check_out_dir(cfg.out)  # on every rank, so all of them stop together
+    check_outputs_ours(cfg.out)  # before any work, not after the analysis
     check_out_dir(cfg.cards_dir, "--cards-dir")  # before any work, not after the analysis
     device = resolve_device(cfg.device, state.local_process_index)
     configure_threads()  # this process's share of the cores (LOCAL_WORLD_SIZE, load)

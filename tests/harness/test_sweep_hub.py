@@ -62,7 +62,7 @@ def test_sweep_of_hub_ids_into_an_empty_cache(hub, hub_models, tmp_path, capsys)
     out = tmp_path / "out"
     assert not hub.cache.exists()
     code = sweep.main([LLAMA, BERT, "tiny-org/absent", "--out", str(out), *ARGS])
-    assert code == 1  # the missing repo fails, the others are done
+    assert code == 3  # the missing repo fails, the others are done
     status = {m["slug"]: (m["status"], m["error"]) for m in json.loads((out / "sweep.json").read_text())["models"]}
     assert status["tiny-org--absent"][0] == "failed" and status["tiny-org--absent"][1].startswith(
         "WeightSourceError: Hub model 'tiny-org/absent' was not found, or is private")

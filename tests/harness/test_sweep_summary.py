@@ -13,7 +13,7 @@ def test_sweep_prints_a_summary_table(tiny_models, tmp_path, capsys):
     models = [str(tiny_models["gpt2"]), str(tiny_models["broken"])]
     code = sweep.main([*models, "--out", str(tmp_path / "out"), "--composition", "none"])
     out = capsys.readouterr().out
-    assert code == 1  # the broken model failed; the table still lists it
+    assert code == 3  # the broken model failed; the table still lists it
     caption, header, good, bad = out.strip().splitlines()[-4:]
     assert caption.startswith("headline means per model")
     assert header.split()[:2] == ["model", "status"] and "mlp/commutator_ratio" in header.split()
