@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(p, config_file=True)
     p.add_argument("--config", help="YAML sweep config (see examples/sweep.yaml)")
     p.add_argument("--out", help="output folder")
-    p.add_argument("--device", choices=DEVICES, help="default cpu; auto = cuda when available")
+    p.add_argument("--device", choices=DEVICES, help="auto (the default): cuda when available, else cpu")
     p.add_argument("--split-layers", action="store_true", default=None, dest="split_layers",
                    help="split each model's layers across the processes")
     p.add_argument("--write-model-cards", action="store_true", default=None, dest="write_model_cards",
@@ -1086,7 +1086,7 @@ def run(cfg: SweepConfig, args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
     options = Options.from_args(args)
-    state = PartialState(cpu=cfg.device == "cpu")
+    state = PartialState(cpu=cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()))
     rank, world = state.process_index, state.num_processes
     check_out_dir(cfg.out)  # on every rank, so all of them stop together
     check_outputs_ours(cfg.out)  # before any work, not after the analysis

@@ -311,7 +311,7 @@ def test_config_file_and_arguments_merge(tmp_path):
     assert cfg.models == (ModelSpec("a/b"), ModelSpec("./local", "me/local"), ModelSpec("c/d"))  # no duplicate
     assert (cfg.composition, cfg.out, cfg.diagnostics, cfg.split_layers) == ("adjacent", tmp_path / "cli",
                                                                              ("mlp",), True)
-    assert cfg.device == "cpu" and cfg.push_to_hub is None and not cfg.write_model_cards  # defaults
+    assert cfg.device == "auto" and cfg.push_to_hub is None and not cfg.write_model_cards  # defaults
 
 
 def test_long_lived_frozen_hands_the_heap_back():
