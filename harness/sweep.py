@@ -195,7 +195,13 @@ def parse_args(argv: Optional[Sequence[str]]) -> tuple[SweepConfig, argparse.Nam
         raise ConfigError(f"--checkpoint-layers {args.checkpoint_layers}: give a number of layers >= 0")
     if not args.lease_s > 0:
         raise ConfigError(f"--lease-seconds {args.lease_s:g}: give a number of seconds > 0")
-    return build_config(file_values, cli_checked, extra), args
+    cfg = build_config(file_values, cli_checked, extra)
+    unnamed = [s.path for s in cfg.models if s.name is None and Path(s.path).expanduser().exists()]
+    if cfg.push_to_hub and unnamed:  # a local copy's config names the model it came from, not a repo to push to
+        raise ConfigError(f"--push-to-hub: local model {unnamed[0]!r} has no Hub repo name to push its card to; "
+                          f"name it with --name org/name (or {{path: ..., name: org/name}} in the config), or "
+                          f"leave it out of this sweep")
+    return cfg, args
 
 
 @dataclass(frozen=True)

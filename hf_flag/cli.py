@@ -228,7 +228,7 @@ def run_analyze(args: argparse.Namespace) -> int:
     for model in models:
         with open_weights(model, allow_pickle=args.allow_pickle, revision=args.revision, gguf_file=args.gguf_file,
                           max_disk_bytes=None if args.max_disk is None else int(args.max_disk * 1e9)) as source:
-            # labelled by its Hub id: a default model's, or a local folder's config _name_or_path when it is one
+            # labelled by --name or an embedded default model's Hub id, else by its folder or file name
             name = hub_ids.get(model) or (getattr(source, "provenance", None) or {}).get("hub_name")
             report = analyze(
                 source, device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None,

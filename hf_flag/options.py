@@ -51,8 +51,8 @@ def add_model_options(parser: argparse.ArgumentParser, *, config_file: bool = Fa
                         help="add the embedded default models (all-MiniLM-L6-v2 and SmolLM2-135M-Instruct)")
     parser.add_argument("--name", metavar="ORG/NAME",
                         help="the Hub name of the one MODEL given, for labels and output folders (and, in a "
-                             "sweep, its model card; default: its Hub id, or a local folder's config _name_or_path, "
-                             "which for a fine-tuned copy names its base model)")
+                             "sweep, its model card and --push-to-hub target; default: its Hub id, or a local "
+                             "folder's or file's own name; a sweep pushes no local model's card without it)")
     parser.add_argument("--revision", help="branch, tag or commit sha of the MODEL Hub ids (default: main)")
     parser.add_argument("--gguf-file", dest="gguf_file", metavar="FILE",
                         help="which .gguf of a GGUF Hub repo (default: the one with the finest storage); Hub ids "

@@ -25,8 +25,9 @@ its own, ``"mlp/commutator_ratio_baseline"``; ``metric_name`` is a readable labe
 The section opens with where the numbers come from (:func:`provenance_sentence`: a card computed from anything
 other than the named repo's own weights says so in its first sentence), states the reading rule
 (:mod:`hf_flag.integrations.readings`), then one plain paragraph per diagnostic with a link to its definition and
-each number beside its random baseline and its spread over layers.  Local models are named by their Hub name
-(``--name`` or ``_name_or_path``), never by a path.
+each number beside its random baseline and its spread over layers.  Local models are named by ``--name`` (an
+embedded default model by its Hub id), else by their folder's or file's name, never by a path and never by their
+config's ``_name_or_path`` (which names the model a copy was loaded or fine-tuned from).
 
 Integrations do no math: everything here formats an :class:`hf_flag.report.Report`.
 """
@@ -175,7 +176,8 @@ def is_derived(report: Report, model_name: str) -> bool:
 
 def card_model_name(report: Report, name: Optional[str] = None) -> str:
     """The name a card and its model-index give the model: ``name`` (``--name``), else the Hub id the weights were
-    fetched from, else the local model's Hub name (``_name_or_path``), else the report's label when it is no path,
+    fetched from, else an embedded default model's Hub id (provenance ``hub_name``), else the report's label when it
+    is no path,
     else the last component of that path (never an absolute path)."""
     prov = provenance(report)
     for candidate in (name, prov.get("repo_id"), prov.get("hub_name")):

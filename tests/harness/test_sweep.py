@@ -371,3 +371,25 @@ def test_retry_failed_reruns_only_failures(one_process, tiny_models, tmp_path):
     assert sweep.main([*args, "--retry-failed"]) == 3
     changed = {p.parent.name for p in (out / "runs").glob("*/started.json") if p.read_text() != started[p.parent.name]}
     assert changed == {"local--broken", UNKNOWN.replace("/", "--")}
+
+
+def test_a_local_copy_is_named_by_its_folder_and_never_pushed_without_a_name(minilm_path, tmp_path, capsys):
+    """A copy of all-MiniLM-L6-v2 (config ``_name_or_path``: its base model nreimers/MiniLM-L6-H384-uncased) is
+    labelled, carded and slugged by its folder name; ``--push-to-hub`` refuses it (one line, exit 2, before any
+    work) until ``--name`` names its repo; the embedded default keeps its Hub id."""
+    copy = tmp_path / "mycopy"
+    shutil.copytree(minilm_path, copy)
+    out = tmp_path / "out"
+    args = [str(copy), "--out", str(out), "--diagnostics", "mlp", "--composition", "none", "--cheap"]
+    assert sweep.main([*args, "--push-to-hub", "--allow-derived", "--dry-run"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("hf-flag")]
+    assert len(err) == 1 and f"local model {str(copy)!r} has no Hub repo name" in err[0] and "--name" in err[0]
+    assert not (out / "runs").exists()
+    assert sweep.main(args) == 0
+    section = (out / "model_cards" / "local--mycopy" / "README.md").read_text().split("hf-flag:start")[1]
+    assert "`mycopy`" in section and "nreimers" not in section  # hf-flag's section (the copy's own text is kept)
+    assert sweep.main([*args, "--name", "me/mycopy", "--push-to-hub", "--allow-derived", "--dry-run"]) == 0
+    pushed = capsys.readouterr().out
+    assert "card of me/mycopy" in pushed and "nreimers" not in pushed
+    cfg, _ = sweep.parse_args([str(minilm_path), "--out", str(tmp_path), "--push-to-hub"])  # a default: named
+    assert [s.name for s in cfg.models] == ["sentence-transformers/all-MiniLM-L6-v2"]

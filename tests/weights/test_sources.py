@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 import sys
 
@@ -15,7 +16,6 @@ from torch import nn
 from hf_flag.errors import HfFlagError, WeightSourceError
 from hf_flag.weights import safetensors_source
 from hf_flag.weights.gguf_source import gguf_name_table, quant_eps, reverse_permute
-from hf_flag.weights.hub import hub_name
 from hf_flag.weights.sources import (GGUFSource, ModuleSource, SafetensorsSource, TorchPickleSource, WeightSource,
                                      open_weights)
 
@@ -611,13 +611,19 @@ def test_pickle_files_with_the_same_tensor_are_refused(tmp_path):
 
 
 @pytest.mark.pretrained
-def test_embedded_default_models_are_their_own_hub_name(minilm_path, smollm2_gguf, tiny_checkpoint):
+def test_embedded_default_models_are_their_own_hub_name(minilm_path, smollm2_gguf, tmp_path):
     """MiniLM's config names its base model (``_name_or_path``: nreimers/MiniLM-L6-H384-uncased); the provenance
-    names the model the weights are, as ``--default`` does, and other local models keep ``_name_or_path``."""
+    names the model the weights are, as ``--default`` does (also for the weight file inside its folder).  A copy of
+    the same files is a local copy: named by its folder, with no Hub name, never by ``_name_or_path``."""
     with open_weights(str(minilm_path)) as source:
         assert source.config["_name_or_path"] == "nreimers/MiniLM-L6-H384-uncased"
         assert source.provenance["hub_name"] == "sentence-transformers/all-MiniLM-L6-v2"
+    with open_weights(str(minilm_path / "model.safetensors")) as source:
+        assert source.provenance["hub_name"] == "sentence-transformers/all-MiniLM-L6-v2"
     with open_weights(str(smollm2_gguf)) as source:
         assert source.provenance["hub_name"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
-    with open_weights(str(tiny_checkpoint)) as source:
-        assert source.provenance["hub_name"] == hub_name(source.config)
+    copy = tmp_path / "mycopy"
+    shutil.copytree(minilm_path, copy)
+    for path, label in ((copy, "mycopy"), (copy / "model.safetensors", "model.safetensors")):
+        with open_weights(str(path)) as source:
+            assert source.provenance["hub_name"] is None and source.name == label
