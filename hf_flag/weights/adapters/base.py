@@ -39,6 +39,7 @@ import torch
 
 from hf_flag.errors import InputError, UnsupportedArchitectureError
 from hf_flag.weights.blocks import AttentionWeights, BlockWeights, MLPWeights, ModelLayout
+from hf_flag.weights.weight_source import integer_weight_error
 
 if TYPE_CHECKING:
     from hf_flag.weights.weight_source import WeightSource
@@ -337,6 +338,9 @@ class Adapter:
         keys = set(keys)
         model_type = str(config.get("model_type", self.name))
         missing = self.missing_tensor(keys)
+        packed = sorted(k for k in keys if k.endswith(".qweight"))  # GPTQ/AWQ: int4 packed in int32, no .weight
+        if missing is not None and packed:
+            raise integer_weight_error(model_type, packed[0], "packed integers")
         if missing is not None:
             raise UnsupportedArchitectureError(
                 f"model_type {model_type!r} read with the {self.name!r} adapter: no tensor matching {missing!r}; "
