@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--device", help="torch device, e.g. cpu or cuda:0 (default: cuda when available, else cpu)")
     an.add_argument("--dtype", choices=("float64", "float32"),
                     help="precision of the analysis (default: float32 for weights stored in float32 or coarser, "
-                         "float64 for float64 weights; float64 with --full)")
+                         "float64 for float64 weights; --full computes in float64 and refuses float32)")
     an.add_argument("--full", action="store_true",
                     help="every singular vector of every weight (the all-vectors analysis) instead of the leading "
                          "subspaces the storage precision determines (the default)")
