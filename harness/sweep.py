@@ -910,17 +910,16 @@ def check_outputs_ours(out: Path) -> None:
     """``ConfigError`` (exit 2, one line) when ``out`` holds an output of :data:`OUTPUTS` or a ``sweep.json`` that
     hf-flag did not write: only a ``sweep.json`` with ``written_by`` (or, from hf-flag before it, a ``models`` list)
     vouches for the outputs beside it.  Nothing is read or written besides."""
-    manifest = out / MANIFEST
-    try:
-        data = json.loads(manifest.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        data = None
-    except (OSError, ValueError):
-        data = "unreadable"
-    ours = isinstance(data, dict) and (data.get("written_by") == WRITTEN_BY or isinstance(data.get("models"), list))
-    if ours:
-        return
-    foreign = ([manifest] if data is not None else []) + [out / p for p in OUTPUTS if (out / p).exists()]
+    manifest, foreign = out / MANIFEST, []
+    if manifest.exists():
+        try:
+            data = json.loads(manifest.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            data = None
+        if isinstance(data, dict) and (data.get("written_by") == WRITTEN_BY or isinstance(data.get("models"), list)):
+            return
+        foreign.append(manifest)
+    foreign += [out / p for p in OUTPUTS if (out / p).exists()]
     if foreign:
         raise ConfigError(f"--out {out}: {foreign[0]} exists and was not written by hf-flag sweep (no hf-flag "
                           f"{MANIFEST} beside it), and the sweep would replace it; move it away or choose another "
@@ -1098,7 +1097,7 @@ def run(cfg: SweepConfig, args: argparse.Namespace) -> int:
     check_outputs_ours(cfg.out)  # before any work, not after the analysis
     check_out_dir(cfg.cards_dir, "--cards-dir")  # before any work, not after the analysis
     device = resolve_device(cfg.device, state.local_process_index)
-    configure_threads()  # this process's share of the cores (LOCAL_WORLD_SIZE, load)
+    configure_threads()  # this process's share of the cores (LOCAL_WORLD_SIZE, cores busy now)
     if world == 1 and os.environ.get("ACCELERATE_USE_CPU") == "True":
         print("hf-flag sweep: note: accelerate launch --cpu starts one process; for N CPU processes use "
               "accelerate launch --multi_gpu --num_processes N -m hf_flag.harness.sweep ... --device cpu",

@@ -98,7 +98,8 @@ def analyze(model_or_path, *, device: Union[str, torch.device, None] = None, dty
     is never moved or cast (tensors are copied).  dtype: float64 or float32 for the analysis; default the
     precision policy (float32 for weights stored in float32 or coarser, float64 for float64; float64 with
     ``full``, which takes no float32: its pair rows are computed in float64 whatever ``dtype`` says, so
-    ``full=True, dtype=torch.float32`` raises InputError rather than record a precision it did not use).  full: today's all-vectors analysis (a thin SVD per weight: every singular vector, the GL kernel
+    ``full=True, dtype=torch.float32`` raises InputError rather than record a precision it did not use).
+    full: today's all-vectors analysis (a thin SVD per weight: every singular vector, the GL kernel
     dimension); default: transformer pair rows from the leading singular subspaces the storage precision
     determines (``geometry.spectral``: windows ``window_in``/``window_out`` and residual certificates
     ``svd_residual_in``/``svd_residual_out`` in each row).  Linear chains always use the full analysis.
