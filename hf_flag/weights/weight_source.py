@@ -123,13 +123,16 @@ class WeightSource(ABC):
         Low-precision storage is upcast exactly (bf16/fp16 -> float64 is lossless).  Without ``dtype`` the
         storage dtype is kept (float32 for dequantised GGUF tensors).  The result may share memory with the
         source (an in-memory module's parameter, a memory-mapped file): do not modify it in place.  A tensor stored
-        as integers raises :func:`integer_weight_error` (its real values need scales stored elsewhere).
+        as integers is read as integers (``dtype`` None or an integer dtype); read as real values (a floating
+        ``dtype``, as every analysis reads weights) it raises :func:`integer_weight_error`: its real values need
+        scales stored elsewhere.
         """
         if self._closed:
             raise WeightSourceError(f"weights {self.name!r} were closed; open them again with open_weights(...)")
         self._check_key(name)
         tensor = self._read(name)
-        if not (tensor.is_floating_point() or tensor.is_complex()):
+        if dtype is not None and (dtype.is_floating_point or dtype.is_complex) and not (
+                tensor.is_floating_point() or tensor.is_complex()):
             raise integer_weight_error(self.name, name, dtype_name(tensor.dtype))
         if dtype is None and device is None:
             return tensor

@@ -244,11 +244,12 @@ def test_bad_inputs_exit_2_with_one_line(tiny_models, tmp_path, capsys):
 
 def test_failed_push_is_one_line_and_keeps_the_results(tiny_models, tmp_path, capsys):
     out = tmp_path / "out"
-    args = [str(tiny_models["gpt2"]), "--out", str(out), "--diagnostics", "mlp", "--push-to-hub", "me/results"]
+    args = [str(tiny_models["gpt2"]), "--name", "me/tiny-gpt2", "--out", str(out), "--diagnostics", "mlp",
+            "--push-to-hub", "me/results"]
     assert sweep.main(args) == 3  # the session is offline (HF_HUB_OFFLINE=1): the push cannot reach the Hub
     err = [line for line in capsys.readouterr().err.splitlines() if "hf-flag sweep" in line]  # not tqdm's bar
     assert len(err) == 1 and "--push-to-hub me/results" in err[0] and "OfflineModeIsEnabled" in err[0]
-    assert statuses(out) == {"local--gpt2": "done"} and rows(out)  # everything was written before the push
+    assert statuses(out) == {"me--tiny-gpt2": "done"} and rows(out)  # everything was written before the push
 
 
 def test_hf_flag_cli_dispatches_to_the_sweep(tmp_path, capsys):

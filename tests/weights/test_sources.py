@@ -107,20 +107,27 @@ def test_safetensors_single_file_matches_load_file(mixed_file):
             assert got.dtype == t.dtype and torch.equal(got, t) and src.shape(k) == tuple(t.shape)
         assert src.nbytes() == sum(t.numel() * t.element_size() for t in ref.values())
         expected = {"a.weight": ("bfloat16", 2.0 ** -7), "b.weight": ("float16", 2.0 ** -10),
-                    "c.weight": ("float32", 2.0 ** -23), "c.bias": ("float64", 2.0 ** -52), "steps": ("int64", 0.0)}
+                    "c.weight": ("float32", 2.0 ** -23), "c.bias": ("float64", 2.0 ** -52)}
         for k, (dt, eps) in expected.items():
             assert (src.storage_dtype(k), src.storage_eps(k)) == (dt, eps)
+        assert src.storage_dtype("steps") == "int64"  # integers have no storage precision: not a real weight
+        with pytest.raises(WeightSourceError, match="'steps' of 'mixed.safetensors' is stored as int64"):
+            src.storage_eps("steps")
 
 
 def test_unsigned_and_unknown_safetensors_dtypes(tmp_path):
-    """U16/U32/U64 (written by the safetensors library) read back exactly; a dtype code hf-flag does not know
-    opens (its header is valid) but reading it names the tensor and the code."""
+    """U16/U32/U64 (written by the safetensors library) read back exactly as integers; they have no storage
+    precision and are refused as real values (integer-quantised weights); a dtype code hf-flag does not know opens
+    (its header is valid) but reading it names the tensor and the code."""
     values = torch.tensor([1, 2, 60000], dtype=torch.int64)
     save_file({f"u{b}": values.to(getattr(torch, f"uint{b}")) for b in (16, 32, 64)}, str(tmp_path / "u.safetensors"))
     with open_weights(tmp_path / "u.safetensors") as src:
         for b in (16, 32, 64):
-            assert (src.storage_dtype(f"u{b}"), src.storage_eps(f"u{b}")) == (f"uint{b}", 0.0)
+            assert src.storage_dtype(f"u{b}") == f"uint{b}"
             assert torch.equal(src.get(f"u{b}", dtype=torch.int64), values)
+            for refused in (lambda: src.storage_eps(f"u{b}"), lambda: src.get(f"u{b}", dtype=torch.float64)):
+                with pytest.raises(WeightSourceError, match=f"'u{b}' of .* stored as uint{b}: an integer-quantised"):
+                    refused()
     _write_safetensors_by_hand(tmp_path / "odd.safetensors",
                                {"w": {"dtype": "X9", "shape": [2], "data_offsets": [0, 2]}}, {"w": b"ab"}, 2)
     with open_weights(tmp_path / "odd.safetensors") as src:
