@@ -107,14 +107,6 @@ def kappa_reads_in_rows(rows: Sequence[Row]) -> Optional[bool]:
     return all(bool(f) for f in flags)
 
 
-def kappa_unread_where(report: Report, kind: str) -> str:
-    """``"in N of M pairs"`` where kappa does not read as alignment on only some of the ``kind`` rows (MATH.md §3),
-    ``""`` where it reads on none or on all of them."""
-    rows = report.select(kind=kind)
-    unread = sum(r.details.get(KAPPA_READS) is False for r in rows)
-    return f"in {unread} of {len(rows)} pairs" if 0 < unread < len(rows) else ""
-
-
 def row_reads(row: Row, metric: str) -> Optional[bool]:
     """Whether ``metric`` of ``row`` reads as what it measures (module docstring): kappa where the row records that
     it does (``None``: not recorded), the range overlap where ``range_overlap_baseline < RANGE_FILL_LIMIT``
