@@ -7,8 +7,8 @@ from hf_flag.analysis.api import analyze
 from hf_flag.geometry.pairs import transport_scores
 from hf_flag.geometry.spectral import K_MAX
 
-EXACT = ("commutator_ratio", "commutator_ratio_baseline", "imbalance_norm", "relative_imbalance",
-         "imbalance_diagonal_norm")
+EXACT = ("commutator_ratio", "commutator_ratio_baseline", "commutator_ratio_normalized_baseline", "imbalance_norm",
+         "imbalance_norm_baseline", "relative_imbalance", "relative_imbalance_baseline", "imbalance_diagonal_norm")
 CERTIFICATE = ("window_in", "window_out", "svd_residual_in", "svd_residual_out")
 
 
