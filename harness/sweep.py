@@ -27,7 +27,8 @@ also draws its plots.  Rank 0 waits until every unit is finished (at most ``--me
 stopped early, and writes (holding the folder's lock, so concurrent sweeps write one after the other):
 
 * ``DIR/dataset``: ``datasets.Dataset.save_to_disk`` of every row of every model (``datasets.load_from_disk``);
-* ``DIR/summary.csv`` and ``DIR/summary.md``: one line per model, headline metrics beside their baselines;
+* ``DIR/summary.csv`` and ``DIR/summary.md``: one line per model, headline metrics beside their baselines and the
+  number of rows each mean is over (the rows where the value reads: :func:`headline_cells`);
 * ``DIR/plots/<slug>/*.png`` (:mod:`hf_flag.harness.plots`; split models are drawn here) and
   ``DIR/model_cards/<slug>/README.md``
   (:mod:`hf_flag.integrations.cards`); ``--write-model-cards`` also updates local model folders' README.md;
