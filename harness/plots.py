@@ -29,6 +29,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from hf_flag.atomic import atomic_write
+from hf_flag.geometry import stats
 from hf_flag.integrations.readings import kappa_reads, kappa_unread_where, layer_series
 from hf_flag.report import Report, baseline_key
 from hf_flag.rows import HEAD_OVERLAP_KINDS, KIND_LABELS, PAIR_KINDS, summarize
@@ -131,7 +132,8 @@ def missing_layers(report: Report, kind: str, metric: str, have: Sequence[int]) 
 
 
 def window_series(report: Report, kind: str) -> dict[str, tuple[list[int], list[float]]]:
-    """``window_in`` / ``window_out`` (singular vectors used) per layer, mean over the layer's rows, where present."""
+    """``window_in`` / ``window_out`` (singular vectors used) per layer, mean over the layer's rows
+    (:func:`hf_flag.geometry.stats.mean`, MATH.md §8), where present."""
     out = {}
     for key in WINDOW_KEYS:
         points = {}
@@ -140,7 +142,7 @@ def window_series(report: Report, kind: str) -> dict[str, tuple[list[int], list[
             if v is not None and math.isfinite(v):
                 points.setdefault(r.layer, []).append(v)
         if points:
-            out[key] = (sorted(points), [float(np.mean(points[layer])) for layer in sorted(points)])
+            out[key] = (sorted(points), [stats.mean(points[layer]) for layer in sorted(points)])
     return out
 
 

@@ -74,19 +74,21 @@ def expected_counts(n_kv: int, gated: bool, n_layers: int = L) -> dict[str, int]
 
 RANGES = {  # metric -> closed interval every value must lie in
     "commutator_ratio": (0, 1 / math.sqrt(2) + 1e-12), "commutator_ratio_baseline": (0, 1 / math.sqrt(2) + 1e-12),
-    "commutator_ratio_normalized": (0, 1 + 1e-12), "relative_imbalance": (0, 1 + 1e-12),
-    "imbalance_norm": (0, math.inf), "imbalance_diagonal_norm": (0, math.inf),
+    "commutator_ratio_normalized": (0, 1 + 1e-12), "commutator_ratio_normalized_baseline": (0, 1 + 1e-12),
+    "relative_imbalance": (0, 1 + 1e-12), "relative_imbalance_baseline": (0, 1 + 1e-12),
+    "imbalance_norm": (0, math.inf), "imbalance_norm_baseline": (0, math.inf), "imbalance_diagonal_norm": (0, math.inf),
     "subspace_score": (0, 1 + 1e-12), "basis_score": (0, 1 + 1e-12), "overlap": (0, 1 + 1e-12),
     "score": (0, 1 + 1e-12), "flag_tau": (1e-6, math.pi / 2), "gl_kernel_dim": (0, math.inf),
-    "intersection_dim": (0, math.inf),
+    "gl_kernel_dim_baseline": (0, math.inf), "intersection_dim": (0, math.inf), "intersection_soft": (0, math.inf),
+    "intersection_soft_baseline": (0, math.inf),
 }
 
 
-OPTIONAL = ("intersection_dim", "intersection_dim_baseline", "intersection_soft")
+OPTIONAL = ("intersection_dim", "intersection_dim_baseline", "intersection_soft", "intersection_soft_baseline")
 #: None in the default (windowed) report where the storage precision determines no common cut, no basis, or (GL
 #: kernel dimension) where whole spectra are needed (hf_flag.geometry.spectral)
 WINDOW_OPTIONAL = ("subspace_score", "subspace_score_baseline", "basis_score", "basis_score_baseline",
-                   "gl_kernel_dim", "range_overlap", "range_overlap_baseline")
+                   "gl_kernel_dim", "gl_kernel_dim_baseline", "range_overlap", "range_overlap_baseline")
 
 
 def check_report(report, counts: dict[str, int]) -> None:
@@ -328,7 +330,8 @@ def test_cheap_values_equal_full_values_and_leave_model_alone(llama_report):
     cheap = analyze(model, cheap=True)
     assert {r.kind for r in cheap.rows} <= set(PAIR_KINDS)
     assert all(set(r.values) == {"commutator_ratio", "commutator_ratio_normalized", "commutator_ratio_baseline",
-                                 "imbalance_norm", "relative_imbalance", "imbalance_diagonal_norm"}
+                                 "commutator_ratio_normalized_baseline", "imbalance_norm", "imbalance_norm_baseline",
+                                 "relative_imbalance", "relative_imbalance_baseline", "imbalance_diagonal_norm"}
                for r in cheap.rows)
     for n, t in model.state_dict().items():
         assert (t.dtype, t.device) == before[n][:2] and torch.equal(t, before[n][2])

@@ -27,6 +27,7 @@ from hf_flag.harness.experiments.common import (
     mlp_pairs,
     train_teacher_mlp,
 )
+from hf_flag.geometry import stats
 from hf_flag.geometry.pairs import augment
 from hf_flag.geometry.dynamics import fit_decay_rate, predicted_decay_rate
 from hf_flag.harness.experiments.rules import Rule, fmt_spread, judge
@@ -86,13 +87,14 @@ def run_activation(run: MLPRun, *, threads: int, device: Optional[torch.device])
     widths = run.widths
     reading = [commutator_reading_holds(min(widths[i + 2], widths[i + 1]), min(widths[i + 1], widths[i] + 1),
                                         widths[i + 1]) for i in range(n_pairs)]
-    mean = lambda name: [sum(trace.values[f"{name}{i}"][t] for i in range(n_pairs)) / n_pairs  # noqa: E731
-                         for t in range(len(trace.steps))]
+    def over_pairs(name: str) -> list[float]:  # per step, the mean over the net's pairs (MATH.md §8)
+        return [stats.mean([trace.values[f"{name}{i}"][t] for i in range(n_pairs)]) for t in range(len(trace.steps))]
+
     return {"activation": run.activation, "seed": run.seed, "reading_holds": reading, "steps": trace.steps,
-            "kappa": mean("kappa"), "flag_id": mean("flag_id"),
-            "flag_soft": mean("flag_soft"), "flag_perm_share": sum(mean("flag_perm")) / len(trace.steps),
+            "kappa": over_pairs("kappa"), "flag_id": over_pairs("flag_id"),
+            "flag_soft": over_pairs("flag_soft"), "flag_perm_share": stats.mean(over_pairs("flag_perm")),
             "kappa_pairs_end": [trace.values[f"kappa{i}"][-1] for i in range(n_pairs)],
-            "baseline_start": sum(holder["start"]) / n_pairs, "baseline_end": sum(holder["end"]) / n_pairs,
+            "baseline_start": stats.mean(holder["start"]), "baseline_end": stats.mean(holder["end"]),
             "final_loss": trace.last("loss")}
 
 
@@ -104,11 +106,11 @@ def _figure(rows: list[dict], activations: tuple[str, ...]) -> Figure:
         steps, c = sel[0]["steps"], f"C{i}"
         for key, axis, ls in (("kappa", ax, "-"), ("flag_id", ax2, "-"), ("flag_soft", ax2, "--")):
             curves = list(zip(*[r[key] for r in sel]))
-            axis.plot(steps, [sum(v) / len(v) for v in curves], color=c, ls=ls,
+            axis.plot(steps, [stats.mean(v) for v in curves], color=c, ls=ls,
                       label=f"{act}: {'kappa' if key == 'kappa' else 'hard' if key == 'flag_id' else 'soft'} "
                             f"(mean of {len(sel)} seeds; band min-max)")
             axis.fill_between(steps, [min(v) for v in curves], [max(v) for v in curves], color=c, alpha=0.15, lw=0)
-        ax.axhline(sum(r["baseline_end"] for r in sel) / len(sel), color=c, ls=":", lw=1,
+        ax.axhline(stats.mean([r["baseline_end"] for r in sel]), color=c, ls=":", lw=1,
                    label=f"{act}: random-rotation baseline (end)")
     ax.set_yscale("log")
     ax.set_xlabel("SGD step")

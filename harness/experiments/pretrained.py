@@ -24,9 +24,12 @@ from hf_flag.harness.experiments.common import ClaimResult, fmt, markdown_table
 from hf_flag.harness.experiments.rules import Rule, judge
 from hf_flag.analysis.api import analyze
 from hf_flag.defaults import DEFAULT_MODELS
-from hf_flag.geometry.pairs import commutator_baseline, commutator_ratio, commutator_reading_holds
+from hf_flag.geometry.angles import default_rtol
+from hf_flag.geometry.pairs import (augment, commutator_baseline, commutator_ratio, commutator_reading_holds,
+                                    commutator_reading_of_pairs, range_overlap_from_grams)
 from hf_flag.geometry.stats import mean, mean_and_standard_error
 from hf_flag.report import Report
+from hf_flag.rows import KAPPA_READS
 
 ZSCORE_STRUCTURE = 3.0  # head overlaps "differ from random": mean z-score of the write overlaps above 3
 SE_MARGIN = 2.0  # a mean over layers counts as above / below a level when 2 standard errors clear it
@@ -45,6 +48,15 @@ RULES = (
             "below 1; every other pair kind shown with the measure whose reading holds, not part of the verdict",
          "issue #13, before the rebuilt run: comparators by a stated principle, uncertainty over layers, V->O per "
          "KV group"),
+    Rule(3, f"as v2, with the measure of every pair chosen per pair by whether kappa reads there at the storage-"
+            f"precision rank cut (commutator_reading_holds, MATH.md §3) instead of by its kind's generic ranks: (a) the "
+            f"mean z-score of head_overlap_o over layers minus {SE_MARGIN} standard errors is above "
+            f"{ZSCORE_STRUCTURE}, and (b) kappa reads in every analysed V->O key-value group and the mean over layers "
+            f"of their kappa / Haar RMS plus {SE_MARGIN} standard errors is below 1; every other pair shown with the "
+            "measure whose reading holds for that pair (range_overlap / Haar where kappa does not read), not part of "
+            "the verdict",
+         "session 5, before the run it judges: v2 chose each kind's measure by generic ranks, but 9 of SmolLM2's 29 "
+         "residual pairs are below rank n at the Q4 storage cut, where kappa does not read"),
 )
 
 
@@ -79,7 +91,12 @@ def vo_per_group(path: Path, layers: list[int], device: torch.device) -> dict[st
     Group g: ``W_l = [W_V^g | b_V^g]`` as (head_dim x d) ``nn.Linear`` matrix, ``W_next`` = the group's query heads'
     ``W_O[h]`` (d x head_dim each) stacked to (group d x head_dim), so ``A = sum_h W_O[h] W_O[h]^T`` (head_dim x
     head_dim): the GL(head_dim) symmetry ``W_V^g -> G W_V^g``, ``W_O[h] -> W_O[h] G^-1`` acts on the whole group.
-    With one query head per group (multi-head attention) these are the analysis's per-head vo rows."""
+    With one query head per group (multi-head attention) these are the analysis's per-head vo rows.
+
+    Whether kappa reads in each group (rule v3): ``commutator_reading_holds`` at the block's storage-precision cut
+    (as the analysis's vo rows); ``"ratio"`` is the mean over every group (rule v2), ``"ratio_read"`` over the groups
+    where kappa reads, ``"range_unread"`` the mean range_overlap / Haar over those where it does not, ``"groups"`` /
+    ``"groups_read"`` their counts per layer."""
     from hf_flag.weights.adapters import get_adapter
     from hf_flag.weights.sources import open_weights
 
@@ -88,7 +105,8 @@ def vo_per_group(path: Path, layers: list[int], device: torch.device) -> dict[st
         keys = source.keys()
         adapter = get_adapter(source.config, keys)
         layout = adapter.layout(source.config, keys)
-        out: dict[str, dict[int, float]] = {"kappa": {}, "baseline": {}, "ratio": {}}
+        out: dict[str, dict[int, float]] = {"kappa": {}, "baseline": {}, "ratio": {}, "ratio_read": {},
+                                            "range_unread": {}, "groups": {}, "groups_read": {}}
         for i in layers:
             attn = adapter.block(source, layout, i, dtype=torch.float64, device=device, mlp=False).attention
             n_kv, group = layout.n_kv_heads, layout.n_heads // layout.n_kv_heads
@@ -97,8 +115,19 @@ def vo_per_group(path: Path, layers: list[int], device: torch.device) -> dict[st
             W_next = W_O.permute(0, 1, 3, 2).reshape(n_kv, -1, layout.head_dim)  # (n_kv, group d, head_dim)
             kappa = commutator_ratio(W_l, W_next, bias_l=attn.b_V)
             base = commutator_baseline(W_l, W_next, bias_l=attn.b_V)
-            out["kappa"][i], out["baseline"][i] = float(kappa.mean()), float(base.mean())
-            out["ratio"][i] = float((kappa / base).mean())
+            out["kappa"][i], out["baseline"][i] = mean(kappa.tolist()), mean(base.tolist())  # over groups, §8
+            out["ratio"][i] = mean((kappa / base).tolist())
+            eps = adapter.block_storage_eps(source, layout, i)
+            W_aug = augment(W_l, attn.b_V)
+            reads = torch.tensor(commutator_reading_of_pairs(W_aug, W_next, storage_eps=eps))
+            out["groups"][i], out["groups_read"][i] = len(reads), int(reads.sum())
+            if bool(reads.any()):
+                out["ratio_read"][i] = mean((kappa / base)[reads].tolist())
+            if not bool(reads.all()):
+                unread = ~reads
+                overlap, chance = range_overlap_from_grams(
+                    W_aug[unread], W_next[unread], rtol=(default_rtol(W_aug, eps), default_rtol(W_next, eps)))
+                out["range_unread"][i] = mean((overlap / chance).tolist())
         return out
     finally:
         source.close()
@@ -123,6 +152,10 @@ def study(path: Path, layers: Optional[tuple[int, ...]], device: torch.device) -
         num, den = ("commutator_ratio", "commutator_ratio_baseline") if reading[k] else \
             ("range_overlap", "range_overlap_baseline")
         ratio[k] = by_layer_ratio(rep, k, num, den)
+    by_row = {k: {"kappa": by_layer_ratio(rep, k, "commutator_ratio", "commutator_ratio_baseline", reads=True),
+                  "range": by_layer_ratio(rep, k, "range_overlap", "range_overlap_baseline", reads=False),
+                  "rows": len(rep.select(k)),
+                  "rows_read": sum(bool(r.details.get(KAPPA_READS)) for r in rep.select(k))} for k in kinds}
     groups = vo_per_group(path, list(rep.params.get("layers")), device)
     return {
         "layout": {k: lay[k] for k in ("architecture", "n_layers", "d_model", "n_heads", "n_kv_heads",
@@ -136,15 +169,19 @@ def study(path: Path, layers: Optional[tuple[int, ...]], device: torch.device) -
         "reading_holds": reading, "ratio": {**ratio, VO_GROUP: groups["ratio"]},
         "measure": {**{k: "kappa / Haar RMS" if reading[k] else "range_overlap / Haar" for k in kinds},
                     VO_GROUP: "kappa / Haar RMS"},
-        "vo_group": groups, "relative_imbalance": pair("relative_imbalance"),
+        "by_row": by_row, "vo_group": groups, "relative_imbalance": pair("relative_imbalance"),
         "params": {"storage_dtypes": rep.params.get("storage_dtypes"), "composition": "none"},
     }
 
 
-def by_layer_ratio(report: Report, kind: str, num: str, den: str) -> dict[int, float]:
-    """Mean over the rows of ``kind`` per layer of ``num / den`` (rows with a zero or missing ``den`` skipped)."""
+def by_layer_ratio(report: Report, kind: str, num: str, den: str, *, reads: Optional[bool] = None
+                   ) -> dict[int, float]:
+    """Mean over the rows of ``kind`` per layer of ``num / den`` (rows with a zero or missing ``den`` skipped);
+    ``reads``: only the rows where kappa reads (True) or does not (False) at the storage cut (``KAPPA_READS``)."""
     out: dict[int, list[float]] = {}
     for r in report.select(kind):
+        if reads is not None and bool(r.details.get(KAPPA_READS)) is not reads:
+            continue
         a, b = r.values.get(num), r.values.get(den)
         if a is not None and b and math.isfinite(a) and math.isfinite(b):
             out.setdefault(r.layer, []).append(a / b)
@@ -166,6 +203,28 @@ def kappa_over_baseline(s: dict, kind: str) -> float:
     return _avg(s["kappa_ratio"].get(kind, {}))
 
 
+def reading_series(s: dict) -> list[tuple[str, dict[int, float], bool]]:
+    """Every pair series of a study with the measure whose reading holds per pair (rule v3, MATH.md §3):
+    ``(label, value per layer, aligned below 1)``: kappa / Haar RMS over the pairs where kappa reads at the storage
+    cut (below 1 = aligned), range_overlap / Haar over those where it does not (above 1 = aligned); V->O per KV
+    group first."""
+    g = s["vo_group"]
+    n_groups, n_read = sum(g["groups"].values()), sum(g["groups_read"].values())
+    out = []
+    if n_read:
+        out.append((f"{VO_GROUP}: kappa / Haar RMS ({n_read}/{n_groups} groups)", g["ratio_read"], True))
+    if n_read < n_groups:
+        out.append((f"{VO_GROUP}: range_overlap / Haar ({n_groups - n_read}/{n_groups} groups)", g["range_unread"],
+                    False))
+    for k, b in s["by_row"].items():
+        if b["rows_read"]:
+            out.append((f"{k}: kappa / Haar RMS ({b['rows_read']}/{b['rows']} pairs)", b["kappa"], True))
+        if b["rows_read"] < b["rows"]:
+            out.append((f"{k}: range_overlap / Haar ({b['rows'] - b['rows_read']}/{b['rows']} pairs)", b["range"],
+                        False))
+    return out
+
+
 def _figure(studies: dict[str, dict]) -> Figure:
     fig = Figure(figsize=(12, 4.4))
     ax, ax2 = fig.subplots(1, 2)
@@ -175,12 +234,12 @@ def _figure(studies: dict[str, dict]) -> Figure:
             ax.plot(list(d["overlap"]), list(d["overlap"].values()), color=f"C{j}", ls=ls, marker="o", ms=3,
                     label=f"{name}: {kind}")
             ax.plot(list(d["overlap_baseline"]), list(d["overlap_baseline"].values()), color=f"C{j}", ls=":", lw=1)
-        for kind, marker in ((VO_GROUP, "o"), ("residual", "D"), ("mlp", "s"), ("mlp_gate", "^")):
-            d = s["ratio"].get(kind)
-            if d:
-                ax2.plot(list(d), list(d.values()), color=f"C{j}", marker=marker, ms=4, lw=1,
-                         ls="-" if s["measure"][kind].startswith("kappa") else "--",
-                         label=f"{name.split(' ')[0]}: {kind} ({s['measure'][kind]})")
+        markers = {VO_GROUP: "o", "residual": "D", "mlp": "s", "mlp_gate": "^"}
+        for label, d, kappa_side in reading_series(s):
+            if d and not label.startswith("vo:"):  # per query head: the per-group series stands for V->O
+                ax2.plot(list(d), list(d.values()), color=f"C{j}", ms=4, lw=1, ls="-" if kappa_side else "--",
+                         marker=next((m for k, m in markers.items() if label.startswith(k + ":")), "x"),
+                         label=f"{name.split(' ')[0]}: {label}")
     ax.set_xlabel("layer")
     ax.set_ylabel("mean normalised overlap of head pairs")
     ax.set_title("Head-subspace overlap (dotted: Haar baseline d_h/d)", fontsize=9)
@@ -188,7 +247,7 @@ def _figure(studies: dict[str, dict]) -> Figure:
     ax2.axhline(1.0, color="k", lw=0.8)
     ax2.set_xlabel("layer")
     ax2.set_ylabel("measure / its Haar value (1 = chance)")
-    ax2.set_title("Pairs, each with the measure whose reading holds (solid: kappa, below 1 = aligned;\n"
+    ax2.set_title("Pairs, each with the measure whose reading holds per pair (solid: kappa, below 1 = aligned;\n"
                   "dashed: range_overlap, above 1 = aligned)", fontsize=8.5)
     ax2.legend(fontsize=6)
     fig.tight_layout()
@@ -216,6 +275,10 @@ def run(cfg: PretrainedConfig, *, threads: int = 1, device: Optional[torch.devic
               kappa_over_baseline(s, "vo") < kappa_over_baseline(s, "mlp")) for n, s in studies.items()}
     v2 = {n: (z[n][0] - SE_MARGIN * z[n][1] > ZSCORE_STRUCTURE, vo[n][0] + SE_MARGIN * vo[n][1] < 1.0)
           for n in studies}
+    vo3 = {n: over_layers(s["vo_group"]["ratio_read"]) for n, s in studies.items()}
+    groups = {n: (sum(s["vo_group"]["groups_read"].values()), sum(s["vo_group"]["groups"].values()))
+              for n, s in studies.items()}
+    v3 = {n: (v2[n][0], groups[n][0] == groups[n][1] and vo3[n][0] + SE_MARGIN * vo3[n][1] < 1.0) for n in studies}
     yes = lambda b: "yes" if b else "no"  # noqa: E731
     verdict, outcomes = judge(RULES, {
         1: lambda: (all(a and b for a, b in v1.values()),
@@ -223,16 +286,21 @@ def run(cfg: PretrainedConfig, *, threads: int = 1, device: Optional[torch.devic
                               f"vs MLP {fmt(kappa_over_baseline(studies[n], 'mlp'))})" for n, (a, b) in v1.items())),
         2: lambda: (all(a and b for a, b in v2.values()),
                     "; ".join(f"{n}: (a) {yes(a)} (z {fmt(z[n][0])} ± {fmt(z[n][1])} SE), (b) {yes(b)} (V->O per KV "
-                              f"group {fmt(vo[n][0])} ± {fmt(vo[n][1])} SE)" for n, (a, b) in v2.items()))})
+                              f"group {fmt(vo[n][0])} ± {fmt(vo[n][1])} SE)" for n, (a, b) in v2.items())),
+        3: lambda: (all(a and b for a, b in v3.values()),
+                    "; ".join(f"{n}: (a) {yes(a)} (z {fmt(z[n][0])} ± {fmt(z[n][1])} SE), (b) {yes(b)} (kappa "
+                              f"reads in {groups[n][0]}/{groups[n][1]} V->O KV groups; their kappa / Haar RMS "
+                              f"{fmt(vo3[n][0])} ± {fmt(vo3[n][1])} SE)" for n, (a, b) in v3.items()))})
 
     def headline(n: str, s: dict) -> str:
         o = s["heads"]["head_overlap_o"]
-        others = ", ".join(f"{k} {fmt(over_layers(s['ratio'][k])[0])} ± {fmt(over_layers(s['ratio'][k])[1])} "
-                           f"({s['measure'][k]})" for k in s["ratio"] if k != VO_GROUP)
+        others = ", ".join(f"{label} {fmt(over_layers(d)[0])} ± {fmt(over_layers(d)[1])}"
+                           for label, d, _ in reading_series(s) if not label.startswith(VO_GROUP + ":"))
         return (f"{n}: write-overlap {fmt(_avg(o['overlap']))} vs Haar {fmt(_avg(o['overlap_baseline']))} (z "
                 f"{fmt(z[n][0])} ± {fmt(z[n][1])} SE over {len(o['overlap'])} layers, min "
-                f"{fmt(min(o['overlap_zscore'].values()))}); V->O per KV group kappa / Haar RMS {fmt(vo[n][0])} ± "
-                f"{fmt(vo[n][1])} SE; others: {others}")
+                f"{fmt(min(o['overlap_zscore'].values()))}); V->O per KV group kappa / Haar RMS {fmt(vo3[n][0])} ± "
+                f"{fmt(vo3[n][1])} SE (kappa reads in {groups[n][0]}/{groups[n][1]} groups); others, each pair with "
+                f"the measure whose reading holds there: {others}")
 
     evidence = "; ".join(headline(n, s) for n, s in studies.items())
     sections = []
@@ -243,14 +311,13 @@ def run(cfg: PretrainedConfig, *, threads: int = 1, device: Optional[torch.devic
                      for layer in s["heads"]["head_overlap_o"]["overlap"]]
         head_table = markdown_table(["layer"] + [f"{k} {m}" for k in HEAD_KINDS for m in ("overlap", "z")]
                                     + ["baseline d_h/d"], head_rows)
-        kinds = [VO_GROUP] + [k for k in s["ratio"] if k != VO_GROUP]
+        series = reading_series(s)
         ratio_table = markdown_table(
-            ["layer"] + [f"{k}: {s['measure'][k]}" for k in kinds],
-            [[layer] + [s["ratio"][k].get(layer) for k in kinds] for layer in s["ratio"][VO_GROUP]]
-            + [["mean ± SE"] + [" ± ".join(fmt(x) for x in over_layers(s["ratio"][k])) for k in kinds]]
+            ["layer"] + [label for label, _, _ in series],
+            [[layer] + [d.get(layer) for _, d, _ in series] for layer in s["layers"]]
+            + [["mean ± SE"] + [" ± ".join(fmt(x) for x in over_layers(d)) for _, d, _ in series]]
             + [["layers on the aligned side of 1"] + [
-                f"{sum((v < 1) == s['measure'][k].startswith('kappa') for v in s['ratio'][k].values())}"
-                f"/{len(s['ratio'][k])}" for k in kinds]])
+                f"{sum((v < 1) == below for v in d.values())}/{len(d)}" for _, d, below in series]])
         raw_kinds = list(s["kappa"])
         raw_table = markdown_table(
             ["layer", "pair", "kappa reads (MATH.md §3)", "kappa", "kappa Haar RMS", "kappa / Haar RMS",
@@ -269,13 +336,14 @@ cross-layer: write subspace of layer l vs query read subspaces of layer l+1):
 
 {head_table}
 
-Every pair kind against chance, with the measure whose reading holds (kappa / Haar RMS: below 1 = more
-basis-aligned than chance; range_overlap / Haar: above 1 = ranges more aligned than chance):
+Every pair kind against chance, each pair with the measure whose reading holds for it at the storage-precision
+rank cut (rule v3; kappa / Haar RMS: below 1 = more basis-aligned than chance; range_overlap / Haar: above 1 =
+ranges more aligned than chance; the counts are the pairs read by each measure):
 
 {ratio_table}
 
-Raw values per pair kind (the vo rows here are per query head; kappa / Haar RMS of mlp and mlp_gate is shown but not
-read, MATH.md §3):
+Raw values per pair kind (the vo rows here are per query head; "kappa reads" is the kind's generic-rank reading of
+rules v1-v2; kappa / Haar RMS where it does not read is shown but not read, MATH.md §3):
 
 {raw_table}
 """)
@@ -291,7 +359,9 @@ query head). So V->O per KV group is the tested pair; it is read by kappa / Haar
 because the pair has full rank in its head_dim hidden space (MATH.md §3). The other kinds are shown as context, each
 with the measure whose reading holds: the residual pair (n = d, full rank: kappa) crosses LayerNorm and the next
 attention sublayer, and the MLP pairs (n = d_ff, ranks d: kappa does not read; range_overlap does) have a
-nonlinearity, so no law predicts how they should compare with V->O: they enter no verdict. Caveats: these models were
+nonlinearity (since rule v3 each pair is read by the measure whose reading holds at the storage-precision rank cut,
+not by its kind's generic ranks: a residual pair whose two weights are below rank d there is read by
+range_overlap), so no law predicts how they should compare with V->O: they enter no verdict. Caveats: these models were
 trained with AdamW, for which there is no closed-form balancing law (MATH.md §2), so the V->O prediction is
 qualitative; and the head-overlap z-scores are against a Haar null (isotropic random subspaces), which is weak for
 residual streams that are strongly anisotropic (a few outlier dimensions carry much of the variance): any two heads
@@ -303,4 +373,4 @@ weights have no seeds. {"Missing (not installed): " + ", ".join(missing) if miss
     return ClaimResult(key="pretrained", title="5. Pretrained language models (weights only)",
                        verdict=verdict, evidence=evidence, markdown=body, rules=outcomes,
                        figures={"pretrained": _figure(studies)},
-                       data={"models": studies, "missing": missing, "rule_v1": v1, "rule_v2": v2})
+                       data={"models": studies, "missing": missing, "rule_v1": v1, "rule_v2": v2, "rule_v3": v3})

@@ -28,7 +28,7 @@ from hf_flag.harness.experiments.common import (
     mlp_pairs,
     train_teacher_mlp,
 )
-from hf_flag.geometry.stats import mean_and_sd
+from hf_flag.geometry.stats import mean, mean_and_sd
 from hf_flag.harness.experiments.rules import Rule, fmt_spread, judge
 from hf_flag.geometry.pairs import augment, transport_k
 from hf_flag.geometry.baselines import transport_baselines
@@ -87,7 +87,9 @@ def fit_run(run: MLPRun, *, threads: int, device: Optional[torch.device]) -> dic
                                            full_batch=run.batch_size is None) if run.optimizer == "sgd" \
         else (None, NO_LAW)
     n_pairs = len(run.widths) - 2
-    pair_mean = lambda name, t: sum(trace.values[f"{name}{i}"][t] for i in range(n_pairs)) / n_pairs  # noqa: E731
+    def pair_mean(name: str, t: int) -> float:  # the mean over the net's pairs at trace point t (MATH.md §8)
+        return mean([trace.values[f"{name}{i}"][t] for i in range(n_pairs)])
+
     row = {"activation": run.activation, "optimizer": run.optimizer, "lr": run.lr,
            "weight_decay": run.weight_decay, "seed": run.seed, "predicted": predicted, "law": law,
            "final_loss": trace.last("loss"), "steps": trace.steps,
@@ -95,7 +97,7 @@ def fit_run(run: MLPRun, *, threads: int, device: Optional[torch.device]) -> dic
            "subspace_baseline": pair_mean("subspace_base", 0)}
     for metric in METRICS:
         fits = [fit_decay_rate(trace.steps, trace.values[f"{metric}{i}"]) for i in range(n_pairs)]
-        row[f"rate_{metric}"] = sum(f[0] for f in fits) / n_pairs
+        row[f"rate_{metric}"] = mean([f[0] for f in fits])
         row[f"r2_{metric}"] = min(f[1] for f in fits)
         row[f"curve_{metric}"] = trace.values[f"{metric}0"]
     return row

@@ -12,25 +12,32 @@ Row kinds (names in :mod:`hf_flag.rows`, which every other part of hf-flag impor
   expert (``"shared_expert mlp.in"``); its router has no row (MATH.md derives no pair for it).
   The first matrix of a pair is bias-augmented, ``[W_l | b_l]`` (MATH.md §2), for every value of the row.
   Values: ``commutator_ratio`` (kappa, §3) and ``commutator_ratio_normalized`` (sqrt 2 kappa in [0, 1]),
-  ``imbalance_norm`` ||D||_F, ``relative_imbalance``, ``imbalance_diagonal_norm`` ||diag D||_2 (§2); unless
-  ``cheap``: ``commutator_ratio_baseline`` (root mean square of kappa over Haar rotations of the hidden basis,
-  closed form: ``geometry.baselines.commutator_haar_rms``; kappa reads as alignment only where
-  ``geometry.pairs.commutator_reading_holds``, §3), ``range_overlap`` (+ ``_baseline``: col(W_l) vs row(W_next), the
-  companion for low-rank pairs, §3),
+  ``imbalance_norm`` ||D||_F, ``relative_imbalance``, ``imbalance_diagonal_norm`` ||diag D||_2 (§2), each but
+  ||diag D|| beside ``<metric>_baseline``, its root mean square over Haar rotations of the hidden basis of one
+  side (closed forms from the Gram traces: ``geometry.baselines.commutator_haar_rms``, ``imbalance_haar_rms``,
+  ``relative_imbalance_haar_rms``; §2, §3); kappa reads as alignment only where
+  ``geometry.pairs.commutator_reading_holds`` (§3); unless ``cheap``: ``range_overlap`` (+ ``_baseline``: col(W_l)
+  vs row(W_next), the companion for low-rank pairs, §3),
   ``subspace_score`` / ``basis_score`` (+ ``_baseline``; top-k transport window, k = min(k_in, m_out, ceil(n/2)), §4,
-  ``intersection_dim`` (+ ``_baseline``), ``intersection_soft``, ``flag_tau``, ``gl_kernel_dim`` (§4).
+  ``intersection_dim`` (+ ``_baseline``, generic), ``intersection_soft`` (+ ``_baseline``, the Haar mean c^2 / n at
+  the common cut c), ``flag_tau``, ``gl_kernel_dim`` (+ ``_baseline``, max(0, rank W_l - rank W_next): its value
+  for almost every rotation) (§4).
   ``intersection_*`` are ``None`` when the two partial flags share no cut below n (e.g. full-rank vo pairs).
   Details: flag cuts, rank matrix, permutation (nonzero entries), is_permutation, transport k, activation.
-  ``cheap=True`` gives the pair rows only, with the five cheap values and ``commutator_ratio_baseline`` (Gram
+  ``cheap=True`` gives the pair rows only, with the five cheap values and the baselines of four of them (Gram
   factors, no SVD).
   Default report (``full=False``, issue #11): transformer pair rows read the leading singular subspaces the storage
   precision determines (``geometry.spectral``): transport scores at the largest cut determined on both sides
   (``None`` where there is none; the basis score also needs every cut below it), flags cut inside the windows,
-  ``gl_kernel_dim`` ``None`` (it needs whole spectra), ``range_overlap`` from the Grams on the pairs where kappa
-  does not read (MLP pairs, and residual or vo pairs whose weights are both below rank n at the storage cut;
-  ``None`` where kappa reads), and the certificate ``window_in`` / ``window_out`` (leading
+  ``gl_kernel_dim`` and its baseline ``None`` (they need whole spectra), ``range_overlap`` from the Grams on the
+  pairs where kappa does not read (MLP pairs, and every other pair whose weights are both below rank n at the
+  storage cut; ``None`` where kappa reads), and the certificate ``window_in`` / ``window_out`` (leading
   singular vectors used, at most ``geometry.spectral.K_MAX``) and ``svd_residual_in`` / ``svd_residual_out`` (the
-  partial SVD's largest relative residual over them).  ``full=True`` keeps the all-vectors analysis above.
+  partial SVD's largest relative residual over them).  A cut is read only where the partial SVD's residuals
+  resolve it too (``geometry.spectral.read_cuts``; float32 computations that do not are redone in float64), and
+  details ``tolerance`` states, per windowed value, how far it can be from exact singular vectors' value
+  (``geometry.spectral.transport_tolerances``, ``soft_tolerance``).  ``full=True`` keeps the all-vectors analysis
+  above.
 * head rows (§1, §6): ``"head_overlap_q/k/v"`` (read subspaces col(W_*^h) of one layer, h < h'),
   ``"head_overlap_o"`` (write subspaces row(W_O^h)), ``"cross_layer_overlap_q/k/v"`` (write row(W_O^h) of layer l
   vs read col(W_*^h') of layer l+1, every (h, h')).  Grouped-query attention: K and V are compared as the n_kv KV
@@ -75,7 +82,7 @@ from hf_flag.geometry.angles import RANK_CUT_RULE
 from hf_flag.geometry.baselines import COMMUTATOR_BASELINE_RULE
 from hf_flag.geometry.flags import FLAG_TAU_RULE, GL_KERNEL_RTOL
 from hf_flag.geometry.pairs import TRANSPORT_K_RULE
-from hf_flag.geometry.spectral import WINDOW_RULE
+from hf_flag.geometry.spectral import WINDOW_RULE, WINDOW_TOLERANCE_RULE
 from hf_flag.report import Report
 from hf_flag.rows import sort_rows, summarize
 from hf_flag.weights.sources import open_weights, provenance
@@ -143,7 +150,7 @@ def analyze(model_or_path, *, device: Union[str, torch.device, None] = None, dty
         **facts, "layers_requested": None if layers is None else sorted({int(i) for i in layers}),
         "storage_dtypes": sorted(storage), "storage_eps": max(storage.values(), default=0.0),
         "tolerances": {"flag_tau": f"per row (flag_tau): {FLAG_TAU_RULE}", "gl_kernel_rtol": GL_KERNEL_RTOL,
-                       "rank_cut": RANK_CUT_RULE},
+                       "rank_cut": RANK_CUT_RULE, "window_values": WINDOW_TOLERANCE_RULE},
         "commutator_baseline": COMMUTATOR_BASELINE_RULE, "transport_k": TRANSPORT_K_RULE, "bias_augmented": True,
         "layer_norm_folded": False,
         "embeddings_analysed": False,

@@ -9,14 +9,14 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from hf_flag.geometry.angles import default_rtol, thin_svd
-from hf_flag.geometry.baselines import transport_baselines
-from hf_flag.geometry.flags import flag_position_from_svd, gl_kernel_dim_from_product_rank
+from hf_flag.geometry.baselines import intersection_soft_baseline, transport_baselines
+from hf_flag.geometry.flags import flag_position_from_svd, gl_kernel_dim_from_product_rank, gl_kernel_dim_generic
 from hf_flag.geometry.pairs import (GramCut, augment, commutator_reading_of_pairs, gram_cut,
                                     gram_pair_values, imbalance_diagonal_norm, normalized_commutator_ratio,
                                     pair_gram_sides, pair_product, pair_values_from_svd, range_overlap_from_grams,
                                     transport_k, transport_scores_from_matrix, weight_gram)
-from hf_flag.geometry.spectral import (K_MAX, PartialSVD, determined_cuts, gram_dtype, partial_svd, transport_window,
-                                       wedin_window)
+from hf_flag.geometry.spectral import (K_MAX, PartialSVD, certified_partial_svd, gram_dtype, last_cut, soft_tolerance,
+                                       transport_tolerances, transport_window)
 from hf_flag.report import Row
 from hf_flag.rows import KAPPA_READS
 
@@ -35,12 +35,15 @@ def flag_details(flag) -> dict:
 
 
 def flag_values(flag) -> dict[str, Optional[float]]:
-    """Scalar values of a flag relative position at its largest common cut (``None`` when there is none)."""
+    """Scalar values of a flag relative position at its largest common cut ``c`` (``None`` when there is none),
+    the soft count beside its Haar mean ``c^2 / n`` (MATH.md §1, §4)."""
     c = flag.intersection_cut
     soft = None if c is None else float(flag.soft_matrix[flag.cuts_left.index(c), flag.cuts_right.index(c)])
     return {"intersection_dim": None if c is None else float(flag.intersection_dim),
             "intersection_dim_baseline": None if c is None else float(flag.intersection_baseline),
-            "intersection_soft": soft, "flag_tau": float(flag.tau)}
+            "intersection_soft": soft,
+            "intersection_soft_baseline": None if c is None else intersection_soft_baseline(c, c, flag.n),
+            "flag_tau": float(flag.tau)}
 
 
 def pair_geometry_values(W_l: torch.Tensor, W_next: torch.Tensor, *, storage_eps: float,
@@ -68,15 +71,21 @@ def pair_geometry_values(W_l: torch.Tensor, W_next: torch.Tensor, *, storage_eps
         flag = flag_position_from_svd(U[i], s_l[i], Vh[i], s_next[i], n=n, rank_rtol=rank_rtol,
                                       storage_eps=storage_eps, transport=v.transport[i])
         kappa = float(v.commutator_ratio[i])
+        base = float(v.commutator_haar_rms[i])
         values = {"commutator_ratio": kappa, "commutator_ratio_normalized": normalized_commutator_ratio(kappa),
-                  "imbalance_norm": float(v.imbalance_norm[i]), "relative_imbalance": float(v.relative_imbalance[i]),
+                  "commutator_ratio_normalized_baseline": normalized_commutator_ratio(base),
+                  "imbalance_norm": float(v.imbalance_norm[i]),
+                  "imbalance_norm_baseline": float(v.imbalance_haar_rms[i]),
+                  "relative_imbalance": float(v.relative_imbalance[i]),
+                  "relative_imbalance_baseline": float(v.relative_imbalance_haar_rms[i]),
                   "imbalance_diagonal_norm": float(v.imbalance_diagonal_norm[i]),
-                  "commutator_ratio_baseline": float(v.commutator_haar_rms[i]),
+                  "commutator_ratio_baseline": base,
                   "range_overlap": float(v.range_overlap[i]),
                   "range_overlap_baseline": float(v.range_overlap_baseline[i]),
                   "subspace_score": float(subspace[i]), "subspace_score_baseline": sub_base,
                   "basis_score": float(basis[i]), "basis_score_baseline": basis_base, **flag_values(flag),
-                  "gl_kernel_dim": float(gl_kernel_dim_from_product_rank(s_l[i], int(v.product_rank[i])))}
+                  "gl_kernel_dim": float(gl_kernel_dim_from_product_rank(s_l[i], int(v.product_rank[i]))),
+                  "gl_kernel_dim_baseline": float(gl_kernel_dim_generic(s_l[i], s_next[i], n))}
         out.append((values, {"transport_k": k, **flag_details(flag)}))
     return out
 
@@ -103,8 +112,10 @@ def gram_values(W_l: torch.Tensor, W_next: torch.Tensor, *, storage_eps: float,
     columns = {
         "commutator_ratio": g.commutator_ratio,
         "commutator_ratio_normalized": normalized_commutator_ratio(g.commutator_ratio),
+        "commutator_ratio_normalized_baseline": normalized_commutator_ratio(g.commutator_haar_rms),
         "commutator_ratio_baseline": g.commutator_haar_rms, "imbalance_norm": g.imbalance_norm,
-        "relative_imbalance": g.relative_imbalance,
+        "imbalance_norm_baseline": g.imbalance_haar_rms, "relative_imbalance": g.relative_imbalance,
+        "relative_imbalance_baseline": g.relative_imbalance_haar_rms,
         "imbalance_diagonal_norm": imbalance_diagonal_norm(W_l, W_next, dtype=exact),
     }
     return [({m: float(col[i]) for m, col in columns.items()}, {KAPPA_READS: reads[i]})
@@ -206,8 +217,8 @@ def window_svd(W: torch.Tensor, storage_eps: float, gram: Optional[torch.Tensor]
     cut), the window's triplets with vectors and residuals.  ``gram``: ``W``'s small Gram (``W W^T`` when
     ``rows <= cols``, else ``W^T W``; :func:`~hf_flag.geometry.pairs.weight_gram`) when it is shared with kappa's
     Gram factors; ``gram_eigh``: its eigendecomposition, when shared with range_overlap."""
-    return partial_svd(W, min(K_MAX + 1, min(W.shape[-2:])), dtype=W.dtype, storage_eps=storage_eps, gram=gram,
-                       gram_eigh=gram_eigh)
+    return certified_partial_svd(W, min(K_MAX + 1, min(W.shape[-2:])), dtype=W.dtype, storage_eps=storage_eps,
+                                 gram=gram, gram_eigh=gram_eigh)
 
 
 def small_gram_side(W: torch.Tensor) -> str:
@@ -223,14 +234,19 @@ def pair_window_values(W_l: torch.Tensor, W_next: torch.Tensor, *, storage_eps: 
 
     ``svd_l``, ``svd_next``: :class:`~hf_flag.geometry.spectral.PartialSVD` of the two weights.  Kappa, its Haar
     RMS and the imbalance norms are exact (Gram factors, :func:`~hf_flag.geometry.pairs.gram_pair_values`, in
-    :func:`~hf_flag.geometry.spectral.gram_dtype`); transport scores on the largest cut determined on both sides
-    (``None`` when there is none; the basis score also ``None`` unless every cut up to it is determined); flags
-    cut inside the windows.  The certificate: ``window_in`` / ``window_out`` (singular vectors used) and
-    ``svd_residual_in`` / ``svd_residual_out`` (largest relative residual of the triplets used).  The GL kernel
+    :func:`~hf_flag.geometry.spectral.gram_dtype`); transport scores on the largest cut read on both sides
+    (:func:`~hf_flag.geometry.spectral.read_cuts`: determined by the storage and resolved by the computation;
+    ``None`` when there is none; the basis score also ``None`` unless every cut up to it is read); flags cut inside
+    the windows (the last cut read); details ``tolerance``: per windowed value, its bound from exact singular
+    vectors' value (:func:`~hf_flag.geometry.spectral.transport_tolerances`,
+    :func:`~hf_flag.geometry.spectral.soft_tolerance`).  The certificate: ``window_in`` / ``window_out``
+    (singular vectors used) and ``svd_residual_in`` / ``svd_residual_out`` (largest relative residual of the
+    triplets used).  The GL kernel
     dimension needs whole spectra: ``None`` here (``full=True`` computes it).  ``range_overlap`` (with its
     baseline) comes from the shared Grams (:func:`~hf_flag.geometry.pairs.range_overlap_from_grams`) on the
     pairs where kappa does not read: the low-rank pairs (both weights' shorter sides below n: the MLP pairs) and
-    the pairs with n small whose two weights are both below rank n at the storage cut; ``None`` where kappa reads
+    every other pair whose two weights are both below rank n at the storage cut (n small, or one weight's shorter
+    side n and that weight rank-deficient); ``None`` where kappa reads
     (``full=True`` computes it everywhere).  Rank cuts (range_overlap, flags, the reading
     ``commutator_reading_holds`` in the details) at the storage precision (MATH.md §1,
     :func:`~hf_flag.geometry.angles.default_rtol` with ``storage_eps``); the Grams' cuts
@@ -246,22 +262,16 @@ def pair_window_values(W_l: torch.Tensor, W_next: torch.Tensor, *, storage_eps: 
     n = W_l.shape[-2]
     rank_rtol = (default_rtol(W_l, storage_eps), default_rtol(W_next, storage_eps))
     tops = (svd_l.s[..., 0], svd_next.s[..., 0])
-    sides = [(p, wedin_window(p.s, storage_eps=storage_eps, exhausted=p.exhausted),
-              determined_cuts(p.s, storage_eps=storage_eps, exhausted=p.exhausted)) for p in (svd_l, svd_next)]
-    (_, w_l, det_l), (_, w_n, det_n) = sides
+    # cuts read: determined by the storage and computed to the same angle (MATH.md §4, spectral.read_cuts)
+    bounds_l, bounds_n = svd_l.computation_bounds(), svd_next.computation_bounds()
+    det_l, det_n = (p.read_cuts(storage_eps=storage_eps, bounds=b)
+                    for p, b in ((svd_l, bounds_l), (svd_next, bounds_n)))
+    w_l, w_n = last_cut(det_l), last_cut(det_n)
     cert_l, cert_n = svd_l.certificate(w_l), svd_next.certificate(w_n)
-    T = svd_next.Vh @ svd_l.U
-    overlap = [None] * W_l.shape[0], [None] * W_l.shape[0]
+    T = svd_next.Vh.to(torch.float64) @ svd_l.U.to(torch.float64)  # one side may have been recomputed in float64
+    both: Optional[tuple[list, list]] = None  # (range_overlap, baseline) where some pair is not read by kappa
     cut_next = None
-    if max(min(W_l.shape[-2:]), min(W_next.shape[-2:])) < n:  # low-rank pairs, where kappa does not read (§3)
-        cut_l, g_l = gram.decided("l", side_l, exact, rank_rtol[0], tops[0])
-        cut_next, g_next = gram.decided("next", side_next, exact, rank_rtol[1], tops[1])
-        overlap = tuple(v.tolist() for v in range_overlap_from_grams(
-            W_l, W_next, rtol=rank_rtol, gram_l=g_l, gram_next=g_next, product=product,
-            cuts=(cut_l, cut_next), eighs=(gram.cached_eigh("l", side_l, exact),
-                                           gram.cached_eigh("next", side_next, exact))))
-        reads = commutator_reading_of_pairs(W_l, W_next, storage_eps=storage_eps)  # no rank n: nothing computed
-    elif side_l == "rows":  # n small: the shared Grams are the hidden-side B = W_l W_l^T, A = W_next^T W_next
+    if side_l == "rows":  # n small: the shared Grams are the hidden-side B = W_l W_l^T, A = W_next^T W_next
         cut_l = gram.cut("l", side_l, exact, rank_rtol[0], tops[0])
         if not bool(cut_l.full.all()):
             cut_next = gram.cut("next", side_next, exact, rank_rtol[1], tops[1])
@@ -273,34 +283,54 @@ def pair_window_values(W_l: torch.Tensor, W_next: torch.Tensor, *, storage_eps: 
                           for cut, G, which, side in ((cut_l, g_l, "l", side_l), (cut_next, g_next, "next", side_next)))
             both = tuple(v.tolist() for v in range_overlap_from_grams(
                 W_l, W_next, rtol=rank_rtol, gram_l=g_l, gram_next=g_next, cuts=(cut_l, cut_next), eighs=eighs))
-            overlap = tuple([None if r else v for v, r in zip(column, reads)] for column in both)
-    else:
+    else:  # n large (above an outer dim): the shared Grams are G_Q = W_l^T W_l and G_P = W_next W_next^T
+        # Only a weight whose shorter side is n can have rank n (none in the low-rank pairs, the MLP pairs: nothing
+        # is computed for them); where neither has it, kappa does not read and the range overlap does (§3).
         reads = commutator_reading_of_pairs(W_l, W_next, storage_eps=storage_eps)
+        if not all(reads):
+            cut_l, g_l = gram.decided("l", side_l, exact, rank_rtol[0], tops[0])
+            cut_next, g_next = gram.decided("next", side_next, exact, rank_rtol[1], tops[1])
+            both = tuple(v.tolist() for v in range_overlap_from_grams(
+                W_l, W_next, rtol=rank_rtol, gram_l=g_l, gram_next=g_next, product=product,
+                cuts=(cut_l, cut_next), eighs=(gram.cached_eigh("l", side_l, exact),
+                                               gram.cached_eigh("next", side_next, exact))))
+    overlap = tuple([None if r or both is None else v for v, r in zip(column, reads)]
+                    for column in (both or ([None] * len(reads), [None] * len(reads))))
     out = []
     for i in range(W_l.shape[0]):
         a, b = int(w_l[i]), int(w_n[i])
         k, basis_ok = transport_window(det_l[i], det_n[i], n)
         scores = {"subspace_score": None, "subspace_score_baseline": None, "basis_score": None,
                   "basis_score_baseline": None}
+        tolerance: dict[str, float] = {}  # |value - exact singular vectors' value| bounds (spectral.py)
         if k:
             sub_base, basis_base = transport_baselines(k, n)
-            T_k = T[i, :k, :k].double()
+            T_k = T[i, :k, :k]
             scores.update(subspace_score=float(T_k.square().sum()) / k, subspace_score_baseline=sub_base)
+            tolerance["subspace_score"], basis_tolerance = transport_tolerances(bounds_l[i], bounds_n[i], k)
             if basis_ok:
                 scores.update(basis_score=float(torch.diagonal(T_k).square().sum()) / k,
                               basis_score_baseline=basis_base)
+                tolerance["basis_score"] = basis_tolerance
         flag = flag_position_from_svd(svd_l.U[i, :, :a], _closed(svd_l, i, a), svd_next.Vh[i, :b],
                                       _closed(svd_next, i, b), n=n, rank_rtol=rank_rtol, storage_eps=storage_eps,
                                       transport=T[i, :b, :a], truncated=True)
-        kappa = float(g.commutator_ratio[i])
+        kappa, base = float(g.commutator_ratio[i]), float(g.commutator_haar_rms[i])
         values = {"commutator_ratio": kappa, "commutator_ratio_normalized": normalized_commutator_ratio(kappa),
-                  "imbalance_norm": float(g.imbalance_norm[i]), "relative_imbalance": float(g.relative_imbalance[i]),
+                  "commutator_ratio_normalized_baseline": normalized_commutator_ratio(base),
+                  "imbalance_norm": float(g.imbalance_norm[i]),
+                  "imbalance_norm_baseline": float(g.imbalance_haar_rms[i]),
+                  "relative_imbalance": float(g.relative_imbalance[i]),
+                  "relative_imbalance_baseline": float(g.relative_imbalance_haar_rms[i]),
                   "imbalance_diagonal_norm": float(diagonal[i]),
-                  "commutator_ratio_baseline": float(g.commutator_haar_rms[i]), **scores, **flag_values(flag),
+                  "commutator_ratio_baseline": base, **scores, **flag_values(flag),
                   "range_overlap": overlap[0][i], "range_overlap_baseline": overlap[1][i],
-                  "gl_kernel_dim": None, "window_in": float(a), "window_out": float(b),
+                  "gl_kernel_dim": None, "gl_kernel_dim_baseline": None, "window_in": float(a), "window_out": float(b),
                   "svd_residual_in": float(cert_l[i]), "svd_residual_out": float(cert_n[i])}
-        out.append((values, {"transport_k": k, **flag_details(flag), KAPPA_READS: reads[i]}))
+        if flag.intersection_cut is not None:
+            tolerance["intersection_soft"] = soft_tolerance(bounds_l[i], bounds_n[i], flag.intersection_cut)
+        out.append((values, {"transport_k": k, **flag_details(flag), KAPPA_READS: reads[i],
+                             "tolerance": tolerance}))
     return out
 
 

@@ -1,8 +1,12 @@
-"""Random (Haar) baselines for the subspace diagnostics, with variances and z-scores (MATH.md §1, §4, §6).
+"""Random (Haar) baselines of the subspace and pair diagnostics, variances and z-scores (MATH.md §1-§4, §6, §7).
 
 An overlap without its null value is not interpretable (MATH.md §1): every metric is reported beside the value it
 takes for Haar-random subspaces of the same dimensions.  The commutator ratio's Haar value is the closed-form root
 mean square :func:`commutator_haar_rms` (no sampling); ``pairs.commutator_baseline`` feeds it a pair's Gram traces.
+The imbalance norms' Haar values (:func:`imbalance_haar_rms`, :func:`relative_imbalance_haar_rms`) take the same
+traces; the soft intersection count's (:func:`intersection_soft_baseline`) and the GL kernel dimension's
+(:func:`gl_kernel_dim_baseline`) take dimensions.  The null model of every pair baseline is the one of kappa's: a
+Haar rotation ``Q`` of the hidden basis applied to one side, ``(Q W_l, W_next)``, both spectra kept (MATH.md §3).
 """
 from __future__ import annotations
 
@@ -19,6 +23,10 @@ __all__ = [
     "intersection_baseline",
     "composition_baseline",
     "commutator_haar_rms",
+    "imbalance_haar_rms",
+    "relative_imbalance_haar_rms",
+    "intersection_soft_baseline",
+    "gl_kernel_dim_baseline",
 ]
 
 
@@ -128,3 +136,60 @@ def commutator_haar_rms(trace_A: torch.Tensor, trace_A2: torch.Tensor, trace_B: 
     scale = a2 * b2
     ratio = mean_square.clamp_min(0) / torch.where(scale > 0, scale, torch.ones_like(scale))
     return torch.where(scale > 0, ratio.sqrt(), torch.zeros_like(ratio))
+
+
+def _traces(where: str, trace_A, trace_A2, trace_B, trace_B2, n: int) -> tuple[torch.Tensor, ...]:
+    """The four traces as float64 tensors, after checking the hidden dimension ``n``."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"{where}: hidden dimension n={n!r} must be a positive int")
+    return tuple(torch.as_tensor(t, dtype=torch.float64) for t in (trace_A, trace_A2, trace_B, trace_B2))
+
+
+def imbalance_haar_rms(trace_A: torch.Tensor, trace_A2: torch.Tensor, trace_B: torch.Tensor,
+                       trace_B2: torch.Tensor, n: int) -> torch.Tensor:
+    """Haar root-mean-square of the imbalance norm: ``sqrt(E ||A - O B O^T||_F^2)`` over ``O`` Haar in O(n), for
+    symmetric ``A``, ``B`` (n x n) given by their traces (MATH.md §2, §7), batched.
+
+    ``E[O B O^T] = (tr B / n) I``, so ``E tr(A O B O^T) = tr A tr B / n`` and
+    ``E ||A - O B O^T||_F^2 = tr A^2 + tr B^2 - 2 tr A tr B / n``; for a pair ``tr A = ||W_next||_F^2``,
+    ``tr B = ||W_l||_F^2`` (bias-augmented), ``tr A^2 = ||A||_F^2``, ``tr B^2 = ||B||_F^2``.  Non-negative
+    (``(tr A)^2 <= n tr A^2``, Cauchy-Schwarz); exact, no sampling.  The root of a mean square: an upper bound of the
+    Haar mean of ``||D||_F`` (Jensen), equal to it up to the spread of ``||D||^2``, whose variance is ``4 Var tr(A O B
+    O^T)`` (:func:`projection_kernel_moments`' Weingarten formula).  ``A = c I`` gives ``||cI - B||_F`` itself (every
+    rotation gives it); ``n = 1`` gives ``|a - b|``.
+    """
+    a1, a2, b1, b2 = _traces("imbalance_haar_rms", trace_A, trace_A2, trace_B, trace_B2, n)
+    return (a2 + b2 - 2 * a1 * b1 / n).clamp_min(0).sqrt()
+
+
+def relative_imbalance_haar_rms(trace_A: torch.Tensor, trace_A2: torch.Tensor, trace_B: torch.Tensor,
+                                trace_B2: torch.Tensor, n: int) -> torch.Tensor:
+    """Haar root-mean-square of the relative imbalance ``||D||_F / (||A||_F + ||B||_F)`` (MATH.md §2, §7): the
+    rotation leaves ``||A||_F = sqrt(tr A^2)`` and ``||B||_F`` unchanged, so it is :func:`imbalance_haar_rms` over
+    ``||A||_F + ||B||_F`` (exactly the RMS of the ratio); 0 where both are 0 (``pairs.relative_imbalance``'s
+    convention), batched."""
+    a1, a2, b1, b2 = _traces("relative_imbalance_haar_rms", trace_A, trace_A2, trace_B, trace_B2, n)
+    den = a2.sqrt() + b2.sqrt()
+    rms = imbalance_haar_rms(a1, a2, b1, b2, n)
+    return torch.where(den > 0, rms / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(rms))
+
+
+def intersection_soft_baseline(i: int, j: int, n: int) -> float:
+    """Haar expectation of the soft intersection count ``sum cos^2`` of the principal angles between ``F_i`` and
+    ``G_j`` (an ``i``- and a ``j``-plane in R^n): the projection kernel's ``E[PK] = i j / n`` (MATH.md §1, §4, §7).
+
+    A mean (the soft count is itself a sum of squares: no root); the hard count's generic value
+    :func:`intersection_baseline` ``max(0, i + j - n)`` is at most this (``(n - i)(n - j) >= 0``)."""
+    _check_dims("intersection_soft_baseline", n, i=i, j=j)
+    return i * j / n
+
+
+def gl_kernel_dim_baseline(rank_l: int, rank_next: int, n: int) -> int:
+    """Value of ``dim(range W_l ∩ ker W_next)`` for Haar-rotated ``(Q W_l, W_next)`` with ``rank W_l = rank_l``,
+    ``rank W_next = rank_next`` in R^n: ``max(0, rank_l - rank_next)`` (MATH.md §4, §7).
+
+    ``range Q W_l`` is a Haar-random ``rank_l``-plane and ``ker W_next`` a fixed ``(n - rank_next)``-plane; two such
+    planes meet in the generic dimension ``max(0, rank_l + (n - rank_next) - n)`` with probability 1, so this is
+    the value almost surely (its mean and its RMS alike), not only on average."""
+    _check_dims("gl_kernel_dim_baseline", n, rank_l=rank_l, rank_next=rank_next)
+    return max(0, rank_l - rank_next)

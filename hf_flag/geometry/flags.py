@@ -30,7 +30,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from hf_flag.geometry.angles import thin_svd_in_dtype, check_matrix, default_rtol, storage_eps as dtype_eps
-from hf_flag.geometry.baselines import intersection_baseline as _generic_intersection
+from hf_flag.geometry.baselines import gl_kernel_dim_baseline, intersection_baseline as _generic_intersection
 from hf_flag.geometry.pairs import PRODUCT_RANK_RTOL, hidden_coordinates
 
 __all__ = [
@@ -44,6 +44,7 @@ __all__ = [
     "gl_invariant_kernel_dim",
     "gl_kernel_dim_from_spectra",
     "gl_kernel_dim_from_product_rank",
+    "gl_kernel_dim_generic",
     "identity_agreement",
 ]
 
@@ -392,6 +393,19 @@ def gl_kernel_dim_from_product_rank(s_l: torch.Tensor, product_rank: int, *, rto
                          f"{getattr(s_l, 'shape', type(s_l).__name__)}")
     return _numerical_rank(s_l, _check_float("gl_kernel_dim_from_product_rank", "rtol", rtol, 0.0, 1.0)) - \
         int(product_rank)
+
+
+def gl_kernel_dim_generic(s_l: torch.Tensor, s_next: torch.Tensor, n: int, *, rtol: float = GL_KERNEL_RTOL) -> int:
+    """The GL kernel dimension's Haar value (MATH.md §4, §7):
+    :func:`~hf_flag.geometry.baselines.gl_kernel_dim_baseline` ``max(0, rank W_l - rank W_next)`` with both ranks counted as :func:`gl_invariant_kernel_dim` counts them
+    (singular values above ``rtol sigma_1`` of each weight), from their descending singular values."""
+    where = "gl_kernel_dim_generic"
+    for name, x in (("s_l", s_l), ("s_next", s_next)):
+        if not isinstance(x, torch.Tensor) or x.ndim != 1:
+            raise ValueError(f"{where}: {name} must be a 1-D tensor of singular values; got "
+                             f"{getattr(x, 'shape', type(x).__name__)}")
+    rtol = _check_float(where, "rtol", rtol, 0.0, 1.0)
+    return gl_kernel_dim_baseline(_numerical_rank(s_l, rtol), _numerical_rank(s_next, rtol), n)
 
 
 def _gl_kernel_dim(s_l: torch.Tensor, s_next: torch.Tensor, s_product: torch.Tensor, rtol: float) -> int:

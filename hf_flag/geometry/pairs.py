@@ -22,7 +22,7 @@ import torch
 
 from hf_flag.geometry.angles import (QR_FIRST_RATIO, thin_svd_in_dtype, check_dtype, check_matrix, default_rtol,
                                      normalised_overlap)
-from hf_flag.geometry.baselines import commutator_haar_rms
+from hf_flag.geometry.baselines import commutator_haar_rms, imbalance_haar_rms, relative_imbalance_haar_rms
 
 #: ``method="auto"`` recomputes kappa with the factored form when the trace form gives kappa below this value.
 #: The trace form subtracts two terms of size ``||A||^2 ||B||^2``; its relative error on kappa is about
@@ -336,6 +336,8 @@ class SpectralPairValues(NamedTuple):
     product_rank: torch.Tensor
     range_overlap: torch.Tensor
     range_overlap_baseline: torch.Tensor
+    imbalance_haar_rms: torch.Tensor
+    relative_imbalance_haar_rms: torch.Tensor
 
 
 #: :func:`pair_values_from_svd`'s ``product_rank`` counts the singular values of ``W_next W_l`` above this times
@@ -394,7 +396,8 @@ def pair_values_from_svd(
     from ``W_l``, ``W_next`` by the factored float64 forms, as in :func:`commutator_ratio`.  ``product_rank``:
     the rank of ``W_next W_l`` (= that of ``M``) at :data:`PRODUCT_RANK_RTOL` (:func:`product_rank`: certified by
     a Cholesky factorisation of the same Gram, singular values only where that cannot decide).  The Haar RMS is
-    :func:`~hf_flag.geometry.baselines.commutator_haar_rms` of the four traces; ``||diag D||`` as
+    :func:`~hf_flag.geometry.baselines.commutator_haar_rms` of the four traces, as are the imbalance norms' Haar
+    RMS (:func:`~hf_flag.geometry.baselines.imbalance_haar_rms`, ``relative_imbalance_haar_rms``); ``||diag D||`` as
     :func:`imbalance_diagonal_norm`.  ``range_overlap`` and its Haar value: :func:`range_overlap_from_svd` on the
     same ``T`` (MATH.md §3), ranks at the §1 cut of the storage precision ``storage_eps`` (default: the dtype the
     weights are passed in; pass the stored precision when they were upcast, as the full report does).
@@ -417,13 +420,15 @@ def pair_values_from_svd(
     kappa = safe_ratio(comm2.clamp_min(0).sqrt(), den)
     kappa = _refine((kappa < AUTO_FACTORED_BELOW) & (den > 0), kappa, _kappa_factored, W_l, W_next)
     d, a, b = _imbalance_from_norms(W_l, W_next, a2, b2, _fro2(M))
-    baseline = commutator_haar_rms(a_sq.sum(-1), a2, b_sq.sum(-1), b2, W_l.shape[-2])
+    traces = (a_sq.sum(-1), a2, b_sq.sum(-1), b2, W_l.shape[-2])
+    baseline = commutator_haar_rms(*traces)
     rtol = (default_rtol(stored[0], storage_eps), default_rtol(stored[1], storage_eps))
     overlap = range_overlap_from_svd(T, s_l, s_n, W_l.shape[-2], rtol=rtol)
     scale = s_l[..., 0] * s_n[..., 0] if min(s_l.shape[-1], s_n.shape[-1]) else _fro2(M)  # (0 x 0 M: rank 0)
     diagonal = torch.linalg.vector_norm(W_next.square().sum(-2) - W_l.square().sum(-1), dim=-1)
     return SpectralPairValues(kappa, baseline, d, safe_ratio(d, a + b), diagonal, T,
-                              product_rank(M, scale, gram=gram), *overlap)
+                              product_rank(M, scale, gram=gram), *overlap, imbalance_haar_rms(*traces),
+                              relative_imbalance_haar_rms(*traces))
 
 
 def range_overlap_from_svd(T: torch.Tensor, s_l: torch.Tensor, s_next: torch.Tensor, n: int, *,
@@ -740,6 +745,8 @@ class GramPairValues(NamedTuple):
     commutator_haar_rms: torch.Tensor
     imbalance_norm: torch.Tensor
     relative_imbalance: torch.Tensor
+    imbalance_haar_rms: torch.Tensor
+    relative_imbalance_haar_rms: torch.Tensor
 
 
 def pair_gram_sides(W_l: torch.Tensor, W_next: torch.Tensor) -> tuple[str, str]:
@@ -810,7 +817,8 @@ def gram_pair_values(W_l: torch.Tensor, W_next: torch.Tensor, *, dtype: torch.dt
     ``n x n`` matrix unless n is at most both outer dims (MATH.md §2, §3); ``W_l`` already bias-augmented.
 
     The exact values the windowed report keeps beside its leading singular subspaces
-    (:mod:`hf_flag.geometry.spectral`): the Haar RMS needs ``tr A = ||W_next||^2``, ``tr A^2 = ||G_P||^2``,
+    (:mod:`hf_flag.geometry.spectral`): the Haar RMS of kappa and of the imbalance norms
+    (:mod:`~hf_flag.geometry.baselines`) need ``tr A = ||W_next||^2``, ``tr A^2 = ||G_P||^2``,
     ``tr B = ||W_l||^2``, ``tr B^2 = ||G_Q||^2``, which the commutator's Gram factors already hold.  Kappa below
     ``AUTO_FACTORED_BELOW`` and cancelling imbalances are recomputed by the factored float64 forms (as
     :func:`commutator_ratio` ``method="auto"``).  ``gram_l``, ``gram_next``: the weights' Grams on the sides
@@ -833,5 +841,7 @@ def gram_pair_values(W_l: torch.Tensor, W_next: torch.Tensor, *, dtype: torch.dt
         a2, b2 = _fro2(gram_next), _fro2(gram_l)
         d, _, _ = _imbalance_from_norms(W_l, W_next, a2, b2, _fro2(grams[0]))
         kappa = _kappa_auto(W_l, W_next, grams)
-    baseline = commutator_haar_rms(_fro2(W_next).double(), a2.double(), _fro2(W_l).double(), b2.double(), n)
-    return GramPairValues(kappa, baseline.to(kappa.dtype), d, safe_ratio(d, a2.sqrt() + b2.sqrt()))
+    traces = (_fro2(W_next).double(), a2.double(), _fro2(W_l).double(), b2.double(), n)
+    baseline = commutator_haar_rms(*traces)
+    return GramPairValues(kappa, baseline.to(kappa.dtype), d, safe_ratio(d, a2.sqrt() + b2.sqrt()),
+                          imbalance_haar_rms(*traces).to(d.dtype), relative_imbalance_haar_rms(*traces).to(d.dtype))

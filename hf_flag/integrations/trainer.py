@@ -17,7 +17,9 @@ every reporting integration: TensorBoard, W&B, ...), each value beside its basel
   (:func:`~hf_flag.geometry.dynamics.imbalance_law_scope`: ``||D||_F`` of linear pairs, ``||diag D||`` of pairs
   with the per-unit rescaling symmetry: ReLU-like and the up projection of gated MLPs; never the residual pairs,
   nor per-query-head V -> O pairs under grouped-query attention): ``flag/law/<kind>/<metric>`` beside
-  ``flag/law/<kind>/<metric>_predicted`` (the law's value from the first logged one), and from three logged points
+  ``flag/law/<kind>/<metric>_predicted`` (the law's value from the first logged one) and, for ``imbalance_norm``,
+  ``flag/law/<kind>/imbalance_norm_baseline`` (its Haar RMS over rotations of the hidden basis, MATH.md §2: what
+  weights of the same spectra in random relative orientation give), and from three logged points
   on ``flag/law/<kind>/<metric>_decay_rate`` (fitted, with ``_decay_rate_r2``) beside
   ``flag/law/<kind>/<metric>_decay_rate_predicted``.  The law comes from the optimizer the Trainer built
   (:func:`optimizer_hyperparameters`) and whether each step sees the whole training set: SGD with or without
@@ -62,9 +64,11 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from transformers.trainer_callback import ExportableState
 
 from hf_flag.errors import InputError
+from hf_flag.geometry import stats
 from hf_flag.geometry.dynamics import (GATED_LINEAR, fit_decay_rate, imbalance_law_scope, predicted_decay_curve,
                                        predicted_decay_rate)
 from hf_flag.integrations.readings import KAPPA_READS, kappa_reads_in_rows
+from hf_flag.report import baseline_key
 from hf_flag.rows import KIND_MLP, KIND_RESIDUAL, KIND_VO, sort_rows, summarize
 
 __all__ = ["FlagAlignmentCallback", "OptimizerLaw", "optimizer_hyperparameters", "decayed_view", "gathered_copies",
@@ -265,10 +269,19 @@ def hidden_activation(row: Any, layout: dict) -> Optional[str]:
     return row.details.get("activation")
 
 
-def law_series(rows: Sequence[Any], layout: dict) -> tuple[dict[str, float], dict[str, str]]:
-    """``(values, ungoverned)``: ``"<kind>/<metric>"`` -> mean over the rows the law governs (MATH.md §2), and
-    ``kind`` -> why the law does not govern the other rows of that kind."""
+class LawSeries(NamedTuple):
+    """What :func:`law_series` reads from one measurement's rows."""
+
+    values: dict[str, float]  # "<kind>/<metric>" -> mean over the rows the law governs (MATH.md §2)
+    baselines: dict[str, float]  # same keys -> mean of the metric's Haar baseline over those rows (where it has one)
+    ungoverned: dict[str, str]  # kind -> why the law does not govern the other rows of that kind
+
+
+def law_series(rows: Sequence[Any], layout: dict) -> LawSeries:
+    """The imbalance the law governs per pair kind (MATH.md §2), each beside its Haar baseline, means over layers
+    by :func:`hf_flag.geometry.stats.mean` (MATH.md §8)."""
     sums: dict[str, list[float]] = {}
+    bases: dict[str, list[Optional[float]]] = {}
     ungoverned: dict[str, str] = {}
     for row in rows:
         activation = hidden_activation(row, layout)
@@ -278,8 +291,11 @@ def law_series(rows: Sequence[Any], layout: dict) -> tuple[dict[str, float], dic
             continue
         value = row.values.get(SCOPE_METRIC[scope])
         if value is not None and math.isfinite(value):
-            sums.setdefault(f"{row.kind}/{SCOPE_METRIC[scope]}", []).append(value)
-    return {k: math.fsum(v) / len(v) for k, v in sums.items()}, ungoverned
+            key = f"{row.kind}/{SCOPE_METRIC[scope]}"
+            sums.setdefault(key, []).append(value)
+            bases.setdefault(key, []).append(row.values.get(baseline_key(SCOPE_METRIC[scope])))
+    baselines = {k: stats.mean(b) for k, b in bases.items() if all(x is not None and math.isfinite(x) for x in b)}
+    return LawSeries({k: stats.mean(v) for k, v in sums.items()}, baselines, ungoverned)
 
 
 def logged_summary(rows: Sequence[Any]) -> dict[str, Any]:
@@ -463,16 +479,18 @@ class FlagAlignmentCallback(TrainerCallback, ExportableState):
             return {}
         logs: dict[str, Any] = logged_summary(rows)
         self.lr_history.append([step, hyper.lr])
-        mean_lr = math.fsum(p[1] for p in self.lr_history) / len(self.lr_history)
+        mean_lr = stats.mean([p[1] for p in self.lr_history])
         rate, law = predicted_decay_rate(hyper.name, mean_lr, hyper.weight_decay, hyper.momentum,
                                          dampening=hyper.dampening, nesterov=hyper.nesterov,
                                          full_batch=self.full_batch)
-        values, ungoverned = law_series(rows, layout)
+        values, baselines, ungoverned = law_series(rows, layout)
         for key, value in values.items():
             series = self.history.setdefault(key, [])
             series.append([step, value])
             stem = f"flag/law/{key}"
             logs[stem] = value
+            if key in baselines:
+                logs[baseline_key(stem)] = baselines[key]
             if rate is not None:
                 logs[f"{stem}_predicted"] = predicted_decay_curve(series[0][1], [series[0][0], step], rate)[-1]
             points = [p for p in series if p[1] > 0]

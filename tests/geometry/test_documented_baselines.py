@@ -15,12 +15,13 @@ import pytest
 import torch
 
 from hf_flag.geometry.angles import projection_kernel, subspace_overlap, thin_svd
-from hf_flag.geometry.baselines import (composition_baseline, intersection_baseline, overlap_baseline,
+from hf_flag.geometry.baselines import (composition_baseline, gl_kernel_dim_baseline, imbalance_haar_rms,
+                                        intersection_baseline, intersection_soft_baseline, overlap_baseline,
                                         projection_kernel_moments, transport_baselines)
 from hf_flag.geometry.collapse import level2_alignment
-from hf_flag.geometry.flags import flag_relative_position
+from hf_flag.geometry.flags import flag_relative_position, gl_invariant_kernel_dim
 from hf_flag.geometry.heads import head_overlap_baseline
-from hf_flag.geometry.pairs import pair_values_from_svd, transport_scores
+from hf_flag.geometry.pairs import imbalance_norm, pair_values_from_svd, transport_scores
 
 ROOT = Path(__file__).resolve().parents[2]
 MATH = ROOT / "docs" / "MATH.md"
@@ -66,14 +67,31 @@ def _transport(k: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return transport_scores(_gauss(N_DRAWS, n, n, seed=7), _gauss(N_DRAWS, n, n, seed=8), k)
 
 
-def _intersection(i: int, j: int, n: int) -> torch.Tensor:
-    """dim(F_i cap G_j) of the singular flags of two Gaussian n x n weights (generic position)."""
+def _intersection(i: int, j: int, n: int, *, soft: bool = False, draws: int = 20) -> torch.Tensor:
+    """dim(F_i cap G_j) (``soft``: sum cos^2 of their angles) of the singular flags of two Gaussian n x n weights
+    (generic position; Haar-distributed singular vectors, independent)."""
     values = []
-    for s in range(20):
+    for s in range(draws):
         W_l, W_next = _gauss(1, n, n, seed=100 + s)[0], _gauss(1, n, n, seed=200 + s)[0]
         pos = flag_relative_position(W_l, W_next, tau=1e-6, gap_ratio=1.0)
-        values.append(float(pos.rank_matrix[pos.cuts_left.index(i), pos.cuts_right.index(j)]))
+        matrix = pos.soft_matrix if soft else pos.rank_matrix
+        values.append(float(matrix[pos.cuts_left.index(i), pos.cuts_right.index(j)]))
     return torch.tensor(values, dtype=torch.float64)
+
+
+def _imbalance_sq(ra: int, rb: int, n: int) -> torch.Tensor:
+    """||P_A - O P_B O^T||_F^2 for rank-ra / rank-rb projectors, O Haar: the squared imbalance of W_next = P_A's
+    frame^T and W_l = O P_B's frame (MATH.md §2)."""
+    W_l = _frames(N_DRAWS, n, rb, 15)
+    W_next = torch.eye(n, dtype=torch.float64)[:ra].expand(N_DRAWS, ra, n)
+    return imbalance_norm(W_l, W_next).square()
+
+
+def _gl_kernel_dim(rl: int, rn: int, n: int) -> torch.Tensor:
+    """dim(range W_l cap ker W_next) for Gaussian W_l (n x rl) and W_next (rn x n): Haar relative position."""
+    return torch.tensor([float(gl_invariant_kernel_dim(_gauss(1, n, rl, seed=400 + s)[0],
+                                                       _gauss(1, rn, n, seed=500 + s)[0])) for s in range(30)],
+                        dtype=torch.float64)
 
 
 def _composition(d: int) -> torch.Tensor:
@@ -108,6 +126,9 @@ SAMPLERS = {
     "composition": lambda d: _composition(d["d"]),
     "range_overlap": lambda d: _range_overlap(d["r_l"], d["r_n"], d["n"]),
     "level2_error": lambda d: _level2_error(d["C"], d["p"]),
+    "imbalance_sq": lambda d: _imbalance_sq(d["ra"], d["rb"], d["n"]),
+    "intersection_soft": lambda d: _intersection(d["i"], d["j"], d["n"], soft=True, draws=400),
+    "gl_kernel_dim": lambda d: _gl_kernel_dim(d["rl"], d["rn"], d["n"]),
 }
 
 #: the code's own baseline for each documented row (None: no function, the formula is the reference)
@@ -122,6 +143,9 @@ CODE = {
     "range_overlap": lambda d: float(_range_overlap_baseline(d)),
     "level2_error": lambda d: level2_alignment(_gauss(1, d["C"], d["p"], seed=1)[0],
                                                _gauss(1, d["C"], d["p"], seed=2)[0])["level2_subspace_error_baseline"],
+    "imbalance_sq": lambda d: imbalance_haar_rms(d["ra"], d["ra"], d["rb"], d["rb"], d["n"]).item() ** 2,
+    "intersection_soft": lambda d: intersection_soft_baseline(d["i"], d["j"], d["n"]),
+    "gl_kernel_dim": lambda d: gl_kernel_dim_baseline(d["rl"], d["rn"], d["n"]),
 }
 
 

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from hf_flag.analysis.pairs import pair_window_values
+from hf_flag.analysis.pairs import pair_window_values, window_svd
 from hf_flag.geometry.angles import default_rtol, thin_svd
 from hf_flag.geometry.pairs import (GramCut, bf16_exact, commutator_reading_of_pairs, gram_cut, gram_cut_level,
                                     pair_product, range_overlap_from_grams, range_overlap_from_svd,
@@ -221,10 +221,11 @@ def test_default_report_values_with_storage_exact_products_match_float64(kappa_s
     else:
         assert v64["commutator_ratio"] < 1e-3
     for key in ("commutator_ratio", "commutator_ratio_normalized", "commutator_ratio_baseline",
-                "relative_imbalance", "range_overlap", "range_overlap_baseline"):
+                "commutator_ratio_normalized_baseline", "relative_imbalance", "relative_imbalance_baseline",
+                "range_overlap", "range_overlap_baseline"):
         assert v32[key] == pytest.approx(v64[key], abs=BF16_EPS), key
     assert v32["commutator_ratio"] == pytest.approx(v64["commutator_ratio"], rel=1e-2)
-    for key in ("imbalance_norm", "imbalance_diagonal_norm"):
+    for key in ("imbalance_norm", "imbalance_norm_baseline", "imbalance_diagonal_norm"):
         assert v32[key] == pytest.approx(v64[key], rel=BF16_EPS), key
     assert v64["range_overlap_baseline"] == 96 / 400 and v64["range_overlap"] > 0.99  # balanced: shared ranges
     assert d32["commutator_reading_holds"] is d64["commutator_reading_holds"] is False
@@ -256,3 +257,31 @@ def test_a_float32_gram_that_cannot_resolve_the_cut_hands_it_to_float64():
     assert commutator_reading_of_pairs(W, W_next, storage_eps=eps) == [True]
     assert commutator_reading_of_pairs(W, W_next, storage_eps=eps, s_l=s,
                                        s_next=torch.linalg.svdvals(W_next.double())) == [True]
+
+
+@pytest.mark.parametrize("wide", ["l", "next"])
+def test_default_report_reads_range_overlap_where_one_weight_could_have_rank_n(wide):
+    """The default report's last branch: n above one outer dim (Gram-factor side) while the other weight's shorter
+    side is n, so that weight alone can have rank n (e.g. a residual pair with d_ff = d - 1, bias-augmented, or a
+    linear chain 12 -> 8 -> 4).  Where it has rank n kappa reads (MATH.md §3) and range_overlap is None; where it is
+    rank-deficient at the storage cut kappa does not read, and range_overlap is the thin-SVD value."""
+    n, other = 8, 4
+    if wide == "l":  # W_l (8 x 12) may have rank 8, W_next (4 x 8) cannot
+        low = with_spectrum(n, 12, [4.0, 3.0, 2.0, 1.5, 1.0], seed=41)  # rank 5 < n
+        full = with_spectrum(n, 12, torch.linspace(4.0, 1.0, n), seed=42)
+        W_l, W_next = torch.stack([low, full]), with_spectrum(other, n, [2.0, 1.0, 0.5, 0.3], seed=43).expand(2, -1, -1)
+    else:  # W_next (12 x 8) may have rank 8, W_l (8 x 4) cannot
+        low = with_spectrum(12, n, [4.0, 3.0, 2.0, 1.5, 1.0], seed=44)
+        full = with_spectrum(12, n, torch.linspace(4.0, 1.0, n), seed=45)
+        W_l, W_next = with_spectrum(n, other, [2.0, 1.0, 0.5, 0.3], seed=46).expand(2, -1, -1), torch.stack([low, full])
+    eps = torch.finfo(F64).eps
+    out = pair_window_values(W_l, W_next, storage_eps=eps, dtype=F64, svd_l=window_svd(W_l, eps),
+                             svd_next=window_svd(W_next, eps))
+    assert [d["commutator_reading_holds"] for _, d in out] == [False, True]
+    (U, s_l, _), (_, s_n, Vh) = thin_svd(W_l), thin_svd(W_next)
+    ref, ref_base = range_overlap_from_svd(Vh @ U, s_l, s_n, n, rtol=(default_rtol(W_l), default_rtol(W_next)))
+    low_values, full_values = out[0][0], out[1][0]
+    assert low_values["range_overlap"] == pytest.approx(float(ref[0]), abs=1e-12)
+    assert low_values["range_overlap_baseline"] == float(ref_base[0]) == 5 / n  # max(5, 4) / 8
+    assert 0 < low_values["range_overlap"] < 1
+    assert full_values["range_overlap"] is None and full_values["range_overlap_baseline"] is None

@@ -156,3 +156,18 @@ def test_kappa_panels_say_where_kappa_does_not_read_and_the_range_overlap_is_plo
     assert list(lines_of(panel)["value (layer mean)"].get_ydata()) == pytest.approx([0.4, 0.5, 0.6])
     assert list(lines_of(panel)["random baseline"].get_ydata()) == pytest.approx([0.375] * 3)
 
+
+
+def test_window_series_means_are_the_stats_means():
+    """Per-layer means of the window sizes through hf_flag.geometry.stats (MATH.md §8): the correctly rounded mean,
+    the old np.mean up to its last bits (unchanged figures); layers without the value are left out."""
+    from hf_flag.geometry import stats
+
+    windows = {0: [64.0, 3.0, 7.0], 1: [0.1, 0.2, 0.3]}  # 0.1 + 0.2 + 0.3: naive sums round differently
+    rows = [Row("m", "mlp", layer, layer, f"s{i}", "t", {"window_in": v, "window_out": 2 * v})
+            for layer, vs in windows.items() for i, v in enumerate(vs)]
+    rows.append(Row("m", "mlp", 2, 2, "s", "t", {"window_in": None, "window_out": float("nan")}))
+    series = plots.window_series(Report("m", "x", rows=rows), "mlp")
+    assert series["window_in"] == ([0, 1], [stats.mean(windows[0]), stats.mean(windows[1])])
+    assert series["window_out"][1] == [stats.mean([2 * v for v in windows[layer]]) for layer in (0, 1)]
+    assert series["window_in"][1] == pytest.approx([np.mean(windows[0]), np.mean(windows[1])], rel=4e-16)

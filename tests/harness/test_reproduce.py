@@ -62,6 +62,12 @@ def test_linear_commutator_ends_below_nonlinear(quick_data):
     # all nets start from the same weights, and an untrained net is as aligned as a random rotation
     assert runs["relu"]["kappa"][0] == runs["linear"]["kappa"][0]
     assert runs["linear"]["baseline_start"] == pytest.approx(lin[0], rel=0.5)
+    # means over a net's pairs through hf_flag.geometry.stats (MATH.md §8): the correctly rounded mean, the old
+    # sum / len up to rounding
+    from hf_flag.geometry import stats
+    for r in data["runs"]:
+        assert r["kappa"][-1] == stats.mean(r["kappa_pairs_end"])
+        assert r["kappa"][-1] == pytest.approx(sum(r["kappa_pairs_end"]) / len(r["kappa_pairs_end"]), rel=1e-15)
 
 
 def test_resnet_block_diagonal_decay(quick_data):
@@ -102,7 +108,7 @@ PINNED_RULES = {
     "commutator": {1: "653efdd79a4da287", 2: "22bcec02dc3c5b20"},
     "neural_collapse": {1: "59e2ebf7d92c334c", 2: "e751178c990856d5"},
     "resnet": {1: "f74e4546789a4e52", 2: "5f3ed98380ff2dfa"},
-    "pretrained": {1: "18c3a386fb346bc7", 2: "22cb7139ddf59dab"},
+    "pretrained": {1: "18c3a386fb346bc7", 2: "22cb7139ddf59dab", 3: "4c171d70dd6fff8e"},
 }
 
 
@@ -128,6 +134,38 @@ def test_rules_are_versioned_and_every_version_is_reported(quick_run, quick_data
     # claim 2: the rule replaced after the first run keeps its outcome, per seed, beside the current one
     data = quick_data["claims"]["commutator"]["data"]
     assert set(data["rule_v1_per_seed"]) == set(data["rule_v2_per_seed"]) == {"0", "1", "2"}
+
+
+def test_pretrained_rule_v3_reads_each_pair_by_its_own_reading(quick_data):
+    """Rule v3 (MATH.md §3): every pair is read by the measure whose reading holds for it at the storage cut (the
+    row's commutator_reading_holds), not by its kind's generic ranks; v1 and v2 keep their outcomes beside it."""
+    from hf_flag.harness.experiments import pretrained
+    from hf_flag.report import Report, Row
+
+    def row(layer, reads, kappa, base, overlap=None, chance=None):
+        return Row("m", "residual", layer, layer + 1, "mlp.out", "mlp.in",
+                   {"commutator_ratio": kappa, "commutator_ratio_baseline": base, "range_overlap": overlap,
+                    "range_overlap_baseline": chance}, {"commutator_reading_holds": reads})
+
+    report = Report("m", "x", rows=[row(0, True, 0.5, 1.0), row(1, False, 0.2, 1.0, 0.9, 0.6),
+                                    row(1, True, 0.3, 0.5)])
+    assert pretrained.by_layer_ratio(report, "residual", "commutator_ratio", "commutator_ratio_baseline",
+                                     reads=True) == {0: 0.5, 1: 0.6}
+    assert pretrained.by_layer_ratio(report, "residual", "range_overlap", "range_overlap_baseline",
+                                     reads=False) == {1: pytest.approx(1.5)}
+    study = {"vo_group": {"groups": {0: 2}, "groups_read": {0: 1}, "ratio_read": {0: 0.8}, "range_unread": {0: 1.2}},
+             "by_row": {"residual": {"rows": 3, "rows_read": 2, "kappa": {0: 0.5}, "range": {1: 1.5}}}}
+    assert [(label, below) for label, _, below in pretrained.reading_series(study)] == [
+        (f"{pretrained.VO_GROUP}: kappa / Haar RMS (1/2 groups)", True),
+        (f"{pretrained.VO_GROUP}: range_overlap / Haar (1/2 groups)", False),
+        ("residual: kappa / Haar RMS (2/3 pairs)", True), ("residual: range_overlap / Haar (1/3 pairs)", False)]
+    claim = quick_data["claims"]["pretrained"]
+    assert [o["version"] for o in claim["rules"]] == [1, 2, 3]
+    (name, s), = claim["data"]["models"].items()  # quick: MiniLM (float32 storage), every pair full rank at the cut
+    assert s["vo_group"]["groups_read"] == s["vo_group"]["groups"]
+    assert s["vo_group"]["ratio_read"] == pytest.approx(s["vo_group"]["ratio"], rel=1e-15)
+    assert all(b["rows_read"] == (0 if k.startswith("mlp") else b["rows"]) for k, b in s["by_row"].items())
+    assert claim["data"]["rule_v3"][name] == claim["data"]["rule_v2"][name]
 
 
 def test_every_training_verdict_rests_on_three_seeds(quick_data):

@@ -269,6 +269,15 @@ def test_flag_alignment_plain_mlp_linear_chain(flag_module):
     assert out["linear_chain/commutator_ratio"] == pytest.approx(float(kappa), rel=1e-10)
     assert out["per_layer"]["linear_chain"][0]["imbalance_norm"] == pytest.approx(
         float(torch.linalg.matrix_norm(A - B)), rel=1e-10)
+    # each beside its Haar RMS over rotations of the hidden basis (MATH.md §2, §3), per layer and in the summary
+    row = out["per_layer"]["linear_chain"][0]
+    rms = math.sqrt(float(A.square().sum() + B.square().sum() - 2 * A.trace() * B.trace() / 16))
+    assert row["imbalance_norm_baseline"] == pytest.approx(rms, rel=1e-10)
+    assert row["relative_imbalance_baseline"] == pytest.approx(
+        rms / float(torch.linalg.matrix_norm(A) + torch.linalg.matrix_norm(B)), rel=1e-10)
+    assert row["commutator_ratio_normalized_baseline"] == pytest.approx(
+        math.sqrt(2) * row["commutator_ratio_baseline"], rel=1e-15)
+    assert out["summary"]["linear_chain/imbalance_norm_baseline"] == row["imbalance_norm_baseline"]
 
 
 # --- neural_collapse ----------------------------------------------------------------------------------------------

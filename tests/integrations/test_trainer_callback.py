@@ -79,6 +79,32 @@ def dense_imbalance(W_l: torch.Tensor, W_next: torch.Tensor, diagonal: bool = Fa
     return float(torch.linalg.vector_norm(torch.diagonal(D)) if diagonal else torch.linalg.matrix_norm(D))
 
 
+def dense_imbalance_haar_rms(W_l: torch.Tensor, W_next: torch.Tensor) -> float:
+    """sqrt(||A||^2 + ||B||^2 - 2 tr A tr B / n) from the n x n matrices (MATH.md §2 Haar baseline)."""
+    A, B = W_next.double().T @ W_next.double(), W_l.double() @ W_l.double().T
+    return math.sqrt(float(A.square().sum() + B.square().sum() - 2 * A.trace() * B.trace() / A.shape[0]))
+
+
+def test_law_series_means_are_the_stats_means_with_baselines():
+    """law_series averages through hf_flag.geometry.stats (MATH.md §8): the correctly rounded mean, equal to
+    fsum / len up to that one rounding; each governed imbalance beside the mean of its rows' baselines."""
+    from hf_flag.geometry import stats
+    from hf_flag.integrations.trainer import law_series
+
+    values = [0.1, 0.2, 0.7, 1e-3, 3.3]
+    rows = [SimpleNamespace(kind="linear_chain", details={"activation": "identity"},
+                            values={"imbalance_norm": v, "imbalance_norm_baseline": 2 * v + 1})
+            for v in values]
+    rows.append(SimpleNamespace(kind="linear_chain", details={"activation": "gelu"}, values={"imbalance_norm": 9.0}))
+    series = law_series(rows, {})
+    assert series.values == {"linear_chain/imbalance_norm": stats.mean(values)}
+    assert series.values["linear_chain/imbalance_norm"] == pytest.approx(math.fsum(values) / len(values), rel=2 ** -52)
+    assert series.baselines == {"linear_chain/imbalance_norm": stats.mean([2 * v + 1 for v in values])}
+    assert series.ungoverned == {"linear_chain": "gelu"}
+    rows[0].values["imbalance_norm_baseline"] = None  # a row without a baseline: no mean baseline for the kind
+    assert law_series(rows, {}).baselines == {}
+
+
 def test_keys_in_log_history_and_tensorboard(tmp_path, monkeypatch):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -178,6 +204,11 @@ def test_linear_net_full_batch_sgd_imbalance_decays_at_two_lr_wd(full_batch_runs
     assert fit_decay_rate(*zip(*series))[0] == pytest.approx(fitted, rel=1e-9)
     W = [m.weight.detach() for m in model.linears()]
     assert series[-1][1] == pytest.approx((dense_imbalance(W[0], W[1]) + dense_imbalance(W[1], W[2])) / 2, rel=1e-9)
+    # beside it, the Haar RMS of ||D|| over rotations of the hidden basis (MATH.md §2), from the dense n x n matrices
+    baseline = flag_entries(trainer, f"{stem}_baseline")
+    assert [step for step, _ in baseline] == [step for step, _ in series]
+    assert baseline[-1][1] == pytest.approx(
+        (dense_imbalance_haar_rms(W[0], W[1]) + dense_imbalance_haar_rms(W[1], W[2])) / 2, rel=1e-9)
     # the predicted value beside it: the first value carried by the law
     predicted = flag_entries(trainer, f"{stem}_predicted")[-1][1]
     assert predicted == pytest.approx(series[0][1] * math.exp(-SGD_RATE * 200), rel=1e-12)

@@ -1,0 +1,151 @@
+"""Haar baselines of the pair values that had none (MATH.md §2-§4, §7): imbalance norms, sqrt(2) kappa, the soft
+intersection count and the GL kernel dimension, against Monte Carlo over Haar rotations of the hidden basis of one
+side, ``(Q W_l, W_next)`` (kappa's null model), through the report's own values (full, default and cheap rows).
+
+Tolerances: 5 Monte Carlo standard errors of the sampled mean (a false alarm has probability < 1e-6).
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from hf_flag.analysis.pairs import gram_values, pair_geometry_values, pair_window_values, window_svd
+from hf_flag.geometry.baselines import (gl_kernel_dim_baseline, imbalance_haar_rms, intersection_soft_baseline,
+                                        relative_imbalance_haar_rms)
+from hf_flag.geometry.flags import gl_invariant_kernel_dim, gl_kernel_dim_generic
+from hf_flag.geometry.pairs import augment, commutator_ratio, imbalance_norm, relative_imbalance
+
+F64 = torch.float64
+EPS64 = torch.finfo(F64).eps
+
+
+def haar(count: int, n: int, seed: int) -> torch.Tensor:
+    """``count`` Haar-random n x n rotations (QR of Gaussians with the sign fix)."""
+    G = torch.randn(count, n, n, generator=torch.Generator().manual_seed(seed), dtype=F64)
+    Q, R = torch.linalg.qr(G)
+    return Q * torch.sign(torch.diagonal(R, dim1=-2, dim2=-1)).unsqueeze(-2)
+
+
+def gauss(*shape: int, seed: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
+
+
+def within(samples: torch.Tensor, expected: float, what: str) -> None:
+    se = samples.std().item() / math.sqrt(samples.numel())
+    assert abs(samples.mean().item() - expected) <= 5 * se + 1e-12 * max(1.0, abs(expected)), \
+        (what, samples.mean().item(), expected, se)
+
+
+def traces(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return (torch.trace(A), (A @ A).trace(), torch.trace(B), (B @ B).trace())
+
+
+@pytest.mark.parametrize("n,k,m", [(10, 6, 5), (4, 9, 7)])  # n large (Gram factors), n small (n x n Grams)
+def test_imbalance_and_normalized_kappa_baselines_by_monte_carlo(n: int, k: int, m: int) -> None:
+    """E ||A - Q B Q^T||^2 = ||A||^2 + ||B||^2 - 2 tr A tr B / n, relative imbalance and (sqrt 2 kappa)^2 against
+    samples of the rotated pair; the full and cheap rows report the roots of those mean squares."""
+    W_l = gauss(n, k, seed=1) * torch.linspace(0.3, 2.0, n, dtype=F64)[:, None]  # anisotropic: tr A tr B / n matters
+    b_l, W_next = gauss(n, seed=2), gauss(m, n, seed=3) * torch.linspace(1.5, 0.2, n, dtype=F64)
+    aug = augment(W_l, b_l)
+    Q = haar(4000, n, seed=4)
+    rotated, W_nexts = Q @ aug, W_next.expand(4000, m, n)
+    full = pair_geometry_values(aug[None], W_next[None], storage_eps=EPS64)[0][0]
+    cheap = gram_values(aug[None], W_next[None], storage_eps=EPS64)[0][0]
+    samples = {"imbalance_norm": imbalance_norm(rotated, W_nexts), "relative_imbalance":
+               relative_imbalance(rotated, W_nexts), "commutator_ratio_normalized":
+               math.sqrt(2) * commutator_ratio(rotated, W_nexts)}
+    for metric, values in samples.items():
+        base = full[f"{metric}_baseline"]
+        assert cheap[f"{metric}_baseline"] == pytest.approx(base, rel=1e-12), metric
+        within(values.square(), base ** 2, metric)  # an RMS: the mean of the squares
+    assert full["commutator_ratio_normalized_baseline"] == pytest.approx(
+        math.sqrt(2) * full["commutator_ratio_baseline"], rel=1e-15)
+    A, B = W_next.T @ W_next, aug @ aug.T  # the closed form of the traces
+    d2 = A.square().sum() + B.square().sum() - 2 * A.trace() * B.trace() / n
+    assert full["imbalance_norm_baseline"] == pytest.approx(d2.sqrt().item(), rel=1e-12)
+    assert full["relative_imbalance_baseline"] == pytest.approx(
+        (d2.sqrt() / (torch.linalg.matrix_norm(A) + torch.linalg.matrix_norm(B))).item(), rel=1e-12)
+
+
+def test_imbalance_haar_rms_closed_form_cases() -> None:
+    n = 5
+    B = gauss(n, n, seed=7)
+    B = B @ B.T
+    A = 3.0 * torch.eye(n, dtype=F64)  # rotation invariant: every rotation gives ||3 I - B||
+    assert imbalance_haar_rms(*traces(A, B), n).item() == pytest.approx(torch.linalg.matrix_norm(A - B).item(),
+                                                                        rel=1e-12)
+    one = torch.tensor(1.0, dtype=F64)
+    assert imbalance_haar_rms(4 * one, 16 * one, one, one, 1).item() == pytest.approx(3.0, rel=1e-15)  # |4 - 1|
+    # rank-1 projectors: ||P_u - P_v||^2 = 2 - 2 cos^2, E cos^2 = 1/n (MATH.md §1 distance)
+    assert imbalance_haar_rms(one, one, one, one, 8).item() ** 2 == pytest.approx(2 - 2 / 8, rel=1e-14)
+    assert relative_imbalance_haar_rms(one, one, one, one, 8).item() == pytest.approx(math.sqrt(2 - 2 / 8) / 2,
+                                                                                      rel=1e-14)
+    assert relative_imbalance_haar_rms(0 * one, 0 * one, 0 * one, 0 * one, 3).item() == 0.0
+    batch = imbalance_haar_rms(torch.tensor([1.0, 4.0]), torch.tensor([1.0, 16.0]), one, one, 1)
+    assert batch.tolist() == pytest.approx([0.0, 3.0], abs=1e-15)
+    with pytest.raises(ValueError, match="n=0"):
+        imbalance_haar_rms(one, one, one, one, 0)
+
+
+def flag_pair(n: int, k: int, m: int, spectrum_l, spectrum_next, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A pair with prescribed singular values (clear gaps: flag cuts where they are)."""
+    r_l, r_n = len(spectrum_l), len(spectrum_next)
+    U = torch.linalg.qr(gauss(n, r_l, seed=seed)).Q
+    V = torch.linalg.qr(gauss(k, r_l, seed=seed + 1)).Q
+    X = torch.linalg.qr(gauss(m, r_n, seed=seed + 2)).Q
+    Y = torch.linalg.qr(gauss(n, r_n, seed=seed + 3)).Q
+    return (U * torch.tensor(spectrum_l, dtype=F64)) @ V.T, (X * torch.tensor(spectrum_next, dtype=F64)) @ Y.T
+
+
+def test_intersection_soft_baseline_by_monte_carlo() -> None:
+    """The soft count at the common cut c of Haar-rotated flags averages c^2 / n (the projection kernel's E[PK]);
+    the rotation keeps both spectra, so every sample is cut at the same c."""
+    n = 12
+    W_l, W_next = flag_pair(n, 14, 13, [16.0, 8.0, 4.0, 2.0, 1.0, 0.5] * 2, [9.0, 3.0, 1.0] * 4, seed=11)
+    Q = haar(600, n, seed=12)
+    out = pair_geometry_values(Q @ W_l, W_next.expand(600, -1, -1), storage_eps=EPS64)
+    cuts = {d["intersection_cut"] for _, d in out}
+    assert len(cuts) == 1 and (c := cuts.pop()) is not None and 0 < c < n
+    base = intersection_soft_baseline(c, c, n)
+    assert base == pytest.approx(c * c / n, rel=1e-15) and all(v["intersection_soft_baseline"] == base for v, _ in out)
+    within(torch.tensor([v["intersection_soft"] for v, _ in out], dtype=F64), base, "intersection_soft")
+    # aligned flags (W_next = W_l^T reads the directions W_l writes, in order): the soft count is c, above c^2 / n
+    values, details = pair_geometry_values(W_l[None], W_l.T[None], storage_eps=EPS64)[0]
+    c = details["intersection_cut"]
+    assert values["intersection_soft"] == pytest.approx(c, rel=1e-9)
+    assert values["intersection_soft_baseline"] == c * c / n
+
+
+def test_intersection_soft_baseline_in_the_default_report() -> None:
+    """The windowed flags report the same c^2 / n at their own common cut (MATH.md §4 window)."""
+    n = 12
+    W_l, W_next = flag_pair(n, 14, 13, [16.0, 8.0, 4.0, 2.0, 1.0, 0.5] * 2, [9.0, 3.0, 1.0] * 4, seed=21)
+    svd_l, svd_next = window_svd(W_l[None], EPS64), window_svd(W_next[None], EPS64)
+    values, details = pair_window_values(W_l[None], W_next[None], storage_eps=EPS64, dtype=F64, svd_l=svd_l,
+                                         svd_next=svd_next)[0]
+    c = details["intersection_cut"]
+    assert c is not None and values["intersection_soft_baseline"] == pytest.approx(c * c / n, rel=1e-15)
+    assert values["gl_kernel_dim"] is None and values["gl_kernel_dim_baseline"] is None  # whole spectra needed
+
+
+def test_gl_kernel_dim_baseline_is_the_value_of_every_rotation() -> None:
+    """dim(range Q W_l ∩ ker W_next) = max(0, rank W_l - rank W_next) for almost every rotation; a pair whose range
+    lies in the kernel (constructed) reads above it, one whose range avoids it reads 0."""
+    n = 10
+    W_l, W_next = flag_pair(n, 8, 9, [5.0, 4.0, 3.0, 2.0, 1.5, 1.0], [3.0, 2.0, 1.0, 0.7], seed=31)  # ranks 6, 4
+    assert gl_kernel_dim_generic(torch.linalg.svdvals(W_l), torch.linalg.svdvals(W_next), n) == 2
+    Q = haar(40, n, seed=32)
+    out = pair_geometry_values(Q @ W_l, W_next.expand(40, -1, -1), storage_eps=EPS64)
+    assert {(v["gl_kernel_dim"], v["gl_kernel_dim_baseline"]) for v, _ in out} == {(2.0, 2.0)}
+    assert all(gl_invariant_kernel_dim(q @ W_l, W_next) == 2 for q in Q[:5])  # independent count (three SVDs)
+    # range W_l (dim 6) inside ker W_next (dim 6): kernel dimension 6, against the generic 2
+    basis = torch.linalg.qr(gauss(n, n, seed=33)).Q
+    W_in = basis[:, :6] @ gauss(6, 8, seed=34)
+    W_out = gauss(9, 4, seed=35) @ basis[:, 6:].T
+    values = pair_geometry_values(W_in[None], W_out[None], storage_eps=EPS64)[0][0]
+    assert (values["gl_kernel_dim"], values["gl_kernel_dim_baseline"]) == (6.0, 2.0)
+    assert gl_kernel_dim_baseline(3, 7, 10) == 0 and gl_kernel_dim_baseline(7, 3, 10) == 4
+    with pytest.raises(ValueError, match="rank_l"):
+        gl_kernel_dim_baseline(11, 3, 10)
