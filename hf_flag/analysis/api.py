@@ -33,7 +33,11 @@ Row kinds (names in :mod:`hf_flag.rows`, which every other part of hf-flag impor
   pairs where kappa does not read (MLP pairs, and every other pair whose weights are both below rank n at the
   storage cut; ``None`` where kappa reads), and the certificate ``window_in`` / ``window_out`` (leading
   singular vectors used, at most ``geometry.spectral.K_MAX``) and ``svd_residual_in`` / ``svd_residual_out`` (the
-  partial SVD's largest relative residual over them).  ``full=True`` keeps the all-vectors analysis above.
+  partial SVD's largest relative residual over them).  A cut is read only where the partial SVD's residuals
+  resolve it too (``geometry.spectral.read_cuts``; float32 computations that do not are redone in float64), and
+  details ``tolerance`` states, per windowed value, how far it can be from exact singular vectors' value
+  (``geometry.spectral.transport_tolerances``, ``soft_tolerance``).  ``full=True`` keeps the all-vectors analysis
+  above.
 * head rows (§1, §6): ``"head_overlap_q/k/v"`` (read subspaces col(W_*^h) of one layer, h < h'),
   ``"head_overlap_o"`` (write subspaces row(W_O^h)), ``"cross_layer_overlap_q/k/v"`` (write row(W_O^h) of layer l
   vs read col(W_*^h') of layer l+1, every (h, h')).  Grouped-query attention: K and V are compared as the n_kv KV
@@ -78,7 +82,7 @@ from hf_flag.geometry.angles import RANK_CUT_RULE
 from hf_flag.geometry.baselines import COMMUTATOR_BASELINE_RULE
 from hf_flag.geometry.flags import FLAG_TAU_RULE, GL_KERNEL_RTOL
 from hf_flag.geometry.pairs import TRANSPORT_K_RULE
-from hf_flag.geometry.spectral import WINDOW_RULE
+from hf_flag.geometry.spectral import WINDOW_RULE, WINDOW_TOLERANCE_RULE
 from hf_flag.report import Report
 from hf_flag.rows import sort_rows, summarize
 from hf_flag.weights.sources import open_weights, provenance
@@ -146,7 +150,7 @@ def analyze(model_or_path, *, device: Union[str, torch.device, None] = None, dty
         **facts, "layers_requested": None if layers is None else sorted({int(i) for i in layers}),
         "storage_dtypes": sorted(storage), "storage_eps": max(storage.values(), default=0.0),
         "tolerances": {"flag_tau": f"per row (flag_tau): {FLAG_TAU_RULE}", "gl_kernel_rtol": GL_KERNEL_RTOL,
-                       "rank_cut": RANK_CUT_RULE},
+                       "rank_cut": RANK_CUT_RULE, "window_values": WINDOW_TOLERANCE_RULE},
         "commutator_baseline": COMMUTATOR_BASELINE_RULE, "transport_k": TRANSPORT_K_RULE, "bias_augmented": True,
         "layer_norm_folded": False,
         "embeddings_analysed": False,

@@ -15,8 +15,8 @@ from hf_flag.geometry.pairs import (GramCut, augment, commutator_reading_of_pair
                                     gram_pair_values, imbalance_diagonal_norm, normalized_commutator_ratio,
                                     pair_gram_sides, pair_product, pair_values_from_svd, range_overlap_from_grams,
                                     transport_k, transport_scores_from_matrix, weight_gram)
-from hf_flag.geometry.spectral import (K_MAX, PartialSVD, determined_cuts, gram_dtype, partial_svd, transport_window,
-                                       wedin_window)
+from hf_flag.geometry.spectral import (K_MAX, PartialSVD, certified_partial_svd, gram_dtype, last_cut, soft_tolerance,
+                                       transport_tolerances, transport_window)
 from hf_flag.report import Row
 from hf_flag.rows import KAPPA_READS
 
@@ -247,8 +247,8 @@ def window_svd(W: torch.Tensor, storage_eps: float, gram: Optional[torch.Tensor]
     cut), the window's triplets with vectors and residuals.  ``gram``: ``W``'s small Gram (``W W^T`` when
     ``rows <= cols``, else ``W^T W``; :func:`~hf_flag.geometry.pairs.weight_gram`) when it is shared with kappa's
     Gram factors; ``gram_eigh``: its eigendecomposition, when shared with range_overlap."""
-    return partial_svd(W, min(K_MAX + 1, min(W.shape[-2:])), dtype=W.dtype, storage_eps=storage_eps, gram=gram,
-                       gram_eigh=gram_eigh)
+    return certified_partial_svd(W, min(K_MAX + 1, min(W.shape[-2:])), dtype=W.dtype, storage_eps=storage_eps,
+                                 gram=gram, gram_eigh=gram_eigh)
 
 
 def small_gram_side(W: torch.Tensor) -> str:
@@ -264,10 +264,14 @@ def pair_window_values(W_l: torch.Tensor, W_next: torch.Tensor, *, storage_eps: 
 
     ``svd_l``, ``svd_next``: :class:`~hf_flag.geometry.spectral.PartialSVD` of the two weights.  Kappa, its Haar
     RMS and the imbalance norms are exact (Gram factors, :func:`~hf_flag.geometry.pairs.gram_pair_values`, in
-    :func:`~hf_flag.geometry.spectral.gram_dtype`); transport scores on the largest cut determined on both sides
-    (``None`` when there is none; the basis score also ``None`` unless every cut up to it is determined); flags
-    cut inside the windows.  The certificate: ``window_in`` / ``window_out`` (singular vectors used) and
-    ``svd_residual_in`` / ``svd_residual_out`` (largest relative residual of the triplets used).  The GL kernel
+    :func:`~hf_flag.geometry.spectral.gram_dtype`); transport scores on the largest cut read on both sides
+    (:func:`~hf_flag.geometry.spectral.read_cuts`: determined by the storage and resolved by the computation;
+    ``None`` when there is none; the basis score also ``None`` unless every cut up to it is read); flags cut inside
+    the windows (the last cut read); details ``tolerance``: per windowed value, its bound from exact singular
+    vectors' value (:func:`~hf_flag.geometry.spectral.transport_tolerances`,
+    :func:`~hf_flag.geometry.spectral.soft_tolerance`).  The certificate: ``window_in`` / ``window_out``
+    (singular vectors used) and ``svd_residual_in`` / ``svd_residual_out`` (largest relative residual of the
+    triplets used).  The GL kernel
     dimension needs whole spectra: ``None`` here (``full=True`` computes it).  ``range_overlap`` (with its
     baseline) comes from the shared Grams (:func:`~hf_flag.geometry.pairs.range_overlap_from_grams`) on the
     pairs where kappa does not read: the low-rank pairs (both weights' shorter sides below n: the MLP pairs) and
@@ -288,11 +292,13 @@ def pair_window_values(W_l: torch.Tensor, W_next: torch.Tensor, *, storage_eps: 
     n = W_l.shape[-2]
     rank_rtol = (default_rtol(W_l, storage_eps), default_rtol(W_next, storage_eps))
     tops = (svd_l.s[..., 0], svd_next.s[..., 0])
-    sides = [(p, wedin_window(p.s, storage_eps=storage_eps, exhausted=p.exhausted),
-              determined_cuts(p.s, storage_eps=storage_eps, exhausted=p.exhausted)) for p in (svd_l, svd_next)]
-    (_, w_l, det_l), (_, w_n, det_n) = sides
+    # cuts read: determined by the storage and computed to the same angle (MATH.md §4, spectral.read_cuts)
+    bounds_l, bounds_n = svd_l.computation_bounds(), svd_next.computation_bounds()
+    det_l, det_n = (p.read_cuts(storage_eps=storage_eps, bounds=b)
+                    for p, b in ((svd_l, bounds_l), (svd_next, bounds_n)))
+    w_l, w_n = last_cut(det_l), last_cut(det_n)
     cert_l, cert_n = svd_l.certificate(w_l), svd_next.certificate(w_n)
-    T = svd_next.Vh @ svd_l.U
+    T = svd_next.Vh.to(torch.float64) @ svd_l.U.to(torch.float64)  # one side may have been recomputed in float64
     both: Optional[tuple[list, list]] = None  # (range_overlap, baseline) where some pair is not read by kappa
     cut_next = None
     if side_l == "rows":  # n small: the shared Grams are the hidden-side B = W_l W_l^T, A = W_next^T W_next
@@ -324,20 +330,23 @@ def pair_window_values(W_l: torch.Tensor, W_next: torch.Tensor, *, storage_eps: 
                       "svd_residual_out": cert_n})
     # scores and flags per pair on host copies (one transfer per factor and batch)
     (U, s_l, _), (_, s_next, Vh), T = host(svd_l), host(svd_next), T.cpu()
-    det_l, det_n = det_l.cpu(), det_n.cpu()
+    det_l, det_n, bounds_l, bounds_n = det_l.cpu(), det_n.cpu(), bounds_l.cpu(), bounds_n.cpu()
     out = []
     for i in range(W_l.shape[0]):
         a, b = int(h["window_in"][i]), int(h["window_out"][i])
         k, basis_ok = transport_window(det_l[i], det_n[i], n)
         scores = {"subspace_score": None, "subspace_score_baseline": None, "basis_score": None,
                   "basis_score_baseline": None}
+        tolerance: dict[str, float] = {}  # |value - exact singular vectors' value| bounds (spectral.py)
         if k:
             sub_base, basis_base = transport_baselines(k, n)
-            T_k = T[i, :k, :k].double()
+            T_k = T[i, :k, :k]
             scores.update(subspace_score=float(T_k.square().sum()) / k, subspace_score_baseline=sub_base)
+            tolerance["subspace_score"], basis_tolerance = transport_tolerances(bounds_l[i], bounds_n[i], k)
             if basis_ok:
                 scores.update(basis_score=float(torch.diagonal(T_k).square().sum()) / k,
                               basis_score_baseline=basis_base)
+                tolerance["basis_score"] = basis_tolerance
         flag = flag_position_from_svd(U[i, :, :a], _closed(s_l[i], a), Vh[i, :b], _closed(s_next[i], b), n=n,
                                       rank_rtol=rank_rtol, storage_eps=storage_eps, transport=T[i, :b, :a],
                                       truncated=True)
@@ -345,7 +354,10 @@ def pair_window_values(W_l: torch.Tensor, W_next: torch.Tensor, *, storage_eps: 
                   "range_overlap": overlap[0][i], "range_overlap_baseline": overlap[1][i],
                   "gl_kernel_dim": None, "gl_kernel_dim_baseline": None,
                   **{m: h[m][i] for m in ("window_in", "window_out", "svd_residual_in", "svd_residual_out")}}
-        out.append((values, {"transport_k": k, **flag_details(flag), KAPPA_READS: reads[i]}))
+        if flag.intersection_cut is not None:
+            tolerance["intersection_soft"] = soft_tolerance(bounds_l[i], bounds_n[i], flag.intersection_cut)
+        out.append((values, {"transport_k": k, **flag_details(flag), KAPPA_READS: reads[i],
+                             "tolerance": tolerance}))
     return out
 
 

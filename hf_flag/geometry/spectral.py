@@ -12,8 +12,9 @@ is ~2.7x conservative.  By Wedin's theorem the top-``i`` singular subspace then 
 ``sin theta_i <~ ||dW|| / gap_i``, ``gap_i = sigma_i - sigma_{i+1}`` (MATH.md §4).  A subspace is *determined*
 when that bound is at most ``max_tau`` (0.1 rad, :data:`~hf_flag.geometry.flags.MAX_TAU`): bf16 needs
 ``gap_i >= 0.045 sigma_1``, 4-bit ``>= 0.36 sigma_1``, float32 ``>= 6.9e-7 sigma_1``.  The window of a weight is
-the last cut ``i <= k_max`` that is determined (:func:`wedin_window`); beyond it the singular vectors cannot be
-told apart from storage noise, so they are not computed.  ``k_max`` (:data:`K_MAX`, 64) bounds the cost: for
+the last cut ``i <= k_max`` that is determined (:func:`wedin_window`; the report then keeps only the cuts the
+computation resolves too, below); beyond it the singular vectors cannot be told apart from storage noise, so
+they are not computed.  ``k_max`` (:data:`K_MAX`, 64) bounds the cost: for
 float32 weights almost every cut is determined and the window is the cap.  (The flag cuts of
 :mod:`hf_flag.geometry.flags` keep their own, stricter constant 10 and a relative-gap rule: inside a window they
 are today's cuts.)
@@ -29,12 +30,25 @@ side's vectors ``v_i = X^T u_i / s_i`` and each triplet's residual
 (the certificate) and only for the triplets a window reads: the window needs the leading values to place its
 cuts, but its vectors only up to the window (``w <= 2`` for 4-bit storage, a few to ~20 for bf16) plus the one
 closing it.  The Krylov iteration stops when the window's triplets have residual at most ``rtol`` and the closing
-one is accurate to a tenth of the closing gap.  With residual ``r`` a computed top-``i`` subspace is within
-``sin theta <= r / gap_i`` of the exact one (Davis-Kahan / Wedin), the same form as the storage bound above, so a
-certificate below ``eps_s`` makes the computation's error smaller than the storage's.  Working on ``G`` squares
+one is accurate to a tenth of the closing gap.  With residuals ``r_j`` a computed top-``i`` subspace is within
+``||sin Theta||_F <= sqrt(r_1^2 + .. + r_i^2) / (gap_i - r_{i+1})`` of the exact one of the stored matrix
+(Wedin; :func:`computation_bounds`), the same form as the storage bound above.  Working on ``G`` squares
 the condition (leading triplets to relative accuracy ``eps s_1^2 / s_i^2``): harmless inside the windows of coarse
 storage, whose cuts have ``gap_i >= 0.045 sigma_1`` (bf16), and in every case the certificate, computed against
 ``A``, says how close the triplets are.
+
+Which cuts are read (:func:`read_cuts`).  The storage bound says how far the stored weights' subspaces are from
+the trained ones, the computation's bound how far the computed ones are from the stored weights': a cut is read
+only where *both* are at most ``max_tau``.  For bf16 and quantised storage the stopping residual ``eps_s / 100``
+keeps the computation's bound at ``sqrt(i) / 57`` of the storage's or less at every determined cut; float32
+storage determines gaps down to ``6.9e-7 s_1``, below what float32 residuals (``~1e-6 s_1``; fp16 at large
+shapes, where the residual floor ``4 sqrt(max shape) eps_32`` exceeds ``eps_s / 100``, comes close) resolve
+(MiniLM layer 4 head 9's ``W_O``: gap ``4.4e-6 s_1`` at transport cut 16, bound 0.34 rad, subspace score off by
+1.4e-4), so :func:`certified_partial_svd` recomputes such a weight in float64; a cut float64 does not resolve
+either stays unread (the transport cut falls to the largest cut read on both sides, or ``None``).  The window is
+the last cut read; transport scores read the largest cut read on both sides and flags are cut inside the windows.
+Each windowed value's distance from the exact singular vectors' value follows from the bounds at its cuts
+(:func:`transport_tolerances`, :func:`soft_tolerance`; reported per row).
 
 Compute precision (:func:`compute_dtype`): float32 when the weights are stored in float32 or coarser, float64 when
 they are stored in float64 (or when asked).  Gram-factor traces (kappa and the imbalance norms, MATH.md §2-§3)
@@ -54,9 +68,11 @@ from hf_flag.geometry.angles import check_dtype, check_matrix, thin_svd_in_dtype
 from hf_flag.geometry.flags import MAX_TAU
 
 __all__ = [
-    "K_MAX", "WEDIN_FACTOR", "WINDOW_RULE", "TRACE_CANCEL_FACTOR", "DENSE_GRAM_MAX", "PartialSVD", "compute_dtype",
+    "K_MAX", "WEDIN_FACTOR", "WINDOW_RULE", "WINDOW_TOLERANCE_RULE", "TRACE_CANCEL_FACTOR", "DENSE_GRAM_MAX",
+    "PartialSVD", "compute_dtype",
     "gram_dtype", "partial_svd", "residual_norms", "window_certificate", "window_gap_known", "wedin_bounds",
-    "determined_cuts", "wedin_window", "transport_window", "default_residual_rtol",
+    "determined_cuts", "wedin_window", "transport_window", "default_residual_rtol", "computation_bounds",
+    "read_cuts", "certified_partial_svd", "last_cut", "transport_tolerances", "soft_tolerance",
 ]
 
 #: largest window (leading singular vectors per weight) the default report computes
@@ -74,8 +90,15 @@ DENSE_GRAM_MAX = 1024
 
 FLOAT32_EPS = torch.finfo(torch.float32).eps
 #: the default report's window rule, as reported in ``Report.params``
-WINDOW_RULE = ("last cut i <= k_max = 64 with (1/sqrt 3) eps_storage sigma_1 / (sigma_i - sigma_{i+1}) <= 0.1 "
-               "(Wedin, MATH.md §4); partial SVD by randomized block Krylov, residual certified per weight")
+WINDOW_RULE = ("cut i <= k_max = 64 read where both the storage bound (1/sqrt 3) eps_storage sigma_1 / "
+               "(sigma_i - sigma_{i+1}) and the computation's bound ||residuals_1..i||_F / (gap_i - "
+               "residual_{i+1}) are <= 0.1 rad (Wedin, MATH.md §4), the partial SVD recomputed in float64 where "
+               "only the computation's fails; window = last cut read; partial SVD on the small Gram "
+               "(eigh or randomized block Krylov), residual certified per weight")
+
+#: what the default report's per-row ``tolerance`` (details) bounds, as reported in ``Report.params``
+WINDOW_TOLERANCE_RULE = ("per row (details tolerance): |value - value of exact singular vectors of the stored "
+                         "weights| <= bound from the computation's Wedin bounds at the cuts read (MATH.md §4)")
 
 
 class PartialSVD(NamedTuple):
@@ -104,6 +127,17 @@ class PartialSVD(NamedTuple):
         ``w + 1`` (which bounds the error of ``s_{w+1}``, relative to ``s_1``) is at most a tenth of it."""
         self._check_vectors(window)
         return window_gap_known(self.s, self.residuals, window)
+
+    def computation_bounds(self) -> torch.Tensor:
+        """:func:`computation_bounds` of these values and residuals: per cut, how far the computed top-``i``
+        subspaces can be from the exact ones of the matrix as stored."""
+        return computation_bounds(self.s, self.residuals, exhausted=self.exhausted)
+
+    def read_cuts(self, *, storage_eps: float, k_max: int = K_MAX, max_tau: float = MAX_TAU,
+                  bounds: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """:func:`read_cuts` of this partial SVD (``bounds``: its :meth:`computation_bounds` when computed)."""
+        return read_cuts(self.s, self.residuals, storage_eps=storage_eps, exhausted=self.exhausted, k_max=k_max,
+                         max_tau=max_tau, bounds=bounds)
 
     def _check_vectors(self, window: torch.Tensor) -> None:
         m = self.residuals.shape[-1]
@@ -335,15 +369,21 @@ def wedin_window(s: torch.Tensor, *, storage_eps: float, exhausted: bool, k_max:
     unless ``exhausted`` (the whole spectrum: then ``sigma_{j+1} = 0`` decides the rank cut too).  A zero
     spectrum has window 0.
     """
-    ok = determined_cuts(s, storage_eps=storage_eps, exhausted=exhausted, k_max=k_max, max_tau=max_tau)
-    positions = torch.arange(1, ok.shape[-1] + 1, device=s.device)
-    return torch.where(ok, positions, torch.zeros_like(positions)).amax(-1) if ok.shape[-1] else \
-        torch.zeros(s.shape[:-1], dtype=torch.int64, device=s.device)
+    return last_cut(determined_cuts(s, storage_eps=storage_eps, exhausted=exhausted, k_max=k_max, max_tau=max_tau))
+
+
+def last_cut(cuts: torch.Tensor) -> torch.Tensor:
+    """The last cut ``i`` (1-based) where the bool mask ``cuts (..., c)`` holds, 0 where none does (int64,
+    ``cuts.shape[:-1]``): the window of :func:`determined_cuts` (:func:`wedin_window`) or :func:`read_cuts`."""
+    positions = torch.arange(1, cuts.shape[-1] + 1, device=cuts.device)
+    return torch.where(cuts, positions, torch.zeros_like(positions)).amax(-1) if cuts.shape[-1] else \
+        torch.zeros(cuts.shape[:-1], dtype=torch.int64, device=cuts.device)
 
 
 def transport_window(determined_l: torch.Tensor, determined_next: torch.Tensor, n: int) -> tuple[int, bool]:
     """``(k, basis_determined)`` of a pair's transport scores on windows (MATH.md §4): ``k`` the largest cut
-    ``<= ceil(n / 2)`` determined on both sides (1-D masks of :func:`determined_cuts`), 0 if none, so the
+    ``<= ceil(n / 2)`` read on both sides (1-D masks of :func:`read_cuts`, or :func:`determined_cuts` for the
+    storage alone), 0 if none, so the
     subspace score ``(1/k) ||T_k||^2`` compares two determined top-k subspaces; ``basis_determined``: every
     cut ``1..k`` is determined on both sides, so each pair of singular vectors ``u_i``, ``v_i`` the basis score
     reads is (otherwise the basis score is not determined by the stored weights)."""
@@ -351,3 +391,87 @@ def transport_window(determined_l: torch.Tensor, determined_next: torch.Tensor, 
     both = both[: (n + 1) // 2].cpu()
     k = int(torch.nonzero(both).max()) + 1 if bool(both.any()) else 0
     return k, bool(both[:k].all()) if k else False
+
+
+def computation_bounds(s: torch.Tensor, residuals: torch.Tensor, *, exhausted: bool) -> torch.Tensor:
+    """Wedin's bound on the computation's error at each cut (MATH.md §4): ``||sin Theta_i||_F`` between the
+    computed and the exact top-``i`` singular subspaces (both sides) of the matrix the triplets were computed from,
+    ``sqrt(r_1^2 + .. + r_i^2) / (gap_i - r_{i+1})``, all relative to ``s_1``: ``r_j`` the triplets' residuals
+    (:func:`residual_norms`; their sum of squares is ``||A V - U S||_F^2 + ||A^T U - V S||_F^2``), ``gap_i =
+    s_i - s_{i+1}`` the computed gap and ``r_{i+1}`` the most the next exact value can lie above the computed one.
+    Same cuts as :func:`wedin_bounds` (``s (..., k)``; cut ``k`` too when ``exhausted``, closed by
+    ``sigma_{k+1} = 0``); ``inf`` where a residual the bound needs was not computed (``residuals (..., m)``,
+    ``m <= k``) or the gap does not exceed ``r_{i+1}``.  float64.
+    The storage bound says how far the stored weights' subspaces are from the trained ones; this one how far the
+    computed subspaces are from the stored weights': a cut is read only where both are small (:func:`read_cuts`)."""
+    s64, r64 = s.to(torch.float64), residuals.to(torch.float64)
+    cuts = s.shape[-1] if exhausted else s.shape[-1] - 1
+    rel = _relative(s64, s64[..., :1])
+    below = torch.cat([rel[..., 1:], torch.zeros_like(rel[..., :1])], dim=-1) if exhausted else rel[..., 1:]
+    gap = rel[..., :cuts] - below[..., :cuts]
+    m = r64.shape[-1]
+    known = torch.cat([r64[..., : cuts + 1], r64.new_full(r64.shape[:-1] + (max(0, cuts + 1 - m),), float("inf"))],
+                      dim=-1)
+    if exhausted:  # sigma_{k+1} = 0 exactly: nothing can lie above it
+        known[..., cuts] = 0.0
+    inf = torch.full_like(gap, float("inf"))
+    frobenius = known[..., :cuts].square().cumsum(-1).sqrt()
+    delta = gap - known[..., 1: cuts + 1]
+    return torch.where(delta > 0, frobenius / torch.where(delta > 0, delta, torch.ones_like(delta)), inf)
+
+
+def read_cuts(s: torch.Tensor, residuals: torch.Tensor, *, storage_eps: float, exhausted: bool,
+              k_max: int = K_MAX, max_tau: float = MAX_TAU, bounds: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The cuts the default report reads (bool, (..., min(k_max, cuts))): determined at the storage precision
+    (:func:`determined_cuts`) and computed to within the same angle tolerance (:func:`computation_bounds` at most
+    ``max_tau``; ``bounds``: those, when already computed).  A cut the storage determines but the computation does
+    not is not read; where that happens in float32, :func:`certified_partial_svd` recomputes in float64 first
+    (MATH.md §4)."""
+    storage = determined_cuts(s, storage_eps=storage_eps, exhausted=exhausted, k_max=k_max, max_tau=max_tau)
+    bounds = computation_bounds(s, residuals, exhausted=exhausted) if bounds is None else bounds
+    return storage & (bounds[..., : storage.shape[-1]].to(storage.device) <= max_tau)
+
+
+def certified_partial_svd(A: torch.Tensor, k: int, *, dtype: torch.dtype, storage_eps: float,
+                          gram: Optional[torch.Tensor] = None,
+                          gram_eigh: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> PartialSVD:
+    """:func:`partial_svd` with ``storage_eps`` (the window's triplets), recomputed in float64 when some cut the
+    storage precision determines is not computed to ``MAX_TAU`` (:func:`read_cuts`): a float32 computation's
+    residuals (~1e-6 s_1 at best) exceed small gaps that float32 storage still determines (down to
+    ``6.9e-7 s_1``; e.g. MiniLM layer 4 head 9's ``W_O``: gap ``4.4e-6 s_1`` at its transport cut, float32
+    bound 0.34 rad).  The whole batch is recomputed; ``gram`` / ``gram_eigh`` are reused there only when they
+    are float64.  Cuts that float64 does not resolve either are left unread by :func:`read_cuts`."""
+    p = partial_svd(A, k, dtype=dtype, storage_eps=storage_eps, gram=gram, gram_eigh=gram_eigh)
+    if dtype == torch.float64:
+        return p
+    storage = determined_cuts(p.s, storage_eps=storage_eps, exhausted=p.exhausted)
+    if not bool((storage & (p.computation_bounds()[..., : storage.shape[-1]] > MAX_TAU)).any()):
+        return p
+    f64 = torch.float64
+    return partial_svd(A, k, dtype=f64, storage_eps=storage_eps,
+                       gram=gram if gram is not None and gram.dtype == f64 else None,
+                       gram_eigh=gram_eigh if gram_eigh is not None and gram_eigh[0].dtype == f64 else None)
+
+
+def transport_tolerances(bounds_l: torch.Tensor, bounds_next: torch.Tensor, k: int) -> tuple[float, float]:
+    """How far the transport scores at cut ``k`` (MATH.md §4) can be from those of exact singular vectors of the
+    stored weights, given the computation's bounds (:func:`computation_bounds`, 1-D, cut ``i`` at index
+    ``i - 1``) of ``W_l`` (left vectors) and ``W_next`` (right vectors): ``(subspace, basis)``.
+
+    Subspace score ``(1/k) tr(P_V P_U)``: ``|tr(dP P)| <= ||dP||_F sqrt(k)`` and ``||dP||_F = sqrt 2
+    ||sin Theta||_F``, so ``sqrt(2/k) (theta_l(k) + theta_next(k))``.  Basis score ``(1/k) sum_j (u_j.v_j)^2``:
+    ``u_j u_j^T = P_j - P_{j-1}``, so ``(sqrt 2 / k) sum_{j<=k} (theta_l(j) + theta_l(j-1) + theta_next(j) +
+    theta_next(j-1))`` with ``theta(0) = 0``; ``inf`` where a bound is."""
+    if k < 1:
+        raise ValueError(f"transport_tolerances: k={k} must be at least 1")
+    theta = (bounds_l[:k].to(torch.float64).cpu() + bounds_next[:k].to(torch.float64).cpu())
+    subspace = (2.0 / k) ** 0.5 * float(theta[k - 1])
+    basis = 2.0 ** 0.5 / k * float(theta.sum() + theta[: k - 1].sum())
+    return subspace, basis
+
+
+def soft_tolerance(bounds_l: torch.Tensor, bounds_next: torch.Tensor, cut: int) -> float:
+    """How far ``sum cos^2`` of the principal angles between ``span(u_1..u_cut)`` and ``span(v_1..v_cut)``
+    (``tr(P_V P_U)``, the flags' soft count at a common cut, MATH.md §4) can be from the exact vectors' value:
+    ``sqrt(2 cut) (theta_l(cut) + theta_next(cut))`` (as :func:`transport_tolerances`, not divided by ``cut``)."""
+    return (2.0 * cut) ** 0.5 * (float(bounds_l[cut - 1]) + float(bounds_next[cut - 1]))
