@@ -27,7 +27,8 @@ also draws its plots.  Rank 0 waits until every unit is finished (at most ``--me
 stopped early, and writes (holding the folder's lock, so concurrent sweeps write one after the other):
 
 * ``DIR/dataset``: ``datasets.Dataset.save_to_disk`` of every row of every model (``datasets.load_from_disk``);
-* ``DIR/summary.csv`` and ``DIR/summary.md``: one line per model, headline metrics beside their baselines;
+* ``DIR/summary.csv`` and ``DIR/summary.md``: one line per model, headline metrics beside their baselines and the
+  number of rows each mean is over (the rows where the value reads: :func:`headline_cells`);
 * ``DIR/plots/<slug>/*.png`` (:mod:`hf_flag.harness.plots`; split models are drawn here) and
   ``DIR/model_cards/<slug>/README.md``
   (:mod:`hf_flag.integrations.cards`); ``--write-model-cards`` also updates local model folders' README.md;
@@ -92,7 +93,7 @@ from hf_flag.harness.config import (DEVICES, ConfigError, ModelSpec, SweepConfig
                                     load_config, parse_config, parse_model, slugs)
 from hf_flag.harness.schedule import RunState
 from hf_flag.report import Report, baseline_key, rows_to_dataset
-from hf_flag.rows import HEADLINE_METRICS, merge_shards
+from hf_flag.rows import HEADLINE_METRICS, format_value, merge_shards
 from hf_flag.threads import configure_threads
 from hf_flag.weights.adapters import get_adapter
 from hf_flag.weights.sources import open_weights
@@ -728,53 +729,83 @@ def headline_columns(reports: Sequence[Report]) -> list[str]:
     return [m for m in HEADLINE_METRICS if m in present]
 
 
+def headline_cells(report: Optional[Report], metrics: Sequence[str]) -> list[tuple[Optional[float],
+                                                                                  Optional[float], str, str]]:
+    """Per headline key of ``metrics``: ``(value, baseline, n, note)`` of ``report`` as the tables show it: means
+    over the rows where the value reads (:func:`hf_flag.integrations.readings.select_read`), ``n`` those rows
+    (``"20 of 29"`` where it reads on some only), ``note`` ``""``, ``"not read"``, ``"uninformative"`` or
+    ``"20 of 29 read"``; ``(None, None, "", "")`` where the report has no value."""
+    from hf_flag.integrations.readings import select_read
+
+    cells = []
+    for key in metrics:
+        if report is None or key not in report.summary:
+            cells.append((None, None, "", ""))
+            continue
+        selection = select_read(report, key)
+        value, base = selection.means()
+        n = str(selection.n) if selection.n == selection.of else f"{selection.n} of {selection.of}"
+        cells.append((value, base, n, selection.note))
+    return cells
+
+
+def shown_cell(value: Optional[float], base: Optional[float], n: str, note: str) -> str:
+    """``"0.0245 (0.0226) n=20 of 29"``, ``"not read (n=0 of 30)"`` or ``"-"``: a headline cell of the printed
+    and Markdown tables."""
+    if not n:
+        return "-"
+    if value is None:
+        return f"{note} (n={n})"
+    return format_value(value) + ("" if base is None else f" ({format_value(base)})") + f" n={n}"
+
+
 def summary_table(results: Sequence[ModelResult]) -> tuple[str, str]:
     """``(csv, markdown)``: one line per model: where its weights came from (:func:`provenance_columns`) and each
-    headline metric beside its baseline."""
+    headline metric beside its baseline, with the number of rows it is a mean over (``_n``: the rows where it
+    reads; :func:`headline_cells`) and, in ``notes``, which values are read on some rows only or on none."""
     reports = [r.report for r in results if r.report is not None]
     metrics = headline_columns(reports)
     provenance = list(provenance_columns(Report("", "")))
     header = ["model", "slug", "status", "architecture", "rows", *provenance,
-              *[c for m in metrics for c in (m, baseline_key(m))], "error"]
+              *[c for m in metrics for c in (m, baseline_key(m), m + "_n")], "notes", "error"]
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(header)
-    md = ["| model | status | weights | architecture | rows | " + " | ".join(f"{m} (random)" for m in metrics) + " |",
-          "|" + "---|" * (5 + len(metrics))]
+    md_header = ["model", "status", "weights", "architecture", "rows",
+                 *[f"{m}: mean (random) n" for m in metrics]]
+    md = ["| " + " | ".join(md_header) + " |", "|" + "---|" * len(md_header)]
     for res in results:
         rep = res.report
-        vals = [rep.summary.get(k) if rep else None for m in metrics for k in (m, baseline_key(m))]
+        cells = headline_cells(rep, metrics)
         prov = provenance_columns(rep) if rep else dict.fromkeys(provenance, "")
+        notes = "; ".join(f"{m}: {note}" for m, (_, _, _, note) in zip(metrics, cells) if note)
         writer.writerow([res.name, res.slug, res.status, rep.architecture if rep else "",
                          len(rep.rows) if rep else "", *prov.values(),
-                         *["" if v is None else repr(float(v)) for v in vals], res.error])
-        cells = [f"{a:.3g} ({b:.3g})" if a is not None and b is not None else f"{a:.3g}" if a is not None else "-"
-                 for a, b in zip(vals[::2], vals[1::2])]
+                         *["" if v is None else repr(float(v)) if i < 2 else v.split(" of ")[0]
+                           for cell in cells for i, v in enumerate(cell[:3])], notes, res.error])
         status = res.status + (f": {res.error}" if res.error else "")
         weights = " ".join(x for x in (prov["weights_source"] + (f"@{prov['weights_sha'][:12]}" if prov["weights_sha"]
                                                                   else ""), prov["weights_format"],
                                        prov["storage_dtypes"]) if x) or "-"
-        md.append(f"| {res.name} | {status.replace('|', '/')} | {weights} | {rep.architecture if rep else '-'} | "
-                  f"{len(rep.rows) if rep else '-'} | " + " | ".join(cells) + " |")
+        row = [res.name, status, weights, rep.architecture if rep else "-", str(len(rep.rows)) if rep else "-",
+               *[shown_cell(*cell) for cell in cells]]
+        md.append("| " + " | ".join(cell.replace("|", "/") for cell in row) + " |")
     return buf.getvalue(), "\n".join(md) + "\n"
 
 
 def terminal_summary(results: Sequence[ModelResult]) -> str:
     """What ``hf-flag sweep`` prints at the end: one line per model, its status and each headline value beside its
-    random baseline (``value (baseline)``; ``-`` where the model has none), in fixed-width columns."""
-    from hf_flag.cli import format_value
-
+    random baseline and the number of rows it is a mean over (``value (baseline) n=N``, :func:`shown_cell`; ``-``
+    where the model has none), in fixed-width columns."""
     metrics = headline_columns([r.report for r in results if r.report is not None])
     rows = [["model", "status", *metrics]]
     for res in results:
-        summary = res.report.summary if res.report is not None else {}
-        baselines = [summary.get(baseline_key(m)) for m in metrics]
-        rows.append([res.name, res.status, *[format_value(summary.get(m)) + ("" if b is None else
-                                                                              f" ({format_value(b)})")
-                                              for m, b in zip(metrics, baselines)]])
+        rows.append([res.name, res.status, *[shown_cell(*cell) for cell in headline_cells(res.report, metrics)]])
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-    return "\n".join(["headline means per model, each with its random baseline in parentheses:", *lines])
+    return "\n".join(["headline means per model, each with its random baseline in parentheses and the rows it is a "
+                      "mean over (n: those where the value reads; 'not read': kappa where its ranks do not allow "
+                      "it, MATH.md §3):", *lines])
 
 
 def provenance_columns(report: Report) -> dict[str, str]:

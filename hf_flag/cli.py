@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import math
 import os
 import re
 import sys
@@ -29,8 +28,8 @@ from hf_flag.atomic import atomic_write
 from hf_flag.defaults import default_hub_id, default_named_paths, model_slug, parse_diagnostics
 from hf_flag.errors import InputError
 from hf_flag.options import add_model_options
-from hf_flag.report import baseline_key
-from hf_flag.rows import table_metrics
+from hf_flag.integrations.readings import select_read
+from hf_flag.rows import format_value, table_metrics
 from hf_flag.weights.sources import open_weights
 
 REPORT_FILE = "report.json"
@@ -79,14 +78,11 @@ def layers_argument(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
-def format_value(value: Optional[float]) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "-"
-    return f"{value:.4g}"
-
-
 def format_table(report) -> str:
-    """Readable summary: per row kind, its headline metrics' means beside their random baselines."""
+    """Readable summary: per row kind, its metrics' means beside their random baselines, each over the ``n`` rows
+    where it reads (:func:`hf_flag.integrations.readings.select_read`: kappa where its reading as alignment holds,
+    MATH.md §3; the range overlap where it is informative); a value read on no row is marked, not shown, and a note
+    below the table says why each value not read on every row is not."""
     layout = report.layout or {}
     head = f"{report.model}  [{report.architecture}"
     if layout.get("n_layers"):
@@ -101,18 +97,26 @@ def format_table(report) -> str:
     storage = "/".join(report.params.get("storage_dtypes") or []) or "-"
     lines = [head, f"  weights: {source}{sha}, {prov.get('format', '-')}, stored as {storage}; hf-flag "
                    f"{report.params.get('hf_flag_version', '-')}",
-             f"  {'kind':<24}{'rows':>7}  {'metric':<22}{'mean':>11}{'baseline':>11}"]
+             f"  {'kind':<24}{'rows':>7}  {'metric':<22}{'mean':>14}{'baseline':>11}{'n':>11}"]
+    notes = []
     for kind in report.kinds():
         n_rows = len(report.select(kind=kind))
         for i, metric in enumerate(table_metrics(kind)):
             key = f"{kind}/{metric}"
             if key not in report.summary:
                 continue
-            base = report.summary.get(f"{kind}/{baseline_key(metric)}")
+            selection = select_read(report, key)
+            value, base = selection.means()
+            n = str(selection.n) if selection.n == selection.of else f"{selection.n} of {selection.of}"
             lines.append(
                 f"  {kind if i == 0 else '':<24}{n_rows if i == 0 else '':>7}  {metric:<22}"
-                f"{format_value(report.summary[key]):>11}{format_value(base):>11}"
+                f"{selection.verdict if not selection.rows else format_value(value):>14}{format_value(base):>11}"
+                f"{n:>11}"
             )
+            if selection.why:
+                notes.append(f"  {key}: {selection.why}.")
+    if notes:
+        lines += ["  n: rows each mean is over (those where the value reads); not read on the others:", *notes]
     return "\n".join(lines)
 
 

@@ -23,6 +23,7 @@ from hf_flag.harness import claims, schedule, sweep
 from hf_flag.harness.claims import Claims, Owner
 from hf_flag.harness.config import ConfigError, ModelSpec, load_config
 from hf_flag.report import Report
+from hf_flag.rows import format_value
 
 REPO = Path(__file__).resolve().parents[2]
 UNKNOWN = "nobody-offline/not-a-cached-model"
@@ -103,11 +104,16 @@ def test_summary_plots_and_cards(one_process, tiny_models):
     assert [t["status"] for t in table] == ["done", "done", "done", "failed", "failed"]
     report = Report.from_json((one_process / "runs" / "local--llama" / "report.json").read_text())
     llama = table[1]
-    assert float(llama["mlp/commutator_ratio"]) == report.summary["mlp/commutator_ratio"]
-    assert float(llama["mlp/commutator_ratio_baseline"]) == report.summary["mlp/commutator_ratio_baseline"]
-    assert table[3]["error"] and table[3]["mlp/commutator_ratio"] == ""
+    assert float(llama["vo/commutator_ratio"]) == report.summary["vo/commutator_ratio"]
+    assert float(llama["vo/commutator_ratio_baseline"]) == report.summary["vo/commutator_ratio_baseline"]
+    assert int(llama["vo/commutator_ratio_n"]) == len(report.select(kind="vo"))
+    assert llama["mlp/commutator_ratio"] == "" and "mlp/commutator_ratio: not read" in llama["notes"]
+    assert table[3]["error"] and table[3]["vo/commutator_ratio"] == ""
     md = (one_process / "summary.md").read_text()
-    assert md.count("\n") == 2 + 5 and f"{report.summary['mlp/commutator_ratio']:.3g} (" in md
+    assert md.count("\n") == 2 + 5
+    assert (f"{format_value(report.summary['vo/commutator_ratio'])} "
+            f"({format_value(report.summary['vo/commutator_ratio_baseline'])}) n={len(report.select(kind='vo'))}"
+            in md)
     pngs = sorted(p.name for p in (one_process / "plots" / "local--llama").glob("*.png"))
     assert pngs == ["commutator_ratio.png", "head_overlap_o.png", "intersection_dim.png", "range_overlap.png"]
     card = one_process / "model_cards" / "local--llama" / "README.md"

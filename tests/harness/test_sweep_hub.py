@@ -150,12 +150,12 @@ def test_derived_weights_are_not_pushed_to_the_original_repo(hub, hub_models, tm
                                       "out": str(tmp_path / "out"), "diagnostics": ["mlp"]}))
     assert sweep.main(["--config", str(config), "--push-to-hub"]) == 1
     err = [line for line in capsys.readouterr().err.splitlines() if "card not pushed" in line]
-    assert len(err) == 1 and "derived copy" in err[0] and "--allow-derived" in err[0] and hub.received == []
+    assert len(err) == 1 and "did not verify" in err[0] and "--allow-derived" in err[0] and hub.received == []
     assert sweep.main(["--config", str(config), "--push-to-hub", "--allow-derived"]) == 0
     [commit] = pushed(hub, LLAMA)
     section = commit.files["README.md"].decode().split(cards.SECTION_START)[1]
-    assert section.splitlines()[3].startswith(f"**Computed from a derived copy, not from the original weights of "
-                                              f"`{LLAMA}`:** a local copy")
+    assert section.splitlines()[3].startswith(f"**Computed from an unverified local copy, not from `{LLAMA}`'s own "
+                                              f"files at a known commit:** safetensors")
 
 
 def test_download_killed_half_way_resumes_without_fetching_finished_shards(hub, hub_models, tmp_path):
