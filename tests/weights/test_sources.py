@@ -426,10 +426,13 @@ def test_gguf_matches_transformers_loader(smollm2_gguf):
         assert isinstance(src, GGUFSource)
         cfg = src.config
         for key in ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                    "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "vocab_size",
-                    "tie_word_embeddings"):
+                    "num_key_value_heads", "vocab_size", "tie_word_embeddings"):
             assert cfg[key] == ref_cfg[key], key
-        assert (cfg["num_key_value_heads"], cfg["head_dim"], cfg["hidden_act"]) == (3, 64, "silu")
+        # the file has no attention.key_length: head_dim is hidden / heads (transformers: rope.dimension_count)
+        from hf_flag.weights.adapters import get_adapter
+
+        layout = get_adapter(cfg, src.keys()).layout(cfg, src.keys())
+        assert (layout.n_kv_heads, layout.head_dim, layout.activation) == (3, ref_cfg["head_dim"], "silu")
         # every HF name maps back (through gguf-py's map) onto a distinct GGUF tensor, and all are covered
         back = {"{}.{}".format(name_map.get_name(k.rsplit(".", 1)[0]), k.rsplit(".", 1)[1]) for k in src.keys()}
         assert back == set(raw) and len(src.keys()) == len(raw)
@@ -548,10 +551,11 @@ def test_gguf_written_by_gguf_py_reads_back_as_hf_tensors(tmp_path):
     with open_weights(tmp_path / "tiny.gguf") as src:
         assert isinstance(src, GGUFSource)
         assert {k: src.config[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
-                                           "num_key_value_heads", "head_dim", "intermediate_size", "vocab_size",
+                                           "num_key_value_heads", "intermediate_size", "vocab_size",
                                            "tie_word_embeddings")} == {
             "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
-            "head_dim": 8, "intermediate_size": 64, "vocab_size": 10, "tie_word_embeddings": True}
+            "intermediate_size": 64, "vocab_size": 10, "tie_word_embeddings": True}
+        assert "head_dim" not in src.config  # no attention.key_length: the adapters take hidden / heads = 8
         assert torch.equal(src.get("model.layers.0.self_attn.q_proj.weight"), q)
         assert torch.equal(src.get("model.layers.0.self_attn.k_proj.weight"), k)
         assert torch.equal(src.get("model.embed_tokens.weight"), embed)

@@ -84,10 +84,19 @@ _CONFIG_KEYS: dict[str, tuple[str, ...]] = {
 class GGUFLayout:
     """How llama.cpp's converter (``convert_hf_to_gguf.py``) writes one family to GGUF: its GGUF architecture name
     (a value of gguf-py's ``MODEL_ARCH_NAMES``) and the reorderings it applies, as (regular expression on the GGUF
-    tensor name, transform name in ``hf_flag.weights.gguf_source.GGUF_TRANSFORMS``), each undone on read."""
+    tensor name, transform name in ``hf_flag.weights.gguf_source.GGUF_TRANSFORMS``), each undone on read.
+
+    The config facts GGUF does not store are family data here: activation, the MLP activation the family's modules
+    apply (its transformers config class's default; ``None``: the file cannot be read); config_keys, GGUF metadata
+    key (after ``"<arch>."``) -> config key where the family names it otherwise than
+    ``gguf_source.GGUF_CONFIG_KEYS``; config, fixed config values that describe the tensors as read.
+    """
 
     arch: str
     transforms: tuple[tuple[str, str], ...] = ()
+    activation: Optional[str] = None
+    config_keys: Mapping[str, str] = field(default_factory=dict)
+    config: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
