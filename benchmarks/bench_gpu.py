@@ -8,6 +8,8 @@ per-layer time, its extrapolation to 32 layers, peak device memory (``torch.cuda
 largest certificate residual; writes the figures as JSON to ``$OUT/bench_gpu.json`` when ``OUT`` is set.
 
     python benchmarks/bench_gpu.py --layers 4          # ~1.6 GB checkpoint; budget: < 5 minutes on one H200
+
+Runs from a checkout with torch, safetensors, numpy and tqdm installed (hf_flag is imported from the checkout).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # hf_flag from this checkout where it is not installed
 from bench_weightwatcher import write_llama_checkpoint  # noqa: E402
 
 

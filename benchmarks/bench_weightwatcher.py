@@ -89,16 +89,22 @@ def timed(fn):
 
 
 def cli_seconds(path: Path, threads: int, extra: list) -> float:
-    """Wall time of ``hf-flag analyze PATH --json`` (default report) in a fresh process with ``threads``."""
+    """Wall time of ``hf-flag analyze PATH --json`` (default report) in a fresh process with ``threads``; the
+    child's CPU seconds (user + system) go to ``CPU_SECONDS["last"]``."""
     import os
+    import resource
     import subprocess
     import sys
 
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "hf_flag.cli", "analyze", str(path), "--json", *extra], check=True,
                    env=env, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - start
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    CPU_SECONDS["last"] = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+    return wall
 
 
 def main() -> None:
@@ -141,7 +147,8 @@ def main() -> None:
               f"(CPU {cpu_default:.1f} s)  {len(default.rows)} rows, dtype {default.params['dtype']}", flush=True)
         if args.cli:
             times["cli"] = cli_seconds(path, args.threads, ["--composition", args.composition])
-            print(f"hf-flag analyze MODEL --json (fresh process):    {times['cli']:8.1f} s")
+            print(f"hf-flag analyze MODEL --json (fresh process):    {times['cli']:8.1f} s  "
+                  f"(CPU {CPU_SECONDS['last']:.1f} s)", flush=True)
         if not args.skip_full:
             full, times["full"] = timed(lambda: analyze(path, device="cpu", composition=args.composition,
                                                         full=True))

@@ -10,7 +10,7 @@ YAML keys (all optional; command-line arguments override them, command-line mode
     diagnostics: [mlp, vo]  # passed to hf_flag.analyze (null: all); "mlp, vo" and "mlp vo" work too
     composition: adjacent   # auto (default) | all | adjacent | none
     cheap: false
-    device: cpu             # cpu | cuda | auto (cuda when available)
+    device: auto            # auto (default: cuda when available, else cpu) | cpu | cuda
     split_layers: false     # split each model's layers across the processes
     write_model_cards: false  # also update README.md inside local model folders
     cards_dir: null         # where DIR/model_cards/<org>--<name>/README.md goes (default: OUT/model_cards)
@@ -75,7 +75,7 @@ class SweepConfig:
     diagnostics: Optional[tuple[str, ...]] = None
     composition: str = "auto"  # all layer pairs where the printed cost estimate is small, else adjacent
     cheap: bool = False
-    device: str = "cpu"
+    device: str = "auto"  # cuda when available, else cpu (resolve_device)
     split_layers: bool = False
     write_model_cards: bool = False
     cards_dir: Optional[Path] = None  # folder of the per-model cards; None: out / "model_cards"

@@ -2,13 +2,14 @@
 
 * ``commutator_ratio.png``: commutator ratio kappa by layer (MATH.md §3), **one panel per pair kind** (MLP, gated
   MLP, attention value -> output, residual, linear chain), each with its random baseline drawn dashed and labelled;
-  a panel where kappa does not read as alignment (MATH.md §3) says so in its title and points to the range overlap;
+  layers with a pair where kappa does not read as alignment (MATH.md §3, :func:`hf_flag.integrations.readings.
+  select_read`) get hollow markers (with a legend entry), and the panel's title says on how many pairs it reads;
 * ``range_overlap.png``: the range overlap by layer (MATH.md §3), the measure that reads on those pairs, with its
-  Haar baseline;
+  Haar baseline; hollow markers where it is uninformative (the larger range fills the hidden space);
 * ``intersection_dim.png``: flag intersection dimension by layer (MATH.md §4), one panel per pair kind, its generic
-  baseline dashed and labelled, the transport windows (``window_in`` / ``window_out``: singular vectors used) drawn
-  where the rows have them, and layers without a value named with the reason (the two flags share no cut below
-  the hidden dimension);
+  baseline dashed and labelled, each point annotated with the cut ``c`` it is taken at, and layers without a value
+  named with the reason (the two flags share no cut below the hidden dimension); left out when it equals its
+  baseline at every pair (:func:`hf_flag.integrations.readings.intersection_at_baseline`);
 * ``head_overlap_o.png``: per layer, the heads' write-subspace overlap matrix (rows ``head_overlap_o``; MATH.md §1,
   §6), one heatmap per layer on a common colour scale, heads ticked on both axes, the Haar baseline marked and
   labelled on the colour bar.
@@ -29,8 +30,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from hf_flag.atomic import atomic_write
-from hf_flag.geometry import stats
-from hf_flag.integrations.readings import kappa_reads, kappa_unread_where, layer_series
+from hf_flag.integrations.readings import RANGE_FILL_LIMIT, intersection_at_baseline, layer_series, select_read
 from hf_flag.report import Report, baseline_key
 from hf_flag.rows import HEAD_OVERLAP_KINDS, KIND_LABELS, PAIR_KINDS, summarize
 
@@ -41,17 +41,16 @@ BY_LAYER_PLOTS = {
     "range_overlap": ("Range overlap by layer", "range_overlap",
                       "range overlap\n(1 = one range holds the other)"),
     "intersection_dim": ("Intersection dimension by layer", "intersection_dim",
-                         "shared flag directions\n(intersection dimension)"),
+                         "shared flag directions at cut c\n(intersection dimension)"),
 }
-#: metrics read on the storage-precision windows: their panels draw ``window_in`` / ``window_out`` (kappa and the
-#: range overlap are exact, from Grams: a window beside them would suggest otherwise)
-WINDOWED_METRICS = frozenset({"intersection_dim"})
+#: metrics read only on some pairs (:func:`hf_flag.integrations.readings.select_read`) -> the hollow markers' legend
+UNREAD_LEGEND = {"commutator_ratio": "kappa does not read here\n(ranks below n)",
+                 "range_overlap": "uninformative here\n(a range fills n)"}
 #: why a pair row has no value of a metric (shown in the panel instead of a silent gap)
 MISSING_WHY = {"intersection_dim": "the two flags share no cut below\n"
                                    "the hidden dimension (no clear singular-value gap)",
                "commutator_ratio": "not computed for these rows",
                "range_overlap": "kappa reads there (full-rank pairs)"}
-WINDOW_KEYS = ("window_in", "window_out")
 HEAD_OVERLAP_KIND = HEAD_OVERLAP_KINDS["o"]
 HEAD_OVERLAP_CAPTION = "Head write-subspace overlap per layer"
 BASELINE_COLOR = "tab:red"
@@ -131,35 +130,46 @@ def missing_layers(report: Report, kind: str, metric: str, have: Sequence[int]) 
     return sorted({r.layer for r in report.select(kind=kind)} - set(have))
 
 
-def window_series(report: Report, kind: str) -> dict[str, tuple[list[int], list[float]]]:
-    """``window_in`` / ``window_out`` (singular vectors used) per layer, mean over the layer's rows
-    (:func:`hf_flag.geometry.stats.mean`, MATH.md §8), where present."""
-    out = {}
-    for key in WINDOW_KEYS:
-        points = {}
-        for r in report.select(kind=kind):
-            v = r.values.get(key)
-            if v is not None and math.isfinite(v):
-                points.setdefault(r.layer, []).append(v)
-        if points:
-            out[key] = (sorted(points), [stats.mean(points[layer]) for layer in sorted(points)])
-    return out
+def unread_layers(report: Report, kind: str, metric: str) -> set[int]:
+    """Layers with a ``kind`` pair whose ``metric`` does not read (:func:`~hf_flag.integrations.readings.
+    select_read`): their markers are drawn hollow."""
+    selection = select_read(report, f"{kind}/{metric}")
+    read = {id(r) for r in selection.rows}
+    return {r.layer for r in selection.valued if id(r) not in read}
 
 
-def kappa_caveat(report: Report, kind: str, metric: str) -> str:
-    """A kappa panel's title suffix where kappa does not read as alignment (MATH.md §3: both weights below rank
-    n, :func:`hf_flag.integrations.readings.kappa_reads`), pointing to the range overlap; ``""`` otherwise."""
-    if metric != "commutator_ratio" or kappa_reads(report, kind) is not False:
+def read_caveat(report: Report, kind: str, metric: str) -> str:
+    """A panel's title suffix where ``metric`` does not read on every pair (kappa: MATH.md §3; the range overlap:
+    uninformative where a range fills the hidden space); ``""`` otherwise."""
+    if metric not in UNREAD_LEGEND:
         return ""
-    where = kappa_unread_where(report, kind)
-    return f"\nkappa does not read as alignment{' ' + where if where else ''} (ranks below n): read the range overlap"
+    selection = select_read(report, f"{kind}/{metric}")
+    if selection.n == selection.of:
+        return ""
+    if metric == "commutator_ratio":
+        if not selection.rows:
+            return "\nkappa does not read as alignment (ranks below n): read the range overlap"
+        return f"\nkappa reads in {selection.n} of {selection.of} pairs (hollow: ranks below n, read the range overlap)"
+    if not selection.rows:
+        return f"\nuninformative: the larger range fills the hidden space (max rank / n >= {RANGE_FILL_LIMIT:g})"
+    return f"\nreads in {selection.n} of {selection.of} pairs (hollow: a range fills the hidden space)"
+
+
+def layer_cuts(report: Report, kind: str) -> dict[int, str]:
+    """Layer -> the cut(s) ``c`` its intersection dimensions are taken at (``details["intersection_cut"]``), as
+    ``"c=1"`` or ``"c=1-3"``."""
+    cuts: dict[int, set[int]] = {}
+    for r in report.select(kind=kind):
+        if r.details.get("intersection_cut") is not None:
+            cuts.setdefault(r.layer, set()).add(int(r.details["intersection_cut"]))
+    return {layer: f"c={min(c)}" + (f"-{max(c)}" if len(c) > 1 else "") for layer, c in cuts.items()}
 
 
 def figure_by_layer(report: Report, metric: str, kinds: Sequence[str] = PAIR_KINDS, title: Optional[str] = None,
                     ylabel: Optional[str] = None) -> Optional[Figure]:
-    """``metric`` by layer, one panel per pair kind with rows: values, the random baseline dashed and labelled,
-    windows where present, and the layers without a value named with the reason; ``None`` when no kind has rows
-    or none has the metric anywhere."""
+    """``metric`` by layer, one panel per pair kind with rows: values (hollow markers where it does not read on a
+    pair of the layer), the random baseline dashed and labelled, the intersection dimension's cuts, and the layers
+    without a value named with the reason; ``None`` when no kind has rows or none has the metric anywhere."""
     panels = [k for k in kinds if report.select(kind=k)]
     series = {k: layer_series(report, k, metric) for k in panels}
     if not panels or not any(s[0] for s in series.values()):
@@ -167,13 +177,10 @@ def figure_by_layer(report: Report, metric: str, kinds: Sequence[str] = PAIR_KIN
     height = 2.3 * len(panels) + 0.9
     fig = Figure(figsize=(8.6, height))
     axes = fig.subplots(len(panels), 1, squeeze=False)[:, 0]
-    windowed = metric in WINDOWED_METRICS
-    with_windows = windowed and any(window_series(report, k) for k in panels)  # a second y axis needs room
-    fig.subplots_adjust(left=0.12, right=0.64 if with_windows else 0.72, bottom=0.55 / height, top=1 - 0.8 / height,
-                        hspace=0.8)
+    fig.subplots_adjust(left=0.12, right=0.72, bottom=0.55 / height, top=1 - 0.8 / height, hspace=0.8)
     for ax, kind in zip(axes, panels):
         layers, values, baselines = series[kind]
-        ax.set_title(KIND_LABELS.get(kind, kind) + kappa_caveat(report, kind, metric), fontsize=9)
+        ax.set_title(KIND_LABELS.get(kind, kind) + read_caveat(report, kind, metric), fontsize=9)
         all_layers = sorted({r.layer for r in report.select(kind=kind)})
         ax.set_xlim(all_layers[0] - 0.5, all_layers[-1] + 0.5)
         missing = missing_layers(report, kind, metric, layers)
@@ -196,21 +203,24 @@ def figure_by_layer(report: Report, metric: str, kinds: Sequence[str] = PAIR_KIN
                     label="random baseline", zorder=2)
         if layers:
             same = np.isfinite(bs).any() and bool(np.all(ys[np.isfinite(ys)] == bs[np.isfinite(ys)]))
+            unread = unread_layers(report, kind, metric)
             ax.plot(all_layers, ys, marker="o", markersize=3.5, linewidth=1.2, color="C0", zorder=3,
+                    markevery=[at[layer] for layer in layers if layer not in unread],
                     label="value (layer mean)" + ("\n(= baseline at every layer)" if same else ""))
-        windows = window_series(report, kind) if windowed else {}
-        if windows:
-            twin = ax.twinx()
-            for (key, (wl, wv)), style in zip(windows.items(), (":", "-.")):
-                twin.plot(wl, wv, linestyle=style, color="grey", label=key.replace("_", " "))
-            twin.set_ylabel("window (singular\nvectors used)", fontsize=7, color="grey")
-            twin.tick_params(labelsize=6, colors="grey")
-            twin.legend(fontsize=6, loc="lower right")
+            hollow = [layer for layer in layers if layer in unread]
+            if hollow:
+                ax.plot(hollow, [ys[at[layer]] for layer in hollow], linestyle="none", marker="o", markersize=5,
+                        markerfacecolor="white", markeredgecolor="C0", zorder=4, label=UNREAD_LEGEND[metric])
+        if metric == "intersection_dim":  # the value is a count at one cut: say which
+            cuts = layer_cuts(report, kind)
+            for layer in layers:
+                if layer in cuts:
+                    ax.annotate(cuts[layer], (layer, ys[at[layer]]), textcoords="offset points", xytext=(0, 5),
+                                ha="center", fontsize=6, color="C0")
         if not layers:
             ax.set_yticks([])
         if layers:
-            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02 if not windows else 1.17, 1.0),
-                      borderaxespad=0.0)
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     fig.suptitle(title or f"{short_name(report.model)}: {metric.replace('_', ' ')} by layer", fontsize=10)
     return fig
 
@@ -221,6 +231,8 @@ def save_plots(report: Report, out_dir: str | Path) -> dict[str, Path]:
     out_dir = Path(out_dir)
     figures = {HEAD_OVERLAP_CAPTION: (HEAD_OVERLAP_KIND, figure_head_overlap(report))}
     for stem, (caption, metric, ylabel) in BY_LAYER_PLOTS.items():
+        if metric == "intersection_dim" and intersection_at_baseline(report):
+            continue  # the baseline alone: the card says why it is left out
         title = f"{short_name(report.model)}: {caption.lower()}"
         figures[caption] = (stem, figure_by_layer(report, metric, title=title, ylabel=ylabel))
     written = {}

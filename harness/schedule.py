@@ -134,7 +134,8 @@ def mark_done(run_dir: str | os.PathLike, fp: str, report_json: str) -> None:
 
 
 def mark_failed(run_dir: str | os.PathLike, fp: str, error: str, **extra: Any) -> None:
-    """Record a failure as one line (the first line of ``error``)."""
+    """Record a failure as one line (the first line of ``error``); ``extra`` carries ``internal`` (an internal
+    error rather than bad input: :func:`hf_flag.exits.is_internal`) and where it happened."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     line = (error.strip().splitlines() or [""])[0]
@@ -145,3 +146,17 @@ def read_error(run_dir: str | os.PathLike) -> str:
     """The one-line error recorded in ``run_dir`` ('' if none)."""
     data = _read_json(Path(run_dir) / ERROR)
     return "" if data is None else str(data.get("error", ""))
+
+
+def finished_runs(runs_dir: str | os.PathLike) -> list[Path]:
+    """The model run folders ``runs_dir/<slug>`` holding a finished result (``done.json`` beside ``report.json``),
+    whatever parameters it was computed with, sorted by slug."""
+    return sorted(p.parent for p in Path(runs_dir).glob(f"*/{DONE}")
+                  if _read_json(p) is not None and (p.parent / REPORT).is_file())
+
+
+def failed_internally(run_dir: str | os.PathLike) -> bool:
+    """Whether the failure recorded in ``run_dir`` is an internal error (``internal`` of :func:`mark_failed`; a
+    record without it, from an older hf-flag, counts as internal)."""
+    data = _read_json(Path(run_dir) / ERROR)
+    return data is not None and bool(data.get("internal", True))

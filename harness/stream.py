@@ -52,6 +52,7 @@ def is_streamed(spec: Any, max_disk: float) -> bool:
 
 def run_streamed(ctx: Any, unit: Any) -> RunState:
     """Run ``unit`` (a whole model) group by group (module docstring); a failure is recorded, never raised."""
+    from hf_flag.exits import is_internal
     from hf_flag.harness.sweep import Unit, one_line, run_unit
     from hf_flag.report import Report
     from hf_flag.rows import merge_shards
@@ -61,7 +62,8 @@ def run_streamed(ctx: Any, unit: Any) -> RunState:
     try:
         groups = layer_groups(unit.spec, cfg.max_disk)
     except Exception as exc:  # noqa: BLE001 - recorded like any model's failure
-        schedule.mark_failed(unit.run_dir, unit.fp, one_line(exc), model=unit.spec.label, rank=rank)
+        schedule.mark_failed(unit.run_dir, unit.fp, one_line(exc), model=unit.spec.label, rank=rank,
+                             internal=is_internal(exc))
         return RunState.FAILED
     parts = [Unit(unit.spec, unit.slug, unit.run_dir / "streamed" / f"{k}-of-{len(groups)}",
                   schedule.fingerprint({"model": unit.fp, "layers": layers}), tuple(layers))
@@ -72,7 +74,7 @@ def run_streamed(ctx: Any, unit: Any) -> RunState:
             state = run_unit(ctx, part)
         if state is RunState.FAILED:
             schedule.mark_failed(unit.run_dir, unit.fp, schedule.read_error(part.run_dir), model=unit.spec.label,
-                                 shard=list(part.layers))
+                                 shard=list(part.layers), internal=schedule.failed_internally(part.run_dir))
             return RunState.FAILED
     reports = [Report.from_json((p.run_dir / schedule.REPORT).read_text()) for p in parts]
     schedule.mark_done(unit.run_dir, unit.fp, merge_shards(reports).to_json())

@@ -27,7 +27,13 @@ also draws its plots.  Rank 0 waits until every unit is finished (at most ``--me
 stopped early, and writes (holding the folder's lock, so concurrent sweeps write one after the other):
 
 * ``DIR/dataset``: ``datasets.Dataset.save_to_disk`` of every row of every model (``datasets.load_from_disk``);
-* ``DIR/summary.csv`` and ``DIR/summary.md``: one line per model, headline metrics beside their baselines;
+* ``DIR/summary.csv`` and ``DIR/summary.md``: one line per model, headline metrics beside their baselines and the
+  number of rows each mean is over (the rows where the value reads: :func:`headline_cells`);
+* the dataset, the summaries and ``sweep.json`` cover every model of the folder: this sweep's (done, failed or
+  missing) and every other model with a finished result in ``DIR/runs/<slug>/`` (earlier sweeps into the same
+  ``DIR``, computed with their own parameters); cards and plots are written for this sweep's models only.  They are
+  replaced only when ``DIR/sweep.json`` says hf-flag wrote them (:func:`check_outputs_ours`): a ``summary.*`` or
+  ``dataset/`` that hf-flag did not write stops the sweep with one line before any work;
 * ``DIR/plots/<slug>/*.png`` (:mod:`hf_flag.harness.plots`; split models are drawn here) and
   ``DIR/model_cards/<slug>/README.md``
   (:mod:`hf_flag.integrations.cards`); ``--write-model-cards`` also updates local model folders' README.md;
@@ -49,9 +55,11 @@ pull request with ``--create-pr``; cards computed from derived weights only with
 beside it; ``--push-to-hub REPO_ID`` also uploads the results dataset to dataset repo ``REPO_ID``; ``--dry-run``
 prints each card's diff and pushes nothing.  The token is huggingface_hub's own (``HF_TOKEN`` or the stored
 login): it is never read, written or logged.
-Exit status (:mod:`hf_flag.exits`): 0 all models done; 1 some failed or missing (everything else is still written),
-or an internal error (traceback saved under ``DIR/errors/``); 2 bad input or a folder that cannot be written (full
-disk, read-only: one line naming the path); 130 Ctrl-C and 143 SIGTERM (one line; a rerun resumes).
+Exit status (:mod:`hf_flag.exits`, :data:`EXIT_STATUS`): 0 all models done; 1 an internal error (traceback saved
+under ``DIR/errors/``, or in the ``error.json`` of a model whose analysis hit it); 2 bad input or a folder that cannot
+be written (full disk, read-only: one line naming the path); 3 finished incomplete: some models failed on their
+input or are missing, or the push failed (everything else is still written); 130 Ctrl-C and 143 SIGTERM (one line;
+a rerun resumes).
 docs/RELIABILITY.md lists these promises and the tests that show them.
 """
 from __future__ import annotations
@@ -82,8 +90,8 @@ from hf_flag import exits
 from hf_flag.analysis.api import analyze
 from hf_flag.atomic import atomic_write, atomic_write_bytes, atomic_write_text
 from hf_flag.errors import HfFlagError
-from hf_flag.exits import one_line
-from hf_flag.options import add_model_options
+from hf_flag.exits import EXIT_INCOMPLETE, EXIT_INTERNAL, EXIT_OK, one_line
+from hf_flag.options import OneLineParser, add_model_options
 from hf_flag.weights.hub import transport_errors
 from hf_flag.harness import schedule
 from hf_flag.harness.claims import (CLAIM, DEFAULT_LEASE_S, Claims, Owner, clear_stale, is_live, locked,
@@ -92,12 +100,11 @@ from hf_flag.harness.config import (DEVICES, ConfigError, ModelSpec, SweepConfig
                                     load_config, parse_config, parse_model, slugs)
 from hf_flag.harness.schedule import RunState
 from hf_flag.report import Report, baseline_key, rows_to_dataset
-from hf_flag.rows import HEADLINE_METRICS, merge_shards
+from hf_flag.rows import HEADLINE_METRICS, format_value, merge_shards
 from hf_flag.threads import configure_threads
 from hf_flag.weights.adapters import get_adapter
 from hf_flag.weights.sources import open_weights
 
-EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE = 0, 1, 2
 PROG = "hf-flag sweep"
 #: bookkeeping folder inside ``--out``: the outputs lock, each run's rank presence claims and sharing probe
 SWEEP_DIR = ".sweep"
@@ -123,14 +130,20 @@ class Unit:
 DESCRIPTION = ("Analyse many models, in one process or several (accelerate launch), into DIR: a results dataset, "
                "summary.csv / summary.md, plots and model cards; a rerun resumes, a failed model is recorded and "
                "the others go on.")
+#: ``hf-flag sweep --help``'s epilog: the exit codes (:mod:`hf_flag.exits`)
+EXIT_STATUS = ("exit status: 0 every model done; 1 an internal error (a bug: its traceback is saved, please report "
+               "it); 2 bad input or an output folder that cannot be written (one line naming it); 3 finished "
+               "incomplete: some models failed on their input (unsupported or corrupt weights, a Hub id that cannot "
+               "be fetched) or are missing, or the push failed; everything else is written and a rerun resumes; "
+               "130 Ctrl-C, 143 SIGTERM.")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hf-flag sweep", description=DESCRIPTION)
+    p = OneLineParser(prog="hf-flag sweep", description=DESCRIPTION, epilog=EXIT_STATUS)
     add_model_options(p, config_file=True)
     p.add_argument("--config", help="YAML sweep config (see examples/sweep.yaml)")
     p.add_argument("--out", help="output folder")
-    p.add_argument("--device", choices=DEVICES, help="default cpu; auto = cuda when available")
+    p.add_argument("--device", choices=DEVICES, help="auto (the default): cuda when available, else cpu")
     p.add_argument("--split-layers", action="store_true", default=None, dest="split_layers",
                    help="split each model's layers across the processes")
     p.add_argument("--write-model-cards", action="store_true", default=None, dest="write_model_cards",
@@ -183,7 +196,13 @@ def parse_args(argv: Optional[Sequence[str]]) -> tuple[SweepConfig, argparse.Nam
         raise ConfigError(f"--checkpoint-layers {args.checkpoint_layers}: give a number of layers >= 0")
     if not args.lease_s > 0:
         raise ConfigError(f"--lease-seconds {args.lease_s:g}: give a number of seconds > 0")
-    return build_config(file_values, cli_checked, extra), args
+    cfg = build_config(file_values, cli_checked, extra)
+    unnamed = [s.path for s in cfg.models if s.name is None and Path(s.path).expanduser().exists()]
+    if cfg.push_to_hub and unnamed:  # a local copy's config names the model it came from, not a repo to push to
+        raise ConfigError(f"--push-to-hub: local model {unnamed[0]!r} has no Hub repo name to push its card to; "
+                          f"name it with --name org/name (or {{path: ..., name: org/name}} in the config), or "
+                          f"leave it out of this sweep")
+    return cfg, args
 
 
 @dataclass(frozen=True)
@@ -322,6 +341,7 @@ class AnalysisFailed(Exception):
     def __init__(self, cause: Exception):
         super().__init__(one_line(cause))
         self.traceback = "".join(traceback.format_exception(cause, limit=8))
+        self.internal = exits.is_internal(cause)
 
 
 def analyze_layers(spec: ModelSpec, cfg: SweepConfig, device: str, layers: Optional[Sequence[int]]) -> Report:
@@ -406,7 +426,7 @@ def run_unit(ctx: RunContext, unit: Unit, *, size: int = 0) -> RunState:
     except AnalysisFailed as exc:
         if still_mine(ctx, unit.run_dir):
             schedule.mark_failed(unit.run_dir, unit.fp, str(exc), model=unit.spec.label, rank=ctx.rank,
-                                 traceback=exc.traceback)
+                                 traceback=exc.traceback, internal=exc.internal)
         return RunState.FAILED
     if unit.layers is None:
         try:
@@ -532,7 +552,8 @@ def merge_model(unit: Unit, parts: Sequence[Unit]) -> None:
         failed = [s for s, st in zip(parts, states) if st is RunState.FAILED]
         if failed:
             schedule.mark_failed(unit.run_dir, unit.fp, schedule.read_error(failed[0].run_dir),
-                                 model=unit.spec.label, shard=list(failed[0].layers))
+                                 model=unit.spec.label, shard=list(failed[0].layers),
+                                 internal=schedule.failed_internally(failed[0].run_dir))
         elif all(st is RunState.DONE for st in states):
             reports = [Report.from_json((s.run_dir / schedule.REPORT).read_text()) for s in parts]
             schedule.mark_done(unit.run_dir, unit.fp, merge_shards(reports).to_json())
@@ -553,7 +574,8 @@ def sweep_split(ctx: RunContext, units: list[Unit]) -> Outcome:
         except Exception as exc:  # noqa: BLE001 - recorded as the model's failure
             if rank == 0:
                 with locked(unit.run_dir):
-                    schedule.mark_failed(unit.run_dir, unit.fp, one_line(exc), model=unit.spec.label)
+                    schedule.mark_failed(unit.run_dir, unit.fp, one_line(exc), model=unit.spec.label,
+                                         internal=exits.is_internal(exc))
     plan = [[parts[k] for parts in shards.values() if k < len(parts)] for k in range(ctx.world)]
     mine = preference(plan, rank) if ctx.shared else plan[rank]
     n_layers = {slug: sum(len(s.layers) for s in parts) for slug, parts in shards.items()}
@@ -728,53 +750,83 @@ def headline_columns(reports: Sequence[Report]) -> list[str]:
     return [m for m in HEADLINE_METRICS if m in present]
 
 
+def headline_cells(report: Optional[Report], metrics: Sequence[str]) -> list[tuple[Optional[float],
+                                                                                  Optional[float], str, str]]:
+    """Per headline key of ``metrics``: ``(value, baseline, n, note)`` of ``report`` as the tables show it: means
+    over the rows where the value reads (:func:`hf_flag.integrations.readings.select_read`), ``n`` those rows
+    (``"20 of 29"`` where it reads on some only), ``note`` ``""``, ``"not read"``, ``"uninformative"`` or
+    ``"20 of 29 read"``; ``(None, None, "", "")`` where the report has no value."""
+    from hf_flag.integrations.readings import select_read
+
+    cells = []
+    for key in metrics:
+        if report is None or key not in report.summary:
+            cells.append((None, None, "", ""))
+            continue
+        selection = select_read(report, key)
+        value, base = selection.means()
+        n = str(selection.n) if selection.n == selection.of else f"{selection.n} of {selection.of}"
+        cells.append((value, base, n, selection.note))
+    return cells
+
+
+def shown_cell(value: Optional[float], base: Optional[float], n: str, note: str) -> str:
+    """``"0.0245 (0.0226) n=20 of 29"``, ``"not read (n=0 of 30)"`` or ``"-"``: a headline cell of the printed
+    and Markdown tables."""
+    if not n:
+        return "-"
+    if value is None:
+        return f"{note} (n={n})"
+    return format_value(value) + ("" if base is None else f" ({format_value(base)})") + f" n={n}"
+
+
 def summary_table(results: Sequence[ModelResult]) -> tuple[str, str]:
     """``(csv, markdown)``: one line per model: where its weights came from (:func:`provenance_columns`) and each
-    headline metric beside its baseline."""
+    headline metric beside its baseline, with the number of rows it is a mean over (``_n``: the rows where it
+    reads; :func:`headline_cells`) and, in ``notes``, which values are read on some rows only or on none."""
     reports = [r.report for r in results if r.report is not None]
     metrics = headline_columns(reports)
     provenance = list(provenance_columns(Report("", "")))
     header = ["model", "slug", "status", "architecture", "rows", *provenance,
-              *[c for m in metrics for c in (m, baseline_key(m))], "error"]
+              *[c for m in metrics for c in (m, baseline_key(m), m + "_n")], "notes", "error"]
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(header)
-    md = ["| model | status | weights | architecture | rows | " + " | ".join(f"{m} (random)" for m in metrics) + " |",
-          "|" + "---|" * (5 + len(metrics))]
+    md_header = ["model", "status", "weights", "architecture", "rows",
+                 *[f"{m}: mean (random) n" for m in metrics]]
+    md = ["| " + " | ".join(md_header) + " |", "|" + "---|" * len(md_header)]
     for res in results:
         rep = res.report
-        vals = [rep.summary.get(k) if rep else None for m in metrics for k in (m, baseline_key(m))]
+        cells = headline_cells(rep, metrics)
         prov = provenance_columns(rep) if rep else dict.fromkeys(provenance, "")
+        notes = "; ".join(f"{m}: {note}" for m, (_, _, _, note) in zip(metrics, cells) if note)
         writer.writerow([res.name, res.slug, res.status, rep.architecture if rep else "",
                          len(rep.rows) if rep else "", *prov.values(),
-                         *["" if v is None else repr(float(v)) for v in vals], res.error])
-        cells = [f"{a:.3g} ({b:.3g})" if a is not None and b is not None else f"{a:.3g}" if a is not None else "-"
-                 for a, b in zip(vals[::2], vals[1::2])]
+                         *["" if v is None else repr(float(v)) if i < 2 else v.split(" of ")[0]
+                           for cell in cells for i, v in enumerate(cell[:3])], notes, res.error])
         status = res.status + (f": {res.error}" if res.error else "")
         weights = " ".join(x for x in (prov["weights_source"] + (f"@{prov['weights_sha'][:12]}" if prov["weights_sha"]
                                                                   else ""), prov["weights_format"],
                                        prov["storage_dtypes"]) if x) or "-"
-        md.append(f"| {res.name} | {status.replace('|', '/')} | {weights} | {rep.architecture if rep else '-'} | "
-                  f"{len(rep.rows) if rep else '-'} | " + " | ".join(cells) + " |")
+        row = [res.name, status, weights, rep.architecture if rep else "-", str(len(rep.rows)) if rep else "-",
+               *[shown_cell(*cell) for cell in cells]]
+        md.append("| " + " | ".join(cell.replace("|", "/") for cell in row) + " |")
     return buf.getvalue(), "\n".join(md) + "\n"
 
 
 def terminal_summary(results: Sequence[ModelResult]) -> str:
     """What ``hf-flag sweep`` prints at the end: one line per model, its status and each headline value beside its
-    random baseline (``value (baseline)``; ``-`` where the model has none), in fixed-width columns."""
-    from hf_flag.cli import format_value
-
+    random baseline and the number of rows it is a mean over (``value (baseline) n=N``, :func:`shown_cell`; ``-``
+    where the model has none), in fixed-width columns."""
     metrics = headline_columns([r.report for r in results if r.report is not None])
     rows = [["model", "status", *metrics]]
     for res in results:
-        summary = res.report.summary if res.report is not None else {}
-        baselines = [summary.get(baseline_key(m)) for m in metrics]
-        rows.append([res.name, res.status, *[format_value(summary.get(m)) + ("" if b is None else
-                                                                              f" ({format_value(b)})")
-                                              for m, b in zip(metrics, baselines)]])
+        rows.append([res.name, res.status, *[shown_cell(*cell) for cell in headline_cells(res.report, metrics)]])
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-    return "\n".join(["headline means per model, each with its random baseline in parentheses:", *lines])
+    return "\n".join(["headline means per model, each with its random baseline in parentheses and the rows it is a "
+                      "mean over (n: those where the value reads; 'not read': kappa where its ranks do not allow "
+                      "it, MATH.md §3):", *lines])
 
 
 def provenance_columns(report: Report) -> dict[str, str]:
@@ -879,10 +931,56 @@ def copy_plot(png: Path, folder: Path) -> Path:
     return dest
 
 
+#: what the sweep writes into ``DIR`` and replaces as a whole on every run (:func:`check_outputs_ours`)
+OUTPUTS = ("dataset", "summary.csv", "summary.md")
+#: ``DIR/sweep.json``, the manifest; its ``written_by`` marks the outputs beside it as hf-flag's
+MANIFEST, WRITTEN_BY = "sweep.json", "hf-flag sweep"
+
+
+def check_outputs_ours(out: Path) -> None:
+    """``ConfigError`` (exit 2, one line) when ``out`` holds an output of :data:`OUTPUTS` or a ``sweep.json`` that
+    hf-flag did not write: only a ``sweep.json`` with ``written_by`` (or, from hf-flag before it, a ``models`` list)
+    vouches for the outputs beside it.  Nothing is read or written besides."""
+    manifest, foreign = out / MANIFEST, []
+    if manifest.exists():
+        try:
+            data = json.loads(manifest.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            data = None
+        if isinstance(data, dict) and (data.get("written_by") == WRITTEN_BY or isinstance(data.get("models"), list)):
+            return
+        foreign.append(manifest)
+    foreign += [out / p for p in OUTPUTS if (out / p).exists()]
+    if foreign:
+        raise ConfigError(f"--out {out}: {foreign[0]} exists and was not written by hf-flag sweep (no hf-flag "
+                          f"{MANIFEST} beside it), and the sweep would replace it; move it away or choose another "
+                          f"--out")
+
+
+def folder_results(out: Path, units: Sequence[Unit]) -> list[ModelResult]:
+    """The models of ``out`` that ``units`` do not cover but that have a finished result in ``out/runs`` (earlier
+    sweeps into the same folder), each labelled by its report's model name."""
+    mine = {u.slug for u in units}
+    results = []
+    for run_dir in schedule.finished_runs(out / "runs"):
+        if run_dir.name in mine:
+            continue
+        report = Report.from_json((run_dir / schedule.REPORT).read_text())
+        unit = Unit(ModelSpec(report.model or run_dir.name), run_dir.name, run_dir, "")
+        results.append(ModelResult(unit, "done", "", report))
+    return results
+
+
+def write_manifest(out: Path, results: Sequence[ModelResult]) -> None:
+    schedule.atomic_write_json(out / MANIFEST, {"written_by": WRITTEN_BY,
+                                                "models": [r.manifest_entry() for r in results]})
+
+
 def write_outputs(ctx: RunContext, units: list[Unit], states: dict[str, RunState],
                   notes: Optional[dict[str, str]] = None) -> list[ModelResult]:
     """Everything rank 0 writes after the merge, holding the output folder's lock (sweeps sharing the folder write
-    one after the other); returns one result per model.  ``notes``: slug -> why a model is missing."""
+    one after the other); returns one result per model of ``units``.  The dataset, summaries and manifest also
+    cover the folder's other finished models (module docstring).  ``notes``: slug -> why a model is missing."""
     with locked(ctx.config.out / SWEEP_DIR):
         return write_outputs_locked(ctx, units, states, notes or {})
 
@@ -900,9 +998,12 @@ def write_outputs_locked(ctx: RunContext, units: list[Unit], states: dict[str, R
         error = schedule.read_error(u.run_dir) if state is RunState.FAILED else "" if report else notes.get(
             u.slug, "no result before --merge-timeout (process died or still running); rerun to resume")
         results.append(ModelResult(u, status, error, report))
-    reports = [r.report for r in results if r.report is not None]
+    check_outputs_ours(cfg.out)  # again under the lock: nothing appeared since the start
+    folder = results + folder_results(cfg.out, units)
+    write_manifest(cfg.out, folder)  # first: the outputs below are never on disk without it
+    reports = [r.report for r in folder if r.report is not None]
     save_dataset(reports, cfg.out / "dataset", ctx.tag)
-    csv_text, md_text = summary_table(results)
+    csv_text, md_text = summary_table(folder)
     atomic_write_text(cfg.out / "summary.csv", csv_text)
     atomic_write_text(cfg.out / "summary.md", md_text)
     for i, res in enumerate(results):
@@ -914,8 +1015,7 @@ def write_outputs_locked(ctx: RunContext, units: list[Unit], states: dict[str, R
         except Exception as exc:  # a card or plot problem is reported, not fatal
             results[i] = res = replace(res, error=f"card/plots: {one_line(exc)}")
             print(f"hf-flag sweep: {res.name}: {res.error}", file=sys.stderr)
-    manifest = {"models": [r.manifest_entry() for r in results]}
-    schedule.atomic_write_json(cfg.out / "sweep.json", manifest)
+    write_manifest(cfg.out, results + folder[len(results):])  # with the card errors
     return results
 
 
@@ -1003,9 +1103,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``python -m hf_flag.harness.sweep`` / ``accelerate launch -m hf_flag.harness.sweep`` /
     ``hf-flag sweep``.
 
-    Exit codes (:mod:`hf_flag.exits`): 0 every model done; 1 some failed or are missing (everything else is
-    written), or an internal error (one line; the traceback is saved under ``DIR/errors/``); 2 bad input, or a
-    folder that cannot be written (one line naming the path; finished work is kept); 130 Ctrl-C, 143 SIGTERM."""
+    Exit codes: module docstring (:data:`EXIT_STATUS`)."""
     exits.terminate_as_exception()
     try:
         cfg, args = parse_args(argv)
@@ -1024,12 +1122,13 @@ def run(cfg: SweepConfig, args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
     options = Options.from_args(args)
-    state = PartialState(cpu=cfg.device == "cpu")
+    state = PartialState(cpu=cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()))
     rank, world = state.process_index, state.num_processes
     check_out_dir(cfg.out)  # on every rank, so all of them stop together
+    check_outputs_ours(cfg.out)  # before any work, not after the analysis
     check_out_dir(cfg.cards_dir, "--cards-dir")  # before any work, not after the analysis
     device = resolve_device(cfg.device, state.local_process_index)
-    configure_threads()  # this process's share of the cores (LOCAL_WORLD_SIZE, load)
+    configure_threads()  # this process's share of the cores (LOCAL_WORLD_SIZE, cores busy now)
     if world == 1 and os.environ.get("ACCELERATE_USE_CPU") == "True":
         print("hf-flag sweep: note: accelerate launch --cpu starts one process; for N CPU processes use "
               "accelerate launch --multi_gpu --num_processes N -m hf_flag.harness.sweep ... --device cpu",
@@ -1084,6 +1183,11 @@ def run(cfg: SweepConfig, args: argparse.Namespace) -> int:
         print(f"hf-flag sweep: {r.name}: {r.status}: {r.error}", file=sys.stderr)
     print(f"hf-flag sweep: {len(results) - len(bad)}/{len(results)} models done; results in {cfg.out}",
           file=sys.stderr)
+    internal = [r for r in bad if r.status == "failed" and schedule.failed_internally(r.unit.run_dir)]
+    if internal:
+        print(f"hf-flag sweep: {len(internal)} of them hit an internal error (a bug; its traceback is in "
+              f"{internal[0].unit.run_dir / schedule.ERROR}, please report it)", file=sys.stderr)
+        return EXIT_INTERNAL
     return EXIT_INCOMPLETE if bad else EXIT_OK
 
 

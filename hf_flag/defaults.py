@@ -69,11 +69,14 @@ def default_named_paths() -> list[tuple[str, str]]:
 
 
 def default_hub_id(path: str) -> Optional[str]:
-    """The Hub id of the embedded default model stored at ``path`` (given by its path instead of ``--default``),
-    else None: its config's ``_name_or_path`` names the model it was fine-tuned from, not the model itself."""
+    """The Hub id of the embedded default model stored at ``path`` (its folder or file, or a file inside its folder,
+    given instead of ``--default``), else None: its config's ``_name_or_path`` names the model it was fine-tuned
+    from, not the model itself."""
+    resolved = Path(path).resolve()
     for model in DEFAULT_MODELS:
         found = model.find()
-        if found is not None and Path(path).resolve() == found.resolve():
+        if found is not None and (resolved == found.resolve() or (found.is_dir() and resolved.is_file()
+                                                                  and resolved.parent == found.resolve())):
             return model.hub_id
     return None
 

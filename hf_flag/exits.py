@@ -5,9 +5,12 @@ code   meaning
 =====  ===========================================================================================================
 0      success
 1      an internal error (a bug): one line naming the exception and the file its full traceback was saved to;
-       for a sweep also "some models failed or are missing" (everything else was written)
+       for a sweep also "a model's analysis hit an internal error" (its traceback is in its ``error.json``)
 2      the user must act: bad input (a path, an argument, a checkpoint, a config key), or a folder that cannot be
        written (full disk, quota, read-only, no permission): one line naming the input or the path
+3      a sweep finished incomplete, with no internal error: some models failed on their input (one line each,
+       e.g. an unsupported or corrupt checkpoint, a Hub id that cannot be fetched), are missing (a process died
+       or --merge-timeout passed: a rerun resumes), or the push to the Hub failed; everything else was written
 130    interrupted (Ctrl-C); 143 terminated (SIGTERM): one line; finished work is kept, a rerun resumes
 =====  ===========================================================================================================
 
@@ -32,7 +35,7 @@ from typing import Optional
 
 from hf_flag.errors import HfFlagError
 
-EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
+EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 3, 130, 143
 #: errno values that mean "this folder cannot take the write" (the user frees space or picks another folder)
 WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM})
 
@@ -80,6 +83,11 @@ def user_message(exc: BaseException) -> Optional[str]:
         lines = str(exc).strip().splitlines()
         return lines[0] if lines else type(exc).__name__
     return None
+
+
+def is_internal(exc: BaseException) -> bool:
+    """Whether ``exc`` is an internal error (a bug) rather than a user error (module docstring)."""
+    return user_message(exc) is None
 
 
 def save_traceback(exc: BaseException, folder: Optional[Path]) -> Path:

@@ -10,8 +10,31 @@ from __future__ import annotations
 import argparse
 
 from hf_flag.defaults import COMPOSITION_MODES, DIAGNOSTIC_NAMES
+from hf_flag.errors import InputError
 
-__all__ = ["add_model_options"]
+__all__ = ["OneLineParser", "add_model_options", "positive_gb"]
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors raise :attr:`error_type` (one line, exit 2 through
+    :func:`hf_flag.exits.exit_code`) instead of printing the usage and exiting."""
+
+    error_type: type[InputError] = InputError
+
+    def error(self, message: str):
+        raise self.error_type(f"{message} (see {self.prog} --help)")
+
+
+def positive_gb(text: str) -> float:
+    """``--max-disk``'s value: a positive, finite number of GB (argparse keeps the ``ArgumentTypeError`` message)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"got {text!r}; give a positive number of GB of checkpoint shards to hold "
+                                         f"on disk (e.g. --max-disk 20), or omit it to download whole checkpoints")
+    return value
 
 
 def add_model_options(parser: argparse.ArgumentParser, *, config_file: bool = False) -> None:
@@ -28,13 +51,15 @@ def add_model_options(parser: argparse.ArgumentParser, *, config_file: bool = Fa
                         help="add the embedded default models (all-MiniLM-L6-v2 and SmolLM2-135M-Instruct)")
     parser.add_argument("--name", metavar="ORG/NAME",
                         help="the Hub name of the one MODEL given, for labels and output folders (and, in a "
-                             "sweep, its model card; default: its Hub id, or a local folder's config _name_or_path, "
-                             "which for a fine-tuned copy names its base model)")
+                             "sweep, its model card and --push-to-hub target; default: its Hub id, or a local "
+                             "folder's or file's own name; a sweep pushes no local model's card without it)")
     parser.add_argument("--revision", help="branch, tag or commit sha of the MODEL Hub ids (default: main)")
     parser.add_argument("--gguf-file", dest="gguf_file", metavar="FILE",
-                        help="which .gguf of a GGUF Hub repo (default: the one with the finest storage)")
-    parser.add_argument("--max-disk", type=float, metavar="GB", dest="max_disk",
-                        help="stream sharded Hub checkpoints shard by shard, holding at most GB of shards on disk")
+                        help="which .gguf of a GGUF Hub repo (default: the one with the finest storage); Hub ids "
+                             "only: for a local .gguf pass its path as MODEL")
+    parser.add_argument("--max-disk", type=positive_gb, metavar="GB", dest="max_disk",
+                        help="stream sharded Hub checkpoints shard by shard, holding at most GB (> 0) of shards on "
+                             "disk")
     parser.add_argument("--diagnostics", nargs="+", metavar="NAME",
                         help=f"which diagnostics to compute (default: all): any of {', '.join(DIAGNOSTIC_NAMES)}, "
                              f"separated by commas or spaces")

@@ -7,12 +7,13 @@ Row kinds (what :func:`hf_flag.analyze` produces; documented with their values i
 * composition kinds ``"composition_{q,k,v}"`` (§6).
 
 The CLI table, cards, plots, the sweep, the experiments, the evaluate modules and the callback take these names,
-the headline and table metrics, the summary, the canonical row order and the merge of layer shards from here.
+the headline and table metrics, the summary, the table cells' number format, the canonical row order and the merge
+of layer shards from here.
 """
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 from hf_flag.report import Report, Row
 
@@ -77,6 +78,13 @@ def summarize(rows: Sequence[Row]) -> dict[str, float]:
                 acc[0] += v
                 acc[1] += 1
     return {k: total / count for k, (total, count) in sums.items()}
+
+
+def format_value(value: Optional[float]) -> str:
+    """A table cell (CLI table, sweep summary): 4 significant digits, ``-`` for a missing or non-finite value."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return f"{value:.4g}"
 
 
 def sort_rows(rows: list[Row], kind_order: Sequence[str] = ROW_KINDS) -> list[Row]:

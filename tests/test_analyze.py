@@ -17,7 +17,7 @@ import transformers
 from torch import nn
 
 from hf_flag.analysis.api import analyze
-from hf_flag.errors import HfFlagError, NonFiniteWeightsError
+from hf_flag.errors import HfFlagError, InputError, NonFiniteWeightsError
 from hf_flag.rows import (COMPOSITION_KINDS, CROSS_LAYER_KINDS, HEAD_OVERLAP_KINDS, HEADLINE_METRICS, KIND_LINEAR_CHAIN,
                           KIND_MLP, KIND_MLP_GATE, KIND_RESIDUAL, KIND_VO, PAIR_KINDS, ROW_KINDS)
 
@@ -434,6 +434,25 @@ def test_bf16_storage_precision_policy(tmp_path):
             # float32 compute: within the bf16 storage tolerance of the float64 value
             assert c.values["commutator_ratio"] == pytest.approx(b.values["commutator_ratio"], abs=2.0 ** -7)
             assert c.values["relative_imbalance"] == pytest.approx(b.values["relative_imbalance"], abs=2.0 ** -7)
+
+
+def test_full_takes_no_float32(tmp_path, capsys):
+    """The full analysis computes its pair rows in float64 whatever dtype says (a float32 request changed only
+    the head overlaps), so ``full=True, dtype=float32`` is refused (one line, exit 2 from the CLI) instead of being
+    recorded as float32; float64 or no dtype is recorded as the float64 it uses, and linear chains keep float32."""
+    from hf_flag import cli
+
+    model = build("llama", seed=5)
+    with pytest.raises(InputError, match=r"full=True \(--full\) is the all-vectors analysis in float64"):
+        analyze(model, device="cpu", full=True, dtype=torch.float32, diagnostics={"mlp"})
+    for dtype in (None, torch.float64):
+        assert analyze(model, device="cpu", full=True, dtype=dtype, diagnostics={"mlp"}).params["dtype"] == "float64"
+    chain = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 4))
+    assert analyze(chain, full=True, dtype=torch.float32).params["dtype"] == "float32"
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    assert cli.main(["analyze", str(tmp_path), "--full", "--dtype", "float32"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("hf-flag")]
+    assert len(err) == 1 and "float64" in err[0]
 
 
 def test_residual_pair_takes_the_coarser_storage_of_its_two_blocks(tmp_path):

@@ -11,7 +11,8 @@ import torch
 
 from hf_flag import cli
 from hf_flag.defaults import default_model_paths, model_slug
-from hf_flag.report import Report
+from hf_flag.report import Report, Row
+from hf_flag.rows import format_value, summarize
 
 
 def run(argv, capsys):
@@ -37,14 +38,15 @@ def test_table_json_and_outputs(tiny_checkpoint, tmp_path, capsys):
     folder = tmp_path / model_slug(str(tiny_checkpoint))
     report = Report.from_json((folder / "report.json").read_text())
     assert report.architecture == "llama" and report.params["composition"] == "adjacent"
-    # the table shows each kind's mean beside its baseline, as in the report's summary
+    # kappa of the tiny Llama's MLP does not read as alignment (both ranks below n, MATH.md §3): marked, no number
     mlp_line = next(line for line in out.splitlines() if line.split()[:1] == ["mlp"])
-    assert cli.format_value(report.summary["mlp/commutator_ratio"]) in mlp_line
-    assert cli.format_value(report.summary["mlp/commutator_ratio_baseline"]) in mlp_line
-    # the low-rank companion of kappa (MATH.md §3) is shown beside its baseline too
+    n_mlp = len(report.select(kind="mlp"))
+    assert mlp_line.split()[2:] == ["commutator_ratio", "not", "read", "-", "0", "of", str(n_mlp)]
+    assert f"  mlp/commutator_ratio: kappa does not read as alignment on {n_mlp} of {n_mlp} pairs" in out
+    # the low-rank companion of kappa (MATH.md §3) is shown beside its baseline, over every row
     overlap_line = next(line for line in out.splitlines() if line.split()[:1] == ["range_overlap"])
-    assert cli.format_value(report.summary["mlp/range_overlap"]) in overlap_line
-    assert cli.format_value(report.summary["mlp/range_overlap_baseline"]) in overlap_line
+    assert overlap_line.split()[1:] == [format_value(report.summary["mlp/range_overlap"]),
+                                        format_value(report.summary["mlp/range_overlap_baseline"]), str(n_mlp)]
     import pyarrow.parquet as pq
 
     table = pq.read_table(folder / "rows.parquet")
@@ -208,3 +210,24 @@ def test_nan_weights_exit_2_naming_tensor_and_layer(tmp_path, capsys):
     model.save_pretrained(tmp_path, safe_serialization=True)
     code, _, err = run(["analyze", str(tmp_path), "--cheap"], capsys)
     assert_user_error(code, err, "layer 0", "model.layers.0.mlp.down_proj.weight")
+
+
+def test_table_means_over_the_rows_where_each_value_reads_with_their_count():
+    """Review s5 items 4, 8: each mean carries its count n; kappa is the mean over the rows where it reads (marked
+    "not read" where none does), an uninformative range overlap is marked, a value present on 2 of 30 rows says 2."""
+    rows = [Row("m", "residual", i, i + 1, "a", "b",
+                {"commutator_ratio": [0.02, 0.5, 0.04, 0.06][i], "commutator_ratio_baseline": 0.03,
+                 "range_overlap": None if i != 1 else 0.998, "range_overlap_baseline": None if i != 1 else 0.997,
+                 "subspace_score": 0.25 if i < 2 else None, "subspace_score_baseline": 0.125 if i < 2 else None},
+                {"commutator_reading_holds": i != 1}) for i in range(4)]
+    rows += [Row("m", "mlp", i, i, "a", "b", {"commutator_ratio": 0.07, "commutator_ratio_baseline": 0.03},
+                 {"commutator_reading_holds": False}) for i in range(3)]
+    report = Report("m", "llama", rows=rows, summary=summarize(rows))
+    lines = {tuple(line.split()[:3]): line.split() for line in cli.format_table(report).splitlines()}
+    assert lines[("residual", "4", "commutator_ratio")][3:] == ["0.04", "0.03", "3", "of", "4"]  # not 0.155
+    assert lines[("range_overlap", "uninformative", "-")][3:] == ["0", "of", "1"]
+    assert lines[("subspace_score", "0.25", "0.125")][3:] == ["2"]
+    assert lines[("mlp", "3", "commutator_ratio")][3:] == ["not", "read", "-", "0", "of", "3"]
+    table = cli.format_table(report)
+    assert "  residual/commutator_ratio: kappa does not read as alignment on 1 of 4 pairs" in table
+    assert "  residual/range_overlap: on 1 of 1 pairs the larger range fills at least 99% of the hidden space" in table

@@ -62,18 +62,19 @@ def test_unknown_diagnostic_one_line_in_both(tiny_checkpoint, tmp_path, capsys):
         sweep.parse_args([str(tiny_checkpoint), "--out", str(tmp_path), "--diagnostics", "mlp", "attn"])
 
 
-def test_local_folder_is_labelled_by_its_model_name(tiny_checkpoint, tmp_path, capsys):
+def test_local_folder_is_labelled_by_its_own_name(tiny_checkpoint, tmp_path, capsys):
+    """A local folder or file is labelled by its own name, never by its config's ``_name_or_path`` (which for a
+    fine-tuned copy names its base model); ``--name`` names it."""
     folder = tmp_path / "model"
     shutil.copytree(tiny_checkpoint, folder)
     config = json.loads((folder / "config.json").read_text())
     config["_name_or_path"] = "me/tiny-llama"
     (folder / "config.json").write_text(json.dumps(config))
     assert cli.main(["analyze", str(folder), "--cheap"]) == 0
-    assert capsys.readouterr().out.startswith("me/tiny-llama  [llama")
-    config["_name_or_path"] = str(tmp_path)  # a local path, not a name: the folder's own name stays
-    (folder / "config.json").write_text(json.dumps(config))
-    assert cli.main(["analyze", str(folder), "--cheap"]) == 0
     assert capsys.readouterr().out.startswith("model  [llama")
+    weights = next(folder.glob("*.safetensors"))
+    assert cli.main(["analyze", str(weights), "--cheap"]) == 0
+    assert capsys.readouterr().out.startswith(f"{weights.name}  [llama")
     # --name: a fine-tuned copy whose _name_or_path names its base model is labelled (and its folder named) as told
     config["_name_or_path"] = "base-org/base-model"
     (folder / "config.json").write_text(json.dumps(config))

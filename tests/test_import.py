@@ -56,3 +56,21 @@ def test_import_writes_the_module_cache_only_when_missing_or_changed(tmp_path):
     shims[1].write_text("raise ImportError('an old shim')\n")  # changed: rewritten
     run(CHILD, tmp_path)
     assert "from hf_flag.integrations.evaluate_modules.neural_collapse" in shims[1].read_text()
+
+
+def test_harness_never_imports_the_cli():
+    """docs/ARCHITECTURE.md: the harness takes table formatting from the ground floor (``hf_flag.rows``), never from
+    ``hf_flag.cli``, not even in a function (review s5 item 12: sweep.terminal_summary imported cli.format_value)."""
+    import ast
+
+    offenders = []
+    for path in sorted((REPO / "harness").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([node.module or ""] if isinstance(node, ast.ImportFrom) else
+                     [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            if isinstance(node, ast.ImportFrom) and node.module == "hf_flag":
+                names += [f"hf_flag.{a.name}" for a in node.names]
+            offenders += [f"{path.relative_to(REPO)}:{node.lineno}" for n in names if n == "hf_flag.cli"
+                          or n.startswith("hf_flag.cli.")]
+    assert offenders == []
+    assert len(list((REPO / "harness").rglob("*.py"))) > 5  # the walk saw the harness

@@ -63,3 +63,23 @@ def test_maintainer_reproduce_command_is_documented_as_such():
     line = next(l for l in README.splitlines() if "--out docs" in l)
     assert "hf-flag reproduce --out docs --overwrite" in line and "--quick" not in line
     assert "Maintainers" in README.split("hf-flag reproduce --out docs --overwrite")[0].rsplit("\n\n", 1)[1]
+
+
+@pytest.mark.pretrained
+def test_one_minute_example_prints_what_it_says(tmp_path):
+    """Review s5 item 4: the one-minute example prints values that read (MATH.md §3), and each ``# prints:`` line
+    under a print is what it prints today (the example is run as a user would, in a fresh interpreter)."""
+    import os
+    import subprocess
+    import sys
+
+    block = re.search(r"## One minute\n\n```python\n(.*?)```", README, flags=re.DOTALL).group(1)
+    expected = re.findall(r"^# prints: (.*)$", block, flags=re.M)
+    assert len(expected) == 3 and "mlp/commutator_ratio" not in block  # MiniLM's MLP kappa does not read
+    script = tmp_path / "one_minute.py"
+    script.write_text(block)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    printed = proc.stdout.splitlines()
+    assert printed[:3] == expected

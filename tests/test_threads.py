@@ -1,17 +1,54 @@
-"""Thread share per process (hf_flag.threads): cores split among the processes on a machine, capped by idle cores."""
-from hf_flag.threads import thread_share
+"""Thread share per process (hf_flag.threads): cores split among the processes on a machine, capped by the cores
+idle in a short sample of current CPU use (not the 1-minute load average)."""
+import os
+
+import psutil
+
+import hf_flag.threads as threads
+from hf_flag.threads import busy_cores, thread_share
+
+CpuTimes = type(psutil.cpu_times())
+
+
+def times(busy: float, idle: float) -> CpuTimes:
+    """A per-CPU sample: ``busy`` seconds of user time, ``idle`` seconds idle, every other field 0."""
+    return CpuTimes(**{f: {"user": busy, "idle": idle}.get(f, 0.0) for f in CpuTimes._fields})
 
 
 def test_share_of_cores_among_local_processes():
-    assert thread_share({}, cores=16, load=0.0) == 16
-    assert thread_share({"LOCAL_WORLD_SIZE": "4"}, cores=16, load=0.0) == 4
-    assert thread_share({"LOCAL_WORLD_SIZE": "3"}, cores=16, load=0.0) == 5
-    assert thread_share({"WORLD_SIZE": "8"}, cores=2, load=0.0) == 1  # never 0
-    assert thread_share({"LOCAL_WORLD_SIZE": "2", "WORLD_SIZE": "16"}, cores=16, load=0.0) == 8  # local count first
+    assert thread_share({}, cpus=range(16), busy=0.0) == 16
+    assert thread_share({"LOCAL_WORLD_SIZE": "4"}, cpus=range(16), busy=0.0) == 4
+    assert thread_share({"LOCAL_WORLD_SIZE": "3"}, cpus=range(16), busy=0.0) == 5
+    assert thread_share({"WORLD_SIZE": "8"}, cpus=range(2), busy=0.0) == 1  # never 0
+    assert thread_share({"LOCAL_WORLD_SIZE": "2", "WORLD_SIZE": "16"}, cpus=range(16), busy=0.0) == 8  # local first
 
 
 def test_busy_machine_and_explicit_setting():
-    assert thread_share({}, cores=2, load=9.8) == 1  # a loaded 2-core machine: one thread
-    assert thread_share({}, cores=16, load=6.2) == 10
-    assert thread_share({"OMP_NUM_THREADS": "3"}, cores=16, load=15.0) == 3  # the user's explicit choice wins
-    assert thread_share({"OMP_NUM_THREADS": "junk", "LOCAL_WORLD_SIZE": "2"}, cores=8, load=0.0) == 4
+    assert thread_share({}, cpus=range(2), busy=2.0) == 1  # both cores busy: one thread
+    assert thread_share({}, cpus=range(16), busy=6.2) == 10
+    assert thread_share({"OMP_NUM_THREADS": "3"}, cpus=range(16), busy=15.0) == 3  # the user's choice wins
+    assert thread_share({"OMP_NUM_THREADS": "junk", "LOCAL_WORLD_SIZE": "2"}, cpus=range(8), busy=0.0) == 4
+
+
+def test_busy_cores_from_two_samples():
+    before = [times(100.0, 500.0), times(200.0, 400.0), times(0.0, 0.0)]
+    # CPU 0 fully busy for 0.1 s, CPU 1 a quarter busy, CPU 2 idle
+    after = [times(100.1, 500.0), times(200.025, 400.075), times(0.0, 0.1)]
+    assert abs(busy_cores(before, after, [0, 1, 2]) - 1.25) < 1e-9
+    assert abs(busy_cores(before, after, [1, 2]) - 0.25) < 1e-9  # only the usable CPUs count
+    iowait = CpuTimes(**{f: {"iowait": 0.1}.get(f, 0.0) for f in CpuTimes._fields}) if "iowait" in CpuTimes._fields \
+        else times(0.0, 0.1)
+    assert busy_cores([times(0.0, 0.0)], [iowait], [0]) == 0.0  # waiting for the disk is not work
+
+
+def test_second_command_after_a_finished_run_gets_its_full_share(monkeypatch):
+    """Right after a run ends the 1-minute load average still reads ~2 on 2 cores; the CPUs are idle now, so the
+    next command takes both cores.  A machine busy now still lowers the share."""
+    monkeypatch.setattr(os, "getloadavg", lambda: (2.0, 1.5, 1.0))
+    idle_then, idle_now = [times(10.0, 10.0)] * 2, [times(10.0, 10.1)] * 2
+    busy_now = [times(10.1, 10.0)] * 2
+    samples = iter([idle_then, idle_now, idle_then, busy_now])
+    monkeypatch.setattr(threads.psutil, "cpu_times", lambda percpu: next(samples))
+    monkeypatch.setattr(threads.time, "sleep", lambda s: None)
+    assert thread_share({}, cpus=[0, 1]) == 2
+    assert thread_share({}, cpus=[0, 1]) == 1

@@ -103,7 +103,9 @@ def analyze(model_or_path, *, device: Union[str, torch.device, None] = None, dty
     device: default the in-memory model's device, else ``cuda`` when available, else ``cpu``; the model itself
     is never moved or cast (tensors are copied).  dtype: float64 or float32 for the analysis; default the
     precision policy (float32 for weights stored in float32 or coarser, float64 for float64; float64 with
-    ``full``).  full: today's all-vectors analysis (a thin SVD per weight: every singular vector, the GL kernel
+    ``full``, which takes no float32: its pair rows are computed in float64 whatever ``dtype`` says, so
+    ``full=True, dtype=torch.float32`` raises InputError rather than record a precision it did not use).
+    full: today's all-vectors analysis (a thin SVD per weight: every singular vector, the GL kernel
     dimension); default: transformer pair rows from the leading singular subspaces the storage precision
     determines (``geometry.spectral``: windows ``window_in``/``window_out`` and residual certificates
     ``svd_residual_in``/``svd_residual_out`` in each row).  Linear chains always use the full analysis.
@@ -134,6 +136,10 @@ def analyze(model_or_path, *, device: Union[str, torch.device, None] = None, dty
                                           diagnostics=diagnostics, layers=layers, cheap=cheap)
             facts["dtype"] = dtype or torch.float64
         else:
+            if full and dtype == torch.float32:
+                raise InputError("full=True (--full) is the all-vectors analysis in float64 and takes no "
+                                 "dtype=float32; leave dtype unset (or float64), or drop full for the default "
+                                 "report, which computes in float32")
             report, facts = transformer.analyze_transformer(
                 source, label, device=dev, dtype=dtype, diagnostics=diagnostics, layers=layers, cheap=cheap,
                 composition=composition, progress=progress, full=full)

@@ -23,12 +23,14 @@ def overlap_rows(model: str, kind: str, layer: int, target_layer: int, X, Y, lab
     (MATH.md §1, §6)."""
     d, p, q = X.Q.shape[1], X.Q.shape[2], Y.Q.shape[2]
     overlaps = overlap_from_bases(X, Y)
-    zscores = overlap_zscore(overlaps, p, q, d).tolist()
+    zscores = overlap_zscore(overlaps, p, q, d)
     base = float(overlap_baseline(p, q, d))
+    # both (H, H') matrices read back in one transfer (float64 holds the overlaps' float32 exactly)
+    overlaps, zscores = torch.stack([overlaps.to(torch.float64), zscores]).tolist()
     return [
         Row(model, kind, layer, target_layer, f"{labels[0]} {h}", f"{labels[1]} {g}",
             {"overlap": ov, "overlap_baseline": base, "overlap_zscore": zscores[h][g]})
-        for h, row in enumerate(overlaps.tolist()) for g, ov in enumerate(row) if not upper or h < g
+        for h, row in enumerate(overlaps) for g, ov in enumerate(row) if not upper or h < g
     ]
 
 

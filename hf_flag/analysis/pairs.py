@@ -61,33 +61,63 @@ def pair_geometry_values(W_l: torch.Tensor, W_next: torch.Tensor, *, storage_eps
     svd_l = thin_svd(W_l) if svd_l is None else svd_l
     svd_next = thin_svd(W_next) if svd_next is None else svd_next
     v = pair_values_from_svd(W_l, W_next, svd_l, svd_next, storage_eps=storage_eps)
-    (U, s_l, _), (_, s_next, Vh) = svd_l, svd_next
     n, k = W_l.shape[-2], transport_k(W_l.shape[-2], W_l.shape[-1], W_next.shape[-2])
     sub_base, basis_base = transport_baselines(k, n)
     subspace, basis = transport_scores_from_matrix(v.transport, k)
     rank_rtol = (default_rtol(W_l, storage_eps), default_rtol(W_next, storage_eps))  # §1 cut of the storage
+    h = host_columns({**kappa_columns(v, v.imbalance_diagonal_norm), "range_overlap": v.range_overlap,
+                      "range_overlap_baseline": v.range_overlap_baseline, "subspace_score": subspace,
+                      "basis_score": basis, "product_rank": v.product_rank})
+    # flags and ranks per pair on host copies (one transfer per factor and batch)
+    (U, s_l, _), (_, s_next, Vh), T = host(svd_l), host(svd_next), v.transport.cpu()
     out = []
     for i in range(W_l.shape[0]):
         flag = flag_position_from_svd(U[i], s_l[i], Vh[i], s_next[i], n=n, rank_rtol=rank_rtol,
-                                      storage_eps=storage_eps, transport=v.transport[i])
-        kappa = float(v.commutator_ratio[i])
-        base = float(v.commutator_haar_rms[i])
-        values = {"commutator_ratio": kappa, "commutator_ratio_normalized": normalized_commutator_ratio(kappa),
-                  "commutator_ratio_normalized_baseline": normalized_commutator_ratio(base),
-                  "imbalance_norm": float(v.imbalance_norm[i]),
-                  "imbalance_norm_baseline": float(v.imbalance_haar_rms[i]),
-                  "relative_imbalance": float(v.relative_imbalance[i]),
-                  "relative_imbalance_baseline": float(v.relative_imbalance_haar_rms[i]),
-                  "imbalance_diagonal_norm": float(v.imbalance_diagonal_norm[i]),
-                  "commutator_ratio_baseline": base,
-                  "range_overlap": float(v.range_overlap[i]),
-                  "range_overlap_baseline": float(v.range_overlap_baseline[i]),
-                  "subspace_score": float(subspace[i]), "subspace_score_baseline": sub_base,
-                  "basis_score": float(basis[i]), "basis_score_baseline": basis_base, **flag_values(flag),
-                  "gl_kernel_dim": float(gl_kernel_dim_from_product_rank(s_l[i], int(v.product_rank[i]))),
+                                      storage_eps=storage_eps, transport=T[i])
+        values = {**kappa_values(h, i), "range_overlap": h["range_overlap"][i],
+                  "range_overlap_baseline": h["range_overlap_baseline"][i],
+                  "subspace_score": h["subspace_score"][i], "subspace_score_baseline": sub_base,
+                  "basis_score": h["basis_score"][i], "basis_score_baseline": basis_base, **flag_values(flag),
+                  "gl_kernel_dim": float(gl_kernel_dim_from_product_rank(s_l[i], int(h["product_rank"][i]))),
                   "gl_kernel_dim_baseline": float(gl_kernel_dim_generic(s_l[i], s_next[i], n))}
         out.append((values, {"transport_k": k, **flag_details(flag)}))
     return out
+
+
+def host(svd: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """Host copies (``.cpu()``) of an SVD's ``U``, ``s``, ``Vh``: the per-pair work on them (flags, ranks) then
+    reads nothing back from the device (issue #11)."""
+    return tuple(x.cpu() for x in svd[:3])
+
+
+def host_columns(columns: dict[str, torch.Tensor]) -> dict[str, list[float]]:
+    """Value columns (one value per batch member, all on one device) read back in one transfer: stacked in float64
+    (exact for float32 and integer columns, so each value equals ``float(column[i])``) and converted by one
+    ``.tolist()``; no device read per pair or head (issue #11)."""
+    table = torch.stack([c.reshape(-1).to(torch.float64) for c in columns.values()]).tolist()
+    return dict(zip(columns, table))
+
+
+def kappa_columns(v, diagonal: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Kappa, the imbalance norms and their Haar RMS of a batch (``v``: a
+    :class:`~hf_flag.geometry.pairs.GramPairValues` or :class:`~hf_flag.geometry.pairs.SpectralPairValues`) and
+    ``||diag D||`` (``diagonal``), for :func:`host_columns`."""
+    return {"commutator_ratio": v.commutator_ratio, "commutator_haar_rms": v.commutator_haar_rms,
+            "imbalance_norm": v.imbalance_norm, "imbalance_haar_rms": v.imbalance_haar_rms,
+            "relative_imbalance": v.relative_imbalance, "relative_imbalance_haar_rms": v.relative_imbalance_haar_rms,
+            "imbalance_diagonal_norm": diagonal}
+
+
+def kappa_values(h: dict[str, list[float]], i: int) -> dict[str, float]:
+    """Batch member ``i``'s kappa, sqrt(2) kappa and imbalance values beside their baselines (MATH.md §2, §3), from
+    the host columns of :func:`kappa_columns`."""
+    kappa, base = h["commutator_ratio"][i], h["commutator_haar_rms"][i]
+    return {"commutator_ratio": kappa, "commutator_ratio_normalized": normalized_commutator_ratio(kappa),
+            "commutator_ratio_normalized_baseline": normalized_commutator_ratio(base),
+            "imbalance_norm": h["imbalance_norm"][i], "imbalance_norm_baseline": h["imbalance_haar_rms"][i],
+            "relative_imbalance": h["relative_imbalance"][i],
+            "relative_imbalance_baseline": h["relative_imbalance_haar_rms"][i],
+            "imbalance_diagonal_norm": h["imbalance_diagonal_norm"][i], "commutator_ratio_baseline": base}
 
 
 def gram_values(W_l: torch.Tensor, W_next: torch.Tensor, *, storage_eps: float,
@@ -119,8 +149,8 @@ def gram_values(W_l: torch.Tensor, W_next: torch.Tensor, *, storage_eps: float,
         "relative_imbalance_baseline": g.relative_imbalance_haar_rms,
         "imbalance_diagonal_norm": imbalance_diagonal_from_norms(*norms),
     }
-    return [({m: float(col[i]) for m, col in columns.items()}, {KAPPA_READS: reads[i]})
-            for i in range(W_l.shape[0])]
+    h = host_columns(columns)
+    return [({m: col[i] for m, col in h.items()}, {KAPPA_READS: reads[i]}) for i in range(W_l.shape[0])]
 
 
 class PairGrams:
@@ -308,9 +338,14 @@ def pair_window_values(W_l: torch.Tensor, W_next: torch.Tensor, *, storage_eps: 
                                                gram.cached_eigh("next", side_next, exact))))
     overlap = tuple([None if r or both is None else v for v, r in zip(column, reads)]
                     for column in (both or ([None] * len(reads), [None] * len(reads))))
+    h = host_columns({**kappa_columns(g, diagonal), "window_in": w_l, "window_out": w_n, "svd_residual_in": cert_l,
+                      "svd_residual_out": cert_n})
+    # scores and flags per pair on host copies (one transfer per factor and batch)
+    (U, s_l, _), (_, s_next, Vh), T = host(svd_l), host(svd_next), T.cpu()
+    det_l, det_n, bounds_l, bounds_n = det_l.cpu(), det_n.cpu(), bounds_l.cpu(), bounds_n.cpu()
     out = []
     for i in range(W_l.shape[0]):
-        a, b = int(w_l[i]), int(w_n[i])
+        a, b = int(h["window_in"][i]), int(h["window_out"][i])
         k, basis_ok = transport_window(det_l[i], det_n[i], n)
         scores = {"subspace_score": None, "subspace_score_baseline": None, "basis_score": None,
                   "basis_score_baseline": None}
@@ -324,21 +359,13 @@ def pair_window_values(W_l: torch.Tensor, W_next: torch.Tensor, *, storage_eps: 
                 scores.update(basis_score=float(torch.diagonal(T_k).square().sum()) / k,
                               basis_score_baseline=basis_base)
                 tolerance["basis_score"] = basis_tolerance
-        flag = flag_position_from_svd(svd_l.U[i, :, :a], _closed(svd_l, i, a), svd_next.Vh[i, :b],
-                                      _closed(svd_next, i, b), n=n, rank_rtol=rank_rtol, storage_eps=storage_eps,
-                                      transport=T[i, :b, :a], truncated=True)
-        kappa, base = float(g.commutator_ratio[i]), float(g.commutator_haar_rms[i])
-        values = {"commutator_ratio": kappa, "commutator_ratio_normalized": normalized_commutator_ratio(kappa),
-                  "commutator_ratio_normalized_baseline": normalized_commutator_ratio(base),
-                  "imbalance_norm": float(g.imbalance_norm[i]),
-                  "imbalance_norm_baseline": float(g.imbalance_haar_rms[i]),
-                  "relative_imbalance": float(g.relative_imbalance[i]),
-                  "relative_imbalance_baseline": float(g.relative_imbalance_haar_rms[i]),
-                  "imbalance_diagonal_norm": float(diagonal[i]),
-                  "commutator_ratio_baseline": base, **scores, **flag_values(flag),
+        flag = flag_position_from_svd(U[i, :, :a], _closed(s_l[i], a), Vh[i, :b], _closed(s_next[i], b), n=n,
+                                      rank_rtol=rank_rtol, storage_eps=storage_eps, transport=T[i, :b, :a],
+                                      truncated=True)
+        values = {**kappa_values(h, i), **scores, **flag_values(flag),
                   "range_overlap": overlap[0][i], "range_overlap_baseline": overlap[1][i],
-                  "gl_kernel_dim": None, "gl_kernel_dim_baseline": None, "window_in": float(a), "window_out": float(b),
-                  "svd_residual_in": float(cert_l[i]), "svd_residual_out": float(cert_n[i])}
+                  "gl_kernel_dim": None, "gl_kernel_dim_baseline": None,
+                  **{m: h[m][i] for m in ("window_in", "window_out", "svd_residual_in", "svd_residual_out")}}
         if flag.intersection_cut is not None:
             tolerance["intersection_soft"] = soft_tolerance(bounds_l[i], bounds_n[i], flag.intersection_cut)
         out.append((values, {"transport_k": k, **flag_details(flag), KAPPA_READS: reads[i],
@@ -346,7 +373,8 @@ def pair_window_values(W_l: torch.Tensor, W_next: torch.Tensor, *, storage_eps: 
     return out
 
 
-def _closed(svd, i: int, w: int) -> torch.Tensor:
-    """``sigma_1 .. sigma_{w+1}`` of batch member ``i`` (``sigma_{w+1} = 0`` past an exhausted spectrum)."""
-    s = svd.s[i, : w + 1]
+def _closed(s: torch.Tensor, w: int) -> torch.Tensor:
+    """``sigma_1 .. sigma_{w+1}`` of one batch member's leading values ``s`` (``sigma_{w+1} = 0`` past an
+    exhausted spectrum)."""
+    s = s[: w + 1]
     return s if s.numel() == w + 1 else torch.cat([s, s.new_zeros(w + 1 - s.numel())])

@@ -239,6 +239,12 @@ def flag_position_from_svd(U: torch.Tensor, s_left: torch.Tensor, Vh: torch.Tens
         raise ValueError(f"{where}: transport has shape {getattr(transport, 'shape', type(transport).__name__)}; "
                          f"pass T = Vh @ U of shape {(Vh.shape[0], U.shape[1])} or None")
     options = _check_flag_options(where, storage_eps, gap_ratio, max_tau, max_cuts)
+    if U.dtype != torch.float64 or Vh.dtype != torch.float64:
+        # Vectors computed in a lower precision (the default report's float32 windows) are orthonormal only to its
+        # rounding, so cosines of exactly shared directions miss cos(tau) = 1 - tau^2/2 and the float64 band that
+        # sends them to the sine route: re-orthonormalise in float64 (a thin QR keeps every leading span, so every
+        # flag element) and form the cosines from the new bases.
+        U, Vh, transport = torch.linalg.qr(U.to(torch.float64)).Q, torch.linalg.qr(Vh.to(torch.float64).mT).Q.mT, None
     return _position_from_svd(U.to(torch.float64), s_left, Vh.to(torch.float64), s_right, n=n,
                               rank_rtol=rank_rtol, tau=tau, transport=transport, truncated=truncated, where=where,
                               **options)
@@ -397,8 +403,8 @@ def gl_kernel_dim_from_product_rank(s_l: torch.Tensor, product_rank: int, *, rto
 
 def gl_kernel_dim_generic(s_l: torch.Tensor, s_next: torch.Tensor, n: int, *, rtol: float = GL_KERNEL_RTOL) -> int:
     """The GL kernel dimension's Haar value (MATH.md §4, §7):
-    :func:`~hf_flag.geometry.baselines.gl_kernel_dim_baseline` ``max(0, rank W_l - rank W_next)`` with both ranks counted as :func:`gl_invariant_kernel_dim` counts them
-    (singular values above ``rtol sigma_1`` of each weight), from their descending singular values."""
+    :func:`~hf_flag.geometry.baselines.gl_kernel_dim_baseline` ``max(0, rank W_l - rank W_next)`` with both ranks
+    counted as :func:`gl_invariant_kernel_dim` counts them (singular values above ``rtol sigma_1`` of each weight), from their descending singular values."""
     where = "gl_kernel_dim_generic"
     for name, x in (("s_l", s_l), ("s_next", s_next)):
         if not isinstance(x, torch.Tensor) or x.ndim != 1:

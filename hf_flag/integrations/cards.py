@@ -25,8 +25,9 @@ its own, ``"mlp/commutator_ratio_baseline"``; ``metric_name`` is a readable labe
 The section opens with where the numbers come from (:func:`provenance_sentence`: a card computed from anything
 other than the named repo's own weights says so in its first sentence), states the reading rule
 (:mod:`hf_flag.integrations.readings`), then one plain paragraph per diagnostic with a link to its definition and
-each number beside its random baseline and its spread over layers.  Local models are named by their Hub name
-(``--name`` or ``_name_or_path``), never by a path.
+each number beside its random baseline and its spread over layers.  Local models are named by ``--name`` (an
+embedded default model by its Hub id), else by their folder's or file's name, never by a path and never by their
+config's ``_name_or_path`` (which names the model a copy was loaded or fine-tuned from).
 
 Integrations do no math: everything here formats an :class:`hf_flag.report.Report`.
 """
@@ -109,6 +110,8 @@ DEFINITIONS = {
 }
 VERDICT_TEXT = {readings.ABOVE: "above random", readings.BELOW: "below random",
                 readings.RANDOM: "not distinguishable from random at this spread"}
+#: verdicts under which a value is shown in the card's text but not published as a number (YAML, model-index)
+UNREAD_VERDICTS = frozenset({readings.NOT_READ, readings.UNINFORMATIVE})
 
 
 class CardFormatError(InputError):
@@ -175,7 +178,8 @@ def is_derived(report: Report, model_name: str) -> bool:
 
 def card_model_name(report: Report, name: Optional[str] = None) -> str:
     """The name a card and its model-index give the model: ``name`` (``--name``), else the Hub id the weights were
-    fetched from, else the local model's Hub name (``_name_or_path``), else the report's label when it is no path,
+    fetched from, else an embedded default model's Hub id (provenance ``hub_name``), else the report's label when it
+    is no path,
     else the last component of that path (never an absolute path)."""
     prov = provenance(report)
     for candidate in (name, prov.get("repo_id"), prov.get("hub_name")):
@@ -188,7 +192,9 @@ def card_model_name(report: Report, name: Optional[str] = None) -> str:
 
 
 def provenance_sentence(report: Report, model_name: str) -> str:
-    """The section's first sentence: where the numbers come from; it says so first when they are derived."""
+    """The section's first sentence: where the numbers come from.  Anything but ``model_name``'s own files fetched
+    from the Hub at a known commit (:func:`is_derived`) says so first, as a copy hf-flag did not verify: a local
+    file may or may not be byte-identical to the Hub's (nothing compares them), so it is never called derived."""
     from hf_flag import __version__
 
     prov = provenance(report)
@@ -200,30 +206,42 @@ def provenance_sentence(report: Report, model_name: str) -> str:
     if prov.get("source") == "hub":
         where = f"the Hub repository `{prov.get('repo_id')}` at commit `{str(prov.get('sha'))[:12]}`"
     elif prov.get("source") == "module":
-        where = f"an in-memory `{prov.get('class', 'model')}`"
+        where = f"an unverified in-memory `{prov.get('class', 'model')}`"
     elif prov.get("source") == "local":
         files = prov.get("files") or []
-        where = f"a local copy ({', '.join(f'`{f}`' for f in files)})" if files else "a local copy"
+        where = "an unverified local copy" + (f" ({', '.join(f'`{f}`' for f in files)})" if files else "")
     else:
         where = "weights whose origin this report does not record"
-    return (f"**Computed from a derived copy, not from the original weights of `{model_name}`:** {where}, "
-            f"{storage}, read by hf-flag {version}; the numbers describe that copy.")
+    return (f"**Computed from {where}, not from `{model_name}`'s own files at a known commit:** {storage}, read by "
+            f"hf-flag {version}; hf-flag did not compare these weights with that repository's, so the numbers "
+            f"describe this copy.")
+
+
+def published_values(report: Report, metrics: Optional[Sequence[str]] = None
+                     ) -> dict[str, tuple[float, Optional[float], int]]:
+    """Headline key -> ``(value, baseline, pairs)`` as the card reads it (:func:`readings.read_metric`: means over
+    the pairs where the value reads); keys read on no pair (kappa where it does not read as alignment, an
+    uninformative range overlap) are left out."""
+    out = {}
+    for key in headline_metrics(report, metrics):
+        reading = readings.read_metric(report, key)
+        if reading.verdict not in UNREAD_VERDICTS:
+            out[key] = (reading.value, reading.baseline, reading.pairs)
+    return out
 
 
 def eval_results(report: Report, metrics: Optional[Sequence[str]] = None) -> list[EvalResult]:
-    """Headline scalars (and their baselines) as ``EvalResult`` s, marked with hf-flag as their source; a value
-    the rows say cannot be read (kappa of pairs where it does not read as alignment) is left out of the model-index."""
+    """Headline scalars (and their baselines) as ``EvalResult`` s, marked with hf-flag as their source: the card's
+    values (:func:`published_values`), so a value the rows say cannot be read (kappa of pairs where it does not
+    read as alignment) is left out of the model-index and a partly read one is its mean over the pairs read."""
     sha = provenance(report).get("sha")
     out = []
-    for key in headline_metrics(report, metrics):
-        kind, _, metric = key.partition("/")
-        if metric == "commutator_ratio" and readings.kappa_reads(report, kind) is False:
-            continue
+    for key, (value, base, _) in published_values(report, metrics).items():
         base_key = key + BASELINE_SUFFIX
-        for k in (key, base_key) if _finite(report.summary.get(base_key)) else (key,):
+        for k, v in ((key, value), (base_key, base)) if base is not None else ((key, value),):
             out.append(EvalResult(task_type=TASK_TYPE, task_name=TASK_NAME, dataset_type=DATASET_TYPE,
                                   dataset_name=DATASET_NAME, dataset_revision=sha, metric_type=k,
-                                  metric_value=_round(report.summary[k]),
+                                  metric_value=_round(v),
                                   metric_name=metric_label(k.removesuffix(BASELINE_SUFFIX))
                                   + (" (random baseline)" if k == base_key else ""),
                                   source_name=SOURCE_NAME, source_url=DOCS_URL))
@@ -231,20 +249,27 @@ def eval_results(report: Report, metrics: Optional[Sequence[str]] = None) -> lis
 
 
 def number_line(reading: readings.Reading) -> str:
-    """``"- MLP (in -> out): 0.31 vs random 0.05 (6 layers: sd 0.02, 0.28 to 0.34; z = 30): above random."``"""
+    """``"- MLP: 0.31 vs random 0.05 (6 pairs in 6 layers; sd 0.02, 0.28 to 0.34; z = 30): above random."``;
+    a value read on some pairs only says so first (``"kappa reads in 20 of 29 pairs: ..."``) and why not on the
+    others last."""
     kind = reading.key.partition("/")[0]
-    text = f"- {KIND_LABELS.get(kind, kind)}: {_fmt(reading.value)}"
+    metric = reading.key.partition("/")[2]
+    text = f"- {KIND_LABELS.get(kind, kind)}: "
+    if reading.unread:
+        what = "kappa" if metric == "commutator_ratio" else DEFINITIONS.get(metric, (metric,))[0].lower()
+        text += f"{what} reads in {reading.pairs} of {reading.of} pairs: "
+    text += _fmt(reading.value)
     text += f" vs random {_fmt(reading.baseline)}" if reading.baseline is not None else " (no random baseline)"
     spread = reading.spread
     n = len(reading.layers)
-    detail = [f"{n} layer{'s' if n != 1 else ''}"]
+    detail = [f"{reading.pairs} pair{'s' if reading.pairs != 1 else ''} in {n} layer{'s' if n != 1 else ''}"]
     if spread is not None:
         detail.append(f"sd {_fmt(spread[0])}, {_fmt(spread[1])} to {_fmt(spread[2])}")
-    if reading.z is not None and reading.verdict != readings.NOT_READ:
+    if reading.z is not None and reading.verdict not in UNREAD_VERDICTS:
         detail.append(f"z = {_fmt(reading.z)}" if math.isfinite(reading.z) else "the same difference in every layer")
     text += f" ({'; '.join(detail)})"
     verdict = VERDICT_TEXT.get(reading.verdict) or f"{reading.verdict}: {reading.why}"
-    return f"{text}: {verdict}."
+    return f"{text}: {verdict}." + (f" Not read on the others: {reading.unread}." if reading.unread else "")
 
 
 def render_section(report: Report, *, model_name: Optional[str] = None, plots: Optional[Mapping[str, str]] = None,
@@ -252,10 +277,12 @@ def render_section(report: Report, *, model_name: Optional[str] = None, plots: O
     """The Markdown section, markers included. ``plots``: caption -> link (relative to the card)."""
     name = card_model_name(report, model_name)
     lines = [SECTION_START, "## Weight geometry (hf-flag)", "", provenance_sentence(report, name), "",
-             f"**How to read these numbers.** Each value is a mean over the model's layers, shown beside its random "
-             f"baseline (what weights of the same shapes and spectra give in random relative orientation) and its "
-             f"spread over layers (standard deviation, lowest to highest layer). A value is called above or below "
-             f"random only when, over at least {readings.MIN_LAYERS} layers, the per-layer differences from the "
+             f"**How to read these numbers.** Each value is a mean over the pairs (of weights or of heads) where it "
+             f"reads, with their number and the number of layers they lie in, shown beside the mean of their random "
+             f"baselines (what weights of the same shapes and spectra give in random relative orientation) and the "
+             f"spread of its per-layer means (standard deviation, lowest to highest layer). A value is called above "
+             f"or below random only when, over at least {readings.MIN_LAYERS} layers, the per-layer differences from "
+             f"the "
              f"baseline have a mean at least {readings.Z_THRESHOLD:g} standard errors from zero (z = mean difference "
              f"/ (sd / sqrt(layers)), |z| >= {readings.Z_THRESHOLD:g}); otherwise the card says it is not "
              f"distinguishable from random. Layers are not independent samples, so this is a reading rule, not a "
@@ -274,6 +301,9 @@ def render_section(report: Report, *, model_name: Optional[str] = None, plots: O
         lines += ["No headline metric was computed for this model.", ""]
     for caption, link in (plots or {}).items():
         lines += [f"![{caption}]({link})", ""]
+    left_out = readings.intersection_at_baseline(report) if plots else ""
+    if left_out:  # the plots leave it out too (hf_flag.harness.plots.save_plots)
+        lines += [f"The intersection-dimension plot is left out: {left_out}.", ""]
     lines += [f"Architecture `{report.architecture}`; {len(report.rows)} rows of kinds "
               f"{', '.join(report.kinds()) or 'none'}; the full per-layer values are in hf-flag's report and "
               f"dataset. [About hf-flag]({DOCS_URL}).",
@@ -282,19 +312,23 @@ def render_section(report: Report, *, model_name: Optional[str] = None, plots: O
 
 
 def render_yaml_key(report: Report, metrics: Optional[Sequence[str]] = None, nl: str = "\n") -> str:
-    """Our top-level YAML key ``hf_flag:``: version, provenance and the headline scalars with their baselines."""
+    """Our top-level YAML key ``hf_flag:``: version, provenance, the headline scalars the card reads with their
+    baselines (:func:`published_values`: a value read on no pair is left out) and the number of pairs each is a
+    mean over (``pairs``)."""
     from hf_flag import __version__
 
-    values = {}
-    for key in headline_metrics(report, metrics):
-        for k in (key, key + BASELINE_SUFFIX):
-            if _finite(report.summary.get(k)):
-                values[k] = _round(report.summary[k])
+    values, pairs = {}, {}
+    for key, (value, base, n) in published_values(report, metrics).items():
+        values[key] = _round(value)
+        if base is not None:
+            values[key + BASELINE_SUFFIX] = _round(base)
+        pairs[key] = n
     prov = provenance(report)
     source = {k: prov[k] for k in ("source", "repo_id", "revision", "sha", "hub_name", "format") if prov.get(k)}
     source["storage_dtypes"] = list(report.params.get("storage_dtypes") or [])
     payload = {YAML_KEY: {"version": report.params.get("hf_flag_version") or __version__,
-                          "architecture": report.architecture, "weights": source, "metrics": values}}
+                          "architecture": report.architecture, "weights": source, "metrics": values,
+                          "pairs": pairs}}
     text = yaml.safe_dump(payload, sort_keys=False, default_flow_style=False, allow_unicode=True, width=10_000)
     return text.replace("\n", nl)
 
@@ -554,7 +588,8 @@ def push_card(repo_id: str, report: Report, *, plots: Optional[Mapping[str, Path
 
     if is_derived(report, repo_id) and not allow_derived:
         raise DerivedWeightsError(
-            f"the card for {repo_id!r} was computed from a derived copy ({storage_text(report)}, "
+            f"the card for {repo_id!r} was computed from weights hf-flag did not verify as its own "
+            f"({storage_text(report)}, "
             f"{provenance(report).get('source', 'unknown source')}), not from the repo's own weights; analyse the "
             f"Hub id {repo_id} itself, or pass --allow-derived to push it anyway (its first sentence says so)")
     plots = dict(plots or {})

@@ -328,11 +328,3 @@ def hf_cache_dir() -> Path:
 
     return Path(constants.HF_HUB_CACHE)
 
-
-def hub_name(config: dict, fallback: Optional[str] = None) -> Optional[str]:
-    """A local model's Hub name: ``_name_or_path`` from its config when it is a Hub id (``org/name``, not a path)."""
-    name = config.get("_name_or_path") if isinstance(config, dict) else None
-    if isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name) and not os.path.isabs(name) \
-            and not Path(name).exists():
-        return name
-    return fallback

@@ -33,7 +33,7 @@ class ModuleSource(WeightSource):
                                     f"module, a local path, or a cached Hub id")
         self.module = module
         self.config = _module_config(module)
-        self.name = name or self.config.get("_name_or_path") or type(module).__name__
+        self.name = name or type(module).__name__  # not config _name_or_path: the checkpoint it was loaded from
         self._tensors: dict[str, torch.Tensor] = module.state_dict(keep_vars=False)
 
     def keys(self) -> list[str]:

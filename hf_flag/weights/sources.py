@@ -30,7 +30,7 @@ from torch import nn
 from hf_flag.defaults import default_hub_id
 from hf_flag.errors import WeightSourceError
 from hf_flag.weights import hub
-from hf_flag.weights.hub import hf_cache_dir, hub_name
+from hf_flag.weights.hub import hf_cache_dir
 from hf_flag.weights.gguf_source import GGUFSource
 from hf_flag.weights.module_source import ModuleSource
 from hf_flag.weights.pickle_source import TorchPickleSource
@@ -59,12 +59,19 @@ def open_weights(model_or_path: Union[str, os.PathLike, nn.Module, WeightSource]
     checkpoint, a Hub id that cannot be fetched (one line naming the repo and the remedy), or pickle files without
     ``allow_pickle=True``.
     """
+    if max_disk_bytes is not None and max_disk_bytes <= 0:
+        raise WeightSourceError(f"max_disk_bytes {max_disk_bytes} is not positive; give the bytes of checkpoint shards "
+                                f"to hold on disk (--max-disk GB > 0), or None to download whole")
+    local = not isinstance(model_or_path, (str, os.PathLike)) or Path(model_or_path).expanduser().exists()
+    if gguf_file is not None and local:
+        what = repr(os.fspath(model_or_path)) if isinstance(model_or_path, (str, os.PathLike)) else "a torch module"
+        raise WeightSourceError(f"--gguf-file {gguf_file!r} selects a file of a GGUF Hub repo, but model {what} is not "
+                                f"a Hub id; pass the local .gguf file's path as the model instead")
     if isinstance(model_or_path, WeightSource):
         return model_or_path
     if isinstance(model_or_path, nn.Module):
         source = ModuleSource(model_or_path)
-        source.provenance = {"source": "module", "format": "module", "class": type(model_or_path).__name__,
-                             "hub_name": hub_name(source.config)}
+        source.provenance = {"source": "module", "format": "module", "class": type(model_or_path).__name__}
         return source
     if not isinstance(model_or_path, (str, os.PathLike)):
         raise WeightSourceError(f"model of type {type(model_or_path).__name__} is not supported; pass a torch "
@@ -100,9 +107,10 @@ def open_weights(model_or_path: Union[str, os.PathLike, nn.Module, WeightSource]
             source = _open_file(target, allow_pickle=allow_pickle, name=text, config=read_config(snapshot.folder))
         source.provenance = snapshot.provenance(file_format(source))
         return source
-    # an embedded default model's config names the model it was fine-tuned from: its own Hub id comes first
-    source.provenance = {"source": "local", "format": file_format(source),
-                         "hub_name": default_hub_id(text) or hub_name(source.config),
+    # a local copy is named by its folder or file (the source's name) unless the caller names it: its config's
+    # _name_or_path names the model it was loaded or fine-tuned from, not this copy; only the embedded default
+    # models are known to be their Hub repos' files
+    source.provenance = {"source": "local", "format": file_format(source), "hub_name": default_hub_id(text),
                          **({"files": files} if files else {})}
     return source
 

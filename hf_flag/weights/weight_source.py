@@ -32,14 +32,27 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def float_dtype_eps(name: str) -> Optional[float]:
-    """``torch.finfo(dtype).eps`` for a floating torch dtype name, 0.0 for exact (integer/bool) storage,
-    ``None`` when ``name`` is not a torch dtype."""
+    """``torch.finfo(dtype).eps`` for a floating torch dtype name, ``None`` for any other name (integer or bool
+    storage included: integers are no real-valued weight, see :func:`integer_weight_error`)."""
     dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         return None
-    if dtype.is_floating_point:
-        return float(torch.finfo(dtype).eps)
-    return 0.0
+    return float(torch.finfo(dtype).eps)
+
+
+def is_integer_dtype(name: str) -> bool:
+    """Whether ``name`` is a torch integer or bool dtype name (``"int8"``, ``"uint8"``, ``"int32"``, ...)."""
+    dtype = getattr(torch, name, None)
+    return isinstance(dtype, torch.dtype) and not dtype.is_floating_point and not dtype.is_complex
+
+
+def integer_weight_error(source_name: str, name: str, dtype: str) -> WeightSourceError:
+    """The one-line error for a tensor stored as integers: an integer-quantised weight (bitsandbytes int8 with its
+    ``SCB`` scales, GPTQ/AWQ packed ``qweight``) whose real values need scales the analysis does not apply."""
+    return WeightSourceError(f"tensor {name!r} of {source_name!r} is stored as {dtype}: an integer-quantised weight "
+                             f"(e.g. bitsandbytes int8, GPTQ/AWQ packed int4) is not supported; dequantise it "
+                             f"first (load it with its quantisation library and save a float16/bfloat16/float32 "
+                             f"copy) and analyse that")
 
 
 def read_shard_index(index: Path) -> dict[str, Path]:
@@ -92,9 +105,13 @@ class WeightSource(ABC):
         """Bytes the stored tensors occupy (quantised size for GGUF)."""
 
     def storage_eps(self, name: str) -> float:
-        """Relative precision of the stored values of ``name``: ``torch.finfo(dtype).eps`` for float storage,
-        0.0 for integer storage (exact).  Quantised sources override this (MATH.md §4: tolerance ~ eps)."""
-        eps = float_dtype_eps(self.storage_dtype(name))
+        """Relative precision of the stored values of ``name``: ``torch.finfo(dtype).eps`` for float storage (never
+        0: float64 has 2.2e-16).  Integer storage raises :func:`integer_weight_error`.  Quantised sources override
+        this (MATH.md §4: tolerance ~ eps)."""
+        dtype = self.storage_dtype(name)
+        if is_integer_dtype(dtype):
+            raise integer_weight_error(self.name, name, dtype)
+        eps = float_dtype_eps(dtype)
         if eps is None:
             raise WeightSourceError(f"tensor {name!r} of {self.name!r} has storage dtype "
                                     f"{self.storage_dtype(name)!r} with no known precision; report this as a bug")
@@ -105,12 +122,18 @@ class WeightSource(ABC):
 
         Low-precision storage is upcast exactly (bf16/fp16 -> float64 is lossless).  Without ``dtype`` the
         storage dtype is kept (float32 for dequantised GGUF tensors).  The result may share memory with the
-        source (an in-memory module's parameter, a memory-mapped file): do not modify it in place.
+        source (an in-memory module's parameter, a memory-mapped file): do not modify it in place.  A tensor stored
+        as integers is read as integers (``dtype`` None or an integer dtype); read as real values (a floating
+        ``dtype``, as every analysis reads weights) it raises :func:`integer_weight_error`: its real values need
+        scales stored elsewhere.
         """
         if self._closed:
             raise WeightSourceError(f"weights {self.name!r} were closed; open them again with open_weights(...)")
         self._check_key(name)
         tensor = self._read(name)
+        if dtype is not None and (dtype.is_floating_point or dtype.is_complex) and not (
+                tensor.is_floating_point() or tensor.is_complex()):
+            raise integer_weight_error(self.name, name, dtype_name(tensor.dtype))
         if dtype is None and device is None:
             return tensor
         return tensor.to(device=device, dtype=dtype)

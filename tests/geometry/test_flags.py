@@ -10,6 +10,7 @@ import torch
 from hf_flag.geometry.angles import principal_angles
 from hf_flag.geometry.flags import (
     flag_cuts,
+    flag_position_from_svd,
     flag_relative_position,
     gl_invariant_kernel_dim,
     identity_agreement,
@@ -282,3 +283,21 @@ def test_identity_agreement_is_one_for_aligned_flags_and_counts_matching_cells()
     expected_soft = sum(max(0, i + j - n) / min(i, j) for i, j in cells) / len(cells)
     hard, soft = identity_agreement(reversed_)
     assert hard == 0.0 and soft == pytest.approx(expected_soft, abs=1e-10)
+
+
+def test_float32_factors_count_the_directions_two_subspaces_must_share() -> None:
+    """Two 16-dim subspaces of R^24 share at least 8 directions (dimension count): the default report's float32
+    window factors, orthonormal only to float32 rounding, must count them as the float64 factors do (review: the
+    float32 windows gave 3, 3, 4 on a tiny Llama's MLP pairs where full=True gave 8)."""
+    g = torch.Generator().manual_seed(0)
+    W_l, W_next = torch.randn(24, 16, generator=g), torch.randn(16, 24, generator=g)
+    counts = []
+    for dtype in (torch.float64, torch.float32):
+        U, s_l, _ = torch.linalg.svd(W_l.to(dtype), full_matrices=False)
+        _, s_n, Vh = torch.linalg.svd(W_next.to(dtype), full_matrices=False)
+        flag = flag_position_from_svd(U, s_l.double(), Vh, s_n.double(), n=24, rank_rtol=(1e-6, 1e-6))
+        counts.append((flag.intersection_cut, flag.intersection_dim))
+    # independent reference: the principal angles of the two ranges, float64
+    angles = principal_angles(W_l.double(), W_next.double().T)
+    assert int((angles < 1e-6).sum()) == 8
+    assert counts == [(16, 8), (16, 8)]

@@ -40,17 +40,20 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 
 
 def hand_report(model: str = "org/tiny") -> Report:
-    """Two layers, three heads: mlp/vo pair rows with commutator ratio and intersection dimension (+ baselines),
+    """Two layers, three heads: mlp/vo pair rows with commutator ratio (reading as alignment) and intersection
+    dimension (+ baselines),
     head_overlap_o rows for h < h'. Values are arbitrary but distinct so misplacement shows."""
     rows = []
     for layer in range(2):
         rows.append(Row(model, "mlp", layer, layer, "mlp.in", "mlp.out",
                         {"commutator_ratio": 0.3 + 0.1 * layer, "commutator_ratio_baseline": 0.05,
-                         "intersection_dim": 2.0 + layer, "intersection_dim_baseline": 0.0}))
+                         "intersection_dim": 2.0 + layer, "intersection_dim_baseline": 0.0},
+                        {"commutator_reading_holds": True}))
         for h in range(3):
             rows.append(Row(model, "vo", layer, layer, f"head {h}", f"head {h}",
                             {"commutator_ratio": 0.01 * (h + 1) + layer, "commutator_ratio_baseline": 0.2,
-                             "intersection_dim": float(h), "intersection_dim_baseline": 1.0}))
+                             "intersection_dim": float(h), "intersection_dim_baseline": 1.0},
+                            {"commutator_reading_holds": True}))
         for h in range(3):
             for g in range(h + 1, 3):
                 rows.append(Row(model, "head_overlap_o", layer, layer, f"head {h}", f"head {g}",

@@ -84,7 +84,8 @@ def test_modelcard_load_save_then_rerun_replaces_exactly_our_results(report):
     first = cards.update_card_text(USER_CARD, report, model_name="org/tiny")
     saved = str(ModelCard(first))  # a load/save by huggingface_hub
     assert "# Card metadata" not in saved  # it did drop the comments
-    report.summary["mlp/commutator_ratio"] = 0.77
+    for row, value in zip(report.select(kind="mlp"), (0.7, 0.84)):  # the card reads the rows: mean 0.77
+        row.values["commutator_ratio"] = value
     second = cards.update_card_text(saved, report, model_name="org/tiny")
     for text in (second, str(ModelCard(second)), cards.update_card_text(str(ModelCard(second)), report)):
         results = ModelCard(text).data.eval_results
@@ -159,9 +160,12 @@ def test_first_sentence_says_where_the_numbers_come_from(report):
     report.params.update(storage_dtypes=["F32", "Q4_1"], hf_flag_version="0.1.0", provenance={
         "source": "local", "format": "gguf", "files": ["SmolLM2-135M-Instruct.Q4_1.gguf"], "hub_name": None})
     derived = first_sentence(cards.update_card_text("", report, model_name="HuggingFaceTB/SmolLM2-135M-Instruct"))
-    assert derived.startswith("**Computed from a derived copy, not from the original weights of "
-                              "`HuggingFaceTB/SmolLM2-135M-Instruct`:** a local copy "
-                              "(`SmolLM2-135M-Instruct.Q4_1.gguf`), GGUF, stored as F32/Q4_1")
+    # review s5 item 9: nothing compared the local file with the Hub's, so it is unverified, never "derived"
+    assert derived == ("**Computed from an unverified local copy (`SmolLM2-135M-Instruct.Q4_1.gguf`), not from "
+                       "`HuggingFaceTB/SmolLM2-135M-Instruct`'s own files at a known commit:** GGUF, stored as "
+                       "F32/Q4_1, read by hf-flag 0.1.0; hf-flag did not compare these weights with that repository's, "
+                       "so the numbers describe this copy.")
+    assert "derived" not in derived
     assert cards.is_derived(report, "HuggingFaceTB/SmolLM2-135M-Instruct")
     sha = "a" * 40
     report.params.update(storage_dtypes=["bfloat16"], provenance={
@@ -180,7 +184,8 @@ def test_each_diagnostic_is_one_paragraph_with_a_link_and_numbers_with_baseline_
     assert section.count("### ") == 2  # commutator ratio, head overlap
     for anchor in ("#3-commutator-obstruction", "#6-attention-heads-weight-only"):
         assert f"]({cards.MATH_URL}{anchor})" in section
-    assert "- MLP: 0.35 vs random 0.05 (2 layers; sd 0.0707, 0.3 to 0.4): not read:" in section
+    assert "- MLP: 0.35 vs random 0.05 (2 pairs in 2 layers; sd 0.0707, 0.3 to 0.4; z = 6): undetermined:" in section
+    assert "- attention V-O: 0.52 vs random 0.2 (6 pairs in 2 layers; sd 0.707, 0.02 to 1.02; z = 0.64)" in section
     assert "the rule needs 3" in section and "|z| >= 3" in section
 
 
@@ -235,3 +240,44 @@ def test_model_index_leaves_out_kappa_where_it_does_not_read():
     metrics = {r.metric_type for r in eval_results(report)}
     assert "vo/commutator_ratio" in metrics and "vo/commutator_ratio_baseline" in metrics
     assert not {m for m in metrics if m.startswith("mlp/")}
+
+
+def kappa_report(reads_by_layer: dict[str, list], values: dict[str, list]) -> "Report":
+    from hf_flag.report import Report, Row
+    from hf_flag.rows import summarize
+
+    rows = [Row("m", kind, i, i, "a", "b", {"commutator_ratio": v, "commutator_ratio_baseline": 0.03},
+                {"commutator_reading_holds": reads})
+            for kind in values for i, (v, reads) in enumerate(zip(values[kind], reads_by_layer[kind]))]
+    return Report("m", "llama", rows=rows, summary=summarize(rows))
+
+
+def test_yaml_and_model_index_hold_what_the_card_reads_with_counts():
+    """Review s5 items 4, 6, 8: the YAML hf_flag.metrics drops kappa where it reads on no pair, holds the mean over
+    the pairs where it reads on some (with their count under hf_flag.pairs), and the model-index the same."""
+    report = kappa_report({"mlp": [False] * 3, "residual": [True, False, True, True]},
+                          {"mlp": [0.05, 0.06, 0.07], "residual": [0.031, 0.09, 0.033, 0.035]})
+    text = cards.update_card_text("", report, model_name="org/m")
+    meta = front_matter(text)["hf_flag"]
+    assert meta["metrics"] == {"residual/commutator_ratio": 0.033, "residual/commutator_ratio_baseline": 0.03}
+    assert meta["pairs"] == {"residual/commutator_ratio": 3}
+    assert report.summary["residual/commutator_ratio"] == pytest.approx(0.04725)  # the mean the tables used to show
+    assert {k: r.metric_value for k, r in ours(text).items()} == meta["metrics"]
+    section = text.split(cards.SECTION_START, 1)[1]
+    # z = mean(d) / (sd(d) / sqrt(3)) with d = 0.001, 0.003, 0.005: 0.003 / (0.002 / sqrt(3)) = 2.598
+    assert ("- residual (MLP out/in): kappa reads in 3 of 4 pairs: 0.033 vs random 0.03 (3 pairs in 3 layers; sd "
+            "0.002, 0.031 to 0.035; z = 2.6): not distinguishable from random at this spread. Not read on the others: "
+            "kappa does not read as alignment on 1 of 4 pairs:") in section
+    assert "- MLP: 0.06 vs random 0.03 (3 pairs in 3 layers; sd 0.01, 0.05 to 0.07): not read: kappa does not " \
+           "read as alignment on 3 of 3 pairs" in section
+
+
+def test_card_says_why_the_intersection_plot_is_left_out(report):
+    for row in report.rows:
+        if "intersection_dim" in row.values:
+            row.values["intersection_dim"] = row.values["intersection_dim_baseline"]
+            row.details["intersection_cut"] = 1
+    line = ("The intersection-dimension plot is left out: on every one of its 8 pairs the intersection dimension "
+            "equals its general-position baseline max(0, 2c - n) at the cut c where it is taken (c = 1).")
+    assert line in cards.render_section(report, plots={"Commutator ratio by layer": "p.png"}).splitlines()
+    assert line not in cards.render_section(report)  # no plots, nothing left out

@@ -74,3 +74,17 @@ def test_sweep_name_option_names_its_one_model(tmp_path):
     assert [(m.path, m.name) for m in cfg.models] == [(str(tmp_path / "ft"), "me/fine-tuned")]
     with pytest.raises(ConfigError, match=r"^--name me/x: names one MODEL, but 2 were given"):
         parse_args(["a", "b", "--name", "me/x", "--out", str(tmp_path / "o")])
+
+
+def test_default_device_is_what_the_docs_say(monkeypatch, tmp_path):
+    """README, examples/sweep.yaml and the config docstring say ``auto``: cuda when available, else cpu."""
+    import torch
+
+    cfg, _ = sweep.parse_args(["a/b", "--out", str(tmp_path)])
+    assert cfg.device == "auto" == load_config(EXAMPLE)["device"]
+    assert "device: auto" in config_module.__doc__ and "--device auto" in (REPO / "README.md").read_text()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert sweep.resolve_device(cfg.device, 0) == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert [sweep.resolve_device(cfg.device, rank) for rank in range(3)] == ["cuda:0", "cuda:1", "cuda:0"]

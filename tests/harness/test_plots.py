@@ -67,21 +67,25 @@ def test_by_layer_figure_one_panel_per_pair_kind_with_labelled_baselines(report)
     assert plots.figure_by_layer(report, "no_such_metric") is None
 
 
-def test_missing_layers_are_named_with_the_reason_and_windows_drawn():
+def test_missing_layers_are_named_with_the_reason_and_the_cut_stated_without_windows():
+    """Review s5 item 7: the intersection dimension is a count at one cut c: each point says its cut, and no
+    transport window is drawn beside it."""
     rows = [Row("m", "vo", layer, layer, "head 0", "head 0",
                 {"intersection_dim": None if layer in (1, 2) else 0.0, "intersection_dim_baseline": 0.0,
-                 "window_in": 4.0 + layer, "window_out": 3.0})
+                 "window_in": 4.0 + layer, "window_out": 3.0}, {"intersection_cut": None if layer in (1, 2) else 1})
             for layer in range(4)]
-    fig = plots.figure_by_layer(Report("m", "llama", rows=rows), "intersection_dim")
-    [panel] = [ax for ax in fig.axes if ax.get_title()]
+    rows.append(Row("m", "vo", 3, 3, "head 1", "head 1", {"intersection_dim": 0.0, "intersection_dim_baseline": 0.0},
+                    {"intersection_cut": 2}))
+    fig = plots.figure_by_layer(Report("m", "llama", rows=rows), "intersection_dim",
+                                ylabel=plots.BY_LAYER_PLOTS["intersection_dim"][2])
+    assert len(fig.axes) == 1  # no second (window) axis
+    [panel] = fig.axes
     assert "no value at layers 1, 2: the two flags share no cut below" in panel.get_xlabel()
+    assert "at cut c" in panel.get_ylabel()
     value = lines_of(panel)["value (layer mean)"]
     assert np.isnan(value.get_ydata()[1:3]).all() and list(value.get_ydata()[[0, 3]]) == [0.0, 0.0]
     assert value.get_label().endswith("(= baseline at every layer)")
-    [twin] = [ax for ax in fig.axes if not ax.get_title()]
-    windows = lines_of(twin)
-    assert list(windows["window in"].get_ydata()) == [4.0, 5.0, 6.0, 7.0]
-    assert list(windows["window out"].get_ydata()) == [3.0] * 4
+    assert [(t.get_text(), t.xy) for t in panel.texts] == [("c=1", (0, 0.0)), ("c=1-2", (3, 0.0))]
     none = [Row("m", "vo", 0, 0, "h", "h", {"intersection_dim": None}),
             Row("m", "mlp", 0, 0, "a", "b", {"intersection_dim": 1.0})]
     fig = plots.figure_by_layer(Report("m", "x", rows=none), "intersection_dim")
@@ -146,7 +150,7 @@ def test_kappa_panels_say_where_kappa_does_not_read_and_the_range_overlap_is_plo
     titles = {ax.get_title().split("\n")[0]: ax.get_title() for ax in fig.axes if ax.get_title()}
     assert titles[KIND_LABELS["mlp"]].endswith("kappa does not read as alignment (ranks below n): "
                                               "read the range overlap")
-    assert "in 1 of 3 pairs" in titles[KIND_LABELS["residual"]]
+    assert "kappa reads in 2 of 3 pairs (hollow: ranks below n" in titles[KIND_LABELS["residual"]]
     assert titles[KIND_LABELS["vo"]] == KIND_LABELS["vo"]
     assert all(ax.get_title() for ax in fig.axes)  # no window axis beside kappa
     written = plots.save_plots(report, tmp_path / "plots")
@@ -158,16 +162,28 @@ def test_kappa_panels_say_where_kappa_does_not_read_and_the_range_overlap_is_plo
 
 
 
-def test_window_series_means_are_the_stats_means():
-    """Per-layer means of the window sizes through hf_flag.geometry.stats (MATH.md §8): the correctly rounded mean,
-    the old np.mean up to its last bits (unchanged figures); layers without the value are left out."""
-    from hf_flag.geometry import stats
+def test_layers_where_kappa_does_not_read_have_hollow_markers_with_a_legend_entry():
+    """Review s5 item 6: the plot marks the layers where kappa does not read (filled elsewhere)."""
+    rows = [Row("m", "residual", layer, layer + 1, "a", "b",
+                {"commutator_ratio": 0.02 + 0.01 * layer, "commutator_ratio_baseline": 0.025},
+                {"commutator_reading_holds": layer not in (1, 3)}) for layer in range(5)]
+    fig = plots.figure_by_layer(Report("m", "llama", rows=rows), "commutator_ratio")
+    [panel] = fig.axes
+    lines = lines_of(panel)
+    assert list(lines["value (layer mean)"].get_markevery()) == [0, 2, 4]  # filled markers where kappa reads
+    hollow = lines["kappa does not read here"]
+    assert list(hollow.get_xdata()) == [1, 3] and list(hollow.get_ydata()) == pytest.approx([0.03, 0.05])
+    assert hollow.get_markerfacecolor() == "white" and hollow.get_linestyle() == "None"
+    legend = [t.get_text() for t in panel.get_legend().get_texts()]
+    assert "kappa does not read here\n(ranks below n)" in legend
+    reading = [Row("m", "vo", 0, 0, "h", "h", {"commutator_ratio": 0.02}, {"commutator_reading_holds": True})]
+    [panel] = plots.figure_by_layer(Report("m", "llama", rows=reading), "commutator_ratio").axes
+    assert set(lines_of(panel)) == {"value (layer mean)"}
 
-    windows = {0: [64.0, 3.0, 7.0], 1: [0.1, 0.2, 0.3]}  # 0.1 + 0.2 + 0.3: naive sums round differently
-    rows = [Row("m", "mlp", layer, layer, f"s{i}", "t", {"window_in": v, "window_out": 2 * v})
-            for layer, vs in windows.items() for i, v in enumerate(vs)]
-    rows.append(Row("m", "mlp", 2, 2, "s", "t", {"window_in": None, "window_out": float("nan")}))
-    series = plots.window_series(Report("m", "x", rows=rows), "mlp")
-    assert series["window_in"] == ([0, 1], [stats.mean(windows[0]), stats.mean(windows[1])])
-    assert series["window_out"][1] == [stats.mean([2 * v for v in windows[layer]]) for layer in (0, 1)]
-    assert series["window_in"][1] == pytest.approx([np.mean(windows[0]), np.mean(windows[1])], rel=4e-16)
+
+def test_intersection_plot_left_out_when_it_equals_its_baseline_at_every_pair(report, tmp_path):
+    for row in report.rows:
+        if "intersection_dim" in row.values:
+            row.values["intersection_dim"] = row.values["intersection_dim_baseline"]
+    assert "Intersection dimension by layer" not in plots.save_plots(report, tmp_path)
+    assert not (tmp_path / "intersection_dim.png").exists()

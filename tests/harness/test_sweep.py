@@ -23,6 +23,7 @@ from hf_flag.harness import claims, schedule, sweep
 from hf_flag.harness.claims import Claims, Owner
 from hf_flag.harness.config import ConfigError, ModelSpec, load_config
 from hf_flag.report import Report
+from hf_flag.rows import format_value
 
 REPO = Path(__file__).resolve().parents[2]
 UNKNOWN = "nobody-offline/not-a-cached-model"
@@ -69,7 +70,7 @@ def statuses(out: Path) -> dict[str, str]:
 def one_process(tiny_models, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("sweep1") / "out"
     proc = run_sweep([*model_list(tiny_models), "--out", str(out), *ARGS])
-    assert proc.returncode == 1, proc.stderr[-3000:]  # two models fail on purpose
+    assert proc.returncode == 3, proc.stderr[-3000:]  # two models fail on purpose
     return out
 
 
@@ -103,13 +104,23 @@ def test_summary_plots_and_cards(one_process, tiny_models):
     assert [t["status"] for t in table] == ["done", "done", "done", "failed", "failed"]
     report = Report.from_json((one_process / "runs" / "local--llama" / "report.json").read_text())
     llama = table[1]
-    assert float(llama["mlp/commutator_ratio"]) == report.summary["mlp/commutator_ratio"]
-    assert float(llama["mlp/commutator_ratio_baseline"]) == report.summary["mlp/commutator_ratio_baseline"]
-    assert table[3]["error"] and table[3]["mlp/commutator_ratio"] == ""
+    assert float(llama["vo/commutator_ratio"]) == report.summary["vo/commutator_ratio"]
+    assert float(llama["vo/commutator_ratio_baseline"]) == report.summary["vo/commutator_ratio_baseline"]
+    assert int(llama["vo/commutator_ratio_n"]) == len(report.select(kind="vo"))
+    assert llama["mlp/commutator_ratio"] == "" and "mlp/commutator_ratio: not read" in llama["notes"]
+    assert table[3]["error"] and table[3]["vo/commutator_ratio"] == ""
     md = (one_process / "summary.md").read_text()
-    assert md.count("\n") == 2 + 5 and f"{report.summary['mlp/commutator_ratio']:.3g} (" in md
+    assert md.count("\n") == 2 + 5
+    assert (f"{format_value(report.summary['vo/commutator_ratio'])} "
+            f"({format_value(report.summary['vo/commutator_ratio_baseline'])}) n={len(report.select(kind='vo'))}"
+            in md)
     pngs = sorted(p.name for p in (one_process / "plots" / "local--llama").glob("*.png"))
-    assert pngs == ["commutator_ratio.png", "head_overlap_o.png", "intersection_dim.png", "range_overlap.png"]
+    # the intersection plot is drawn only where some pair differs from its general-position baseline (random
+    # tiny weights: none, every pair at max(0, 2c - n), checked on the rows themselves)
+    differs = any(r.values.get("intersection_dim") not in (None, r.values.get("intersection_dim_baseline"))
+                  for r in report.rows)
+    assert not differs
+    assert pngs == ["commutator_ratio.png", "head_overlap_o.png", "range_overlap.png"]
     card = one_process / "model_cards" / "local--llama" / "README.md"
     text = card.read_text()
     links = [line[line.index("](") + 2:-1] for line in text.splitlines() if line.startswith("![")]
@@ -167,7 +178,7 @@ def test_rerun_after_death_runs_each_model_exactly_once(one_process, tiny_models
     before = {p.parent.name: p.read_text() for p in (out / "runs").glob("*/started.json")}
     errors = {p.parent.name: p.read_text() for p in (out / "runs").glob("*/error.json")}
     proc = run_sweep([*model_list(tiny_models), "--out", str(out), *ARGS])
-    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.returncode == 3, proc.stderr[-3000:]
     after = {p.parent.name: p.read_text() for p in (out / "runs").glob("*/started.json")}
     assert [s for s in after if after[s] != before[s]] == ["local--llama"]  # only the dead one was redone
     assert errors == {p.parent.name: p.read_text() for p in (out / "runs").glob("*/error.json")}
@@ -209,7 +220,7 @@ def test_unshared_out_results_travel_and_a_dead_rank_is_named_within_its_lease(o
     assert {s for s, st in got.items() if st == "missing"} == set(plan[1])
     notes = {m["slug"]: m["error"] for m in json.loads((out2 / "sweep.json").read_text())["models"]}
     assert all("rank 1 (pid " in notes[s] for s in plan[1])
-    assert run_sweep(args2).returncode == 1  # the rerun (one process) completes rank 1's models
+    assert run_sweep(args2).returncode == 3  # the rerun (one process) completes rank 1's models
     assert statuses(out2) == statuses(one_process) and rows(out2) == rows(one_process)
 
 
@@ -244,11 +255,12 @@ def test_bad_inputs_exit_2_with_one_line(tiny_models, tmp_path, capsys):
 
 def test_failed_push_is_one_line_and_keeps_the_results(tiny_models, tmp_path, capsys):
     out = tmp_path / "out"
-    args = [str(tiny_models["gpt2"]), "--out", str(out), "--diagnostics", "mlp", "--push-to-hub", "me/results"]
-    assert sweep.main(args) == 1  # the session is offline (HF_HUB_OFFLINE=1): the push cannot reach the Hub
+    args = [str(tiny_models["gpt2"]), "--name", "me/tiny-gpt2", "--out", str(out), "--diagnostics", "mlp",
+            "--push-to-hub", "me/results"]
+    assert sweep.main(args) == 3  # the session is offline (HF_HUB_OFFLINE=1): the push cannot reach the Hub
     err = [line for line in capsys.readouterr().err.splitlines() if "hf-flag sweep" in line]  # not tqdm's bar
     assert len(err) == 1 and "--push-to-hub me/results" in err[0] and "OfflineModeIsEnabled" in err[0]
-    assert statuses(out) == {"local--gpt2": "done"} and rows(out)  # everything was written before the push
+    assert statuses(out) == {"me--tiny-gpt2": "done"} and rows(out)  # everything was written before the push
 
 
 def test_hf_flag_cli_dispatches_to_the_sweep(tmp_path, capsys):
@@ -311,7 +323,7 @@ def test_config_file_and_arguments_merge(tmp_path):
     assert cfg.models == (ModelSpec("a/b"), ModelSpec("./local", "me/local"), ModelSpec("c/d"))  # no duplicate
     assert (cfg.composition, cfg.out, cfg.diagnostics, cfg.split_layers) == ("adjacent", tmp_path / "cli",
                                                                              ("mlp",), True)
-    assert cfg.device == "cpu" and cfg.push_to_hub is None and not cfg.write_model_cards  # defaults
+    assert cfg.device == "auto" and cfg.push_to_hub is None and not cfg.write_model_cards  # defaults
 
 
 def test_long_lived_frozen_hands_the_heap_back():
@@ -366,8 +378,30 @@ def test_retry_failed_reruns_only_failures(one_process, tiny_models, tmp_path):
     shutil.copytree(one_process, out)
     started = {p.parent.name: p.read_text() for p in (out / "runs").glob("*/started.json")}
     args = [*model_list(tiny_models), "--out", str(out), *ARGS]
-    assert sweep.main(args) == 1  # failures are final for unchanged inputs: nothing reruns
+    assert sweep.main(args) == 3  # failures are final for unchanged inputs: nothing reruns
     assert started == {p.parent.name: p.read_text() for p in (out / "runs").glob("*/started.json")}
-    assert sweep.main([*args, "--retry-failed"]) == 1
+    assert sweep.main([*args, "--retry-failed"]) == 3
     changed = {p.parent.name for p in (out / "runs").glob("*/started.json") if p.read_text() != started[p.parent.name]}
     assert changed == {"local--broken", UNKNOWN.replace("/", "--")}
+
+
+def test_a_local_copy_is_named_by_its_folder_and_never_pushed_without_a_name(minilm_path, tmp_path, capsys):
+    """A copy of all-MiniLM-L6-v2 (config ``_name_or_path``: its base model nreimers/MiniLM-L6-H384-uncased) is
+    labelled, carded and slugged by its folder name; ``--push-to-hub`` refuses it (one line, exit 2, before any
+    work) until ``--name`` names its repo; the embedded default keeps its Hub id."""
+    copy = tmp_path / "mycopy"
+    shutil.copytree(minilm_path, copy)
+    out = tmp_path / "out"
+    args = [str(copy), "--out", str(out), "--diagnostics", "mlp", "--composition", "none", "--cheap"]
+    assert sweep.main([*args, "--push-to-hub", "--allow-derived", "--dry-run"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("hf-flag")]
+    assert len(err) == 1 and f"local model {str(copy)!r} has no Hub repo name" in err[0] and "--name" in err[0]
+    assert not (out / "runs").exists()
+    assert sweep.main(args) == 0
+    section = (out / "model_cards" / "local--mycopy" / "README.md").read_text().split("hf-flag:start")[1]
+    assert "`mycopy`" in section and "nreimers" not in section  # hf-flag's section (the copy's own text is kept)
+    assert sweep.main([*args, "--name", "me/mycopy", "--push-to-hub", "--allow-derived", "--dry-run"]) == 0
+    pushed = capsys.readouterr().out
+    assert "card of me/mycopy" in pushed and "nreimers" not in pushed
+    cfg, _ = sweep.parse_args([str(minilm_path), "--out", str(tmp_path), "--push-to-hub"])  # a default: named
+    assert [s.name for s in cfg.models] == ["sentence-transformers/all-MiniLM-L6-v2"]

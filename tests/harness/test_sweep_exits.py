@@ -11,10 +11,13 @@ from unittest import mock
 
 import numpy as np
 import pytest
+import torch
 
 from hf_flag.harness import claims, schedule, sweep
 from hf_flag import cli, exits
 from hf_flag import analyze
+from hf_flag.errors import WeightSourceError
+from hf_flag.weights.sources import open_weights
 
 
 def one_stderr_line(capsys) -> str:
@@ -160,3 +163,53 @@ def test_layers_per_checkpoint():
     assert sweep.layers_per_checkpoint(6, 90 * mib, None) >= 6  # a small model is one checkpoint
     assert sweep.layers_per_checkpoint(6, 90 * mib, 1) == 1
     assert sweep.layers_per_checkpoint(6, 90 * mib, 0) == 6
+
+
+def test_sweep_exit_code_tells_input_failures_from_internal_ones(tiny_models, tmp_path, capsys):
+    """A model that fails on its input (a corrupt checkpoint) leaves the sweep incomplete: exit 3, not the
+    internal-error code 1; a model whose analysis hits an internal error (a bug) exits 1 and says where its
+    traceback is."""
+    good, broken = str(tiny_models["gpt2"]), str(tiny_models["broken"])
+    out = tmp_path / "input"
+    assert sweep.main([good, broken, "--out", str(out), "--diagnostics", "mlp"]) == exits.EXIT_INCOMPLETE == 3
+    assert json.loads((out / "runs" / "local--broken" / schedule.ERROR).read_text())["internal"] is False
+    capsys.readouterr()
+    out = tmp_path / "internal"
+    real = sweep.analyze
+
+    def buggy(source, **kwargs):
+        if "llama" in str(kwargs.get("name")):
+            raise KeyError("a bug")
+        return real(source, **kwargs)
+
+    with mock.patch.object(sweep, "analyze", buggy):
+        code = sweep.main([good, str(tiny_models["llama"]), "--out", str(out), "--diagnostics", "mlp"])
+    assert code == exits.EXIT_INTERNAL
+    err = capsys.readouterr().err
+    assert "internal error" in err and str(out / "runs" / "local--llama" / schedule.ERROR) in err
+    assert "KeyError" in json.loads((out / "runs" / "local--llama" / schedule.ERROR).read_text())["traceback"]
+
+
+def test_sweep_help_lists_the_exit_codes(capsys):
+    with pytest.raises(SystemExit):
+        sweep.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "exit status: 0 every model done; 1 an internal error" in text and "3 finished incomplete" in text
+
+
+@pytest.mark.parametrize("value", ["-1", "0", "nan", "inf", "x"])
+def test_max_disk_must_be_positive(value, tiny_models, tmp_path, capsys):
+    model = str(tiny_models["gpt2"])
+    assert cli.main(["analyze", model, "--max-disk", value]) == exits.EXIT_USAGE
+    assert "--max-disk" in one_stderr_line(capsys)
+    assert sweep.main([model, "--out", str(tmp_path / "o"), "--max-disk", value]) == exits.EXIT_USAGE
+    assert "--max-disk" in one_stderr_line(capsys) and not (tmp_path / "o").exists()
+
+
+def test_gguf_file_with_a_local_model_is_refused(tiny_models, tmp_path, capsys):
+    model = str(tiny_models["gpt2"])
+    assert cli.main(["analyze", model, "--gguf-file", "x.gguf"]) == exits.EXIT_USAGE
+    line = one_stderr_line(capsys)
+    assert "--gguf-file 'x.gguf'" in line and "not a Hub id" in line and model in line
+    with pytest.raises(WeightSourceError, match="not a Hub id"):
+        open_weights(torch.nn.Linear(2, 2), gguf_file="x.gguf")

@@ -69,7 +69,7 @@ def assert_clean(out: Path) -> None:
 def reference(tiny_models, tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("faults-ref")
     records, _ = run_plan([[{"name": "ref", "args": sweep_args(tiny_models, tmp / "out")}]], tmp)
-    assert records["ref"]["exit"] == 1, records["ref"]["stderr"][-2000:]  # the broken model fails on purpose
+    assert records["ref"]["exit"] == 3, records["ref"]["stderr"][-2000:]  # the broken model fails on purpose
     return tmp / "out"
 
 
@@ -87,7 +87,7 @@ def test_kill_9_at_random_points_then_rerun_equals_uninterrupted_run(tiny_models
     for i in range(TRIALS):
         out, kill, rerun = tmp_path / f"t{i}", records[f"kill{i}"], records[f"rerun{i}"]
         assert kill["exit"] == -9 and kill["kill_event"] <= n_events, kill["stderr"][-2000:]  # killed mid-run
-        assert rerun["exit"] == 1, rerun["stderr"][-2000:]
+        assert rerun["exit"] == 3, rerun["stderr"][-2000:]
         assert rows(out) == want_rows, f"trial {i}: killed at event {kill['kill_event']}: {kill['kill_at']}"
         assert manifest(out) == want_manifest
         assert_clean(out)
@@ -115,7 +115,7 @@ def test_sigterm_at_random_points_is_one_line_and_resumable(tiny_models, referen
         assert lines == [f"hf-flag sweep: terminated (SIGTERM); finished models and layers are kept in "
                          f"{tmp_path / f't{i}'}; rerun the same command to resume"]
         assert "Traceback" not in term["stderr"]
-        assert records[f"rerun{i}"]["exit"] == 1
+        assert records[f"rerun{i}"]["exit"] == 3
         assert rows(tmp_path / f"t{i}") == rows(reference)
         assert_clean(tmp_path / f"t{i}")
 
@@ -131,7 +131,7 @@ def test_concurrent_sweeps_on_one_folder_split_the_work(tiny_models, reference, 
     records, analyses = run_plan([[{"name": f"s{k}", "args": sweep_args(tiny_models, out)} for k in range(n)]],
                                  tmp_path)
     for k in range(n):
-        assert records[f"s{k}"]["exit"] == 1, records[f"s{k}"]["stderr"][-3000:]
+        assert records[f"s{k}"]["exit"] == 3, records[f"s{k}"]["stderr"][-3000:]
         assert "Traceback" not in records[f"s{k}"]["stderr"]
     counts = count_analyses(analyses, out)
     # every layer checkpoint of the two good models, and the broken model's one failed attempt, exactly once
@@ -155,7 +155,7 @@ def test_full_disk_mid_run_is_one_line_and_the_rerun_completes(tiny_models, refe
     assert len(lines) == 1 and "cannot write " + str(out) in lines[0] and "File too large" in lines[0], lines
     assert "Traceback" not in full["stderr"] and "rerun" in lines[0]
     assert full["checkpoints"]  # it failed mid-run: some layers were finished and kept
-    assert records["rerun"]["exit"] == 1
+    assert records["rerun"]["exit"] == 3
     assert rows(out) == rows(reference) and manifest(out) == manifest(reference)
     assert_clean(out)
 

@@ -62,7 +62,7 @@ def test_sweep_of_hub_ids_into_an_empty_cache(hub, hub_models, tmp_path, capsys)
     out = tmp_path / "out"
     assert not hub.cache.exists()
     code = sweep.main([LLAMA, BERT, "tiny-org/absent", "--out", str(out), *ARGS])
-    assert code == 1  # the missing repo fails, the others are done
+    assert code == 3  # the missing repo fails, the others are done
     status = {m["slug"]: (m["status"], m["error"]) for m in json.loads((out / "sweep.json").read_text())["models"]}
     assert status["tiny-org--absent"][0] == "failed" and status["tiny-org--absent"][1].startswith(
         "WeightSourceError: Hub model 'tiny-org/absent' was not found, or is private")
@@ -148,14 +148,14 @@ def test_derived_weights_are_not_pushed_to_the_original_repo(hub, hub_models, tm
     config = tmp_path / "sweep.yaml"
     config.write_text(yaml.safe_dump({"models": [{"path": str(hub_models[LLAMA][0]), "name": LLAMA}],
                                       "out": str(tmp_path / "out"), "diagnostics": ["mlp"]}))
-    assert sweep.main(["--config", str(config), "--push-to-hub"]) == 1
+    assert sweep.main(["--config", str(config), "--push-to-hub"]) == 3  # incomplete: a card not pushed
     err = [line for line in capsys.readouterr().err.splitlines() if "card not pushed" in line]
-    assert len(err) == 1 and "derived copy" in err[0] and "--allow-derived" in err[0] and hub.received == []
+    assert len(err) == 1 and "did not verify" in err[0] and "--allow-derived" in err[0] and hub.received == []
     assert sweep.main(["--config", str(config), "--push-to-hub", "--allow-derived"]) == 0
     [commit] = pushed(hub, LLAMA)
     section = commit.files["README.md"].decode().split(cards.SECTION_START)[1]
-    assert section.splitlines()[3].startswith(f"**Computed from a derived copy, not from the original weights of "
-                                              f"`{LLAMA}`:** a local copy")
+    assert section.splitlines()[3].startswith(f"**Computed from an unverified local copy, not from `{LLAMA}`'s own "
+                                              f"files at a known commit:** safetensors")
 
 
 def test_download_killed_half_way_resumes_without_fetching_finished_shards(hub, hub_models, tmp_path):

@@ -53,10 +53,59 @@ def test_kappa_is_read_only_where_the_rows_say_it_reads():
     assert "range overlap" in readings.read_metric(
         pair_report(values, base, metric="commutator_ratio", details={readings.KAPPA_READS: False}),
         "mlp/commutator_ratio").why
-    mixed = pair_report(values, base, metric="commutator_ratio", details={readings.KAPPA_READS: True})
-    mixed.rows[1].details = {readings.KAPPA_READS: False}  # one layer of three does not read: none is read
-    r = readings.read_metric(mixed, "mlp/commutator_ratio")
-    assert r.verdict == readings.NOT_READ and "in 1 of 3 pairs" in r.why
+
+
+def test_kappa_is_read_on_the_pairs_where_it_reads_with_their_count():
+    """Review s5 item 6: kappa not reading on some pairs (a singular value under the cut) no longer withholds it on
+    the others; value, baseline and z are those of the pairs where it reads, and the card says how many."""
+    values = [0.020, 0.021, 0.040, 0.022, 0.045, 0.0215]
+    base = [0.025, 0.0255, 0.026, 0.0252, 0.027, 0.0251]
+    report = pair_report(values, base, kind="residual", metric="commutator_ratio",
+                         details={readings.KAPPA_READS: True})
+    for layer in (2, 4):  # the largest excursions, where kappa does not read
+        report.rows[layer].details = {readings.KAPPA_READS: False}
+    read = [0, 1, 3, 5]
+    r = readings.read_metric(report, "residual/commutator_ratio")
+    assert (r.pairs, r.of, r.layers) == (4, 6, (0, 1, 3, 5))
+    assert r.value == pytest.approx(np.mean([values[i] for i in read]), rel=1e-14)
+    assert r.baseline == pytest.approx(np.mean([base[i] for i in read]), rel=1e-14)
+    d = np.array([values[i] - base[i] for i in read])
+    assert r.z == pytest.approx(stats.ttest_1samp(d, 0.0).statistic, rel=1e-12)
+    assert r.verdict == readings.BELOW and "on 2 of 6 pairs" in r.unread and r.why == ""
+    selection = readings.select_read(report, "residual/commutator_ratio")
+    assert selection.note == "4 of 6 read" and selection.means() == (pytest.approx(r.value), pytest.approx(r.baseline))
+    everywhere = readings.read_metric(pair_report(values, base, kind="residual", metric="commutator_ratio",
+                                                  details={readings.KAPPA_READS: True}), "residual/commutator_ratio")
+    assert (everywhere.pairs, everywhere.of, everywhere.unread) == (6, 6, "")
+    assert everywhere.value == pytest.approx(np.mean(values), rel=1e-14)
+
+
+@pytest.mark.parametrize("rank, n, informative", [(570, 576, True), (571, 576, False), (99, 100, False),
+                                                   (98, 100, True), (576, 1536, True)])
+def test_range_overlap_is_uninformative_where_a_range_fills_the_hidden_space(rank, n, informative):
+    """The rule max(r_l, r_next) / n >= RANGE_FILL_LIMIT = 0.99 (the row's range_overlap_baseline, MATH.md §3):
+    any subspace then lies almost inside the larger range, so the overlap is ~1 whatever the alignment."""
+    assert readings.RANGE_FILL_LIMIT == 0.99
+    baseline = rank / n  # the Haar baseline max(r_l, r_next) / n
+    report = pair_report([min(1.0, baseline + 0.001 * i) for i in range(4)], [baseline] * 4, kind="residual",
+                         metric="range_overlap")
+    r = readings.read_metric(report, "residual/range_overlap")
+    if informative:
+        assert r.verdict != readings.UNINFORMATIVE and r.pairs == 4 and r.unread == ""
+    else:
+        assert r.verdict == readings.UNINFORMATIVE and r.z is not None
+        assert "on 4 of 4 pairs the larger range fills at least 99% of the hidden space" in r.why
+        assert readings.select_read(report, "residual/range_overlap").note == readings.UNINFORMATIVE
+
+
+def test_intersection_at_baseline_names_the_cuts():
+    rows = [Row("m", "mlp", i, i, "a", "b", {"intersection_dim": 0.0, "intersection_dim_baseline": 0.0},
+                {"intersection_cut": c}) for i, c in enumerate((1, 3, 1))]
+    reason = readings.intersection_at_baseline(Report("m", "bert", rows=rows))
+    assert reason.startswith("on every one of its 3 pairs") and reason.endswith("(c = 1 to 3)")
+    rows[1].values["intersection_dim"] = 1.0  # one pair shares a direction beyond general position: plotted
+    assert readings.intersection_at_baseline(Report("m", "bert", rows=rows)) == ""
+    assert readings.intersection_at_baseline(Report("m", "bert")) == ""
 
 
 def test_layer_series_means_per_layer():

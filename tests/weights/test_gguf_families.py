@@ -8,12 +8,16 @@ Each tiny model of ``test_adapters.FAMILIES`` is written to GGUF as llama.cpp's 
   O(1)), and equals what transformers' own GGUF loader holds where transformers loads the family from GGUF;
 * the per-head slices and MLP weights read from the GGUF reproduce the forward pass of the model holding the
   dequantised weights (the test_adapters harness);
-* the report of the GGUF equals the report of the original weights' safetensors within the storage precision.
+* the report of the GGUF equals the report of the original weights' safetensors within the storage precision;
+* the config hf-flag builds from the metadata and the family's ``GGUFLayout`` (without importing transformers) gives
+  the layout (sizes, heads, activation, tensor names) that the config transformers completes gives
+  (:func:`transformers_gguf_config`, the independent reference), and analysing a GGUF file imports no transformers.
 """
 from __future__ import annotations
 
 import copy
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -23,7 +27,7 @@ from gguf.quants import dequantize, quantize
 
 from hf_flag.weights.adapters import get_adapter
 from hf_flag.weights.adapters.table import ARCHITECTURES
-from hf_flag.weights.gguf_source import GGUFSource
+from hf_flag.weights.gguf_source import GGUF_CONFIG_KEYS, GGUFSource, parse_gguf
 from hf_flag.weights.sources import open_weights
 
 from tests.weights.test_adapters import ATOL, FAMILIES, RTOL, T, build, mlp_from_weights, module_and_heads
@@ -77,6 +81,58 @@ def fused_expert(name: str) -> tuple[str, int]:
 
 def model_type_of(family: str) -> str:
     return {"falcon_new": "falcon", "falcon_rw": "falcon"}.get(family, family)
+
+
+#: GGUF metadata keys transformers' ``GGUF_CONFIG_MAPPING`` does not map for every family, as llama.cpp's
+#: ``TextModel.set_gguf_parameters`` writes them (the reference's own key table, not hf-flag's)
+REFERENCE_EXTRA_KEYS = {
+    "attention.key_length": "head_dim",
+    "expert_count": "num_experts",
+    "expert_feed_forward_length": "moe_intermediate_size",
+    "expert_shared_feed_forward_length": "shared_expert_intermediate_size",
+}
+
+
+def transformers_gguf_config(arch: str, model_type: str, metadata: dict, tensors: dict) -> dict:
+    """The reference config of a GGUF file, as transformers' GGUF loader builds it: metadata renamed by its
+    ``GGUF_CONFIG_MAPPING`` (plus :data:`REFERENCE_EXTRA_KEYS`), completed with the config class's defaults
+    (``AutoConfig.for_model``); Falcon's kv heads as transformers' config needs them to read the [Q; K; V]-regrouped
+    tensors; tied unless the file has an output tensor (``load_gguf_checkpoint``).  hf-flag built its GGUF configs
+    this way until it stopped importing transformers to read a GGUF file."""
+    from transformers import AutoConfig
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    mapping = GGUF_CONFIG_MAPPING.get(model_type) or GGUF_CONFIG_MAPPING.get(arch) or GGUF_CONFIG_MAPPING["llama"]
+    values = {hf_key: metadata[f"{arch}.{key}"] for key, hf_key in mapping.items()
+              if hf_key is not None and metadata.get(f"{arch}.{key}") is not None}
+    for key, hf_key in REFERENCE_EXTRA_KEYS.items():
+        if metadata.get(f"{arch}.{key}") is not None:
+            values.setdefault(hf_key, metadata[f"{arch}.{key}"])
+    if model_type == "falcon":
+        kv = int(metadata.get(f"{arch}.attention.head_count_kv") or 1)
+        values.update(num_kv_heads=kv, new_decoder_architecture=kv > 1, multi_query=kv == 1)
+    values["tie_word_embeddings"] = "output.weight" not in tensors
+    if "token_embd.weight" in tensors:  # transformers counts the tokenizer's tokens, which these files lack
+        values.setdefault("vocab_size", tensors["token_embd.weight"].shape[-1])
+    settable = {k: v for k, v in values.items() if not isinstance(getattr(CONFIG_MAPPING[model_type], k, None),
+                                                                 property)}
+    config = AutoConfig.for_model(model_type, **settable).to_dict()
+    config.update(values, model_type=model_type)
+    return config
+
+
+def check_config_against_transformers(path, src, adapter, layout) -> None:
+    """The layout of hf-flag's GGUF config equals the layout of the config transformers completes (sizes, heads,
+    head_dim, d_ff, experts, activation, tied embeddings, tensor names), and the facts both state agree."""
+    metadata, tensors = parse_gguf(path)
+    arch = metadata["general.architecture"]
+    reference = transformers_gguf_config(arch, layout.model_type, metadata, tensors)
+    assert adapter.layout(reference, src.keys()) == layout
+    shared = [k for k in ("vocab_size", "tie_word_embeddings", "max_position_embeddings", "num_experts")
+              if k in src.config and k in reference]
+    assert {"vocab_size", "tie_word_embeddings"} <= set(shared)
+    assert {k: src.config[k] for k in shared} == {k: reference[k] for k in shared}
 
 
 # ---- llama.cpp's convert_hf_to_gguf.py, forward direction ---------------------------------------------------------
@@ -222,6 +278,7 @@ def test_gguf_family_reads_back(tmp_path, built, family, qtype):
         g_adapter = get_adapter(src.config, src.keys())
         g_layout = g_adapter.layout(src.config, src.keys())
         assert g_adapter.name == adapter.name
+        check_config_against_transformers(path, src, g_adapter, g_layout)
         for key in ("n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_ff", "activation", "gated_mlp",
                     "tied_embeddings", "attention_layout", "mlp_layout", "qk_norm", "n_experts"):
             assert getattr(g_layout, key) == getattr(layout, key), key
@@ -467,10 +524,88 @@ def test_unsupported_gguf_architecture_and_a_user_family(tmp_path, monkeypatch):
         ("attn_q", (32, 32)), ("attn_k", (32, 32)), ("attn_v", (32, 32)), ("attn_output", (32, 32)),
         ("ffn_gate", (64, 32)), ("ffn_up", (64, 32)), ("ffn_down", (32, 64)))}
     _minimal_gguf(tmp_path / "olmo.gguf", "olmo", weights)
+    # GGUF stores no activation: a layout that names none cannot be read, in one line saying what to add
+    with pytest.raises(UnsupportedArchitectureError) as err:
+        open_weights(tmp_path / "olmo.gguf")
+    assert "'olmo.gguf'" in str(err.value) and "activation=" in str(err.value) and "\n" not in str(err.value)
+    register_adapter("olmo", replace(spec, gguf=GGUFLayout("olmo", activation="silu")), overwrite=True)
     with open_weights(tmp_path / "olmo.gguf") as src:
         assert src.config["model_type"] == "olmo"
         adapter = get_adapter(src.config, src.keys())
         layout = adapter.layout(src.config, src.keys())
+        assert layout.activation == "silu" and layout.head_dim == 8  # no key_length: hidden / heads
         blk = adapter.block(src, layout, 0)
         assert torch.equal(src.get("model.layers.0.self_attn.q_proj.weight"), torch.from_numpy(weights["blk.0.attn_q.weight"]))
         assert torch.equal(blk.mlp.mlp_gate.float(), torch.from_numpy(weights["blk.0.ffn_gate.weight"]))
+
+
+def test_gguf_config_keys_are_gguf_py_keys():
+    """hf-flag's metadata keys are gguf-py's own ``Keys.LLM`` / ``Keys.Attention`` names (llama.cpp's, the same for
+    every architecture)."""
+    from gguf.constants import Keys
+
+    names = {v.removeprefix("{arch}.") for group in (Keys.LLM, Keys.Attention) for v in vars(group).values()
+             if isinstance(v, str) and v.startswith("{arch}.")}
+    assert set(GGUF_CONFIG_KEYS) <= names
+
+
+@pytest.mark.pretrained
+def test_smollm2_config_equals_the_transformers_config(smollm2_gguf):
+    """SmolLM2 (no attention.key_length in its metadata: head_dim = 576 / 9): the same layout as transformers'
+    config (whose head_dim comes from rope.dimension_count), 30 layers, 9 / 3 heads of 64, d_ff 1536, SiLU."""
+    with open_weights(smollm2_gguf) as src:
+        adapter = get_adapter(src.config, src.keys())
+        layout = adapter.layout(src.config, src.keys())
+        check_config_against_transformers(smollm2_gguf, src, adapter, layout)
+        assert (layout.n_layers, layout.d_model, layout.n_heads, layout.n_kv_heads, layout.head_dim, layout.d_ff,
+                layout.activation, layout.tied_embeddings) == (30, 576, 9, 3, 64, 1536, "silu", True)
+
+
+def test_analysing_a_gguf_file_imports_no_transformers(tmp_path, built):
+    """``hf-flag analyze x.gguf --json`` in a fresh process: a report, and transformers never imported (its config
+    classes cost ~1.9 s CPU at start-up, BENCHMARKS.md)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    model, _, _, layout = built("llama")
+    path = tmp_path / "tiny.gguf"
+    write_gguf(path, "llama", model, layout, "Q8_0")
+    code = ("import sys\nfrom hf_flag.cli import main\nrc = main(sys.argv[1:])\n"
+            "assert rc == 0, rc\nbad = sorted(m for m in sys.modules if m.split('.')[0] == 'transformers')\n"
+            "assert not bad, bad\n")
+    out = subprocess.run([sys.executable, "-c", code, "analyze", str(path), "--json", "--device", "cpu"],
+                         capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads(out.stdout.splitlines()[0])
+    assert report["layout"]["n_layers"] == layout.n_layers and len(report["rows"]) > 0
+
+
+@pytest.mark.parametrize("key,value", [("attention.head_count", "nine"), ("block_count", 0),
+                                       ("feed_forward_length", -1.5)])
+def test_bad_gguf_size_metadata_is_a_one_line_error(tmp_path, key, value):
+    """A size the layout needs that is not an integer (or not positive where it must be) is refused at open, in one
+    line naming the file, the key and the value."""
+    from hf_flag.errors import WeightSourceError
+
+    writer = GGUFWriter(str(tmp_path / "bad.gguf"), "llama")
+    sizes = {"block_count": 1, "embedding_length": 32, "feed_forward_length": 64, "attention.head_count": 4}
+    sizes[key] = value
+    for k, v in sizes.items():
+        if isinstance(v, str):
+            writer.add_string(f"llama.{k}", v)
+        elif isinstance(v, float):
+            writer.add_float32(f"llama.{k}", v)
+        else:
+            writer.add_uint32(f"llama.{k}", v)
+    writer.add_tensor("blk.0.attn_q.weight", np.zeros((32, 32), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(WeightSourceError) as err:
+        open_weights(tmp_path / "bad.gguf")
+    msg = str(err.value)
+    assert f"'bad.gguf' has metadata llama.{key} = {value!r}" in msg and "\n" not in msg

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 import sys
 
@@ -15,7 +16,6 @@ from torch import nn
 from hf_flag.errors import HfFlagError, WeightSourceError
 from hf_flag.weights import safetensors_source
 from hf_flag.weights.gguf_source import gguf_name_table, quant_eps, reverse_permute
-from hf_flag.weights.hub import hub_name
 from hf_flag.weights.sources import (GGUFSource, ModuleSource, SafetensorsSource, TorchPickleSource, WeightSource,
                                      open_weights)
 
@@ -107,20 +107,27 @@ def test_safetensors_single_file_matches_load_file(mixed_file):
             assert got.dtype == t.dtype and torch.equal(got, t) and src.shape(k) == tuple(t.shape)
         assert src.nbytes() == sum(t.numel() * t.element_size() for t in ref.values())
         expected = {"a.weight": ("bfloat16", 2.0 ** -7), "b.weight": ("float16", 2.0 ** -10),
-                    "c.weight": ("float32", 2.0 ** -23), "c.bias": ("float64", 2.0 ** -52), "steps": ("int64", 0.0)}
+                    "c.weight": ("float32", 2.0 ** -23), "c.bias": ("float64", 2.0 ** -52)}
         for k, (dt, eps) in expected.items():
             assert (src.storage_dtype(k), src.storage_eps(k)) == (dt, eps)
+        assert src.storage_dtype("steps") == "int64"  # integers have no storage precision: not a real weight
+        with pytest.raises(WeightSourceError, match="'steps' of 'mixed.safetensors' is stored as int64"):
+            src.storage_eps("steps")
 
 
 def test_unsigned_and_unknown_safetensors_dtypes(tmp_path):
-    """U16/U32/U64 (written by the safetensors library) read back exactly; a dtype code hf-flag does not know
-    opens (its header is valid) but reading it names the tensor and the code."""
+    """U16/U32/U64 (written by the safetensors library) read back exactly as integers; they have no storage
+    precision and are refused as real values (integer-quantised weights); a dtype code hf-flag does not know opens
+    (its header is valid) but reading it names the tensor and the code."""
     values = torch.tensor([1, 2, 60000], dtype=torch.int64)
     save_file({f"u{b}": values.to(getattr(torch, f"uint{b}")) for b in (16, 32, 64)}, str(tmp_path / "u.safetensors"))
     with open_weights(tmp_path / "u.safetensors") as src:
         for b in (16, 32, 64):
-            assert (src.storage_dtype(f"u{b}"), src.storage_eps(f"u{b}")) == (f"uint{b}", 0.0)
+            assert src.storage_dtype(f"u{b}") == f"uint{b}"
             assert torch.equal(src.get(f"u{b}", dtype=torch.int64), values)
+            for refused in (lambda: src.storage_eps(f"u{b}"), lambda: src.get(f"u{b}", dtype=torch.float64)):
+                with pytest.raises(WeightSourceError, match=f"'u{b}' of .* stored as uint{b}: an integer-quantised"):
+                    refused()
     _write_safetensors_by_hand(tmp_path / "odd.safetensors",
                                {"w": {"dtype": "X9", "shape": [2], "data_offsets": [0, 2]}}, {"w": b"ab"}, 2)
     with open_weights(tmp_path / "odd.safetensors") as src:
@@ -426,10 +433,13 @@ def test_gguf_matches_transformers_loader(smollm2_gguf):
         assert isinstance(src, GGUFSource)
         cfg = src.config
         for key in ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                    "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "vocab_size",
-                    "tie_word_embeddings"):
+                    "num_key_value_heads", "vocab_size", "tie_word_embeddings"):
             assert cfg[key] == ref_cfg[key], key
-        assert (cfg["num_key_value_heads"], cfg["head_dim"], cfg["hidden_act"]) == (3, 64, "silu")
+        # the file has no attention.key_length: head_dim is hidden / heads (transformers: rope.dimension_count)
+        from hf_flag.weights.adapters import get_adapter
+
+        layout = get_adapter(cfg, src.keys()).layout(cfg, src.keys())
+        assert (layout.n_kv_heads, layout.head_dim, layout.activation) == (3, ref_cfg["head_dim"], "silu")
         # every HF name maps back (through gguf-py's map) onto a distinct GGUF tensor, and all are covered
         back = {"{}.{}".format(name_map.get_name(k.rsplit(".", 1)[0]), k.rsplit(".", 1)[1]) for k in src.keys()}
         assert back == set(raw) and len(src.keys()) == len(raw)
@@ -548,10 +558,11 @@ def test_gguf_written_by_gguf_py_reads_back_as_hf_tensors(tmp_path):
     with open_weights(tmp_path / "tiny.gguf") as src:
         assert isinstance(src, GGUFSource)
         assert {k: src.config[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
-                                           "num_key_value_heads", "head_dim", "intermediate_size", "vocab_size",
+                                           "num_key_value_heads", "intermediate_size", "vocab_size",
                                            "tie_word_embeddings")} == {
             "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
-            "head_dim": 8, "intermediate_size": 64, "vocab_size": 10, "tie_word_embeddings": True}
+            "intermediate_size": 64, "vocab_size": 10, "tie_word_embeddings": True}
+        assert "head_dim" not in src.config  # no attention.key_length: the adapters take hidden / heads = 8
         assert torch.equal(src.get("model.layers.0.self_attn.q_proj.weight"), q)
         assert torch.equal(src.get("model.layers.0.self_attn.k_proj.weight"), k)
         assert torch.equal(src.get("model.embed_tokens.weight"), embed)
@@ -611,13 +622,19 @@ def test_pickle_files_with_the_same_tensor_are_refused(tmp_path):
 
 
 @pytest.mark.pretrained
-def test_embedded_default_models_are_their_own_hub_name(minilm_path, smollm2_gguf, tiny_checkpoint):
+def test_embedded_default_models_are_their_own_hub_name(minilm_path, smollm2_gguf, tmp_path):
     """MiniLM's config names its base model (``_name_or_path``: nreimers/MiniLM-L6-H384-uncased); the provenance
-    names the model the weights are, as ``--default`` does, and other local models keep ``_name_or_path``."""
+    names the model the weights are, as ``--default`` does (also for the weight file inside its folder).  A copy of
+    the same files is a local copy: named by its folder, with no Hub name, never by ``_name_or_path``."""
     with open_weights(str(minilm_path)) as source:
         assert source.config["_name_or_path"] == "nreimers/MiniLM-L6-H384-uncased"
         assert source.provenance["hub_name"] == "sentence-transformers/all-MiniLM-L6-v2"
+    with open_weights(str(minilm_path / "model.safetensors")) as source:
+        assert source.provenance["hub_name"] == "sentence-transformers/all-MiniLM-L6-v2"
     with open_weights(str(smollm2_gguf)) as source:
         assert source.provenance["hub_name"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
-    with open_weights(str(tiny_checkpoint)) as source:
-        assert source.provenance["hub_name"] == hub_name(source.config)
+    copy = tmp_path / "mycopy"
+    shutil.copytree(minilm_path, copy)
+    for path, label in ((copy, "mycopy"), (copy / "model.safetensors", "model.safetensors")):
+        with open_weights(str(path)) as source:
+            assert source.provenance["hub_name"] is None and source.name == label

@@ -39,6 +39,7 @@ import torch
 
 from hf_flag.errors import InputError, UnsupportedArchitectureError
 from hf_flag.weights.blocks import AttentionWeights, BlockWeights, MLPWeights, ModelLayout
+from hf_flag.weights.weight_source import integer_weight_error
 
 if TYPE_CHECKING:
     from hf_flag.weights.weight_source import WeightSource
@@ -84,10 +85,19 @@ _CONFIG_KEYS: dict[str, tuple[str, ...]] = {
 class GGUFLayout:
     """How llama.cpp's converter (``convert_hf_to_gguf.py``) writes one family to GGUF: its GGUF architecture name
     (a value of gguf-py's ``MODEL_ARCH_NAMES``) and the reorderings it applies, as (regular expression on the GGUF
-    tensor name, transform name in ``hf_flag.weights.gguf_source.GGUF_TRANSFORMS``), each undone on read."""
+    tensor name, transform name in ``hf_flag.weights.gguf_source.GGUF_TRANSFORMS``), each undone on read.
+
+    The config facts GGUF does not store are family data here: activation, the MLP activation the family's modules
+    apply (its transformers config class's default; ``None``: the file cannot be read); config_keys, GGUF metadata
+    key (after ``"<arch>."``) -> config key where the family names it otherwise than
+    ``gguf_source.GGUF_CONFIG_KEYS``; config, fixed config values that describe the tensors as read.
+    """
 
     arch: str
     transforms: tuple[tuple[str, str], ...] = ()
+    activation: Optional[str] = None
+    config_keys: Mapping[str, str] = field(default_factory=dict)
+    config: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -337,6 +347,9 @@ class Adapter:
         keys = set(keys)
         model_type = str(config.get("model_type", self.name))
         missing = self.missing_tensor(keys)
+        packed = sorted(k for k in keys if k.endswith(".qweight"))  # GPTQ/AWQ: int4 packed in int32, no .weight
+        if missing is not None and packed:
+            raise integer_weight_error(model_type, packed[0], "packed integers")
         if missing is not None:
             raise UnsupportedArchitectureError(
                 f"model_type {model_type!r} read with the {self.name!r} adapter: no tensor matching {missing!r}; "

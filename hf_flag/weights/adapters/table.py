@@ -7,7 +7,8 @@ writes the family to GGUF, its :class:`GGUFLayout`.  Adding a family is one entr
 
 GGUF layouts follow llama.cpp's ``convert_hf_to_gguf.py`` (the model class named in each comment, its
 ``model_arch`` and ``modify_tensors``) and transformers' ``modeling_gguf_pytorch_utils.TENSOR_PROCESSORS``, which
-undoes the same reorderings; the transforms themselves are in ``gguf_source.GGUF_TRANSFORMS``.
+undoes the same reorderings; the transforms themselves are in ``gguf_source.GGUF_TRANSFORMS``.  GGUF stores no
+activation: each layout names its family's (the default of the family's transformers config class).
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ ROPE_PERMUTED = ((r"\.attn_q\.(weight|bias)$", "unpermute_q"), (r"\.attn_k\.(wei
 #: llama.cpp ``GemmaModel`` / ``Gemma2Model`` / ``Gemma3Model.modify_tensors`` store RMSNorm gains as 1 + w;
 #: transformers' ``Gemma2TensorProcessor`` subtracts the 1 from every "norm.weight"
 GEMMA_NORMS = ((r"norm\.weight$", "minus_one"),)
+#: Gemma's and Starcoder2's MLP activation (transformers' ``hidden_act`` / ``hidden_activation`` default)
+GELU_TANH = "gelu_pytorch_tanh"
 
 _LLAMA_ROLES = {"q": "self_attn.q_proj.weight", "k": "self_attn.k_proj.weight", "v": "self_attn.v_proj.weight",
                 "o": "self_attn.o_proj.weight"}
@@ -107,7 +110,8 @@ ARCHITECTURES: dict[str, AdapterSpec] = {
         optional={"qkv_bias": "attn.c_attn.bias", "o_bias": "attn.c_proj.bias",
                   "mlp_in_bias": "mlp.c_fc.bias", "mlp_out_bias": "mlp.c_proj.bias"},
         canonical_prefix="transformer.",
-        gguf=GGUFLayout("gpt2", ((r"\.(attn_qkv|attn_output|ffn_up|ffn_down)\.weight$", "transpose"),))),
+        gguf=GGUFLayout("gpt2", ((r"\.(attn_qkv|attn_output|ffn_up|ffn_down)\.weight$", "transpose"),),
+                        activation="gelu_new")),
     # GPT-NeoX / Pythia: query_key_value rows (head, {q, k, v}, head_dim), i.e. grouped with n_kv = n_heads;
     # llama.cpp GPTNeoXModel.modify_tensors reorders them to [Q; K; V] (undone as transformers' Bloom processor does)
     "gpt_neox": AdapterSpec(
@@ -117,7 +121,7 @@ ARCHITECTURES: dict[str, AdapterSpec] = {
         optional={"qkv_bias": "attention.query_key_value.bias", "o_bias": "attention.dense.bias",
                   "mlp_in_bias": "mlp.dense_h_to_4h.bias", "mlp_out_bias": "mlp.dense_4h_to_h.bias"},
         canonical_prefix="gpt_neox.",
-        gguf=GGUFLayout("gptneox", ((r"\.attn_qkv\.(weight|bias)$", "group_qkv"),))),
+        gguf=GGUFLayout("gptneox", ((r"\.attn_qkv\.(weight|bias)$", "group_qkv"),), activation="gelu")),
     # OPT: separate q/k/v/out_proj with biases, fc1/fc2 MLP (no GGUF converter in llama.cpp)
     "opt": AdapterSpec(
         name="opt", stack="decoder.layers", attention="linear", mlp="linear",
@@ -128,26 +132,29 @@ ARCHITECTURES: dict[str, AdapterSpec] = {
                   "mlp_in_bias": "fc1.bias", "mlp_out_bias": "fc2.bias"},
         canonical_prefix="model."),
     # llama.cpp LlamaModel (arch "llama", also Mistral's): q/k rows permuted
-    "llama": replace(LLAMA, gguf=GGUFLayout("llama", ROPE_PERMUTED)),
-    "mistral": replace(LLAMA, gguf=GGUFLayout("llama", ROPE_PERMUTED)),
+    "llama": replace(LLAMA, gguf=GGUFLayout("llama", ROPE_PERMUTED, activation="silu")),
+    "mistral": replace(LLAMA, gguf=GGUFLayout("llama", ROPE_PERMUTED, activation="silu")),
     # llama.cpp Qwen2Model / Qwen3Model: stored as in the checkpoint
-    "qwen2": replace(LLAMA, gguf=GGUFLayout("qwen2")),
-    "qwen3": replace(LLAMA, gguf=GGUFLayout("qwen3")),
+    "qwen2": replace(LLAMA, gguf=GGUFLayout("qwen2", activation="silu")),
+    "qwen3": replace(LLAMA, gguf=GGUFLayout("qwen3", activation="silu")),
     # Gemma, Gemma 2, Gemma 3 (text): Llama names, head_dim from the config (256 with hidden 640-3072), gelu-tanh
     # gated MLP; Gemma 3's q/k norms recorded; soft-capping and the extra sandwich norms do not touch the weights read
-    "gemma": replace(LLAMA, name="gemma", gguf=GGUFLayout("gemma", GEMMA_NORMS)),
-    "gemma2": replace(LLAMA, name="gemma", gguf=GGUFLayout("gemma2", GEMMA_NORMS)),
-    "gemma3_text": replace(LLAMA, name="gemma", gguf=GGUFLayout("gemma3", GEMMA_NORMS)),
+    "gemma": replace(LLAMA, name="gemma", gguf=GGUFLayout("gemma", GEMMA_NORMS, activation=GELU_TANH)),
+    "gemma2": replace(LLAMA, name="gemma", gguf=GGUFLayout("gemma2", GEMMA_NORMS, activation=GELU_TANH)),
+    "gemma3_text": replace(LLAMA, name="gemma", gguf=GGUFLayout("gemma3", GEMMA_NORMS, activation=GELU_TANH)),
     # StableLM: Llama names (q/k/v biases with use_qkv_bias); llama.cpp StableLMModel stores them as they are
-    "stablelm": replace(LLAMA, name="stablelm", gguf=GGUFLayout("stablelm")),
+    "stablelm": replace(LLAMA, name="stablelm", gguf=GGUFLayout("stablelm", activation="silu")),
     # Starcoder2: q/k/v/o with biases, plain c_fc / c_proj MLP; llama.cpp StarCoder2Model stores them as they are
     "starcoder2": AdapterSpec(
         name="starcoder2", stack="layers", attention="linear", mlp="linear",
         tensors={**_LLAMA_ROLES, "mlp_in": "mlp.c_fc.weight", "mlp_out": "mlp.c_proj.weight"},
         optional={**_LLAMA_BIASES, "mlp_in_bias": "mlp.c_fc.bias", "mlp_out_bias": "mlp.c_proj.bias"},
-        grouped_query=True, canonical_prefix="model.", gguf=GGUFLayout("starcoder2")),
+        grouped_query=True, canonical_prefix="model.", gguf=GGUFLayout("starcoder2", activation=GELU_TANH)),
     # Falcon: fused query_key_value in kv groups (see falcon_kv_heads); llama.cpp FalconModel.modify_tensors
-    # rearranges it to [Q; K; V] (a bias, which Falcon checkpoints do not have, is regrouped the same way)
+    # rearranges it to [Q; K; V] (a bias, which Falcon checkpoints do not have, is regrouped the same way).  From
+    # GGUF: head_count_kv is the key/value head count (1 for multi-query; llama.cpp's loader defaults it to
+    # head_count), and group_qkv regroups the rows into head_count_kv groups, which is transformers' new-architecture
+    # layout (multi-query is its one-group case), so the config read says so
     "falcon": AdapterSpec(
         name="falcon", stack="h", attention="fused_qkv_grouped", mlp="linear",
         tensors={"qkv": "self_attention.query_key_value.weight", "o": "self_attention.dense.weight",
@@ -155,7 +162,9 @@ ARCHITECTURES: dict[str, AdapterSpec] = {
         optional={"qkv_bias": "self_attention.query_key_value.bias", "o_bias": "self_attention.dense.bias",
                   "mlp_in_bias": "mlp.dense_h_to_4h.bias", "mlp_out_bias": "mlp.dense_4h_to_h.bias"},
         kv_heads=falcon_kv_heads, canonical_prefix="transformer.",
-        gguf=GGUFLayout("falcon", ((r"\.attn_qkv\.(weight|bias)$", "group_qkv"),))),
+        gguf=GGUFLayout("falcon", ((r"\.attn_qkv\.(weight|bias)$", "group_qkv"),), activation="gelu",
+                        config_keys={"attention.head_count_kv": "num_kv_heads"},
+                        config={"new_decoder_architecture": True})),
     # Phi-3: fused qkv_proj [Q; K; V] and gate_up_proj [gate; up]; llama.cpp Phi3MiniModel keeps both fused
     "phi3": AdapterSpec(
         name="phi3", stack="layers", attention="fused_qkv", mlp="fused_gate_up",
@@ -163,14 +172,15 @@ ARCHITECTURES: dict[str, AdapterSpec] = {
                  "mlp_gate_up": "mlp.gate_up_proj.weight", "mlp_out": "mlp.down_proj.weight"},
         optional={"qkv_bias": "self_attn.qkv_proj.bias", "o_bias": "self_attn.o_proj.bias",
                   "mlp_gate_up_bias": "mlp.gate_up_proj.bias", "mlp_out_bias": "mlp.down_proj.bias"},
-        grouped_query=True, canonical_prefix="model.", gguf=GGUFLayout("phi3")),
+        grouped_query=True, canonical_prefix="model.", gguf=GGUFLayout("phi3", activation="silu")),
     # Mixtral (llama.cpp writes it as arch "llama", q/k permuted, experts stacked) and Qwen2-MoE (arch "qwen2moe")
-    "mixtral": replace(MOE, gguf=GGUFLayout("llama", ROPE_PERMUTED), alternatives=(MIXTRAL_PER_EXPERT,)),
-    "qwen2_moe": replace(MOE, gguf=GGUFLayout("qwen2moe", ((r"\.ffn_gate_inp_shexp\.weight$", "as_row"),)),
-                         alternatives=(QWEN2_MOE_PER_EXPERT,)),
+    "mixtral": replace(MOE, gguf=GGUFLayout("llama", ROPE_PERMUTED, activation="silu"),
+                       alternatives=(MIXTRAL_PER_EXPERT,)),
+    "qwen2_moe": replace(MOE, gguf=GGUFLayout("qwen2moe", ((r"\.ffn_gate_inp_shexp\.weight$", "as_row"),),
+                                               activation="silu"), alternatives=(QWEN2_MOE_PER_EXPERT,)),
     # BERT-style encoders (BERT, RoBERTa, XLM-RoBERTa, MiniLM); llama.cpp BertModel / RobertaModel /
     # XLMRobertaModel write all three as arch "bert" (the "bert." prefix stripped), tensors as they are
-    "bert": replace(_BERT, gguf=GGUFLayout("bert")),
-    "roberta": replace(_BERT, gguf=GGUFLayout("bert")),
-    "xlm-roberta": replace(_BERT, gguf=GGUFLayout("bert")),
+    "bert": replace(_BERT, gguf=GGUFLayout("bert", activation="gelu")),
+    "roberta": replace(_BERT, gguf=GGUFLayout("bert", activation="gelu")),
+    "xlm-roberta": replace(_BERT, gguf=GGUFLayout("bert", activation="gelu")),
 }

@@ -1,0 +1,55 @@
+"""``hf-flag sweep --out DIR`` replaces only what it wrote (review s5 item 1): a ``summary.*`` or ``dataset/`` in
+``DIR`` without hf-flag's ``sweep.json`` stops the sweep before any work (exit 2, one line, nothing touched), and
+the dataset and summaries of a folder shared by several sweeps cover every model finished in it."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import datasets
+import pytest
+
+from hf_flag import exits
+from hf_flag.harness import sweep
+
+ARGS = ["--diagnostics", "mlp", "--composition", "none", "--cheap"]
+
+
+def snapshot(folder) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("foreign", ["summary.csv", "summary.md", "dataset/notes.txt", "sweep.json"])
+def test_files_hf_flag_did_not_write_stop_the_sweep(foreign, tiny_models, tmp_path, capsys):
+    out = tmp_path / "out"
+    (out / foreign).parent.mkdir(parents=True)
+    (out / foreign).write_text("precious\n")
+    before = snapshot(out)
+    assert sweep.main([str(tiny_models["gpt2"]), "--out", str(out), *ARGS]) == exits.EXIT_USAGE
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("hf-flag")]
+    assert len(lines) == 1 and str(out / foreign.split("/")[0]) in lines[0] and "not written by hf-flag" in lines[0]
+    assert "move it away or choose another --out" in lines[0]
+    assert snapshot(out) == before and not (out / "runs").exists()  # refused before any work
+
+
+def test_a_folder_shared_by_sweeps_covers_every_finished_model(tiny_models, tmp_path, capsys):
+    out = tmp_path / "out"
+    gpt2, llama, broken = (str(tiny_models[n]) for n in ("gpt2", "llama", "broken"))
+    assert sweep.main([gpt2, "--out", str(out), *ARGS]) == exits.EXIT_OK
+    first = datasets.load_from_disk(str(out / "dataset")).to_list()
+    assert sweep.main([llama, broken, "--out", str(out), *ARGS]) == exits.EXIT_INCOMPLETE
+    capsys.readouterr()
+    rows = datasets.load_from_disk(str(out / "dataset")).to_list()
+    alone = tmp_path / "alone"
+    assert sweep.main([llama, "--out", str(alone), *ARGS]) == exits.EXIT_OK
+    llama_rows = datasets.load_from_disk(str(alone / "dataset")).to_list()
+    assert {r["model"] for r in first} == {gpt2}
+    assert sorted(map(str, rows)) == sorted(map(str, first + llama_rows))  # both sweeps' models, each once
+    summary = list(csv.DictReader(io.StringIO((out / "summary.csv").read_text())))
+    assert {(r["model"], r["status"]) for r in summary} == {(gpt2, "done"), (llama, "done"), (broken, "failed")}
+    assert gpt2 in (out / "summary.md").read_text()
+    manifest = json.loads((out / "sweep.json").read_text())
+    assert manifest["written_by"] == "hf-flag sweep"
+    assert {m["name"]: m["status"] for m in manifest["models"]} == {gpt2: "done", llama: "done", broken: "failed"}
+    assert sorted(p.name for p in (out / "model_cards").iterdir()) == ["local--gpt2", "local--llama"]
