@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import json
 import os
@@ -68,6 +69,26 @@ def shard_layers(n_layers: int, world_size: int) -> list[list[int]]:
 
 #: files of a model folder that enter its fingerprint (weights and configs; not README.md, which cards edit)
 FINGERPRINT_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt", ".pth", ".json")
+
+
+#: subpackages of hf_flag whose code decides a report's values (sources, adapters, geometry, analysis, rows)
+REPORT_CODE = ("hf_flag.weights", "hf_flag.geometry", "hf_flag.analysis")
+
+
+@functools.lru_cache(maxsize=None)
+def report_code_digest() -> str:
+    """Hash of hf-flag's version and of the source of :data:`REPORT_CODE` (plus ``hf_flag/rows.py`` and
+    ``hf_flag/report.py``): part of every model's fingerprint, so a sweep into a folder whose reports an earlier
+    hf-flag wrote recomputes them instead of reusing values that code gave."""
+    import hf_flag
+
+    root = Path(hf_flag.__file__).resolve().parent
+    files = sorted({f for sub in REPORT_CODE for f in (root / sub.split(".", 1)[1]).rglob("*.py")} |
+                   {root / "rows.py", root / "report.py"})
+    digest = hashlib.sha256(hf_flag.__version__.encode())
+    for f in files:
+        digest.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
 
 
 def fingerprint(params: Mapping[str, Any], paths: Sequence[str | os.PathLike] = ()) -> str:

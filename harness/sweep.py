@@ -441,7 +441,8 @@ def run_unit(ctx: RunContext, unit: Unit, *, size: int = 0) -> RunState:
 def model_units(cfg: SweepConfig) -> list[Unit]:
     out = cfg.out / "runs"
     return [Unit(spec, slug, out / slug, schedule.fingerprint(
-        {**cfg.params(), "model": spec.path, **({"revision": spec.revision} if spec.revision else {}),
+        {**cfg.params(), "model": spec.path, "code": schedule.report_code_digest(),
+         **({"revision": spec.revision} if spec.revision else {}),
          **({"gguf_file": spec.gguf_file} if spec.gguf_file else {})}, [spec.path]))
             for spec, slug in zip(cfg.models, slugs(cfg.models))]
 

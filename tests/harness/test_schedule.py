@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 
+from pathlib import Path
+
 import pytest
 
 from hf_flag.harness import schedule
@@ -71,3 +73,26 @@ def test_run_state_lifecycle(tmp_path):
     schedule.mark_done(run, "fp1", '{"x": 2}')  # a retried failure that succeeds: done, the failure removed
     assert schedule.run_state(run, "fp1") is RunState.DONE and not (run / schedule.ERROR).exists()
     assert schedule.read_error(tmp_path / "nowhere") == ""
+
+
+def test_report_code_digest_hashes_the_code_that_computes_reports(tmp_path, monkeypatch):
+    """Independent reference: sha256 over the same files computed here; a change of one geometry file or of the
+    version changes it, so a sweep does not reuse a report an earlier hf-flag computed."""
+    import hashlib
+
+    import hf_flag
+
+    root = Path(hf_flag.__file__).resolve().parent
+    digest = schedule.report_code_digest()
+    files = sorted({*root.joinpath("weights").rglob("*.py"), *root.joinpath("geometry").rglob("*.py"),
+                    *root.joinpath("analysis").rglob("*.py"), root / "rows.py", root / "report.py"})
+    h = hashlib.sha256(hf_flag.__version__.encode())
+    for f in files:
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    assert digest == h.hexdigest()[:16]
+    schedule.report_code_digest.cache_clear()
+    monkeypatch.setattr(hf_flag, "__version__", hf_flag.__version__ + "+other")
+    try:
+        assert schedule.report_code_digest() != digest
+    finally:
+        schedule.report_code_digest.cache_clear()

@@ -213,3 +213,18 @@ def test_gguf_file_with_a_local_model_is_refused(tiny_models, tmp_path, capsys):
     assert "--gguf-file 'x.gguf'" in line and "not a Hub id" in line and model in line
     with pytest.raises(WeightSourceError, match="not a Hub id"):
         open_weights(torch.nn.Linear(2, 2), gguf_file="x.gguf")
+
+
+def test_a_report_of_other_report_code_is_recomputed_not_reused(tiny_models, tmp_path, capsys, monkeypatch):
+    """A sweep into a folder whose run an earlier hf-flag finished recomputes it (the code digest is part of the
+    model's fingerprint); the same code reuses it."""
+    out = tmp_path / "out"
+    argv = [str(tiny_models["gpt2"]), "--out", str(out), "--diagnostics", "mlp", "--composition", "none"]
+    assert sweep.main(argv) == 0
+    done = out / "runs" / "local--gpt2" / schedule.DONE
+    first = json.loads(done.read_text())["fingerprint"]
+    assert sweep.main(argv) == 0 and json.loads(done.read_text())["fingerprint"] == first
+    monkeypatch.setattr(schedule, "report_code_digest", lambda: "other-code")
+    with mock.patch.object(sweep, "analyze_unit", wraps=sweep.analyze_unit) as analysed:
+        assert sweep.main(argv) == 0
+    assert analysed.called and json.loads(done.read_text())["fingerprint"] != first
