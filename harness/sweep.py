@@ -89,7 +89,6 @@ from tqdm.auto import tqdm
 from hf_flag import exits
 from hf_flag.analysis.api import analyze
 from hf_flag.atomic import atomic_write, atomic_write_bytes, atomic_write_text
-from hf_flag.errors import HfFlagError
 from hf_flag.exits import EXIT_INCOMPLETE, EXIT_INTERNAL, EXIT_OK, one_line
 from hf_flag.options import OneLineParser, add_model_options
 from hf_flag.weights.hub import transport_errors
@@ -1038,14 +1037,38 @@ def dataset_card(results: Sequence[ModelResult]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def push_failure(repo: str, exc: BaseException, out: Path) -> str:
+    """The one line for a push to ``repo`` that failed with a Hub, token or connection error ``exc``: what failed
+    and what to do (the results stay in ``out``; rerunning the same command pushes them)."""
+    from huggingface_hub.errors import LocalTokenNotFoundError
+
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    if isinstance(exc, LocalTokenNotFoundError) or status == 401:
+        todo = f"log in (hf auth login) or set HF_TOKEN to a token that can write to {repo}"
+    elif status == 403:
+        todo = f"the token may neither write to {repo} nor open a pull request there; use a token that can"
+    elif status == 404:
+        todo = f"the token can neither see {repo} nor create it; check the repo name and the token"
+    elif isinstance(exc, OSError) and exc.filename:  # a local file of the push (a plot) could not be read
+        todo = f"check {exc.filename}"
+    else:
+        todo = "the Hub did not answer; push again once it is reachable"
+    return (f"--push-to-hub: {repo}: not pushed: {one_line(exc)}; {todo} (the results are in {out}; rerun the "
+            f"same command to push them)")
+
+
 def push_results(cfg: SweepConfig, results: list[ModelResult], *, dry_run: bool = False) -> int:
     """``--push-to-hub``: each model's card to its Hub repo (:func:`~hf_flag.integrations.cards.push_card`) and,
-    with a repo id, the dataset to that dataset repo.  Returns the number of cards not pushed (derived weights
-    without ``--allow-derived``, no Hub name).  huggingface_hub resolves the token: it passes through no code here."""
+    with a repo id, the dataset to that dataset repo.  Returns the number of repos not pushed: derived weights
+    without ``--allow-derived``, no Hub name, or a push the Hub refused or never answered (one line each,
+    :func:`push_failure`; the other pushes go on).  huggingface_hub resolves the token: it passes through no code
+    here.  A local write that fails (``dataset.parquet``) raises."""
     import datasets
 
     from hf_flag.integrations.cards import DerivedWeightsError, card_model_name, push_card, push_dataset
 
+    hub_errors = (OSError, *transport_errors())  # huggingface_hub's errors (HTTP, token, offline) are OSErrors
+    not_pushed = 0
     if isinstance(cfg.push_to_hub, str):
         if dry_run:
             print(f"hf-flag sweep: dry run: would upload the results dataset to dataset repo {cfg.push_to_hub}",
@@ -1053,9 +1076,13 @@ def push_results(cfg: SweepConfig, results: list[ModelResult], *, dry_run: bool 
         else:
             parquet = cfg.out / "dataset.parquet"
             atomic_write(parquet, lambda p: datasets.load_from_disk(str(cfg.out / "dataset")).to_parquet(str(p)))
-            url = push_dataset(cfg.push_to_hub, parquet, dataset_card(results))
-            print(f"hf-flag sweep: results dataset uploaded: {url}", file=sys.stderr)
-    not_pushed = 0
+            try:
+                url = push_dataset(cfg.push_to_hub, parquet, dataset_card(results))
+                print(f"hf-flag sweep: results dataset uploaded: {url}", file=sys.stderr)
+            except hub_errors as exc:
+                print(f"{PROG}: error: " + push_failure(f"dataset repo {cfg.push_to_hub}", exc, cfg.out),
+                      file=sys.stderr)
+                not_pushed += 1
     for res in results:
         if res.report is None:
             continue
@@ -1070,6 +1097,10 @@ def push_results(cfg: SweepConfig, results: list[ModelResult], *, dry_run: bool 
                                    allow_derived=cfg.allow_derived)
         except DerivedWeightsError as exc:
             print(f"hf-flag sweep: {repo_id}: card not pushed: {exc}", file=sys.stderr)
+            not_pushed += 1
+            continue
+        except hub_errors as exc:
+            print(f"{PROG}: error: " + push_failure(repo_id, exc, cfg.out), file=sys.stderr)
             not_pushed += 1
             continue
         if kind == "dry-run":
@@ -1168,16 +1199,7 @@ def run(cfg: SweepConfig, args: argparse.Namespace) -> int:
         print(f"hf-flag sweep: {label} stopped before finishing" + (
             "; other processes took its work over" if shared else "; its models are missing, rerun to resume"),
             file=sys.stderr)
-    if cfg.push_to_hub:
-        target = cfg.push_to_hub if isinstance(cfg.push_to_hub, str) else ""
-        try:
-            if push_results(cfg, results, dry_run=args.dry_run):
-                return EXIT_INCOMPLETE
-        except (OSError, HfFlagError, *transport_errors()) as exc:  # Hub HTTP, token, permission, connection: one
-            # line, results stay on disk; anything else is a bug and keeps its traceback (hf_flag.exits)
-            print(f"hf-flag sweep: error: --push-to-hub {target}".rstrip() + f": {one_line(exc)}; the results are "
-                  f"in {cfg.out} (push them again with the same command once the Hub is reachable)", file=sys.stderr)
-            return EXIT_INCOMPLETE
+    not_pushed = push_results(cfg, results, dry_run=args.dry_run) if cfg.push_to_hub else 0
     print(terminal_summary(results), flush=True)
     bad = [r for r in results if r.status != "done"]
     for r in bad:
@@ -1189,7 +1211,7 @@ def run(cfg: SweepConfig, args: argparse.Namespace) -> int:
         print(f"hf-flag sweep: {len(internal)} of them hit an internal error (a bug; its traceback is in "
               f"{internal[0].unit.run_dir / schedule.ERROR}, please report it)", file=sys.stderr)
         return EXIT_INTERNAL
-    return EXIT_INCOMPLETE if bad else EXIT_OK
+    return EXIT_INCOMPLETE if bad or not_pushed else EXIT_OK
 
 
 if __name__ == "__main__":

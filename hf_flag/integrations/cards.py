@@ -558,9 +558,12 @@ def card_diff(old: str, new: str, name: str = "README.md") -> str:
 
 
 def remote_card(repo_id: str, *, repo_type: str = "model") -> Optional[str]:
-    """The repo's README.md exactly as stored, or ``None`` when it has none."""
+    """The repo's README.md exactly as stored, or ``None`` when it has none or the repo does not exist (to the
+    token: the Hub answers a private repo the token cannot read the same way).  Any other failure (gated repo, Hub
+    error, unreachable Hub) raises huggingface_hub's own error (an ``OSError``) or the HTTP client's transport
+    error, never the ``ValueError`` a forced download wraps it in."""
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, RepositoryNotFoundError
 
     from hf_flag.weights.hub import offline
 
@@ -568,6 +571,17 @@ def remote_card(repo_id: str, *, repo_type: str = "model") -> Optional[str]:
         # online: the card as stored now, never a stale cached copy; offline (HF_HUB_OFFLINE): the cached copy
         path = hf_hub_download(repo_id, "README.md", repo_type=repo_type, force_download=not offline())
     except EntryNotFoundError:
+        return None
+    except ValueError as exc:  # "Force download failed": the failed request is its cause
+        cause = exc.__cause__
+        if isinstance(cause, RepositoryNotFoundError) and not isinstance(cause, GatedRepoError):
+            return None
+        if cause is None:
+            raise
+        raise cause from None
+    except RepositoryNotFoundError as exc:
+        if isinstance(exc, GatedRepoError):
+            raise
         return None
     return read_card(path)
 
@@ -578,7 +592,8 @@ def push_card(repo_id: str, report: Report, *, plots: Optional[Mapping[str, Path
     """Set hf-flag's parts of model repo ``repo_id``'s card, with its plots in ``hf-flag-plots/`` beside it.
 
     A commit on the default branch when the token can write there, else (HTTP 403) or with ``create_pr`` a pull
-    request; ``dry_run`` pushes nothing.  Returns ``(kind, text)``: ``("commit", url)``, ``("pr", url)`` or
+    request; a repo that does not exist yet is created first (``create_repo(exist_ok=True)``, under the token's
+    account or organisation, public or private by the Hub's default); ``dry_run`` pushes nothing.  Returns ``(kind, text)``: ``("commit", url)``, ``("pr", url)`` or
     ``("dry-run", unified diff)``.  Raises :class:`DerivedWeightsError` (one line) when the report was not computed
     from the repo's own weights (:func:`is_derived`) and ``allow_derived`` is not set.  The token is
     huggingface_hub's (``HF_TOKEN`` or the stored login); it passes through no hf-flag code.
@@ -607,6 +622,8 @@ def push_card(repo_id: str, report: Report, *, plots: Optional[Mapping[str, Path
     description = ("Written by hf-flag; only the section between the hf-flag markers, the hf_flag YAML key, "
                    "hf-flag's model-index results and the plots in hf-flag-plots/ change.")
     api = HfApi()
+    if base is None:  # a new repo (the token's own, as huggingface_hub creates it); an existing one is left as is
+        api.create_repo(repo_id, exist_ok=True)
     if not create_pr:
         try:
             info = api.create_commit(repo_id, operations, commit_message=message, commit_description=description)

@@ -267,3 +267,38 @@ def test_offline_dry_run_reads_the_cached_card_and_a_push_bug_keeps_its_tracebac
     [line] = [line for line in err.splitlines() if "TypeError" in line]
     saved = Path(line.split("traceback saved to ")[1].split()[0])
     assert "internal error" in line and "a bug in the push code" in saved.read_text()
+
+
+def test_push_to_a_new_repo_creates_it_and_a_failed_push_exits_3_naming_the_repo(hub, tiny_models, tmp_path,
+                                                                                   monkeypatch, capsys):
+    local = str(tiny_models["bert"])
+    args = ["--out", str(tmp_path / "out"), "--diagnostics", "mlp", "--push-to-hub", "--allow-derived"]
+    # the token's own repo that does not exist yet: created, then the card committed to it
+    monkeypatch.setenv("HF_TOKEN", "hf_writer")
+    assert sweep.main([local, "--name", "me/newrepo", *args, "--dry-run"]) == 0  # nothing created by a dry run
+    assert ("model", "me/newrepo") not in hub.repos and hub.received == []
+    assert sweep.main([local, "--name", "me/newrepo", *args]) == 0
+    [commit] = pushed(hub, "me/newrepo")
+    assert not commit.create_pr and "hf_writer" in hub.repos[("model", "me/newrepo")].writers
+    report = report_of(tmp_path / "out", "me--newrepo")
+    assert commit.files["README.md"].decode() == cards.update_card_text(
+        cards.minimal_card("me/newrepo"), report, model_name="me/newrepo",
+        plots={c: f"hf-flag-plots/{Path(p).name}" for c, p in json.loads(
+            (tmp_path / "out" / "plots" / "me--newrepo" / "plots.json").read_text())["plots"].items()})
+    capsys.readouterr()
+    # no token: the Hub refuses to create the repo (401): exit 3, one line naming the repo and what to do
+    monkeypatch.delenv("HF_TOKEN")
+    assert sweep.main([local, "--name", "me/other", *args, "--push-to-hub", "me/data"]) == 3
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(errors) == 2 and all("HF_TOKEN" in line and "not pushed" in line for line in errors)
+    assert "dataset repo me/data" in errors[0] and errors[1].startswith("hf-flag sweep: error: --push-to-hub: me/other")
+    assert ("model", "me/other") not in hub.repos and (tmp_path / "out" / "dataset.parquet").is_file()
+    # an unreachable Hub: exit 3, one line naming the repo, the results kept
+    monkeypatch.setenv("HF_TOKEN", "hf_writer")
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                        "http://127.0.0.1:9/{repo_id}/resolve/{revision}/{filename}")
+    assert sweep.main([local, "--name", "me/newrepo", *args]) == 3
+    [line] = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert line.startswith("hf-flag sweep: error: --push-to-hub: me/newrepo: not pushed:") and "reachable" in line
+    assert len(pushed(hub, "me/newrepo")) == 1
