@@ -102,7 +102,7 @@ from hf_flag.report import Report, baseline_key, rows_to_dataset
 from hf_flag.rows import HEADLINE_METRICS, format_value, merge_shards
 from hf_flag.threads import configure_threads
 from hf_flag.weights.adapters import get_adapter
-from hf_flag.weights.sources import open_weights
+from hf_flag.weights.sources import check_gguf_file, open_weights
 
 PROG = "hf-flag sweep"
 #: bookkeeping folder inside ``--out``: the outputs lock, each run's rank presence claims and sharing probe
@@ -196,6 +196,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> tuple[SweepConfig, argparse.Nam
     if not args.lease_s > 0:
         raise ConfigError(f"--lease-seconds {args.lease_s:g}: give a number of seconds > 0")
     cfg = build_config(file_values, cli_checked, extra)
+    for spec in cfg.models:  # before any work, as analyze refuses it
+        check_gguf_file(spec.path, spec.gguf_file)
     unnamed = [s.path for s in cfg.models if s.name is None and Path(s.path).expanduser().exists()]
     if cfg.push_to_hub and unnamed:  # a local copy's config names the model it came from, not a repo to push to
         raise ConfigError(f"--push-to-hub: local model {unnamed[0]!r} has no Hub repo name to push its card to; "

@@ -38,13 +38,24 @@ from hf_flag.weights.safetensors_source import SafetensorsSource
 from hf_flag.weights.streaming import StreamingHubSource
 from hf_flag.weights.weight_source import WeightSource
 
-__all__ = ["open_weights", "WeightSource", "ModuleSource", "SafetensorsSource", "GGUFSource", "TorchPickleSource",
+__all__ = ["open_weights", "check_gguf_file", "WeightSource", "ModuleSource", "SafetensorsSource", "GGUFSource", "TorchPickleSource",
            "read_config", "hf_cache_dir", "provenance", "file_format"]
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+
+
+def check_gguf_file(model_or_path: Union[str, os.PathLike, nn.Module, WeightSource],
+                    gguf_file: Optional[str]) -> None:
+    """:class:`WeightSourceError` (one line) when ``gguf_file`` is given for a model that is not a Hub id (a local
+    path, a module): it selects a file of a GGUF Hub repo only.  Reads nothing."""
+    local = not isinstance(model_or_path, (str, os.PathLike)) or Path(model_or_path).expanduser().exists()
+    if gguf_file is not None and local:
+        what = repr(os.fspath(model_or_path)) if isinstance(model_or_path, (str, os.PathLike)) else "a torch module"
+        raise WeightSourceError(f"--gguf-file {gguf_file!r} selects a file of a GGUF Hub repo, but model {what} is not "
+                                f"a Hub id; pass the local .gguf file's path as the model instead")
 
 
 def open_weights(model_or_path: Union[str, os.PathLike, nn.Module, WeightSource], *, allow_pickle: bool = False,
@@ -62,11 +73,7 @@ def open_weights(model_or_path: Union[str, os.PathLike, nn.Module, WeightSource]
     if max_disk_bytes is not None and max_disk_bytes <= 0:
         raise WeightSourceError(f"max_disk_bytes {max_disk_bytes} is not positive; give the bytes of checkpoint shards "
                                 f"to hold on disk (--max-disk GB > 0), or None to download whole")
-    local = not isinstance(model_or_path, (str, os.PathLike)) or Path(model_or_path).expanduser().exists()
-    if gguf_file is not None and local:
-        what = repr(os.fspath(model_or_path)) if isinstance(model_or_path, (str, os.PathLike)) else "a torch module"
-        raise WeightSourceError(f"--gguf-file {gguf_file!r} selects a file of a GGUF Hub repo, but model {what} is not "
-                                f"a Hub id; pass the local .gguf file's path as the model instead")
+    check_gguf_file(model_or_path, gguf_file)
     if isinstance(model_or_path, WeightSource):
         return model_or_path
     if isinstance(model_or_path, nn.Module):

@@ -213,6 +213,15 @@ def test_gguf_file_with_a_local_model_is_refused(tiny_models, tmp_path, capsys):
     assert "--gguf-file 'x.gguf'" in line and "not a Hub id" in line and model in line
     with pytest.raises(WeightSourceError, match="not a Hub id"):
         open_weights(torch.nn.Linear(2, 2), gguf_file="x.gguf")
+    # the sweep refuses it too, before any work: nothing written (argument or config-file entry alike)
+    out = tmp_path / "o"
+    assert sweep.main([model, "--gguf-file", "x.gguf", "--out", str(out)]) == exits.EXIT_USAGE
+    line = one_stderr_line(capsys)
+    assert "--gguf-file 'x.gguf'" in line and "not a Hub id" in line and model in line and not out.exists()
+    config = tmp_path / "sweep.yaml"
+    config.write_text(f"models: [{{path: {model}, gguf_file: x.gguf}}]\nout: {out}\n")
+    assert sweep.main(["--config", str(config)]) == exits.EXIT_USAGE
+    assert "not a Hub id" in one_stderr_line(capsys) and not out.exists()
 
 
 def test_a_report_of_other_report_code_is_recomputed_not_reused(tiny_models, tmp_path, capsys, monkeypatch):
