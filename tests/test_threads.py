@@ -5,7 +5,7 @@ import os
 import psutil
 
 import hf_flag.threads as threads
-from hf_flag.threads import busy_cores, thread_share
+from hf_flag.threads import busy_cores, parse_cpu_list, percpu_ids, thread_share
 
 CpuTimes = type(psutil.cpu_times())
 
@@ -34,11 +34,43 @@ def test_busy_cores_from_two_samples():
     before = [times(100.0, 500.0), times(200.0, 400.0), times(0.0, 0.0)]
     # CPU 0 fully busy for 0.1 s, CPU 1 a quarter busy, CPU 2 idle
     after = [times(100.1, 500.0), times(200.025, 400.075), times(0.0, 0.1)]
-    assert abs(busy_cores(before, after, [0, 1, 2]) - 1.25) < 1e-9
-    assert abs(busy_cores(before, after, [1, 2]) - 0.25) < 1e-9  # only the usable CPUs count
+    assert abs(busy_cores(before, after, [0, 1, 2], range(3)) - 1.25) < 1e-9
+    assert abs(busy_cores(before, after, [1, 2], range(3)) - 0.25) < 1e-9  # only the usable CPUs count
     iowait = CpuTimes(**{f: {"iowait": 0.1}.get(f, 0.0) for f in CpuTimes._fields}) if "iowait" in CpuTimes._fields \
         else times(0.0, 0.1)
-    assert busy_cores([times(0.0, 0.0)], [iowait], [0]) == 0.0  # waiting for the disk is not work
+    assert busy_cores([times(0.0, 0.0)], [iowait], [0], [0]) == 0.0  # waiting for the disk is not work
+
+
+def test_busy_cores_maps_cpu_ids_to_psutils_entries_of_online_cpus():
+    """psutil lists the online CPUs only, in order: with CPU 1 offline its entries are CPUs 0, 2, 3."""
+    # CPU 0 fully busy, CPU 2 idle, CPU 3 half busy, over 0.1 s
+    before = [times(0.0, 0.0)] * 3
+    after = [times(0.1, 0.0), times(0.0, 0.1), times(0.05, 0.05)]
+    assert abs(busy_cores(before, after, [2, 3], [0, 2, 3]) - 0.5) < 1e-12  # by id: not entries 2 and 3
+    assert abs(busy_cores(before, after, [0, 3], [0, 2, 3]) - 1.5) < 1e-12  # non-contiguous affinity
+    assert abs(busy_cores(before, after, [2], [0, 2, 3]) - 0.0) < 1e-12
+    # an affinity id that is offline, or ids unknown: the machine-wide busy fraction (1.5 of 3 cores) per usable CPU
+    assert abs(busy_cores(before, after, [1, 2], [0, 2, 3]) - 2 * 0.5) < 1e-12
+    assert abs(busy_cores(before, after, [0, 5, 7], None) - 3 * 0.5) < 1e-12
+    assert busy_cores(before, after[:2], [0], [0, 2, 3]) == 0.0  # a CPU went offline between the samples
+
+
+def test_percpu_ids_from_the_online_list(monkeypatch, tmp_path):
+    assert parse_cpu_list("0,2-3,5\n") == [0, 2, 3, 5] and parse_cpu_list("0-1") == [0, 1]
+    online = tmp_path / "online"
+    online.write_text("0,2-3\n")
+    monkeypatch.setattr(threads, "ONLINE_CPUS", online)
+    assert percpu_ids(3) == [0, 2, 3]
+    monkeypatch.setattr(threads, "ONLINE_CPUS", tmp_path / "absent")  # not Linux: only "none offline" is known
+    monkeypatch.setattr(threads.os, "sysconf", lambda name: 4)
+    assert percpu_ids(4) == [0, 1, 2, 3] and percpu_ids(3) is None
+    # the live sample through thread_share: affinity {2, 3} of 4 CPUs with CPU 1 offline (3 psutil entries)
+    monkeypatch.setattr(threads, "ONLINE_CPUS", online)
+    idle, cpu0_busy = [times(0.0, 0.0)] * 3, [times(0.1, 0.0), times(0.0, 0.1), times(0.0, 0.1)]
+    samples = iter([idle, cpu0_busy])
+    monkeypatch.setattr(threads.psutil, "cpu_times", lambda percpu: next(samples))
+    monkeypatch.setattr(threads.time, "sleep", lambda s: None)
+    assert thread_share({}, cpus=[2, 3]) == 2  # CPUs 2 and 3 (entries 1, 2) are idle; only CPU 0 works
 
 
 def test_second_command_after_a_finished_run_gets_its_full_share(monkeypatch):
