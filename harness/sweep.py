@@ -32,8 +32,9 @@ stopped early, and writes (holding the folder's lock, so concurrent sweeps write
 * the dataset, the summaries and ``sweep.json`` cover every model of the folder: this sweep's (done, failed or
   missing) and every other model with a finished result in ``DIR/runs/<slug>/`` (earlier sweeps into the same
   ``DIR``, computed with their own parameters); cards and plots are written for this sweep's models only.  They are
-  replaced only when ``DIR/sweep.json`` says hf-flag wrote them (:func:`check_outputs_ours`): a ``summary.*`` or
-  ``dataset/`` that hf-flag did not write stops the sweep with one line before any work;
+  replaced only when ``DIR/sweep.json`` says hf-flag wrote them (:func:`check_outputs_ours`): a ``summary.*``,
+  ``dataset/``, ``dataset.parquet``, ``plots/<slug>/`` or card (cards folder inside ``DIR``) that hf-flag did not
+  write stops the sweep with one line before any work;
 * ``DIR/plots/<slug>/*.png`` (:mod:`hf_flag.harness.plots`; split models are drawn here) and
   ``DIR/model_cards/<slug>/README.md``
   (:mod:`hf_flag.integrations.cards`); ``--write-model-cards`` also updates local model folders' README.md;
@@ -933,16 +934,35 @@ def copy_plot(png: Path, folder: Path) -> Path:
     return dest
 
 
-#: what the sweep writes into ``DIR`` and replaces as a whole on every run (:func:`check_outputs_ours`)
-OUTPUTS = ("dataset", "summary.csv", "summary.md")
+#: what the sweep writes into ``DIR`` and replaces as a whole on every run (:func:`check_outputs_ours`);
+#: ``dataset.parquet`` only with ``--push-to-hub REPO_ID``
+OUTPUTS = ("dataset", "summary.csv", "summary.md", "dataset.parquet")
 #: ``DIR/sweep.json``, the manifest; its ``written_by`` marks the outputs beside it as hf-flag's
 MANIFEST, WRITTEN_BY = "sweep.json", "hf-flag sweep"
 
 
-def check_outputs_ours(out: Path) -> None:
-    """``ConfigError`` (exit 2, one line) when ``out`` holds an output of :data:`OUTPUTS` or a ``sweep.json`` that
-    hf-flag did not write: only a ``sweep.json`` with ``written_by`` (or, from hf-flag before it, a ``models`` list)
-    vouches for the outputs beside it.  Nothing is read or written besides."""
+def foreign_outputs(cfg: SweepConfig) -> list[Path]:
+    """What the sweep of ``cfg`` would write over in ``cfg.out`` that no hf-flag ``sweep.json`` vouches for:
+    :data:`OUTPUTS`, each model's ``plots/<slug>/`` (unless its run folder ``runs/<slug>/`` is there: the process
+    that analysed it drew them, before any ``sweep.json`` was written) and, when the cards folder is inside
+    ``cfg.out`` (its default ``DIR/model_cards`` included), each model's ``README.md`` and ``hf-flag-plots/`` there.
+    Nothing is read besides whether the paths exist."""
+    from hf_flag.integrations.cards import PLOTS_FOLDER
+
+    out, names = cfg.out, slugs(cfg.models)
+    paths = [out / p for p in OUTPUTS]
+    paths += [plot_dir(cfg, slug) for slug in names if not (out / "runs" / slug).exists()]
+    if cfg.cards_dir.resolve().is_relative_to(out.resolve()):
+        paths += [cfg.cards_dir / slug / name for slug in names for name in ("README.md", PLOTS_FOLDER)]
+    return [p for p in paths if p.exists()]
+
+
+def check_outputs_ours(cfg: SweepConfig) -> None:
+    """``ConfigError`` (exit 2, one line naming the path) when ``cfg.out`` holds a ``sweep.json`` that hf-flag did
+    not write, or, without hf-flag's ``sweep.json``, anything the sweep would write over (:func:`foreign_outputs`):
+    only a ``sweep.json`` with ``written_by`` (or, from hf-flag before it, a ``models`` list) vouches for the outputs
+    beside it.  Nothing is written."""
+    out = cfg.out
     manifest, foreign = out / MANIFEST, []
     if manifest.exists():
         try:
@@ -952,7 +972,7 @@ def check_outputs_ours(out: Path) -> None:
         if isinstance(data, dict) and (data.get("written_by") == WRITTEN_BY or isinstance(data.get("models"), list)):
             return
         foreign.append(manifest)
-    foreign += [out / p for p in OUTPUTS if (out / p).exists()]
+    foreign += foreign_outputs(cfg)
     if foreign:
         raise ConfigError(f"--out {out}: {foreign[0]} exists and was not written by hf-flag sweep (no hf-flag "
                           f"{MANIFEST} beside it), and the sweep would replace it; move it away or choose another "
@@ -1000,7 +1020,7 @@ def write_outputs_locked(ctx: RunContext, units: list[Unit], states: dict[str, R
         error = schedule.read_error(u.run_dir) if state is RunState.FAILED else "" if report else notes.get(
             u.slug, "no result before --merge-timeout (process died or still running); rerun to resume")
         results.append(ModelResult(u, status, error, report))
-    check_outputs_ours(cfg.out)  # again under the lock: nothing appeared since the start
+    check_outputs_ours(cfg)  # again under the lock: nothing appeared since the start
     folder = results + folder_results(cfg.out, units)
     write_manifest(cfg.out, folder)  # first: the outputs below are never on disk without it
     reports = [r.report for r in folder if r.report is not None]
@@ -1159,7 +1179,7 @@ def run(cfg: SweepConfig, args: argparse.Namespace) -> int:
     state = PartialState(cpu=cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()))
     rank, world = state.process_index, state.num_processes
     check_out_dir(cfg.out)  # on every rank, so all of them stop together
-    check_outputs_ours(cfg.out)  # before any work, not after the analysis
+    check_outputs_ours(cfg)  # before any work, not after the analysis
     check_out_dir(cfg.cards_dir, "--cards-dir")  # before any work, not after the analysis
     device = resolve_device(cfg.device, state.local_process_index)
     configure_threads()  # this process's share of the cores (LOCAL_WORLD_SIZE, cores busy now)

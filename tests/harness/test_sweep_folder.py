@@ -20,17 +20,39 @@ def snapshot(folder) -> dict:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-@pytest.mark.parametrize("foreign", ["summary.csv", "summary.md", "dataset/notes.txt", "sweep.json"])
-def test_files_hf_flag_did_not_write_stop_the_sweep(foreign, tiny_models, tmp_path, capsys):
+@pytest.mark.parametrize("foreign, extra", [
+    ("summary.csv", []), ("summary.md", []), ("dataset/notes.txt", []), ("sweep.json", []),
+    ("dataset.parquet", []), ("plots/local--gpt2/commutator_ratio.png", []),
+    ("model_cards/local--gpt2/README.md", []), ("model_cards/local--gpt2/hf-flag-plots/range_overlap.png", []),
+    ("cards/local--gpt2/README.md", ["--cards-dir", "{out}/cards"])])
+def test_files_hf_flag_did_not_write_stop_the_sweep(foreign, extra, tiny_models, tmp_path, capsys):
     out = tmp_path / "out"
     (out / foreign).parent.mkdir(parents=True)
     (out / foreign).write_text("precious\n")
     before = snapshot(out)
-    assert sweep.main([str(tiny_models["gpt2"]), "--out", str(out), *ARGS]) == exits.EXIT_USAGE
+    extra = [arg.format(out=out) for arg in extra]
+    assert sweep.main([str(tiny_models["gpt2"]), "--out", str(out), *ARGS, *extra]) == exits.EXIT_USAGE
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("hf-flag")]
-    assert len(lines) == 1 and str(out / foreign.split("/")[0]) in lines[0] and "not written by hf-flag" in lines[0]
+    named = out / "/".join(foreign.split("/")[:1 if foreign.startswith("dataset/") else 2])  # the path it replaces
+    assert len(lines) == 1 and str(named) in lines[0] and "not written by hf-flag" in lines[0]
     assert "move it away or choose another --out" in lines[0]
     assert snapshot(out) == before and not (out / "runs").exists()  # refused before any work
+
+
+def test_outputs_outside_the_guard_and_of_an_unfinished_sweep_are_written(tiny_models, tmp_path, capsys):
+    """Another model's plots, a cards folder outside --out, and the plots a killed sweep drew before writing its
+    sweep.json (its run folder is there) do not stop the sweep; hf-flag's own outputs are rewritten on reruns."""
+    out, cards = tmp_path / "out", tmp_path / "cards"
+    for path in (out / "plots" / "someone-else" / "a.png", out / "plots" / "local--gpt2" / "old.png",
+                 cards / "local--gpt2" / "README.md"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("x")
+    (out / "runs" / "local--gpt2").mkdir(parents=True)  # a sweep killed after plotting, before its sweep.json
+    model = str(tiny_models["gpt2"])
+    assert sweep.main([model, "--out", str(out), "--cards-dir", str(cards), *ARGS]) == exits.EXIT_OK
+    assert (out / "plots" / "someone-else" / "a.png").read_text() == "x"
+    assert "hf-flag:start" in (cards / "local--gpt2" / "README.md").read_text()  # --cards-dir outside: not guarded
+    assert sweep.main([model, "--out", str(out), *ARGS]) == exits.EXIT_OK  # its own outputs: rewritten
 
 
 def test_a_folder_shared_by_sweeps_covers_every_finished_model(tiny_models, tmp_path, capsys):
