@@ -256,10 +256,12 @@ def test_bad_inputs_exit_2_with_one_line(tiny_models, tmp_path, capsys):
 def test_failed_push_is_one_line_and_keeps_the_results(tiny_models, tmp_path, capsys):
     out = tmp_path / "out"
     args = [str(tiny_models["gpt2"]), "--name", "me/tiny-gpt2", "--out", str(out), "--diagnostics", "mlp",
-            "--push-to-hub", "me/results"]
-    assert sweep.main(args) == 3  # the session is offline (HF_HUB_OFFLINE=1): the push cannot reach the Hub
-    err = [line for line in capsys.readouterr().err.splitlines() if "hf-flag sweep" in line]  # not tqdm's bar
-    assert len(err) == 1 and "--push-to-hub me/results" in err[0] and "OfflineModeIsEnabled" in err[0]
+            "--push-to-hub", "me/results", "--allow-derived"]
+    assert sweep.main(args) == 3  # the session is offline (HF_HUB_OFFLINE=1): the pushes cannot reach the Hub
+    err = [line for line in capsys.readouterr().err.splitlines() if "hf-flag sweep: error" in line]  # not tqdm's
+    assert len(err) == 2 and all("OfflineModeIsEnabled" in line and "rerun the same command" in line for line in err)
+    assert "--push-to-hub: dataset repo me/results: not pushed" in err[0]  # one line per repo, each named
+    assert "--push-to-hub: me/tiny-gpt2: not pushed" in err[1]
     assert statuses(out) == {"me--tiny-gpt2": "done"} and rows(out)  # everything was written before the push
 
 
