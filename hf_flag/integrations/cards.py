@@ -572,17 +572,13 @@ def remote_card(repo_id: str, *, repo_type: str = "model") -> Optional[str]:
         path = hf_hub_download(repo_id, "README.md", repo_type=repo_type, force_download=not offline())
     except EntryNotFoundError:
         return None
-    except ValueError as exc:  # "Force download failed": the failed request is its cause
-        cause = exc.__cause__
+    except (RepositoryNotFoundError, ValueError) as exc:  # ValueError "Force download failed": its cause failed
+        cause = exc.__cause__ if isinstance(exc, ValueError) else exc
         if isinstance(cause, RepositoryNotFoundError) and not isinstance(cause, GatedRepoError):
             return None
-        if cause is None:
+        if cause is None or cause is exc:
             raise
         raise cause from None
-    except RepositoryNotFoundError as exc:
-        if isinstance(exc, GatedRepoError):
-            raise
-        return None
     return read_card(path)
 
 
@@ -593,10 +589,11 @@ def push_card(repo_id: str, report: Report, *, plots: Optional[Mapping[str, Path
 
     A commit on the default branch when the token can write there, else (HTTP 403) or with ``create_pr`` a pull
     request; a repo that does not exist yet is created first (``create_repo(exist_ok=True)``, under the token's
-    account or organisation, public or private by the Hub's default); ``dry_run`` pushes nothing.  Returns ``(kind, text)``: ``("commit", url)``, ``("pr", url)`` or
-    ``("dry-run", unified diff)``.  Raises :class:`DerivedWeightsError` (one line) when the report was not computed
-    from the repo's own weights (:func:`is_derived`) and ``allow_derived`` is not set.  The token is
-    huggingface_hub's (``HF_TOKEN`` or the stored login); it passes through no hf-flag code.
+    account or organisation, public or private by the Hub's default); ``dry_run`` pushes nothing.  Returns
+    ``(kind, text)``: ``("commit", url)``, ``("pr", url)`` or ``("dry-run", unified diff)``.  Raises
+    :class:`DerivedWeightsError` (one line) when the report was not computed from the repo's own weights
+    (:func:`is_derived`) and ``allow_derived`` is not set.  The token is huggingface_hub's (``HF_TOKEN`` or the
+    stored login); it passes through no hf-flag code.
     """
     from huggingface_hub import CommitOperationAdd, HfApi
     from huggingface_hub.errors import HfHubHTTPError

@@ -38,8 +38,8 @@ from hf_flag.weights.safetensors_source import SafetensorsSource
 from hf_flag.weights.streaming import StreamingHubSource
 from hf_flag.weights.weight_source import WeightSource
 
-__all__ = ["open_weights", "check_gguf_file", "WeightSource", "ModuleSource", "SafetensorsSource", "GGUFSource", "TorchPickleSource",
-           "read_config", "hf_cache_dir", "provenance", "file_format"]
+__all__ = ["open_weights", "WeightSource", "ModuleSource", "SafetensorsSource", "GGUFSource", "TorchPickleSource",
+           "read_config", "hf_cache_dir", "provenance", "file_format", "check_gguf_file"]
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 SAFETENSORS_INDEX = "model.safetensors.index.json"
