@@ -159,6 +159,8 @@ def study(path: Path, layers: Optional[tuple[int, ...]], device: torch.device) -
                   "rows_uninformative": sum(not r.details.get(KAPPA_READS) and
                                             row_reads(r, "range_overlap") is False for r in rep.select(k)),
                   "rows": len(rep.select(k)),
+                  "read_by_layer": {layer: f"{sum(bool(r.details.get(KAPPA_READS)) for r in rows)}/{len(rows)}"
+                                    for layer, rows in _rows_by_layer(rep, k).items()},
                   "rows_read": sum(bool(r.details.get(KAPPA_READS)) for r in rep.select(k))} for k in kinds}
     groups = vo_per_group(path, list(rep.params.get("layers")), device)
     return {
@@ -194,6 +196,13 @@ def by_layer_ratio(report: Report, kind: str, num: str, den: str, *, reads: Opti
         if a is not None and b and math.isfinite(a) and math.isfinite(b):
             out.setdefault(r.layer, []).append(a / b)
     return {layer: mean(vs) for layer, vs in sorted(out.items())}
+
+
+def _rows_by_layer(report: Report, kind: str) -> dict[int, list]:
+    out: dict[int, list] = {}
+    for r in report.select(kind):
+        out.setdefault(r.layer, []).append(r)
+    return out
 
 
 def over_layers(d: dict[int, float]) -> tuple[float, float]:
@@ -332,9 +341,10 @@ def run(cfg: PretrainedConfig, *, threads: int = 1, device: Optional[torch.devic
                 f"{sum((v < 1) == below for v in d.values())}/{len(d)}" for _, d, below in series]])
         raw_kinds = list(s["kappa"])
         raw_table = markdown_table(
-            ["layer", "pair", "kappa reads (MATH.md §3)", "kappa", "kappa Haar RMS", "kappa / Haar RMS",
-             "range_overlap", "its Haar value", "relative imbalance"],
-            [[layer, k, yes(s["reading_holds"][k]), s["kappa"][k].get(layer), s["kappa_baseline"][k].get(layer),
+            ["layer", "pair", "kappa reads, generic ranks (v1-v2)", "kappa reads at the storage cut (v3: pairs)",
+             "kappa", "kappa Haar RMS", "kappa / Haar RMS", "range_overlap", "its Haar value", "relative imbalance"],
+            [[layer, k, yes(s["reading_holds"][k]), s["by_row"][k].get("read_by_layer", {}).get(layer, "n/a"),
+              s["kappa"][k].get(layer), s["kappa_baseline"][k].get(layer),
               s["kappa_ratio"][k].get(layer), s["range_overlap"][k].get(layer),
               s["range_overlap_baseline"][k].get(layer), s["relative_imbalance"][k].get(layer)]
              for layer in s["kappa"][raw_kinds[0]] for k in raw_kinds])
@@ -354,8 +364,9 @@ ranges more aligned than chance; the counts are the pairs read by each measure):
 
 {ratio_table}
 
-Raw values per pair kind (the vo rows here are per query head; "kappa reads" is the kind's generic-rank reading of
-rules v1-v2; kappa / Haar RMS where it does not read is shown but not read, MATH.md §3):
+Raw values per pair kind, means over the layer's pairs (the vo rows here are per query head; "generic ranks" is
+the kind's reading of rules v1-v2, "at the storage cut" how many of the layer's pairs kappa reads in under rule v3;
+kappa / Haar RMS where it does not read is shown but not read, MATH.md §3):
 
 {raw_table}
 """)
