@@ -422,8 +422,9 @@ def gl_kernel_dim_generic(s_l: torch.Tensor, s_next: torch.Tensor, n: int, *,
                              f"{getattr(x, 'shape', type(x).__name__)}")
     rtol = _check_float(where, "rtol", rtol, 0.0, 1.0)
     rank_l, rank_next = _numerical_rank(s_l, rtol), _numerical_rank(s_next, rtol)
-    kept = float(s_l[rank_l - 1]) * float(s_next[rank_next - 1]) if min(rank_l, rank_next) else 1.0
-    cut_ratio = rtol * float(s_l[0]) * float(s_next[0]) / kept if min(rank_l, rank_next) else 0.0
+    cut_ratio = 0.0  # the product's cut over the product of the smallest kept singular values
+    if min(rank_l, rank_next):
+        cut_ratio = rtol * float(s_l[0]) * float(s_next[0]) / (float(s_l[rank_l - 1]) * float(s_next[rank_next - 1]))
     if gl_kernel_dim_exception_bound(rank_l, rank_next, n, cut_ratio) > GL_BASELINE_MAX_EXCEPTION:
         return None
     return gl_kernel_dim_baseline(rank_l, rank_next, n)

@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 
+from hf_flag import analyze
 from hf_flag.analysis.pairs import gram_values, pair_geometry_values, pair_window_values, window_svd
 from hf_flag.geometry.baselines import (gl_kernel_dim_baseline, gl_kernel_dim_exception_bound, imbalance_haar_rms,
                                         intersection_soft_baseline, relative_imbalance_haar_rms)
@@ -214,3 +215,24 @@ def test_gl_kernel_dim_exception_bound_against_monte_carlo(n, r_l, r_next, lo_l,
     assert 0 < share and bound < 1
     assert share + 5 * math.sqrt(share * (1 - share) / count) <= bound, (share, bound)
     assert {v["gl_kernel_dim_baseline"] for v, _ in out} == {None}
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_gl_kernel_dim_baseline_in_the_linear_chain_report(full) -> None:
+    """Where the report emits the GL kernel dimension outside transformers (``linear_chain`` rows, default and
+    full): withheld for spectra spread past the cut (the row reads 1 there), and for a well-conditioned pair the
+    value every one of 20 Haar rotations ``(Q W_l, W_next)`` gives through the report."""
+    def row(W_l: torch.Tensor, W_next: torch.Tensor) -> dict:
+        net = torch.nn.Sequential(torch.nn.Linear(12, 10, bias=False), torch.nn.ReLU(),
+                                  torch.nn.Linear(10, 12, bias=False)).double()
+        with torch.no_grad():
+            net[0].weight.copy_(W_l)
+            net[2].weight.copy_(W_next)
+        (only,) = analyze(net, full=full).rows
+        return only.values
+    spread = row(*spread_pair(10, 12, 12, (10, -4.5), (10, -4.5), seed=41))
+    assert (spread["gl_kernel_dim"], spread["gl_kernel_dim_baseline"]) == (1.0, None)
+    W_l, W_next = spread_pair(10, 12, 12, (10, -3.0), (10, -3.0), seed=41)
+    assert {(v := row(q @ W_l, W_next))["gl_kernel_dim"] - v["gl_kernel_dim_baseline"] for q in haar(20, 10, seed=43)} \
+        == {0.0}
+    assert row(W_l, W_next)["gl_kernel_dim_baseline"] == 0.0
