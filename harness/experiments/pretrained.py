@@ -28,6 +28,7 @@ from hf_flag.geometry.angles import default_rtol
 from hf_flag.geometry.pairs import (augment, commutator_baseline, commutator_ratio, commutator_reading_holds,
                                     commutator_reading_of_pairs, range_overlap_from_grams)
 from hf_flag.geometry.stats import mean, mean_and_standard_error
+from hf_flag.integrations.readings import RANGE_FILL_LIMIT, row_reads
 from hf_flag.report import Report
 from hf_flag.rows import KAPPA_READS
 
@@ -153,8 +154,13 @@ def study(path: Path, layers: Optional[tuple[int, ...]], device: torch.device) -
             ("range_overlap", "range_overlap_baseline")
         ratio[k] = by_layer_ratio(rep, k, num, den)
     by_row = {k: {"kappa": by_layer_ratio(rep, k, "commutator_ratio", "commutator_ratio_baseline", reads=True),
-                  "range": by_layer_ratio(rep, k, "range_overlap", "range_overlap_baseline", reads=False),
+                  "range": by_layer_ratio(rep, k, "range_overlap", "range_overlap_baseline", reads=False,
+                                          informative=True),
+                  "rows_uninformative": sum(not r.details.get(KAPPA_READS) and
+                                            row_reads(r, "range_overlap") is False for r in rep.select(k)),
                   "rows": len(rep.select(k)),
+                  "read_by_layer": {layer: f"{sum(bool(r.details.get(KAPPA_READS)) for r in rows)}/{len(rows)}"
+                                    for layer, rows in _rows_by_layer(rep, k).items()},
                   "rows_read": sum(bool(r.details.get(KAPPA_READS)) for r in rep.select(k))} for k in kinds}
     groups = vo_per_group(path, list(rep.params.get("layers")), device)
     return {
@@ -174,18 +180,29 @@ def study(path: Path, layers: Optional[tuple[int, ...]], device: torch.device) -
     }
 
 
-def by_layer_ratio(report: Report, kind: str, num: str, den: str, *, reads: Optional[bool] = None
-                   ) -> dict[int, float]:
+def by_layer_ratio(report: Report, kind: str, num: str, den: str, *, reads: Optional[bool] = None,
+                   informative: bool = False) -> dict[int, float]:
     """Mean over the rows of ``kind`` per layer of ``num / den`` (rows with a zero or missing ``den`` skipped);
-    ``reads``: only the rows where kappa reads (True) or does not (False) at the storage cut (``KAPPA_READS``)."""
+    ``reads``: only the rows where kappa reads (True) or does not (False) at the storage cut (``KAPPA_READS``);
+    ``informative``: only the rows where ``num`` reads (:func:`hf_flag.integrations.readings.row_reads`: the range
+    overlap not where a range fills the hidden space)."""
     out: dict[int, list[float]] = {}
     for r in report.select(kind):
         if reads is not None and bool(r.details.get(KAPPA_READS)) is not reads:
+            continue
+        if informative and row_reads(r, num) is False:
             continue
         a, b = r.values.get(num), r.values.get(den)
         if a is not None and b and math.isfinite(a) and math.isfinite(b):
             out.setdefault(r.layer, []).append(a / b)
     return {layer: mean(vs) for layer, vs in sorted(out.items())}
+
+
+def _rows_by_layer(report: Report, kind: str) -> dict[int, list]:
+    out: dict[int, list] = {}
+    for r in report.select(kind):
+        out.setdefault(r.layer, []).append(r)
+    return out
 
 
 def over_layers(d: dict[int, float]) -> tuple[float, float]:
@@ -217,11 +234,15 @@ def reading_series(s: dict) -> list[tuple[str, dict[int, float], bool]]:
         out.append((f"{VO_GROUP}: range_overlap / Haar ({n_groups - n_read}/{n_groups} groups)", g["range_unread"],
                     False))
     for k, b in s["by_row"].items():
+        filled = b.get("rows_uninformative", 0)  # kappa does not read and a range fills the hidden space
         if b["rows_read"]:
             out.append((f"{k}: kappa / Haar RMS ({b['rows_read']}/{b['rows']} pairs)", b["kappa"], True))
-        if b["rows_read"] < b["rows"]:
-            out.append((f"{k}: range_overlap / Haar ({b['rows'] - b['rows_read']}/{b['rows']} pairs)", b["range"],
-                        False))
+        if b["rows_read"] + filled < b["rows"]:
+            out.append((f"{k}: range_overlap / Haar ({b['rows'] - b['rows_read'] - filled}/{b['rows']} pairs)",
+                        b["range"], False))
+        if filled:
+            out.append((f"{k}: no measure reads ({filled}/{b['rows']} pairs: kappa does not, and a range fills "
+                        f">= {RANGE_FILL_LIMIT:.0%} of the hidden space)", {}, False))
     return out
 
 
@@ -255,7 +276,7 @@ def _figure(studies: dict[str, dict]) -> Figure:
 
 
 def run(cfg: PretrainedConfig, *, threads: int = 1, device: Optional[torch.device] = None) -> ClaimResult:
-    """Judge the claim by ``RULES`` (current: v2) on every installed model."""
+    """Judge the claim by ``RULES`` (current: v3) on every installed model."""
     device = torch.device("cpu") if device is None else device
     found = {name: MODELS[name].find() for name, _ in cfg.layers}
     missing = [n for n, p in found.items() if p is None]
@@ -294,7 +315,7 @@ def run(cfg: PretrainedConfig, *, threads: int = 1, device: Optional[torch.devic
 
     def headline(n: str, s: dict) -> str:
         o = s["heads"]["head_overlap_o"]
-        others = ", ".join(f"{label} {fmt(over_layers(d)[0])} ± {fmt(over_layers(d)[1])}"
+        others = ", ".join(f"{label} {fmt(over_layers(d)[0])} ± {fmt(over_layers(d)[1])}" if d else label
                            for label, d, _ in reading_series(s) if not label.startswith(VO_GROUP + ":"))
         return (f"{n}: write-overlap {fmt(_avg(o['overlap']))} vs Haar {fmt(_avg(o['overlap_baseline']))} (z "
                 f"{fmt(z[n][0])} ± {fmt(z[n][1])} SE over {len(o['overlap'])} layers, min "
@@ -311,7 +332,7 @@ def run(cfg: PretrainedConfig, *, threads: int = 1, device: Optional[torch.devic
                      for layer in s["heads"]["head_overlap_o"]["overlap"]]
         head_table = markdown_table(["layer"] + [f"{k} {m}" for k in HEAD_KINDS for m in ("overlap", "z")]
                                     + ["baseline d_h/d"], head_rows)
-        series = reading_series(s)
+        series = [entry for entry in reading_series(s) if entry[1]]  # the series that have values
         ratio_table = markdown_table(
             ["layer"] + [label for label, _, _ in series],
             [[layer] + [d.get(layer) for _, d, _ in series] for layer in s["layers"]]
@@ -320,9 +341,10 @@ def run(cfg: PretrainedConfig, *, threads: int = 1, device: Optional[torch.devic
                 f"{sum((v < 1) == below for v in d.values())}/{len(d)}" for _, d, below in series]])
         raw_kinds = list(s["kappa"])
         raw_table = markdown_table(
-            ["layer", "pair", "kappa reads (MATH.md §3)", "kappa", "kappa Haar RMS", "kappa / Haar RMS",
-             "range_overlap", "its Haar value", "relative imbalance"],
-            [[layer, k, yes(s["reading_holds"][k]), s["kappa"][k].get(layer), s["kappa_baseline"][k].get(layer),
+            ["layer", "pair", "kappa reads, generic ranks (v1-v2)", "kappa reads at the storage cut (v3: pairs)",
+             "kappa", "kappa Haar RMS", "kappa / Haar RMS", "range_overlap", "its Haar value", "relative imbalance"],
+            [[layer, k, yes(s["reading_holds"][k]), s["by_row"][k].get("read_by_layer", {}).get(layer, "n/a"),
+              s["kappa"][k].get(layer), s["kappa_baseline"][k].get(layer),
               s["kappa_ratio"][k].get(layer), s["range_overlap"][k].get(layer),
               s["range_overlap_baseline"][k].get(layer), s["relative_imbalance"][k].get(layer)]
              for layer in s["kappa"][raw_kinds[0]] for k in raw_kinds])
@@ -342,8 +364,9 @@ ranges more aligned than chance; the counts are the pairs read by each measure):
 
 {ratio_table}
 
-Raw values per pair kind (the vo rows here are per query head; "kappa reads" is the kind's generic-rank reading of
-rules v1-v2; kappa / Haar RMS where it does not read is shown but not read, MATH.md §3):
+Raw values per pair kind, means over the layer's pairs (the vo rows here are per query head; "generic ranks" is
+the kind's reading of rules v1-v2, "at the storage cut" how many of the layer's pairs kappa reads in under rule v3;
+kappa / Haar RMS where it does not read is shown but not read, MATH.md §3):
 
 {raw_table}
 """)

@@ -20,8 +20,9 @@ Row kinds (names in :mod:`hf_flag.rows`, which every other part of hf-flag impor
   vs row(W_next), the companion for low-rank pairs, §3),
   ``subspace_score`` / ``basis_score`` (+ ``_baseline``; top-k transport window, k = min(k_in, m_out, ceil(n/2)), §4,
   ``intersection_dim`` (+ ``_baseline``, generic), ``intersection_soft`` (+ ``_baseline``, the Haar mean c^2 / n at
-  the common cut c), ``flag_tau``, ``gl_kernel_dim`` (+ ``_baseline``, max(0, rank W_l - rank W_next): its value
-  for almost every rotation) (§4).
+  the common cut c), ``flag_tau``, ``gl_kernel_dim`` (+ ``_baseline``, max(0, rank W_l - rank W_next): the value of
+  all but at most 1e-3 of Haar rotations, ``None`` where the spectra spread past the cut,
+  ``geometry.flags.gl_kernel_dim_generic``) (§4).
   ``intersection_*`` are ``None`` when the two partial flags share no cut below n (e.g. full-rank vo pairs).
   Details: flag cuts, rank matrix, permutation (nonzero entries), is_permutation, transport k, activation.
   ``cheap=True`` gives the pair rows only, with the five cheap values and the baselines of four of them (Gram

@@ -72,6 +72,7 @@ def pair_geometry_values(W_l: torch.Tensor, W_next: torch.Tensor, *, storage_eps
     (U, s_l, _), (_, s_next, Vh), T = host(svd_l), host(svd_next), v.transport.cpu()
     out = []
     for i in range(W_l.shape[0]):
+        gl_baseline = gl_kernel_dim_generic(s_l[i], s_next[i], n)  # None where spectra spread past the cut
         flag = flag_position_from_svd(U[i], s_l[i], Vh[i], s_next[i], n=n, rank_rtol=rank_rtol,
                                       storage_eps=storage_eps, transport=T[i])
         values = {**kappa_values(h, i), "range_overlap": h["range_overlap"][i],
@@ -79,7 +80,7 @@ def pair_geometry_values(W_l: torch.Tensor, W_next: torch.Tensor, *, storage_eps
                   "subspace_score": h["subspace_score"][i], "subspace_score_baseline": sub_base,
                   "basis_score": h["basis_score"][i], "basis_score_baseline": basis_base, **flag_values(flag),
                   "gl_kernel_dim": float(gl_kernel_dim_from_product_rank(s_l[i], int(h["product_rank"][i]))),
-                  "gl_kernel_dim_baseline": float(gl_kernel_dim_generic(s_l[i], s_next[i], n))}
+                  "gl_kernel_dim_baseline": gl_baseline if gl_baseline is None else float(gl_baseline)}
         out.append((values, {"transport_k": k, **flag_details(flag)}))
     return out
 

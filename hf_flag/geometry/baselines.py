@@ -27,6 +27,7 @@ __all__ = [
     "relative_imbalance_haar_rms",
     "intersection_soft_baseline",
     "gl_kernel_dim_baseline",
+    "gl_kernel_dim_exception_bound",
 ]
 
 
@@ -185,11 +186,47 @@ def intersection_soft_baseline(i: int, j: int, n: int) -> float:
 
 
 def gl_kernel_dim_baseline(rank_l: int, rank_next: int, n: int) -> int:
-    """Value of ``dim(range W_l ∩ ker W_next)`` for Haar-rotated ``(Q W_l, W_next)`` with ``rank W_l = rank_l``,
-    ``rank W_next = rank_next`` in R^n: ``max(0, rank_l - rank_next)`` (MATH.md §4, §7).
+    """Value of ``dim(range W_l ∩ ker W_next)`` for Haar-rotated ``(Q W_l, W_next)`` with exact ranks ``rank_l``,
+    ``rank_next`` in R^n: ``max(0, rank_l - rank_next)`` (MATH.md §4, §7).
 
     ``range Q W_l`` is a Haar-random ``rank_l``-plane and ``ker W_next`` a fixed ``(n - rank_next)``-plane; two such
     planes meet in the generic dimension ``max(0, rank_l + (n - rank_next) - n)`` with probability 1, so this is
-    the value almost surely (its mean and its RMS alike), not only on average."""
+    the value almost surely (its mean and its RMS alike) when ranks are exact.  With ranks counted at a relative
+    cut (``gl_invariant_kernel_dim``) it holds only up to :func:`gl_kernel_dim_exception_bound`."""
     _check_dims("gl_kernel_dim_baseline", n, rank_l=rank_l, rank_next=rank_next)
     return max(0, rank_l - rank_next)
+
+
+def gl_kernel_dim_exception_bound(rank_l: int, rank_next: int, n: int, cut_ratio: float) -> float:
+    """Upper bound of the Haar probability that a rotation ``(Q W_l, W_next)`` gives a GL kernel dimension other
+    than :func:`gl_kernel_dim_baseline` when ranks are counted at a relative cut (MATH.md §4).
+
+    ``cut_ratio`` is ``c0 = rtol sigma_1(W_l) sigma_1(W_next) / (sigma_{rank_l}(W_l) sigma_{rank_next}(W_next))``:
+    the product's cut over the product of the smallest singular values kept on each side.  Horn's inequality
+    ``sigma_{i+j-1}(AB) <= sigma_i(A) sigma_j(B)`` caps the product's counted rank at ``m = min(rank_l,
+    rank_next)`` for every rotation (the value is never below the baseline); it reaches ``m`` unless
+    ``sigma_m(M) <= c0``, with ``M`` the ``rank_next x rank_l`` block ``V_next^T Q U_l`` of cosines between the two
+    kept singular subspaces (``sigma_j(W_next Q W_l) >= sigma_{rank_next} sigma_{rank_l} sigma_j(M)``).  So:
+
+    * ``m = 0``: every rotation gives the baseline (0.0);
+    * ``max(rank_l, rank_next) = n``: ``M`` is an isometry, every rotation gives it iff ``c0 < 1`` (0.0, else 1.0);
+    * otherwise ``Q U_l = G (G^T G)^{-1/2}`` with ``G`` Gaussian ``n x m`` gives ``sigma_m(M) >= sigma_min(H) /
+      sigma_max(G)``, ``H`` an ``m x m`` Gaussian block; ``P(sigma_min(H) <= x) <= 2.35 x sqrt(m)`` (Sankar,
+      Spielman & Teng 2006, Thm 3.1) and ``P(sigma_max(G) > sqrt n + sqrt m + u) <= exp(-u^2/2)`` (Gordon, Gaussian
+      concentration) give ``a (sqrt n + sqrt m + sqrt(2 ln(1/a)) + 1)`` with ``a = 2.35 sqrt(m) c0`` (``u`` chosen so
+      that ``exp(-u^2/2) = a``), capped at 1.
+    """
+    _check_dims("gl_kernel_dim_exception_bound", n, rank_l=rank_l, rank_next=rank_next)
+    if not cut_ratio >= 0:
+        raise ValueError(f"gl_kernel_dim_exception_bound: cut_ratio={cut_ratio!r} must be a number >= 0")
+    m = min(rank_l, rank_next)
+    if m == 0:
+        return 0.0
+    if max(rank_l, rank_next) == n:
+        return 0.0 if cut_ratio < 1 else 1.0
+    a = 2.35 * math.sqrt(m) * cut_ratio
+    if a >= 1:
+        return 1.0
+    if a == 0:
+        return 0.0
+    return min(1.0, a * (math.sqrt(n) + math.sqrt(m) + math.sqrt(2 * math.log(1 / a)) + 1))

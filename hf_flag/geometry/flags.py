@@ -30,7 +30,8 @@ from typing import Optional, Sequence, Union
 import torch
 
 from hf_flag.geometry.angles import thin_svd_in_dtype, check_matrix, default_rtol, storage_eps as dtype_eps
-from hf_flag.geometry.baselines import gl_kernel_dim_baseline, intersection_baseline as _generic_intersection
+from hf_flag.geometry.baselines import (gl_kernel_dim_baseline, gl_kernel_dim_exception_bound,
+                                       intersection_baseline as _generic_intersection)
 from hf_flag.geometry.pairs import PRODUCT_RANK_RTOL, hidden_coordinates
 
 __all__ = [
@@ -53,6 +54,9 @@ GAP_RATIO = 1.25  # default relative gap sigma_i / sigma_{i+1} for a cut
 MAX_TAU = 0.1  # default largest Wedin angle bound (radians) a cut may have
 #: relative tolerance of the rank counts of the GL-invariant kernel dimension (MATH.md §4)
 GL_KERNEL_RTOL = PRODUCT_RANK_RTOL
+# The GL kernel dimension's baseline is given only where at most this Haar probability of rotations give another
+# value (baselines.gl_kernel_dim_exception_bound; MATH.md §4): not where the spectra spread past the cut.
+GL_BASELINE_MAX_EXCEPTION = 1e-3
 #: the per-row flag tolerance rule (:func:`flag_cuts`), as reported in ``Report.params``
 FLAG_TAU_RULE = "max(1e-6, 10 eps_storage sigma_1 / gap_k), MATH.md §4"
 SOFT_SKIP_MARGIN = 1e-8  # far above the rounding error of a window's sum cos^2, so the skip is never wrong
@@ -401,17 +405,29 @@ def gl_kernel_dim_from_product_rank(s_l: torch.Tensor, product_rank: int, *, rto
         int(product_rank)
 
 
-def gl_kernel_dim_generic(s_l: torch.Tensor, s_next: torch.Tensor, n: int, *, rtol: float = GL_KERNEL_RTOL) -> int:
+def gl_kernel_dim_generic(s_l: torch.Tensor, s_next: torch.Tensor, n: int, *,
+                         rtol: float = GL_KERNEL_RTOL) -> Optional[int]:
     """The GL kernel dimension's Haar value (MATH.md §4, §7):
     :func:`~hf_flag.geometry.baselines.gl_kernel_dim_baseline` ``max(0, rank W_l - rank W_next)`` with both ranks
-    counted as :func:`gl_invariant_kernel_dim` counts them (singular values above ``rtol sigma_1`` of each weight), from their descending singular values."""
+    counted as :func:`gl_invariant_kernel_dim` counts them (singular values above ``rtol sigma_1`` of each weight),
+    from their descending singular values, where it is the value of every Haar rotation ``(Q W_l, W_next)`` but a
+    set of probability at most ``GL_BASELINE_MAX_EXCEPTION``
+    (:func:`~hf_flag.geometry.baselines.gl_kernel_dim_exception_bound`); ``None`` otherwise: not given where the
+    spectra spread past the cut (the product's cut ``rtol sigma_1(W_l) sigma_1(W_next)`` then reaches products of
+    kept singular values, and rotations give larger values)."""
     where = "gl_kernel_dim_generic"
     for name, x in (("s_l", s_l), ("s_next", s_next)):
         if not isinstance(x, torch.Tensor) or x.ndim != 1:
             raise ValueError(f"{where}: {name} must be a 1-D tensor of singular values; got "
                              f"{getattr(x, 'shape', type(x).__name__)}")
     rtol = _check_float(where, "rtol", rtol, 0.0, 1.0)
-    return gl_kernel_dim_baseline(_numerical_rank(s_l, rtol), _numerical_rank(s_next, rtol), n)
+    rank_l, rank_next = _numerical_rank(s_l, rtol), _numerical_rank(s_next, rtol)
+    cut_ratio = 0.0  # the product's cut over the product of the smallest kept singular values
+    if min(rank_l, rank_next):
+        cut_ratio = rtol * float(s_l[0]) * float(s_next[0]) / (float(s_l[rank_l - 1]) * float(s_next[rank_next - 1]))
+    if gl_kernel_dim_exception_bound(rank_l, rank_next, n, cut_ratio) > GL_BASELINE_MAX_EXCEPTION:
+        return None
+    return gl_kernel_dim_baseline(rank_l, rank_next, n)
 
 
 def _gl_kernel_dim(s_l: torch.Tensor, s_next: torch.Tensor, s_product: torch.Tensor, rtol: float) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Optional, Union
+from typing import AbstractSet, Optional, Union
 
 import torch
 
@@ -53,6 +53,36 @@ def integer_weight_error(source_name: str, name: str, dtype: str) -> WeightSourc
                              f"(e.g. bitsandbytes int8, GPTQ/AWQ packed int4) is not supported; dequantise it "
                              f"first (load it with its quantisation library and save a float16/bfloat16/float32 "
                              f"copy) and analyse that")
+
+
+#: sibling tensors that scale a weight ``<module>.weight`` (``<module>.<suffix>``): FP8 block/row scales (DeepSeek's
+#: ``weight_scale_inv``, compressed-tensors' and ModelOpt's ``weight_scale``, NVFP4's ``weight_scale_2`` and
+#: ``weight_global_scale``, MLX/GPTQ-style ``scales``): the stored values are not the weight without them
+WEIGHT_SCALE_SUFFIXES = ("weight_scale", "weight_scale_inv", "weight_scale_2", "weight_global_scale", "scales")
+#: activation scales beside a float8 weight (ModelOpt / compressed-tensors FP8 W8A8): a scaled-FP8 checkpoint
+FLOAT8_SCALE_SUFFIXES = WEIGHT_SCALE_SUFFIXES + ("input_scale",)
+
+
+def scale_sibling(name: str, dtype: str, keys: AbstractSet[str]) -> Optional[str]:
+    """The first scale tensor stored beside weight ``name`` (``<module>.weight`` -> ``<module>.weight_scale``, ...)
+    in ``keys``: :data:`WEIGHT_SCALE_SUFFIXES` for any storage, also ``input_scale`` for float8 storage; ``None``
+    when there is none (plain float8 without scales is read as stored, at its eps)."""
+    module, dot, leaf = name.rpartition(".")
+    if leaf != "weight":
+        return None
+    suffixes = FLOAT8_SCALE_SUFFIXES if dtype.startswith("float8") else WEIGHT_SCALE_SUFFIXES
+    return next((f"{module}{dot}{suffix}" for suffix in suffixes if f"{module}{dot}{suffix}" in keys), None)
+
+
+def scaled_weight_error(source_name: str, name: str, dtype: str, scale: str) -> WeightSourceError:
+    """The one-line error for a weight stored with a scale tensor beside it (FP8 with ``weight_scale_inv``,
+    compressed-tensors / ModelOpt ``weight_scale``): its real values are the stored ones times scales the analysis
+    does not apply."""
+    return WeightSourceError(f"tensor {name!r} of {source_name!r} is stored as {dtype} with the scale tensor "
+                             f"{scale!r} beside it: a scale-quantised weight (e.g. FP8 with weight_scale_inv, "
+                             f"compressed-tensors or ModelOpt FP8) is not supported; dequantise it first (load it "
+                             f"with its quantisation library and save a float16/bfloat16/float32 copy) and analyse "
+                             f"that")
 
 
 def read_shard_index(index: Path) -> dict[str, Path]:
@@ -106,11 +136,13 @@ class WeightSource(ABC):
 
     def storage_eps(self, name: str) -> float:
         """Relative precision of the stored values of ``name``: ``torch.finfo(dtype).eps`` for float storage (never
-        0: float64 has 2.2e-16).  Integer storage raises :func:`integer_weight_error`.  Quantised sources override
+        0: float64 has 2.2e-16).  Integer storage raises :func:`integer_weight_error`, a weight with a scale tensor
+        beside it :func:`scaled_weight_error`.  Quantised sources override
         this (MATH.md §4: tolerance ~ eps)."""
         dtype = self.storage_dtype(name)
         if is_integer_dtype(dtype):
             raise integer_weight_error(self.name, name, dtype)
+        self._check_unscaled(name, dtype)
         eps = float_dtype_eps(dtype)
         if eps is None:
             raise WeightSourceError(f"tensor {name!r} of {self.name!r} has storage dtype "
@@ -125,7 +157,8 @@ class WeightSource(ABC):
         source (an in-memory module's parameter, a memory-mapped file): do not modify it in place.  A tensor stored
         as integers is read as integers (``dtype`` None or an integer dtype); read as real values (a floating
         ``dtype``, as every analysis reads weights) it raises :func:`integer_weight_error`: its real values need
-        scales stored elsewhere.
+        scales stored elsewhere.  A weight with a scale tensor beside it (:func:`scale_sibling`, e.g. FP8 with
+        ``weight_scale_inv``) read as real values raises :func:`scaled_weight_error` for the same reason.
         """
         if self._closed:
             raise WeightSourceError(f"weights {self.name!r} were closed; open them again with open_weights(...)")
@@ -134,9 +167,17 @@ class WeightSource(ABC):
         if dtype is not None and (dtype.is_floating_point or dtype.is_complex) and not (
                 tensor.is_floating_point() or tensor.is_complex()):
             raise integer_weight_error(self.name, name, dtype_name(tensor.dtype))
+        if dtype is not None and dtype.is_floating_point:
+            self._check_unscaled(name, dtype_name(tensor.dtype))
         if dtype is None and device is None:
             return tensor
         return tensor.to(device=device, dtype=dtype)
+
+    def _check_unscaled(self, name: str, dtype: str) -> None:
+        """:func:`scaled_weight_error` when weight ``name`` has a scale tensor beside it (:func:`scale_sibling`)."""
+        scale = scale_sibling(name, dtype, self._key_set())
+        if scale is not None:
+            raise scaled_weight_error(self.name, name, dtype, scale)
 
     def _check_key(self, name: str) -> None:
         if name not in self:

@@ -11,9 +11,10 @@ import math
 import pytest
 import torch
 
+from hf_flag import analyze
 from hf_flag.analysis.pairs import gram_values, pair_geometry_values, pair_window_values, window_svd
-from hf_flag.geometry.baselines import (gl_kernel_dim_baseline, imbalance_haar_rms, intersection_soft_baseline,
-                                        relative_imbalance_haar_rms)
+from hf_flag.geometry.baselines import (gl_kernel_dim_baseline, gl_kernel_dim_exception_bound, imbalance_haar_rms,
+                                        intersection_soft_baseline, relative_imbalance_haar_rms)
 from hf_flag.geometry.flags import gl_invariant_kernel_dim, gl_kernel_dim_generic
 from hf_flag.geometry.pairs import augment, commutator_ratio, imbalance_norm, relative_imbalance
 
@@ -118,16 +119,25 @@ def test_intersection_soft_baseline_by_monte_carlo() -> None:
     assert values["intersection_soft_baseline"] == c * c / n
 
 
-def test_intersection_soft_baseline_in_the_default_report() -> None:
-    """The windowed flags report the same c^2 / n at their own common cut (MATH.md §4 window)."""
-    n = 12
-    W_l, W_next = flag_pair(n, 14, 13, [16.0, 8.0, 4.0, 2.0, 1.0, 0.5] * 2, [9.0, 3.0, 1.0] * 4, seed=21)
-    svd_l, svd_next = window_svd(W_l[None], EPS64), window_svd(W_next[None], EPS64)
-    values, details = pair_window_values(W_l[None], W_next[None], storage_eps=EPS64, dtype=F64, svd_l=svd_l,
-                                         svd_next=svd_next)[0]
-    c = details["intersection_cut"]
-    assert c is not None and values["intersection_soft_baseline"] == pytest.approx(c * c / n, rel=1e-15)
-    assert values["gl_kernel_dim"] is None and values["gl_kernel_dim_baseline"] is None  # whole spectra needed
+def test_intersection_soft_baseline_in_the_default_report_by_monte_carlo() -> None:
+    """The default report's windowed flags (MATH.md §4 window) at a common cut c inside windows that stop short of
+    the rank: the soft count of Haar-rotated pairs ``(Q W_l, W_next)`` averages the reported c^2 / n.
+
+    Float32 storage precision: a cluster of 75 (74) singular values 1e-10 apart closes neither window, so the
+    windows are the 5 (6) leading singular vectors of weights of rank n = 80, and the common cut c = 5 is inside
+    both; the rotation keeps both spectra, so every sample has the same windows and cut."""
+    n, count, eps32 = 80, 600, torch.finfo(torch.float32).eps
+    W_l, W_next = flag_pair(n, 90, 85, [16.0, 8.0, 4.0, 2.0, 1.5] + [1.0 + j * 1e-10 for j in range(75)],
+                            [9.0, 6.0, 3.0, 2.5, 2.0, 1.4] + [1.0 + j * 1e-10 for j in range(74)], seed=21)
+    rotated, W_nexts = haar(count, n, seed=22) @ W_l, W_next.expand(count, -1, -1)
+    out = pair_window_values(rotated, W_nexts, storage_eps=eps32, dtype=F64, svd_l=window_svd(rotated, eps32),
+                             svd_next=window_svd(W_nexts, eps32))
+    windows = {(d["intersection_cut"], v["window_in"], v["window_out"], v["intersection_soft_baseline"])
+               for v, d in out}
+    assert len(windows) == 1 and (cut := windows.pop())[:3] == (5, 5.0, 6.0), windows
+    assert cut[3] == pytest.approx(25 / 80, rel=1e-15)
+    within(torch.tensor([v["intersection_soft"] for v, _ in out], dtype=F64), 25 / 80, "windowed intersection_soft")
+    assert all(v["gl_kernel_dim"] is None and v["gl_kernel_dim_baseline"] is None for v, _ in out)  # whole spectra
 
 
 def test_gl_kernel_dim_baseline_is_the_value_of_every_rotation() -> None:
@@ -149,3 +159,80 @@ def test_gl_kernel_dim_baseline_is_the_value_of_every_rotation() -> None:
     assert gl_kernel_dim_baseline(3, 7, 10) == 0 and gl_kernel_dim_baseline(7, 3, 10) == 4
     with pytest.raises(ValueError, match="rank_l"):
         gl_kernel_dim_baseline(11, 3, 10)
+
+
+def spread_pair(n: int, k: int, m: int, spectrum_l, spectrum_next, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``flag_pair`` with log-spaced spectra given as ``(rank, log10 of the smallest)``."""
+    return flag_pair(n, k, m, torch.logspace(0, spectrum_l[1], spectrum_l[0], dtype=F64).tolist(),
+                     torch.logspace(0, spectrum_next[1], spectrum_next[0], dtype=F64).tolist(), seed=seed)
+
+
+@pytest.mark.parametrize("n,k,m,spec_l,spec_next,expected", [
+    (10, 12, 12, (10, -3.0), (10, -3.0), 0.0),  # full rank: every rotation, sigma_10 sigma_10 = 1e-6 above the cut
+    (40, 12, 30, (8, -1.0), (4, -0.5), 4.0),  # ranks below n, well conditioned: all but < 1e-3 of rotations
+    (10, 12, 12, (10, -4.5), (10, -4.5), None),  # spread past the cut: rotations give 0, 1, 2 (mean ~1)
+    (10, 12, 12, (10, -6.0), (10, -6.0), None),  # rotations give 3 or 4
+    (40, 12, 30, (8, -5.0), (4, -5.0), None),  # ranks below n: 1e-5 * 1e-5 is past the 1e-8 cut
+])
+def test_gl_kernel_dim_baseline_only_where_rotations_give_it(n, k, m, spec_l, spec_next, expected) -> None:
+    """The full row's GL kernel baseline against 200 Haar rotations of the pair: where given it is the value of
+    every sampled rotation; withheld (None) where the product's cut 1e-8 sigma_1 sigma_1 reaches the products of
+    kept singular values (review 2 item 5: it read 0 while rotations averaged 1.0 and 3.36)."""
+    W_l, W_next = spread_pair(n, k, m, spec_l, spec_next, seed=41)
+    count = 200
+    out = pair_geometry_values(haar(count, n, seed=42) @ W_l, W_next.expand(count, -1, -1), storage_eps=EPS64)
+    assert {v["gl_kernel_dim_baseline"] for v, _ in out} == {expected}
+    values = torch.tensor([v["gl_kernel_dim"] for v, _ in out], dtype=F64)
+    base = gl_kernel_dim_baseline(spec_l[0], spec_next[0], n)
+    assert bool((values >= base).all())  # Horn: the product's counted rank is at most min(rank_l, rank_next)
+    if expected is None:
+        assert values.mean().item() > base  # the unconditional formula would be wrong here
+    else:
+        assert values.tolist() == [expected] * count
+
+
+def test_gl_kernel_dim_exception_bound_cases() -> None:
+    """The bound's exact cases (a zero rank, one side of rank n) and its monotone growth with the cut ratio."""
+    assert gl_kernel_dim_exception_bound(0, 5, 10, 0.5) == 0.0 and gl_kernel_dim_exception_bound(4, 10, 10, 0.99) == 0.0
+    assert gl_kernel_dim_exception_bound(10, 3, 10, 1.0) == 1.0
+    small, large = (gl_kernel_dim_exception_bound(4, 8, 40, c) for c in (1e-8, 1e-4))
+    assert 0 < small < 1e-3 < large <= 1.0
+    with pytest.raises(ValueError, match="cut_ratio"):
+        gl_kernel_dim_exception_bound(4, 8, 40, float("nan"))
+
+
+@pytest.mark.parametrize("n,r_l,r_next,lo_l,lo_next", [(40, 4, 4, -2.5, -3.5), (6, 2, 2, -3.0, -3.3)])
+def test_gl_kernel_dim_exception_bound_against_monte_carlo(n, r_l, r_next, lo_l, lo_next) -> None:
+    """Where the bound is informative (< 1) the share of 2000 Haar rotations whose full-row value differs from the
+    baseline is below it (measured ~1/25 of it); the share is not 0, so the baseline would be false there were the
+    bound ignored (cut ratio c0 = 1e-8 / (sigma_r_l sigma_r_next) = 1e-2)."""
+    W_l, W_next = spread_pair(n, 12, 30, (r_l, lo_l), (r_next, lo_next), seed=7)
+    count = 2000
+    out = pair_geometry_values(haar(count, n, seed=8) @ W_l, W_next.expand(count, -1, -1), storage_eps=EPS64)
+    base = gl_kernel_dim_baseline(r_l, r_next, n)
+    share = sum(v["gl_kernel_dim"] != base for v, _ in out) / count
+    bound = gl_kernel_dim_exception_bound(r_l, r_next, n, 1e-8 / 10 ** (lo_l + lo_next))
+    assert 0 < share and bound < 1
+    assert share + 5 * math.sqrt(share * (1 - share) / count) <= bound, (share, bound)
+    assert {v["gl_kernel_dim_baseline"] for v, _ in out} == {None}
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_gl_kernel_dim_baseline_in_the_linear_chain_report(full) -> None:
+    """Where the report emits the GL kernel dimension outside transformers (``linear_chain`` rows, default and
+    full): withheld for spectra spread past the cut (the row reads 1 there), and for a well-conditioned pair the
+    value every one of 20 Haar rotations ``(Q W_l, W_next)`` gives through the report."""
+    def row(W_l: torch.Tensor, W_next: torch.Tensor) -> dict:
+        net = torch.nn.Sequential(torch.nn.Linear(12, 10, bias=False), torch.nn.ReLU(),
+                                  torch.nn.Linear(10, 12, bias=False)).double()
+        with torch.no_grad():
+            net[0].weight.copy_(W_l)
+            net[2].weight.copy_(W_next)
+        (only,) = analyze(net, full=full).rows
+        return only.values
+    spread = row(*spread_pair(10, 12, 12, (10, -4.5), (10, -4.5), seed=41))
+    assert (spread["gl_kernel_dim"], spread["gl_kernel_dim_baseline"]) == (1.0, None)
+    W_l, W_next = spread_pair(10, 12, 12, (10, -3.0), (10, -3.0), seed=41)
+    assert {(v := row(q @ W_l, W_next))["gl_kernel_dim"] - v["gl_kernel_dim_baseline"] for q in haar(20, 10, seed=43)} \
+        == {0.0}
+    assert row(W_l, W_next)["gl_kernel_dim_baseline"] == 0.0

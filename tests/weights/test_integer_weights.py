@@ -4,6 +4,7 @@ them with one line naming the tensor and saying to dequantise first, instead of 
 the unscaled integers.  A float checkpoint's storage precision is never 0 (float64: 2.2e-16)."""
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 
@@ -73,3 +74,61 @@ def test_in_memory_int8_parameter_and_storage_precision(tiny_checkpoint, tmp_pat
     with open_weights(str(double)) as src:
         name = next(k for k in src.keys() if k.endswith("q_proj.weight"))
         assert src.storage_eps(name) == torch.finfo(torch.float64).eps > 0
+
+
+def float8_copy(folder: Path, dest: Path, scale: str = "") -> Path:
+    """``folder``'s checkpoint with every projection weight stored as float8_e4m3fn: with ``scale`` (a sibling
+    suffix, e.g. ``weight_scale_inv``) the FP8 row-scaled form (stored values = weight / scale, 448 at each row's
+    largest entry), without it the weight itself rounded to float8."""
+    tensors = {}
+    for key, value in load_file(folder / "model.safetensors").items():
+        if not key.endswith("proj.weight"):
+            tensors[key] = value
+        elif scale:
+            row = value.float().abs().amax(1) / 448
+            tensors[key] = (value.float() / row[:, None]).to(torch.float8_e4m3fn)
+            tensors[key.removesuffix("weight") + scale] = row
+        else:
+            tensors[key] = value.to(torch.float8_e4m3fn)
+    dest.mkdir()
+    shutil.copy(folder / "config.json", dest)
+    save_file(tensors, dest / "model.safetensors")
+    return dest
+
+
+@pytest.mark.parametrize("scale", ["weight_scale_inv", "weight_scale", "weight_scale_2", "input_scale", "scales"])
+@pytest.mark.parametrize("path", list(PATHS))
+def test_every_report_path_refuses_float8_weights_with_scales(scale, path, tiny_checkpoint, tmp_path):
+    """Review 2 item 2: the stored float8 values are not the weight without their scales (a per-row scale changes
+    every geometry value), so the checkpoint is refused with one line naming the tensor and its scale."""
+    model = float8_copy(tiny_checkpoint, tmp_path / "fp8", scale)
+    with pytest.raises(WeightSourceError, match=rf"tensor '([\w.]+)proj\.weight' of .* is stored as float8_e4m3fn "
+                                                rf"with the scale tensor '\1proj\.{scale}' beside it: .* dequantise "
+                                                r"it first"):
+        analyze(str(model), **PATHS[path])
+
+
+def test_cli_exit_2_one_line_for_scaled_float8(tiny_checkpoint, tmp_path, capsys):
+    model = float8_copy(tiny_checkpoint, tmp_path / "fp8", "weight_scale_inv")
+    assert cli.main(["analyze", str(model)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("hf-flag")]
+    assert len(err) == 1 and "proj.weight_scale_inv" in err[0] and "dequantise it first" in err[0]
+
+
+def test_plain_float8_is_read_at_its_precision(tiny_checkpoint, tmp_path):
+    """Float8 storage without scales is the weight itself (rounded): read as stored, at float8_e4m3fn's eps; a
+    bfloat16 weight beside an unrelated ``input_scale`` is not a scaled weight."""
+    model = float8_copy(tiny_checkpoint, tmp_path / "fp8")
+    with open_weights(str(model)) as src:
+        name = next(k for k in src.keys() if k.endswith("q_proj.weight"))
+        assert src.storage_eps(name) == torch.finfo(torch.float8_e4m3fn).eps == 0.125
+        stored = load_file(model / "model.safetensors")[name]
+        assert torch.equal(src.get(name, dtype=torch.float64), stored.to(torch.float64))
+    for path in ("default", "cheap", "full"):
+        report = analyze(str(model), **PATHS[path])
+        values = [v for row in report.rows for v in row.values.values() if v is not None]
+        assert values and all(math.isfinite(v) for v in values)
+    module = torch.nn.Module()
+    module.weight = torch.nn.Parameter(torch.ones(3, 4, dtype=torch.bfloat16), requires_grad=False)
+    module.input_scale = torch.nn.Parameter(torch.ones(()), requires_grad=False)
+    assert open_weights(module).storage_eps("weight") == torch.finfo(torch.bfloat16).eps
