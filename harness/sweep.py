@@ -66,9 +66,7 @@ docs/RELIABILITY.md lists these promises and the tests that show them.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
-import gc
 import importlib
 import io
 import json
@@ -90,6 +88,7 @@ from tqdm.auto import tqdm
 from hf_flag import exits
 from hf_flag.analysis.api import analyze
 from hf_flag.atomic import atomic_write, atomic_write_bytes, atomic_write_text
+from hf_flag.collector import long_lived_frozen
 from hf_flag.exits import EXIT_INCOMPLETE, EXIT_INTERNAL, EXIT_OK, one_line
 from hf_flag.options import OneLineParser, add_model_options
 from hf_flag.weights.hub import transport_errors
@@ -1131,26 +1130,6 @@ def push_results(cfg: SweepConfig, results: list[ModelResult], *, dry_run: bool 
             print(f"hf-flag sweep: {repo_id}: card {'committed' if kind == 'commit' else 'pull request opened'}: "
                   f"{text}", file=sys.stderr)
     return not_pushed
-
-
-@contextlib.contextmanager
-def long_lived_frozen() -> Iterator[None]:
-    """Keep every object alive now (the imported libraries: torch, matplotlib, accelerate) out of the garbage
-    collector's passes while the block runs; they are handed back at the end.
-
-    Each figure the sweep draws is cyclic garbage, so a sweep triggers full collections, and each full collection
-    traverses every object of the imported libraries (0.1-0.2 s with torch and matplotlib loaded; two or three in a
-    sweep of six small models).  ``gc.freeze`` moves them to CPython's permanent generation, which no collection
-    visits.  Does nothing when objects are frozen already (the caller manages the collector).
-    """
-    if gc.get_freeze_count():
-        yield
-        return
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -12,7 +12,6 @@ Ctrl-C exits 130 (:mod:`hf_flag.exits`).
 from __future__ import annotations
 
 import argparse
-import gc
 import importlib
 import json
 import os
@@ -26,6 +25,7 @@ import torch
 from hf_flag.analysis.api import analyze
 from hf_flag import exits
 from hf_flag.atomic import atomic_write
+from hf_flag.collector import long_lived_frozen
 from hf_flag.defaults import default_hub_id, default_named_paths, model_slug, parse_diagnostics
 from hf_flag.errors import InputError
 from hf_flag.options import OneLineParser, add_model_options
@@ -211,9 +211,12 @@ def run_analyze(args: argparse.Namespace) -> int:
     from hf_flag.threads import configure_threads
 
     configure_threads()
-    # the imports' objects (torch's: most of the heap) live as long as the process: out of the collector's way,
-    # full collections during the analysis stop re-scanning them (SmolLM2: GC 0.33 -> 0.15 s CPU, BENCHMARKS.md)
-    gc.freeze()
+    with long_lived_frozen():  # the imports' objects out of the collector's passes, handed back after
+        return analyze_models(args)
+
+
+def analyze_models(args: argparse.Namespace) -> int:
+    """The body of :func:`run_analyze`: analyse every MODEL of ``args`` and write or print the reports."""
     named = list(default_named_paths()) if args.default else []
     models = list(args.models) + [path for path, _ in named]
     if not models:

@@ -231,3 +231,15 @@ def test_table_means_over_the_rows_where_each_value_reads_with_their_count():
     table = cli.format_table(report)
     assert "  residual/commutator_ratio: kappa does not read as alignment on 1 of 4 pairs" in table
     assert "  residual/range_overlap: on 1 of 1 pairs the larger range fills at least 99% of the hidden space" in table
+
+
+def test_analyze_hands_the_collector_back(tmp_path):
+    """``hf-flag analyze`` freezes the imports' objects while it runs and unfreezes after, so a long-lived caller of
+    ``main`` (tests, notebooks) keeps a normal collector (an order-dependent failure of a sweep test found it)."""
+    import gc
+
+    from hf_flag import cli as cli_module
+
+    assert gc.get_freeze_count() == 0
+    assert cli_module.main(["analyze", str(tmp_path / "missing")]) == 2
+    assert gc.get_freeze_count() == 0

@@ -19,6 +19,7 @@ import datasets
 import pytest
 import yaml
 
+from hf_flag import collector
 from hf_flag.harness import claims, schedule, sweep
 from hf_flag.harness.claims import Claims, Owner
 from hf_flag.harness.config import ConfigError, ModelSpec, load_config
@@ -331,14 +332,14 @@ def test_config_file_and_arguments_merge(tmp_path):
 def test_long_lived_frozen_hands_the_heap_back():
     assert gc.get_freeze_count() == 0
     with pytest.raises(RuntimeError):
-        with sweep.long_lived_frozen():
+        with collector.long_lived_frozen():
             assert gc.get_freeze_count() > 0
             raise RuntimeError("a failing sweep still unfreezes")
     assert gc.get_freeze_count() == 0
     gc.freeze()  # a caller that manages the collector itself is left alone
     try:
         frozen = gc.get_freeze_count()
-        with sweep.long_lived_frozen():
+        with collector.long_lived_frozen():
             pass
         assert gc.get_freeze_count() == frozen
     finally:
