@@ -13,9 +13,9 @@ of layer shards from here.
 from __future__ import annotations
 
 import math
-import statistics
 from typing import Optional, Sequence
 
+from hf_flag.geometry.stats import mean
 from hf_flag.report import Report, Row
 
 KIND_MLP = "mlp"
@@ -71,15 +71,14 @@ def table_metrics(kind: str) -> tuple[str, ...]:
 
 def summarize(rows: Sequence[Row]) -> dict[str, float]:
     """``summary["kind/metric"]`` = mean of the finite values of ``metric`` over the rows of ``kind``, correctly
-    rounded (the standard library's ``statistics.mean``, the function :func:`hf_flag.geometry.stats.mean` wraps;
-    MATH.md §8: the value does not depend on the order of the rows; this ground-floor module does not import the
-    geometry package)."""
+    rounded (:func:`hf_flag.geometry.stats.mean`, MATH.md §8: the value does not depend on the order of the rows;
+    ``geometry.stats`` is pure Python, the one geometry module the row vocabulary imports)."""
     values: dict[str, list[float]] = {}
     for r in rows:
         for m, v in r.values.items():
             if v is not None and math.isfinite(v):
                 values.setdefault(f"{r.kind}/{m}", []).append(float(v))
-    return {k: statistics.mean(vs) for k, vs in values.items()}
+    return {k: mean(vs) for k, vs in values.items()}
 
 
 def format_value(value: Optional[float]) -> str:
