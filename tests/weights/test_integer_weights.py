@@ -50,13 +50,6 @@ def test_every_report_path_refuses_integer_weights(kind, path, tiny_checkpoint, 
         analyze(str(model), **PATHS[path])
 
 
-def test_cli_exit_2_one_line(tiny_checkpoint, tmp_path, capsys):
-    model = quantised_copy(tiny_checkpoint, tmp_path / "int8", "int8")
-    assert cli.main(["analyze", str(model)]) == 2
-    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("hf-flag")]
-    assert len(err) == 1 and "proj.weight" in err[0] and "dequantise it first" in err[0]
-
-
 def test_in_memory_int8_parameter_and_storage_precision(tiny_checkpoint, tmp_path):
     module = torch.nn.Linear(4, 3)
     module.weight = torch.nn.Parameter(torch.ones(3, 4, dtype=torch.int8), requires_grad=False)
@@ -108,11 +101,14 @@ def test_every_report_path_refuses_float8_weights_with_scales(scale, path, tiny_
         analyze(str(model), **PATHS[path])
 
 
-def test_cli_exit_2_one_line_for_scaled_float8(tiny_checkpoint, tmp_path, capsys):
-    model = float8_copy(tiny_checkpoint, tmp_path / "fp8", "weight_scale_inv")
+@pytest.mark.parametrize("stored, named", [("int8", "proj.weight"), ("float8 scaled", "proj.weight_scale_inv")])
+def test_cli_exit_2_one_line(stored, named, tiny_checkpoint, tmp_path, capsys):
+    """Integer weights and float8 weights with scales: exit 2, one line naming the tensor (and its scale)."""
+    model = quantised_copy(tiny_checkpoint, tmp_path / "int8", "int8") if stored == "int8" else \
+        float8_copy(tiny_checkpoint, tmp_path / "fp8", "weight_scale_inv")
     assert cli.main(["analyze", str(model)]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("hf-flag")]
-    assert len(err) == 1 and "proj.weight_scale_inv" in err[0] and "dequantise it first" in err[0]
+    assert len(err) == 1 and named in err[0] and "dequantise it first" in err[0]
 
 
 def test_plain_float8_is_read_at_its_precision(tiny_checkpoint, tmp_path):
