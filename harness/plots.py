@@ -169,12 +169,15 @@ def figure_by_layer(report: Report, metric: str, kinds: Sequence[str] = PAIR_KIN
                     ylabel: Optional[str] = None) -> Optional[Figure]:
     """``metric`` by layer, one panel per pair kind with rows: values (hollow markers where it does not read on a
     pair of the layer), the random baseline dashed and labelled, the intersection dimension's cuts, and the layers
-    without a value named with the reason; ``None`` when no kind has rows or none has the metric anywhere."""
-    panels = [k for k in kinds if report.select(kind=k)]
-    series = {k: layer_series(report, k, metric) for k in panels}
-    if not panels or not any(s[0] for s in series.values()):
+    without a value named with the reason; a kind with rows but the metric at no layer gets no (empty) panel, it is
+    named under the title with the reason; ``None`` when no kind has rows or none has the metric anywhere."""
+    kinds_with_rows = [k for k in kinds if report.select(kind=k)]
+    series = {k: layer_series(report, k, metric) for k in kinds_with_rows}
+    panels = [k for k in kinds_with_rows if series[k][0]]
+    if not panels:
         return None
-    height = 2.3 * len(panels) + 0.9
+    absent = [KIND_LABELS.get(k, k) for k in kinds_with_rows if k not in panels]
+    height = 2.3 * len(panels) + 0.9 + 0.25 * bool(absent)
     fig = Figure(figsize=(8.6, height))
     axes = fig.subplots(len(panels), 1, squeeze=False)[:, 0]
     fig.subplots_adjust(left=0.12, right=0.72, bottom=0.55 / height, top=1 - 0.8 / height, hspace=0.8)
@@ -187,7 +190,7 @@ def figure_by_layer(report: Report, metric: str, kinds: Sequence[str] = PAIR_KIN
         xlabel = "layer"
         if missing:
             shown = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")
-            where = "any layer" if not layers else f"layer{'s' if len(missing) > 1 else ''} {shown}"
+            where = f"layer{'s' if len(missing) > 1 else ''} {shown}"
             xlabel += f"   (no value at {where}: {MISSING_WHY.get(metric, 'not computed')})"
         ax.set_xlabel(xlabel, fontsize=7.5)
         ax.set_ylabel(ylabel or metric.replace("_", " "), fontsize=8)
@@ -201,27 +204,27 @@ def figure_by_layer(report: Report, metric: str, kinds: Sequence[str] = PAIR_KIN
             ax.plot(all_layers, bs, linestyle="--", linewidth=3.5, color=BASELINE_COLOR, alpha=0.45, marker="_",
                     markersize=16, markeredgewidth=3,
                     label="random baseline", zorder=2)
-        if layers:
-            same = np.isfinite(bs).any() and bool(np.all(ys[np.isfinite(ys)] == bs[np.isfinite(ys)]))
-            unread = unread_layers(report, kind, metric)
-            ax.plot(all_layers, ys, marker="o", markersize=3.5, linewidth=1.2, color="C0", zorder=3,
-                    markevery=[at[layer] for layer in layers if layer not in unread],
-                    label="value (layer mean)" + ("\n(= baseline at every layer)" if same else ""))
-            hollow = [layer for layer in layers if layer in unread]
-            if hollow:
-                ax.plot(hollow, [ys[at[layer]] for layer in hollow], linestyle="none", marker="o", markersize=5,
-                        markerfacecolor="white", markeredgecolor="C0", zorder=4, label=UNREAD_LEGEND[metric])
+        same = np.isfinite(bs).any() and bool(np.all(ys[np.isfinite(ys)] == bs[np.isfinite(ys)]))
+        unread = unread_layers(report, kind, metric)
+        ax.plot(all_layers, ys, marker="o", markersize=3.5, linewidth=1.2, color="C0", zorder=3,
+                markevery=[at[layer] for layer in layers if layer not in unread],
+                label="value (layer mean)" + ("\n(= baseline at every layer)" if same else ""))
+        hollow = [layer for layer in layers if layer in unread]
+        if hollow:
+            ax.plot(hollow, [ys[at[layer]] for layer in hollow], linestyle="none", marker="o", markersize=5,
+                    markerfacecolor="white", markeredgecolor="C0", zorder=4, label=UNREAD_LEGEND[metric])
         if metric == "intersection_dim":  # the value is a count at one cut: say which
             cuts = layer_cuts(report, kind)
             for layer in layers:
                 if layer in cuts:
                     ax.annotate(cuts[layer], (layer, ys[at[layer]]), textcoords="offset points", xytext=(0, 5),
                                 ha="center", fontsize=6, color="C0")
-        if not layers:
-            ax.set_yticks([])
-        if layers:
-            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
-    fig.suptitle(title or f"{short_name(report.model)}: {metric.replace('_', ' ')} by layer", fontsize=10)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+    heading = title or f"{short_name(report.model)}: {metric.replace('_', ' ')} by layer"
+    if absent:
+        reason = MISSING_WHY.get(metric, "not computed").replace("\n", " ")
+        heading += f"\n(not shown, no value at any layer: {', '.join(absent)}: {reason})"
+    fig.suptitle(heading, fontsize=10)
     return fig
 
 
