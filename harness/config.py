@@ -36,6 +36,7 @@ from typing import Any, Mapping, Optional, Sequence
 import yaml
 
 from hf_flag.errors import InputError
+from hf_flag.options import valid_gb
 from hf_flag.defaults import (COMPOSITION_MODES, DIAGNOSTIC_NAMES, default_hub_id, default_named_paths,
                               model_slug, parse_diagnostics)
 
@@ -154,8 +155,8 @@ def _validate(key: str, value: Any) -> tuple[str, Any]:
                                                  is not None)
         return key, _check(key, value, ok, "true (cards only), a dataset repo id like org/name, or null")
     if key == "max_disk":
-        ok = value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0)
-        return key, None if value is None else float(_check(key, value, ok, "a positive number of GB, or null"))
+        ok = value is None or valid_gb(value)
+        return key, None if value is None else float(_check(key, value, ok, "a positive, finite number of GB, or null"))
     if key == "merge_timeout":
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
         return key, float(_check(key, value, ok, "a positive number of seconds"))

@@ -968,7 +968,7 @@ def check_outputs_ours(cfg: SweepConfig) -> None:
             data = json.loads(manifest.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             data = None
-        if isinstance(data, dict) and (data.get("written_by") == WRITTEN_BY or isinstance(data.get("models"), list)):
+        if isinstance(data, dict) and (data.get("written_by") == WRITTEN_BY or older_manifest(out, data)):
             return
         foreign.append(manifest)
     foreign += foreign_outputs(cfg)
@@ -976,6 +976,15 @@ def check_outputs_ours(cfg: SweepConfig) -> None:
         raise ConfigError(f"--out {out}: {foreign[0]} exists and was not written by hf-flag sweep (no hf-flag "
                           f"{MANIFEST} beside it), and the sweep would replace it; move it away or choose another "
                           f"--out")
+
+
+def older_manifest(out: Path, data: dict) -> bool:
+    """Whether ``data`` is a ``sweep.json`` an hf-flag before ``written_by`` wrote: a non-empty ``models`` list of
+    :meth:`ModelResult.manifest_entry` records whose run folders exist (a bare ``models`` key is not enough)."""
+    models = data.get("models")
+    return isinstance(models, list) and bool(models) and all(
+        isinstance(m, dict) and {"name", "slug", "status"} <= m.keys() and isinstance(m["slug"], str)
+        and (out / "runs" / m["slug"]).is_dir() for m in models)
 
 
 def folder_results(out: Path, units: Sequence[Unit]) -> list[ModelResult]:
@@ -986,7 +995,13 @@ def folder_results(out: Path, units: Sequence[Unit]) -> list[ModelResult]:
     for run_dir in schedule.finished_runs(out / "runs"):
         if run_dir.name in mine:
             continue
-        report = Report.from_json((run_dir / schedule.REPORT).read_text())
+        try:
+            report = Report.from_json((run_dir / schedule.REPORT).read_text())
+        except (OSError, ValueError, KeyError, TypeError) as exc:  # truncated, or written by another hf-flag
+            unit = Unit(ModelSpec(run_dir.name), run_dir.name, run_dir, "")
+            results.append(ModelResult(unit, "failed", f"{run_dir / schedule.REPORT} is unreadable ({one_line(exc)}); "
+                                                       f"rerun that model, or delete {run_dir}", None))
+            continue
         unit = Unit(ModelSpec(report.model or run_dir.name), run_dir.name, run_dir, "")
         results.append(ModelResult(unit, "done", "", report))
     return results

@@ -8,6 +8,7 @@ given: the config file or the config default decides); ``analyze`` has no config
 from __future__ import annotations
 
 import argparse
+import math
 
 from hf_flag.defaults import COMPOSITION_MODES, DIAGNOSTIC_NAMES
 from hf_flag.errors import InputError
@@ -25,13 +26,20 @@ class OneLineParser(argparse.ArgumentParser):
         raise self.error_type(f"{message} (see {self.prog} --help)")
 
 
+def valid_gb(value: object) -> bool:
+    """Whether ``value`` is a usable ``--max-disk`` / ``max_disk``: a finite number of GB of at least one byte (the
+    one rule the option and the sweep config key share)."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and value * 1e9 >= 1)
+
+
 def positive_gb(text: str) -> float:
-    """``--max-disk``'s value: a positive, finite number of GB (argparse keeps the ``ArgumentTypeError`` message)."""
+    """``--max-disk``'s value: :func:`valid_gb` (argparse keeps the ``ArgumentTypeError`` message)."""
     try:
         value = float(text)
     except ValueError:
         value = float("nan")
-    if not 0 < value < float("inf"):
+    if not valid_gb(value):
         raise argparse.ArgumentTypeError(f"got {text!r}; give a positive number of GB of checkpoint shards to hold "
                                          f"on disk (e.g. --max-disk 20), or omit it to download whole checkpoints")
     return value

@@ -13,10 +13,12 @@ a rule of reading, not a significance test: layers are not independent samples.
 What is read (:func:`select_read`, one rule for cards, plots and tables).  The commutator ratio kappa reads as
 alignment only where the pair's ranks allow it (MATH.md §3, "When kappa reads as alignment";
 ``hf_flag.geometry.pairs.commutator_reading_holds``): rows whose ``details`` say ``commutator_reading_holds: false``
-are not read, nor rows that do not record it.  The range overlap is uninformative where the larger of the two ranges
-fills nearly the whole hidden space (``max(r_l, r_next) / n >= RANGE_FILL_LIMIT``; that ratio is the row's
-``range_overlap_baseline``, MATH.md §3): any subspace then lies almost inside it, so value and baseline are both
-about 1.  A value is read on the rows where it reads, with their count (kappa of 20 of 29 residual pairs); where it
+are not read, nor rows that do not record it.  The range overlap is not read where both chance and the value are at
+least ``RANGE_FILL_LIMIT``: the larger range fills nearly the whole hidden space (``max(r_l, r_next) / n``, the row's
+``range_overlap_baseline``) and the overlap sits up there with it, at the floor ``max(0, r_l + r_next - n) /
+min(r_l, r_next)`` that two subspaces of these dimensions cannot go below or near it, so it cannot tell alignment from
+chance (MATH.md §3).  A value below the limit is read even where chance is above it (it lies far below chance: a
+small range placed in the other's complement).  A value is read on the rows where it reads, with their count (kappa of 20 of 29 residual pairs); where it
 reads on none, it is shown and called not read (uninformative), never given a verdict.  A reading's value is the mean
 over those rows (``summarize``), its ``z`` is taken over the per-layer means of the same rows.
 """
@@ -31,8 +33,8 @@ from hf_flag.rows import KAPPA_READS, summarize
 
 Z_THRESHOLD = 3.0
 MIN_LAYERS = 3
-#: the range overlap is read only on pairs whose larger range fills less than this share of the hidden space
-#: (``max(r_l, r_next) / n``, the pair's ``range_overlap_baseline``; MATH.md §3)
+#: the range overlap is not read on pairs where both its chance value ``max(r_l, r_next) / n`` (the row's
+#: ``range_overlap_baseline``) and the value itself are at least this (MATH.md §3)
 RANGE_FILL_LIMIT = 0.99
 ABOVE, BELOW, RANDOM, UNDETERMINED, NOT_READ = "above", "below", "random", "undetermined", "not read"
 UNINFORMATIVE = "uninformative"
@@ -115,8 +117,8 @@ def row_reads(row: Row, metric: str) -> Optional[bool]:
         flag = row.details.get(KAPPA_READS)
         return None if flag is None else bool(flag)
     if metric == "range_overlap":
-        base = row.values.get(baseline_key(metric))
-        return None if base is None else base < RANGE_FILL_LIMIT
+        base, value = row.values.get(baseline_key(metric)), row.values.get(metric)
+        return None if base is None or value is None else min(base, value) < RANGE_FILL_LIMIT
     return True
 
 
@@ -173,8 +175,8 @@ def select_read(report: Report, key: str) -> Selection:
     else:
         if unread:
             whys.append(f"on {unread} of {len(valued)} pairs the larger range fills at least {RANGE_FILL_LIMIT:.0%} "
-                        f"of the hidden space (max rank / n >= {RANGE_FILL_LIMIT:g}), so any subspace lies almost "
-                        "inside it: the overlap is about 1 whatever the alignment")
+                        f"of the hidden space (max rank / n >= {RANGE_FILL_LIMIT:g}) and the overlap is at least "
+                        f"{RANGE_FILL_LIMIT:g} too, where chance is: it cannot tell alignment from chance there")
         if unknown:
             whys.append(f"{unknown} of {len(valued)} pairs have no baseline, so their fill is unknown")
     verdict = "" if rows else NOT_READ if metric == "commutator_ratio" else UNINFORMATIVE

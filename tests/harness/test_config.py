@@ -88,3 +88,12 @@ def test_default_device_is_what_the_docs_say(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert [sweep.resolve_device(cfg.device, rank) for rank in range(3)] == ["cuda:0", "cuda:1", "cuda:0"]
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), 1e-12, 0, -1, True])
+def test_config_max_disk_follows_the_option_rule(value):
+    """The config key max_disk takes what --max-disk takes (a finite number of GB of at least one byte): a YAML .inf
+    was accepted and crashed every model as an internal error."""
+    with pytest.raises(ConfigError, match="config key 'max_disk'.*a positive, finite number of GB"):
+        parse_config({"out": "x", "max_disk": value})
+    assert parse_config({"out": "x", "max_disk": 0.5}) == {"out": Path("x"), "max_disk": 0.5}

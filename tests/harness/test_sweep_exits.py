@@ -197,7 +197,7 @@ def test_sweep_help_lists_the_exit_codes(capsys):
     assert "exit status: 0 every model done; 1 an internal error" in text and "3 finished incomplete" in text
 
 
-@pytest.mark.parametrize("value", ["-1", "0", "nan", "inf", "x"])
+@pytest.mark.parametrize("value", ["-1", "0", "nan", "inf", "x", "1e-12"])
 def test_max_disk_must_be_positive(value, tiny_models, tmp_path, capsys):
     model = str(tiny_models["gpt2"])
     assert cli.main(["analyze", model, "--max-disk", value]) == exits.EXIT_USAGE

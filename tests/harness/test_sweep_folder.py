@@ -75,3 +75,34 @@ def test_a_folder_shared_by_sweeps_covers_every_finished_model(tiny_models, tmp_
     assert manifest["written_by"] == "hf-flag sweep"
     assert {m["name"]: m["status"] for m in manifest["models"]} == {gpt2: "done", llama: "done", broken: "failed"}
     assert sorted(p.name for p in (out / "model_cards").iterdir()) == ["local--gpt2", "local--llama"]
+
+
+def test_a_sweep_json_with_a_bare_models_list_is_not_taken_for_hf_flags(tiny_models, tmp_path, capsys):
+    """Another tool's sweep.json with a "models" key does not vouch for the outputs beside it (only hf-flag's
+    marker, or an older hf-flag's list of model records whose run folders exist)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "sweep.json").write_text('{"models": [{"name": "x"}]}')
+    (out / "summary.csv").write_text("precious\n")
+    before = snapshot(out)
+    assert sweep.main([str(tiny_models["gpt2"]), "--out", str(out), *ARGS]) == exits.EXIT_USAGE
+    line = [x for x in capsys.readouterr().err.splitlines() if x.startswith("hf-flag")][0]
+    assert "not written by hf-flag" in line and snapshot(out) == before
+
+
+def test_an_unreadable_report_of_another_model_is_a_failed_entry_not_a_crash(tiny_models, tmp_path, capsys):
+    """A truncated runs/<other>/report.json (or one an older hf-flag wrote) in a shared folder: this sweep still
+    writes its outputs; the other model is listed as failed with the file named and what to do."""
+    out = tmp_path / "out"
+    assert sweep.main([str(tiny_models["gpt2"]), "--out", str(out), *ARGS]) == exits.EXIT_OK
+    other = out / "runs" / "old-model"
+    other.mkdir()
+    (other / "done.json").write_text('{"fingerprint": "x"}')
+    (other / "report.json").write_text('{"model": "trunc')
+    capsys.readouterr()
+    assert sweep.main([str(tiny_models["llama"]), "--out", str(out), *ARGS]) == exits.EXIT_OK
+    manifest = json.loads((out / "sweep.json").read_text())
+    entry = [m for m in manifest["models"] if m["slug"] == "old-model"][0]
+    assert entry["status"] == "failed" and str(other / "report.json") in entry["error"]
+    assert "rerun that model, or delete" in entry["error"]
+    assert str(tiny_models["llama"]) in (out / "summary.md").read_text()

@@ -83,8 +83,8 @@ def test_kappa_is_read_on_the_pairs_where_it_reads_with_their_count():
 @pytest.mark.parametrize("rank, n, informative", [(570, 576, True), (571, 576, False), (99, 100, False),
                                                    (98, 100, True), (576, 1536, True)])
 def test_range_overlap_is_uninformative_where_a_range_fills_the_hidden_space(rank, n, informative):
-    """The rule max(r_l, r_next) / n >= RANGE_FILL_LIMIT = 0.99 (the row's range_overlap_baseline, MATH.md §3):
-    any subspace then lies almost inside the larger range, so the overlap is ~1 whatever the alignment."""
+    """The rule: chance max(r_l, r_next) / n >= RANGE_FILL_LIMIT = 0.99 (the row's range_overlap_baseline) and the
+    value too (MATH.md §3): value and chance both near 1 cannot tell alignment from chance."""
     assert readings.RANGE_FILL_LIMIT == 0.99
     baseline = rank / n  # the Haar baseline max(r_l, r_next) / n
     report = pair_report([min(1.0, baseline + 0.001 * i) for i in range(4)], [baseline] * 4, kind="residual",
@@ -113,3 +113,24 @@ def test_layer_series_means_per_layer():
     report.rows.append(Row("org/m", "mlp", 1, 1, "c", "d", {"subspace_score": 0.5, "subspace_score_baseline": 0.09}))
     assert readings.layer_series(report, "mlp", "subspace_score") == ([0, 1], [0.1, pytest.approx(0.4)],
                                                                        [0.05, pytest.approx(0.08)])
+
+
+def test_a_range_overlap_far_below_a_filled_chance_is_read():
+    """A 5-dim range placed in the complement of a 571-dim row space of R^576: the overlap is 0 (the floor
+    max(0, r_l + r_next - n) / min(r_l, r_next) = 0), far below chance 571/576 > 0.99, so it is read, not called
+    uninformative (review: the rule on chance alone hid it); values from the geometry, checked against the
+    projector formula ||P_next P_l||_F^2 / min(r) = 0."""
+    import torch
+
+    from hf_flag.geometry.pairs import range_overlap_from_grams
+
+    g = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(576, 576, generator=g, dtype=torch.float64))
+    W_l = Q[:, :5] @ torch.randn(5, 8, generator=g, dtype=torch.float64)  # range: first 5 directions
+    W_next = torch.randn(600, 571, generator=g, dtype=torch.float64) @ Q[:, 5:].T  # rows: the other 571
+    overlap, chance = (float(v) for v in range_overlap_from_grams(W_l[None], W_next[None], rtol=(1e-10, 1e-10)))
+    assert overlap == pytest.approx(0.0, abs=1e-12) and chance == pytest.approx(571 / 576, rel=1e-12)
+    rows = [Row("m", "residual", i, i + 1, "a", "b", {"range_overlap": overlap, "range_overlap_baseline": chance})
+            for i in range(4)]
+    r = readings.read_metric(Report("m", "x", rows=rows), "residual/range_overlap")
+    assert r.verdict == readings.BELOW and r.pairs == 4
