@@ -13,8 +13,9 @@ from hf_flag.geometry.baselines import intersection_soft_baseline, transport_bas
 from hf_flag.geometry.flags import flag_position_from_svd, gl_kernel_dim_from_product_rank, gl_kernel_dim_generic
 from hf_flag.geometry.pairs import (GramCut, WeightNorms, augment, commutator_reading_of_pairs, gram_cut,
                                     gram_pair_values, imbalance_diagonal_from_norms, normalized_commutator_ratio,
-                                    pair_gram_sides, pair_product, pair_values_from_svd, range_overlap_from_grams,
-                                    transport_k, transport_scores_from_matrix, weight_gram, weight_norms)
+                                    pair_gram_sides, pair_product, pair_values_from_svd, product_rank_rtol,
+                                    range_overlap_from_grams, transport_k, transport_scores_from_matrix, weight_gram,
+                                    weight_norms)
 from hf_flag.geometry.spectral import (K_MAX, PartialSVD, certified_partial_svd, gram_dtype, last_cut, soft_tolerance,
                                        transport_tolerances, transport_window)
 from hf_flag.report import Row
@@ -65,6 +66,7 @@ def pair_geometry_values(W_l: torch.Tensor, W_next: torch.Tensor, *, storage_eps
     sub_base, basis_base = transport_baselines(k, n)
     subspace, basis = transport_scores_from_matrix(v.transport, k)
     rank_rtol = (default_rtol(W_l, storage_eps), default_rtol(W_next, storage_eps))  # §1 cut of the storage
+    gl_rtol = product_rank_rtol(rank_rtol)  # the GL kernel dimension's ranks, as pair_values_from_svd's product's
     h = host_columns({**kappa_columns(v, v.imbalance_diagonal_norm), "range_overlap": v.range_overlap,
                       "range_overlap_baseline": v.range_overlap_baseline, "subspace_score": subspace,
                       "basis_score": basis, "product_rank": v.product_rank})
@@ -72,14 +74,15 @@ def pair_geometry_values(W_l: torch.Tensor, W_next: torch.Tensor, *, storage_eps
     (U, s_l, _), (_, s_next, Vh), T = host(svd_l), host(svd_next), v.transport.cpu()
     out = []
     for i in range(W_l.shape[0]):
-        gl_baseline = gl_kernel_dim_generic(s_l[i], s_next[i], n)  # None where spectra spread past the cut
+        gl_baseline = gl_kernel_dim_generic(s_l[i], s_next[i], n, rtol=gl_rtol)  # None: spectra spread past the cut
         flag = flag_position_from_svd(U[i], s_l[i], Vh[i], s_next[i], n=n, rank_rtol=rank_rtol,
                                       storage_eps=storage_eps, transport=T[i])
         values = {**kappa_values(h, i), "range_overlap": h["range_overlap"][i],
                   "range_overlap_baseline": h["range_overlap_baseline"][i],
                   "subspace_score": h["subspace_score"][i], "subspace_score_baseline": sub_base,
                   "basis_score": h["basis_score"][i], "basis_score_baseline": basis_base, **flag_values(flag),
-                  "gl_kernel_dim": float(gl_kernel_dim_from_product_rank(s_l[i], int(h["product_rank"][i]))),
+                  "gl_kernel_dim": float(gl_kernel_dim_from_product_rank(s_l[i], int(h["product_rank"][i]),
+                                                                         rtol=gl_rtol)),
                   "gl_kernel_dim_baseline": gl_baseline if gl_baseline is None else float(gl_baseline)}
         out.append((values, {"transport_k": k, **flag_details(flag)}))
     return out

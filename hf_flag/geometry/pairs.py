@@ -364,6 +364,17 @@ class SpectralPairValues(NamedTuple):
 PRODUCT_RANK_RTOL = 1e-8
 
 
+def product_rank_rtol(rank_rtol: tuple[float, float]) -> float:
+    """The relative cut (of ``sigma_1(W_l) sigma_1(W_next)``) at which the GL kernel dimension counts the ranks of
+    ``W_l``, ``W_next`` and ``W_next W_l`` (MATH.md §4): :data:`PRODUCT_RANK_RTOL`, or the sum of the two weights'
+    storage-precision cuts ``rank_rtol`` (§1) where that is coarser, since rounding each factor by ``rtol sigma_1``
+    moves the product's singular values by up to ``(rtol_l + rtol_next) sigma_1 sigma_1``: a bf16 product of a
+    range inside a kernel has singular values ~1e-3 of that scale, which a 1e-8 cut would count as rank.  Capped at
+    1/2 (4-bit float storage, eps 0.5, would put the cut at sigma_1 sigma_1 itself: only values above half of it
+    are then told from rounding)."""
+    return min(0.5, max(PRODUCT_RANK_RTOL, float(rank_rtol[0]) + float(rank_rtol[1])))
+
+
 def product_rank(M: torch.Tensor, scale: torch.Tensor, *, rtol: float = PRODUCT_RANK_RTOL,
                  gram: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Number of singular values of ``M`` (..., p, q) above ``rtol * scale`` (``scale`` (...)), batched.
@@ -413,8 +424,9 @@ def pair_values_from_svd(
     ``||D||^2 = ||A||^2 + ||B||^2 - 2 ||M||^2`` (§2).  Where those subtractions cancel (kappa below
     ``AUTO_FACTORED_BELOW``, ``||D||^2`` below ``IMBALANCE_FACTORED_BELOW`` of its scale) the value is recomputed
     from ``W_l``, ``W_next`` by the factored float64 forms, as in :func:`commutator_ratio`.  ``product_rank``:
-    the rank of ``W_next W_l`` (= that of ``M``) at :data:`PRODUCT_RANK_RTOL` (:func:`product_rank`: certified by
-    a Cholesky factorisation of the same Gram, singular values only where that cannot decide).  The Haar RMS is
+    the rank of ``W_next W_l`` (= that of ``M``) at :func:`product_rank_rtol` of the storage cuts
+    (:func:`product_rank`: certified by a Cholesky factorisation of the same Gram, singular values only where that
+    cannot decide).  The Haar RMS is
     :func:`~hf_flag.geometry.baselines.commutator_haar_rms` of the four traces, as are the imbalance norms' Haar
     RMS (:func:`~hf_flag.geometry.baselines.imbalance_haar_rms`, ``relative_imbalance_haar_rms``); ``||diag D||`` as
     :func:`imbalance_diagonal_norm`.  ``range_overlap`` and its Haar value: :func:`range_overlap_from_svd` on the
@@ -446,7 +458,8 @@ def pair_values_from_svd(
     scale = s_l[..., 0] * s_n[..., 0] if min(s_l.shape[-1], s_n.shape[-1]) else _fro2(M)  # (0 x 0 M: rank 0)
     diagonal = torch.linalg.vector_norm(W_next.square().sum(-2) - W_l.square().sum(-1), dim=-1)
     return SpectralPairValues(kappa, baseline, d, safe_ratio(d, a + b), diagonal, T,
-                              product_rank(M, scale, gram=gram), *overlap, imbalance_haar_rms(*traces),
+                              product_rank(M, scale, rtol=product_rank_rtol(rtol), gram=gram), *overlap,
+                              imbalance_haar_rms(*traces),
                               relative_imbalance_haar_rms(*traces))
 
 

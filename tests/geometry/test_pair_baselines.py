@@ -236,3 +236,21 @@ def test_gl_kernel_dim_baseline_in_the_linear_chain_report(full) -> None:
     assert {(v := row(q @ W_l, W_next))["gl_kernel_dim"] - v["gl_kernel_dim_baseline"] for q in haar(20, 10, seed=43)} \
         == {0.0}
     assert row(W_l, W_next)["gl_kernel_dim_baseline"] == 0.0
+
+
+def test_gl_kernel_dim_of_bf16_weights_is_counted_at_the_storage_cut():
+    """A range inside a kernel (n = 10: range W_l = 6 directions, row W_next = the other 4, so W_next W_l = 0 and
+    the GL kernel dimension is 6 = rank W_l - rank(W_next W_l), MATH.md §4) stays 6 after rounding both weights to
+    bf16: the product's rounding residue (~1e-3 of sigma_1 sigma_1) is below the storage cut, not rank (review: a
+    1e-8 cut read 0 there)."""
+    from hf_flag.analysis.pairs import pair_geometry_values
+
+    g = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(10, 10, generator=g, dtype=torch.float64))
+    W_l = Q[:, :6] @ torch.randn(6, 8, generator=g, dtype=torch.float64)
+    W_next = torch.randn(7, 4, generator=g, dtype=torch.float64) @ Q[:, 6:].T
+    assert float(torch.linalg.matrix_norm(W_next @ W_l)) < 1e-12  # exactly a range inside the kernel
+    exact, = pair_geometry_values(W_l[None], W_next[None], storage_eps=torch.finfo(torch.float64).eps)
+    rounded, = pair_geometry_values(W_l.bfloat16().double()[None], W_next.bfloat16().double()[None],
+                                    storage_eps=torch.finfo(torch.bfloat16).eps)
+    assert exact[0]["gl_kernel_dim"] == 6.0 and rounded[0]["gl_kernel_dim"] == 6.0

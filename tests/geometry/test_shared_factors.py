@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hf_flag.analysis.pairs import pair_geometry_values
-from hf_flag.geometry.pairs import transport_k
+from hf_flag.geometry.pairs import product_rank_rtol, transport_k
 from hf_flag.geometry.angles import default_rtol, thin_svd
 from hf_flag.geometry.baselines import commutator_haar_rms
 from hf_flag.geometry.flags import (
@@ -172,7 +172,10 @@ def test_pair_geometry_values_equal_the_separate_public_calls(n, k, m):
         "imbalance_norm": g.imbalance_norm.item(), "relative_imbalance": g.relative_imbalance.item(),
         "imbalance_diagonal_norm": imbalance_diagonal_norm(W_l, W_next).item(),
         "subspace_score": sub.item(), "basis_score": basis.item(), "flag_tau": flag.tau,
-        "intersection_dim": float(flag.intersection_dim), "gl_kernel_dim": float(gl_invariant_kernel_dim(W_l, W_next)),
+        "intersection_dim": float(flag.intersection_dim),
+        # ranks at the storage cut of both weights (MATH.md §1, §4), counted by dense SVDs
+        "gl_kernel_dim": float(gl_invariant_kernel_dim(W_l, W_next, rtol=product_rank_rtol(
+            (default_rtol(W_l, 1e-7), default_rtol(W_next, 1e-7))))),
         "intersection_soft": float(flag.soft_matrix[flag.cuts_left.index(c), flag.cuts_right.index(c)]),
     }
     A, B = W_next.T @ W_next, W_l @ W_l.T  # dense n x n traces for the closed-form Haar RMS (MATH.md §3)
