@@ -35,7 +35,9 @@ from hf_flag.analysis.api import analyze
 #: batch's SVD factors, transport matrix, cut masks and bounds (~11 per batch, 4 batches), the NaN/Inf check of
 #: each tensor (2 per tensor), the head-overlap z-scores' range check (3 per overlap kind), rank cuts and
 #: escalations once per weight or batch, one ``.tolist()`` per value column batch; none per head or per pair
-READS_PER_LAYER = 200
+#: per report mode, ~15% above the reads measured per added layer (tiny Llama / GPT-2: default 175 / 166, full
+#: 114 / 112, cheap 57 / 61), so a mode that starts reading per head or pair fails
+READS_PER_LAYER = {"default": 200, "full": 135, "cheap": 75}
 #: reads that data decide, taken at most once per pair batch (a layer has at most four: vo, mlp, mlp_gate,
 #: residual): the members a Gram's rank cut leaves undecided or a kappa form refines (``nonzero`` of a mask)
 ESCALATIONS_PER_LAYER = 4
@@ -160,4 +162,5 @@ def test_device_reads_do_not_grow_with_heads(family, mode):
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_device_reads_per_layer_are_bounded(family, mode):
     two, four = reads_of(family, 2, 4, mode), reads_of(family, 4, 4, mode)
-    assert 0 < four.total - two.total <= 2 * READS_PER_LAYER, (two.total, four.total, (four.counts - two.counts))
+    assert 0 < four.total - two.total <= 2 * READS_PER_LAYER[mode], (two.total, four.total,
+                                                                      (four.counts - two.counts))
