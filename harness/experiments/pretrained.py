@@ -241,8 +241,8 @@ def reading_series(s: dict) -> list[tuple[str, dict[int, float], bool]]:
             out.append((f"{k}: range_overlap / Haar ({b['rows'] - b['rows_read'] - filled}/{b['rows']} pairs)",
                         b["range"], False))
         if filled:
-            out.append((f"{k}: no measure reads ({filled}/{b['rows']} pairs: kappa does not, and a range fills "
-                        f">= {RANGE_FILL_LIMIT:.0%} of the hidden space)", {}, False))
+            out.append((f"{k}: no measure reads ({filled}/{b['rows']} pairs: kappa does not, and range_overlap and "
+                        f"its chance value are both >= {RANGE_FILL_LIMIT:g})", {}, False))
     return out
 
 

@@ -159,16 +159,16 @@ def test_pretrained_rule_v3_reads_each_pair_by_its_own_reading(quick_data):
         (f"{pretrained.VO_GROUP}: kappa / Haar RMS (1/2 groups)", True),
         (f"{pretrained.VO_GROUP}: range_overlap / Haar (1/2 groups)", False),
         ("residual: kappa / Haar RMS (2/3 pairs)", True), ("residual: range_overlap / Haar (1/3 pairs)", False)]
-    # a pair where kappa does not read and a range fills the hidden space (range_overlap_baseline >= 0.99): no
-    # measure reads, so it enters no ratio and is named as such
+    # a pair where kappa does not read and range_overlap and its chance value are both >= 0.99: no measure
+    # reads, so it enters no ratio and is named as such
     filled = Report("m", "x", rows=[row(0, False, 0.2, 1.0, 0.995, 0.998), row(1, False, 0.2, 1.0, 0.9, 0.6)])
     assert pretrained.by_layer_ratio(filled, "residual", "range_overlap", "range_overlap_baseline", reads=False,
                                      informative=True) == {1: pytest.approx(1.5)}
     study["by_row"]["residual"].update(rows=4, rows_uninformative=1)
     assert [(label, below) for label, _, below in pretrained.reading_series(study)][2:] == [
         ("residual: kappa / Haar RMS (2/4 pairs)", True), ("residual: range_overlap / Haar (1/4 pairs)", False),
-        ("residual: no measure reads (1/4 pairs: kappa does not, and a range fills >= 99% of the hidden space)",
-         False)]
+        ("residual: no measure reads (1/4 pairs: kappa does not, and range_overlap and its chance value are both "
+         ">= 0.99)", False)]
     claim = quick_data["claims"]["pretrained"]
     assert [o["version"] for o in claim["rules"]] == [1, 2, 3]
     (name, s), = claim["data"]["models"].items()  # quick: MiniLM (float32 storage), every pair full rank at the cut
